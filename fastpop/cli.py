@@ -1,0 +1,194 @@
+"""Command line: ``fastpop serve``, ``fastpop user``, ``fastpop --version``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+
+from fastpop import __version__
+from fastpop.config import Config, load_toml
+
+
+def _version() -> str:
+    from fastpop.parser import PARSER_IMPL
+
+    return f"fastpop {__version__} (parser: {PARSER_IMPL})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastpop", description="A fast, correct POP3 server.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the POP3 server")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--demo", action="store_true", help="create and serve a demo user and mailbox on 127.0.0.1:1110")
+    serve.add_argument("--demo-dir", default="fastpop-demo", help="where --demo keeps its files (default: ./fastpop-demo)")
+    serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="address to listen on (repeatable)")
+    serve.add_argument("--passwd-file", help="Dovecot-style passwd-file")
+    serve.add_argument("--mail-location", help="Maildir path template: %%u user, %%n local part, %%d domain, %%h home")
+    serve.add_argument("--hostname", help="host name in the APOP greeting")
+    serve.add_argument("--loop", choices=["uvloop", "asyncio"])
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--timeout-authorization", type=float, metavar="SECONDS", help="idle time allowed before login")
+    serve.add_argument("--timeout-transaction", type=float, metavar="SECONDS", help="idle time allowed after login")
+    serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS", help="delay before answering a failed login")
+    serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
+    serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
+    serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
+
+    user = sub.add_parser("user", help="manage a passwd-file")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    for name, help_text in (
+        ("add", "add a user (password from a prompt or stdin)"),
+        ("passwd", "change a user's password"),
+        ("del", "delete a user"),
+        ("list", "list users"),
+    ):
+        p = user_sub.add_parser(name, help=help_text)
+        p.add_argument("--passwd-file", help="passwd-file to edit")
+        p.add_argument("--config", help="take passwd_file from this TOML configuration")
+        if name != "list":
+            p.add_argument("name")
+        if name in ("add", "passwd"):
+            from fastpop.passwords import CREATABLE_SCHEMES, DEFAULT_SCHEME
+
+            p.add_argument("--scheme", default=DEFAULT_SCHEME, type=str.upper, choices=CREATABLE_SCHEMES)
+        if name == "add":
+            p.add_argument("--home", help="home directory (the %%h of the mail location)")
+            p.add_argument("--uid", type=int)
+            p.add_argument("--gid", type=int)
+    return parser
+
+
+_FLAG_FIELDS = (
+    "passwd_file",
+    "mail_location",
+    "hostname",
+    "loop",
+    "log_level",
+    "timeout_authorization",
+    "timeout_transaction",
+    "auth_failure_delay",
+    "auth_max_attempts",
+    "expire",
+    "login_delay",
+)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    config = load_toml(args.config) if args.config else Config()
+    if args.demo:
+        from fastpop import demo
+
+        config.passwd_file, config.mail_location = demo.prepare(args.demo_dir)
+        config.listen = [demo.DEMO_LISTEN]
+    if args.listen:
+        config.listen = args.listen
+    for name in _FLAG_FIELDS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except (OSError, ValueError) as exc:
+        print(f"fastpop: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.demo:
+        from fastpop import demo
+
+        print(demo.banner(config.listen[0]), file=sys.stderr, flush=True)
+    from fastpop import server
+
+    try:
+        server.run(config)
+    except OSError as exc:
+        print(f"fastpop: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_password() -> str:
+    if not sys.stdin.isatty():
+        line = sys.stdin.readline()
+        return line.rstrip("\r\n")
+    first = getpass.getpass("Password: ")
+    if getpass.getpass("Again: ") != first:
+        raise ValueError("passwords do not match")
+    return first
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fastpop.auth import valid_username
+    from fastpop.passwd_file import UserRecord, read_records, write_records
+    from fastpop.passwords import hash_password
+
+    path = args.passwd_file or (load_toml(args.config).passwd_file if args.config else None)
+    if not path:
+        print("fastpop: give --passwd-file or --config", file=sys.stderr)
+        return 2
+    records = read_records(path)
+    if args.user_command == "list":
+        for rec in records:
+            print(rec.name)
+        return 0
+    index = next((i for i, r in enumerate(records) if r.name == args.name), None)
+    if args.user_command == "del":
+        if index is None:
+            print(f"fastpop: no user {args.name}", file=sys.stderr)
+            return 1
+        del records[index]
+    else:
+        if args.user_command == "add" and index is not None:
+            print(f"fastpop: user {args.name} exists", file=sys.stderr)
+            return 1
+        if args.user_command == "passwd" and index is None:
+            print(f"fastpop: no user {args.name}", file=sys.stderr)
+            return 1
+        if not valid_username(args.name):
+            print(f"fastpop: invalid user name {args.name!r}", file=sys.stderr)
+            return 2
+        password = _read_password()
+        if not password:
+            print("fastpop: empty password", file=sys.stderr)
+            return 2
+        stored = hash_password(password, args.scheme)
+        if index is None:
+            records.append(UserRecord(args.name, stored, uid=args.uid, gid=args.gid, home=args.home))
+        else:
+            records[index] = replace(records[index], password=stored)
+    write_records(path, records)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "user":
+            return cmd_user(args)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:
+        print(f"fastpop: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

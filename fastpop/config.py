@@ -1,0 +1,119 @@
+"""Server configuration: defaults, a TOML file, command-line flags (flags win).
+
+The TOML file has sections mirroring the field prefixes::
+
+    [server]
+    listen = ["0.0.0.0:110"]
+    loop = "uvloop"          # or "asyncio"
+    log_level = "info"
+    hostname = "mail.example.com"
+
+    [auth]
+    passwd_file = "/etc/fastpop/passwd"
+    failure_delay = 2.0      # seconds before any failed login is answered
+    max_attempts = 3         # failed logins before the connection is closed
+
+    [mail]
+    location = "/var/mail/%d/%n"   # %u user, %n local part, %d domain, %h home
+
+    [timeouts]
+    authorization = 60       # idle seconds allowed before login
+    transaction = 600        # idle seconds allowed after login (RFC 1939: >= 600)
+
+    [pop3]
+    expire = "NEVER"         # the EXPIRE capability
+    login_delay = 0          # the LOGIN-DELAY capability, seconds
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass, field, fields
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class Config:
+    listen: list[str] = field(default_factory=lambda: ["127.0.0.1:110"])
+    loop: str = "uvloop"
+    log_level: str = "info"
+    hostname: str = field(default_factory=socket.gethostname)
+    passwd_file: str | None = None
+    auth_failure_delay: float = 2.0
+    auth_max_attempts: int = 3
+    mail_location: str = "%h/Maildir"
+    timeout_authorization: float = 60.0
+    timeout_transaction: float = 600.0
+    expire: str = "NEVER"
+    login_delay: int = 0
+    max_bad_commands: int = 20
+
+    def validate(self) -> None:
+        if self.passwd_file is None:
+            raise ValueError("no passwd_file configured (use --passwd-file, the config file, or --demo)")
+        if self.loop not in ("uvloop", "asyncio"):
+            raise ValueError(f"loop must be 'uvloop' or 'asyncio', not {self.loop!r}")
+        for name in ("timeout_authorization", "timeout_transaction", "auth_failure_delay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.auth_max_attempts < 1:
+            raise ValueError("auth max_attempts must be at least 1")
+        expire = self.expire.upper()
+        if expire != "NEVER" and not expire.isdigit():
+            raise ValueError("pop3 expire must be NEVER or a number of days")
+        for addr in self.listen:
+            parse_address(addr)
+
+
+# TOML (section, key) -> Config field
+_TOML_KEYS = {
+    ("server", "listen"): "listen",
+    ("server", "loop"): "loop",
+    ("server", "log_level"): "log_level",
+    ("server", "hostname"): "hostname",
+    ("server", "max_bad_commands"): "max_bad_commands",
+    ("auth", "passwd_file"): "passwd_file",
+    ("auth", "failure_delay"): "auth_failure_delay",
+    ("auth", "max_attempts"): "auth_max_attempts",
+    ("mail", "location"): "mail_location",
+    ("timeouts", "authorization"): "timeout_authorization",
+    ("timeouts", "transaction"): "timeout_transaction",
+    ("pop3", "expire"): "expire",
+    ("pop3", "login_delay"): "login_delay",
+}
+
+
+def load_toml(path: str, config: Config | None = None) -> Config:
+    """Apply a TOML file to ``config`` (defaults if None); unknown keys are errors."""
+    config = config or Config()
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    types = {f.name: f.type for f in fields(Config)}
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: '{section}' must be a [section]")
+        for key, value in table.items():
+            name = _TOML_KEYS.get((section, key))
+            if name is None:
+                raise ValueError(f"{path}: unknown setting [{section}] {key}")
+            if name == "listen" and isinstance(value, str):
+                value = [value]
+            if "float" in str(types[name]) and isinstance(value, int):
+                value = float(value)
+            setattr(config, name, value)
+    return config
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:110', '[::1]:110', ':110' -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen address must be HOST:PORT, not {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port)

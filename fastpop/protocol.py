@@ -1,0 +1,587 @@
+"""The POP3 session: one asyncio.Protocol per connection (RFC 1939, RFC 2449).
+
+Input is framed by the command parser; ``_process`` pulls complete commands
+one at a time and dispatches them through a per-state table, so a command
+that must wait (a password check in a thread, a message streaming out under
+flow control) simply stops the pull: pipelined commands stay buffered in the
+parser and are answered in order afterwards.  Replies to a burst of
+pipelined commands are gathered and written with one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING, Callable
+
+from fastpop import responses as R
+from fastpop.auth import AuthUnavailable, valid_username
+from fastpop.commands import NUM_CODES, Command
+from fastpop.locking import MailboxLock, MailboxLocked
+from fastpop.maildir import Mailbox
+from fastpop.parser import CommandParser
+from fastpop.sending import SMALL_MESSAGE, MessageStream, render_small
+
+if TYPE_CHECKING:
+    from fastpop.server import ServerContext
+
+log = logging.getLogger("fastpop.session")
+
+AUTHORIZATION, TRANSACTION, UPDATE, CLOSED = range(4)
+
+# Reasons the command pull is suspended (bit flags).
+BUSY_AUTH = 1  # a login is being checked
+BUSY_SENDING = 2  # a message is streaming out
+BUSY_WRITE_PAUSED = 4  # the transport's write buffer is full
+BUSY_CLOSING = 8  # the connection is ending
+
+MAX_TOP_LINES = 2**31 - 1
+
+
+class POP3Protocol(asyncio.Protocol):
+    __slots__ = (
+        "_ctx",
+        "_loop",
+        "transport",
+        "_parser",
+        "_state",
+        "_table",
+        "_out",
+        "_busy",
+        "_in_process",
+        "_reading_paused",
+        "_last_activity",
+        "_timer",
+        "_timestamp",
+        "_peer",
+        "_user_name",
+        "_user",
+        "_auth_failures",
+        "_bad_commands",
+        "_lock",
+        "_mailbox",
+        "_deleted",
+        "_deleted_count",
+        "_deleted_size",
+        "_stream",
+        "_stream_is_top",
+        "_counts",
+        "_end_reason",
+    )
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self._ctx = ctx
+        self._loop = ctx.loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = CommandParser()
+        self._state = AUTHORIZATION
+        self._table = _AUTHORIZATION_TABLE
+        self._out: list[bytes] = []
+        self._busy = 0
+        self._in_process = False
+        self._reading_paused = False
+        self._last_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timestamp = ""
+        self._peer = "-"
+        self._user_name: str | None = None
+        self._user = None
+        self._auth_failures = 0
+        self._bad_commands = 0
+        self._lock: MailboxLock | None = None
+        self._mailbox: Mailbox | None = None
+        self._deleted: bytearray | None = None
+        self._deleted_count = 0
+        self._deleted_size = 0
+        self._stream: MessageStream | None = None
+        self._stream_is_top = False
+        # top count, top bytes, retr count, retr bytes
+        self._counts = [0, 0, 0, 0]
+        self._end_reason = "disconnected"
+
+    # ----------------------------------------------------------- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._peer = peer[0]
+        ctx = self._ctx
+        ctx.sessions.add(self)
+        self._timestamp = ctx.new_timestamp()
+        self._last_activity = now = self._loop.time()
+        self._timer = self._loop.call_at(now + ctx.config.timeout_authorization, self._on_timer)
+        transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = self._loop.time()
+        self._parser.feed(data)
+        if not self._busy:
+            self._process()
+        if self._busy and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self._busy |= BUSY_WRITE_PAUSED
+
+    def resume_writing(self) -> None:
+        if self._stream is not None:
+            self._busy &= ~BUSY_WRITE_PAUSED
+            self._stream.pump()
+        else:
+            self._unbusy(BUSY_WRITE_PAUSED)
+
+    @property
+    def writing_paused(self) -> bool:
+        return bool(self._busy & BUSY_WRITE_PAUSED)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._busy |= BUSY_CLOSING
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        self._release_mailbox()
+        self._ctx.sessions.discard(self)
+        self._log_end()
+        self._state = CLOSED
+        self.transport = None
+
+    # ----------------------------------------------------------- command pull
+
+    def _process(self) -> None:
+        parser = self._parser
+        self._in_process = True
+        try:
+            while not self._busy:
+                cmd = parser.next_command()
+                if cmd is None:
+                    break
+                self._table[cmd[0]](self, cmd[1])
+        finally:
+            self._in_process = False
+        self._flush()
+
+    def _unbusy(self, flag: int) -> None:
+        self._busy &= ~flag
+        if self._busy or self._in_process:
+            return  # the running pull (or a later event) carries on
+        self._process()
+        if not self._busy and self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def _close(self, reason: str) -> None:
+        self._end_reason = reason
+        self._busy |= BUSY_CLOSING
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        config = self._ctx.config
+        timeout = config.timeout_authorization if self._state == AUTHORIZATION else config.timeout_transaction
+        deadline = self._last_activity + timeout
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            return
+        self._end_reason = "timeout"
+        self._busy |= BUSY_CLOSING
+        if self._busy & (BUSY_WRITE_PAUSED | BUSY_SENDING):
+            self.transport.abort()  # a reader that stopped reading: nothing more can be said
+        else:
+            self._out.append(R.ERR_TIMEOUT)
+            self._close("timeout")
+
+    def shutdown(self) -> None:
+        """Server stopping: end the session without applying deletions."""
+        if self.transport is None:
+            return
+        self._end_reason = "shutdown"
+        if self._busy & (BUSY_WRITE_PAUSED | BUSY_SENDING):
+            self.transport.abort()
+        else:
+            self._out.append(R.ERR_SHUTDOWN)
+            self._close("shutdown")
+
+    # ----------------------------------------------------------- helpers
+
+    def _bad(self, reply: bytes) -> None:
+        self._out.append(reply)
+        self._bad_commands += 1
+        if self._bad_commands >= self._ctx.config.max_bad_commands:
+            self._out.append(R.ERR_TOO_MANY_BAD)
+            self._close("too many bad commands")
+
+    def _message_index(self, arg: str) -> int:
+        """0-based index of a live message, or -1 after queueing the error."""
+        if not (arg.isascii() and arg.isdigit()) or len(arg) > 10:
+            self._out.append(R.ERR_BAD_NUMBER)
+            return -1
+        n = int(arg)
+        mailbox = self._mailbox
+        assert mailbox is not None and self._deleted is not None
+        if n < 1 or n > len(mailbox.names):
+            self._out.append(R.ERR_NO_MESSAGE)
+            return -1
+        if self._deleted[n - 1]:
+            self._out.append(R.ERR_MESSAGE_DELETED)
+            return -1
+        return n - 1
+
+    # ----------------------------------------------------------- AUTHORIZATION
+
+    def cmd_user(self, args: tuple[str, ...]) -> None:
+        if len(args) != 1:
+            return self._bad(R.ERR_ARGS)
+        if not valid_username(args[0]):
+            self._user_name = None
+            return self._bad(R.ERR_AUTH_INVALID_USER)
+        self._user_name = args[0]
+        self._out.append(R.OK_USER)
+
+    def cmd_pass(self, args: tuple[str, ...]) -> None:
+        name = self._user_name
+        if name is None:
+            return self._bad(R.ERR_NO_USER)
+        if len(args) != 1:
+            return self._bad(R.ERR_ARGS)
+        self._user_name = None
+        self._busy |= BUSY_AUTH
+        started = self._loop.time()
+        try:
+            self._ctx.auth.verify_password(name, args[0], lambda user: self._login_checked(name, user, started))
+        except AuthUnavailable:
+            self._out.append(R.ERR_AUTH_UNAVAILABLE)
+            self._busy &= ~BUSY_AUTH
+
+    def cmd_apop(self, args: tuple[str, ...]) -> None:
+        if len(args) != 2:
+            return self._bad(R.ERR_ARGS)
+        name, digest = args
+        started = self._loop.time()
+        if not valid_username(name):
+            user = None
+        else:
+            try:
+                user = self._ctx.auth.verify_apop(name, self._timestamp, digest)
+            except AuthUnavailable:
+                self._out.append(R.ERR_AUTH_UNAVAILABLE)
+                return
+        self._busy |= BUSY_AUTH
+        self._login_checked(name, user, started)
+
+    def _login_checked(self, name: str, user, started: float) -> None:
+        if self.transport is None or self._busy & BUSY_CLOSING:
+            return  # the client left while its password was being checked
+        if user is None:
+            self._auth_failures += 1
+            log.info("auth failed user=%s rip=%s", name, self._peer)
+            # Answer every failure at the same moment after the command, so
+            # timing tells nothing about whether the user exists.
+            delay = started + self._ctx.config.auth_failure_delay - self._loop.time()
+            self._loop.call_later(max(0.0, delay), self._login_failed)
+            return
+        self._out.append(self._open_mailbox(user))
+        self._flush()
+        self._unbusy(BUSY_AUTH)
+
+    def _login_failed(self) -> None:
+        if self.transport is None:
+            return
+        self._out.append(R.ERR_AUTH_FAILED)
+        if self._auth_failures >= self._ctx.config.auth_max_attempts:
+            self._close("too many auth failures")
+            return
+        self._flush()
+        self._unbusy(BUSY_AUTH)
+
+    def _open_mailbox(self, user) -> bytes:
+        auth = self._ctx.auth
+        try:
+            path = auth.maildir_for(user)
+        except ValueError as exc:
+            log.error("no mail location for user=%s: %s", user.name, exc)
+            return R.ERR_MAILBOX_PERM
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            lock = MailboxLock(path)
+        except MailboxLocked:
+            return R.ERR_IN_USE
+        except OSError as exc:
+            log.error("cannot lock mailbox user=%s path=%s: %s", user.name, path, exc)
+            return R.ERR_MAILBOX_TEMP
+        try:
+            mailbox = Mailbox.open(path)
+        except OSError as exc:
+            lock.release()
+            log.error("cannot open mailbox user=%s path=%s: %s", user.name, path, exc)
+            return R.ERR_MAILBOX_TEMP
+        self._user = user
+        self._lock = lock
+        self._mailbox = mailbox
+        self._deleted = bytearray(len(mailbox.names))
+        self._state = TRANSACTION
+        self._table = _TRANSACTION_TABLE
+        log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox.names))
+        return R.OK_LOGGED_IN
+
+    def cmd_quit_authorization(self, args: tuple[str, ...]) -> None:
+        self._out.append(R.OK_LOGOUT)
+        self._close("quit")
+
+    def cmd_capa(self, args: tuple[str, ...]) -> None:
+        if args:
+            return self._bad(R.ERR_ARGS)
+        ctx = self._ctx
+        self._out.append(ctx.capa_authorization if self._state == AUTHORIZATION else ctx.capa_transaction)
+
+    def cmd_noop(self, args: tuple[str, ...]) -> None:
+        if args:
+            return self._bad(R.ERR_ARGS)
+        self._out.append(R.OK_NOOP)
+
+    # ----------------------------------------------------------- TRANSACTION
+
+    def cmd_stat(self, args: tuple[str, ...]) -> None:
+        if args:
+            return self._bad(R.ERR_ARGS)
+        mailbox = self._mailbox
+        assert mailbox is not None
+        count = len(mailbox.names) - self._deleted_count
+        self._out.append(b"+OK %d %d\r\n" % (count, mailbox.total_size - self._deleted_size))
+
+    def cmd_list(self, args: tuple[str, ...]) -> None:
+        mailbox = self._mailbox
+        assert mailbox is not None and self._deleted is not None
+        if len(args) > 1:
+            return self._bad(R.ERR_ARGS)
+        if args:
+            i = self._message_index(args[0])
+            if i >= 0:
+                self._out.append(b"+OK %d %d\r\n" % (i + 1, mailbox.sizes[i]))
+            return
+        deleted, sizes = self._deleted, mailbox.sizes
+        lines = [f"{i + 1} {sizes[i]}\r\n" for i in range(len(sizes)) if not deleted[i]]
+        count = len(sizes) - self._deleted_count
+        size = mailbox.total_size - self._deleted_size
+        self._out.append(b"+OK %d messages (%d octets)\r\n" % (count, size))
+        self._out.append("".join(lines).encode("ascii") + R.END)
+
+    def cmd_uidl(self, args: tuple[str, ...]) -> None:
+        mailbox = self._mailbox
+        assert mailbox is not None and self._deleted is not None
+        if len(args) > 1:
+            return self._bad(R.ERR_ARGS)
+        if args:
+            i = self._message_index(args[0])
+            if i >= 0:
+                self._out.append(b"+OK %d %s\r\n" % (i + 1, mailbox.uidl(i).encode("ascii")))
+            return
+        deleted = self._deleted
+        lines = [f"{i + 1} {mailbox.uidl(i)}\r\n" for i in range(len(deleted)) if not deleted[i]]
+        self._out.append(R.OK)
+        self._out.append("".join(lines).encode("ascii") + R.END)
+
+    def cmd_dele(self, args: tuple[str, ...]) -> None:
+        if len(args) != 1:
+            return self._bad(R.ERR_ARGS)
+        i = self._message_index(args[0])
+        if i < 0:
+            return
+        assert self._deleted is not None and self._mailbox is not None
+        self._deleted[i] = 1
+        self._deleted_count += 1
+        self._deleted_size += self._mailbox.sizes[i]
+        self._out.append(R.OK_DELETED)
+
+    def cmd_rset(self, args: tuple[str, ...]) -> None:
+        if args:
+            return self._bad(R.ERR_ARGS)
+        mailbox = self._mailbox
+        assert mailbox is not None
+        self._deleted = bytearray(len(mailbox.names))
+        self._deleted_count = self._deleted_size = 0
+        self._out.append(b"+OK %d messages (%d octets)\r\n" % (len(mailbox.names), mailbox.total_size))
+
+    def cmd_retr(self, args: tuple[str, ...]) -> None:
+        if len(args) != 1:
+            return self._bad(R.ERR_ARGS)
+        i = self._message_index(args[0])
+        if i >= 0:
+            self._send_message(i, None)
+
+    def cmd_top(self, args: tuple[str, ...]) -> None:
+        if len(args) != 2:
+            return self._bad(R.ERR_ARGS)
+        i = self._message_index(args[0])
+        if i < 0:
+            return
+        lines = args[1]
+        if not (lines.isascii() and lines.isdigit()):
+            self._out.append(R.ERR_BAD_LINES)
+            return
+        self._send_message(i, min(int(lines), MAX_TOP_LINES))
+
+    def _send_message(self, index: int, top_lines: int | None) -> None:
+        mailbox = self._mailbox
+        assert mailbox is not None
+        path = mailbox.file_path(index)
+        try:
+            f = open(path, "rb", buffering=0)
+        except FileNotFoundError:
+            log.warning("message vanished user=%s file=%s", self._user.name, path)
+            self._out.append(R.ERR_MESSAGE_GONE)
+            return
+        except OSError as exc:
+            log.error("cannot open message user=%s file=%s: %s", self._user.name, path, exc)
+            self._out.append(R.ERR_MESSAGE_TEMP)
+            return
+        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % mailbox.sizes[index]
+        try:
+            if os.fstat(f.fileno()).st_size <= SMALL_MESSAGE:
+                with f:
+                    body = render_small(f.read(), top_lines)
+            else:
+                body = None
+        except OSError as exc:
+            f.close()
+            log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
+            self._out.append(R.ERR_MESSAGE_TEMP)
+            return
+        if body is not None:
+            self._out += (status, body, R.END)
+            self._count_sent(top_lines is not None, len(body))
+            return
+        self._out.append(status)
+        self._flush()
+        self._stream = MessageStream(self, f, top_lines)
+        self._stream_is_top = top_lines is not None
+        self._busy |= BUSY_SENDING
+        self._stream.pump()
+
+    def _count_sent(self, is_top: bool, size: int) -> None:
+        counts = self._counts
+        base = 0 if is_top else 2
+        counts[base] += 1
+        counts[base + 1] += size
+
+    def stream_done(self, sent: int) -> None:
+        """Called by MessageStream when the last byte has been queued."""
+        self._stream = None
+        self._count_sent(self._stream_is_top, sent)
+        self._unbusy(BUSY_SENDING)
+
+    def abort_stream(self) -> None:
+        """Called by MessageStream when it cannot finish: the session cannot go on."""
+        self._stream = None
+        self._end_reason = "read error"
+        if self.transport is not None:
+            self.transport.abort()
+
+    def cmd_quit_transaction(self, args: tuple[str, ...]) -> None:
+        mailbox = self._mailbox
+        assert mailbox is not None and self._deleted is not None
+        self._state = UPDATE
+        deleted = [i for i, d in enumerate(self._deleted) if d]
+        failed = mailbox.delete(deleted) if deleted else 0
+        self._release_mailbox()
+        self._out.append(R.ERR_NOT_ALL_DELETED if failed else (R.OK_LOGOUT_DELETED if deleted else R.OK_LOGOUT))
+        self._close("quit")
+
+    def _release_mailbox(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _log_end(self) -> None:
+        if self._user is None:
+            if self._auth_failures:
+                log.info("disconnected rip=%s auth_failures=%d reason=%s", self._peer, self._auth_failures, self._end_reason)
+            return
+        if not log.isEnabledFor(logging.INFO):
+            return
+        top_n, top_b, retr_n, retr_b = self._counts
+        applied = self._state == UPDATE
+        log.info(
+            "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
+            self._user.name,
+            self._peer,
+            top_n,
+            top_b,
+            retr_n,
+            retr_b,
+            self._deleted_count if applied else 0,
+            self._deleted_size if applied else 0,
+            self._mailbox.total_size if self._mailbox is not None else 0,
+            self._end_reason,
+        )
+
+
+# ----------------------------------------------------------------- dispatch tables
+
+
+def _error_handler(reply: bytes) -> Callable[[POP3Protocol, tuple[str, ...]], None]:
+    def handler(self: POP3Protocol, args: tuple[str, ...]) -> None:
+        self._bad(reply)
+
+    return handler
+
+
+def _table(handlers: dict[Command, Callable]) -> tuple[Callable, ...]:
+    """A tuple indexed by command code; commands not listed are answered as
+    unknown (never valid) or wrong-state (valid in another state)."""
+    unknown = _error_handler(R.ERR_UNKNOWN)
+    wrong_state = _error_handler(R.ERR_WRONG_STATE)
+    table: list[Callable] = []
+    for code in range(NUM_CODES):
+        if code in handlers:
+            table.append(handlers[Command(code)])
+        elif code == Command.TOO_LONG:
+            table.append(_error_handler(R.ERR_TOO_LONG))
+        elif code == Command.INVALID:
+            table.append(_error_handler(R.ERR_INVALID_CHARS))
+        elif code in _IMPLEMENTED:
+            table.append(wrong_state)
+        else:
+            table.append(unknown)
+    return tuple(table)
+
+
+P = POP3Protocol
+_AUTHORIZATION = {
+    Command.USER: P.cmd_user,
+    Command.PASS: P.cmd_pass,
+    Command.APOP: P.cmd_apop,
+    Command.QUIT: P.cmd_quit_authorization,
+    Command.CAPA: P.cmd_capa,
+}
+_TRANSACTION = {
+    Command.STAT: P.cmd_stat,
+    Command.LIST: P.cmd_list,
+    Command.RETR: P.cmd_retr,
+    Command.DELE: P.cmd_dele,
+    Command.NOOP: P.cmd_noop,
+    Command.RSET: P.cmd_rset,
+    Command.TOP: P.cmd_top,
+    Command.UIDL: P.cmd_uidl,
+    Command.CAPA: P.cmd_capa,
+    Command.QUIT: P.cmd_quit_transaction,
+}
+_IMPLEMENTED = set(_AUTHORIZATION) | set(_TRANSACTION)
+_AUTHORIZATION_TABLE = _table(_AUTHORIZATION)
+_TRANSACTION_TABLE = _table(_TRANSACTION)
+del P

@@ -1,0 +1,41 @@
+"""Every fixed reply the server sends, in one table.
+
+Response codes in brackets are RFC 2449 extended codes: [IN-USE] and
+[LOGIN-DELAY] from RFC 2449, [SYS/TEMP], [SYS/PERM] and [AUTH] from RFC 3206.
+"""
+
+OK = b"+OK\r\n"
+OK_USER = b"+OK\r\n"
+OK_LOGGED_IN = b"+OK Logged in.\r\n"
+OK_NOOP = b"+OK\r\n"
+OK_DELETED = b"+OK Marked to be deleted.\r\n"
+OK_LOGOUT = b"+OK Logging out.\r\n"
+OK_LOGOUT_DELETED = b"+OK Logging out, messages deleted.\r\n"
+OK_CAPA = b"+OK Capability list follows\r\n"
+OK_TOP = b"+OK Top of message follows\r\n"
+END = b".\r\n"
+
+ERR_UNKNOWN = b"-ERR Unknown command.\r\n"
+ERR_WRONG_STATE = b"-ERR Command not valid in this state.\r\n"
+ERR_TOO_LONG = b"-ERR Line too long.\r\n"
+ERR_INVALID_CHARS = b"-ERR Invalid characters in command.\r\n"
+ERR_ARGS = b"-ERR Wrong number of arguments.\r\n"
+ERR_BAD_NUMBER = b"-ERR Invalid message number.\r\n"
+ERR_NO_MESSAGE = b"-ERR No such message.\r\n"
+ERR_MESSAGE_DELETED = b"-ERR Message is deleted.\r\n"
+ERR_BAD_LINES = b"-ERR Invalid number of lines.\r\n"
+ERR_NO_USER = b"-ERR No username given.\r\n"
+ERR_TOO_MANY_BAD = b"-ERR Too many bad commands.\r\n"
+ERR_TIMEOUT = b"-ERR Disconnected for inactivity.\r\n"
+ERR_SHUTDOWN = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
+
+ERR_AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
+ERR_AUTH_INVALID_USER = b"-ERR [AUTH] Invalid user name.\r\n"
+ERR_AUTH_TOO_MANY = b"-ERR [AUTH] Too many authentication failures.\r\n"
+ERR_IN_USE = b"-ERR [IN-USE] Mailbox is locked by another POP3 session.\r\n"
+ERR_MAILBOX_TEMP = b"-ERR [SYS/TEMP] Mailbox is temporarily unavailable.\r\n"
+ERR_MAILBOX_PERM = b"-ERR [SYS/PERM] Mailbox cannot be opened.\r\n"
+ERR_MESSAGE_GONE = b"-ERR [SYS/PERM] Message was removed by another program.\r\n"
+ERR_MESSAGE_TEMP = b"-ERR [SYS/TEMP] Message cannot be read now.\r\n"
+ERR_NOT_ALL_DELETED = b"-ERR [SYS/TEMP] Some deleted messages could not be removed.\r\n"
+ERR_AUTH_UNAVAILABLE = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"

@@ -1,0 +1,172 @@
+"""Test harness: a real fastpop process on 127.0.0.1, driven by real clients.
+
+``server`` is one fastpop per test module and parser implementation (the
+compiled parser and its pure-Python twin); each test makes its own users
+with ``server.add_user`` so tests do not share mailboxes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import poplib
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PARSERS = {"c-parser": "cython", "py-parser": "python"}
+_user_ids = itertools.count(1)
+
+
+def message(subject: str = "test", body: str = "Hello.\r\n", size: int | None = None) -> bytes:
+    """A small RFC 5322 message with CRLF line ends."""
+    text = f"From: a@example.com\r\nTo: b@example.com\r\nSubject: {subject}\r\n\r\n{body}".encode()
+    if size is not None and size > len(text):
+        filler = (b"x" * 70 + b"\r\n") * ((size - len(text)) // 72 + 1)
+        text = (text + filler)[:size]
+    return text
+
+
+class ServerProcess:
+    def __init__(self, root: Path, parser: str, loop: str = "uvloop", extra_args: list[str] | None = None):
+        self.root = root
+        self.parser = parser
+        self.loop = loop
+        self.passwd = root / "passwd"
+        self.mail = root / "mail"
+        self.mail.mkdir(parents=True, exist_ok=True)
+        self.passwd.touch()
+        self.log_path = root / "server.log"
+        self.extra_args = list(extra_args or [])
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self._seq = 0
+
+    # -- lifecycle
+    def start(self, port: int = 0) -> None:
+        env = dict(os.environ)
+        env.pop("FASTPOP_NO_EXTENSIONS", None)
+        if self.parser == "python":
+            env["FASTPOP_NO_EXTENSIONS"] = "1"
+        args = [
+            sys.executable, "-m", "fastpop", "serve",
+            "--listen", f"127.0.0.1:{port}",
+            "--passwd-file", str(self.passwd),
+            "--mail-location", str(self.mail) + "/%u",
+            "--auth-failure-delay", "0.05",
+            "--loop", self.loop,
+            "--log-level", "debug",
+            *self.extra_args,
+        ]
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.root, env=env)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(parser: (\w+), loop: (\w+)", self.log()[self._log_offset:])
+            if m:
+                self.port = int(m.group(1))
+                assert m.group(2) == self.parser, f"expected parser {self.parser}, server says {m.group(2)}"
+                assert m.group(3) == self.loop
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError("fastpop exited at start:\n" + self.log())
+            time.sleep(0.02)
+        raise RuntimeError("fastpop did not start:\n" + self.log())
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.log_file.close()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # -- users and mail
+    def add_user(self, messages: list[bytes] = (), password: str = "secret", name: str | None = None,
+                 stored: str | None = None) -> "User":
+        name = name or f"user{next(_user_ids)}"
+        with open(self.passwd, "a") as f:
+            f.write(f"{name}:{stored or '{PLAIN}' + password}\n")
+        user = User(self, name, password, self.mail / name)
+        for sub in ("cur", "new", "tmp"):
+            (user.maildir / sub).mkdir(parents=True, exist_ok=True)
+        for data in messages:
+            user.deliver(data)
+        return user
+
+    def connect(self, timeout: float = 10) -> poplib.POP3:
+        return poplib.POP3("127.0.0.1", self.port, timeout=timeout)
+
+
+class User:
+    def __init__(self, server: ServerProcess, name: str, password: str, maildir: Path):
+        self.server, self.name, self.password, self.maildir = server, name, password, maildir
+
+    def deliver(self, data: bytes, sizes_in_name: bool = False) -> Path:
+        s = self.server
+        s._seq += 1
+        name = f"{1700000000 + s._seq}.M{s._seq}P{os.getpid()}.test"
+        if sizes_in_name:
+            crlf = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            name += f",S={len(data)},W={len(crlf)}"
+        tmp = self.maildir / "tmp" / name
+        tmp.write_bytes(data)
+        target = self.maildir / "new" / name
+        tmp.rename(target)
+        return target
+
+    def login(self) -> poplib.POP3:
+        p = self.server.connect()
+        p.user(self.name)
+        p.pass_(self.password)
+        return p
+
+    def files(self) -> list[Path]:
+        return sorted((self.maildir / "cur").iterdir()) + sorted((self.maildir / "new").iterdir())
+
+    def contents(self) -> list[bytes]:
+        return sorted(p.read_bytes() for p in self.files())
+
+
+@pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
+def server(request, tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param])
+    srv.start()
+    yield srv
+    rc = srv.stop()
+    log = srv.log()
+    assert "Traceback" not in log, log
+    assert rc == 0, f"server exit code {rc}\n{log}"
+
+
+@pytest.fixture(params=list(PARSERS), ids=list(PARSERS))
+def fresh_server(request, tmp_path):
+    """A server of the test's own, for tests that restart or kill it."""
+    srv = ServerProcess(tmp_path, PARSERS[request.param])
+    yield srv
+    if srv.proc is not None:
+        srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()
