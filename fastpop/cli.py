@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--passwd-file", help="Dovecot-style passwd-file")
     serve.add_argument("--mail-location", help="Maildir path template: %%u user, %%n local part, %%d domain, %%h home")
     serve.add_argument("--hostname", help="host name in the APOP greeting")
+    serve.add_argument("--user", help="switch to this user after binding (start as root)")
+    serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--timeout-authorization", type=float, metavar="SECONDS", help="idle time allowed before login")
@@ -67,6 +69,8 @@ _FLAG_FIELDS = (
     "passwd_file",
     "mail_location",
     "hostname",
+    "user",
+    "group",
     "loop",
     "log_level",
     "timeout_authorization",

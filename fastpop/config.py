@@ -7,6 +7,7 @@ The TOML file has sections mirroring the field prefixes::
     loop = "uvloop"          # or "asyncio"
     log_level = "info"
     hostname = "mail.example.com"
+    user = "vmail"           # drop root privileges to this user after binding
 
     [auth]
     passwd_file = "/etc/fastpop/passwd"
@@ -43,6 +44,8 @@ class Config:
     loop: str = "uvloop"
     log_level: str = "info"
     hostname: str = field(default_factory=socket.gethostname)
+    user: str | None = None  # switch to this user after binding (when started as root)
+    group: str | None = None
     passwd_file: str | None = None
     auth_failure_delay: float = 2.0
     auth_max_attempts: int = 3
@@ -68,6 +71,20 @@ class Config:
             raise ValueError("pop3 expire must be NEVER or a number of days")
         for addr in self.listen:
             parse_address(addr)
+        if self.user is not None:
+            import pwd
+
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                raise ValueError(f"no such system user {self.user!r}") from None
+        if self.group is not None:
+            import grp
+
+            try:
+                grp.getgrnam(self.group)
+            except KeyError:
+                raise ValueError(f"no such system group {self.group!r}") from None
 
 
 # TOML (section, key) -> Config field
@@ -76,6 +93,8 @@ _TOML_KEYS = {
     ("server", "loop"): "loop",
     ("server", "log_level"): "log_level",
     ("server", "hostname"): "hostname",
+    ("server", "user"): "user",
+    ("server", "group"): "group",
     ("server", "max_bad_commands"): "max_bad_commands",
     ("auth", "passwd_file"): "passwd_file",
     ("auth", "failure_delay"): "auth_failure_delay",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from array import array
 
 from fastpop.stuffing import pop3_size
@@ -48,7 +49,8 @@ def _int_or(text: str, default: int) -> int:
 def uidl_of(name: str) -> str:
     """A stable UIDL from the Maildir unique name (RFC 1939: 1-70 chars, 0x21-0x7E)."""
     unique = name.split(":", 1)[0].split(",", 1)[0]
-    if 0 < len(unique) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in unique):
+    # isprintable() on ASCII is 0x20-0x7E; the space is excluded separately
+    if 0 < len(unique) <= 70 and unique.isascii() and unique.isprintable() and " " not in unique:
         return unique
     return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -61,20 +63,25 @@ def _delivery_order(name: str) -> tuple[int, str]:
 class Mailbox:
     """A snapshot of one Maildir taken at login: numbering is fixed for the session."""
 
-    __slots__ = ("path", "names", "sizes", "total_size")
+    __slots__ = ("path", "_cur", "names", "sizes", "total_size")
 
     def __init__(self, path: str, names: list[str], sizes: array) -> None:
         self.path = path
+        self._cur = os.path.join(path, "cur", "")
         self.names = names
         self.sizes = sizes
         self.total_size = sum(sizes)
 
     @classmethod
     def open(cls, path: str) -> Mailbox:
-        ensure_maildir(path)
         cur = os.path.join(path, "cur")
         new = os.path.join(path, "new")
-        for name in os.listdir(new):
+        try:
+            new_names = os.listdir(new)
+        except FileNotFoundError:
+            ensure_maildir(path)
+            new_names = []
+        for name in new_names:
             if name.startswith("."):
                 continue
             target = name if ":" in name else name + ":2,"
@@ -96,10 +103,25 @@ class Mailbox:
         return len(self.names)
 
     def file_path(self, index: int) -> str:
-        return os.path.join(self.path, "cur", self.names[index])
+        return self._cur + self.names[index]
 
     def uidl(self, index: int) -> str:
         return uidl_of(self.names[index])
+
+    def find_renamed(self, index: int) -> str | None:
+        """Path of message ``index`` if another program (an IMAP server setting
+        flags) renamed it since login: same unique name, other info suffix."""
+        base = self.names[index].split(":", 1)[0]
+        prefix = base + ":"
+        try:
+            names = os.listdir(self._cur)
+        except OSError:
+            return None
+        for name in names:
+            if name == base or name.startswith(prefix):
+                self.names[index] = name
+                return self._cur + name
+        return None
 
     def delete(self, indices: list[int]) -> int:
         """Unlink these messages; returns how many could not be removed."""
@@ -108,18 +130,31 @@ class Mailbox:
             try:
                 os.unlink(self.file_path(i))
             except FileNotFoundError:
-                pass  # already gone: removed by another program
+                renamed = self.find_renamed(i)
+                if renamed is not None:
+                    try:
+                        os.unlink(renamed)
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        failed += 1
+                # else: already removed by another program
             except OSError:
                 failed += 1
-        _fsync_dir(os.path.join(self.path, "cur"))
+        _fsync_dir(self._cur)
         return failed
+
+
+_VSIZE = re.compile(r",W=(\d+)")
 
 
 def message_size(cur: str, name: str) -> int:
     """The POP3 size of cur/name, or -1 if the file vanished or is unreadable."""
-    _, _, w = parse_name(name)
-    if w >= 0:
-        return w
+    m = _VSIZE.search(name)
+    if m is not None:
+        colon = name.find(":")
+        if colon < 0 or m.start() < colon:  # W= belongs to the name, not to the flags
+            return int(m.group(1))
     key = (cur, name.split(":", 1)[0])
     cached = _SIZE_CACHE.get(key)
     if cached is not None:

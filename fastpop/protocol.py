@@ -19,7 +19,7 @@ from fastpop import responses as R
 from fastpop.auth import AuthUnavailable, valid_username
 from fastpop.commands import NUM_CODES, Command
 from fastpop.locking import MailboxLock, MailboxLocked
-from fastpop.maildir import Mailbox
+from fastpop.maildir import Mailbox, ensure_maildir
 from fastpop.parser import CommandParser
 from fastpop.sending import SMALL_MESSAGE, MessageStream, render_small
 
@@ -317,8 +317,11 @@ class POP3Protocol(asyncio.Protocol):
             log.error("no mail location for user=%s: %s", user.name, exc)
             return R.ERR_MAILBOX_PERM
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            lock = MailboxLock(path)
+            try:
+                lock = MailboxLock(path)
+            except FileNotFoundError:  # first login: create the Maildir
+                ensure_maildir(path)
+                lock = MailboxLock(path)
         except MailboxLocked:
             return R.ERR_IN_USE
         except OSError as exc:
@@ -441,37 +444,43 @@ class POP3Protocol(asyncio.Protocol):
         assert mailbox is not None
         path = mailbox.file_path(index)
         try:
-            f = open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            log.warning("message vanished user=%s file=%s", self._user.name, path)
-            self._out.append(R.ERR_MESSAGE_GONE)
-            return
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                renamed = mailbox.find_renamed(index)
+                if renamed is None:
+                    log.warning("message vanished user=%s file=%s", self._user.name, path)
+                    self._out.append(R.ERR_MESSAGE_GONE)
+                    return
+                fd = os.open(renamed, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             log.error("cannot open message user=%s file=%s: %s", self._user.name, path, exc)
             self._out.append(R.ERR_MESSAGE_TEMP)
             return
         status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % mailbox.sizes[index]
         try:
-            if os.fstat(f.fileno()).st_size <= SMALL_MESSAGE:
-                with f:
-                    body = render_small(f.read(), top_lines)
-            else:
-                body = None
+            size = os.fstat(fd).st_size
+            small = size <= SMALL_MESSAGE
+            if small:
+                data = os.read(fd, size + 1)  # +1: read to EOF even if the file grew
         except OSError as exc:
-            f.close()
+            os.close(fd)
             log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
             self._out.append(R.ERR_MESSAGE_TEMP)
             return
-        if body is not None:
+        if small:
+            os.close(fd)
+            body = render_small(data, top_lines)
             self._out += (status, body, R.END)
             self._count_sent(top_lines is not None, len(body))
             return
+        stream = MessageStream(self, open(fd, "rb", buffering=0), top_lines)
         self._out.append(status)
         self._flush()
-        self._stream = MessageStream(self, f, top_lines)
+        self._stream = stream
         self._stream_is_top = top_lines is not None
         self._busy |= BUSY_SENDING
-        self._stream.pump()
+        stream.pump()
 
     def _count_sent(self, is_top: bool, size: int) -> None:
         counts = self._counts

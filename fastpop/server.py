@@ -7,18 +7,16 @@ import itertools
 import logging
 import os
 import random
+import pwd
+import grp
 import signal
 import socket
-from typing import TYPE_CHECKING
 
 from fastpop import __version__
 from fastpop.auth import Authenticator
 from fastpop.config import Config, parse_address
 from fastpop.parser import PARSER_IMPL
 from fastpop.protocol import POP3Protocol
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("fastpop")
 
@@ -90,10 +88,25 @@ def bound_addresses(servers: list[asyncio.AbstractServer]) -> list[str]:
     return out
 
 
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """After binding privileged ports: become ``user`` (and ``group``, else the user's)."""
+    if user is None and group is None:
+        return
+    if os.getuid() != 0:
+        raise PermissionError("--user/--group need the server to be started as root")
+    entry = pwd.getpwnam(user) if user is not None else None
+    gid = grp.getgrnam(group).gr_gid if group is not None else (entry.pw_gid if entry else os.getgid())
+    os.setgroups([])
+    os.setgid(gid)
+    if entry is not None:
+        os.setuid(entry.pw_uid)
+
+
 async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT; then close sessions without applying deletions."""
     loop = asyncio.get_running_loop()
     ctx, servers = await start(config)
+    drop_privileges(config.user, config.group)
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))

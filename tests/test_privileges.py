@@ -1,0 +1,66 @@
+"""Started as root with --user, the server binds first and then runs as that user."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ServerProcess, message
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+
+
+def _uids(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return [int(x) for x in line.split()[1:]]
+    raise AssertionError("no Uid line")
+
+
+@pytest.fixture
+def world_reachable_dir():
+    # pytest's tmp_path sits below a 0700 root directory that "nobody" cannot enter
+    path = Path(tempfile.mkdtemp(prefix="fastpop-priv-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_drops_to_user_after_binding(world_reachable_dir):
+    nobody = pwd.getpwnam("nobody")
+    root = world_reachable_dir
+    srv = ServerProcess(root, "cython", extra_args=["--user", "nobody"])
+    user = srv.add_user([message("hi")])
+    for path in [srv.mail, *srv.mail.rglob("*"), srv.passwd]:
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    srv.start()
+    try:
+        assert set(_uids(srv.proc.pid)) == {nobody.pw_uid}
+        p = user.login()
+        assert p.stat()[0] == 1
+        p.quit()
+        lock = user.maildir / "fastpop.lock"
+        assert lock.stat().st_uid == nobody.pw_uid
+    finally:
+        assert srv.stop() == 0
+
+
+def test_unknown_user_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "passwd").touch()
+    r = subprocess.run(
+        [sys.executable, "-m", "fastpop", "serve", "--listen", "127.0.0.1:0", "--passwd-file",
+         str(tmp_path / "passwd"), "--user", "no-such-user-fastpop"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2
+    assert "no such system user" in r.stderr
+    assert "Traceback" not in r.stderr
