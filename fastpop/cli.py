@@ -1,14 +1,24 @@
-"""Command line: ``fastpop serve``, ``fastpop user``, ``fastpop --version``."""
+"""Command line: ``fastpop serve``, ``fastpop user``, ``fastpop --version``.
+
+Other subcommands live beside the code they drive: each module named in
+``SUBCOMMAND_MODULES`` has ``add_subcommand(subparsers)``, which adds its
+parser and sets ``func`` to a function taking the parsed args and returning
+the exit status.
+"""
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import logging
 import sys
 
 from fastpop import __version__
 from fastpop.config import Config, load_toml
+
+
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _version() -> str:
@@ -23,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the POP3 server")
+    serve.set_defaults(func=cmd_serve)
     serve.add_argument("--config", help="TOML configuration file")
     serve.add_argument("--demo", action="store_true", help="create and serve a demo user and mailbox on 127.0.0.1:1110")
     serve.add_argument("--demo-dir", default="fastpop-demo", help="where --demo keeps its files (default: ./fastpop-demo)")
@@ -42,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
 
     user = sub.add_parser("user", help="manage a passwd-file")
+    user.set_defaults(func=cmd_user)
     user_sub = user.add_subparsers(dest="user_command", required=True)
     for name, help_text in (
         ("add", "add a user (password from a prompt or stdin)"),
@@ -62,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--home", help="home directory (the %%h of the mail location)")
             p.add_argument("--uid", type=int)
             p.add_argument("--gid", type=int)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).add_subcommand(sub)
     return parser
 
 
@@ -182,16 +196,12 @@ def cmd_user(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "serve":
-            return cmd_serve(args)
-        if args.command == "user":
-            return cmd_user(args)
+        return args.func(args)
     except KeyboardInterrupt:
         return 130
     except ValueError as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 2
-    return 2
 
 
 if __name__ == "__main__":
