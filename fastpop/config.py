@@ -24,6 +24,9 @@ The TOML file has sections mirroring the field prefixes::
     [pop3]
     expire = "NEVER"         # the EXPIRE capability
     login_delay = 0          # the LOGIN-DELAY capability, seconds
+
+    [lmtp]
+    listen = ["127.0.0.1:24", "unix:/run/fastpop/lmtp"]   # LMTP delivery listeners
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Config:
     expire: str = "NEVER"
     login_delay: int = 0
     max_bad_commands: int = 20
+    lmtp_listen: list[str] = field(default_factory=list)  # HOST:PORT or unix:PATH
 
     def validate(self) -> None:
         if self.passwd_file is None:
@@ -71,6 +75,11 @@ class Config:
             raise ValueError("pop3 expire must be NEVER or a number of days")
         for addr in self.listen:
             parse_address(addr)
+        for addr in self.lmtp_listen:
+            if not addr.startswith("unix:"):
+                parse_address(addr)
+            elif len(addr) == len("unix:"):
+                raise ValueError("lmtp listen address unix: needs a path")
         if self.user is not None:
             import pwd
 
@@ -104,6 +113,7 @@ _TOML_KEYS = {
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
+    ("lmtp", "listen"): "lmtp_listen",
 }
 
 
@@ -112,7 +122,7 @@ def load_toml(path: str, config: Config | None = None) -> Config:
     config = config or Config()
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    types = {f.name: f.type for f in fields(Config)}
+    types = {f.name: str(f.type) for f in fields(Config)}
     for section, table in data.items():
         if not isinstance(table, dict):
             raise ValueError(f"{path}: '{section}' must be a [section]")
@@ -120,12 +130,31 @@ def load_toml(path: str, config: Config | None = None) -> Config:
             name = _TOML_KEYS.get((section, key))
             if name is None:
                 raise ValueError(f"{path}: unknown setting [{section}] {key}")
-            if name == "listen" and isinstance(value, str):
-                value = [value]
-            if "float" in str(types[name]) and isinstance(value, int):
-                value = float(value)
-            setattr(config, name, value)
+            setattr(config, name, _typed(value, types[name], f"{path}: [{section}] {key}"))
     return config
+
+
+def _typed(value: object, type_name: str, where: str) -> object:
+    """Check a TOML value against a Config field's annotation (a string here)."""
+    if type_name.startswith("list"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where} must be a string or a list of strings")
+        return value
+    if type_name.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number")
+        return float(value)
+    if type_name.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be a whole number")
+        return value
+    if type_name.startswith("str"):
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string")
+        return value
+    raise ValueError(f"{where}: unsupported setting type {type_name}")  # pragma: no cover
 
 
 def parse_address(text: str) -> tuple[str, int]:

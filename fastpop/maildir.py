@@ -149,18 +149,26 @@ _VSIZE = re.compile(r",W=(\d+)")
 
 
 def message_size(cur: str, name: str) -> int:
-    """The POP3 size of cur/name, or -1 if the file vanished or is unreadable."""
-    m = _VSIZE.search(name)
-    if m is not None:
-        colon = name.find(":")
-        if colon < 0 or m.start() < colon:  # W= belongs to the name, not to the flags
-            return int(m.group(1))
+    """The POP3 size of cur/name, or -1 if the file vanished or is unreadable.
+
+    W= in the name is the CRLF size, but writers (Dovecot among them) do not
+    count the CRLF that RETR must add to a message lacking a final newline;
+    so the last byte is checked once per message and the result cached.
+    """
     key = (cur, name.split(":", 1)[0])
     cached = _SIZE_CACHE.get(key)
     if cached is not None:
         return cached
+    path = os.path.join(cur, name)
     try:
-        size = pop3_size(os.path.join(cur, name))
+        m = _VSIZE.search(name)
+        colon = name.find(":")
+        if m is not None and (colon < 0 or m.start() < colon):  # W= of the name, not of the flags
+            size = int(m.group(1))
+            if size > 0 and not _ends_with_lf(path):
+                size += 2
+        else:
+            size = pop3_size(path)
     except OSError as exc:
         log.warning("skipping unreadable message %s/%s: %s", cur, name, exc.strerror)
         return -1
@@ -168,6 +176,15 @@ def message_size(cur: str, name: str) -> int:
         _SIZE_CACHE.clear()
     _SIZE_CACHE[key] = size
     return size
+
+
+def _ends_with_lf(path: str) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.pread(fd, 1, size - 1) == b"\n"
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

@@ -89,7 +89,9 @@ def _verify(stored: str, password: bytes) -> bool:
     if scheme == "BLF-CRYPT" or value.startswith(("$2a$", "$2b$", "$2y$")):
         import bcrypt
 
-        return bcrypt.checkpw(password, value.encode("ascii"))
+        # bcrypt uses 72 bytes at most; Dovecot's crypt_blowfish silently truncates,
+        # bcrypt>=5 raises instead, so truncate as the hash's creator did.
+        return bcrypt.checkpw(password[:72], value.encode("ascii"))
     if scheme in _CRYPT:
         from passlib.context import CryptContext
 
@@ -135,7 +137,7 @@ def hash_password(password: str, scheme: str = DEFAULT_SCHEME) -> str:
     if scheme == "BLF-CRYPT":
         import bcrypt
 
-        return "{BLF-CRYPT}" + bcrypt.hashpw(pw, bcrypt.gensalt(rounds=10)).decode("ascii")
+        return "{BLF-CRYPT}" + bcrypt.hashpw(pw[:72], bcrypt.gensalt(rounds=10)).decode("ascii")
     if scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
         from passlib.hash import sha256_crypt, sha512_crypt
 

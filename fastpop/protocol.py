@@ -21,7 +21,7 @@ from fastpop.commands import NUM_CODES, Command
 from fastpop.locking import MailboxLock, MailboxLocked
 from fastpop.maildir import Mailbox, ensure_maildir
 from fastpop.parser import CommandParser
-from fastpop.sending import SMALL_MESSAGE, MessageStream, render_small
+from fastpop.sending import SENDFILE_MIN, SMALL_MESSAGE, MessageStream, SendfileStream, dot_line_offsets, render_small
 
 if TYPE_CHECKING:
     from fastpop.server import ServerContext
@@ -42,8 +42,9 @@ MAX_TOP_LINES = 2**31 - 1
 class POP3Protocol(asyncio.Protocol):
     __slots__ = (
         "_ctx",
-        "_loop",
+        "loop",
         "transport",
+        "_sendfile_ok",
         "_parser",
         "_state",
         "_table",
@@ -72,8 +73,9 @@ class POP3Protocol(asyncio.Protocol):
 
     def __init__(self, ctx: ServerContext) -> None:
         self._ctx = ctx
-        self._loop = ctx.loop
+        self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
+        self._sendfile_ok = False
         self._parser = CommandParser()
         self._state = AUTHORIZATION
         self._table = _AUTHORIZATION_TABLE
@@ -94,7 +96,7 @@ class POP3Protocol(asyncio.Protocol):
         self._deleted: bytearray | None = None
         self._deleted_count = 0
         self._deleted_size = 0
-        self._stream: MessageStream | None = None
+        self._stream: MessageStream | SendfileStream | None = None
         self._stream_is_top = False
         # top count, top bytes, retr count, retr bytes
         self._counts = [0, 0, 0, 0]
@@ -104,18 +106,20 @@ class POP3Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # sendfile(2) needs the plain socket: not through TLS.
+        self._sendfile_ok = transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
         peer = transport.get_extra_info("peername")
         if peer:
             self._peer = peer[0]
         ctx = self._ctx
         ctx.sessions.add(self)
         self._timestamp = ctx.new_timestamp()
-        self._last_activity = now = self._loop.time()
-        self._timer = self._loop.call_at(now + ctx.config.timeout_authorization, self._on_timer)
+        self._last_activity = now = self.loop.time()
+        self._timer = self.loop.call_at(now + ctx.config.timeout_authorization, self._on_timer)
         transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self._loop.time()
+        self._last_activity = self.loop.time()
         self._parser.feed(data)
         if not self._busy:
             self._process()
@@ -132,6 +136,10 @@ class POP3Protocol(asyncio.Protocol):
             self._stream.pump()
         else:
             self._unbusy(BUSY_WRITE_PAUSED)
+
+    def touch(self) -> None:
+        """Progress on a long send counts as activity for the idle timeout."""
+        self._last_activity = self.loop.time()
 
     @property
     def writing_paused(self) -> bool:
@@ -195,8 +203,8 @@ class POP3Protocol(asyncio.Protocol):
         config = self._ctx.config
         timeout = config.timeout_authorization if self._state == AUTHORIZATION else config.timeout_transaction
         deadline = self._last_activity + timeout
-        if self._loop.time() < deadline:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        if self.loop.time() < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
             return
         self._end_reason = "timeout"
         self._busy |= BUSY_CLOSING
@@ -261,7 +269,7 @@ class POP3Protocol(asyncio.Protocol):
             return self._bad(R.ERR_ARGS)
         self._user_name = None
         self._busy |= BUSY_AUTH
-        started = self._loop.time()
+        started = self.loop.time()
         try:
             self._ctx.auth.verify_password(name, args[0], lambda user: self._login_checked(name, user, started))
         except AuthUnavailable:
@@ -272,7 +280,7 @@ class POP3Protocol(asyncio.Protocol):
         if len(args) != 2:
             return self._bad(R.ERR_ARGS)
         name, digest = args
-        started = self._loop.time()
+        started = self.loop.time()
         if not valid_username(name):
             user = None
         else:
@@ -292,8 +300,8 @@ class POP3Protocol(asyncio.Protocol):
             log.info("auth failed user=%s rip=%s", name, self._peer)
             # Answer every failure at the same moment after the command, so
             # timing tells nothing about whether the user exists.
-            delay = started + self._ctx.config.auth_failure_delay - self._loop.time()
-            self._loop.call_later(max(0.0, delay), self._login_failed)
+            delay = started + self._ctx.config.auth_failure_delay - self.loop.time()
+            self.loop.call_later(max(0.0, delay), self._login_failed)
             return
         self._out.append(self._open_mailbox(user))
         self._flush()
@@ -474,7 +482,17 @@ class POP3Protocol(asyncio.Protocol):
             self._out += (status, body, R.END)
             self._count_sent(top_lines is not None, len(body))
             return
-        stream = MessageStream(self, open(fd, "rb", buffering=0), top_lines)
+        stream: MessageStream | SendfileStream
+        dots = None
+        if top_lines is None and self._sendfile_ok and size >= SENDFILE_MIN and size == mailbox.sizes[index]:
+            try:
+                dots = dot_line_offsets(fd, size)  # None unless stored CRLF-clean
+            except (OSError, ValueError):
+                dots = None
+        if dots is not None:
+            stream = SendfileStream(self, fd, size, dots)
+        else:
+            stream = MessageStream(self, open(fd, "rb", buffering=0), top_lines)
         self._out.append(status)
         self._flush()
         self._stream = stream

@@ -1,59 +1,37 @@
 """The RFC 1939 transform of a stored message into what RETR/TOP send.
 
-Bare LF becomes CRLF (a bare CR is an ordinary octet and passes through),
-every line starting with "." gets another ".", and a non-empty message that
-does not end in a newline gets a final CRLF.  ``pop3_size`` gives the size
-RETR sends before stuffing, which STAT and LIST must report.
+``DotStuffer``, ``stuff_message`` and ``pop3_size_of`` come from the compiled
+``fastpop._stuffing`` unless it is missing or ``FASTPOP_NO_EXTENSIONS`` is
+set, else from the pure-Python twin.  This module adds what works on their
+output or on files: TOP's cut, and ``pop3_size`` of a file, the size RETR
+sends before stuffing, which STAT and LIST must report.
 """
 
 from __future__ import annotations
 
+import os
+
+from fastpop import _stuffing_py
+
+STUFFING_IMPL: str
+if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+    from fastpop._stuffing_py import DotStuffer, pop3_size_of, stuff_message
+
+    STUFFING_IMPL = "python"
+else:
+    try:
+        from fastpop._stuffing import DotStuffer, pop3_size_of, stuff_message  # type: ignore[assignment]
+
+        STUFFING_IMPL = "cython"
+    except ImportError:
+        from fastpop._stuffing_py import DotStuffer, pop3_size_of, stuff_message
+
+        STUFFING_IMPL = "python"
+
+__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "pop3_size", "pop3_size_of", "stuff_message"]
+_ = _stuffing_py  # the twin is always importable, for tests and benchmarks
+
 CHUNK = 256 * 1024
-
-
-class DotStuffer:
-    """Streaming transform; feed chunks split anywhere, then finish()."""
-
-    __slots__ = ("_line_start", "_pending_cr")
-
-    def __init__(self) -> None:
-        self._line_start = True
-        self._pending_cr = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._pending_cr:
-            chunk = b"\r" + chunk
-            self._pending_cr = False
-        if not chunk:
-            return b""
-        if chunk[-1] == 13:  # hold back a trailing CR: the LF may be in the next chunk
-            chunk = chunk[:-1]
-            self._pending_cr = True
-            if not chunk:
-                return b""
-        out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n").replace(b"\n.", b"\n..")
-        if self._line_start and out[0] == 46:
-            out = b"." + out
-        self._line_start = out[-1] == 10
-        return out
-
-    def finish(self) -> bytes:
-        """What must follow the last chunk (before the ".\\r\\n" terminator)."""
-        out = b""
-        if self._pending_cr:
-            out = b"\r"
-            self._pending_cr = False
-            self._line_start = False
-        if not self._line_start:
-            out += b"\r\n"
-            self._line_start = True
-        return out
-
-
-def stuff_message(data: bytes) -> bytes:
-    """Whole-message transform (the common, small-message path)."""
-    s = DotStuffer()
-    return s.feed(data) + s.finish()
 
 
 class TopLimiter:
@@ -86,8 +64,9 @@ class TopLimiter:
                 start = idx + 4
             self._in_headers = False
         left = self._left
-        if out.count(b"\n", start) < left:
-            self._left = left - out.count(b"\n", start)
+        newlines = out.count(b"\n", start)
+        if newlines < left:
+            self._left = left - newlines
             self._line_start = out[-1] == 10
             return out
         pos = start
@@ -96,14 +75,6 @@ class TopLimiter:
         self.done = True
         self._line_start = True
         return out[:pos]
-
-
-def pop3_size_of(data: bytes) -> int:
-    """Octets RETR sends for this stored content, before dot-stuffing."""
-    if not data:
-        return 0
-    bare_lf = data.count(b"\n") - data.count(b"\r\n")
-    return len(data) + bare_lf + (0 if data[-1] == 10 else 2)
 
 
 def pop3_size(path: str) -> int:
