@@ -127,3 +127,26 @@ def pop3_size_of(data):
         if p[i] == 10 and (i == 0 or p[i - 1] != 13):
             bare_lf += 1
     return n + bare_lf + (0 if p[n - 1] == 10 else 2)
+
+
+def line_dots(const unsigned char[::1] buf, Py_ssize_t base, bint after_lf, list out):
+    """Appends base + i for every buf[i] == "." that starts a line; a line
+    starts at buf[0] if after_lf.  Returns whether buf ends with LF."""
+    cdef Py_ssize_t n = buf.shape[0], i = 0
+    cdef const unsigned char* p
+    cdef const unsigned char* lf
+    if n == 0:
+        return after_lf
+    p = &buf[0]
+    if after_lf and p[0] == 46:
+        out.append(base)
+    while True:
+        lf = <const unsigned char*>memchr(p + i, 10, n - i)
+        if lf == NULL:
+            break
+        i = lf - p + 1
+        if i >= n:
+            break
+        if p[i] == 46:
+            out.append(base + i)
+    return p[n - 1] == 10

@@ -60,3 +60,17 @@ def pop3_size_of(data: bytes) -> int:
         return 0
     bare_lf = data.count(b"\n") - data.count(b"\r\n")
     return len(data) + bare_lf + (0 if data[-1] == 10 else 2)
+
+
+def line_dots(buf, base: int, after_lf: bool, out: list) -> bool:
+    """Appends base + i for every buf[i] == "." that starts a line; a line
+    starts at buf[0] if after_lf.  Returns whether buf ends with LF."""
+    if len(buf) == 0:
+        return after_lf
+    if after_lf and buf[0] == 46:
+        out.append(base)
+    i = buf.find(b"\n.")
+    while i >= 0:
+        out.append(base + i + 1)
+        i = buf.find(b"\n.", i + 2)
+    return buf[len(buf) - 1] == 10

@@ -21,7 +21,14 @@ from fastpop.commands import NUM_CODES, Command
 from fastpop.locking import MailboxLock, MailboxLocked
 from fastpop.maildir import Mailbox, ensure_maildir
 from fastpop.parser import CommandParser
-from fastpop.sending import SENDFILE_MIN, SMALL_MESSAGE, MessageStream, SendfileStream, dot_line_offsets, render_small
+from fastpop.sending import (
+    SENDFILE_MIN,
+    SMALL_MESSAGE,
+    MessageStream,
+    SendfileStream,
+    crlf_terminated,
+    render_small,
+)
 
 if TYPE_CHECKING:
     from fastpop.server import ServerContext
@@ -44,7 +51,6 @@ class POP3Protocol(asyncio.Protocol):
         "_ctx",
         "loop",
         "transport",
-        "_sendfile_ok",
         "_parser",
         "_state",
         "_table",
@@ -75,7 +81,6 @@ class POP3Protocol(asyncio.Protocol):
         self._ctx = ctx
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
-        self._sendfile_ok = False
         self._parser = CommandParser()
         self._state = AUTHORIZATION
         self._table = _AUTHORIZATION_TABLE
@@ -106,8 +111,6 @@ class POP3Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # sendfile(2) needs the plain socket: not through TLS.
-        self._sendfile_ok = transport.get_extra_info("sslcontext") is None and transport.get_extra_info("socket") is not None
         peer = transport.get_extra_info("peername")
         if peer:
             self._peer = peer[0]
@@ -483,14 +486,15 @@ class POP3Protocol(asyncio.Protocol):
             self._count_sent(top_lines is not None, len(body))
             return
         stream: MessageStream | SendfileStream
-        dots = None
-        if top_lines is None and self._sendfile_ok and size >= SENDFILE_MIN and size == mailbox.sizes[index]:
-            try:
-                dots = dot_line_offsets(fd, size)  # None unless stored CRLF-clean
-            except (OSError, ValueError):
-                dots = None
-        if dots is not None:
-            stream = SendfileStream(self, fd, size, dots)
+        # Stored exactly as sent (CRLF line ends, final CRLF): sendfile(2) can send it.
+        if (
+            top_lines is None
+            and size >= SENDFILE_MIN
+            and size == mailbox.sizes[index]
+            and self._can_sendfile()
+            and crlf_terminated(fd, size)
+        ):
+            stream = SendfileStream(self, fd, size)
         else:
             stream = MessageStream(self, open(fd, "rb", buffering=0), top_lines)
         self._out.append(status)
@@ -499,6 +503,16 @@ class POP3Protocol(asyncio.Protocol):
         self._stream_is_top = top_lines is not None
         self._busy |= BUSY_SENDING
         stream.pump()
+
+    def _can_sendfile(self) -> bool:
+        """sendfile(2) needs the plain socket: not through TLS, not when disabled."""
+        transport = self.transport
+        return (
+            self._ctx.config.sendfile
+            and transport is not None
+            and transport.get_extra_info("sslcontext") is None
+            and transport.get_extra_info("socket") is not None
+        )
 
     def _count_sent(self, is_top: bool, size: int) -> None:
         counts = self._counts

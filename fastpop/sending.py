@@ -23,7 +23,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from fastpop.responses import END
-from fastpop.stuffing import CHUNK, DotStuffer, TopLimiter, stuff_message
+from fastpop.stuffing import CHUNK, DotStuffer, TopLimiter, line_dots, stuff_message
 
 if TYPE_CHECKING:
     from fastpop.protocol import POP3Protocol
@@ -105,56 +105,42 @@ class MessageStream:
 SCAN_WINDOW = 16 * 1024 * 1024  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 
-def dot_line_offsets(fd: int, size: int) -> list[int] | None:
-    """Offsets of every "." that starts a line of the file (they need stuffing),
-    or None if the file does not end with CRLF (it then needs the transform).
-
-    The file is scanned through read-only mappings, a window at a time, so
-    nothing is copied into user space and a huge file does not inflate RSS.
-    """
-    if size < 2 or os.pread(fd, 2, size - 2) != b"\r\n":
-        return None
-    offsets: list[int] = []
-    pos = 0
-    after_lf = True  # the start of the file is the start of a line
-    while pos < size:
-        length = min(SCAN_WINDOW, size - pos)
-        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=pos) as mm:
-            if after_lf and mm[0] == 46:
-                offsets.append(pos)
-            i = mm.find(b"\n.")
-            while i >= 0:
-                offsets.append(pos + i + 1)
-                i = mm.find(b"\n.", i + 2)
-            after_lf = mm[length - 1] == 10
-        pos += length
-    return offsets
+def crlf_terminated(fd: int, size: int) -> bool:
+    """Whether the file ends with CRLF (else RETR must add one: the transform)."""
+    return size >= 2 and os.pread(fd, 2, size - 2) == b"\r\n"
 
 
 class SendfileStream:
     """Sends a CRLF-clean message file with sendfile(2), dot-stuffing as it goes.
+
+    Lines that start with "." are found a window at a time, through read-only
+    mappings (no copy into user space, no RSS growth with file size), just
+    ahead of the send offset; sendfile sends the segments between them and a
+    "." is written before each.
 
     Bytes must reach the socket in order, and the transport owns the socket:
     so the stream first waits until the transport's buffer is empty (write
     limits of zero make resume_writing fire exactly then), then sends on a
     dup() of the socket — uvloop refuses add_writer on a descriptor its
     transport owns, not on a duplicate — waiting for writability on that
-    duplicate.  The protocol does not touch the transport until done()
+    duplicate.  The protocol does not touch the transport until done
     (pipelined commands wait in the parser), and the terminator goes through
     the transport afterwards, behind every sent byte.
     """
 
-    __slots__ = ("_proto", "_loop", "_fd", "_size", "_dots", "_next_dot", "_need_dot",
-                 "_offset", "_sock", "_limits", "_waiting", "sent")
+    __slots__ = ("_proto", "_loop", "_fd", "_size", "_dots", "_next_dot", "_need_dot", "_scanned",
+                 "_after_lf", "_offset", "_sock", "_limits", "_waiting", "sent")
 
-    def __init__(self, proto: POP3Protocol, fd: int, size: int, dots: list[int]) -> None:
+    def __init__(self, proto: POP3Protocol, fd: int, size: int) -> None:
         self._proto = proto
         self._loop = proto.loop
         self._fd = fd
         self._size = size
-        self._dots = dots
+        self._dots: list[int] = []
         self._next_dot = 0
         self._need_dot = False
+        self._scanned = 0
+        self._after_lf = True  # the start of the file is the start of a line
         self._offset = 0
         self._sock: socket.socket | None = None
         self._limits: tuple[int, int] | None = None
@@ -184,8 +170,17 @@ class SendfileStream:
         self._sock = socket.socket(fileno=os.dup(raw.fileno()))
         return True
 
+    def _scan_next_window(self) -> None:
+        pos = self._scanned
+        length = min(SCAN_WINDOW, self._size - pos)
+        del self._dots[: self._next_dot]
+        self._next_dot = 0
+        with mmap.mmap(self._fd, length, prot=mmap.PROT_READ, offset=pos) as mm:
+            self._after_lf = line_dots(mm, pos, self._after_lf, self._dots)
+        self._scanned = pos + length
+
     def _send(self) -> None:
-        sock, fd, dots = self._sock, self._fd, self._dots
+        sock, fd, dots, size = self._sock, self._fd, self._dots, self._size
         assert sock is not None
         out = sock.fileno()
         try:
@@ -195,11 +190,17 @@ class SendfileStream:
                         raise BlockingIOError
                     self._need_dot = False
                     self.sent += 1
-                if self._next_dot < len(dots) and dots[self._next_dot] == self._offset:
-                    self._next_dot += 1
-                    self._need_dot = True
+                if self._next_dot < len(dots):
+                    end = dots[self._next_dot]
+                    if end == self._offset:
+                        self._next_dot += 1
+                        self._need_dot = True
+                        continue
+                elif self._offset >= self._scanned and self._scanned < size:
+                    self._scan_next_window()
                     continue
-                end = dots[self._next_dot] if self._next_dot < len(dots) else self._size
+                else:
+                    end = self._scanned
                 if self._offset >= end:
                     break
                 n = os.sendfile(out, fd, self._offset, end - self._offset)
@@ -209,10 +210,11 @@ class SendfileStream:
                 self.sent += n
                 self._proto.touch()
         except BlockingIOError:
-            self._waiting = True
-            self._loop.add_writer(out, self._writable)
+            if not self._waiting:
+                self._waiting = True
+                self._loop.add_writer(out, self._send)
             return
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("sendfile failed, closing connection: %s", exc)
             self.close()
             self._proto.abort_stream()
@@ -220,12 +222,6 @@ class SendfileStream:
         self.close()
         self._proto.transport.write(END)
         self._proto.stream_done(self.sent)
-
-    def _writable(self) -> None:
-        self._waiting = False
-        if self._sock is not None:
-            self._loop.remove_writer(self._sock.fileno())
-            self._send()
 
     def close(self) -> None:
         if self._sock is not None:

@@ -15,20 +15,20 @@ from fastpop import _stuffing_py
 
 STUFFING_IMPL: str
 if os.environ.get("FASTPOP_NO_EXTENSIONS"):
-    from fastpop._stuffing_py import DotStuffer, pop3_size_of, stuff_message
+    from fastpop._stuffing_py import DotStuffer, line_dots, pop3_size_of, stuff_message
 
     STUFFING_IMPL = "python"
 else:
     try:
-        from fastpop._stuffing import DotStuffer, pop3_size_of, stuff_message  # type: ignore[assignment]
+        from fastpop._stuffing import DotStuffer, line_dots, pop3_size_of, stuff_message  # type: ignore[assignment]
 
         STUFFING_IMPL = "cython"
     except ImportError:
-        from fastpop._stuffing_py import DotStuffer, pop3_size_of, stuff_message
+        from fastpop._stuffing_py import DotStuffer, line_dots, pop3_size_of, stuff_message
 
         STUFFING_IMPL = "python"
 
-__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "pop3_size", "pop3_size_of", "stuff_message"]
+__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "line_dots", "pop3_size", "pop3_size_of", "stuff_message"]
 _ = _stuffing_py  # the twin is always importable, for tests and benchmarks
 
 CHUNK = 256 * 1024
