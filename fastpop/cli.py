@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--user", help="switch to this user after binding (start as root)")
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"])
+    serve.add_argument("--no-sendfile", dest="sendfile", action="store_false", default=None,
+                       help="send every message through the userspace transform")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--timeout-authorization", type=float, metavar="SECONDS", help="idle time allowed before login")
     serve.add_argument("--timeout-transaction", type=float, metavar="SECONDS", help="idle time allowed after login")
@@ -86,6 +88,7 @@ _FLAG_FIELDS = (
     "user",
     "group",
     "loop",
+    "sendfile",
     "log_level",
     "timeout_authorization",
     "timeout_transaction",

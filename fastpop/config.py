@@ -7,6 +7,7 @@ The TOML file has sections mirroring the field prefixes::
     loop = "uvloop"          # or "asyncio"
     log_level = "info"
     hostname = "mail.example.com"
+    sendfile = true          # RETR with sendfile(2) where the stored file allows
     user = "vmail"           # drop root privileges to this user after binding
 
     [auth]
@@ -58,6 +59,7 @@ class Config:
     expire: str = "NEVER"
     login_delay: int = 0
     max_bad_commands: int = 20
+    sendfile: bool = True  # RETR of CRLF-stored messages with sendfile(2)
     lmtp_listen: list[str] = field(default_factory=list)  # HOST:PORT or unix:PATH
 
     def validate(self) -> None:
@@ -105,6 +107,7 @@ _TOML_KEYS = {
     ("server", "user"): "user",
     ("server", "group"): "group",
     ("server", "max_bad_commands"): "max_bad_commands",
+    ("server", "sendfile"): "sendfile",
     ("auth", "passwd_file"): "passwd_file",
     ("auth", "failure_delay"): "auth_failure_delay",
     ("auth", "max_attempts"): "auth_max_attempts",
@@ -136,6 +139,10 @@ def load_toml(path: str, config: Config | None = None) -> Config:
 
 def _typed(value: object, type_name: str, where: str) -> object:
     """Check a TOML value against a Config field's annotation (a string here)."""
+    if type_name.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false")
+        return value
     if type_name.startswith("list"):
         if isinstance(value, str):
             value = [value]
