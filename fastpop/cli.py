@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--demo", action="store_true", help="create and serve a demo user and mailbox on 127.0.0.1:1110")
     serve.add_argument("--demo-dir", default="fastpop-demo", help="where --demo keeps its files (default: ./fastpop-demo)")
     serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="address to listen on (repeatable)")
+    serve.add_argument("--lmtp-listen", action="append", metavar="HOST:PORT|unix:PATH", help="also accept mail over LMTP here (repeatable)")
     serve.add_argument("--passwd-file", help="Dovecot-style passwd-file")
     serve.add_argument("--mail-location", help="Maildir path template: %%u user, %%n local part, %%d domain, %%h home")
     serve.add_argument("--hostname", help="host name in the APOP greeting")
@@ -108,6 +109,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.listen = [demo.DEMO_LISTEN]
     if args.listen:
         config.listen = args.listen
+    if args.lmtp_listen:
+        config.lmtp_listen = args.lmtp_listen
     for name in _FLAG_FIELDS:
         value = getattr(args, name)
         if value is not None:

@@ -106,10 +106,17 @@ async def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT; then close sessions without applying deletions."""
     loop = asyncio.get_running_loop()
     ctx, servers = await start(config)
+    lmtp_service = None
+    if config.lmtp_listen:
+        from fastpop import lmtp
+
+        lmtp_service = await lmtp.start(config, ctx.auth)
     drop_privileges(config.user, config.group)
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+    if lmtp_service is not None:
+        log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
     log.info(
         "fastpop %s listening on %s (parser: %s, loop: %s, pid %d)",
         __version__,
@@ -122,6 +129,8 @@ async def serve(config: Config) -> None:
     log.info("received %s, shutting down", signal.Signals(signum).name)
     for server in servers:
         server.close()
+    if lmtp_service is not None:
+        await lmtp_service.close()
     for session in list(ctx.sessions):
         session.shutdown()
     # Let the closes flush; sessions that do not finish are aborted by the loop's close.
