@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""fastpop against Dovecot, side by side, on the same mailboxes, in one run.
+
+    sudo python3 benchmarks/compare_dovecot.py                 # ~1 minute
+    python3 benchmarks/compare_dovecot.py --duration 10 --markdown table.md --json-dir runs/
+
+Generates one set of Maildirs (200 users x 20 messages of 3,700 B by
+default) and starts, all on 127.0.0.1:
+- fastpop (``python -m fastpop serve``),
+- Dovecot (Debian's dovecot-pop3d) from fastpop/bench/dovecot.conf.in:
+  passwd-file, Maildir, its high-performance process settings,
+- the trivial canned responder (``fastpop bench trivial-server``), which
+  shows what the load generator itself can do on this machine.
+Every server gets a warm-up pass over all mailboxes, then each scenario
+runs against each server back to back with the same client settings, and
+the table gives both with the ratios.  Server CPU is summed over each
+server's whole process tree (Dovecot's master and all its children).
+Needs root (Dovecot) and exits 2 with the reason when it cannot run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fastpop.bench import dovecot, spawn
+from fastpop.bench.load import LoadSpec
+from fastpop.bench.runner import Target, execute
+
+SCENARIO_NAMES = {"login": "login + QUIT", "stat": "login + STAT", "download": "full download (UIDL + every RETR)",
+                  "download-delete": "download + DELE (re-seeded)", "mixed": "mixed"}
+
+
+def start_trivial(messages: int, size: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastpop", "bench", "trivial-server", "--messages", str(messages), "--message-size", size],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    line = proc.stderr.readline()
+    m = re.search(r":(\d+) \(pid", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"trivial server did not start: {line}")
+    return proc, int(m.group(1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenarios", default="stat,download", help="comma-separated (default stat,download)")
+    p.add_argument("--mailboxes", type=int, default=200)
+    p.add_argument("--messages", type=int, default=20)
+    p.add_argument("--message-size", default="3700")
+    p.add_argument("-c", "--connections", type=int, default=16)
+    p.add_argument("-p", "--procs", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("-d", "--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
+    p.add_argument("-w", "--warmup", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times; medians are shown")
+    p.add_argument("--no-trivial", action="store_true", help="skip the generator-ceiling runs")
+    p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    p.add_argument("--json-dir", metavar="DIR", help="write every run's full result here")
+    p.add_argument("--keep", action="store_true", help="keep the generated directory")
+    args = p.parse_args(argv)
+
+    reason = dovecot.unavailable()
+    if reason:
+        print(f"compare_dovecot: {reason}", file=sys.stderr)
+        return 2
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    workdir = spawn.make_workdir("fastpop-vs-dovecot-")
+    size = spawn.SizeDistribution.parse(args.message_size)
+    console.print(f"[dim]seeding {args.mailboxes} mailboxes x {args.messages} messages of {size} in {workdir}[/dim]")
+    seeded = spawn.seed(workdir, spawn.SeedSpec(args.mailboxes, args.messages, size))
+    mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": str(size), "large_users": 0, "large_size": 0}
+    servers: dict[str, Target] = {}
+    fast = dove = trivial = None
+    results: dict[tuple[str, str], list[dict]] = {}
+    try:
+        dove = dovecot.DovecotServer(seeded)
+        dove.start()
+        servers["Dovecot"] = Target("127.0.0.1", dove.port, dove.describe(), pid=dove.pid)
+        fast = spawn.SpawnedServer(seeded)
+        fast.start()
+        servers["fastpop"] = Target("127.0.0.1", fast.port, fast.describe(), spawned=True, pid=fast.pid)
+        if not args.no_trivial:
+            trivial, tport = start_trivial(args.messages, args.message_size)
+            servers["trivial"] = Target("127.0.0.1", tport, "trivial canned responder", pid=trivial.pid)
+
+        def spec(target: Target, scenario: str, **kw) -> LoadSpec:
+            base = dict(host=target.host, port=target.port, scenario=scenario, users=seeded.users,
+                        connections=args.connections, procs=min(args.procs, args.connections),
+                        duration=args.duration, warmup=args.warmup,
+                        reseed=seeded.mail_location if scenario == "download-delete" else None, reseed_size=size)
+            base.update(kw)
+            return LoadSpec(**base)
+
+        for name, target in servers.items():
+            console.print(f"[dim]warming up {name}: one session per mailbox[/dim]")
+            warm = execute(spec(target, "stat", sessions=len(seeded.users), duration=None, warmup=0.0), target,
+                           mailboxes, quiet=True, console=console, header=False)
+            if not warm["ok"]:
+                console.print(f"[red]warm-up of {name} had errors: {warm['errors']['by_kind']}[/red]")
+        order = list(servers)
+        for r in range(args.rounds):
+            for scenario in scenarios:
+                for name in (order if r % 2 == 0 else order[::-1]):
+                    target = servers[name]
+                    console.rule(f"{scenario} against {name}" + (f" (round {r + 1})" if args.rounds > 1 else ""))
+                    res = execute(spec(target, scenario), target, mailboxes, quiet=True, console=console, header=False)
+                    console.print(f"{res['rates']['sessions_per_s']:,.1f} sessions/s, server "
+                                  f"{(res['server'] or {}).get('cpu_s_per_1000_sessions')} CPU s/1,000 sessions, "
+                                  f"errors {res['errors']['total']}")
+                    results.setdefault((scenario, name), []).append(res)
+                    if args.json_dir:
+                        os.makedirs(args.json_dir, exist_ok=True)
+                        from fastpop.bench.report import write_json
+
+                        write_json(res, os.path.join(args.json_dir, f"{scenario}-{name}-{r + 1}.json"))
+    finally:
+        for server in (fast, dove):
+            if server is not None:
+                server.stop()
+        if trivial is not None:
+            trivial.send_signal(signal.SIGTERM)
+            try:
+                trivial.wait(10)
+            except subprocess.TimeoutExpired:
+                trivial.kill()
+        if args.keep:
+            console.print(f"[dim]kept {workdir}[/dim]")
+        else:
+            spawn.remove_workdir(workdir)
+
+    md = markdown_table(results, scenarios, args, dove.version if dove else "?")
+    print()
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+    errors = sum(r["errors"]["total"] for runs in results.values() for r in runs)
+    if errors:
+        console.print(f"[bold red]{errors} errors during the comparison: see the runs above[/bold red]")
+        return 1
+    return 0
+
+
+def _median(runs: list[dict], get) -> float | None:
+    values = [v for v in (get(r) for r in runs) if v is not None]
+    return statistics.median(values) if values else None
+
+
+def markdown_table(results, scenarios, args, dovecot_version: str) -> str:
+    def rate(s, n):
+        return _median(results.get((s, n), []), lambda r: r["rates"]["sessions_per_s"])
+
+    def cpu(s, n):  # ms of server CPU per session
+        return _median(results.get((s, n), []), lambda r: (r["server"] or {}).get("cpu_s_per_1000_sessions"))
+
+    def p99(s, n):
+        return _median(results.get((s, n), []), lambda r: r["latency_us"].get("session", {}).get("p99", 0) / 1000)
+
+    def rss(s, n):
+        return _median(results.get((s, n), []), lambda r: (r["server"] or {}).get("peak_rss_bytes", 0) / 1024**2)
+
+    def f(x, d=0):
+        return "-" if x is None else f"{x:,.{d}f}"
+
+    def ratio(a, b):
+        return "-" if not a or b is None else f"{b / a:.2f}x"
+
+    lines = [
+        f"| scenario | measure | Dovecot {dovecot_version} | fastpop | fastpop / Dovecot |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for s in scenarios:
+        name = SCENARIO_NAMES.get(s, s)
+        rows = (("sessions/s", rate, 0), ("server CPU ms per session", cpu, 3),
+                ("session p99 ms", p99, 1), ("server peak RSS MiB", rss, 1))
+        for measure, get, digits in rows:
+            d, fp = get(s, "Dovecot"), get(s, "fastpop")
+            bold = "**" if measure in ("sessions/s", "server CPU ms per session") else ""
+            lines.append(f"| {name} | {measure} | {f(d, digits)} | {f(fp, digits)} | {bold}{ratio(d, fp)}{bold} |")
+    if any(n == "trivial" for _, n in results):
+        lines.append("")
+        lines.append("| scenario | generator against the trivial server, sessions/s | fastpop sessions/s | generator headroom |")
+        lines.append("|---|---:|---:|---:|")
+        for s in scenarios:
+            lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(rate(s, 'trivial'))} | {f(rate(s, 'fastpop'))} | "
+                         f"**{ratio(rate(s, 'fastpop'), rate(s, 'trivial'))}** |")
+    lines.append("")
+    lines.append(f"Same client settings for every server: {args.connections} connections (closed loop) over "
+                 f"{min(args.procs, args.connections)} uvloop processes, {args.duration:g} s measured after "
+                 f"{args.warmup:g} s warm-up, {args.mailboxes} mailboxes x {args.messages} messages of "
+                 f"{args.message_size} B; server CPU = utime+stime of the server's whole process tree over the "
+                 f"measured window; {args.rounds} round(s), medians.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""The POP3 client side of the load generator: one asyncio.Protocol per connection.
+
+A session is driven by a scenario, a generator that yields commands and is
+sent their results (see ``scenarios.py``); this module frames the replies.
+It is a plain state machine over ``data_received`` (no StreamReader, no
+future per command): a reply is a status line, a multi-line listing (CAPA,
+LIST, UIDL), or a message (RETR), which is dot-unstuffed, hashed and checked
+against the ``X-Fastpop-Bench-Sha256`` header as it streams in, so a large
+message never sits in memory whole.
+
+Latency is measured per command from the moment its line is written to the
+moment its reply is complete (``time.monotonic_ns``: CLOCK_MONOTONIC, the
+same clock in every process); the whole session from its *intended* start,
+so an open-loop run shows stalls instead of hiding them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ssl
+import time
+from typing import TYPE_CHECKING, Generator
+
+if TYPE_CHECKING:
+    from fastpop.bench.load import Worker
+
+CHECKSUM_HEADER = b"x-fastpop-bench-sha256:"
+
+# Latency labels: one histogram each.
+LABELS = (
+    "connect", "greeting", "STLS", "TLS", "CAPA", "USER", "PASS", "AUTH",
+    "STAT", "LIST", "UIDL", "RETR", "DELE", "NOOP", "QUIT", "session",
+)
+(L_CONNECT, L_GREETING, L_STLS, L_TLS, L_CAPA, L_USER, L_PASS, L_AUTH,
+ L_STAT, L_LIST, L_UIDL, L_RETR, L_DELE, L_NOOP, L_QUIT, L_SESSION) = range(len(LABELS))
+
+# What a command's reply looks like.
+SINGLE, MULTI, MESSAGE, HOLD = range(4)
+
+MAX_LINE = 8192  # RFC 2449 allows 512 octets per reply line; be generous
+_now = time.monotonic_ns
+
+Command = tuple  # (line: bytes | None, label: int, kind: int)
+Scenario = Generator[Command, object, None]
+
+
+class SessionError(Exception):
+    """Ends a session with an error of a kind (``protocol``, ``integrity``, ...)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+def cmd(text: bytes, label: int, kind: int = SINGLE) -> Command:
+    return (text, label, kind)
+
+
+def auth_plain_line(user: str, password: str) -> bytes:
+    """``AUTH PLAIN`` with the RFC 4616 initial response (RFC 5034)."""
+    token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+    return b"AUTH PLAIN " + token + b"\r\n"
+
+
+class MessageReader:
+    """Consumes a RETR body up to the terminating ".": unstuffs, hashes, checks.
+
+    Data is processed in whole lines; ``feed`` returns the index just past
+    the terminator within the data it was given, or -1 if more is needed.
+    """
+
+    __slots__ = ("_acc", "_scan", "_in_headers", "_headers", "_hasher", "size", "expected")
+
+    FLUSH = 256 * 1024
+
+    def __init__(self) -> None:
+        self._acc = bytearray()
+        self._scan = 0
+        self._in_headers = True
+        self._headers = bytearray()
+        self._hasher = hashlib.sha256()
+        self.size = 0
+        self.expected: bytes | None = None
+
+    def feed(self, data: bytes) -> int:
+        acc = self._acc
+        before = len(acc)
+        acc += data
+        if acc.startswith(b".\r\n"):
+            end = 0
+        else:
+            end = acc.find(b"\r\n.\r\n", self._scan)
+            if end >= 0:
+                end += 2
+        if end >= 0:
+            self._lines(acc[:end])
+            consumed = end + 3 - before  # index in ``data`` just past ".\r\n"
+            del acc[:]
+            return consumed
+        if len(acc) >= self.FLUSH:
+            cut = acc.rfind(b"\r\n") + 2
+            if cut > 1:
+                self._lines(acc[:cut])
+                del acc[:cut]
+        self._scan = max(0, len(acc) - 4)
+        return -1
+
+    def _lines(self, region: bytearray) -> None:
+        """Whole lines starting at a line start: remove the stuffing dots."""
+        if not region:
+            return
+        if region[0] == 46:  # "." at a line start is always a stuffing dot here
+            region = region[1:]
+        data = region.replace(b"\r\n..", b"\r\n.")
+        self.size += len(data)
+        if self._in_headers:
+            headers = self._headers
+            headers += data
+            end = headers.find(b"\r\n\r\n")
+            if end < 0:
+                if headers.startswith(b"\r\n"):  # no header at all
+                    end = -2
+                else:
+                    return
+            self._in_headers = False
+            head = bytes(headers[: end + 2]).lower()
+            i = head.find(CHECKSUM_HEADER)
+            if i >= 0 and (i == 0 or head[i - 1] == 10):
+                j = head.find(b"\r\n", i)
+                self.expected = head[i + len(CHECKSUM_HEADER) : j].strip()
+            body = headers[end + 4 :]
+            self._headers = bytearray()
+            self._hasher.update(body)
+        else:
+            self._hasher.update(data)
+
+    def verify(self, announced: int) -> str | None:
+        """None if the message is intact, else what is wrong."""
+        if announced >= 0 and announced != self.size:
+            return f"RETR announced {announced} octets, delivered {self.size}"
+        if self.expected is None:
+            return None  # not a seeded message: counted as unverified
+        digest = self._hasher.hexdigest().encode()
+        if digest != self.expected:
+            return f"body SHA-256 {digest[:16].decode()}... != header {self.expected[:16].decode(errors='replace')}..."
+        return None
+
+
+def _announced_size(status: bytes) -> int:
+    """'+OK 1234 octets' -> 1234; -1 when the server does not say."""
+    parts = status.split(None, 2)
+    if len(parts) >= 2 and parts[1].isdigit():
+        return int(parts[1])
+    return -1
+
+
+class Session(asyncio.Protocol):
+    """One POP3 connection running one scenario."""
+
+    __slots__ = (
+        "w", "transport", "gen", "user", "intended", "start", "done", "_buf", "_kind", "_label",
+        "sent", "_status", "_lines", "_reader", "_announced", "finished", "messages",
+        "octets", "held", "result",
+    )
+
+    def __init__(self, worker: Worker, gen: Scenario, user: tuple[str, str], intended: int) -> None:
+        self.w = worker
+        self.gen = gen
+        self.user = user
+        self.intended = intended  # ns: when this session should have started
+        self.start = _now()
+        self.transport: asyncio.Transport | None = None
+        self.done = worker.loop.create_future()
+        self._buf = b""
+        self._kind = SINGLE
+        self._label = L_CONNECT
+        self.sent = self.start
+        self._status = b""
+        self._lines: list[bytes] | None = None
+        self._reader: MessageReader | None = None
+        self._announced = -1
+        self.finished = False
+        self.messages = 0
+        self.octets = 0
+        self.held = False
+        self.result = 0
+        gen.send(None)  # to the first yield: waiting for the greeting
+
+    # ------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # start_tls hands the protocol a new transport
+            return
+        if self.finished:  # gave up on this connect already
+            transport.abort()
+            return
+        now = _now()
+        self.transport = transport  # type: ignore[assignment]
+        self.w.record(L_CONNECT, now - self.start, now)
+        self.sent = now
+        self._label = L_GREETING
+        self._kind = SINGLE
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished:
+            what = LABELS[self._label]
+            detail = f"connection closed by server while waiting for {what} reply"
+            if exc is not None:
+                detail += f" ({exc})"
+            self._fail("closed", detail, abort=False)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost reports it
+
+    def data_received(self, data: bytes) -> None:
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
+        try:
+            while data and not self.finished:
+                kind = self._kind
+                if kind == MESSAGE and self._reader is not None:
+                    used = self._reader.feed(data)
+                    if used < 0:
+                        return
+                    data = data[used:]
+                    self._message_done()
+                elif kind == MULTI and self._lines is not None:
+                    end = data.find(b"\r\n.\r\n")
+                    if data.startswith(b".\r\n"):
+                        end = -2
+                    elif end < 0:
+                        self._keep(data)
+                        return
+                    block, data = data[: end + 2], data[end + 5 :]
+                    self._lines += [
+                        line[1:] if line.startswith(b".") else line for line in block.split(b"\r\n")[:-1]
+                    ] if block else []
+                    lines, self._lines = self._lines, None
+                    self._reply(lines)
+                else:
+                    i = data.find(b"\r\n")
+                    if i < 0:
+                        self._keep(data)
+                        return
+                    line, data = data[:i], data[i + 2 :]
+                    self._status_line(line)
+        except SessionError as exc:
+            self._fail(exc.kind, exc.detail)
+
+    def _keep(self, data: bytes) -> None:
+        if len(data) > MAX_LINE and self._kind != MULTI:
+            raise SessionError("protocol", f"{LABELS[self._label]}: reply line longer than {MAX_LINE} octets")
+        if len(data) > 64 * 1024 * 1024:
+            raise SessionError("protocol", f"{LABELS[self._label]}: listing larger than 64 MiB")
+        self._buf = data
+
+    # ------------------------------------------------------------ replies
+
+    def _status_line(self, line: bytes) -> None:
+        if self.held:
+            raise SessionError("protocol", f"unexpected line while idle: {line[:60]!r}")
+        if line.startswith(b"+OK"):
+            kind = self._kind
+            if kind == MULTI:
+                self._lines = []
+                self._status = line
+                return
+            if kind == MESSAGE:
+                self._reader = MessageReader()
+                self._announced = _announced_size(line)
+                return
+            self._reply(line)
+        elif line.startswith(b"-ERR"):
+            label = LABELS[self._label]
+            raise SessionError(f"err:{label}", f"{label}: {line[:200].decode(errors='replace')}")
+        elif self._label == L_AUTH and line.startswith(b"+"):
+            raise SessionError("protocol", "AUTH PLAIN: the server asked for a continuation after an initial response")
+        else:
+            raise SessionError("protocol", f"{LABELS[self._label]}: not a POP3 reply: {line[:60]!r}")
+
+    def _message_done(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        self._reader = None
+        problem = reader.verify(self._announced)
+        if problem is not None:
+            raise SessionError("integrity", f"RETR ({self.user[0]}): {problem}")
+        if reader.expected is None:
+            self.w.unverified += 1
+        self.messages += 1
+        self.octets += reader.size
+        self._reply(reader.size)
+
+    def _reply(self, result: object) -> None:
+        """A complete reply to the current command: record it, run the scenario on."""
+        now = _now()
+        w = self.w
+        w.record(self._label, now - self.sent, now)
+        w.count_command(now)
+        self._next(result)
+
+    def _next(self, result: object) -> None:
+        try:
+            command = self.gen.send(result)
+        except StopIteration as stop:
+            self.result = stop.value or 0
+            self._finish()
+            return
+        self._send(command)
+
+    def _send(self, command: Command) -> None:
+        line, label, kind = command
+        self._label = label
+        self._kind = kind
+        if kind == HOLD:
+            self.held = True
+            self.w.hold(self)
+            return
+        if label == L_TLS:  # the STLS reply came: upgrade, then go on
+            self._upgrade()
+            return
+        self.sent = _now()
+        assert self.transport is not None
+        self.transport.write(line)
+
+    def resume(self) -> None:
+        """End a HOLD (the worker calls this)."""
+        if self.held and not self.finished:
+            self.held = False
+            try:
+                self._next(None)
+            except SessionError as exc:
+                self._fail(exc.kind, exc.detail)
+
+    def _upgrade(self) -> None:
+        self.w.loop.create_task(self._start_tls())
+
+    async def _start_tls(self) -> None:
+        w = self.w
+        started = _now()
+        try:
+            transport = await w.loop.start_tls(
+                self.transport, self, w.ssl_context, server_hostname=w.server_hostname,
+                ssl_handshake_timeout=w.timeout,
+            )
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            self._fail("tls", f"STLS handshake: {exc}")
+            return
+        if self.finished:
+            return
+        self.transport = transport  # type: ignore[assignment]
+        now = _now()
+        w.record(L_TLS, now - started, now)
+        self._next(None)
+
+    # ------------------------------------------------------------ the end
+
+    def _finish(self) -> None:
+        self.finished = True
+        if self.transport is not None:
+            self.transport.close()
+        self.w.session_finished(self, True)
+        if not self.done.done():
+            self.done.set_result(True)
+
+    def _fail(self, kind: str, detail: str, abort: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.w.error(kind, detail)
+        if abort and self.transport is not None:
+            self.transport.abort()
+        self.w.session_finished(self, False)
+        if not self.done.done():
+            self.done.set_result(False)
+
+    def timed_out(self) -> None:
+        self._fail("timeout", f"no {LABELS[self._label]} reply within {self.w.timeout:g} s")

@@ -1,0 +1,200 @@
+"""A local Dovecot (Debian's dovecot-pop3d) serving bench's generated Maildirs.
+
+Configured from ``dovecot.conf.in`` beside this file: passwd-file auth with
+PLAIN passwords, Maildir, the high-performance process settings
+(``service_count = 0``, processes started ahead of need), no auth penalty.
+It runs as root in the foreground (``dovecot -F -c FILE``) on free loopback
+ports, in its own base_dir, with mail processes as ``vmail`` (created if
+missing; the mailboxes are chowned to it).  ``tls=True`` adds ``ssl = yes``
+with a self-signed certificate made by openssl and an implicit-TLS
+listener; STLS is then offered on the plain port.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from fastpop.bench.spawn import Seeded, free_port
+
+TEMPLATE = Path(__file__).with_name("dovecot.conf.in")
+MAIL_USER = "vmail"
+
+
+def unavailable() -> str | None:
+    """Why a local Dovecot cannot be run here, or None if it can."""
+    if shutil.which("dovecot") is None and not os.path.exists("/usr/sbin/dovecot"):
+        return "Dovecot is not installed (apt-get install dovecot-pop3d)"
+    if os.geteuid() != 0:
+        return "running Dovecot for the comparison needs root"
+    for user in ("dovecot", "dovenull"):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return f"system user {user!r} is missing (reinstall dovecot-core)"
+    return None
+
+
+def dovecot_binary() -> str:
+    return shutil.which("dovecot") or "/usr/sbin/dovecot"
+
+
+def version() -> str:
+    try:
+        out = subprocess.run([dovecot_binary(), "--version"], capture_output=True, text=True, timeout=10).stdout
+        return out.split()[0] if out.strip() else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def ensure_mail_user() -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(MAIL_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", MAIL_USER], check=True)
+        entry = pwd.getpwnam(MAIL_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def chown_tree(path: Path, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, gid)
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost (openssl)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+class DovecotServer:
+    def __init__(self, seeded: Seeded, directory: Path | None = None, tls: bool = False) -> None:
+        self.seeded = seeded
+        self.dir = Path(directory or seeded.root / "dovecot")
+        self.tls = tls
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.tls_port = 0
+        self.cert: Path | None = None
+        self.conf = self.dir / "dovecot.conf"
+        self.version = version()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def describe(self) -> str:
+        return f"Dovecot {self.version} (pid {self.pid})"
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "dovecot.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _write_config(self) -> None:
+        ssl = "ssl = no"
+        listener = ""
+        if self.tls:
+            if self.cert is None:
+                self.cert, self.key = make_certificate(self.dir)
+            ssl = f"ssl = yes\nssl_cert = <{self.cert}\nssl_key = <{self.key}"
+            if os.path.exists("/usr/share/dovecot/dh.pem"):
+                ssl += "\nssl_dh = </usr/share/dovecot/dh.pem"
+            listener = f"  inet_listener pop3s {{\n    port = {self.tls_port}\n    ssl = yes\n  }}\n"
+        text = TEMPLATE.read_text()
+        for key, value in {
+            "@DIR@": str(self.dir),
+            "@MAILROOT@": str(self.seeded.mailroot),
+            "@PASSWD@": str(self.seeded.passwd),
+            "@MAIL_USER@": MAIL_USER,
+            "@PORT@": str(self.port),
+            "@CPUS@": str(max(1, len(os.sched_getaffinity(0)))),
+            "@TLS_LISTENER@": listener,
+            "@SSL@": ssl,
+        }.items():
+            text = text.replace(key, value)
+        self.conf.write_text(text)
+
+    def start(self, timeout: float = 30.0) -> None:
+        reason = unavailable()
+        if reason:
+            raise RuntimeError(reason)
+        for parent in [self.seeded.mailroot, *self.seeded.mailroot.parents]:
+            if not os.stat(parent).st_mode & 0o001:
+                raise RuntimeError(f"Dovecot's users cannot reach {self.seeded.mailroot}: {parent} is not "
+                                   f"traversable by others (chmod o+x, or generate under /tmp)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o755)
+        uid, gid = ensure_mail_user()
+        chown_tree(self.seeded.mailroot, uid, gid)
+        self.seeded.passwd.chmod(0o644)
+        for attempt in range(3):
+            self.port = free_port()
+            self.tls_port = free_port() if self.tls else 0
+            self._write_config()
+            log_offset = len(self.log())
+            self.proc = subprocess.Popen(
+                [dovecot_binary(), "-F", "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "ab"),
+                start_new_session=True,
+            )
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    break
+                if self._greets():
+                    return
+                time.sleep(0.05)
+            log = self.log()[log_offset:] + (self.dir / "stderr.log").read_text(errors="replace")
+            self.stop()
+            if "in use" in log and attempt < 2:
+                continue  # the free port was taken in the meantime: try others
+            raise RuntimeError(f"Dovecot did not start:\n{log[-3000:]}")
+
+    def _greets(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(64).startswith(b"+OK")
+        except OSError:
+            return False
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def __enter__(self) -> DovecotServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,133 @@
+"""A trivial POP3 responder: the load generator's yardstick, and a liar on demand.
+
+It accepts any user and password and answers from memory, with canned
+replies, so it costs next to nothing per session: what bench reaches against
+it is the generator's own ceiling on this machine.  With ``corrupt`` it flips
+one byte in the body of every ``corrupt``-th RETR, which bench must notice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+from fastpop.bench.spawn import MessageFactory, SizeDistribution
+
+
+def _stuff(data: bytes) -> bytes:
+    out = data.replace(b"\r\n.", b"\r\n..")
+    return b"." + out if out.startswith(b".") else out
+
+
+class TrivialState:
+    def __init__(self, messages: int, size: SizeDistribution, corrupt: int = 0, seed: int = 1) -> None:
+        factory = MessageFactory(seed)
+        bodies = [factory.message("trivial", n, size.sample(factory.rng)) for n in range(1, messages + 1)]
+        self.retr = [b"+OK %d octets\r\n" % len(m) + _stuff(m) + b".\r\n" for m in bodies]
+        self.corrupted = []
+        for m in bodies:
+            bad = bytearray(m)
+            i = len(bad) - len(bad) // 3  # in the body, well past the headers
+            bad[i] = bad[i] ^ 0x20 if bad[i] not in (13, 10, 46) else bad[i]
+            if bad == bytearray(m):
+                bad[-3] ^= 0x20
+            self.corrupted.append(b"+OK %d octets\r\n" % len(m) + _stuff(bytes(bad)) + b".\r\n")
+        self.stat = b"+OK %d %d\r\n" % (len(bodies), sum(map(len, bodies)))
+        self.uidl = b"+OK\r\n" + b"".join(b"%d trivial-%d\r\n" % (n, n) for n in range(1, messages + 1)) + b".\r\n"
+        self.list = (b"+OK %d messages\r\n" % messages
+                     + b"".join(b"%d %d\r\n" % (n, len(m)) for n, m in enumerate(bodies, 1)) + b".\r\n")
+        self.corrupt = corrupt
+        self.retr_count = 0
+
+
+CAPA = b"+OK\r\nUSER\r\nUIDL\r\nTOP\r\nPIPELINING\r\nSASL PLAIN\r\nIMPLEMENTATION trivial\r\n.\r\n"
+
+
+class TrivialProtocol(asyncio.Protocol):
+    __slots__ = ("state", "transport", "buf")
+
+    def __init__(self, state: TrivialState) -> None:
+        self.state = state
+        self.buf = b""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(b"+OK trivial ready\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+        lines = data.split(b"\r\n")
+        self.buf = lines.pop()
+        out = []
+        st = self.state
+        for line in lines:
+            word = line[:4].upper()
+            if word == b"RETR":
+                try:
+                    i = int(line[5:]) - 1
+                    reply = st.retr[i] if i >= 0 else None
+                except (ValueError, IndexError):
+                    reply = None
+                if reply is None:
+                    out.append(b"-ERR no such message\r\n")
+                    continue
+                st.retr_count += 1
+                if st.corrupt and st.retr_count % st.corrupt == 0:
+                    reply = st.corrupted[i]
+                out.append(reply)
+            elif word == b"STAT":
+                out.append(st.stat)
+            elif word == b"UIDL":
+                out.append(st.uidl)
+            elif word == b"LIST":
+                out.append(st.list)
+            elif word == b"CAPA":
+                out.append(CAPA)
+            elif word == b"QUIT":
+                out.append(b"+OK bye\r\n")
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            else:  # USER, PASS, AUTH, DELE, NOOP, RSET: all fine
+                out.append(b"+OK\r\n")
+        if out:
+            self.transport.write(b"".join(out))
+
+
+async def serve(host: str, port: int, state: TrivialState, ready=None) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: TrivialProtocol(state), host, port, backlog=4096, reuse_address=True)
+    addr = server.sockets[0].getsockname()
+    print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    await stop
+    server.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    p.add_argument("--messages", type=int, default=20, help="messages in every mailbox (default 20)")
+    p.add_argument("--message-size", default="3700", help="size or distribution (default 3700)")
+    p.add_argument("--corrupt", type=int, default=0, metavar="N",
+                   help="flip a byte in every N-th RETR (to test integrity checking)")
+    p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+
+
+def main(args: argparse.Namespace) -> int:
+    from fastpop.config import parse_address
+    from fastpop.bench.load import new_loop
+
+    host, port = parse_address(args.listen)
+    state = TrivialState(args.messages, SizeDistribution.parse(args.message_size), args.corrupt)
+    loop = new_loop(args.loop)
+    try:
+        loop.run_until_complete(serve(host, port, state))
+    finally:
+        loop.close()
+    return 0
