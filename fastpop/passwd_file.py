@@ -70,12 +70,12 @@ class PasswdFile:
     def __init__(self, path: str) -> None:
         self.path = path
         self._users: dict[str, UserRecord] = {}
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self.reload_if_changed()
 
     def reload_if_changed(self) -> bool:
         st = os.stat(self.path)
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # a rename-replace changes the inode
         if stamp == self._stamp:
             return False
         users: dict[str, UserRecord] = {}

@@ -21,14 +21,7 @@ from fastpop.commands import NUM_CODES, Command
 from fastpop.locking import MailboxLock, MailboxLocked
 from fastpop.maildir import Mailbox, ensure_maildir
 from fastpop.parser import CommandParser
-from fastpop.sending import (
-    SENDFILE_MIN,
-    SMALL_MESSAGE,
-    MessageStream,
-    SendfileStream,
-    crlf_terminated,
-    render_small,
-)
+from fastpop.sending import SMALL_MESSAGE, MessageStream, SendfileStream, open_stream, render_small
 
 if TYPE_CHECKING:
     from fastpop.server import ServerContext
@@ -199,13 +192,20 @@ class POP3Protocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _rearm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(self._last_activity + self._timeout(), self._on_timer)
+
+    def _timeout(self) -> float:
+        config = self._ctx.config
+        return config.timeout_authorization if self._state == AUTHORIZATION else config.timeout_transaction
+
     def _on_timer(self) -> None:
         self._timer = None
         if self.transport is None:
             return
-        config = self._ctx.config
-        timeout = config.timeout_authorization if self._state == AUTHORIZATION else config.timeout_transaction
-        deadline = self._last_activity + timeout
+        deadline = self._last_activity + self._timeout()
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
             return
@@ -350,6 +350,7 @@ class POP3Protocol(asyncio.Protocol):
         self._deleted = bytearray(len(mailbox.names))
         self._state = TRANSACTION
         self._table = _TRANSACTION_TABLE
+        self._rearm_timer()  # the transaction timeout may be the shorter one
         log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox.names))
         return R.OK_LOGGED_IN
 
@@ -485,18 +486,15 @@ class POP3Protocol(asyncio.Protocol):
             self._out += (status, body, R.END)
             self._count_sent(top_lines is not None, len(body))
             return
-        stream: MessageStream | SendfileStream
-        # Stored exactly as sent (CRLF line ends, final CRLF): sendfile(2) can send it.
-        if (
-            top_lines is None
-            and size >= SENDFILE_MIN
-            and size == mailbox.sizes[index]
-            and self._can_sendfile()
-            and crlf_terminated(fd, size)
-        ):
-            stream = SendfileStream(self, fd, size)
-        else:
-            stream = MessageStream(self, open(fd, "rb", buffering=0), top_lines)
+        try:
+            stream = open_stream(
+                self, fd, size, top_lines, size == mailbox.sizes[index] and self._can_sendfile()
+            )
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
+            self._out.append(R.ERR_MESSAGE_TEMP)
+            return
         self._out.append(status)
         self._flush()
         self._stream = stream
