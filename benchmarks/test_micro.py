@@ -78,3 +78,38 @@ def test_stuff_message(benchmark, size, dots):
     data = _message(size, dots)
     out = benchmark(stuff_message, data)
     assert out.count(b"\r\n") >= data.count(b"\n")
+
+
+# LIST and UIDL listings as the protocol formats them.  There is only one
+# implementation today (Python, inline in protocol.py): these measure it on
+# the mailbox sizes that matter, so a compiled formatter can be compared
+# against the same numbers when it exists.
+
+
+def _listing_session(n: int):
+    from array import array
+    from types import SimpleNamespace
+
+    from fastpop.maildir import Mailbox
+
+    names = [f"{1700000000 + i}.M{i}P4711.mail.example.com,S={3000 + i},W={3100 + i}:2," for i in range(n)]
+    mailbox = Mailbox("/nonexistent", names, array("q", (3100 + i for i in range(n))))
+    return SimpleNamespace(_mailbox=mailbox, _deleted=bytearray(n), _deleted_count=0, _deleted_size=0, _out=[])
+
+
+@pytest.mark.parametrize("command", ["LIST", "UIDL"])
+@pytest.mark.parametrize("n", [20, 1000, 100_000], ids=["20", "1k", "100k"])
+def test_listing(benchmark, command, n):
+    from fastpop.protocol import POP3Protocol
+
+    benchmark.group = f"{command} listing, {n} messages"
+    handler = POP3Protocol.cmd_list if command == "LIST" else POP3Protocol.cmd_uidl
+    session = _listing_session(n)
+
+    def run():
+        session._out = []
+        handler(session, ())
+        return session._out
+
+    out = benchmark(run)
+    assert out[-1].endswith(b".\r\n") and out[-1].count(b"\r\n") == n + 1
