@@ -18,7 +18,7 @@ from fastpop import __version__
 from fastpop.config import Config, load_toml
 
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.deliver_cli", "fastpop.bench")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.deliver_cli", "fastpop.legacy_import", "fastpop.bench")
 
 
 def _version() -> str:
