@@ -23,17 +23,22 @@ code  name            when
 77    EX_NOPERM       the user's uid is not the one fastpop runs as (and it is
                       not root, so it cannot switch)
 78    EX_CONFIG       no passwd-file, an unreadable or invalid --config, a
-                      mail location that cannot be expanded
+                      mail location that cannot be expanded, a uid without a
+                      gid, an unknown [server] user
 ====  ==============  ====================================================
 
-A failure never leaves a file in new/.
+A failure never leaves a file in new/.  Started as root, it writes as the
+user's uid from the passwd-file, else as the server's ``[server] user`` from
+--config, so the server can read what it stored.
 """
 
 from __future__ import annotations
 
 import argparse
+import grp
 import logging
 import os
+import pwd
 import signal
 import sys
 
@@ -155,7 +160,7 @@ def deliver(args: argparse.Namespace) -> None:
         raise DeliveryError(EX_TEMPFAIL, f"user database unavailable: {_reason(exc)}") from None
     if recipient is None:
         raise DeliveryError(EX_NOUSER, f"no such user: {args.user}")
-    _become(recipient.user)
+    _become(recipient.user, config)
 
     data = _strip_envelope_line(_read_stdin(args.max_size))
     data = normalize(data)
@@ -176,26 +181,38 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _become(user) -> None:
-    """Write as the user's uid: switch to it when root, refuse a mismatch otherwise."""
-    if user.uid is None:
-        return
+def _become(user, config) -> None:
+    """Write as the owner the Maildir should have: the user's uid from the
+    passwd-file, else (when started as root) the server's ``[server] user``.
+    Root switches; anyone else with the wrong uid is refused."""
     euid = os.geteuid()
+    if user.uid is None:
+        if euid != 0 or not config.user:
+            return
+        try:
+            entry = pwd.getpwnam(config.user)
+            gid = grp.getgrnam(config.group).gr_gid if config.group else entry.pw_gid
+        except KeyError:
+            raise DeliveryError(EX_CONFIG, f"no such system user or group: {config.user}:{config.group or ''}") from None
+        _switch(entry.pw_uid, gid)
+        return
     if euid == user.uid:
         return
     if euid != 0:
         raise DeliveryError(EX_NOPERM, f"user {user.name} has uid {user.uid}, fastpop deliver runs as uid {euid}")
     gid = user.gid
     if gid is None:
-        import pwd
-
         try:
             gid = pwd.getpwuid(user.uid).pw_gid
         except KeyError:
             raise DeliveryError(EX_CONFIG, f"user {user.name} has uid {user.uid} but no gid") from None
+    _switch(user.uid, gid)
+
+
+def _switch(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setgid(gid)
-    os.setuid(user.uid)
+    os.setuid(uid)
 
 
 def _read_stdin(limit: int | None) -> bytes:

@@ -283,7 +283,7 @@ def open_dir():
 # The interpreter may live where "nobody" cannot read (/root/.pyenv): start as
 # root, import what deliver needs, then drop to nobody and run it.
 AS_NOBODY = """
-import os, pwd, sys, tomllib
+import os, pwd, sys
 import fastpop.auth, fastpop.cli, fastpop.config, fastpop.deliver_cli, fastpop.delivery
 import fastpop.legacy_import, fastpop.passwd_file, fastpop.passwords
 nobody = pwd.getpwnam("nobody")
@@ -331,6 +331,34 @@ def test_root_switches_to_the_users_uid(open_dir):
     assert (box.mail / "alice").stat().st_uid == nobody.pw_uid
 
 
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+def test_root_writes_as_the_servers_user(open_dir):
+    nobody = pwd.getpwnam("nobody")
+    box = Box(open_dir)
+    os.chown(box.mail, nobody.pw_uid, nobody.pw_gid)
+    cfg = open_dir / "fastpop.toml"
+    cfg.write_text(f'[server]\nuser = "nobody"\n[auth]\npasswd_file = "{box.passwd}"\n[mail]\nlocation = "{box.mail}/%u"\n')
+    r = run_deliver(["--config", str(cfg), "--user", "alice"], message("for the server"))
+    assert r.returncode == 0, r.stderr
+    [path] = box.new()
+    assert path.stat().st_uid == nobody.pw_uid
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+def test_uid_without_gid_is_78(box):
+    uid = next(u for u in range(40000, 50000) if not _has_uid(u))
+    box.passwd.write_text(f"alice:{{PLAIN}}pw:{uid}\n")
+    assert_failed(box.deliver(message()), 78, f"has uid {uid} but no gid", box)
+
+
+def _has_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
 def test_config_errors_are_78(box, tmp_path):
     assert_failed(run_deliver(["--user", "alice"], message()), 78, "no passwd_file configured")
     bad = tmp_path / "bad.toml"
@@ -341,6 +369,11 @@ def test_config_errors_are_78(box, tmp_path):
     assert_failed(run_deliver(["--config", str(unknown), "--user", "alice"], message()), 78, "unknown setting")
     missing = tmp_path / "missing.toml"
     assert_failed(run_deliver(["--config", str(missing), "--user", "alice"], message()), 78, "cannot use config")
+    if IS_ROOT:
+        no_such = tmp_path / "no-such-user.toml"
+        no_such.write_text(f'[server]\nuser = "no-such-user-here"\n[auth]\npasswd_file = "{box.passwd}"\n'
+                           f'[mail]\nlocation = "{box.mail}/%u"\n')
+        assert_failed(run_deliver(["--config", str(no_such), "--user", "alice"], message()), 78, "no such system user")
     # %h for a user without a home
     args = ["--passwd-file", str(box.passwd), "--mail-location", "%h/Maildir", "--user", "alice"]
     assert_failed(run_deliver(args, message()), 78, "has no home")
