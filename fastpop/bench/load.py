@@ -19,6 +19,7 @@ HdrHistograms, which the parent merges.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import ssl
@@ -405,6 +406,7 @@ class Worker:
     def _tick(self) -> None:
         self._tick_no += 1
         self._fold()
+        gc.collect(1)
         hist = new_histogram()
         for v, n in Counter(self.sec_lat).items():
             hist.record_value(v if v > 0 else 1, n)
@@ -512,6 +514,7 @@ def worker_main(spec: LoadSpec, conn: Connection) -> None:
         import gc
 
         gc.freeze()  # the parent's objects are not ours to scan
+        gc.disable()  # sessions make no reference cycles; the tick collects once a second
         loop = new_loop(spec.loop)
         asyncio.set_event_loop(loop)
         conn.send({"type": "ready", "worker": spec.index})
@@ -542,6 +545,7 @@ class RunOutput:
     server: dict
     wall: float
     crashes: list[str]
+    machine: dict = field(default_factory=dict)
 
 
 def run(spec: LoadSpec, monitor=None, on_tick: Callable[[dict], None] | None = None,
@@ -564,6 +568,8 @@ def run(spec: LoadSpec, monitor=None, on_tick: Callable[[dict], None] | None = N
     seconds: dict[int, dict] = {}
     server: dict = {}
     started = time.monotonic()
+    machine = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+               "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     try:
         # everyone ready, then one start instant for all
         ready = 0
@@ -640,7 +646,8 @@ def run(spec: LoadSpec, monitor=None, on_tick: Callable[[dict], None] | None = N
         for c in conns:
             c.close()
     timeline = [_merge_tick(seconds[k]) for k in sorted(seconds)]
-    return RunOutput(spec, finals, timeline, server, time.monotonic() - started, crashes)
+    machine["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return RunOutput(spec, finals, timeline, server, time.monotonic() - started, crashes, machine)
 
 
 def _merge_tick(sec: dict) -> dict:

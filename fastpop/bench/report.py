@@ -73,6 +73,8 @@ RESULT_SCHEMA: dict[str, Any] = {
                    "properties": {"pid": _INT, "cpu_seconds": _NUM,
                                   "cpu_s_per_1000_sessions": {"type": ["number", "null"]},
                                   "peak_rss_bytes": _INT, "processes": _INT}},
+        "machine": {"type": "object", "properties": {"cpus": _INT, "usable_cpus": _INT,
+                                                     "loadavg_before": {"type": "array"}, "loadavg_after": {"type": "array"}}},
         "timeline": {"type": "array", "items": {"type": "object", "required": ["second", "sessions", "commands", "errors"]}},
     },
 }
@@ -231,6 +233,7 @@ def build_result(out, target: dict, mailboxes: dict | None, server_pid: int | No
             "utilisation": round(client_cpu / seconds / max(1, spec.procs), 3),
         },
         "server": server,
+        "machine": out.machine,
         "timeline": out.timeline,
     }
     return result
@@ -339,7 +342,8 @@ def summary_renderables(result: dict) -> list:
         thr.add_column(col, justify="right")
     thr.add_row(num(r["sessions_per_s"], 1), num(r["commands_per_s"], 0), num(r["messages_per_s"], 0),
                 num(r["mb_per_s"], 2), num(t["sessions"]), num(t["failed_sessions"]))
-    out.append(thr)
+    if result["scenario"] != "idle":  # idle sessions end after the hold: no throughput to speak of
+        out.append(thr)
     lat = Table(title="latency (ms)", header_style="bold")
     lat.add_column("command")
     for col in ("count", "avg", "p50", "p90", "p99", "p99.9", "max"):
@@ -352,6 +356,14 @@ def summary_renderables(result: dict) -> list:
     c = result["client"]
     notes.append(f"client: {c['cpu_seconds']:.2f} CPU s, {num(c['cpu_us_per_session'])} us per session, "
                  f"{c['utilisation'] * 100:.0f}% of {result['load']['procs']} process(es)")
+    m = result.get("machine") or {}
+    if m.get("loadavg_before"):
+        cpus = m.get("usable_cpus") or 1
+        notes.append(f"machine: {cpus} usable CPUs, load average {m['loadavg_before'][0]:g} before, "
+                     f"{m['loadavg_after'][0]:g} after")
+        if m["loadavg_before"][0] > cpus:
+            notes.append("[yellow]the machine was busy before the run started (load average above the CPU count): "
+                         "absolute numbers are low and noisy; compare runs made side by side[/yellow]")
     if c["utilisation"] > 0.9:
         notes.append("[yellow]warning: the client processes were nearly saturated; add --procs or the numbers "
                      "measure the client[/yellow]")

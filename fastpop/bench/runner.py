@@ -154,7 +154,7 @@ def execute(spec: LoadSpec, target: Target, mailboxes: dict | None = None, quiet
             live.update(Text(report.progress_text(tick, total)))
     elif not quiet:
         def on_tick(tick: dict) -> None:
-            console.print(report.progress_text(tick, total), highlight=False)
+            console.print(report.progress_text(tick, total), highlight=False, soft_wrap=True)
     else:
         on_tick = None  # type: ignore[assignment]
     try:

@@ -4,8 +4,8 @@
 MTA with ``mail_save_crlf`` would), a Dovecot passwd-file with ``{PLAIN}``
 passwords, and a users file (``name password`` per line) for the load
 generator.  Every message carries ``X-Fastpop-Bench-Sha256``: the SHA-256 of
-its body as stored, which is what a correct RETR delivers after the client
-removes the dot-stuffing; bench checks it on every RETR.
+its body as a correct RETR sends it (dot-stuffed, RFC 1939); bench checks it
+on every RETR (client.MessageReader).
 
 ``SpawnedServer`` runs ``python -m fastpop serve`` on a free loopback port
 over such a tree and stops it again.
@@ -135,7 +135,8 @@ class MessageFactory:
         body = b"".join(parts)
         if length > body_size:  # trim to size, keeping CRLF line ends
             body = body[: body_size - 2].rstrip(b"\r") + b"\r\n"
-        digest = hashlib.sha256(body).hexdigest().encode()
+        # the body as RETR sends it: every line that starts with "." gets another
+        digest = hashlib.sha256((b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]).hexdigest().encode()
         return head + CHECKSUM_HEADER + b": " + digest + b"\r\n\r\n" + body
 
 
