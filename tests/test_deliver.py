@@ -286,6 +286,7 @@ AS_NOBODY = """
 import os, pwd, sys
 import fastpop.auth, fastpop.cli, fastpop.config, fastpop.deliver_cli, fastpop.delivery
 import fastpop.legacy_import, fastpop.passwd_file, fastpop.passwords
+fastpop.cli.build_parser()  # imports every subcommand's module while still root
 nobody = pwd.getpwnam("nobody")
 os.setgroups([])
 os.setgid(nobody.pw_gid)

@@ -268,6 +268,7 @@ def test_unreadable_file_is_refused(open_dir):
         code = (
             "import os, pwd, sys, argon2, fastpop.cli, fastpop.legacy_import, fastpop.auth, fastpop.delivery,"
             " fastpop.passwd_file, fastpop.passwords, fastpop.maildir, hashlib, stat\n"
+            "fastpop.cli.build_parser()  # imports every subcommand's module while still root\n"
             "n = pwd.getpwnam('nobody'); os.setgroups([]); os.setgid(n.pw_gid); os.setuid(n.pw_uid)\n"
             "sys.exit(fastpop.cli.main(['import', 'legacy', *sys.argv[1:]]))\n"
         )
