@@ -1,11 +1,17 @@
-"""Maildir storage: scanning a mailbox at login, message files, deletion.
+"""Maildir storage: opening a mailbox at login, message files, deletion.
 
-At login, messages in new/ move to cur/ with ``:2,`` info (as Dovecot does),
-then cur/ is listed and numbered 1..N in delivery order.  Sizes come from
-``W=`` in the file name (the CRLF size) when present, else the file is read
-once and the result cached by its unique name, which never changes content.
-Nothing is deleted here except by ``delete()``, which the protocol calls only
-in the UPDATE state.
+At login (under the session lock) messages in new/ move to cur/ with
+``:2,`` info, as Dovecot does, and the mailbox index (``fastpop.index``)
+is brought up to date.  When nothing changed — cur/'s mtime is the one the
+index recorded and new/ is empty — that costs a stat, a listdir of the empty
+new/ and the index header: nothing grows with the mailbox.  When something
+changed, cur/ is listed once and only messages the index does not know are
+measured (W= in the name, else the file is read).
+
+UIDLs come from the Maildir unique name, or from Dovecot's dovecot-uidlist
+for messages Dovecot had seen, so clients migrating from Dovecot do not fetch
+everything again.  Nothing is deleted here except by ``delete()``, which the
+protocol calls only in the UPDATE state.
 """
 
 from __future__ import annotations
@@ -14,14 +20,18 @@ import hashlib
 import logging
 import os
 import re
-from array import array
+import time
 
+from fastpop import index as mindex
+from fastpop.index import FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.stuffing import pop3_size
 
 log = logging.getLogger("fastpop.maildir")
 SUBDIRS = ("cur", "new", "tmp")
-_SIZE_CACHE: dict[tuple[str, str], int] = {}
-_SIZE_CACHE_MAX = 200_000
+# A directory mtime this recent may still change within the same clock tick
+# unseen; the index does not trust such an mtime (it rescans next time).
+MTIME_SETTLE_NS = 2_000_000_000
+_VSIZE = re.compile(r",W=(\d+)")
 
 
 def ensure_maildir(path: str) -> None:
@@ -55,63 +65,196 @@ def uidl_of(name: str) -> str:
     return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def _base(name: str) -> str:
+    return name.split(":", 1)[0]
+
+
 def _delivery_order(name: str) -> tuple[int, str]:
     head = name.split(".", 1)[0]
     return (int(head) if head.isdigit() else 0, name)
 
 
+def measure(cur: str, name: str) -> tuple[int, int, int] | None:
+    """(POP3 size, file size, flags) of cur/name; None if it vanished or is unreadable.
+
+    W= in the name is the CRLF size, but writers (Dovecot among them) do not
+    count the CRLF that RETR adds to a message lacking a final newline, so
+    the last byte is checked; without W= the file is read.
+    """
+    path = os.path.join(cur, name)
+    try:
+        m = _VSIZE.search(name)
+        colon = name.find(":")
+        if m is not None and (colon < 0 or m.start() < colon):  # W= of the name, not of the flags
+            size = int(m.group(1))
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                file_size = os.fstat(fd).st_size
+                if size > 0 and os.pread(fd, 1, file_size - 1) != b"\n":
+                    size += 2
+            finally:
+                os.close(fd)
+        else:
+            file_size = os.stat(path).st_size
+            size = pop3_size(path)
+    except OSError as exc:
+        log.warning("skipping unreadable message %s/%s: %s", cur, name, exc.strerror)
+        return None
+    # Equal sizes mean no bare LF and a final CRLF: the file is what RETR sends.
+    return size, file_size, FLAG_STORED_AS_SENT if size == file_size else 0
+
+
+def read_dovecot_uidlist(path: str) -> tuple[int, dict[str, int]]:
+    """(UIDVALIDITY, {base name: UID}) from Dovecot's dovecot-uidlist, or (0, {})."""
+    try:
+        with open(os.path.join(path, "dovecot-uidlist"), encoding="utf-8", errors="surrogateescape") as f:
+            header = f.readline().split()
+            if not header:
+                return 0, {}
+            if header[0] == "3":  # "3 V<uidvalidity> N<next uid> G<guid>"
+                validity = next((int(h[1:]) for h in header[1:] if h.startswith("V") and h[1:].isdigit()), 0)
+            elif header[0] == "1" and len(header) > 1 and header[1].isdigit():  # "1 <uidvalidity> <next uid>"
+                validity = int(header[1])
+            else:
+                return 0, {}
+            uids: dict[str, int] = {}
+            for line in f:
+                line = line.rstrip("\n")
+                head, sep, name = line.partition(":") if header[0] == "3" else line.partition(" ")
+                uid = head.split(" ", 1)[0]
+                if sep and uid.isdigit():
+                    uids[_base(name)] = int(uid)
+            return validity, uids
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def current_index(path: str) -> MailboxIndex | None:
+    """The index if it is up to date and nothing waits in new/, else None.
+
+    This is the whole cost of a login to an unchanged mailbox: a listdir of
+    the empty new/, a stat of cur/ and of the index file, whatever their size.
+    """
+    try:
+        if any(not n.startswith(".") for n in os.listdir(os.path.join(path, "new"))):
+            return None
+        st = os.stat(os.path.join(path, "cur"))
+    except FileNotFoundError:
+        return None
+    current = mindex.load(path)
+    if current is not None and current.cur_mtime_ns == st.st_mtime_ns != 0:
+        return current
+    return None
+
+
+def sync_index(path: str) -> MailboxIndex:
+    """Move new/ to cur/ and return an index that matches cur/ (see module doc).
+
+    May read many files: the protocol runs it in a thread unless
+    current_index() already answered."""
+    cur = os.path.join(path, "cur")
+    new = os.path.join(path, "new")
+    try:
+        arrived = [n for n in os.listdir(new) if not n.startswith(".")]
+    except FileNotFoundError:
+        ensure_maildir(path)
+        arrived = []
+    for name in arrived:
+        target = name if ":" in name else name + ":2,"
+        try:
+            os.rename(os.path.join(new, name), os.path.join(cur, target))
+        except FileNotFoundError:
+            pass  # moved by another program in the meantime
+    st = os.stat(cur)
+    current = mindex.load(path)
+    if current is not None and not arrived and current.cur_mtime_ns == st.st_mtime_ns != 0:
+        return current
+    return _rebuild(path, cur, st.st_mtime_ns, current)
+
+
+def _rebuild(path: str, cur: str, cur_mtime_ns: int, old: MailboxIndex | None) -> MailboxIndex:
+    """List cur/ and write a new index, reusing what the old one knew."""
+    names = [n for n in os.listdir(cur) if not n.startswith(".")]
+    # by base name, in the old index's order (dicts keep insertion order)
+    known = {_base(e.name): e for e in old.entries()} if old is not None else {}
+    added: list[str] = []
+    for name in names:
+        entry = known.get(_base(name))
+        if entry is None:
+            added.append(name)
+        else:
+            entry.name = name  # flags may have changed the info suffix
+    present = {_base(n) for n in names}
+    kept = [e for base, e in known.items() if base in present]
+    uidvalidity, dovecot_uids = read_dovecot_uidlist(path) if added or old is None else (0, {})
+    if old is not None and not uidvalidity:
+        uidvalidity = old.uidvalidity
+    for name in sorted(added, key=_delivery_order):
+        measured = measure(cur, name)
+        if measured is None:
+            continue
+        size, file_size, flags = measured
+        uid = dovecot_uids.get(_base(name))
+        uidl = f"{uid:08x}{uidvalidity:08x}" if uid is not None else uidl_of(name)
+        kept.append(Entry(name, size, file_size, flags, uidl))
+    trusted = cur_mtime_ns if time.time_ns() - cur_mtime_ns > MTIME_SETTLE_NS else 0
+    try:
+        mindex.write(path, kept, trusted, uidvalidity)
+    except OSError as exc:  # a read-only or full disk must not stop POP3: serve from memory
+        log.warning("cannot write index in %s: %s", path, exc)
+        return MailboxIndex(mindex.encode(kept, 0, uidvalidity))
+    loaded = mindex.load(path)
+    return loaded if loaded is not None else MailboxIndex(mindex.encode(kept, trusted, uidvalidity))
+
+
 class Mailbox:
-    """A snapshot of one Maildir taken at login: numbering is fixed for the session."""
+    """What one session sees: the index snapshot taken at login.  Numbering
+    is fixed for the session; the index object is shared and never changes."""
 
-    __slots__ = ("path", "_cur", "names", "sizes", "total_size")
+    __slots__ = ("path", "_cur", "index", "_renamed")
 
-    def __init__(self, path: str, names: list[str], sizes: array) -> None:
+    def __init__(self, path: str, index: MailboxIndex) -> None:
         self.path = path
         self._cur = os.path.join(path, "cur", "")
-        self.names = names
-        self.sizes = sizes
-        self.total_size = sum(sizes)
+        self.index = index
+        self._renamed: dict[int, str] | None = None
 
     @classmethod
     def open(cls, path: str) -> Mailbox:
-        cur = os.path.join(path, "cur")
-        new = os.path.join(path, "new")
-        try:
-            new_names = os.listdir(new)
-        except FileNotFoundError:
-            ensure_maildir(path)
-            new_names = []
-        for name in new_names:
-            if name.startswith("."):
-                continue
-            target = name if ":" in name else name + ":2,"
-            try:
-                os.rename(os.path.join(new, name), os.path.join(cur, target))
-            except FileNotFoundError:
-                pass  # moved by another program in the meantime
-        names = sorted((n for n in os.listdir(cur) if not n.startswith(".")), key=_delivery_order)
-        sizes = array("q")
-        kept: list[str] = []
-        for name in names:
-            size = message_size(cur, name)
-            if size >= 0:
-                kept.append(name)
-                sizes.append(size)
-        return cls(path, kept, sizes)
+        """Bring the index up to date (may be slow) and open the mailbox."""
+        return cls(path, sync_index(path))
+
+    @classmethod
+    def open_current(cls, path: str) -> Mailbox | None:
+        """Open the mailbox if its index is up to date (fast), else None."""
+        current = current_index(path)
+        return None if current is None else cls(path, current)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return self.index.count
 
-    def file_path(self, index: int) -> str:
-        return self._cur + self.names[index]
+    @property
+    def total_size(self) -> int:
+        return self.index.total_size
+
+    def size(self, index: int) -> int:
+        return self.index.size(index)
 
     def uidl(self, index: int) -> str:
-        return uidl_of(self.names[index])
+        return self.index.uidl(index)
+
+    def name(self, index: int) -> str:
+        if self._renamed is not None and index in self._renamed:
+            return self._renamed[index]
+        return self.index.name(index)
+
+    def file_path(self, index: int) -> str:
+        return self._cur + self.name(index)
 
     def find_renamed(self, index: int) -> str | None:
         """Path of message ``index`` if another program (an IMAP server setting
         flags) renamed it since login: same unique name, other info suffix."""
-        base = self.names[index].split(":", 1)[0]
+        base = _base(self.name(index))
         prefix = base + ":"
         try:
             names = os.listdir(self._cur)
@@ -119,7 +262,9 @@ class Mailbox:
             return None
         for name in names:
             if name == base or name.startswith(prefix):
-                self.names[index] = name
+                if self._renamed is None:
+                    self._renamed = {}
+                self._renamed[index] = name
                 return self._cur + name
         return None
 
@@ -143,48 +288,6 @@ class Mailbox:
                 failed += 1
         _fsync_dir(self._cur)
         return failed
-
-
-_VSIZE = re.compile(r",W=(\d+)")
-
-
-def message_size(cur: str, name: str) -> int:
-    """The POP3 size of cur/name, or -1 if the file vanished or is unreadable.
-
-    W= in the name is the CRLF size, but writers (Dovecot among them) do not
-    count the CRLF that RETR must add to a message lacking a final newline;
-    so the last byte is checked once per message and the result cached.
-    """
-    key = (cur, name.split(":", 1)[0])
-    cached = _SIZE_CACHE.get(key)
-    if cached is not None:
-        return cached
-    path = os.path.join(cur, name)
-    try:
-        m = _VSIZE.search(name)
-        colon = name.find(":")
-        if m is not None and (colon < 0 or m.start() < colon):  # W= of the name, not of the flags
-            size = int(m.group(1))
-            if size > 0 and not _ends_with_lf(path):
-                size += 2
-        else:
-            size = pop3_size(path)
-    except OSError as exc:
-        log.warning("skipping unreadable message %s/%s: %s", cur, name, exc.strerror)
-        return -1
-    if len(_SIZE_CACHE) >= _SIZE_CACHE_MAX:
-        _SIZE_CACHE.clear()
-    _SIZE_CACHE[key] = size
-    return size
-
-
-def _ends_with_lf(path: str) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        return size > 0 and os.pread(fd, 1, size - 1) == b"\n"
-    finally:
-        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

@@ -245,7 +245,7 @@ class POP3Protocol(asyncio.Protocol):
         n = int(arg)
         mailbox = self._mailbox
         assert mailbox is not None and self._deleted is not None
-        if n < 1 or n > len(mailbox.names):
+        if n < 1 or n > len(mailbox):
             self._out.append(R.ERR_NO_MESSAGE)
             return -1
         if self._deleted[n - 1]:
@@ -306,9 +306,7 @@ class POP3Protocol(asyncio.Protocol):
             delay = started + self._ctx.config.auth_failure_delay - self.loop.time()
             self.loop.call_later(max(0.0, delay), self._login_failed)
             return
-        self._out.append(self._open_mailbox(user))
-        self._flush()
-        self._unbusy(BUSY_AUTH)
+        self._open_mailbox(user)
 
     def _login_failed(self) -> None:
         if self.transport is None:
@@ -320,13 +318,15 @@ class POP3Protocol(asyncio.Protocol):
         self._flush()
         self._unbusy(BUSY_AUTH)
 
-    def _open_mailbox(self, user) -> bytes:
-        auth = self._ctx.auth
+    def _open_mailbox(self, user) -> None:
+        """Lock and open the user's mailbox, then answer the login.  A mailbox
+        whose index must be rebuilt is opened in a thread, so a huge or
+        changed mailbox never stalls other sessions."""
         try:
-            path = auth.maildir_for(user)
+            path = self._ctx.auth.maildir_for(user)
         except ValueError as exc:
             log.error("no mail location for user=%s: %s", user.name, exc)
-            return R.ERR_MAILBOX_PERM
+            return self._finish_login(R.ERR_MAILBOX_PERM)
         try:
             try:
                 lock = MailboxLock(path)
@@ -334,25 +334,45 @@ class POP3Protocol(asyncio.Protocol):
                 ensure_maildir(path)
                 lock = MailboxLock(path)
         except MailboxLocked:
-            return R.ERR_IN_USE
+            return self._finish_login(R.ERR_IN_USE)
         except OSError as exc:
             log.error("cannot lock mailbox user=%s path=%s: %s", user.name, path, exc)
-            return R.ERR_MAILBOX_TEMP
+            return self._finish_login(R.ERR_MAILBOX_TEMP)
         try:
-            mailbox = Mailbox.open(path)
-        except OSError as exc:
+            mailbox = Mailbox.open_current(path)
+        except OSError:
+            mailbox = None  # let the full open report it
+        if mailbox is not None:
+            return self._enter_transaction(user, lock, mailbox)
+        fut = self.loop.run_in_executor(None, Mailbox.open, path)
+        fut.add_done_callback(lambda f: self._mailbox_opened(user, lock, path, f))
+
+    def _mailbox_opened(self, user, lock: MailboxLock, path: str, fut: asyncio.Future) -> None:
+        if self.transport is None or self._busy & BUSY_CLOSING:
+            lock.release()  # the client left meanwhile
+            return
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if exc is not None:
             lock.release()
             log.error("cannot open mailbox user=%s path=%s: %s", user.name, path, exc)
-            return R.ERR_MAILBOX_TEMP
+            return self._finish_login(R.ERR_MAILBOX_TEMP)
+        self._enter_transaction(user, lock, fut.result())
+
+    def _enter_transaction(self, user, lock: MailboxLock, mailbox: Mailbox) -> None:
         self._user = user
         self._lock = lock
         self._mailbox = mailbox
-        self._deleted = bytearray(len(mailbox.names))
+        self._deleted = bytearray(len(mailbox))
         self._state = TRANSACTION
         self._table = _TRANSACTION_TABLE
         self._rearm_timer()  # the transaction timeout may be the shorter one
-        log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox.names))
-        return R.OK_LOGGED_IN
+        log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox))
+        self._finish_login(R.OK_LOGGED_IN)
+
+    def _finish_login(self, reply: bytes) -> None:
+        self._out.append(reply)
+        self._flush()
+        self._unbusy(BUSY_AUTH)
 
     def cmd_quit_authorization(self, args: tuple[str, ...]) -> None:
         self._out.append(R.OK_LOGOUT)
@@ -376,7 +396,7 @@ class POP3Protocol(asyncio.Protocol):
             return self._bad(R.ERR_ARGS)
         mailbox = self._mailbox
         assert mailbox is not None
-        count = len(mailbox.names) - self._deleted_count
+        count = len(mailbox) - self._deleted_count
         self._out.append(b"+OK %d %d\r\n" % (count, mailbox.total_size - self._deleted_size))
 
     def cmd_list(self, args: tuple[str, ...]) -> None:
@@ -387,14 +407,11 @@ class POP3Protocol(asyncio.Protocol):
         if args:
             i = self._message_index(args[0])
             if i >= 0:
-                self._out.append(b"+OK %d %d\r\n" % (i + 1, mailbox.sizes[i]))
+                self._out.append(b"+OK %d %d\r\n" % (i + 1, mailbox.size(i)))
             return
-        deleted, sizes = self._deleted, mailbox.sizes
-        lines = [f"{i + 1} {sizes[i]}\r\n" for i in range(len(sizes)) if not deleted[i]]
-        count = len(sizes) - self._deleted_count
+        count = len(mailbox) - self._deleted_count
         size = mailbox.total_size - self._deleted_size
-        self._out.append(b"+OK %d messages (%d octets)\r\n" % (count, size))
-        self._out.append("".join(lines).encode("ascii") + R.END)
+        self._out += (b"+OK %d messages (%d octets)\r\n" % (count, size), mailbox.index.list_lines(self._deleted), R.END)
 
     def cmd_uidl(self, args: tuple[str, ...]) -> None:
         mailbox = self._mailbox
@@ -406,10 +423,7 @@ class POP3Protocol(asyncio.Protocol):
             if i >= 0:
                 self._out.append(b"+OK %d %s\r\n" % (i + 1, mailbox.uidl(i).encode("ascii")))
             return
-        deleted = self._deleted
-        lines = [f"{i + 1} {mailbox.uidl(i)}\r\n" for i in range(len(deleted)) if not deleted[i]]
-        self._out.append(R.OK)
-        self._out.append("".join(lines).encode("ascii") + R.END)
+        self._out += (R.OK, mailbox.index.uidl_lines(self._deleted), R.END)
 
     def cmd_dele(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:
@@ -420,7 +434,7 @@ class POP3Protocol(asyncio.Protocol):
         assert self._deleted is not None and self._mailbox is not None
         self._deleted[i] = 1
         self._deleted_count += 1
-        self._deleted_size += self._mailbox.sizes[i]
+        self._deleted_size += self._mailbox.size(i)
         self._out.append(R.OK_DELETED)
 
     def cmd_rset(self, args: tuple[str, ...]) -> None:
@@ -428,9 +442,9 @@ class POP3Protocol(asyncio.Protocol):
             return self._bad(R.ERR_ARGS)
         mailbox = self._mailbox
         assert mailbox is not None
-        self._deleted = bytearray(len(mailbox.names))
+        self._deleted = bytearray(len(mailbox))
         self._deleted_count = self._deleted_size = 0
-        self._out.append(b"+OK %d messages (%d octets)\r\n" % (len(mailbox.names), mailbox.total_size))
+        self._out.append(b"+OK %d messages (%d octets)\r\n" % (len(mailbox), mailbox.total_size))
 
     def cmd_retr(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:
@@ -469,7 +483,7 @@ class POP3Protocol(asyncio.Protocol):
             log.error("cannot open message user=%s file=%s: %s", self._user.name, path, exc)
             self._out.append(R.ERR_MESSAGE_TEMP)
             return
-        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % mailbox.sizes[index]
+        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % mailbox.size(index)
         try:
             size = os.fstat(fd).st_size
             small = size <= SMALL_MESSAGE
@@ -488,7 +502,7 @@ class POP3Protocol(asyncio.Protocol):
             return
         try:
             stream = open_stream(
-                self, fd, size, top_lines, size == mailbox.sizes[index] and self._can_sendfile()
+                self, fd, size, top_lines, size == mailbox.size(index) and self._can_sendfile()
             )
         except (OSError, ValueError) as exc:
             os.close(fd)

@@ -1,0 +1,104 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Compiled LIST and UIDL formatting straight from index records.
+
+The pure-Python twin is ``fastpop/_index_py.py``; the record layout is
+documented in ``fastpop/index.py`` (64-byte header, 32-byte records,
+little-endian).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.stdint cimport uint64_t
+from libc.string cimport memcpy
+
+cdef enum:
+    HEADER_SIZE = 64
+    RECORD_SIZE = 32
+
+
+cdef inline uint64_t le64(const unsigned char* p) noexcept:
+    cdef uint64_t v = 0
+    cdef int k
+    for k in range(7, -1, -1):
+        v = (v << 8) | p[k]
+    return v
+
+
+cdef inline Py_ssize_t le_n(const unsigned char* p, int n) noexcept:
+    cdef Py_ssize_t v = 0
+    cdef int k
+    for k in range(n - 1, -1, -1):
+        v = (v << 8) | p[k]
+    return v
+
+
+cdef inline Py_ssize_t put_uint(unsigned char* dst, uint64_t v) noexcept:
+    cdef unsigned char tmp[20]
+    cdef Py_ssize_t n = 0, i
+    while True:
+        tmp[n] = 48 + (v % 10)
+        n += 1
+        v //= 10
+        if v == 0:
+            break
+    for i in range(n):
+        dst[i] = tmp[n - 1 - i]
+    return n
+
+
+def format_list(const unsigned char[::1] buf, Py_ssize_t count, const unsigned char[::1] deleted):
+    """LIST lines ("n size\\r\\n") for every message not marked deleted."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, count * 34 + 1)
+    cdef unsigned char* dst = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef const unsigned char* base = &buf[0]
+    cdef Py_ssize_t i, o = 0
+    if buf.shape[0] < HEADER_SIZE + count * RECORD_SIZE or deleted.shape[0] < count:
+        raise ValueError("index buffer too short")
+    for i in range(count):
+        if deleted[i]:
+            continue
+        o += put_uint(dst + o, i + 1)
+        dst[o] = 32
+        o += 1
+        o += put_uint(dst + o, le64(base + HEADER_SIZE + i * RECORD_SIZE))
+        dst[o] = 13
+        dst[o + 1] = 10
+        o += 2
+    return out[:o]
+
+
+def format_uidl(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names_off,
+                const unsigned char[::1] deleted):
+    """UIDL lines ("n uidl\\r\\n") for every message not marked deleted."""
+    cdef const unsigned char* base = &buf[0]
+    cdef const unsigned char* rec
+    cdef Py_ssize_t i, o = 0, total = 0, name_off, name_len, uidl_len, n = buf.shape[0]
+    cdef bytes out
+    cdef unsigned char* dst
+    if n < HEADER_SIZE + count * RECORD_SIZE or deleted.shape[0] < count:
+        raise ValueError("index buffer too short")
+    for i in range(count):
+        rec = base + HEADER_SIZE + i * RECORD_SIZE
+        name_off = le_n(rec + 16, 4)
+        name_len = le_n(rec + 20, 2)
+        uidl_len = le_n(rec + 22, 2)
+        if names_off + name_off + name_len + uidl_len > n:
+            raise ValueError("index record points outside the file")
+        total += uidl_len + 14
+    out = PyBytes_FromStringAndSize(NULL, total + 1)
+    dst = <unsigned char*>PyBytes_AS_STRING(out)
+    for i in range(count):
+        if deleted[i]:
+            continue
+        rec = base + HEADER_SIZE + i * RECORD_SIZE
+        name_off = le_n(rec + 16, 4)
+        name_len = le_n(rec + 20, 2)
+        uidl_len = le_n(rec + 22, 2)
+        o += put_uint(dst + o, i + 1)
+        dst[o] = 32
+        o += 1
+        memcpy(dst + o, base + names_off + name_off + name_len, uidl_len)
+        o += uidl_len
+        dst[o] = 13
+        dst[o + 1] = 10
+        o += 2
+    return out[:o]

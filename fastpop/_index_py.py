@@ -1,0 +1,35 @@
+"""Pure-Python twin of ``fastpop._index``: LIST and UIDL lines from index
+records (layout in ``fastpop/index.py``).  Same results as the compiled one."""
+
+from __future__ import annotations
+
+import struct
+
+_HEADER_SIZE = 64
+_RECORD = struct.Struct("<QQIHHI4x")
+
+
+def format_list(buf, count: int, deleted) -> bytes:
+    """LIST lines ("n size\\r\\n") for every message not marked deleted."""
+    if len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
+        raise ValueError("index buffer too short")
+    view = memoryview(buf)[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
+    lines = [b"%d %d\r\n" % (i + 1, rec[0]) for i, rec in enumerate(_RECORD.iter_unpack(view)) if not deleted[i]]
+    return b"".join(lines)
+
+
+def format_uidl(buf, count: int, names_off: int, deleted) -> bytes:
+    """UIDL lines ("n uidl\\r\\n") for every message not marked deleted."""
+    if len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
+        raise ValueError("index buffer too short")
+    view = memoryview(buf)
+    lines = []
+    for i, (_, _, name_off, name_len, uidl_len, _) in enumerate(
+        _RECORD.iter_unpack(view[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size])
+    ):
+        start = names_off + name_off + name_len
+        if start + uidl_len > len(buf):
+            raise ValueError("index record points outside the file")
+        if not deleted[i]:
+            lines.append(b"%d %s\r\n" % (i + 1, bytes(view[start : start + uidl_len])))
+    return b"".join(lines)

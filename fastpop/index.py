@@ -1,0 +1,238 @@
+"""The per-mailbox index: ``fastpop.index`` inside each Maildir.
+
+A cache of what a login needs (message names, POP3 sizes, UIDLs) so STAT
+is answered from a header and LIST/UIDL stream from fixed-size records,
+without opening message files.  Deleting it loses nothing: it is rebuilt
+from the Maildir, and UIDLs come from the Maildir names (or Dovecot's
+``dovecot-uidlist``), never from the index, so they survive a rebuild.
+
+File format, version 1 (all integers little-endian)::
+
+    header, 64 bytes:
+      0  magic        8s   b"FASTPOPI"
+      8  version      u32  1
+     12  count        u32  number of records
+     16  total_size   u64  sum of the records' POP3 sizes
+     24  cur_mtime    i64  cur/'s mtime (ns) the records reflect; 0 = unknown
+     32  names_off    u64  offset of the name table
+     40  names_size   u64  its length
+     48  uidvalidity  u32  Dovecot UIDVALIDITY the UIDLs came from, or 0
+     52  flags        u32  reserved, 0
+     56  checksum     u32  CRC-32 of the file with this field zeroed
+     60  reserved     4 bytes
+    records, 32 bytes each, in message-number order:
+      0  size         u64  octets RETR sends before dot-stuffing
+      8  file_size    u64  octets in the file
+     16  name_off     u32  offset of the file name within the name table
+     20  name_len     u16  the name (as in cur/, info suffix included)
+     22  uidl_len     u16  the UIDL, stored right after the name
+     24  flags        u32  bit 0: stored exactly as sent (CRLF, final CRLF)
+     28  reserved     4 bytes
+    name table: names and UIDLs, bytes, no separators
+
+It is written whole to a temporary file, fsync'ed and renamed over the old
+one, so a crash leaves the old index or the new, never a mix; one that is
+truncated, corrupt, foreign or of another version is rebuilt with a log
+line and never served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+
+if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+    from fastpop._index_py import format_list, format_uidl
+else:
+    try:
+        from fastpop._index import format_list, format_uidl
+    except ImportError:
+        from fastpop._index_py import format_list, format_uidl
+
+log = logging.getLogger("fastpop.index")
+
+INDEX_FILE = "fastpop.index"
+MAGIC = b"FASTPOPI"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQqQQIII4x")
+RECORD = struct.Struct("<QQIHHI4x")
+CHECKSUM_AT = 56
+FLAG_STORED_AS_SENT = 1
+
+# Indexes up to this size are read into memory instead of mapped: a mapping
+# costs at least a page of RSS per session, more than a small index itself.
+MAP_THRESHOLD = 64 * 1024
+# Indexes validated in this process, by path, while their file is unchanged.
+_CACHE_MAX = 4096
+_cache: OrderedDict[str, tuple[tuple[int, int, int], "MailboxIndex"]] = OrderedDict()
+_cache_lock = threading.Lock()  # indexes are rebuilt in worker threads too
+
+assert HEADER.size == 64 and RECORD.size == 32
+
+
+class IndexCorrupt(ValueError):
+    """The index file cannot be used (it will be rebuilt)."""
+
+
+class Entry:
+    """One message while an index is being built."""
+
+    __slots__ = ("name", "size", "file_size", "flags", "uidl")
+
+    def __init__(self, name: str, size: int, file_size: int, flags: int, uidl: str) -> None:
+        self.name = name
+        self.size = size
+        self.file_size = file_size
+        self.flags = flags
+        self.uidl = uidl
+
+
+class MailboxIndex:
+    """Read side of one index file, over bytes or a read-only mapping."""
+
+    __slots__ = ("buf", "count", "total_size", "cur_mtime_ns", "uidvalidity", "names_off")
+
+    def __init__(self, buf) -> None:
+        if len(buf) < HEADER.size:
+            raise IndexCorrupt("truncated header")
+        magic, version, count, total, cur_mtime, names_off, names_size, uidvalidity, _flags, _sum = HEADER.unpack_from(buf)
+        if magic != MAGIC:
+            raise IndexCorrupt("not a fastpop index")
+        if version != VERSION:
+            raise IndexCorrupt(f"index version {version}, expected {VERSION}")
+        if names_off != HEADER.size + count * RECORD.size or names_off + names_size != len(buf):
+            raise IndexCorrupt("truncated or inconsistent lengths")
+        self.buf = buf
+        self.count = count
+        self.total_size = total
+        self.cur_mtime_ns = cur_mtime
+        self.uidvalidity = uidvalidity
+        self.names_off = names_off
+
+    def verify_checksum(self) -> None:
+        buf = self.buf
+        stored = struct.unpack_from("<I", buf, CHECKSUM_AT)[0]
+        crc = zlib.crc32(buf[:CHECKSUM_AT])
+        crc = zlib.crc32(b"\0\0\0\0", crc)
+        crc = zlib.crc32(buf[CHECKSUM_AT + 4 :], crc)
+        if crc != stored:
+            raise IndexCorrupt("checksum mismatch")
+
+    def record(self, i: int) -> tuple[int, int, int, int, int, int]:
+        """(size, file_size, name_off, name_len, uidl_len, flags) of message i (0-based)."""
+        return RECORD.unpack_from(self.buf, HEADER.size + i * RECORD.size)
+
+    def size(self, i: int) -> int:
+        return struct.unpack_from("<Q", self.buf, HEADER.size + i * RECORD.size)[0]
+
+    def name(self, i: int) -> str:
+        _, _, off, name_len, _, _ = self.record(i)
+        start = self.names_off + off
+        return os.fsdecode(bytes(self.buf[start : start + name_len]))
+
+    def uidl(self, i: int) -> str:
+        _, _, off, name_len, uidl_len, _ = self.record(i)
+        start = self.names_off + off + name_len
+        return bytes(self.buf[start : start + uidl_len]).decode("ascii")
+
+    def list_lines(self, deleted: bytearray) -> bytes:
+        """The body of a LIST response, messages marked in ``deleted`` left out."""
+        return format_list(self.buf, self.count, deleted)
+
+    def uidl_lines(self, deleted: bytearray) -> bytes:
+        """The body of a UIDL response, messages marked in ``deleted`` left out."""
+        return format_uidl(self.buf, self.count, self.names_off, deleted)
+
+    def entries(self) -> list[Entry]:
+        out = []
+        for i in range(self.count):
+            size, file_size, off, name_len, uidl_len, flags = self.record(i)
+            start = self.names_off + off
+            name = os.fsdecode(bytes(self.buf[start : start + name_len]))
+            uidl = bytes(self.buf[start + name_len : start + name_len + uidl_len]).decode("ascii")
+            out.append(Entry(name, size, file_size, flags, uidl))
+        return out
+
+
+def encode(entries: list[Entry], cur_mtime_ns: int, uidvalidity: int) -> bytes:
+    """The bytes of an index file for these entries, checksum included."""
+    names = bytearray()
+    records = bytearray()
+    total = 0
+    for e in entries:
+        name = os.fsencode(e.name)
+        uidl = e.uidl.encode("ascii")
+        if len(name) > 0xFFFF or len(uidl) > 0xFFFF:
+            raise ValueError(f"name too long for the index: {e.name!r}")
+        records += RECORD.pack(e.size, e.file_size, len(names), len(name), len(uidl), e.flags)
+        names += name
+        names += uidl
+        total += e.size
+    names_off = HEADER.size + len(records)
+    header = HEADER.pack(MAGIC, VERSION, len(entries), total, cur_mtime_ns, names_off, len(names), uidvalidity, 0, 0)
+    data = bytearray(header) + records + names
+    struct.pack_into("<I", data, CHECKSUM_AT, zlib.crc32(data))
+    return bytes(data)
+
+
+def write(maildir: str, entries: list[Entry], cur_mtime_ns: int, uidvalidity: int) -> None:
+    """Replace the index crash-safely: temporary file, fsync, rename."""
+    data = encode(entries, cur_mtime_ns, uidvalidity)
+    path = os.path.join(maildir, INDEX_FILE)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    with _cache_lock:
+        _cache.pop(maildir, None)
+
+
+def load(maildir: str) -> MailboxIndex | None:
+    """The index of this Maildir if it is present and valid, else None.
+
+    A file that was validated before in this process and has not changed
+    since (same inode, mtime and size) is not read again, so a warm login
+    costs one stat; a damaged file is logged and left for the rebuild.
+    """
+    path = os.path.join(maildir, INDEX_FILE)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        with _cache_lock:
+            cached = _cache.get(maildir)
+            if cached is not None and cached[0] == stamp:
+                _cache.move_to_end(maildir)
+                return cached[1]
+        try:
+            if st.st_size > MAP_THRESHOLD:
+                import mmap
+
+                buf = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+            else:
+                buf = os.pread(fd, st.st_size, 0)
+            index = MailboxIndex(buf)
+            index.verify_checksum()
+        except (IndexCorrupt, ValueError, OSError) as exc:
+            log.warning("ignoring index %s (%s); rebuilding it", path, exc)
+            return None
+    finally:
+        os.close(fd)
+    with _cache_lock:
+        _cache[maildir] = (stamp, index)
+        if len(_cache) > _CACHE_MAX:
+            _cache.popitem(last=False)
+    return index
