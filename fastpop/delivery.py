@@ -208,9 +208,14 @@ def _ensure(maildir: str) -> None:
 
 
 def _after_store(maildir: str, size: int) -> None:
-    """Bookkeeping others keep about a Maildir.  fastpop has no index of its
-    own (sizes come from W= in the name); a Maildir++ quota file, as Dovecot
-    and Courier keep it, gets the line for one more message."""
+    """Bookkeeping about the Maildir.
+
+    fastpop's own index (``fastpop.index``) describes cur/ and is written by
+    the server under the session lock; a message waiting in new/ is what
+    tells the next login to bring it up to date, which it does from the W=
+    in the name (and one byte of the file), so it is left alone here: a
+    second writer would race with sessions.  A Maildir++ quota file, as
+    Dovecot and Courier keep it, gets the line for one more message."""
     path = os.path.join(maildir, "maildirsize")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)

@@ -183,6 +183,14 @@ def test_delivered_messages_retrieved_byte_exactly(server):
             assert got == expected
     finally:
         p.quit()
+    # the login brought the mailbox index up to date from the names, and every
+    # delivered file is marked as stored exactly as RETR sends it (sendfile)
+    from fastpop import index
+
+    idx = index.load(str(user.maildir))
+    assert idx is not None and idx.count == 4
+    assert [idx.size(i) for i in range(4)] == w_sizes
+    assert all(idx.record(i)[5] & index.FLAG_STORED_AS_SENT for i in range(4))
 
 
 # -- every exit status
