@@ -474,14 +474,18 @@ def plot(result: dict, path: str) -> None:
     tl = result["timeline"]
     if not tl:
         raise RuntimeError("--plot: the run has no per-second data (shorter than a second?)")
-    t = [p["second"] for p in tl]
+    # each point is the second that ends at its label: draw it in the middle of that second
+    t = [p["second"] - 0.5 for p in tl]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
-    ax1.plot(t, [p["sessions"] for p in tl], label="sessions/s", color="tab:blue")
+    lines = ax1.plot(t, [p["sessions"] for p in tl], "o-", label="sessions/s", color="tab:blue")
     ax1.set_ylabel("sessions/s")
+    ax1.set_ylim(bottom=0)
     if any(p["octets"] for p in tl):
         ax1b = ax1.twinx()
-        ax1b.plot(t, [p["octets"] / 1e6 for p in tl], label="MB/s", color="tab:orange")
+        lines += ax1b.plot(t, [p["octets"] / 1e6 for p in tl], "s--", label="MB/s", color="tab:orange")
         ax1b.set_ylabel("MB/s")
+        ax1b.set_ylim(bottom=0)
+    ax1.legend(lines, [x.get_label() for x in lines], loc="lower right", fontsize="small")
     errors = [(p["second"], p["errors"]) for p in tl]
     ax1.set_title(f"{result['scenario']} against {result['target']['server']} ({result['target']['address']})")
     warm = result["load"]["warmup"]
@@ -490,7 +494,7 @@ def plot(result: dict, path: str) -> None:
             ax.axvspan(0, warm, color="grey", alpha=0.15, label="warm-up")
         ax.grid(alpha=0.3)
     for key, style in (("p50_us", "-"), ("p90_us", "--"), ("p99_us", "-."), ("max_us", ":")):
-        pts = [(p["second"], p[key] / 1000) for p in tl if key in p]
+        pts = [(p["second"] - 0.5, p[key] / 1000) for p in tl if key in p]
         if pts:
             ax2.plot([x for x, _ in pts], [y for _, y in pts], style, label=key[:-3])
     ax2.set_yscale("log")

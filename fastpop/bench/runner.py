@@ -248,10 +248,8 @@ def run_cli(args) -> int:
     try:
         if spawn_mode:
             if args.tls != "none":
-                raise BenchError("--spawn starts fastpop, which does not implement TLS yet: use --tls none, "
-                                 "or point bench at a server that has it")
-            if args.auth != "user":
-                raise BenchError("--spawn starts fastpop, which does not implement AUTH PLAIN yet: use --auth user")
+                raise BenchError("--spawn does not give fastpop a certificate: use --tls none, or start the "
+                                 "server yourself with TLS and point bench at it")
             mailboxes_n = max(args.mailboxes, connections if args.scenario == "idle" else procs)
             large_n = 0
             if "retr-large" in used:

@@ -275,6 +275,9 @@ class SpawnedServer:
     def start(self, timeout: float = 20.0) -> None:
         env = dict(os.environ)
         env.pop("FASTPOP_NO_EXTENSIONS", None)
+        # the fastpop this bench is part of, not whatever "fastpop" resolves to elsewhere
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         if self.parser == "python":
             env["FASTPOP_NO_EXTENSIONS"] = "1"
         args = [
