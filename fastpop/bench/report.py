@@ -378,8 +378,9 @@ def summary_renderables(result: dict) -> list:
     if "opened" in t:
         notes.append(f"idle: {t['opened']:,} sessions opened in {t['ramp_ms']:,} ms")
     if t["backlog"]:
-        notes.append(f"[yellow]open loop: {t['backlog']:,} scheduled sessions never started (no free mailbox "
-                     f"before the end): the server did not keep up with the rate[/yellow]")
+        notes.append(f"[yellow]open loop: {t['backlog']:,} scheduled sessions never started: every mailbox was "
+                     f"busy until the end (rate x session time exceeded the mailboxes): the server did not keep "
+                     f"up with the rate, or the run needs more mailboxes[/yellow]")
     if t["unverified"]:
         notes.append(f"[yellow]{t['unverified']:,} messages had no X-Fastpop-Bench-Sha256 header: size checked, "
                      f"content not verified[/yellow]")

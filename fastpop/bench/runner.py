@@ -208,7 +208,8 @@ def run_cli(args) -> int:
     from fastpop.bench import scenarios, spawn
     from fastpop.config import parse_address
 
-    console = Console(highlight=False)
+    # wide enough for the notes and tables when the output goes to a file or a CI log
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     spawn_mode = args.spawn or args.target is None
     if args.spawn and args.target:
         raise BenchError("give a target or --spawn, not both")
