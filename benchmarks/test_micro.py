@@ -80,36 +80,47 @@ def test_stuff_message(benchmark, size, dots):
     assert out.count(b"\r\n") >= data.count(b"\n")
 
 
-# LIST and UIDL listings as the protocol formats them.  There is only one
-# implementation today (Python, inline in protocol.py): these measure it on
-# the mailbox sizes that matter, so a compiled formatter can be compared
-# against the same numbers when it exists.
+# LIST and UIDL listings, formatted from the mailbox index (fastpop/index.py),
+# compiled (fastpop._index) against its pure-Python twin (fastpop._index_py).
+
+try:
+    from fastpop import _index
+except ImportError:  # pragma: no cover - the extension is part of every build
+    _index = None
+from fastpop import _index_py
+
+FORMATTERS = {"c-index": _index, "py-index": _index_py}
 
 
-def _listing_session(n: int):
-    from array import array
-    from types import SimpleNamespace
+def _index_buffer(n: int) -> bytes:
+    from fastpop.index import Entry, encode
 
-    from fastpop.maildir import Mailbox
+    entries = [
+        Entry(f"{1700000000 + i}.M{i}P4711.mail.example.com,S={3000 + i},W={3100 + i}:2,", 3100 + i, 3100 + i, 1,
+              f"{1700000000 + i}.M{i}P4711.mail.example.com")
+        for i in range(n)
+    ]
+    return encode(entries, 0, 0)
 
-    names = [f"{1700000000 + i}.M{i}P4711.mail.example.com,S={3000 + i},W={3100 + i}:2," for i in range(n)]
-    mailbox = Mailbox("/nonexistent", names, array("q", (3100 + i for i in range(n))))
-    return SimpleNamespace(_mailbox=mailbox, _deleted=bytearray(n), _deleted_count=0, _deleted_size=0, _out=[])
 
-
+@pytest.mark.parametrize("impl", list(FORMATTERS), ids=list(FORMATTERS))
 @pytest.mark.parametrize("command", ["LIST", "UIDL"])
 @pytest.mark.parametrize("n", [20, 1000, 100_000], ids=["20", "1k", "100k"])
-def test_listing(benchmark, command, n):
-    from fastpop.protocol import POP3Protocol
+def test_listing(benchmark, impl, command, n):
+    module = FORMATTERS[impl]
+    if module is None:
+        pytest.fail("compiled index formatter not built")
+    from fastpop.index import MailboxIndex
 
     benchmark.group = f"{command} listing, {n} messages"
-    handler = POP3Protocol.cmd_list if command == "LIST" else POP3Protocol.cmd_uidl
-    session = _listing_session(n)
-
-    def run():
-        session._out = []
-        handler(session, ())
-        return session._out
-
-    out = benchmark(run)
-    assert out[-1].endswith(b".\r\n") and out[-1].count(b"\r\n") == n + 1
+    index = MailboxIndex(_index_buffer(n))
+    deleted = bytearray(n)
+    if command == "LIST":
+        out = benchmark(module.format_list, index.buf, n, deleted)
+    else:
+        out = benchmark(module.format_uidl, index.buf, n, index.names_off, deleted)
+    assert out.count(b"\r\n") == n and out.startswith(b"1 ")
+    other = FORMATTERS["py-index"]
+    expected = other.format_list(index.buf, n, deleted) if command == "LIST" else other.format_uidl(
+        index.buf, n, index.names_off, deleted)
+    assert out == expected
