@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--json-dir", metavar="DIR", help="write every run's full result here")
     p.add_argument("--keep", action="store_true", help="keep the generated directory")
+    p.add_argument("--from-json-dir", metavar="DIR", help="print the table of runs saved with --json-dir, run nothing")
     args = p.parse_args(argv)
+    if args.from_json_dir:
+        return render_saved(args)
 
     reason = dovecot.unavailable()
     if reason:
@@ -152,6 +155,43 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def render_saved(args) -> int:
+    """The table from the results of an earlier run (--json-dir)."""
+    from fastpop.bench.report import load_json
+
+    results: dict[tuple[str, str], list[dict]] = {}
+    scenarios: list[str] = []
+    version = "?"
+    for path in sorted(Path(args.from_json_dir).glob("*.json")):
+        m = re.fullmatch(r"(.+)-(Dovecot|fastpop|trivial)-(\d+)\.json", path.name)
+        if not m:
+            continue
+        r = load_json(str(path))
+        results.setdefault((m.group(1), m.group(2)), []).append(r)
+        if m.group(1) not in scenarios:
+            scenarios.append(m.group(1))
+        if m.group(2) == "Dovecot":
+            version = r["target"]["server"].split()[1]
+    if not results:
+        print(f"compare_dovecot: no saved runs in {args.from_json_dir}", file=sys.stderr)
+        return 2
+    first = next(iter(results.values()))[0]
+    args.connections = first["load"]["connections"]
+    args.procs = first["load"]["procs"]
+    args.duration = first["load"]["duration"]
+    args.warmup = first["load"]["warmup"]
+    args.rounds = max(len(v) for v in results.values())
+    mb = first.get("mailboxes") or {}
+    args.mailboxes, args.messages = mb.get("users", "?"), mb.get("messages", "?")
+    args.message_size = mb.get("size", "?").replace(" B", "")
+    order = [s for s in SCENARIO_NAMES if s in scenarios] + [s for s in scenarios if s not in SCENARIO_NAMES]
+    md = markdown_table(results, order, args, version)
+    print(md)
+    if args.markdown:
+        Path(args.markdown).write_text(md + "\n")
+    return 0
+
+
 def _median(runs: list[dict], get) -> float | None:
     values = [v for v in (get(r) for r in runs) if v is not None]
     return statistics.median(values) if values else None
@@ -188,13 +228,18 @@ def markdown_table(results, scenarios, args, dovecot_version: str) -> str:
             d, fp = get(s, "Dovecot"), get(s, "fastpop")
             bold = "**" if measure in ("sessions/s", "server CPU ms per session") else ""
             lines.append(f"| {name} | {measure} | {f(d, digits)} | {f(fp, digits)} | {bold}{ratio(d, fp)}{bold} |")
+    def client_cpu(s, n):  # ms of the load generator's CPU per session
+        return _median(results.get((s, n), []), lambda r: (r["client"]["cpu_us_per_session"] or 0) / 1000)
+
     if any(n == "trivial" for _, n in results):
         lines.append("")
-        lines.append("| scenario | generator against the trivial server, sessions/s | fastpop sessions/s | generator headroom |")
-        lines.append("|---|---:|---:|---:|")
+        lines.append("| scenario | generator against the trivial server, sessions/s | fastpop sessions/s | "
+                     "generator headroom | generator CPU ms per session | fastpop CPU ms per session |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
         for s in scenarios:
             lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(rate(s, 'trivial'))} | {f(rate(s, 'fastpop'))} | "
-                         f"**{ratio(rate(s, 'fastpop'), rate(s, 'trivial'))}** |")
+                         f"**{ratio(rate(s, 'fastpop'), rate(s, 'trivial'))}** | {f(client_cpu(s, 'trivial'), 3)} | "
+                         f"{f(cpu(s, 'fastpop'), 3)} |")
     lines.append("")
     lines.append(f"Same client settings for every server: {args.connections} connections (closed loop) over "
                  f"{min(args.procs, args.connections)} uvloop processes, {args.duration:g} s measured after "
