@@ -47,12 +47,15 @@ cdef inline Py_ssize_t put_uint(unsigned char* dst, uint64_t v) noexcept:
 
 def format_list(const unsigned char[::1] buf, Py_ssize_t count, const unsigned char[::1] deleted):
     """LIST lines ("n size\\r\\n") for every message not marked deleted."""
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, count * 34 + 1)
-    cdef unsigned char* dst = <unsigned char*>PyBytes_AS_STRING(out)
-    cdef const unsigned char* base = &buf[0]
+    cdef bytes out
+    cdef unsigned char* dst
+    cdef const unsigned char* base
     cdef Py_ssize_t i, o = 0
-    if buf.shape[0] < HEADER_SIZE + count * RECORD_SIZE or deleted.shape[0] < count:
+    if count < 0 or buf.shape[0] < HEADER_SIZE + count * RECORD_SIZE or deleted.shape[0] < count:
         raise ValueError("index buffer too short")
+    out = PyBytes_FromStringAndSize(NULL, count * 34 + 1)
+    dst = <unsigned char*>PyBytes_AS_STRING(out)
+    base = &buf[0]
     for i in range(count):
         if deleted[i]:
             continue
@@ -69,13 +72,14 @@ def format_list(const unsigned char[::1] buf, Py_ssize_t count, const unsigned c
 def format_uidl(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names_off,
                 const unsigned char[::1] deleted):
     """UIDL lines ("n uidl\\r\\n") for every message not marked deleted."""
-    cdef const unsigned char* base = &buf[0]
+    cdef const unsigned char* base
     cdef const unsigned char* rec
     cdef Py_ssize_t i, o = 0, total = 0, name_off, name_len, uidl_len, n = buf.shape[0]
     cdef bytes out
     cdef unsigned char* dst
-    if n < HEADER_SIZE + count * RECORD_SIZE or deleted.shape[0] < count:
+    if count < 0 or n < HEADER_SIZE + count * RECORD_SIZE or deleted.shape[0] < count:
         raise ValueError("index buffer too short")
+    base = &buf[0]
     for i in range(count):
         rec = base + HEADER_SIZE + i * RECORD_SIZE
         name_off = le_n(rec + 16, 4)
@@ -102,3 +106,24 @@ def format_uidl(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names
         dst[o + 1] = 10
         o += 2
     return out[:o]
+
+
+def check_records(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names_off):
+    """Sum of the records' sizes, after checking every record points inside
+    the name table; ValueError otherwise."""
+    cdef const unsigned char* base
+    cdef const unsigned char* rec
+    cdef Py_ssize_t i, n = buf.shape[0]
+    cdef uint64_t total = 0, size
+    if count < 0 or n < HEADER_SIZE + count * RECORD_SIZE or names_off > n:
+        raise ValueError("index buffer too short")
+    base = &buf[0]
+    for i in range(count):
+        rec = base + HEADER_SIZE + i * RECORD_SIZE
+        if names_off + le_n(rec + 16, 4) + le_n(rec + 20, 2) + le_n(rec + 22, 2) > n:
+            raise ValueError("index record points outside the name table")
+        size = le64(rec)
+        if size > (<uint64_t>1 << 62) or total + size < total:
+            raise ValueError("index record size out of range")
+        total += size
+    return total

@@ -11,7 +11,7 @@ _RECORD = struct.Struct("<QQIHHI4x")
 
 def format_list(buf, count: int, deleted) -> bytes:
     """LIST lines ("n size\\r\\n") for every message not marked deleted."""
-    if len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
+    if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
         raise ValueError("index buffer too short")
     view = memoryview(buf)[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
     lines = [b"%d %d\r\n" % (i + 1, rec[0]) for i, rec in enumerate(_RECORD.iter_unpack(view)) if not deleted[i]]
@@ -20,7 +20,7 @@ def format_list(buf, count: int, deleted) -> bytes:
 
 def format_uidl(buf, count: int, names_off: int, deleted) -> bytes:
     """UIDL lines ("n uidl\\r\\n") for every message not marked deleted."""
-    if len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
+    if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
         raise ValueError("index buffer too short")
     view = memoryview(buf)
     lines = []
@@ -33,3 +33,19 @@ def format_uidl(buf, count: int, names_off: int, deleted) -> bytes:
         if not deleted[i]:
             lines.append(b"%d %s\r\n" % (i + 1, bytes(view[start : start + uidl_len])))
     return b"".join(lines)
+
+
+def check_records(buf, count: int, names_off: int) -> int:
+    """Sum of the records' sizes, after checking every record points inside
+    the name table; ValueError otherwise."""
+    if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or names_off > len(buf):
+        raise ValueError("index buffer too short")
+    total = 0
+    view = memoryview(buf)[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
+    for size, _, name_off, name_len, uidl_len, _ in _RECORD.iter_unpack(view):
+        if names_off + name_off + name_len + uidl_len > len(buf):
+            raise ValueError("index record points outside the name table")
+        if size > 1 << 62:
+            raise ValueError("index record size out of range")
+        total += size
+    return total

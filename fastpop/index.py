@@ -32,8 +32,9 @@ File format, version 1 (all integers little-endian)::
 
 It is written whole to a temporary file, fsync'ed and renamed over the old
 one, so a crash leaves the old index or the new, never a mix; one that is
-truncated, corrupt, foreign or of another version is rebuilt with a log
-line and never served.
+truncated, corrupt (checksum, or records that point outside the name table
+or do not add up to the header's total), foreign or of another version is
+rebuilt with a log line and never served.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ import zlib
 from collections import OrderedDict
 
 if os.environ.get("FASTPOP_NO_EXTENSIONS"):
-    from fastpop._index_py import format_list, format_uidl
+    from fastpop._index_py import check_records, format_list, format_uidl
 else:
     try:
-        from fastpop._index import format_list, format_uidl
+        from fastpop._index import check_records, format_list, format_uidl
     except ImportError:
-        from fastpop._index_py import format_list, format_uidl
+        from fastpop._index_py import check_records, format_list, format_uidl
 
 log = logging.getLogger("fastpop.index")
 
@@ -63,12 +64,15 @@ RECORD = struct.Struct("<QQIHHI4x")
 CHECKSUM_AT = 56
 FLAG_STORED_AS_SENT = 1
 
-# Indexes up to this size are read into memory instead of mapped: a mapping
-# costs at least a page of RSS per session, more than a small index itself.
-MAP_THRESHOLD = 64 * 1024
-# Indexes validated in this process, by path, while their file is unchanged.
+# Indexes validated in this process, by Maildir, while their file is unchanged
+# (same inode, mtime, size), bounded in number and in bytes.  They are read
+# into memory, not mapped: a mapping of a file that another program
+# truncates raises SIGBUS, which would kill every session of the process, and
+# an in-place write would change what an open session sees.
 _CACHE_MAX = 4096
+_CACHE_MAX_BYTES = 256 * 1024 * 1024
 _cache: OrderedDict[str, tuple[tuple[int, int, int], "MailboxIndex"]] = OrderedDict()
+_cache_bytes = 0
 _cache_lock = threading.Lock()  # indexes are rebuilt in worker threads too
 
 assert HEADER.size == 64 and RECORD.size == 32
@@ -92,7 +96,7 @@ class Entry:
 
 
 class MailboxIndex:
-    """Read side of one index file, over bytes or a read-only mapping."""
+    """Read side of one index file, held in memory as bytes."""
 
     __slots__ = ("buf", "count", "total_size", "cur_mtime_ns", "uidvalidity", "names_off")
 
@@ -113,7 +117,9 @@ class MailboxIndex:
         self.uidvalidity = uidvalidity
         self.names_off = names_off
 
-    def verify_checksum(self) -> None:
+    def verify(self) -> None:
+        """Checksum, then the records against the name table and the total:
+        a file that passes can be served without further checks."""
         buf = self.buf
         stored = struct.unpack_from("<I", buf, CHECKSUM_AT)[0]
         crc = zlib.crc32(buf[:CHECKSUM_AT])
@@ -121,6 +127,12 @@ class MailboxIndex:
         crc = zlib.crc32(buf[CHECKSUM_AT + 4 :], crc)
         if crc != stored:
             raise IndexCorrupt("checksum mismatch")
+        try:
+            total = check_records(buf, self.count, self.names_off)
+        except ValueError as exc:
+            raise IndexCorrupt(str(exc)) from None
+        if total != self.total_size:
+            raise IndexCorrupt("total size does not match the records")
 
     def record(self, i: int) -> tuple[int, int, int, int, int, int]:
         """(size, file_size, name_off, name_len, uidl_len, flags) of message i (0-based)."""
@@ -193,8 +205,15 @@ def write(maildir: str, entries: list[Entry], cur_mtime_ns: int, uidvalidity: in
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    _forget(maildir)
+
+
+def _forget(maildir: str) -> None:
+    global _cache_bytes
     with _cache_lock:
-        _cache.pop(maildir, None)
+        old = _cache.pop(maildir, None)
+        if old is not None:
+            _cache_bytes -= len(old[1].buf)
 
 
 def load(maildir: str) -> MailboxIndex | None:
@@ -204,6 +223,7 @@ def load(maildir: str) -> MailboxIndex | None:
     since (same inode, mtime and size) is not read again, so a warm login
     costs one stat; a damaged file is logged and left for the rebuild.
     """
+    global _cache_bytes
     path = os.path.join(maildir, INDEX_FILE)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -218,21 +238,31 @@ def load(maildir: str) -> MailboxIndex | None:
                 _cache.move_to_end(maildir)
                 return cached[1]
         try:
-            if st.st_size > MAP_THRESHOLD:
-                import mmap
-
-                buf = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
-            else:
-                buf = os.pread(fd, st.st_size, 0)
+            buf = _read_all(fd, st.st_size)
             index = MailboxIndex(buf)
-            index.verify_checksum()
+            index.verify()
         except (IndexCorrupt, ValueError, OSError) as exc:
             log.warning("ignoring index %s (%s); rebuilding it", path, exc)
             return None
     finally:
         os.close(fd)
     with _cache_lock:
+        old = _cache.pop(maildir, None)
+        if old is not None:
+            _cache_bytes -= len(old[1].buf)
         _cache[maildir] = (stamp, index)
-        if len(_cache) > _CACHE_MAX:
-            _cache.popitem(last=False)
+        _cache_bytes += len(buf)
+        while len(_cache) > 1 and (len(_cache) > _CACHE_MAX or _cache_bytes > _CACHE_MAX_BYTES):
+            _, (_, evicted) = _cache.popitem(last=False)
+            _cache_bytes -= len(evicted.buf)
     return index
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    data = os.pread(fd, size, 0)
+    while len(data) < size:  # pread may return less for huge files
+        more = os.pread(fd, size - len(data), len(data))
+        if not more:
+            raise IndexCorrupt("file shrank while being read")
+        data += more
+    return data
