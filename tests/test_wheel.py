@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,8 @@ pytestmark = [
 
 
 def test_wheel_builds_from_sdist_installs_without_compiler_and_passes_the_suite():
-    proc = subprocess.run(
+    # Its own process group, so that on a timeout the inner pytest and servers go too.
+    proc = subprocess.Popen(
         [sys.executable, str(SCRIPT)],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
@@ -42,9 +44,14 @@ def test_wheel_builds_from_sdist_installs_without_compiler_and_passes_the_suite(
         stderr=subprocess.STDOUT,
         text=True,
         errors="replace",
-        timeout=870,
+        start_new_session=True,
     )
-    out = proc.stdout
+    try:
+        out, _ = proc.communicate(timeout=840)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"scripts/check-wheel took over 840 s:\n{out[-30000:]}")
     assert proc.returncode == 0, f"scripts/check-wheel failed (exit {proc.returncode}):\n{out[-30000:]}"
     tag = re.search(r"^check-wheel: auditwheel: (\S+) -> (\S+\.whl)$", out, re.M)
     assert tag, out
