@@ -106,7 +106,11 @@ class MessageStream:
             self._file = None
 
 
-SCAN_WINDOW = 16 * 1024 * 1024  # a multiple of mmap.ALLOCATIONGRANULARITY
+# Dot lines are looked for a window at a time (a multiple of the mmap
+# granularity): small enough that scanning one never leaves the socket idle,
+# and scanned ahead while the socket is full, up to SCAN_AHEAD bytes.
+SCAN_WINDOW = 1024 * 1024
+SCAN_AHEAD = 8 * SCAN_WINDOW
 
 
 def open_stream(proto: POP3Protocol, fd: int, size: int, top_lines: int | None, stored_as_sent: bool):
@@ -198,8 +202,9 @@ class SendfileStream:
     def _scan_next_window(self) -> None:
         pos = self._scanned
         length = min(SCAN_WINDOW, self._size - pos)
-        del self._dots[: self._next_dot]
-        self._next_dot = 0
+        if self._next_dot:
+            del self._dots[: self._next_dot]
+            self._next_dot = 0
         with mmap.mmap(self._fd, length, prot=mmap.PROT_READ, offset=pos) as mm:
             self._after_lf = line_dots(mm, pos, self._after_lf, self._dots)
         self._scanned = pos + length
@@ -238,6 +243,14 @@ class SendfileStream:
             if not self._waiting:
                 self._waiting = True
                 self._loop.add_writer(out, self._send)
+            # The socket is full: use the wait to look for dot lines ahead.
+            if self._scanned < size and self._scanned - self._offset < SCAN_AHEAD:
+                try:
+                    self._scan_next_window()
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot scan message during RETR, closing connection: %s", exc)
+                    self.close()
+                    self._proto.abort_stream()
             return
         except (OSError, ValueError) as exc:
             log.warning("sendfile failed, closing connection: %s", exc)
