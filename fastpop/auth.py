@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import re
+import unicodedata
 from typing import Callable
 
 from fastpop import passwords
@@ -33,7 +34,34 @@ class AuthUnavailable(Exception):
 
 
 def valid_username(name: str) -> bool:
-    return len(name) <= MAX_USERNAME and ".." not in name and _USERNAME.fullmatch(name) is not None
+    if len(name) > MAX_USERNAME or ".." in name:
+        return False
+    if name.isascii():
+        return _USERNAME.fullmatch(name) is not None
+    # UTF-8 names (RFC 6856): beyond ASCII only letters, marks and digits,
+    # never punctuation or symbols (no look-alike of "/" or "."), and at most
+    # MAX_USERNAME octets.
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_USERNAME:
+        return False
+    mapped = "".join(c if c.isascii() else ("a" if unicodedata.category(c)[0] in "LMN" else "/") for c in name)
+    return _USERNAME.fullmatch(mapped) is not None
+
+
+def password_candidates(password: str) -> list[str]:
+    """The password as sent, then SASLprep'd (RFC 4013) if that differs."""
+    if password.isascii() and password.isprintable():
+        return [password]
+    try:
+        from scramp.utils import saslprep
+
+        prepped = saslprep(password)
+    except Exception:  # prohibited characters: only the raw form can match
+        return [password]
+    return [password] if prepped == password else [password, prepped]
+
+
+def _verify_any(stored: str, candidates: list[str]) -> bool:
+    return any(passwords.verify(stored, c) for c in candidates)
 
 
 def expand_location(template: str, user: UserRecord) -> str:
@@ -80,10 +108,43 @@ class Authenticator:
 
     def lookup(self, name: str) -> UserRecord | None:
         try:
-            return self.db.lookup(name)
+            record = self.db.lookup(name)
+            if record is None and not name.isascii():
+                nfc = unicodedata.normalize("NFC", name)
+                if nfc != name:
+                    record = self.db.lookup(nfc)
+            return record
         except (OSError, ValueError) as exc:
             log.error("user database unavailable: %s", exc)
             raise AuthUnavailable(str(exc)) from None
+
+    def scram_keys(self, record: UserRecord, secret: bytes):
+        """SCRAM-SHA-256 keys (salt, stored key, server key, iterations) for a
+        user: the scram_sha256 extra field, a {SCRAM-SHA-256} password, or
+        derived from a clear-text password (then a function to run in a
+        thread is returned); None when only a one-way hash is stored."""
+        from fastpop.sasl import SCRAM_EXTRA, SCRAM_ITERATIONS, parse_scram_keys
+
+        extra = record.extra.get(SCRAM_EXTRA)
+        if extra:
+            keys = parse_scram_keys(extra)
+            if keys is not None:
+                return keys
+            log.warning("unusable %s field for user=%s", SCRAM_EXTRA, record.name)
+        scheme, value = passwords.split_scheme(record.password)
+        if scheme == "SCRAM-SHA-256":
+            return parse_scram_keys(value)
+        secret_pw = passwords.plaintext(record.password)
+        if secret_pw is None:
+            return None
+        salt = hmac.new(secret, b"derived-salt\0" + record.name.encode("utf-8"), hashlib.sha256).digest()[:16]
+
+        def derive():
+            from scramp import ScramMechanism
+
+            return ScramMechanism("SCRAM-SHA-256").make_auth_info(secret_pw, SCRAM_ITERATIONS, salt)
+
+        return derive
 
     def maildir_for(self, user: UserRecord) -> str:
         location = user.extra.get("userdb_mail") or user.extra.get("mail") or self.mail_location
@@ -98,11 +159,12 @@ class Authenticator:
         if record is None:
             callback(None)
             return
+        candidates = password_candidates(password)
         if not passwords.is_expensive(record.password):
-            callback(record if passwords.verify(record.password, password) else None)
+            callback(record if _verify_any(record.password, candidates) else None)
             return
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, passwords.verify, record.password, password)
+        fut = loop.run_in_executor(None, _verify_any, record.password, candidates)
 
         def done(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and f.result()

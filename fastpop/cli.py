@@ -18,7 +18,7 @@ from fastpop import __version__
 from fastpop.config import Config, load_toml
 
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.deliver_cli", "fastpop.legacy_import", "fastpop.bench")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.deliver_cli", "fastpop.legacy_import", "fastpop.bench", "fastpop.oauth")
 
 
 def _version() -> str:
@@ -54,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
     serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
+    tls = serve.add_argument_group("TLS and authentication")
+    tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain: enables STLS (reloaded on SIGHUP)")
+    tls.add_argument("--tls-key", metavar="PEM", help="private key (default: in the certificate file)")
+    tls.add_argument("--tls-min-version", choices=["TLSv1.2", "TLSv1.3"])
+    tls.add_argument("--tls-handshake-timeout", type=float, metavar="SECONDS")
+    tls.add_argument("--listen-tls", action="append", metavar="HOST:PORT", help="implicit-TLS listener, e.g. :995 (repeatable)")
+    tls.add_argument("--trusted-networks", metavar="CIDR,...",
+                     help="plaintext logins allowed without TLS, no penalties ('none' for no network; default loopback)")
+    tls.add_argument("--auth-mechanisms", metavar="MECH,...", help="SASL mechanisms offered (default PLAIN,LOGIN,SCRAM-SHA-256)")
+    tls.add_argument("--auth-penalty-initial", type=float, metavar="SECONDS", help="delay after a first failure (0: no penalty)")
+    tls.add_argument("--auth-penalty-max", type=float, metavar="SECONDS", help="longest penalty delay")
+    tls.add_argument("--auth-penalty-half-life", type=float, metavar="SECONDS", help="time for a failure count to halve")
+    tls.add_argument("--max-connections-per-ip", type=int, metavar="N", help="open connections per address (0: no limit)")
+    tls.add_argument("--oauth-validator", metavar="NAME", help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
+    tls.add_argument("--oauth-secret-file", metavar="FILE", help="shared secret of the hmac validator")
+    tls.add_argument("--oauth-command", metavar="COMMAND", help="token checker of the command validator")
 
     user = sub.add_parser("user", help="manage a passwd-file")
     user.set_defaults(func=cmd_user)
@@ -73,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
             from fastpop.passwords import CREATABLE_SCHEMES, DEFAULT_SCHEME
 
             p.add_argument("--scheme", default=DEFAULT_SCHEME, type=str.upper, choices=CREATABLE_SCHEMES)
+            p.add_argument("--no-scram", dest="scram", action="store_false",
+                           help="do not store SCRAM-SHA-256 keys (the scram_sha256 extra field) beside the hash")
         if name == "add":
             p.add_argument("--home", help="home directory (the %%h of the mail location)")
             p.add_argument("--uid", type=int)
@@ -97,6 +115,18 @@ _FLAG_FIELDS = (
     "auth_max_attempts",
     "expire",
     "login_delay",
+    "tls_cert",
+    "tls_key",
+    "tls_min_version",
+    "tls_handshake_timeout",
+    "listen_tls",
+    "auth_penalty_initial",
+    "auth_penalty_max",
+    "auth_penalty_half_life",
+    "max_connections_per_ip",
+    "oauth_validator",
+    "oauth_secret_file",
+    "oauth_command",
 )
 
 
@@ -115,6 +145,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
+    if args.trusted_networks is not None:
+        nets = [n.strip() for n in args.trusted_networks.split(",") if n.strip()]
+        config.trusted_networks = [] if nets == ["none"] else nets
+    if args.auth_mechanisms is not None:
+        config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
     return config
 
 
@@ -160,6 +195,7 @@ def cmd_user(args: argparse.Namespace) -> int:
     from fastpop.auth import valid_username
     from fastpop.passwd_file import UserRecord, read_records, write_records
     from fastpop.passwords import hash_password
+    from fastpop.sasl import SCRAM_EXTRA, make_scram_keys
 
     path = args.passwd_file or (load_toml(args.config).passwd_file if args.config else None)
     if not path:
@@ -191,10 +227,16 @@ def cmd_user(args: argparse.Namespace) -> int:
             print("fastpop: empty password", file=sys.stderr)
             return 2
         stored = hash_password(password, args.scheme)
+        extra = dict(records[index].extra) if index is not None else {}
+        extra.pop(SCRAM_EXTRA, None)
+        if args.scram and args.scheme != "PLAIN":
+            # SCRAM-SHA-256 needs keys derived from the password: stored now,
+            # so the plaintext is never needed again (Dovecot's format).
+            extra[SCRAM_EXTRA] = make_scram_keys(password)
         if index is None:
-            records.append(UserRecord(args.name, stored, uid=args.uid, gid=args.gid, home=args.home))
+            records.append(UserRecord(args.name, stored, uid=args.uid, gid=args.gid, home=args.home, extra=extra))
         else:
-            records[index] = replace(records[index], password=stored)
+            records[index] = replace(records[index], password=stored, extra=extra)
     write_records(path, records)
     return 0
 

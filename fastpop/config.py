@@ -28,6 +28,27 @@ The TOML file has sections mirroring the field prefixes::
 
     [lmtp]
     listen = ["127.0.0.1:24", "unix:/run/fastpop/lmtp"]   # LMTP delivery listeners
+
+    [tls]
+    cert = "/etc/fastpop/cert.pem"   # chain, leaf first; enables STLS (reloaded on SIGHUP)
+    key = "/etc/fastpop/key.pem"
+    min_version = "TLSv1.2"          # or "TLSv1.3"
+    handshake_timeout = 30           # seconds
+    listen = ["0.0.0.0:995"]         # implicit-TLS listeners (RFC 8314)
+
+    [auth]  (continued)
+    trusted_networks = ["127.0.0.0/8", "::1/128"]  # plaintext logins without TLS; no penalties
+    mechanisms = ["PLAIN", "LOGIN", "SCRAM-SHA-256"]  # + OAUTHBEARER, XOAUTH2 with a validator
+    penalty_initial = 2.0    # delay after the first failure from an address or for a user ...
+    penalty_max = 15.0       # ... doubling up to this
+    penalty_half_life = 300  # seconds for a failure count to halve
+    penalty_per_user = true  # also count failures per user name
+    max_connections_per_ip = 50  # 0: no limit (trusted networks are never limited)
+
+    [oauth]
+    validator = "hmac"       # or "command", or "module:function"
+    secret_file = "/etc/fastpop/oauth.key"   # hmac: the shared secret (or secret = "...")
+    command = "/usr/local/bin/check-token"   # command: token on stdin, user name on stdout
 """
 
 from __future__ import annotations
@@ -61,6 +82,22 @@ class Config:
     max_bad_commands: int = 20
     sendfile: bool = True  # RETR of CRLF-stored messages with sendfile(2)
     lmtp_listen: list[str] = field(default_factory=list)  # HOST:PORT or unix:PATH
+    tls_cert: str | None = None  # certificate chain (PEM); enables STLS
+    tls_key: str | None = None  # private key (PEM); None: in the cert file
+    tls_min_version: str = "TLSv1.2"
+    tls_handshake_timeout: float = 30.0
+    listen_tls: list[str] = field(default_factory=list)  # implicit-TLS listeners
+    trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    auth_mechanisms: list[str] | None = None  # None: PLAIN LOGIN SCRAM-SHA-256 (+ OAuth with a validator)
+    auth_penalty_initial: float = 2.0
+    auth_penalty_max: float = 15.0
+    auth_penalty_half_life: float = 300.0
+    auth_penalty_per_user: bool = True
+    max_connections_per_ip: int = 50
+    oauth_validator: str | None = None  # "hmac", "command" or "module:function"
+    oauth_secret: str | None = None
+    oauth_secret_file: str | None = None
+    oauth_command: str | None = None
 
     def validate(self) -> None:
         if self.passwd_file is None:
@@ -89,6 +126,7 @@ class Config:
                 pwd.getpwnam(self.user)
             except KeyError:
                 raise ValueError(f"no such system user {self.user!r}") from None
+        self._validate_security()
         if self.group is not None:
             import grp
 
@@ -96,6 +134,44 @@ class Config:
                 grp.getgrnam(self.group)
             except KeyError:
                 raise ValueError(f"no such system group {self.group!r}") from None
+
+
+    def _validate_security(self) -> None:
+        from fastpop.penalty import Networks
+        from fastpop.sasl import MECHANISMS, OAUTH_MECHANISMS
+        from fastpop.tls import MIN_VERSIONS
+
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ValueError("tls key given without a certificate")
+        if self.listen_tls and self.tls_cert is None:
+            raise ValueError("implicit-TLS listeners need a certificate (--tls-cert, [tls] cert)")
+        if self.tls_min_version not in MIN_VERSIONS:
+            raise ValueError(f"tls min_version must be one of {', '.join(MIN_VERSIONS)}")
+        for addr in self.listen_tls:
+            parse_address(addr)
+        try:
+            Networks(self.trusted_networks)
+        except ValueError as exc:
+            raise ValueError(f"auth trusted_networks: {exc}") from None
+        for name in ("tls_handshake_timeout", "auth_penalty_initial", "auth_penalty_max", "auth_penalty_half_life"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.max_connections_per_ip < 0:
+            raise ValueError("max_connections_per_ip must not be negative")
+        for mech in self.mechanisms():
+            if mech not in MECHANISMS:
+                raise ValueError(f"unknown SASL mechanism {mech!r} (known: {', '.join(MECHANISMS)})")
+            if mech in OAUTH_MECHANISMS and not self.oauth_validator:
+                raise ValueError(f"SASL mechanism {mech} needs an oauth validator ([oauth] validator)")
+
+    def mechanisms(self) -> list[str]:
+        """The SASL mechanisms offered, in CAPA order."""
+        if self.auth_mechanisms is not None:
+            return [m.upper() for m in self.auth_mechanisms]
+        names = ["PLAIN", "LOGIN", "SCRAM-SHA-256"]
+        if self.oauth_validator:
+            names += ["OAUTHBEARER", "XOAUTH2"]
+        return names
 
 
 # TOML (section, key) -> Config field
@@ -117,6 +193,22 @@ _TOML_KEYS = {
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
     ("lmtp", "listen"): "lmtp_listen",
+    ("tls", "cert"): "tls_cert",
+    ("tls", "key"): "tls_key",
+    ("tls", "min_version"): "tls_min_version",
+    ("tls", "handshake_timeout"): "tls_handshake_timeout",
+    ("tls", "listen"): "listen_tls",
+    ("auth", "trusted_networks"): "trusted_networks",
+    ("auth", "mechanisms"): "auth_mechanisms",
+    ("auth", "penalty_initial"): "auth_penalty_initial",
+    ("auth", "penalty_max"): "auth_penalty_max",
+    ("auth", "penalty_half_life"): "auth_penalty_half_life",
+    ("auth", "penalty_per_user"): "auth_penalty_per_user",
+    ("auth", "max_connections_per_ip"): "max_connections_per_ip",
+    ("oauth", "validator"): "oauth_validator",
+    ("oauth", "secret"): "oauth_secret",
+    ("oauth", "secret_file"): "oauth_secret_file",
+    ("oauth", "command"): "oauth_command",
 }
 
 

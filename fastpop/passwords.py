@@ -79,6 +79,16 @@ def _verify(stored: str, password: bytes) -> bool:
         if not salted and salt:
             return False
         return hmac.compare_digest(hashlib.new(algo, password + salt).digest(), digest)
+    if scheme == "SCRAM-SHA-256":  # Dovecot: iter,salt,storedkey,serverkey
+        from fastpop.sasl import parse_scram_keys
+
+        keys = parse_scram_keys(value)
+        if keys is None:
+            raise ValueError("malformed SCRAM-SHA-256 value")
+        salt, stored_key, _server_key, iterations = keys
+        salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)
     if scheme in ("ARGON2I", "ARGON2ID") or value.startswith("$argon2"):
         import argon2
 

@@ -16,11 +16,13 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from fastpop import responses as R
+from fastpop import sasl
 from fastpop.auth import AuthUnavailable, valid_username
 from fastpop.commands import NUM_CODES, Command
 from fastpop.locking import MailboxLock, MailboxLocked
 from fastpop.maildir import Mailbox, ensure_maildir
 from fastpop.parser import CommandParser
+from fastpop.penalty import address_key
 from fastpop.sending import SMALL_MESSAGE, MessageStream, SendfileStream, open_stream, render_small
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ BUSY_AUTH = 1  # a login is being checked
 BUSY_SENDING = 2  # a message is streaming out
 BUSY_WRITE_PAUSED = 4  # the transport's write buffer is full
 BUSY_CLOSING = 8  # the connection is ending
+BUSY_TLS = 16  # the STLS handshake is running
 
 MAX_TOP_LINES = 2**31 - 1
 
@@ -68,9 +71,20 @@ class POP3Protocol(asyncio.Protocol):
         "_stream_is_top",
         "_counts",
         "_end_reason",
+        # TLS, SASL and defences
+        "_implicit_tls",
+        "_secure",
+        "_trusted",
+        "_addr_key",
+        "_counted",
+        "_tls_task",
+        "_auth",
+        "_auth_wants_line",
+        "_auth_started",
+        "_auth_failure",
     )
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, implicit_tls: bool = False) -> None:
         self._ctx = ctx
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None
@@ -99,6 +113,16 @@ class POP3Protocol(asyncio.Protocol):
         # top count, top bytes, retr count, retr bytes
         self._counts = [0, 0, 0, 0]
         self._end_reason = "disconnected"
+        self._implicit_tls = implicit_tls
+        self._secure = False  # TLS is up
+        self._trusted = False  # the peer is in the trusted networks
+        self._addr_key = ""
+        self._counted = False  # holds a slot of the per-address connection limit
+        self._tls_task: asyncio.Task | None = None
+        self._auth = None  # the running login exchange (a fastpop.sasl generator)
+        self._auth_wants_line = False  # it waits for a SASL continuation line
+        self._auth_started = 0.0
+        self._auth_failure = None  # an error challenge is out: the attempt already failed
 
     # ----------------------------------------------------------- asyncio callbacks
 
@@ -112,6 +136,16 @@ class POP3Protocol(asyncio.Protocol):
         self._timestamp = ctx.new_timestamp()
         self._last_activity = now = self.loop.time()
         self._timer = self.loop.call_at(now + ctx.config.timeout_authorization, self._on_timer)
+        self._trusted = self._peer in ctx.trusted
+        self._secure = self._implicit_tls  # the listener did the handshake before connection_made
+        if not self._trusted:
+            self._addr_key = address_key(self._peer)
+            if not ctx.connections.acquire(self._addr_key):
+                log.info("refused rip=%s: %d connections open from it", self._peer, ctx.connections.count(self._addr_key))
+                self._out.append(R.ERR_TOO_MANY_CONNECTIONS)
+                self._close("too many connections")
+                return
+            self._counted = True
         transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -142,7 +176,15 @@ class POP3Protocol(asyncio.Protocol):
         return bool(self._busy & BUSY_WRITE_PAUSED)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == CLOSED:
+            return  # a failed TLS handshake may report the loss twice
         self._busy |= BUSY_CLOSING
+        if self._auth is not None:
+            self._auth.close()
+            self._auth = None
+        if self._counted:
+            self._counted = False
+            self._ctx.connections.release(self._addr_key)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -162,6 +204,12 @@ class POP3Protocol(asyncio.Protocol):
         self._in_process = True
         try:
             while not self._busy:
+                if self._auth_wants_line:  # a SASL exchange is reading the client's answer
+                    line = parser.next_line()
+                    if line is None:
+                        break
+                    self._auth_line(line)
+                    continue
                 cmd = parser.next_command()
                 if cmd is None:
                     break
@@ -211,7 +259,7 @@ class POP3Protocol(asyncio.Protocol):
             return
         self._end_reason = "timeout"
         self._busy |= BUSY_CLOSING
-        if self._busy & (BUSY_WRITE_PAUSED | BUSY_SENDING):
+        if self._busy & (BUSY_WRITE_PAUSED | BUSY_SENDING | BUSY_TLS):
             self.transport.abort()  # a reader that stopped reading: nothing more can be said
         else:
             self._out.append(R.ERR_TIMEOUT)
@@ -222,7 +270,7 @@ class POP3Protocol(asyncio.Protocol):
         if self.transport is None:
             return
         self._end_reason = "shutdown"
-        if self._busy & (BUSY_WRITE_PAUSED | BUSY_SENDING):
+        if self._busy & (BUSY_WRITE_PAUSED | BUSY_SENDING | BUSY_TLS):
             self.transport.abort()
         else:
             self._out.append(R.ERR_SHUTDOWN)
@@ -258,6 +306,9 @@ class POP3Protocol(asyncio.Protocol):
     def cmd_user(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:
             return self._bad(R.ERR_ARGS)
+        if not (self._secure or self._trusted):
+            self._out.append(R.ERR_PLAINTEXT_DISALLOWED)
+            return
         if not valid_username(args[0]):
             self._user_name = None
             return self._bad(R.ERR_AUTH_INVALID_USER)
@@ -270,48 +321,183 @@ class POP3Protocol(asyncio.Protocol):
             return self._bad(R.ERR_NO_USER)
         if len(args) != 1:
             return self._bad(R.ERR_ARGS)
+        if not (self._secure or self._trusted):
+            self._user_name = None
+            self._out.append(R.ERR_PLAINTEXT_DISALLOWED)
+            return
         self._user_name = None
-        self._busy |= BUSY_AUTH
-        started = self.loop.time()
-        try:
-            self._ctx.auth.verify_password(name, args[0], lambda user: self._login_checked(name, user, started))
-        except AuthUnavailable:
-            self._out.append(R.ERR_AUTH_UNAVAILABLE)
-            self._busy &= ~BUSY_AUTH
+        self._run_auth(sasl.password_login(_Services(self), name, args[0]))
 
     def cmd_apop(self, args: tuple[str, ...]) -> None:
         if len(args) != 2:
             return self._bad(R.ERR_ARGS)
         name, digest = args
-        started = self.loop.time()
-        if not valid_username(name):
-            user = None
-        else:
-            try:
-                user = self._ctx.auth.verify_apop(name, self._timestamp, digest)
-            except AuthUnavailable:
-                self._out.append(R.ERR_AUTH_UNAVAILABLE)
+        self._user_name = None
+        check = lambda: self._ctx.auth.verify_apop(name, self._timestamp, digest)  # noqa: E731
+        self._run_auth(sasl.apop_login(_Services(self), name, check))
+
+    def cmd_auth(self, args: tuple[str, ...]) -> None:
+        """RFC 5034 AUTH; bare AUTH lists the mechanisms (fetchmail, Thunderbird)."""
+        plaintext_ok = self._secure or self._trusted
+        if not args:
+            self._out.append(self._ctx.auth_list(plaintext_ok))
+            return
+        if len(args) > 2:
+            return self._bad(R.ERR_ARGS)
+        mechanism = self._ctx.mechanisms.get(args[0].upper())
+        if mechanism is None:
+            self._out.append(R.ERR_AUTH_MECHANISM)
+            return
+        if mechanism.plaintext and not plaintext_ok:
+            self._out.append(R.ERR_PLAINTEXT_DISALLOWED)
+            return
+        self._user_name = None
+        initial = None
+        if len(args) == 2:
+            initial = sasl.decode_response(args[1].encode("utf-8", "surrogatepass"))
+            if initial is None:
+                self._auth_started = self.loop.time()
+                self._auth_failed(R.ERR_AUTH_BASE64, None, None, False, "initial response not base64")
                 return
+        self._run_auth(mechanism.start(_Services(self), initial))
+
+    # The login exchange: a generator from fastpop.sasl, driven here.
+
+    def _run_auth(self, exchange) -> None:
+        self._auth = exchange
+        self._auth_started = self.loop.time()
         self._busy |= BUSY_AUTH
-        self._login_checked(name, user, started)
+        self._auth_step(None, None)
 
-    def _login_checked(self, name: str, user, started: float) -> None:
+    def _auth_step(self, value, exc: BaseException | None) -> None:
+        """Resume the exchange with a value (or an exception) until it needs
+        the client, a timer or a future, or ends."""
+        while True:
+            exchange = self._auth
+            if exchange is None or self.transport is None or self._busy & BUSY_CLOSING:
+                return  # the client left meanwhile
+            try:
+                step = exchange.send(value) if exc is None else exchange.throw(exc)
+            except StopIteration as stop:
+                self._auth = None
+                self._auth_finished(stop.value)
+                return
+            except Exception as error:
+                self._auth = None
+                if not isinstance(error, AuthUnavailable):
+                    log.error("authentication failed with an error rip=%s: %r", self._peer, error)
+                self._out.append(R.ERR_AUTH_UNAVAILABLE)
+                self._auth_resume()
+                return
+            value = exc = None
+            kind = type(step)
+            if kind is sasl.Challenge:
+                self._auth_failure = step.failed
+                self._out.append(sasl.encode_challenge(step.data))
+                self._auth_wants_line = True
+                self._auth_resume()  # the pull reads the answer
+                return
+            if kind is sasl.Gate:
+                # Credentials are about to be checked: the failure penalty
+                # waits here, on a timer, before anything is looked at.
+                delay = 0.0 if self._trusted else self._ctx.penalty.delay(self._addr_key, step.user)
+                self._auth_started = self.loop.time() + delay
+                if delay > 0:
+                    self.loop.call_later(delay, self._auth_step, None, None)
+                    return
+                continue
+            future = step.future
+            if not future.done():
+                future.add_done_callback(self._auth_future_done)
+                return
+            if future.cancelled():
+                exc = asyncio.CancelledError()
+            else:
+                exc = future.exception()
+                value = None if exc is not None else future.result()
+
+    def _auth_future_done(self, future: asyncio.Future) -> None:
+        if future.cancelled():
+            self._auth_step(None, asyncio.CancelledError())
+        elif future.exception() is not None:
+            self._auth_step(None, future.exception())
+        else:
+            self._auth_step(future.result(), None)
+
+    def _auth_resume(self) -> None:
+        if not self._in_process:
+            self._flush()
+        self._unbusy(BUSY_AUTH)
+
+    def _auth_line(self, line: tuple[bool, bytes]) -> None:
+        """A SASL continuation line (RFC 5034): base64, or "*" to cancel."""
+        self._auth_wants_line = False
+        ok, data = line
+        failure, self._auth_failure = self._auth_failure, None
+        if failure is not None:  # any answer to an error challenge (even "*") ends a failed attempt
+            self._auth_abort()
+            self._auth_finished(failure)
+            return
+        if not ok:
+            self._auth_abort()
+            self._auth_failed(R.ERR_AUTH_RESPONSE_TOO_LONG, None, None, False, "response too long")
+            return
+        if data == b"*":
+            self._auth_abort()
+            self._bad(R.ERR_AUTH_CANCELLED)
+            return
+        decoded = sasl.decode_response(data)
+        if decoded is None:
+            self._auth_abort()
+            self._auth_failed(R.ERR_AUTH_BASE64, None, None, False, "response not base64")
+            return
+        self._busy |= BUSY_AUTH
+        self._auth_step(decoded, None)
+
+    def _auth_abort(self) -> None:
+        if self._auth is not None:
+            self._auth.close()
+            self._auth = None
+
+    def _auth_finished(self, outcome: sasl.Outcome) -> None:
+        if outcome.record is None:
+            self._auth_failed(R.ERR_AUTH_FAILED, outcome.user, outcome.credentials, not outcome.malformed,
+                              outcome.reason)
+            return
+        self._login_succeeded(outcome.record)
+
+    def _auth_failed(self, reply: bytes, name: str | None, credentials: bytes | None, penalize: bool,
+                     reason: str) -> None:
+        self._auth_failures += 1
+        valid = name is not None and valid_username(name)
+        if penalize and not self._trusted:  # per-user accounting only for names that can exist
+            self._ctx.penalty.failed(self._addr_key, name if valid else None, credentials)
+        # a name from SASL can be anything (16 KiB, newlines): logged as it is only if valid
+        shown = name if valid else ("-" if name is None else repr(name[:64]))
+        log.info("auth failed user=%s rip=%s reason=%s", shown, self._peer, reason or "-")
+        # Answer every failure at the same moment after the attempt, so
+        # timing tells nothing about whether the user exists.
+        self._busy |= BUSY_AUTH
+        delay = self._auth_started + self._ctx.config.auth_failure_delay - self.loop.time()
+        self.loop.call_later(max(0.0, delay), self._login_failed, reply)
+
+    def _login_succeeded(self, user) -> None:
+        ctx = self._ctx
+        if not self._trusted:
+            ctx.penalty.succeeded(self._addr_key, user.name)
+        delay = _login_delay(user, ctx.config.login_delay)
+        if ctx.last_logins.too_soon(user.name, delay):
+            log.info("login refused user=%s rip=%s: LOGIN-DELAY %d", user.name, self._peer, delay)
+            self._out.append(R.ERR_LOGIN_DELAY)
+            self._flush()
+            self._unbusy(BUSY_AUTH)
+            return
+        self._open_mailbox(user)  # answers through _finish_login
+
+    def _login_failed(self, reply: bytes = R.ERR_AUTH_FAILED) -> None:
         if self.transport is None or self._busy & BUSY_CLOSING:
-            return  # the client left while its password was being checked
-        if user is None:
-            self._auth_failures += 1
-            log.info("auth failed user=%s rip=%s", name, self._peer)
-            # Answer every failure at the same moment after the command, so
-            # timing tells nothing about whether the user exists.
-            delay = started + self._ctx.config.auth_failure_delay - self.loop.time()
-            self.loop.call_later(max(0.0, delay), self._login_failed)
             return
-        self._open_mailbox(user)
-
-    def _login_failed(self) -> None:
-        if self.transport is None:
-            return
-        self._out.append(R.ERR_AUTH_FAILED)
+        self._out.append(reply)
         if self._auth_failures >= self._ctx.config.auth_max_attempts:
             self._close("too many auth failures")
             return
@@ -370,6 +556,8 @@ class POP3Protocol(asyncio.Protocol):
         self._finish_login(R.OK_LOGGED_IN)
 
     def _finish_login(self, reply: bytes) -> None:
+        if reply is R.OK_LOGGED_IN:  # LOGIN-DELAY counts from here
+            self._ctx.last_logins.record(self._user.name, _login_delay(self._user, self._ctx.config.login_delay))
         self._out.append(reply)
         self._flush()
         self._unbusy(BUSY_AUTH)
@@ -382,7 +570,72 @@ class POP3Protocol(asyncio.Protocol):
         if args:
             return self._bad(R.ERR_ARGS)
         ctx = self._ctx
-        self._out.append(ctx.capa_authorization if self._state == AUTHORIZATION else ctx.capa_transaction)
+        if self._state == AUTHORIZATION:
+            self._out.append(ctx.capa_for(not self._secure, self._secure or self._trusted))
+        else:
+            self._out.append(ctx.capa_transaction)
+
+    # ----------------------------------------------------------- STLS, UTF8
+
+    def cmd_stls(self, args: tuple[str, ...]) -> None:
+        """RFC 2595.  Everything the client sent after STLS and before the
+        handshake is discarded (no plaintext command injection, CVE-2011-0411)."""
+        if args:
+            return self._bad(R.ERR_ARGS)
+        if self._ctx.tls is None:
+            self._out.append(R.ERR_TLS_UNAVAILABLE)
+            return
+        if self._secure:
+            self._out.append(R.ERR_TLS_ACTIVE)
+            return
+        self._out.append(R.OK_STLS)
+        self._flush()
+        self._user_name = None  # nothing from before TLS counts
+        self._start_tls()
+
+    def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None and self._ctx.tls is not None
+        self._busy |= BUSY_TLS  # the pull stops here
+        self._parser.discard()
+        if not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        self._tls_task = self.loop.create_task(self._ctx.tls.upgrade(self, transport))
+
+    def tls_established(self, transport: asyncio.Transport) -> None:
+        """Called by fastpop.tls when the STLS handshake is done."""
+        self._tls_task = None
+        if self._state == CLOSED or self._busy & BUSY_CLOSING:
+            transport.abort()
+            return
+        self.transport = transport
+        self._secure = True
+        self._reading_paused = False  # start_tls resumed reading
+        self._parser.discard()
+        self._parser.utf8 = False
+        self._last_activity = self.loop.time()
+        if log.isEnabledFor(logging.DEBUG):
+            sslobj = transport.get_extra_info("ssl_object")
+            log.debug("tls rip=%s %s %s", self._peer, sslobj.version() if sslobj else "?",
+                      (transport.get_extra_info("cipher") or ("?",))[0])
+        self._unbusy(BUSY_TLS)
+
+    def tls_failed(self, exc: BaseException) -> None:
+        """Called by fastpop.tls when the STLS handshake failed or timed out."""
+        self._tls_task = None
+        log.info("TLS handshake failed rip=%s: %s", self._peer, exc or type(exc).__name__)
+        if self._state == CLOSED:
+            return  # the TLS layer reported the loss already
+        self._end_reason = "tls failed"
+        self.connection_lost(None)
+
+    def cmd_utf8(self, args: tuple[str, ...]) -> None:
+        """RFC 6856: UTF-8 user names and passwords (SASLprep'd) from here on."""
+        if args:
+            return self._bad(R.ERR_ARGS)
+        self._parser.utf8 = True
+        self._out.append(R.OK_UTF8)
 
     def cmd_noop(self, args: tuple[str, ...]) -> None:
         if args:
@@ -584,6 +837,58 @@ class POP3Protocol(asyncio.Protocol):
         )
 
 
+class _Services:
+    """What fastpop.sasl's exchanges may ask of the server, for one session."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: POP3Protocol) -> None:
+        self._session = session
+
+    @property
+    def secret(self) -> bytes:
+        return self._session._ctx.secret
+
+    def lookup(self, name: str):
+        return self._session._ctx.auth.lookup(name)
+
+    def valid_username(self, name: str) -> bool:
+        return valid_username(name)
+
+    def verify_password(self, name: str, password: str) -> sasl.Pending:
+        future = self._session.loop.create_future()
+
+        def done(record) -> None:
+            if not future.done():
+                future.set_result(record)
+
+        self._session._ctx.auth.verify_password(name, password, done)
+        return sasl.Pending(future)
+
+    def scram_keys(self, record):
+        session = self._session
+        keys = session._ctx.auth.scram_keys(record, session._ctx.secret)
+        if callable(keys):  # derived from a clear-text password: PBKDF2 in a thread
+            return sasl.Pending(session.loop.run_in_executor(None, keys))
+        return keys
+
+    def validate_token(self, token: str, user: str | None, mechanism: str) -> sasl.Pending:
+        from fastpop.oauth import TokenRequest, run_validator
+
+        session = self._session
+        ctx = session._ctx
+        request = TokenRequest(token, user, mechanism, session._peer, ctx.config)
+        return sasl.Pending(run_validator(ctx.oauth_validator, request, session.loop))
+
+
+def _login_delay(user, default: int) -> int:
+    """LOGIN-DELAY seconds for a user: the login_delay extra field, else the default."""
+    value = user.extra.get("login_delay") if user.extra else None
+    if value is not None and value.isdigit():
+        return int(value)
+    return default
+
+
 def _marked(flags: bytearray, count: int) -> list[int]:
     """Indexes of the set bytes, found at C speed (a mailbox may hold 100,000)."""
     out: list[int] = []
@@ -631,6 +936,9 @@ _AUTHORIZATION = {
     Command.APOP: P.cmd_apop,
     Command.QUIT: P.cmd_quit_authorization,
     Command.CAPA: P.cmd_capa,
+    Command.AUTH: P.cmd_auth,
+    Command.STLS: P.cmd_stls,
+    Command.UTF8: P.cmd_utf8,
 }
 _TRANSACTION = {
     Command.STAT: P.cmd_stat,

@@ -39,3 +39,16 @@ ERR_MESSAGE_GONE = b"-ERR [SYS/PERM] Message was removed by another program.\r\n
 ERR_MESSAGE_TEMP = b"-ERR [SYS/TEMP] Message cannot be read now.\r\n"
 ERR_NOT_ALL_DELETED = b"-ERR [SYS/TEMP] Some deleted messages could not be removed.\r\n"
 ERR_AUTH_UNAVAILABLE = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"
+
+# TLS (RFC 2595, RFC 8314), SASL (RFC 5034), UTF8 (RFC 6856), defences.
+OK_STLS = b"+OK Begin TLS negotiation now.\r\n"
+OK_UTF8 = b"+OK UTF8 enabled.\r\n"
+ERR_TLS_UNAVAILABLE = b"-ERR TLS support isn't enabled.\r\n"
+ERR_TLS_ACTIVE = b"-ERR TLS is already active.\r\n"
+ERR_PLAINTEXT_DISALLOWED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"
+ERR_AUTH_MECHANISM = b"-ERR [AUTH] Unsupported authentication mechanism.\r\n"
+ERR_AUTH_CANCELLED = b"-ERR [AUTH] Authentication cancelled.\r\n"
+ERR_AUTH_BASE64 = b"-ERR [AUTH] Invalid base64 data in continued response.\r\n"
+ERR_AUTH_RESPONSE_TOO_LONG = b"-ERR [AUTH] Response too long.\r\n"
+ERR_LOGIN_DELAY = b"-ERR [LOGIN-DELAY] Minimum time between logins has not passed.\r\n"
+ERR_TOO_MANY_CONNECTIONS = b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"

@@ -30,27 +30,86 @@ class ServerContext:
         self.loop = loop
         self.auth = Authenticator(config.passwd_file, config.mail_location)
         self.sessions: set[POP3Protocol] = set()
+        self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
         self._counter = itertools.count(1)
         self._stamp_prefix = f"<{os.getpid()}."
         self._stamp_suffix = f"@{config.hostname}>"
-        self.capa_authorization = self._capa(authorized=False)
         self.capa_transaction = self._capa(authorized=True)
+        self._init_security(config)
+
+    def _init_security(self, config: Config) -> None:
+        """TLS, SASL, penalties and limits (fastpop.tls, .sasl, .penalty, .oauth)."""
+        from fastpop import sasl
+        from fastpop.penalty import ConnectionLimiter, LastLogins, Networks, PenaltyBox
+
+        self.tls = None
+        if config.tls_cert is not None:
+            from fastpop.tls import TLSManager
+
+            self.tls = TLSManager(config)
+        self.trusted = Networks(config.trusted_networks)
+        self.penalty = PenaltyBox(
+            config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
+            per_user=config.auth_penalty_per_user,
+        )
+        self.connections = ConnectionLimiter(config.max_connections_per_ip)
+        self.last_logins = LastLogins()
+        self.secret = os.urandom(32)  # stable fake SCRAM salts for unknown users, per process
+        self.oauth_validator = None
+        if config.oauth_validator:
+            from fastpop.oauth import load_validator
+
+            self.oauth_validator = load_validator(config.oauth_validator)
+        self.mechanisms = {name: sasl.MECHANISMS[name] for name in config.mechanisms()}
+        # CAPA and the bare AUTH listing in AUTHORIZATION depend on whether
+        # STLS is still to be offered and whether plaintext logins are allowed.
+        self._capa_auth: dict[tuple[bool, bool], bytes] = {}
+        self._auth_lists: dict[bool, bytes] = {}
+        for plaintext_ok in (False, True):
+            names = [n for n, m in self.mechanisms.items() if plaintext_ok or not m.plaintext]
+            self._auth_lists[plaintext_ok] = ("".join(f"{n}\r\n" for n in ["+OK", *names]) + ".\r\n").encode("ascii")
+            for stls in (False, True):
+                self._capa_auth[stls, plaintext_ok] = self._capa(False, stls=stls, plaintext_ok=plaintext_ok, sasl=names)
+        self.capa_authorization = self._capa_auth[self.tls is not None, True]
+
+    def capa_for(self, stls: bool, plaintext_ok: bool) -> bytes:
+        return self._capa_auth[stls and self.tls is not None, plaintext_ok]
+
+    def auth_list(self, plaintext_ok: bool) -> bytes:
+        return self._auth_lists[plaintext_ok]
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the TLS certificate (the passwd-file reloads by itself)."""
+        if self.tls is None:
+            log.info("SIGHUP: nothing to reload (no TLS configured)")
+            return
+        self.tls.reload()
 
     def new_timestamp(self) -> str:
         """APOP timestamp, unique per connection: <pid.counter.random@host>."""
         return f"{self._stamp_prefix}{next(self._counter)}.{random.getrandbits(40):x}{self._stamp_suffix}"
 
-    def _capa(self, authorized: bool) -> bytes:
+    def _capa(self, authorized: bool, stls: bool = False, plaintext_ok: bool = True,
+              sasl: list[str] | None = None) -> bytes:
         config = self.config
         lines = ["+OK Capability list follows", "TOP", "UIDL"]
         if not authorized:
-            lines.append("USER")
+            if plaintext_ok:  # as Dovecot: no USER where it would be refused
+                lines.append("USER")
+            if stls:
+                lines.append("STLS")
+            if sasl:
+                lines.append("SASL " + " ".join(sasl))
         lines += [
             "RESP-CODES",
             "AUTH-RESP-CODE",
             "PIPELINING",
             f"EXPIRE {config.expire.upper()}",
             f"LOGIN-DELAY {config.login_delay}",
+        ]
+        if not authorized:
+            lines.append("UTF8")
+        lines += [
             f"IMPLEMENTATION fastpop-{__version__}",
             ".",
         ]
@@ -76,6 +135,13 @@ async def start(config: Config, ready: asyncio.Future | None = None) -> tuple[Se
             lambda: POP3Protocol(ctx), host, port, reuse_address=True, backlog=4096
         )
         servers.append(server)
+    for addr in config.listen_tls:
+        host, port = parse_address(addr)
+        server = await loop.create_server(
+            lambda: POP3Protocol(ctx, implicit_tls=True), host, port, reuse_address=True, backlog=4096,
+            ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout,
+        )
+        ctx.tls_servers.append(server)
     return ctx, servers
 
 
@@ -115,6 +181,9 @@ async def serve(config: Config) -> None:
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
+    loop.add_signal_handler(signal.SIGHUP, ctx.reload)
+    if ctx.tls_servers:
+        log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
     if lmtp_service is not None:
         log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
     log.info(
@@ -127,7 +196,7 @@ async def serve(config: Config) -> None:
     )
     signum = await stop
     log.info("received %s, shutting down", signal.Signals(signum).name)
-    for server in servers:
+    for server in servers + ctx.tls_servers:
         server.close()
     if lmtp_service is not None:
         await lmtp_service.close()

@@ -475,6 +475,8 @@ def test_passwd_file_missing(tmp_path):
         "alice", "a", "Bob", "user1", "first.last", "first_last", "first-last", "x+tag",
         "alice@example.com", "a.b@mail.example.co.uk", "u@localhost", "x" * MAX_USERNAME,
         "o'brien", "a=b",
+        # RFC 6856 (UTF8): letters, marks and digits beyond ASCII
+        "jörg", "Jörg@bücher.example", "用户", "δοκιμή@παράδειγμα.δοκιμή", "ü" * (MAX_USERNAME // 2),
     ],
 )
 def test_valid_usernames(name):
@@ -486,7 +488,11 @@ def test_valid_usernames(name):
     [
         "", "../x", "..", ".", "a/b", "/abs", "a\\b", "a\x00b", ".hidden", "a..b", "a@b..c",
         "a b", " a", "a ", "a\tb", "a\nb", "a\n", "a\r", "x" * (MAX_USERNAME + 1), "a@", "@b",
-        "a@b@c", "a@.b", "a@-b", "a:b", "jörg", "a@b/c", "a@../b",
+        "a@b@c", "a@.b", "a@-b", "a:b", "a@b/c", "a@../b",
+        # beyond ASCII, no punctuation, symbols, spaces or invisible characters
+        # (no look-alike of "/" or "."), and at most MAX_USERNAME octets
+        "a\uff0fb", "..\uff0fx", "a\u2215b", "a\u2044b", "\uff0e\uff0e", "a\u3002b", "a\u200bb",
+        "a\u00a0b", "a\u202eb", "\u00e9" * (MAX_USERNAME // 2 + 1),
     ],
 )
 def test_invalid_usernames(name):

@@ -2,7 +2,7 @@
 
 Every client runs as a separate process with a hard time bound (``TIMEOUT``),
 in a temporary HOME, talking only to the fastpop on 127.0.0.1 started by the
-``server`` fixture, without TLS (fastpop does not offer STLS yet).
+``server`` fixture, without TLS (test_tls.py has them over TLS).
 
 What is compared
 ----------------
@@ -226,9 +226,10 @@ def uidls(user) -> list[str]:
 
 # ----------------------------------------------------------------- curl
 #
-# curl (7.88) logs in with APOP whenever the greeting carries a timestamp, as
-# fastpop's does; its login options cannot force USER/PASS then ("AUTH=+APOP"
-# and "AUTH=*" both pick APOP).  The APOP path is therefore what is exercised.
+# curl (7.88) logs in with SASL when CAPA offers it (fastpop offers PLAIN,
+# LOGIN and SCRAM-SHA-256; Debian's curl has no SCRAM, so it picks PLAIN),
+# else with APOP when the greeting carries a timestamp, as fastpop's does.
+# "--login-options AUTH=+APOP" makes it use APOP.
 
 
 def curl(server, user, path: str = "", *extra: str, password: str | None = None) -> subprocess.CompletedProcess:
@@ -263,12 +264,23 @@ def test_curl_retr_every_message(server):
 @needs_curl
 def test_curl_apop_is_used_and_bad_password_fails(server):
     user = server.add_user(messages=[message("one")])
-    res = curl(server, user, "1", "-v")
+    res = curl(server, user, "1", "-v", "--login-options", "AUTH=+APOP")
     assert res.returncode == 0, describe(res)
     assert re.search(rb"^> APOP " + user.name.encode() + rb" [0-9a-f]{32}\r?$", res.stderr, re.M), describe(res)
-    bad = curl(server, user, "1", password="wrong")
+    bad = curl(server, user, "1", "--login-options", "AUTH=+APOP", password="wrong")
     assert bad.returncode == 67, describe(bad)  # CURLE_LOGIN_DENIED
     assert bad.stdout == b""
+
+
+@needs_curl
+def test_curl_uses_sasl_plain_when_offered(server):
+    user = server.add_user(messages=[message("one")])
+    res = curl(server, user, "1", "-v")
+    assert res.returncode == 0, describe(res)
+    assert re.search(rb"^> AUTH PLAIN\r?$", res.stderr, re.M), describe(res)
+    assert res.stdout == message("one")
+    bad = curl(server, user, "1", password="wrong")
+    assert bad.returncode == 67, describe(bad)  # CURLE_LOGIN_DENIED
 
 
 @needs_curl

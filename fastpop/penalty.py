@@ -1,0 +1,240 @@
+"""Defence against password guessing: failure penalties and connection caps.
+
+``PenaltyBox`` tracks failed logins per client address and per user name, as
+Dovecot's auth penalty does: after failures, every further login attempt is
+answered only after a delay of ``initial`` seconds doubling with each
+failure up to ``maximum`` (2, 4, 8, 15, 15, ... by default).  The delay is
+applied before the credentials are checked, so an attacker learns nothing
+earlier by hanging up; it is a timer on the event loop, so nobody else waits.
+
+- Failure counts decay: each halves every ``half_life`` seconds without a
+  new failure, so a user who mistyped a password is soon back to no delay.
+- Repeating the same wrong credentials (a client configured with an old
+  password) does not raise the count again: the last few credential
+  fingerprints per address are remembered, as Dovecot does.
+- Memory is bounded: each table holds at most ``max_entries`` keys, the
+  least recently failed dropped first; entries that decayed away are purged.
+- IPv6 clients are tracked by /64 (one customer's whole prefix), IPv4 by
+  address.
+- Addresses in the trusted networks (webmail, proxies) are never penalised;
+  the protocol does not ask for them.
+
+``ConnectionLimiter`` counts open connections per address (the same key)
+and refuses one more than ``limit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import os
+import time
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+IPV6_PREFIX = 64
+RECENT_CREDENTIALS = 10  # per address: wrong credentials seen lately
+
+
+def address_key(ip: str) -> str:
+    """The unit of accounting for an address: itself (IPv4) or its /64 (IPv6)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, IPV6_PREFIX), strict=False))
+    return str(addr)
+
+
+class Networks:
+    """A list of networks (CIDR strings) to test addresses against."""
+
+    def __init__(self, specs: Iterable[str]) -> None:
+        self.networks = [ipaddress.ip_network(s.strip(), strict=False) for s in specs if s.strip()]
+
+    def __contains__(self, ip: str) -> bool:
+        if not self.networks:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr.version == net.version and addr in net for net in self.networks)
+
+
+class _Entry:
+    __slots__ = ("count", "last", "recent")
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.last = 0.0
+        self.recent: list[bytes] | None = None
+
+
+class PenaltyBox:
+    def __init__(
+        self,
+        initial: float = 2.0,
+        maximum: float = 15.0,
+        half_life: float = 300.0,
+        max_entries: int = 100_000,
+        per_user: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.half_life = half_life
+        self.max_entries = max_entries
+        self.per_user = per_user
+        self.clock = clock
+        self._ips: OrderedDict[str, _Entry] = OrderedDict()
+        self._users: OrderedDict[str, _Entry] = OrderedDict()
+        self._key = os.urandom(16)  # credential fingerprints are keyed: never a stored hash
+
+    @property
+    def enabled(self) -> bool:
+        return self.initial > 0 and self.maximum > 0
+
+    def _decayed(self, entry: _Entry, now: float) -> float:
+        if self.half_life <= 0:
+            return entry.count
+        return entry.count * 0.5 ** ((now - entry.last) / self.half_life)
+
+    def _seconds(self, count: float) -> float:
+        n = math.floor(count + 0.5)  # a count decays continuously: round it
+        if n <= 0:
+            return 0.0
+        if n > 60:
+            return self.maximum
+        return min(self.initial * 2.0 ** (n - 1), self.maximum)
+
+    def failures(self, key: str, user: str | None = None) -> float:
+        """The decayed failure count that decides the delay (the larger of the two)."""
+        now = self.clock()
+        count = 0.0
+        entry = self._ips.get(key)
+        if entry is not None:
+            count = self._decayed(entry, now)
+        if self.per_user and user is not None:
+            entry = self._users.get(user)
+            if entry is not None:
+                count = max(count, self._decayed(entry, now))
+        return count
+
+    def delay(self, key: str, user: str | None = None) -> float:
+        """Seconds to wait before checking this attempt's credentials."""
+        if not self.enabled:
+            return 0.0
+        return self._seconds(self.failures(key, user))
+
+    def failed(self, key: str, user: str | None, credentials: bytes | None = None) -> None:
+        """Record a failed login from ``key`` naming ``user``."""
+        if not self.enabled:
+            return
+        now = self.clock()
+        fingerprint = None
+        if credentials is not None:
+            fingerprint = hashlib.blake2b(credentials, key=self._key, digest_size=8).digest()
+        entry = self._bump(self._ips, key, now, fingerprint)
+        if entry is None:
+            return  # the same wrong credentials again: no higher penalty
+        if self.per_user and user is not None:
+            self._bump(self._users, user, now, None)
+
+    def succeeded(self, key: str, user: str) -> None:
+        """A login succeeded: the user's own count is cleared (the address's decays)."""
+        self._users.pop(user, None)
+
+    def _bump(self, table: OrderedDict, name: str, now: float, fingerprint: bytes | None) -> _Entry | None:
+        entry = table.get(name)
+        if entry is None:
+            self._trim(table, now)
+            entry = table[name] = _Entry()
+        else:
+            table.move_to_end(name)
+        if fingerprint is not None:
+            recent = entry.recent
+            if recent is None:
+                recent = entry.recent = []
+            elif fingerprint in recent:
+                return None
+            recent.append(fingerprint)
+            if len(recent) > RECENT_CREDENTIALS:
+                del recent[0]
+        entry.count = self._decayed(entry, now) + 1.0
+        entry.last = now
+        return entry
+
+    def _trim(self, table: OrderedDict, now: float) -> None:
+        """Make room for one more entry."""
+        while len(table) >= self.max_entries:
+            table.popitem(last=False)
+        # Drop a few decayed entries from the old end on every insertion.
+        for _ in range(4):
+            if not table:
+                return
+            name, entry = next(iter(table.items()))
+            if self._decayed(entry, now) >= 0.5:
+                return
+            del table[name]
+
+    def __len__(self) -> int:
+        return len(self._ips) + len(self._users)
+
+
+class ConnectionLimiter:
+    """Open connections per address key; ``acquire`` refuses beyond ``limit`` (0: no limit)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def acquire(self, key: str) -> bool:
+        n = self._open.get(key, 0)
+        if self.limit and n >= self.limit:
+            return False
+        self._open[key] = n + 1
+        return True
+
+    def release(self, key: str) -> None:
+        n = self._open.get(key, 0) - 1
+        if n > 0:
+            self._open[key] = n
+        else:
+            self._open.pop(key, None)
+
+    def count(self, key: str) -> int:
+        return self._open.get(key, 0)
+
+
+class LastLogins:
+    """Time of each user's last login, for LOGIN-DELAY; bounded by expiry."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._last: OrderedDict[str, tuple[float, float]] = OrderedDict()  # user -> (time, delay)
+
+    def too_soon(self, user: str, delay: float) -> bool:
+        if delay <= 0:
+            return False
+        seen = self._last.get(user)
+        return seen is not None and self.clock() - seen[0] < delay
+
+    def record(self, user: str, delay: float) -> None:
+        if delay <= 0:
+            return
+        now = self.clock()
+        self._last.pop(user, None)
+        self._last[user] = (now, delay)
+        # Entries are in login order; drop the expired ones at the front.
+        while self._last:
+            name, (when, d) = next(iter(self._last.items()))
+            if now - when < d and len(self._last) <= 1_000_000:
+                break
+            del self._last[name]
