@@ -100,6 +100,23 @@ def test_plain_initial_response_and_continuation(server):
     assert c.cmd("QUIT").startswith(b"+OK")
 
 
+def test_auth_pipelined_with_its_continuation_and_commands(server):
+    """PIPELINING: AUTH, its answer and the next commands in one packet."""
+    user = server.add_user(messages=[message()])
+    c = Conn(server.port)
+    c.send(f"AUTH PLAIN\r\n{b64(chr(0) + user.name + chr(0) + user.password)}\r\nSTAT\r\nQUIT\r\n".encode())
+    assert c.line() == b"+ \r\n"
+    assert c.line() == b"+OK Logged in.\r\n"
+    assert c.line() == b"+OK 1 %d\r\n" % len(message())
+    assert c.line().startswith(b"+OK Logging out")
+    c = Conn(server.port)
+    c.send(f"AUTH LOGIN {b64(user.name)}\r\n{b64('wrong')}\r\nCAPA\r\n".encode())
+    assert unb64(c.line()) == b"Password:"
+    assert c.line() == AUTH_FAILED
+    assert c.line() == b"+OK Capability list follows\r\n"
+    c.close()
+
+
 def test_plain_failures(server):
     user = server.add_user()
     other = server.add_user()

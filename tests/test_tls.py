@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import time
+import warnings
 
 import pytest
 
@@ -141,8 +142,10 @@ def test_tls_version_floor(tls_server):
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     old.load_verify_locations(str(tls_server.certs.ca_pem))
     old.set_ciphers("ALL:@SECLEVEL=0")
-    old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
-    old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
     with pytest.raises((ssl.SSLError, ConnectionError)):
         poplib.POP3_SSL("127.0.0.1", tls_server.tls_port, context=old, timeout=10)
 
