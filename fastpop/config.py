@@ -147,6 +147,15 @@ class Config:
             raise ValueError("implicit-TLS listeners need a certificate (--tls-cert, [tls] cert)")
         if self.tls_min_version not in MIN_VERSIONS:
             raise ValueError(f"tls min_version must be one of {', '.join(MIN_VERSIONS)}")
+        if self.tls_cert is not None:
+            import ssl
+
+            from fastpop.tls import build_context
+
+            try:
+                build_context(self.tls_cert, self.tls_key, self.tls_min_version)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"tls: cannot use certificate {self.tls_cert} / key {self.tls_key}: {exc}") from None
         for addr in self.listen_tls:
             parse_address(addr)
         try:
@@ -163,6 +172,19 @@ class Config:
                 raise ValueError(f"unknown SASL mechanism {mech!r} (known: {', '.join(MECHANISMS)})")
             if mech in OAUTH_MECHANISMS and not self.oauth_validator:
                 raise ValueError(f"SASL mechanism {mech} needs an oauth validator ([oauth] validator)")
+        if self.oauth_validator:
+            from fastpop.oauth import load_validator
+
+            load_validator(self.oauth_validator)  # raises ValueError with the reason
+            if self.oauth_validator in ("hmac", "fastpop.oauth:hmac_validator"):
+                from fastpop.oauth import read_secret
+
+                try:
+                    read_secret(self)
+                except OSError as exc:
+                    raise ValueError(f"oauth secret_file: {exc}") from None
+            if self.oauth_validator in ("command", "fastpop.oauth:command_validator") and not self.oauth_command:
+                raise ValueError("oauth validator 'command' needs [oauth] command (--oauth-command)")
 
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms offered, in CAPA order."""

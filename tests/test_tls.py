@@ -434,3 +434,62 @@ def test_mpop_over_tls(tls_server, tmp_path, mode, auth):
     delivered = [p for sub in ("new", "cur") for p in (maildir / sub).iterdir()]
     assert len(delivered) == 2, describe(res)
     assert user.files() == []
+
+
+# ----------------------------------------------------------------- configuration
+
+
+def test_security_settings_from_toml_and_their_errors(tmp_path):
+    from fastpop.config import Config, load_toml
+
+    certs = Certs(tmp_path / "certs")
+    (tmp_path / "key").write_text("x" * 32 + "\n")
+    (tmp_path / "passwd").touch()
+    toml = tmp_path / "fastpop.toml"
+    toml.write_text(f"""
+[auth]
+passwd_file = "{tmp_path / 'passwd'}"
+trusted_networks = ["10.0.0.0/8"]
+mechanisms = ["SCRAM-SHA-256", "OAUTHBEARER"]
+penalty_initial = 1.5
+penalty_max = 10
+penalty_half_life = 60
+penalty_per_user = false
+max_connections_per_ip = 7
+
+[tls]
+cert = "{certs.cert}"
+key = "{certs.key}"
+min_version = "TLSv1.3"
+handshake_timeout = 5
+listen = ["127.0.0.1:995"]
+
+[oauth]
+validator = "hmac"
+secret_file = "{tmp_path / 'key'}"
+""")
+    config = load_toml(str(toml))
+    config.validate()
+    assert config.trusted_networks == ["10.0.0.0/8"] and config.mechanisms() == ["SCRAM-SHA-256", "OAUTHBEARER"]
+    assert (config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life) == (1.5, 10.0, 60.0)
+    assert config.auth_penalty_per_user is False and config.max_connections_per_ip == 7
+    assert (config.tls_min_version, config.tls_handshake_timeout, config.listen_tls) == ("TLSv1.3", 5.0, ["127.0.0.1:995"])
+
+    def refused(text: str, **changes) -> None:
+        c = Config(passwd_file=str(tmp_path / "passwd"), **changes)
+        with pytest.raises(ValueError, match=text):
+            c.validate()
+
+    refused("need a certificate", listen_tls=["127.0.0.1:995"])
+    refused("cannot use certificate", tls_cert=str(tmp_path / "missing.pem"))
+    refused("cannot use certificate", tls_cert=str(certs.cert))  # the key is not in that file
+    refused("min_version", tls_cert=str(certs.server_pem), tls_min_version="TLSv1.0")
+    refused("trusted_networks", trusted_networks=["not a network"])
+    refused("unknown SASL mechanism", auth_mechanisms=["CRAM-MD5"])
+    refused("needs an oauth validator", auth_mechanisms=["XOAUTH2"])
+    refused("module:function", oauth_validator="nonsense")
+    refused("No module named", oauth_validator="no_such_module_here:f")
+    refused("at least 16 bytes", oauth_validator="hmac", oauth_secret="short")
+    refused("needs \\[oauth\\] command", oauth_validator="command")
+    refused("must not be negative", auth_penalty_max=-1.0)
+    Config(passwd_file=str(tmp_path / "passwd"), tls_cert=str(certs.server_pem)).validate()  # key in the cert file
