@@ -226,17 +226,21 @@ def load(maildir: str) -> MailboxIndex | None:
     global _cache_bytes
     path = os.path.join(maildir, INDEX_FILE)
     try:
+        st = os.stat(path)  # the warm path: one system call
+    except FileNotFoundError:
+        return None
+    with _cache_lock:
+        cached = _cache.get(maildir)
+        if cached is not None and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
+            _cache.move_to_end(maildir)
+            return cached[1]
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        st = os.fstat(fd)
+        st = os.fstat(fd)  # of the file actually read
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        with _cache_lock:
-            cached = _cache.get(maildir)
-            if cached is not None and cached[0] == stamp:
-                _cache.move_to_end(maildir)
-                return cached[1]
         try:
             buf = _read_all(fd, st.st_size)
             index = MailboxIndex(buf)

@@ -395,11 +395,11 @@ class Trace:
 
 @contextlib.contextmanager
 def strace(pid: int, out: Path):
-    """strace -f -e trace=openat,getdents64 attached to a running process."""
+    """strace -f of the file-system calls a login may make, attached to a running process."""
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed: cannot observe the server's system calls")
     proc = subprocess.Popen(
-        ["strace", "-f", "-s", "4096", "-e", "trace=openat,getdents64", "-o", str(out), "-p", str(pid)],
+        ["strace", "-f", "-s", "4096", "-e", "trace=openat,getdents64,newfstatat,statx,stat", "-o", str(out), "-p", str(pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 10
