@@ -53,10 +53,24 @@ def address_key(ip: str) -> str:
 class Networks:
     """A list of networks (CIDR strings) to test addresses against."""
 
+    _MEMO_MAX = 65536
+
     def __init__(self, specs: Iterable[str]) -> None:
         self.networks = [ipaddress.ip_network(s.strip(), strict=False) for s in specs if s.strip()]
+        # Every connection asks; parsing the address with ipaddress costs tens of
+        # microseconds, a dict lookup almost nothing, and clients come back.
+        self._memo: dict[str, bool] = {}
 
     def __contains__(self, ip: str) -> bool:
+        known = self._memo.get(ip)
+        if known is not None:
+            return known
+        if len(self._memo) >= self._MEMO_MAX:
+            self._memo.clear()
+        self._memo[ip] = result = self._contains(ip)
+        return result
+
+    def _contains(self, ip: str) -> bool:
         if not self.networks:
             return False
         try:

@@ -46,7 +46,7 @@ def probe(spec: LoadSpec, user: tuple[str, str]) -> str:
                 pop = poplib.POP3_SSL(host, port, timeout=timeout, context=ctx)
             except ssl.SSLError as exc:
                 raise BenchError(f"implicit TLS to {host}:{port} failed: {exc.reason or exc}: is it a plain-text "
-                                 f"POP3 port? (fastpop does not implement TLS yet)") from None
+                                 f"POP3 port? (fastpop listens for implicit TLS only with --listen-tls)") from None
         else:
             pop = poplib.POP3(host, port, timeout=timeout)
     except (OSError, poplib.error_proto) as exc:
@@ -64,7 +64,7 @@ def probe(spec: LoadSpec, user: tuple[str, str]) -> str:
         if spec.tls == "starttls":
             if "STLS" not in capa:
                 raise BenchError(f"{host}:{port} does not offer STLS (not in its CAPA list); "
-                                 f"fastpop does not implement STLS yet: use --tls none")
+                                 f"fastpop offers it once started with --tls-cert and --tls-key; else use --tls none")
             try:
                 pop.stls(make_ssl_context(spec.cafile))
             except (ssl.SSLError, poplib.error_proto, OSError) as exc:
@@ -79,7 +79,7 @@ def probe(spec: LoadSpec, user: tuple[str, str]) -> str:
                 mechanisms = " ".join(capa.get("SASL", [])).upper().split()
                 if "PLAIN" not in mechanisms:
                     raise BenchError(f"{host}:{port} does not offer AUTH PLAIN (CAPA has no 'SASL ... PLAIN'); "
-                                     f"fastpop does not implement AUTH yet: use --auth user")
+                                     f"fastpop offers it over TLS or from trusted networks; else use --auth user")
                 token = base64.b64encode(b"\0" + name.encode() + b"\0" + password.encode()).decode()
                 pop._shortcmd("AUTH PLAIN " + token)
             else:
