@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from fastpop.auth import AuthUnavailable, Authenticator, valid_username
+from fastpop.durable import fsync_dir, write_and_sync
 from fastpop.maildir import SUBDIRS, ensure_maildir
 from fastpop.passwd_file import UserRecord
 
@@ -172,10 +173,7 @@ def store_normalized(maildir: str, data: bytes, *, when: float | None = None) ->
     target = os.path.join(new_dir, name)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            write_and_sync(fd, data)
         finally:
             os.close(fd)
         os.rename(tmp, target)
@@ -185,7 +183,7 @@ def store_normalized(maildir: str, data: bytes, *, when: float | None = None) ->
             raise storage_error(exc, maildir) from None
         raise
     try:
-        _fsync_dir(new_dir)
+        fsync_dir(new_dir)
     except OSError as exc:
         # The file is complete but its name may not survive a crash: take it
         # back and let the sender retry rather than report a success.
@@ -203,8 +201,8 @@ def _ensure(maildir: str) -> None:
         ensure_maildir(maildir)
     except FileExistsError as exc:  # makedirs met a file where a directory should be
         raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", exc.filename) from None
-    _fsync_dir(maildir)
-    _fsync_dir(parent)
+    fsync_dir(maildir)
+    fsync_dir(parent)
 
 
 def _after_store(maildir: str, size: int) -> None:
@@ -231,16 +229,6 @@ def _after_store(maildir: str, size: int) -> None:
     finally:
         os.close(fd)
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # file systems without directory fsync
-            raise
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -46,6 +46,8 @@ import threading
 import zlib
 from collections import OrderedDict
 
+from fastpop.durable import write_and_sync
+
 if os.environ.get("FASTPOP_NO_EXTENSIONS"):
     from fastpop._index_py import check_records, format_list, format_uidl
 else:
@@ -198,10 +200,7 @@ def write(maildir: str, entries: list[Entry], cur_mtime_ns: int, uidvalidity: in
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        write_and_sync(fd, data)
     finally:
         os.close(fd)
     os.replace(tmp, path)

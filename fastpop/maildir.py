@@ -23,6 +23,7 @@ import re
 import time
 
 from fastpop import index as mindex
+from fastpop.durable import fsync_dir
 from fastpop.index import FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.stuffing import pop3_size
 
@@ -286,16 +287,8 @@ class Mailbox:
                 # else: already removed by another program
             except OSError:
                 failed += 1
-        _fsync_dir(self._cur)
+        try:
+            fsync_dir(self._cur)
+        except OSError as exc:  # the unlinks happened; only their durability is in doubt
+            log.warning("cannot fsync %s after deletions: %s", self._cur, exc)
         return failed
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
