@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--user", help="switch to this user after binding (start as root)")
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"])
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="worker processes sharing the listeners, restarted if they die (default 1)")
     serve.add_argument("--no-sendfile", dest="sendfile", action="store_false", default=None,
                        help="send every message through the userspace transform")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -107,6 +109,7 @@ _FLAG_FIELDS = (
     "user",
     "group",
     "loop",
+    "workers",
     "sendfile",
     "log_level",
     "timeout_authorization",
@@ -172,11 +175,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fastpop import server
 
     try:
-        server.run(config)
+        return server.run(config)
     except OSError as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def _read_password() -> str:

@@ -8,6 +8,7 @@ The TOML file has sections mirroring the field prefixes::
     log_level = "info"
     hostname = "mail.example.com"
     sendfile = true          # RETR with sendfile(2) where the stored file allows
+    workers = 1              # processes sharing the listeners (SO_REUSEPORT), under a supervisor
     user = "vmail"           # drop root privileges to this user after binding
 
     [auth]
@@ -80,6 +81,7 @@ class Config:
     expire: str = "NEVER"
     login_delay: int = 0
     max_bad_commands: int = 20
+    workers: int = 1  # processes accepting on the same addresses (SO_REUSEPORT)
     sendfile: bool = True  # RETR of CRLF-stored messages with sendfile(2)
     lmtp_listen: list[str] = field(default_factory=list)  # HOST:PORT or unix:PATH
     tls_cert: str | None = None  # certificate chain (PEM); enables STLS
@@ -114,6 +116,8 @@ class Config:
             raise ValueError("pop3 expire must be NEVER or a number of days")
         for addr in self.listen:
             parse_address(addr)
+        if not 1 <= self.workers <= 1024:
+            raise ValueError("workers must be between 1 and 1024")
         for addr in self.lmtp_listen:
             if not addr.startswith("unix:"):
                 parse_address(addr)
@@ -205,6 +209,7 @@ _TOML_KEYS = {
     ("server", "user"): "user",
     ("server", "group"): "group",
     ("server", "max_bad_commands"): "max_bad_commands",
+    ("server", "workers"): "workers",
     ("server", "sendfile"): "sendfile",
     ("auth", "passwd_file"): "passwd_file",
     ("auth", "failure_delay"): "auth_failure_delay",

@@ -124,22 +124,33 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-async def start(config: Config, ready: asyncio.Future | None = None) -> tuple[ServerContext, list[asyncio.AbstractServer]]:
-    """Open every listener; returns the shared context and the servers."""
+async def start(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    tls_sockets: list[socket.socket] | None = None,
+) -> tuple[ServerContext, list[asyncio.AbstractServer]]:
+    """Open every listener (or serve the given listening sockets, one per
+    configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
     ctx = ServerContext(config, loop)
     servers = []
-    for addr in config.listen:
-        host, port = parse_address(addr)
-        server = await loop.create_server(
-            lambda: POP3Protocol(ctx), host, port, reuse_address=True, backlog=4096
-        )
+    for i, addr in enumerate(config.listen):
+        if sockets is not None:
+            where = {"sock": sockets[i]}
+        else:
+            host, port = parse_address(addr)
+            where = {"host": host, "port": port, "reuse_address": True}
+        server = await loop.create_server(lambda: POP3Protocol(ctx), backlog=4096, **where)
         servers.append(server)
-    for addr in config.listen_tls:
-        host, port = parse_address(addr)
+    for i, addr in enumerate(config.listen_tls):
+        if tls_sockets is not None:
+            where = {"sock": tls_sockets[i]}
+        else:
+            host, port = parse_address(addr)
+            where = {"host": host, "port": port, "reuse_address": True}
         server = await loop.create_server(
-            lambda: POP3Protocol(ctx, implicit_tls=True), host, port, reuse_address=True, backlog=4096,
-            ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout,
+            lambda: POP3Protocol(ctx, implicit_tls=True), backlog=4096,
+            ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
         )
         ctx.tls_servers.append(server)
     return ctx, servers
@@ -168,12 +179,17 @@ def drop_privileges(user: str | None, group: str | None) -> None:
         os.setuid(entry.pw_uid)
 
 
-async def serve(config: Config) -> None:
+async def serve(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    tls_sockets: list[socket.socket] | None = None,
+    lmtp: bool = True,
+) -> None:
     """Run until SIGTERM or SIGINT; then close sessions without applying deletions."""
     loop = asyncio.get_running_loop()
-    ctx, servers = await start(config)
+    ctx, servers = await start(config, sockets, tls_sockets)
     lmtp_service = None
-    if config.lmtp_listen:
+    if config.lmtp_listen and lmtp:
         from fastpop import lmtp
 
         lmtp_service = await lmtp.start(config, ctx.auth)
@@ -214,10 +230,25 @@ async def serve(config: Config) -> None:
     log.info("stopped")
 
 
-def run(config: Config) -> None:
+def run(config: Config) -> int:
+    """The server: one process, or a supervisor and ``config.workers`` workers."""
     config.validate()
+    if config.workers > 1:
+        from fastpop import workers
+
+        return workers.run(config)
+    run_worker(config)
+    return 0
+
+
+def run_worker(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    tls_sockets: list[socket.socket] | None = None,
+    lmtp: bool = True,
+) -> None:
     loop = new_event_loop(config.loop)
     try:
-        loop.run_until_complete(serve(config))
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp))
     finally:
         loop.close()

@@ -1,0 +1,81 @@
+"""`fastpop serve --workers N`: a supervisor and N processes sharing the listeners."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import ServerProcess, message
+
+
+def _worker_pid(pop) -> int:
+    """The pid in the APOP timestamp <pid.counter.random@host> of the greeting."""
+    return int(pop.getwelcome().split(b"<", 1)[1].split(b".", 1)[0])
+
+
+@pytest.fixture
+def workers(tmp_path):
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2"])
+    srv.start()
+    yield srv
+    if srv.proc is not None:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+
+
+def test_connections_land_on_more_than_one_worker(workers):
+    user = workers.add_user([message("hi")])
+    pids = set()
+    for _ in range(60):
+        p = user.login()
+        pids.add(_worker_pid(p))
+        assert p.stat()[0] == 1
+        p.quit()
+        if len(pids) > 1:
+            break
+    assert len(pids) == 2
+    assert workers.proc.pid not in pids  # the supervisor accepts nothing itself
+
+
+def test_killed_worker_is_replaced_and_its_mailbox_lock_released(workers):
+    user = workers.add_user([message("a"), message("b")])
+    holder = user.login()
+    victim = _worker_pid(holder)
+    holder.dele(1)
+    os.kill(victim, signal.SIGKILL)  # dies holding the mailbox lock and a pending DELE
+    deadline = time.monotonic() + 20
+    while f"(pid {victim}) killed by SIGKILL" not in workers.log():
+        assert time.monotonic() < deadline, workers.log()
+        time.sleep(0.05)
+    p = user.login()  # the kernel released the dead worker's lock
+    assert p.stat()[0] == 2  # and its DELE was never applied
+    p.quit()
+    # a replacement worker comes up and serves too
+    deadline = time.monotonic() + 20
+    while True:
+        starts = [line for line in workers.log().splitlines() if "worker" in line and "started" in line]
+        if len(starts) >= 3:
+            break
+        assert time.monotonic() < deadline, workers.log()
+        time.sleep(0.05)
+    pids = set()
+    for _ in range(60):
+        p = user.login()
+        pids.add(_worker_pid(p))
+        p.quit()
+        if len(pids) > 1:
+            break
+    assert len(pids) == 2 and victim not in pids
+
+
+def test_sigterm_stops_every_worker_without_applying_deletions(workers):
+    user = workers.add_user([message("keep me")])
+    p = user.login()
+    p.dele(1)
+    rc = workers.stop()
+    assert rc == 0
+    assert user.contents() == [message("keep me")]
+    assert "all workers stopped" in workers.log()
