@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--json-dir", metavar="DIR", help="write every run's full result here")
     p.add_argument("--keep", action="store_true", help="keep the generated directory")
+    p.add_argument("--fastpop-workers", type=int, default=1, metavar="N",
+                   help="run fastpop with --workers N (default 1: one process)")
     p.add_argument("--from-json-dir", metavar="DIR", help="print the table of runs saved with --json-dir, run nothing")
     args = p.parse_args(argv)
     if args.from_json_dir:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         dove = dovecot.DovecotServer(seeded)
         dove.start()
         servers["Dovecot"] = Target("127.0.0.1", dove.port, dove.describe(), pid=dove.pid)
-        fast = spawn.SpawnedServer(seeded)
+        fast = spawn.SpawnedServer(seeded, extra_args=["--workers", str(args.fastpop_workers)])
         fast.start()
         servers["fastpop"] = Target("127.0.0.1", fast.port, fast.describe(), spawned=True, pid=fast.pid)
         if not args.no_trivial:
