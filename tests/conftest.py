@@ -12,6 +12,7 @@ import os
 import poplib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -170,3 +171,71 @@ def fresh_server(request, tmp_path):
     if srv.proc is not None:
         srv.stop()
     assert "Traceback" not in srv.log(), srv.log()
+
+
+class Raw:
+    """A POP3 connection over a plain socket: exact bytes in, exact bytes out
+    (replies still dot-stuffed), for what poplib hides or cannot send."""
+
+    def __init__(self, port: int, timeout: float = 10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = bytearray()
+        self.greeting = self.line()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise EOFError("server closed the connection; unread: %r" % bytes(self.buf[:200]))
+        self.buf += chunk
+
+    def line(self) -> bytes:
+        """One reply line, b"\r\n" included."""
+        while True:
+            i = self.buf.find(b"\r\n")
+            if i >= 0:
+                out = bytes(self.buf[: i + 2])
+                del self.buf[: i + 2]
+                return out
+            self._fill()
+
+    def cmd(self, text: str | bytes) -> bytes:
+        self.send((text.encode() if isinstance(text, str) else text) + b"\r\n")
+        return self.line()
+
+    def body(self) -> bytes:
+        """The raw (still dot-stuffed) body of a multi-line reply, terminator removed."""
+        start = 0
+        while True:
+            if self.buf[:3] == b".\r\n":
+                del self.buf[:3]
+                return b""
+            i = self.buf.find(b"\r\n.\r\n", start)
+            if i >= 0:
+                out = bytes(self.buf[: i + 2])
+                del self.buf[: i + 5]
+                return out
+            start = max(0, len(self.buf) - 4)
+            self._fill()
+
+    def multi(self, text: str) -> tuple[bytes, bytes]:
+        status = self.cmd(text)
+        assert status.startswith(b"+OK"), (text, status)
+        return status, self.body()
+
+    def read_to_eof(self) -> bytes:
+        out = bytes(self.buf)
+        self.buf.clear()
+        while True:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                return out
+            out += chunk
+
+    def assert_closed(self) -> None:
+        assert self.read_to_eof() == b""
+
+    def close(self) -> None:
+        self.sock.close()

@@ -12,12 +12,11 @@ import hashlib
 import os
 import poplib
 import re
-import socket
 import time
 
 import pytest
 
-from conftest import message
+from conftest import Raw, message
 from fastpop import __version__
 
 CRLF = b"\r\n"
@@ -28,73 +27,6 @@ GREETING = re.compile(rb"^\+OK fastpop ready\. (<[^<>\s]+@[^<>\s]+>)\r\n$")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-class Raw:
-    """A POP3 connection over a plain socket: exact bytes in, exact bytes out."""
-
-    def __init__(self, port: int, timeout: float = 10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = bytearray()
-        self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise EOFError("server closed the connection; unread: %r" % bytes(self.buf[:200]))
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        """One reply line, CRLF included."""
-        while True:
-            i = self.buf.find(CRLF)
-            if i >= 0:
-                out = bytes(self.buf[: i + 2])
-                del self.buf[: i + 2]
-                return out
-            self._fill()
-
-    def cmd(self, text: str | bytes) -> bytes:
-        self.send((text.encode() if isinstance(text, str) else text) + CRLF)
-        return self.line()
-
-    def body(self) -> bytes:
-        """The raw (still dot-stuffed) body of a multi-line reply, terminator removed."""
-        start = 0
-        while True:
-            if self.buf[:3] == b".\r\n":
-                del self.buf[:3]
-                return b""
-            i = self.buf.find(b"\r\n.\r\n", start)
-            if i >= 0:
-                out = bytes(self.buf[: i + 2])
-                del self.buf[: i + 5]
-                return out
-            start = max(0, len(self.buf) - 4)
-            self._fill()
-
-    def multi(self, text: str) -> tuple[bytes, bytes]:
-        status = self.cmd(text)
-        assert status.startswith(b"+OK"), (text, status)
-        return status, self.body()
-
-    def read_to_eof(self) -> bytes:
-        out = bytes(self.buf)
-        self.buf.clear()
-        while True:
-            chunk = self.sock.recv(1 << 20)
-            if not chunk:
-                return out
-            out += chunk
-
-    def assert_closed(self) -> None:
-        assert self.read_to_eof() == b""
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def raw_login(server, user) -> Raw:

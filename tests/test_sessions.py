@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+import conftest
+
 from conftest import ServerProcess, User, message
 from fastpop import __version__
 
@@ -34,53 +36,10 @@ PARSER_NAMES = ["cython", "python"]
 # --------------------------------------------------------------------------- helpers
 
 
-class Raw:
+class Raw(conftest.Raw):
     def __init__(self, port: int, timeout: float = 10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = bytearray()
-        self.greeting = self.line()
+        super().__init__(port, timeout)
         assert self.greeting.startswith(b"+OK fastpop ready. <")
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise EOFError("connection closed; unread: %r" % bytes(self.buf[:200]))
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        while (i := self.buf.find(CRLF)) < 0:
-            self._fill()
-        out = bytes(self.buf[: i + 2])
-        del self.buf[: i + 2]
-        return out
-
-    def cmd(self, text: str) -> bytes:
-        self.sock.sendall(text.encode() + CRLF)
-        return self.line()
-
-    def body(self) -> bytes:
-        start = 0
-        while True:
-            if self.buf[:3] == b".\r\n":
-                del self.buf[:3]
-                return b""
-            i = self.buf.find(b"\r\n.\r\n", start)
-            if i >= 0:
-                out = bytes(self.buf[: i + 2])
-                del self.buf[: i + 5]
-                return out
-            start = max(0, len(self.buf) - 4)
-            self._fill()
-
-    def read_to_eof(self) -> bytes:
-        out = bytes(self.buf)
-        self.buf.clear()
-        while chunk := self.sock.recv(1 << 20):
-            out += chunk
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def raw_login(server, user) -> Raw:
