@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="fastpop-retr-")
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         maildir = os.path.join(root, "bench")
         for sub in ("cur", "new", "tmp"):
@@ -151,10 +152,8 @@ def main() -> None:
         with open(os.path.join(root, "passwd"), "w") as f:
             f.write("bench:{PLAIN}bench\n")
         raw_port, _ = raw_responder(final)
-        servers = {
-            "fastpop sendfile": start_fastpop(root, []),
-            "fastpop transform": start_fastpop(root, ["--no-sendfile"]),
-        }
+        servers["fastpop sendfile"] = start_fastpop(root, [])
+        servers["fastpop transform"] = start_fastpop(root, ["--no-sendfile"])
         results: dict[str, list[float]] = {"raw os.sendfile": [], **{k: [] for k in servers}}
         cpu: dict[str, float] = {k: 0.0 for k in servers}
         for _ in range(args.rounds):
@@ -174,12 +173,12 @@ def main() -> None:
             else:
                 rss = per = "-"
             print(f"{label:<20} {mbps / 1e6:8.0f} {mbps / raw:8.2f} {per:>10} {rss:>10}")
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(10)
         with socket.create_connection(("127.0.0.1", raw_port)) as s:
             s.sendall(b"QUIT\r\n")
     finally:
+        for proc, _ in servers.values():  # also when interrupted: no server outlives the run
+            proc.terminate()
+            proc.wait(10)
         shutil.rmtree(root, ignore_errors=True)
 
 
