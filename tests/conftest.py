@@ -145,6 +145,23 @@ class User:
         p.pass_(self.password)
         return p
 
+    def login_when_free(self, server: "ServerProcess | None" = None, timeout: float = 5.0) -> poplib.POP3:
+        """Log in (to ``server``, else the user's own), retrying while a session
+        that just ended still holds the mailbox lock."""
+        server = server or self.server
+        deadline = time.monotonic() + timeout
+        while True:
+            p = server.connect()
+            try:
+                p.user(self.name)
+                p.pass_(self.password)
+                return p
+            except poplib.error_proto as exc:
+                p.close()
+                if not exc.args[0].startswith(b"-ERR [IN-USE]") or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
     def files(self) -> list[Path]:
         return sorted((self.maildir / "cur").iterdir()) + sorted((self.maildir / "new").iterdir())
 

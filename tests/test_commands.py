@@ -36,22 +36,6 @@ def raw_login(server, user) -> Raw:
     return c
 
 
-def login_when_free(user, timeout: float = 5.0) -> poplib.POP3:
-    """Log in, retrying while a just-closed session still holds the lock."""
-    deadline = time.monotonic() + timeout
-    while True:
-        p = user.server.connect()
-        try:
-            p.user(user.name)
-            p.pass_(user.password)
-            return p
-        except poplib.error_proto as exc:
-            p.close()
-            if not exc.args[0].startswith(b"-ERR [IN-USE]") or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def pop3_lines(data: bytes) -> list[bytes]:
     """What poplib's RETR returns for a stored message with CRLF line ends."""
     text = data if data.endswith(b"\n") else data + CRLF
@@ -382,7 +366,7 @@ def test_quit_applies_deletions(server):
     names = cur_names(user)
     assert [n.split(":")[0].encode() for n in names] == [uids[1]]
     assert user.contents() == [msgs[1]]
-    p = login_when_free(user)
+    p = user.login_when_free()
     assert p.stat() == (1, len(msgs[1]))
     assert p.uidl(1) == b"+OK 1 " + uids[1]
     assert p.retr(1)[1] == pop3_lines(msgs[1])
@@ -397,7 +381,7 @@ def test_close_without_quit_applies_no_deletions(server):
         assert c.cmd(f"DELE {n}") == b"+OK Marked to be deleted.\r\n"
     assert c.cmd("STAT") == b"+OK 0 0\r\n"
     c.close()
-    p = login_when_free(user)
+    p = user.login_when_free()
     assert p.stat() == (3, sum(map(len, msgs)))
     p.quit()
     assert user.contents() == sorted(msgs)
@@ -682,7 +666,7 @@ def test_second_session_gets_in_use(server):
             time.sleep(0.05)
     assert second.stat()[0] == 1
     second.quit()
-    login_when_free(user).quit()
+    user.login_when_free().quit()
 
 
 def test_in_use_is_not_an_auth_failure(server):
@@ -710,7 +694,7 @@ def test_mail_delivered_during_session_appears_at_next_login(server):
         p.retr(2)
     assert p.quit() == b"+OK Logging out."
     assert path.exists()  # still in new/: nobody logged in since
-    p = login_when_free(user)
+    p = user.login_when_free()
     assert p.stat() == (2, len(m1) + len(m2))
     assert p.retr(2)[1] == pop3_lines(m2)
     assert p.uidl(2) == b"+OK 2 " + path.name.encode()
@@ -744,11 +728,11 @@ def test_uidl_stable_and_equal_to_unique_name(server):
     first = p.uidl()[1]
     p.quit()
     assert first == [b"%d %s" % (i + 1, u.encode()) for i, u in enumerate(uniques)]
-    p = login_when_free(user)
+    p = user.login_when_free()
     assert p.uidl()[1] == first
     assert p.dele(1) == b"+OK Marked to be deleted."
     p.quit()
-    p = login_when_free(user)
+    p = user.login_when_free()
     # renumbered, same ids
     assert p.uidl()[1] == [b"%d %s" % (i + 1, u.encode()) for i, u in enumerate(uniques[1:])]
     p.quit()

@@ -146,20 +146,7 @@ def new_box(server: ServerProcess, messages=(), **kw) -> Box:
     return box
 
 
-def login(user: User, timeout: float = 5.0) -> poplib.POP3:
-    """poplib login, retrying while a session that just ended still holds the lock."""
-    deadline = time.monotonic() + timeout
-    while True:
-        p = user.server.connect()
-        try:
-            p.user(user.name)
-            p.pass_(user.password)
-            return p
-        except poplib.error_proto as exc:
-            p.close()
-            if not exc.args[0].startswith(b"-ERR [IN-USE]") or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+login = User.login_when_free  # poplib login, retrying while a just-ended session holds the lock
 
 
 def read_view(p: poplib.POP3) -> View:

@@ -49,22 +49,6 @@ def raw_login(server, user) -> Raw:
     return c
 
 
-def login_when_free(server, user, timeout: float = 5.0) -> poplib.POP3:
-    """Log in with poplib, retrying while a session that just ended still holds the lock."""
-    deadline = time.monotonic() + timeout
-    while True:
-        p = server.connect()
-        try:
-            p.user(user.name)
-            p.pass_(user.password)
-            return p
-        except poplib.error_proto as exc:
-            p.close()
-            if not exc.args[0].startswith(b"-ERR [IN-USE]") or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def wait_for_eof(c: Raw, limit: float) -> tuple[bytes, float]:
     """Everything the server sends until it closes, and when it closed; fails after ``limit`` s."""
     c.sock.settimeout(limit)
@@ -126,7 +110,7 @@ def test_transaction_timeout(fresh_server):
     assert data == TIMEOUT_REPLY
     assert 0.8 <= elapsed <= 4, elapsed
     assert user.contents() == sorted(msgs)
-    p = login_when_free(fresh_server, user)
+    p = user.login_when_free(fresh_server)
     assert p.stat()[0] == 2
     p.quit()
 
@@ -146,7 +130,7 @@ def test_transaction_timeout_differs_from_authorization_timeout(fresh_server):
     assert data == TIMEOUT_REPLY
     assert 2.2 <= elapsed <= 5, elapsed
     assert user.contents() == sorted(msgs)
-    p = login_when_free(fresh_server, user)
+    p = user.login_when_free(fresh_server)
     assert p.stat()[0] == 3
     p.quit()
 
@@ -202,7 +186,7 @@ def test_client_vanishes_mid_retr(fresh_server):
             if how == "reset":
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.close()
-            p = login_when_free(fresh_server, user)
+            p = user.login_when_free(fresh_server)
             assert p.stat() == (2, len(sent_form) + len(message("small"))), (kind, how)
             resp, lines, _ = p.retr(1)
             assert resp == b"+OK %d octets" % len(sent_form)
@@ -231,7 +215,7 @@ def test_stalled_reader_times_out(fresh_server):
     time.sleep(2.5)  # not reading, well past the 1 s idle timeout
     for kind, data, user, c in readers:
         # the session is gone: the mailbox is free, nothing was deleted
-        p = login_when_free(fresh_server, user, timeout=3)
+        p = user.login_when_free(fresh_server, timeout=3)
         assert p.stat()[0] == 2, kind
         p.quit()
         assert user.contents() == sorted([data, message("small")]), kind
@@ -350,7 +334,7 @@ def test_asyncio_loop(fresh_server, tmp_path):
         c.sock.sendall(b"RETR 1\r\n")
         c.sock.recv(10000)
         c.close()
-        p = login_when_free(srv, user)
+        p = user.login_when_free(srv)
         assert p.stat() == (1, len(big_data))
         p.quit()
     finally:
@@ -381,7 +365,7 @@ def test_two_servers_share_one_mail_root(fresh_server, tmp_path):
         q.close()
         assert p.dele(1) == b"+OK Marked to be deleted."
         p.quit()
-        q = login_when_free(other, twin)
+        q = twin.login_when_free(other)
         assert q.stat() == (1, len(msgs[1]))
         # and the other way round
         p = fresh_server.connect()
@@ -390,7 +374,7 @@ def test_two_servers_share_one_mail_root(fresh_server, tmp_path):
             p.pass_(user.password)
         p.close()
         q.quit()
-        login_when_free(fresh_server, user).quit()
+        user.login_when_free(fresh_server).quit()
     finally:
         rc = other.stop()
     assert rc == 0
@@ -488,10 +472,10 @@ def test_user_management_cli(fresh_server):
     assert p.stat() == (0, 0)
     p.quit()
     alice.deliver(message("for alice"))
-    p = login_when_free(fresh_server, alice)
+    p = alice.login_when_free(fresh_server)
     assert p.stat()[0] == 1
     p.quit()
-    login_when_free(fresh_server, existing).quit()  # other users untouched
+    existing.login_when_free(fresh_server).quit()  # other users untouched
 
     r = fastpop("user", "passwd", "--passwd-file", pw, "alice", input="second pass\n", env=env)
     assert r.returncode == 0, r.stderr
@@ -501,7 +485,7 @@ def test_user_management_cli(fresh_server):
         p.pass_("first pass")
     p.close()
     alice.password = "second pass"
-    login_when_free(fresh_server, alice).quit()
+    alice.login_when_free(fresh_server).quit()
 
     r = fastpop("user", "del", "--passwd-file", pw, "alice", env=env)
     assert r.returncode == 0, r.stderr
