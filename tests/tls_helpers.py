@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PARSERS, ServerProcess
+from conftest import PARSERS, Raw, ServerProcess
 
 trustme = pytest.importorskip("trustme")
 
@@ -77,7 +77,7 @@ def stop_clean(srv: ServerProcess) -> None:
     assert rc == 0, f"server exit code {rc}\n{log}"
 
 
-class Conn:
+class Conn(Raw):
     """A POP3 connection over a socket that may become TLS: exact bytes in and out."""
 
     def __init__(self, port: int, timeout: float = 10, tls: ssl.SSLContext | None = None,
@@ -88,28 +88,6 @@ class Conn:
             self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.buf = bytearray()
         self.greeting = self.line() if greeting else b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 16)
-        if not chunk:
-            raise EOFError("server closed the connection; unread: %r" % bytes(self.buf[:200]))
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        while True:
-            i = self.buf.find(CRLF)
-            if i >= 0:
-                out = bytes(self.buf[: i + 2])
-                del self.buf[: i + 2]
-                return out
-            self._fill()
-
-    def cmd(self, text: str | bytes) -> bytes:
-        self.send((text.encode() if isinstance(text, str) else text) + CRLF)
-        return self.line()
 
     def multi(self, text: str) -> list[bytes]:
         status = self.cmd(text)
