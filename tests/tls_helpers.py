@@ -17,7 +17,6 @@ from conftest import PARSERS, Raw, ServerProcess
 
 trustme = pytest.importorskip("trustme")
 
-CRLF = b"\r\n"
 
 
 class Certs:
