@@ -44,9 +44,10 @@ def test_drops_to_user_after_binding(world_reachable_dir):
         assert set(_uids(srv.proc.pid)) == {nobody.pw_uid}
         p = user.login()
         assert p.stat()[0] == 1
-        p.quit()
         lock = user.maildir / "fastpop.lock"
-        assert lock.stat().st_uid == nobody.pw_uid
+        assert lock.stat().st_uid == nobody.pw_uid  # created by the dropped user
+        p.quit()
+        assert not lock.exists()  # removed at logout
     finally:
         assert srv.stop() == 0
 
