@@ -105,7 +105,7 @@ def time_fastpop(port: int) -> float:
 def start_fastpop(root: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
     log = open(os.path.join(root, f"server{len(extra)}.log"), "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastpop", "serve", "--listen", "127.0.0.1:0", "--passwd-file",
+        [sys.executable, "-m", "fastpop", "serve", "--listen", "127.0.0.1:0", "--workers", "1", "--passwd-file",
          os.path.join(root, "passwd"), "--mail-location", os.path.join(root, "%u"), "--log-level", "info",
          *extra],
         stdout=log, stderr=subprocess.STDOUT,

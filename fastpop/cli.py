@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"])
     serve.add_argument("--workers", type=int, metavar="N",
-                       help="worker processes sharing the listeners, restarted if they die (default 1)")
+                       help="worker processes sharing the listeners, restarted if they die (default: CPUs)")
+    serve.add_argument("--max-connections", type=int, metavar="N",
+                       help="connections in total over all workers (default 0: as many as descriptors allow)")
+    serve.add_argument("--shutdown-timeout", type=float, metavar="SECONDS",
+                       help="on SIGTERM, time logged-in sessions get to finish (default 30)")
     serve.add_argument("--no-sendfile", dest="sendfile", action="store_false", default=None,
                        help="send every message through the userspace transform")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -110,6 +114,8 @@ _FLAG_FIELDS = (
     "group",
     "loop",
     "workers",
+    "max_connections",
+    "shutdown_timeout",
     "sendfile",
     "log_level",
     "timeout_authorization",
@@ -175,10 +181,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fastpop import server
 
     try:
-        return server.run(config)
+        return server.run(config, reload=lambda: _reloaded_config(args))
     except OSError as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 1
+
+
+def _reloaded_config(args: argparse.Namespace) -> Config:
+    """SIGHUP: the config file read again, the command line's flags still winning."""
+    config = config_from_args(args)
+    config.validate()
+    return config
 
 
 def _read_password() -> str:

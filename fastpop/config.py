@@ -8,7 +8,12 @@ The TOML file has sections mirroring the field prefixes::
     log_level = "info"
     hostname = "mail.example.com"
     sendfile = true          # RETR with sendfile(2) where the stored file allows
-    workers = 1              # processes sharing the listeners (SO_REUSEPORT), under a supervisor
+    workers = 2              # processes sharing the listeners (SO_REUSEPORT), under a supervisor;
+                             # default: the number of CPUs
+    max_connections = 0      # in total over all workers (0: as many as descriptors allow;
+                             # each worker raises its descriptor limit to the hard limit)
+    shutdown_timeout = 30    # SIGTERM: seconds logged-in sessions get to finish; then they are
+                             # closed with [SYS/TEMP] and nothing deleted
     user = "vmail"           # drop root privileges to this user after binding
 
     [auth]
@@ -54,6 +59,7 @@ The TOML file has sections mirroring the field prefixes::
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from dataclasses import dataclass, field, fields
@@ -81,7 +87,9 @@ class Config:
     expire: str = "NEVER"
     login_delay: int = 0
     max_bad_commands: int = 20
-    workers: int = 1  # processes accepting on the same addresses (SO_REUSEPORT)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes sharing the listeners
+    max_connections: int = 0  # server-wide, over all workers; 0: only what descriptors allow
+    shutdown_timeout: float = 30.0  # SIGTERM: seconds logged-in sessions may take to finish
     sendfile: bool = True  # RETR of CRLF-stored messages with sendfile(2)
     lmtp_listen: list[str] = field(default_factory=list)  # HOST:PORT or unix:PATH
     tls_cert: str | None = None  # certificate chain (PEM); enables STLS
@@ -171,6 +179,10 @@ class Config:
                 raise ValueError(f"{name} must not be negative")
         if self.max_connections_per_ip < 0:
             raise ValueError("max_connections_per_ip must not be negative")
+        if self.max_connections < 0:
+            raise ValueError("max_connections must not be negative")
+        if self.shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must not be negative")
         for mech in self.mechanisms():
             if mech not in MECHANISMS:
                 raise ValueError(f"unknown SASL mechanism {mech!r} (known: {', '.join(MECHANISMS)})")
@@ -211,6 +223,8 @@ _TOML_KEYS = {
     ("server", "max_bad_commands"): "max_bad_commands",
     ("server", "workers"): "workers",
     ("server", "sendfile"): "sendfile",
+    ("server", "max_connections"): "max_connections",
+    ("server", "shutdown_timeout"): "shutdown_timeout",
     ("auth", "passwd_file"): "passwd_file",
     ("auth", "failure_delay"): "auth_failure_delay",
     ("auth", "max_attempts"): "auth_max_attempts",

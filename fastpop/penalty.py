@@ -19,8 +19,8 @@ earlier by hanging up; it is a timer on the event loop, so nobody else waits.
 - Addresses in the trusted networks (webmail, proxies) are never penalised;
   the protocol does not ask for them.
 
-``ConnectionLimiter`` counts open connections per address (the same key)
-and refuses one more than ``limit``.
+Open connections per address (the same key) are counted by
+``fastpop.limits.ConnectionTable``, across workers.
 """
 
 from __future__ import annotations
@@ -111,6 +111,10 @@ class PenaltyBox:
         self._users: OrderedDict[str, _Entry] = OrderedDict()
         self._key = os.urandom(16)  # credential fingerprints are keyed: never a stored hash
 
+    def configure(self, initial: float, maximum: float, half_life: float, per_user: bool) -> None:
+        """New settings (SIGHUP), keeping the failure counts."""
+        self.initial, self.maximum, self.half_life, self.per_user = initial, maximum, half_life, per_user
+
     @property
     def enabled(self) -> bool:
         return self.initial > 0 and self.maximum > 0
@@ -200,31 +204,6 @@ class PenaltyBox:
 
     def __len__(self) -> int:
         return len(self._ips) + len(self._users)
-
-
-class ConnectionLimiter:
-    """Open connections per address key; ``acquire`` refuses beyond ``limit`` (0: no limit)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._open: dict[str, int] = {}
-
-    def acquire(self, key: str) -> bool:
-        n = self._open.get(key, 0)
-        if self.limit and n >= self.limit:
-            return False
-        self._open[key] = n + 1
-        return True
-
-    def release(self, key: str) -> None:
-        n = self._open.get(key, 0) - 1
-        if n > 0:
-            self._open[key] = n
-        else:
-            self._open.pop(key, None)
-
-    def count(self, key: str) -> int:
-        return self._open.get(key, 0)
 
 
 class LastLogins:

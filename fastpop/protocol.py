@@ -138,14 +138,19 @@ class POP3Protocol(asyncio.Protocol):
         self._timer = self.loop.call_at(now + ctx.config.timeout_authorization, self._on_timer)
         self._trusted = self._peer in ctx.trusted
         self._secure = self._implicit_tls  # the listener did the handshake before connection_made
-        if not self._trusted:
+        if not self._trusted:  # trusted networks: no per-address limit, no penalties
             self._addr_key = address_key(self._peer)
-            if not ctx.connections.acquire(self._addr_key):
+        refused = ctx.connections.acquire(self._addr_key or None)
+        if refused is not None:
+            if refused == "address":
                 log.info("refused rip=%s: %d connections open from it", self._peer, ctx.connections.count(self._addr_key))
                 self._out.append(R.ERR_TOO_MANY_CONNECTIONS)
-                self._close("too many connections")
-                return
-            self._counted = True
+            else:
+                ctx.log_full(refused)
+                self._out.append(R.ERR_SERVER_FULL)
+            self._close("too many connections")
+            return
+        self._counted = True
         transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
@@ -184,7 +189,7 @@ class POP3Protocol(asyncio.Protocol):
             self._auth = None
         if self._counted:
             self._counted = False
-            self._ctx.connections.release(self._addr_key)
+            self._ctx.connections.release(self._addr_key or None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -264,6 +269,15 @@ class POP3Protocol(asyncio.Protocol):
         else:
             self._out.append(R.ERR_TIMEOUT)
             self._close("timeout")
+
+    def drain(self) -> bool:
+        """Server stopping gracefully: a session not logged in (and not in the
+        middle of a login) ends now; a logged-in one may still finish.
+        Returns whether this session goes on."""
+        if self._state == AUTHORIZATION and not self._busy:
+            self.shutdown()
+            return False
+        return self.transport is not None
 
     def shutdown(self) -> None:
         """Server stopping: end the session without applying deletions."""

@@ -6,15 +6,18 @@ import asyncio
 import itertools
 import logging
 import os
-import random
-import pwd
 import grp
+import pwd
+import random
+import resource
 import signal
 import socket
+from typing import Callable
 
 from fastpop import __version__
 from fastpop.auth import Authenticator
 from fastpop.config import Config, parse_address
+from fastpop.limits import ConnectionTable, connections_per_worker, raise_descriptor_limit
 from fastpop.parser import PARSER_IMPL
 from fastpop.protocol import POP3Protocol
 
@@ -24,12 +27,15 @@ log = logging.getLogger("fastpop")
 class ServerContext:
     """What every session of one server shares."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
+                 connections: ConnectionTable | None = None) -> None:
         assert config.passwd_file is not None
         self.config = config
         self.loop = loop
         self.auth = Authenticator(config.passwd_file, config.mail_location)
         self.sessions: set[POP3Protocol] = set()
+        self.connections = connections or connection_table(config)
+        self._full_logged = 0.0
         self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
         self._counter = itertools.count(1)
         self._stamp_prefix = f"<{os.getpid()}."
@@ -40,7 +46,7 @@ class ServerContext:
     def _init_security(self, config: Config) -> None:
         """TLS, SASL, penalties and limits (fastpop.tls, .sasl, .penalty, .oauth)."""
         from fastpop import sasl
-        from fastpop.penalty import ConnectionLimiter, LastLogins, Networks, PenaltyBox
+        from fastpop.penalty import LastLogins, Networks, PenaltyBox
 
         self.tls = None
         if config.tls_cert is not None:
@@ -52,7 +58,6 @@ class ServerContext:
             config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
             per_user=config.auth_penalty_per_user,
         )
-        self.connections = ConnectionLimiter(config.max_connections_per_ip)
         self.last_logins = LastLogins()
         self.secret = os.urandom(32)  # stable fake SCRAM salts for unknown users, per process
         self.oauth_validator = None
@@ -78,12 +83,43 @@ class ServerContext:
     def auth_list(self, plaintext_ok: bool) -> bytes:
         return self._auth_lists[plaintext_ok]
 
-    def reload(self) -> None:
-        """SIGHUP: re-read the TLS certificate (the passwd-file reloads by itself)."""
-        if self.tls is None:
-            log.info("SIGHUP: nothing to reload (no TLS configured)")
-            return
-        self.tls.reload()
+    def reload(self, config: Config | None = None) -> None:
+        """SIGHUP: apply a re-read configuration (when given) to new logins and
+        connections, re-read the passwd-file and the TLS certificate.  Open
+        sessions keep their login; penalties and connection counts are kept."""
+        old = self.config
+        if config is not None:
+            fixed = [name for name in RESTART_ONLY if getattr(config, name) != getattr(old, name)]
+            if fixed:
+                log.warning("SIGHUP: %s changed; that takes a restart (keeping the old value)", ", ".join(fixed))
+                for name in fixed:
+                    setattr(config, name, getattr(old, name))
+            self.config = config
+            tls, penalty = self.tls, self.penalty
+            self._init_security(config)
+            if tls is not None and self.tls is not None:
+                # Keep the manager the implicit-TLS listeners' SNI callback asks.
+                tls.cert, tls.key, tls.min_version = config.tls_cert, config.tls_key, config.tls_min_version
+                tls.handshake_timeout = config.tls_handshake_timeout
+                self.tls = tls
+            penalty.configure(config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
+                              config.auth_penalty_per_user)
+            self.penalty = penalty  # failure counts survive a reload
+            self.capa_transaction = self._capa(authorized=True)
+            self.connections.per_address = config.max_connections_per_ip
+            self.connections.total = config.max_connections
+        self.auth = Authenticator(self.config.passwd_file, self.config.mail_location)
+        if self.tls is not None:
+            self.tls.reload()
+        log.info("SIGHUP: configuration, passwd-file%s reloaded", " and certificate" if self.tls else "")
+
+    def log_full(self, reason: str) -> None:
+        """A connection refused for the server's own limits: log at most every 10 s."""
+        now = self.loop.time()
+        if now - self._full_logged >= 10.0:
+            self._full_logged = now
+            log.warning("refusing connections: %d open (%s limit)", self.connections.open_total(),
+                        "max_connections" if reason == "total" else "descriptor")
 
     def new_timestamp(self) -> str:
         """APOP timestamp, unique per connection: <pid.counter.random@host>."""
@@ -116,23 +152,57 @@ class ServerContext:
         return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 
+# Settings a running server cannot change (SIGHUP keeps the old value and says so).
+RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group")
+
+
+def connection_table(config: Config, workers: int = 1) -> ConnectionTable:
+    per_worker = connections_per_worker(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return ConnectionTable(config.max_connections_per_ip, config.max_connections, per_worker, workers)
+
+
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_quiet_accept_errors())
+    return loop
+
+
+def _quiet_accept_errors():
+    """asyncio's loop logs a traceback for every failed accept while out of
+    descriptors (thousands a second) and retries after 1 s; keep the retry,
+    log one line every 10 s.  (uvloop's libuv closes what it cannot accept,
+    silently, and goes on.)"""
+    last = [0.0]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if context.get("message", "").startswith("socket.accept() out of system resource"):
+            now = loop.time()
+            if now - last[0] >= 10.0:
+                last[0] = now
+                log.error("accept failed: %s; pausing accepts for 1 s", exc)
+            return
+        if isinstance(exc, ValueError) and "Invalid file descriptor: -1" in str(exc):
+            return  # asyncio's accept retry firing after the listener closed at shutdown
+        loop.default_exception_handler(context)
+
+    return handler
 
 
 async def start(
     config: Config,
     sockets: list[socket.socket] | None = None,
     tls_sockets: list[socket.socket] | None = None,
+    connections: ConnectionTable | None = None,
 ) -> tuple[ServerContext, list[asyncio.AbstractServer]]:
     """Open every listener (or serve the given listening sockets, one per
     configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
-    ctx = ServerContext(config, loop)
+    ctx = ServerContext(config, loop, connections)
     servers = []
     for i, addr in enumerate(config.listen):
         if sockets is not None:
@@ -184,20 +254,23 @@ async def serve(
     sockets: list[socket.socket] | None = None,
     tls_sockets: list[socket.socket] | None = None,
     lmtp: bool = True,
+    reload: Callable[[], Config] | None = None,
+    connections: ConnectionTable | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT; then close sessions without applying deletions."""
+    """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
+    ``reload()``'s configuration (the config file read again)."""
     loop = asyncio.get_running_loop()
-    ctx, servers = await start(config, sockets, tls_sockets)
+    ctx, servers = await start(config, sockets, tls_sockets, connections)
     lmtp_service = None
     if config.lmtp_listen and lmtp:
         from fastpop import lmtp
 
         lmtp_service = await lmtp.start(config, ctx.auth)
     drop_privileges(config.user, config.group)
-    stop = loop.create_future()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda s=sig: stop.done() or stop.set_result(s))
-    loop.add_signal_handler(signal.SIGHUP, ctx.reload)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(ctx, reload))
     if ctx.tls_servers:
         log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
     if lmtp_service is not None:
@@ -210,15 +283,47 @@ async def serve(
         config.loop,
         os.getpid(),
     )
-    signum = await stop
-    log.info("received %s, shutting down", signal.Signals(signum).name)
+    signum = await signals.get()
     for server in servers + ctx.tls_servers:
-        server.close()
+        server.close()  # no new connections from here on
     if lmtp_service is not None:
         await lmtp_service.close()
+    await drain(ctx, ctx.config.shutdown_timeout, signals, signal.Signals(signum).name)
+    log.info("stopped")
+
+
+def _reload(ctx: ServerContext, reload: Callable[[], Config] | None) -> None:
+    try:
+        config = reload() if reload is not None else None
+    except (OSError, ValueError) as exc:
+        log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+        config = None  # the passwd-file and certificate are still re-read
+    ctx.reload(config)
+
+
+async def drain(ctx: ServerContext, deadline: float, signals: asyncio.Queue, why: str) -> None:
+    """Graceful stop: sessions not logged in end now; logged-in ones may finish
+    (QUIT applies their deletions) for up to ``deadline`` seconds or until a
+    second signal; then the rest are closed with [SYS/TEMP] and nothing
+    deleted, which releases every mailbox lock."""
+    going_on = sum(session.drain() for session in list(ctx.sessions))
+    if going_on and deadline > 0:
+        log.info("received %s: %d sessions have up to %g s to finish", why, going_on, deadline)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        second = asyncio.ensure_future(signals.get())
+        try:
+            while ctx.sessions and not second.done() and loop.time() < end:
+                await asyncio.wait([second], timeout=min(0.05, max(0.0, end - loop.time())))
+        finally:
+            second.cancel()
+    else:
+        log.info("received %s, shutting down", why)
+    if ctx.sessions:
+        log.info("closing %d sessions that did not finish (nothing deleted)", len(ctx.sessions))
     for session in list(ctx.sessions):
         session.shutdown()
-    # Let the closes flush; sessions that do not finish are aborted by the loop's close.
+    # Let the closes flush; sessions that do not finish are aborted.
     for _ in range(50):
         if not ctx.sessions:
             break
@@ -227,17 +332,19 @@ async def serve(
         if session.transport is not None:
             session.transport.abort()
     await asyncio.sleep(0)
-    log.info("stopped")
 
 
-def run(config: Config) -> int:
-    """The server: one process, or a supervisor and ``config.workers`` workers."""
+def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
+    """The server: one process, or a supervisor and ``config.workers`` workers.
+    ``reload`` re-reads the configuration on SIGHUP."""
     config.validate()
+    limit = raise_descriptor_limit()
+    log.debug("descriptor limit %d: up to %d connections per process", limit, connections_per_worker(limit))
     if config.workers > 1:
         from fastpop import workers
 
-        return workers.run(config)
-    run_worker(config)
+        return workers.run(config, reload)
+    run_worker(config, reload=reload)
     return 0
 
 
@@ -246,9 +353,11 @@ def run_worker(
     sockets: list[socket.socket] | None = None,
     tls_sockets: list[socket.socket] | None = None,
     lmtp: bool = True,
+    reload: Callable[[], Config] | None = None,
+    connections: ConnectionTable | None = None,
 ) -> None:
     loop = new_event_loop(config.loop)
     try:
-        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp))
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections))
     finally:
         loop.close()

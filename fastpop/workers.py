@@ -5,10 +5,13 @@ listening socket with SO_REUSEPORT, one set per worker, so the kernel spreads
 new connections over the workers; it forks the workers, each of which runs
 the ordinary single-process server on its own sockets (and drops privileges
 as usual), and it restarts a worker that dies, logging why.  Mailbox locks
-are open-file-description locks, so they hold across workers and die with a
-killed worker.  SIGTERM/SIGINT are passed on and waited for; SIGHUP is
-passed on (each worker reloads its certificates).  LMTP listeners run in
-worker 0 only: a Unix socket cannot be bound twice.
+are lock files naming their owner (fastpop.locking): they hold across
+workers, and a killed worker's are taken over.  Connection limits hold across
+workers through a shared table (fastpop.limits).  SIGTERM/SIGINT are passed
+on and waited for (a worker still running ``shutdown_timeout`` + 10 s later is
+killed); SIGHUP is passed on (each worker re-reads the configuration, the
+passwd-file and certificates).  LMTP listeners run in worker 0 only: a Unix
+socket cannot be bound twice.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ import signal
 import socket
 import sys
 import time
+from typing import Callable
 
 from fastpop.config import Config, parse_address
+from fastpop.server import connection_table
 
 log = logging.getLogger("fastpop.workers")
 
 RESTART_BACKOFF = 1.0  # seconds to wait before restarting a worker that died young
 YOUNG = 5.0  # a worker that dies within this many seconds of its start died young
+STOP_GRACE = 10.0  # seconds past shutdown_timeout before a worker that has not stopped is killed
 
 
 def listening_socket(addr: str, port: int | None = None) -> socket.socket:
@@ -50,8 +56,12 @@ def listening_socket(addr: str, port: int | None = None) -> socket.socket:
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload = reload
+        # Shared before forking: every worker counts its connections in its row.
+        self.connections = connection_table(config, config.workers)
+        self.stop_deadline: float | None = None
         self.addresses = list(config.listen)
         self.tls_addresses = list(config.listen_tls)
         self.ports: dict[str, int] = {}  # address -> port actually bound (for port 0)
@@ -79,9 +89,12 @@ class Supervisor:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 from fastpop import server
 
-                server.run_worker(self.config, pop3, tls, lmtp=index == 0)
+                self.connections.use_row(index)
+                server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload,
+                                  connections=self.connections)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -96,6 +109,9 @@ class Supervisor:
     def _signal(self, signum: int, frame) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
+            if self.stop_deadline is None:  # workers drain; kill any that outlive their deadline
+                self.stop_deadline = time.monotonic() + self.config.shutdown_timeout + STOP_GRACE
+                signal.setitimer(signal.ITIMER_REAL, self.config.shutdown_timeout + STOP_GRACE)
         for pid in list(self.workers):
             try:
                 os.kill(pid, signal.SIGTERM if signum == signal.SIGINT else signum)
@@ -107,6 +123,7 @@ class Supervisor:
         # the supervisor keeps none open, so only workers accept.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
+        signal.signal(signal.SIGALRM, self._overdue)
         log.info("supervisor pid %d starting %d workers", os.getpid(), self.config.workers)
         for index in range(self.config.workers):
             self._spawn(index)
@@ -118,6 +135,7 @@ class Supervisor:
             if pid not in self.workers:
                 continue
             index, started = self.workers.pop(pid)
+            self.connections.clear_row(index)  # its connections died with it
             if self.stopping:
                 continue
             why = (f"killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
@@ -135,6 +153,16 @@ class Supervisor:
         return self.exit_code
 
 
-def run(config: Config) -> int:
+    def _overdue(self, signum: int, frame) -> None:
+        for pid, (index, _) in list(self.workers.items()):
+            log.error("worker %d (pid %d) still running %g s after SIGTERM; killing it",
+                      index, pid, self.config.shutdown_timeout + STOP_GRACE)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     sys.stdout.flush()
-    return Supervisor(config).run()
+    return Supervisor(config, reload).run()

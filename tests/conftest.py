@@ -45,6 +45,7 @@ class ServerProcess:
         self.log_path = root / "server.log"
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen | None = None
+        self.preexec_fn = None  # run in the server's process before exec (resource limits)
         self.port = 0
         self._seq = 0
 
@@ -62,11 +63,14 @@ class ServerProcess:
             "--auth-failure-delay", "0.05",
             "--loop", self.loop,
             "--log-level", "debug",
+            "--workers", "1",  # one process unless a test asks for more (the default is the CPU count)
+            "--shutdown-timeout", "2",  # SIGTERM waits this long for logged-in sessions (default 30)
             *self.extra_args,
         ]
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.root, env=env)
+        self.proc = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.root, env=env,
+                                     preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(parser: (\w+), loop: (\w+)", self.log()[self._log_offset:])

@@ -20,7 +20,8 @@ import time
 import pytest
 
 from conftest import PARSERS, ServerProcess, message
-from fastpop.penalty import ConnectionLimiter, LastLogins, Networks, PenaltyBox, address_key
+from fastpop.limits import ConnectionTable
+from fastpop.penalty import LastLogins, Networks, PenaltyBox, address_key
 from tls_helpers import Conn, b64, stop_clean, unb64
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
@@ -379,11 +380,13 @@ def test_address_keys_and_networks():
     assert "127.0.0.1" in nets and "::1" in nets and "::ffff:127.0.0.1" in nets and "10.1.2.3" in nets
     assert "10.2.0.1" not in nets and "192.0.2.1" not in nets and "nonsense" not in nets
     assert "127.0.0.1" not in Networks([])
-    limiter = ConnectionLimiter(2)
-    assert limiter.acquire("a") and limiter.acquire("a") and not limiter.acquire("a") and limiter.acquire("b")
+    limiter = ConnectionTable(2, 0, 1000)
+    assert limiter.acquire("a") is None and limiter.acquire("a") is None
+    assert limiter.acquire("a") == "address" and limiter.acquire("b") is None
     limiter.release("a")
-    assert limiter.acquire("a") and limiter.count("a") == 2
-    assert all(ConnectionLimiter(0).acquire("x") for _ in range(100))
+    assert limiter.acquire("a") is None and limiter.count("a") == 2
+    unlimited = ConnectionTable(0, 0, 1000)
+    assert all(unlimited.acquire("x") is None for _ in range(100))
     clock = Clock()
     logins = LastLogins(clock=clock)
     logins.record("alice", 60)

@@ -297,7 +297,8 @@ def test_sigterm_closes_sessions_without_deletions(fresh_server):
     assert user.contents() == sorted(msgs)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    assert "received SIGTERM, shutting down" in fresh_server.log()
+    assert "received SIGTERM: 3 sessions have up to 2 s to finish" in fresh_server.log()
+    assert "closing 3 sessions that did not finish (nothing deleted)" in fresh_server.log()
 
 
 # --------------------------------------------------------------------------- the asyncio loop

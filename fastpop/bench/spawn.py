@@ -289,6 +289,9 @@ class SpawnedServer:
             # info, not warning: the start-up line carries the port, and a real
             # deployment logs every session, as Dovecot does.
             "--log-level", self.log_level,
+            # one process unless asked (extra_args win): on a small machine the
+            # generator needs the other cores
+            "--workers", "1",
             *self.extra_args,
         ]
         self._log = open(self.log_path, "ab")
