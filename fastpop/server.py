@@ -31,6 +31,7 @@ class ServerContext:
         self.auth = Authenticator(config.passwd_file, config.mail_location)
         self.sessions: set[POP3Protocol] = set()
         self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
+        self.proxy_servers: list[asyncio.AbstractServer] = []  # PROXY protocol listeners (fastpop.proxied)
         self._counter = itertools.count(1)
         self._stamp_prefix = f"<{os.getpid()}."
         self._stamp_suffix = f"@{config.hostname}>"
@@ -153,6 +154,10 @@ async def start(
             ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
         )
         ctx.tls_servers.append(server)
+    if config.proxy_listen:  # a worker's sockets: config.listen's, then config.proxy_listen's
+        from fastpop.proxied import start_listeners
+
+        ctx.proxy_servers = await start_listeners(ctx, None if sockets is None else sockets[len(config.listen):])
     return ctx, servers
 
 
@@ -200,6 +205,9 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, ctx.reload)
     if ctx.tls_servers:
         log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
+    if ctx.proxy_servers:
+        log.info("PROXY protocol listening on %s (proxies: %s)", ", ".join(bound_addresses(ctx.proxy_servers)),
+                 ", ".join(config.proxy_trusted_networks))
     if lmtp_service is not None:
         log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
     log.info(
@@ -212,7 +220,7 @@ async def serve(
     )
     signum = await stop
     log.info("received %s, shutting down", signal.Signals(signum).name)
-    for server in servers + ctx.tls_servers:
+    for server in servers + ctx.tls_servers + ctx.proxy_servers:
         server.close()
     if lmtp_service is not None:
         await lmtp_service.close()
