@@ -60,9 +60,12 @@ class ProxiedPOP3Protocol(POP3Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        if peer:
-            self._peer = peer[0]
         self._ctx.sessions.add(self)  # a server stopping closes it too
+        if not peer:  # reset before we could ask: a TCP-connect health check
+            self._busy |= BUSY_CLOSING
+            transport.close()
+            return
+        self._peer = peer[0]
         if self._peer not in self._settings.trusted:
             self._refuse("not a trusted proxy")
             return
