@@ -85,9 +85,14 @@ class Hosts:
         return f"{HOST_ADDRESSES[self.all.index(srv)]}:{self.proxy_port[srv]}"
 
 
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
-    """Two fastpop hosts sharing the passwd-file and the Maildirs, as behind a load balancer."""
+VARIANTS = {"c-parser-uvloop": ("cython", "uvloop"), "py-parser-asyncio": ("python", "asyncio")}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
+def hosts(request, tmp_path_factory):
+    """Two fastpop hosts sharing the passwd-file and the Maildirs, as behind a
+    load balancer (on each event loop, with each parser)."""
+    parser, loop = VARIANTS[request.param]
     root = tmp_path_factory.mktemp("proxy")
     common = [
         "--proxy-trusted-networks", f"{PROXY_HOST}/32", "--proxy-timeout", str(HEADER_TIMEOUT),
@@ -96,7 +101,7 @@ def hosts(tmp_path_factory):
     ]
     servers = []
     for name, addr in zip("ab", HOST_ADDRESSES):
-        srv = ServerProcess(root / name, PARSERS["c-parser"], extra_args=["--proxy-listen", f"{addr}:0", *common])
+        srv = ServerProcess(root / name, parser, loop, extra_args=["--proxy-listen", f"{addr}:0", *common])
         if servers:  # one store: the second host uses the first one's passwd-file and mail
             srv.passwd, srv.mail = servers[0].passwd, servers[0].mail
         servers.append(srv)
