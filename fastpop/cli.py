@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = serve.add_argument_group("behind a load balancer (PROXY protocol v1/v2, fastpop.proxied)")
     proxy.add_argument("--proxy-listen", action="append", metavar="HOST:PORT",
                        help="listener that requires a PROXY header, e.g. for HAProxy's send-proxy-v2 (repeatable)")
+    proxy.add_argument("--proxy-listen-tls", action="append", metavar="HOST:PORT",
+                       help="the same, then implicit TLS (the proxy passes TLS through; needs --tls-cert)")
     proxy.add_argument("--proxy-trusted-networks", metavar="CIDR,...", help="the proxies allowed to send the header")
     proxy.add_argument("--proxy-timeout", type=float, metavar="SECONDS", help="wait this long for the header (default 5)")
 
@@ -136,6 +138,7 @@ _FLAG_FIELDS = (
     "oauth_secret_file",
     "oauth_command",
     "proxy_listen",
+    "proxy_listen_tls",
     "proxy_timeout",
 )
 

@@ -53,6 +53,7 @@ The TOML file has sections mirroring the field prefixes::
 
     [proxy]
     listen = ["10.0.0.5:1110"]       # POP3 listeners behind HAProxy: a PROXY v1/v2 header is required
+    listen_tls = ["10.0.0.5:1995"]   # the same, then implicit TLS (HAProxy passes TLS through)
     trusted_networks = ["10.0.0.2/32"]   # the proxies allowed to send it (no default)
     timeout = 5                      # seconds to wait for the header
 """
@@ -106,6 +107,7 @@ class Config:
     oauth_secret_file: str | None = None
     oauth_command: str | None = None
     proxy_listen: list[str] = field(default_factory=list)  # listeners requiring a PROXY header (fastpop.proxied)
+    proxy_listen_tls: list[str] = field(default_factory=list)  # the same, then implicit TLS
     proxy_trusted_networks: list[str] = field(default_factory=list)  # who may send one
     proxy_timeout: float = 5.0  # seconds to wait for the header
 
@@ -202,13 +204,15 @@ class Config:
     def _validate_proxy(self) -> None:
         from fastpop.penalty import Networks
 
-        for addr in self.proxy_listen:
+        for addr in self.proxy_listen + self.proxy_listen_tls:
             parse_address(addr)
+        if self.proxy_listen_tls and self.tls_cert is None:
+            raise ValueError("implicit-TLS PROXY listeners need a certificate (--tls-cert, [tls] cert)")
         try:
             Networks(self.proxy_trusted_networks)
         except ValueError as exc:
             raise ValueError(f"proxy trusted_networks: {exc}") from None
-        if self.proxy_listen and not self.proxy_trusted_networks:
+        if (self.proxy_listen or self.proxy_listen_tls) and not self.proxy_trusted_networks:
             raise ValueError("PROXY listeners need the proxies' addresses: [proxy] trusted_networks (--proxy-trusted-networks)")
         if self.proxy_timeout <= 0:
             raise ValueError("proxy timeout must be positive")
@@ -260,6 +264,7 @@ _TOML_KEYS = {
     ("oauth", "secret_file"): "oauth_secret_file",
     ("oauth", "command"): "oauth_command",
     ("proxy", "listen"): "proxy_listen",
+    ("proxy", "listen_tls"): "proxy_listen_tls",
     ("proxy", "trusted_networks"): "proxy_trusted_networks",
     ("proxy", "timeout"): "proxy_timeout",
 }

@@ -229,6 +229,8 @@ def build_v2(source: tuple[str, int] | None, destination: tuple[str, int] | None
         body, fam = b"", 0x00
     else:
         src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+        if src.version != dst.version:
+            raise ValueError("source and destination of different families")
         fam = 0x11 if src.version == 4 else 0x21
         body = src.packed + dst.packed + source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big")
     body += tlvs

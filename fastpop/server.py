@@ -154,7 +154,7 @@ async def start(
             ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
         )
         ctx.tls_servers.append(server)
-    if config.proxy_listen:  # a worker's sockets: config.listen's, then config.proxy_listen's
+    if config.proxy_listen or config.proxy_listen_tls:  # a worker's sockets: listen's, then the proxy ones
         from fastpop.proxied import start_listeners
 
         ctx.proxy_servers = await start_listeners(ctx, None if sockets is None else sockets[len(config.listen):])
@@ -206,8 +206,9 @@ async def serve(
     if ctx.tls_servers:
         log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
     if ctx.proxy_servers:
-        log.info("PROXY protocol listening on %s (proxies: %s)", ", ".join(bound_addresses(ctx.proxy_servers)),
-                 ", ".join(config.proxy_trusted_networks))
+        from fastpop.proxied import log_listening
+
+        log_listening(ctx)
     if lmtp_service is not None:
         log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
     log.info(

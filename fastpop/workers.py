@@ -52,7 +52,7 @@ def listening_socket(addr: str, port: int | None = None) -> socket.socket:
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.addresses = list(config.listen) + list(config.proxy_listen)  # server.start splits them
+        self.addresses = config.listen + config.proxy_listen + config.proxy_listen_tls  # server.start splits them
         self.tls_addresses = list(config.listen_tls)
         self.ports: dict[str, int] = {}  # address -> port actually bound (for port 0)
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)

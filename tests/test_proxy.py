@@ -4,14 +4,15 @@ Two fastpop hosts share one passwd-file and one mail store, each with a
 PROXY listener (127.0.0.2 and 127.0.0.3) that trusts only 127.0.0.1, where
 HAProxy connects from.  HAProxy runs docs/haproxy.cfg as it is (the file
 docs/deploy.md quotes: PROXY v2 to both hosts, TLS ended at HAProxy for
-pop3s) plus tests/haproxy-v1.cfg (a frontend whose backend, the first host,
-gets PROXY v1).  Clients connect from addresses of their own (127.0.0.9,
+pop3s), docs/haproxy-tls-passthrough.cfg (TLS passed through to the hosts'
+implicit-TLS PROXY listeners) and tests/haproxy-v1.cfg (a frontend whose
+backend, the first host, gets PROXY v1).  Clients connect from addresses of their own (127.0.0.9,
 127.0.0.21, ...), and the hosts must see those: in the session log (rip=),
 for the trusted networks (127.0.0.8/29 may log in without TLS, HAProxy's
 127.0.0.1 may not), for penalties and for the per-address connection cap.
 Without HAProxy, raw connections check the refusals (an untrusted proxy, a
 malformed header, no header in time) and a header that arrives in pieces
-or together with the first commands.
+or together with the first commands (or the TLS ClientHello).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tls_helpers import Certs, stop_clean
 
 REPO = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = REPO / "docs" / "haproxy.cfg"
+HAPROXY_PASSTHROUGH_CFG = REPO / "docs" / "haproxy-tls-passthrough.cfg"
 HAPROXY_V1_CFG = REPO / "tests" / "haproxy-v1.cfg"
 HAPROXY = shutil.which("haproxy") or (shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin"))
 needs_haproxy = [
@@ -72,17 +74,21 @@ def wait_for(pattern: str, *servers: ServerProcess, timeout: float = 10.0) -> re
 
 
 class Hosts:
-    def __init__(self, a: ServerProcess, b: ServerProcess):
+    def __init__(self, a: ServerProcess, b: ServerProcess, certs: Certs):
         self.a, self.b = a, b
         self.all = (a, b)
-        self.proxy_port = {}
+        self.certs = certs
+        self.proxy_port, self.tls_port = {}, {}
         for srv, addr in zip(self.all, HOST_ADDRESSES):
             m = re.search(rf"PROXY protocol listening on {re.escape(addr)}:(\d+) \(proxies: 127\.0\.0\.1/32\)", srv.log())
             assert m, srv.log()
             self.proxy_port[srv] = int(m.group(1))
+            m = re.search(rf"PROXY protocol listening on {re.escape(addr)}:(\d+) \(implicit TLS; proxies: ", srv.log())
+            assert m, srv.log()
+            self.tls_port[srv] = int(m.group(1))
 
-    def address(self, srv: ServerProcess) -> str:
-        return f"{HOST_ADDRESSES[self.all.index(srv)]}:{self.proxy_port[srv]}"
+    def address(self, srv: ServerProcess, tls: bool = False) -> str:
+        return f"{HOST_ADDRESSES[self.all.index(srv)]}:{(self.tls_port if tls else self.proxy_port)[srv]}"
 
 
 VARIANTS = {"c-parser-uvloop": ("cython", "uvloop"), "py-parser-asyncio": ("python", "asyncio")}
@@ -94,21 +100,24 @@ def hosts(request, tmp_path_factory):
     load balancer (on each event loop, with each parser)."""
     parser, loop = VARIANTS[request.param]
     root = tmp_path_factory.mktemp("proxy")
+    certs = Certs(root / "certs")
     common = [
+        "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
         "--proxy-trusted-networks", f"{PROXY_HOST}/32", "--proxy-timeout", str(HEADER_TIMEOUT),
         "--trusted-networks", TRUSTED, "--auth-penalty-initial", str(PENALTY),
         "--max-connections-per-ip", str(PER_IP),
     ]
     servers = []
     for name, addr in zip("ab", HOST_ADDRESSES):
-        srv = ServerProcess(root / name, parser, loop, extra_args=["--proxy-listen", f"{addr}:0", *common])
+        srv = ServerProcess(root / name, parser, loop,
+                            extra_args=["--proxy-listen", f"{addr}:0", "--proxy-listen-tls", f"{addr}:0", *common])
         if servers:  # one store: the second host uses the first one's passwd-file and mail
             srv.passwd, srv.mail = servers[0].passwd, servers[0].mail
         servers.append(srv)
     try:
         for srv in servers:
             srv.start()
-        yield Hosts(*servers)
+        yield Hosts(*servers, certs)
     finally:
         for srv in servers:
             stop_clean(srv)
@@ -116,15 +125,16 @@ def hosts(request, tmp_path_factory):
 
 class HAProxy:
     def __init__(self, hosts: Hosts, directory: Path):
-        self.certs = Certs(directory / "certs")
-        self.ports = {name: free_port() for name in ("POP3", "POP3S", "POP3_V1")}
+        self.certs = hosts.certs
+        self.ports = {name: free_port() for name in ("POP3", "POP3S", "POP3_V1", "POP3S_PASSTHROUGH")}
         env = dict(os.environ)
         env.update({f"{name}_BIND": f"127.0.0.1:{port}" for name, port in self.ports.items()})
         env.update(POP3S_CERT=str(self.certs.server_pem), FASTPOP1=hosts.address(hosts.a),
-                   FASTPOP2=hosts.address(hosts.b))
+                   FASTPOP2=hosts.address(hosts.b), FASTPOP1_TLS=hosts.address(hosts.a, tls=True),
+                   FASTPOP2_TLS=hosts.address(hosts.b, tls=True))
         self.log_path = directory / "haproxy.log"
         self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(HAPROXY_CFG), "-f", str(HAPROXY_V1_CFG)],
+        self.proc = subprocess.Popen([HAPROXY, "-db", *(arg for cfg in (HAPROXY_CFG, HAPROXY_PASSTHROUGH_CFG, HAPROXY_V1_CFG) for arg in ("-f", str(cfg)))],
                                      stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=directory)
         deadline = time.monotonic() + 20
         for port in self.ports.values():
@@ -267,6 +277,18 @@ def test_tls_ended_at_haproxy_counts_as_secure(hosts, haproxy):
     full_session(p, user)
     srv = session_logged(hosts, user, "127.0.0.20")
     wait_for(r"proxy rip=127\.0\.0\.20 port=\d+ via=127\.0\.0\.1 v2 tls=TLSv1\.[23]\n", srv)
+
+
+@haproxy_test
+def test_tls_passed_through_haproxy(hosts, haproxy):
+    """The pass-through frontend: HAProxy sends the PROXY header, then the
+    client's TLS goes to fastpop's implicit-TLS PROXY listener."""
+    user = hosts.a.add_user([message(size=100_000)])
+    p = POP3SFrom("127.0.0.25", haproxy.ports["POP3S_PASSTHROUGH"], hosts.certs.client_context())
+    assert "USER" in p.capa() and "STLS" not in p.capa()
+    full_session(p, user)
+    srv = session_logged(hosts, user, "127.0.0.25")
+    wait_for(r"proxy rip=127\.0\.0\.25 port=\d+ via=127\.0\.0\.1 v2\n", srv)
 
 
 @haproxy_test
@@ -414,6 +436,96 @@ def test_local_and_unknown_keep_the_proxy_address(hosts, header):
     wait_for(rf"session user={user.name} rip=127\.0\.0\.1 ", hosts.a)
 
 
+class BioTLS:
+    """A TLS client over a plain socket through memory BIOs, so that its first
+    flight goes out in the same send() as the bytes before it (the header)."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, preamble: bytes):
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        self.buf = bytearray()
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self.sock.sendall(preamble + self.outgoing.read())
+                preamble = b""
+                self._recv()
+        self.sock.sendall(self.outgoing.read())
+
+    def _recv(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("closed")
+        self.incoming.write(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            try:
+                self.buf += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._recv()
+        i = self.buf.index(b"\r\n") + 2
+        out = bytes(self.buf[:i])
+        del self.buf[:i]
+        return out
+
+    def cmd(self, text: str) -> bytes:
+        self.tls.write(text.encode() + b"\r\n")
+        self.sock.sendall(self.outgoing.read())
+        return self.line()
+
+
+def tls_proxy_socket(hosts: Hosts, srv: ServerProcess) -> socket.socket:
+    return socket.create_connection((HOST_ADDRESSES[hosts.all.index(srv)], hosts.tls_port[srv]), timeout=10,
+                                    source_address=(PROXY_HOST, 0))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_implicit_tls_after_the_header_in_one_segment(hosts, version):
+    """Header and ClientHello in one send(): the header is consumed exactly,
+    the handshake gets every byte after it; the session counts as secure."""
+    user = hosts.b.add_user([message()])
+    header = (build_v1 if version == 1 else build_v2)(CLIENT, DEST)
+    c = BioTLS(tls_proxy_socket(hosts, hosts.b), hosts.certs.client_context(), header)
+    assert c.line().startswith(b"+OK fastpop ready.")
+    assert c.cmd(f"USER {user.name}").startswith(b"+OK")  # plaintext login allowed: TLS is up
+    assert c.cmd(f"PASS {user.password}").startswith(b"+OK")
+    assert c.cmd("QUIT").startswith(b"+OK")
+    c.sock.close()
+    wait_for(rf"session user={user.name} rip=192\.0\.2\.7 ", hosts.b)
+
+
+def test_implicit_tls_after_a_header_in_pieces(hosts):
+    user = hosts.a.add_user([message()])
+    sock = tls_proxy_socket(hosts, hosts.a)
+    header = build_v2(("2001:db8::9", 5), ("2001:db8::1", 995), tlvs=b"\x04\x00\x10" + bytes(16))
+    for i in range(0, len(header), 7):
+        sock.sendall(header[i : i + 7])
+        time.sleep(0.03)
+    tls = hosts.certs.client_context().wrap_socket(sock, server_hostname="127.0.0.1")
+    p = poplib.POP3.__new__(poplib.POP3)  # poplib over the socket we made
+    p.host, p.port, p._tls_established, p.sock = "127.0.0.1", 0, True, tls
+    p.file = tls.makefile("rb")
+    p._debugging = 0
+    p.welcome = p._getresp()
+    p.user(user.name)
+    p.pass_(user.password)
+    assert p.stat()[0] == 1
+    p.quit()
+    wait_for(rf"session user={user.name} rip=2001:db8::9 ", hosts.a)
+
+
+def test_implicit_tls_without_a_header_is_refused(hosts):
+    sock = tls_proxy_socket(hosts, hosts.a)
+    with pytest.raises((ssl.SSLError, OSError, EOFError)):
+        hosts.certs.client_context().wrap_socket(sock, server_hostname="127.0.0.1").recv(10)
+    wait_for(r"refused proxy connection from 127\.0\.0\.1: malformed PROXY header: not a PROXY protocol header "
+             r"\(received b'\\x16\\x03", hosts.a)
+
+
 def test_plain_listener_ignores_proxy_headers(hosts):
     """A PROXY header sent to an ordinary listener is just a bad command: nobody
     can claim an address there."""
@@ -466,7 +578,8 @@ def test_toml_proxy_section(tmp_path):
         ["10.0.0.5:1110"], ["10.0.0.2/32"], 3.0)
 
 
-def test_deploy_doc_quotes_the_haproxy_config():
-    """docs/deploy.md shows docs/haproxy.cfg exactly as the tests run it."""
+def test_deploy_doc_quotes_the_haproxy_configs():
+    """docs/deploy.md shows the HAProxy configurations exactly as the tests run them."""
     doc = (REPO / "docs" / "deploy.md").read_text()
     assert HAPROXY_CFG.read_text() in doc
+    assert HAPROXY_PASSTHROUGH_CFG.read_text() in doc
