@@ -518,6 +518,33 @@ def test_implicit_tls_after_a_header_in_pieces(hosts):
     wait_for(rf"session user={user.name} rip=2001:db8::9 ", hosts.a)
 
 
+def test_implicit_tls_listener_refusals(hosts):
+    """The implicit-TLS PROXY listener refuses like the plain one: an untrusted
+    proxy, and no complete header in time."""
+    sock = socket.create_connection((HOST_ADDRESSES[0], hosts.tls_port[hosts.a]), timeout=10,
+                                    source_address=("127.0.0.6", 0))
+    sock.sendall(build_v2(CLIENT, DEST))
+    assert _read_to_eof(sock) == b""
+    wait_for(r"refused proxy connection from 127\.0\.0\.6: not a trusted proxy", hosts.a)
+    started = time.monotonic()
+    sock = tls_proxy_socket(hosts, hosts.a)
+    sock.sendall(build_v2(CLIENT, DEST)[:20])
+    assert _read_to_eof(sock) == b""
+    assert HEADER_TIMEOUT * 0.9 <= time.monotonic() - started < HEADER_TIMEOUT + 3
+    wait_for(r"refused proxy connection from 127\.0\.0\.1: no PROXY header within 1 s \(received b'\\r\\n\\r\\n", hosts.a)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    out = b""
+    try:
+        while chunk := sock.recv(4096):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return out
+
+
 def test_implicit_tls_without_a_header_is_refused(hosts):
     sock = tls_proxy_socket(hosts, hosts.a)
     with pytest.raises((ssl.SSLError, OSError, EOFError)):
@@ -535,12 +562,23 @@ def test_plain_listener_ignores_proxy_headers(hosts):
 
 
 def test_workers_serve_proxy_listeners(tmp_path):
+    certs = Certs(tmp_path / "certs")
     srv = ServerProcess(tmp_path, PARSERS["c-parser"], extra_args=[
-        "--workers", "2", "--proxy-listen", "127.0.0.2:0", "--proxy-trusted-networks", "127.0.0.1/32"])
+        "--workers", "2", "--proxy-listen", "127.0.0.2:0", "--proxy-listen-tls", "127.0.0.3:0",
+        "--proxy-trusted-networks", "127.0.0.1/32", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
+        "--auth-penalty-initial", "0"])  # eight failed logins from one address: no waiting
     srv.start()
     try:
-        port = int(wait_for(r"PROXY protocol listening on 127\.0\.0\.2:(\d+)", srv).group(1))
+        port = int(wait_for(r"PROXY protocol listening on 127\.0\.0\.2:(\d+) \(proxies", srv).group(1))
+        tls_port = int(wait_for(r"PROXY protocol listening on 127\.0\.0\.3:(\d+) \(implicit TLS", srv).group(1))
         user = srv.add_user([message()])
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.3", tls_port), timeout=10, source_address=(PROXY_HOST, 0))
+            c = BioTLS(sock, certs.client_context(), build_v1(CLIENT, DEST))
+            assert c.line().startswith(b"+OK fastpop ready.")
+            assert c.cmd(f"APOP {user.name} x").startswith(b"-ERR [AUTH]")
+            assert c.cmd("QUIT").startswith(b"+OK")
+            sock.close()
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.2", port), timeout=10, source_address=(PROXY_HOST, 0))
             sock.sendall(build_v2(CLIENT, DEST) + f"APOP {user.name} x\r\nQUIT\r\n".encode())
@@ -560,6 +598,8 @@ def test_workers_serve_proxy_listeners(tmp_path):
     (["--proxy-listen", "nowhere", "--proxy-trusted-networks", "10.0.0.1"], "listen address must be HOST:PORT"),
     (["--proxy-listen", "127.0.0.2:0", "--proxy-trusted-networks", "10.0.0.1", "--proxy-timeout", "0"],
      "proxy timeout must be positive"),
+    (["--proxy-listen-tls", "127.0.0.2:0", "--proxy-trusted-networks", "10.0.0.1"],
+     "implicit-TLS PROXY listeners need a certificate"),
 ])
 def test_config_errors(tmp_path, args, error):
     (tmp_path / "passwd").touch()
@@ -572,10 +612,11 @@ def test_toml_proxy_section(tmp_path):
     from fastpop.config import load_toml
 
     path = tmp_path / "fastpop.toml"
-    path.write_text('[proxy]\nlisten = ["10.0.0.5:1110"]\ntrusted_networks = ["10.0.0.2/32"]\ntimeout = 3\n')
+    path.write_text('[proxy]\nlisten = ["10.0.0.5:1110"]\nlisten_tls = "10.0.0.5:1995"\n'
+                    'trusted_networks = ["10.0.0.2/32"]\ntimeout = 3\n')
     config = load_toml(str(path))
-    assert (config.proxy_listen, config.proxy_trusted_networks, config.proxy_timeout) == (
-        ["10.0.0.5:1110"], ["10.0.0.2/32"], 3.0)
+    assert (config.proxy_listen, config.proxy_listen_tls, config.proxy_trusted_networks, config.proxy_timeout) == (
+        ["10.0.0.5:1110"], ["10.0.0.5:1995"], ["10.0.0.2/32"], 3.0)
 
 
 def test_deploy_doc_quotes_the_haproxy_configs():
