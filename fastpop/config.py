@@ -205,7 +205,10 @@ class Config:
         from fastpop.penalty import Networks
 
         for addr in self.proxy_listen + self.proxy_listen_tls:
-            parse_address(addr)
+            if not parse_address(addr)[1]:
+                continue  # port 0: each gets a port of its own
+            if addr in self.listen + self.listen_tls or (self.proxy_listen + self.proxy_listen_tls).count(addr) > 1:
+                raise ValueError(f"{addr} is given as two listeners (a PROXY listener needs an address of its own)")
         if self.proxy_listen_tls and self.tls_cert is None:
             raise ValueError("implicit-TLS PROXY listeners need a certificate (--tls-cert, [tls] cert)")
         try:

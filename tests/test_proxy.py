@@ -600,6 +600,8 @@ def test_workers_serve_proxy_listeners(tmp_path):
      "proxy timeout must be positive"),
     (["--proxy-listen-tls", "127.0.0.2:0", "--proxy-trusted-networks", "10.0.0.1"],
      "implicit-TLS PROXY listeners need a certificate"),
+    (["--listen", "127.0.0.2:1110", "--proxy-listen", "127.0.0.2:1110", "--proxy-trusted-networks", "10.0.0.1"],
+     "is given as two listeners"),
 ])
 def test_config_errors(tmp_path, args, error):
     (tmp_path / "passwd").touch()
