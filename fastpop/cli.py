@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--oauth-validator", metavar="NAME", help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
     tls.add_argument("--oauth-secret-file", metavar="FILE", help="shared secret of the hmac validator")
     tls.add_argument("--oauth-command", metavar="COMMAND", help="token checker of the command validator")
+    proxy = serve.add_argument_group("behind a load balancer (PROXY protocol v1/v2, fastpop.proxied)")
+    proxy.add_argument("--proxy-listen", action="append", metavar="HOST:PORT",
+                       help="listener that requires a PROXY header, e.g. for HAProxy's send-proxy-v2 (repeatable)")
+    proxy.add_argument("--proxy-listen-tls", action="append", metavar="HOST:PORT",
+                       help="the same, then implicit TLS (the proxy passes TLS through; needs --tls-cert)")
+    proxy.add_argument("--proxy-trusted-networks", metavar="CIDR,...", help="the proxies allowed to send the header")
+    proxy.add_argument("--proxy-timeout", type=float, metavar="SECONDS", help="wait this long for the header (default 5)")
 
     user = sub.add_parser("user", help="manage a passwd-file")
     user.set_defaults(func=cmd_user)
@@ -136,6 +143,9 @@ _FLAG_FIELDS = (
     "oauth_validator",
     "oauth_secret_file",
     "oauth_command",
+    "proxy_listen",
+    "proxy_listen_tls",
+    "proxy_timeout",
 )
 
 
@@ -157,6 +167,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.trusted_networks is not None:
         nets = [n.strip() for n in args.trusted_networks.split(",") if n.strip()]
         config.trusted_networks = [] if nets == ["none"] else nets
+    if args.proxy_trusted_networks is not None:
+        config.proxy_trusted_networks = [n.strip() for n in args.proxy_trusted_networks.split(",") if n.strip()]
     if args.auth_mechanisms is not None:
         config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
     return config

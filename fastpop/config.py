@@ -55,6 +55,12 @@ The TOML file has sections mirroring the field prefixes::
     validator = "hmac"       # or "command", or "module:function"
     secret_file = "/etc/fastpop/oauth.key"   # hmac: the shared secret (or secret = "...")
     command = "/usr/local/bin/check-token"   # command: token on stdin, user name on stdout
+
+    [proxy]
+    listen = ["10.0.0.5:1110"]       # POP3 listeners behind HAProxy: a PROXY v1/v2 header is required
+    listen_tls = ["10.0.0.5:1995"]   # the same, then implicit TLS (HAProxy passes TLS through)
+    trusted_networks = ["10.0.0.2/32"]   # the proxies allowed to send it (no default)
+    timeout = 5                      # seconds to wait for the header
 """
 
 from __future__ import annotations
@@ -108,6 +114,10 @@ class Config:
     oauth_secret: str | None = None
     oauth_secret_file: str | None = None
     oauth_command: str | None = None
+    proxy_listen: list[str] = field(default_factory=list)  # listeners requiring a PROXY header (fastpop.proxied)
+    proxy_listen_tls: list[str] = field(default_factory=list)  # the same, then implicit TLS
+    proxy_trusted_networks: list[str] = field(default_factory=list)  # who may send one
+    proxy_timeout: float = 5.0  # seconds to wait for the header
 
     def validate(self) -> None:
         if self.passwd_file is None:
@@ -139,6 +149,7 @@ class Config:
             except KeyError:
                 raise ValueError(f"no such system user {self.user!r}") from None
         self._validate_security()
+        self._validate_proxy()
         if self.group is not None:
             import grp
 
@@ -202,6 +213,25 @@ class Config:
             if self.oauth_validator in ("command", "fastpop.oauth:command_validator") and not self.oauth_command:
                 raise ValueError("oauth validator 'command' needs [oauth] command (--oauth-command)")
 
+    def _validate_proxy(self) -> None:
+        from fastpop.penalty import Networks
+
+        for addr in self.proxy_listen + self.proxy_listen_tls:
+            if not parse_address(addr)[1]:
+                continue  # port 0: each gets a port of its own
+            if addr in self.listen + self.listen_tls or (self.proxy_listen + self.proxy_listen_tls).count(addr) > 1:
+                raise ValueError(f"{addr} is given as two listeners (a PROXY listener needs an address of its own)")
+        if self.proxy_listen_tls and self.tls_cert is None:
+            raise ValueError("implicit-TLS PROXY listeners need a certificate (--tls-cert, [tls] cert)")
+        try:
+            Networks(self.proxy_trusted_networks)
+        except ValueError as exc:
+            raise ValueError(f"proxy trusted_networks: {exc}") from None
+        if (self.proxy_listen or self.proxy_listen_tls) and not self.proxy_trusted_networks:
+            raise ValueError("PROXY listeners need the proxies' addresses: [proxy] trusted_networks (--proxy-trusted-networks)")
+        if self.proxy_timeout <= 0:
+            raise ValueError("proxy timeout must be positive")
+
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms offered, in CAPA order."""
         if self.auth_mechanisms is not None:
@@ -250,6 +280,10 @@ _TOML_KEYS = {
     ("oauth", "secret"): "oauth_secret",
     ("oauth", "secret_file"): "oauth_secret_file",
     ("oauth", "command"): "oauth_command",
+    ("proxy", "listen"): "proxy_listen",
+    ("proxy", "listen_tls"): "proxy_listen_tls",
+    ("proxy", "trusted_networks"): "proxy_trusted_networks",
+    ("proxy", "timeout"): "proxy_timeout",
 }
 
 

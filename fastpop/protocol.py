@@ -131,6 +131,13 @@ class POP3Protocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self._peer = peer[0]
+        self.start_session()
+
+    def start_session(self) -> None:
+        """Greet the client, once its address is known: from the socket, or
+        from a PROXY header (fastpop.proxied calls this after reading it)."""
+        transport = self.transport
+        assert transport is not None
         ctx = self._ctx
         ctx.sessions.add(self)
         self._timestamp = ctx.new_timestamp()

@@ -37,6 +37,7 @@ class ServerContext:
         self.connections = connections or connection_table(config)
         self._full_logged = 0.0
         self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
+        self.proxy_servers: list[asyncio.AbstractServer] = []  # PROXY protocol listeners (fastpop.proxied)
         self._counter = itertools.count(1)
         self._stamp_prefix = f"<{os.getpid()}."
         self._stamp_suffix = f"@{config.hostname}>"
@@ -223,6 +224,10 @@ async def start(
             ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
         )
         ctx.tls_servers.append(server)
+    if config.proxy_listen or config.proxy_listen_tls:  # a worker's sockets: listen's, then the proxy ones
+        from fastpop.proxied import start_listeners
+
+        ctx.proxy_servers = await start_listeners(ctx, None if sockets is None else sockets[len(config.listen):])
     return ctx, servers
 
 
@@ -273,6 +278,10 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(ctx, reload))
     if ctx.tls_servers:
         log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
+    if ctx.proxy_servers:
+        from fastpop.proxied import log_listening
+
+        log_listening(ctx)
     if lmtp_service is not None:
         log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
     log.info(
@@ -284,7 +293,7 @@ async def serve(
         os.getpid(),
     )
     signum = await signals.get()
-    for server in servers + ctx.tls_servers:
+    for server in servers + ctx.tls_servers + ctx.proxy_servers:
         server.close()  # no new connections from here on
     if lmtp_service is not None:
         await lmtp_service.close()

@@ -62,7 +62,7 @@ class Supervisor:
         # Shared before forking: every worker counts its connections in its row.
         self.connections = connection_table(config, config.workers)
         self.stop_deadline: float | None = None
-        self.addresses = list(config.listen)
+        self.addresses = config.listen + config.proxy_listen + config.proxy_listen_tls  # server.start splits them
         self.tls_addresses = list(config.listen_tls)
         self.ports: dict[str, int] = {}  # address -> port actually bound (for port 0)
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
