@@ -22,6 +22,7 @@ import os
 import re
 import time
 
+from fastpop import faults
 from fastpop import index as mindex
 from fastpop.durable import fsync_dir
 from fastpop.index import FLAG_STORED_AS_SENT, Entry, MailboxIndex
@@ -33,6 +34,8 @@ SUBDIRS = ("cur", "new", "tmp")
 # unseen; the index does not trust such an mtime (it rescans next time).
 MTIME_SETTLE_NS = 2_000_000_000
 _VSIZE = re.compile(r",W=(\d+)")
+# tmp/ files older than this are a dead delivery's (Maildir specification).
+TMP_MAX_AGE = 36 * 3600
 
 
 def ensure_maildir(path: str) -> None:
@@ -166,11 +169,42 @@ def sync_index(path: str) -> MailboxIndex:
             os.rename(os.path.join(new, name), os.path.join(cur, target))
         except FileNotFoundError:
             pass  # moved by another program in the meantime
+        if faults.ACTIVE:
+            faults.hit("sync.after_move")
     st = os.stat(cur)
     current = mindex.load(path)
     if current is not None and not arrived and current.cur_mtime_ns == st.st_mtime_ns != 0:
         return current
+    _remove_leftovers(path)
     return _rebuild(path, cur, st.st_mtime_ns, current)
+
+
+def _remove_leftovers(path: str) -> None:
+    """What writers that died (killed, power lost) left behind: index
+    temporaries (the index is written only under the session lock, which the
+    caller holds, so any is a dead writer's) and tmp/ files older than
+    TMP_MAX_AGE (the Maildir specification's 36 hours, as Dovecot does)."""
+    prefix = mindex.INDEX_FILE + ".tmp."
+    try:
+        for name in os.listdir(path):
+            if name.startswith(prefix):
+                _unlink_leftover(os.path.join(path, name))
+        tmp = os.path.join(path, "tmp")
+        too_old = time.time() - TMP_MAX_AGE
+        with os.scandir(tmp) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < too_old:
+                    _unlink_leftover(entry.path)
+    except OSError as exc:
+        log.warning("cannot clean up leftovers in %s: %s", path, exc.strerror)
+
+
+def _unlink_leftover(path: str) -> None:
+    try:
+        os.unlink(path)
+        log.info("removed leftover %s", path)
+    except FileNotFoundError:
+        pass
 
 
 def _rebuild(path: str, cur: str, cur_mtime_ns: int, old: MailboxIndex | None) -> MailboxIndex:
@@ -273,6 +307,8 @@ class Mailbox:
         """Unlink these messages; returns how many could not be removed."""
         failed = 0
         for i in indices:
+            if faults.ACTIVE:
+                faults.hit("update.before_unlink")
             try:
                 os.unlink(self.file_path(i))
             except FileNotFoundError:
@@ -287,6 +323,8 @@ class Mailbox:
                 # else: already removed by another program
             except OSError:
                 failed += 1
+            if faults.ACTIVE:
+                faults.hit("update.after_unlink")
         try:
             fsync_dir(self._cur)
         except OSError as exc:  # the unlinks happened; only their durability is in doubt

@@ -15,6 +15,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Callable
 
+from fastpop import faults
 from fastpop import responses as R
 from fastpop import sasl
 from fastpop.auth import AuthUnavailable, valid_username
@@ -804,6 +805,8 @@ class POP3Protocol(asyncio.Protocol):
         self._state = UPDATE
         deleted = _marked(self._deleted, self._deleted_count)
         failed = mailbox.delete(deleted) if deleted else 0
+        if faults.ACTIVE and deleted:
+            faults.hit("update.before_reply")
         self._release_mailbox()
         self._out.append(R.ERR_NOT_ALL_DELETED if failed else (R.OK_LOGOUT_DELETED if deleted else R.OK_LOGOUT))
         self._close("quit")
