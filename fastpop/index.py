@@ -249,6 +249,9 @@ def load(maildir: str) -> MailboxIndex | None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # unreadable (a root-owned copy): rebuilt, replaced by rename
+        log.warning("ignoring index %s (%s); rebuilding it", path, exc.strerror)
+        return None
     try:
         st = os.fstat(fd)  # of the file actually read
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)

@@ -16,6 +16,7 @@ protocol calls only in the UPDATE state.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -36,6 +37,16 @@ MTIME_SETTLE_NS = 2_000_000_000
 _VSIZE = re.compile(r",W=(\d+)")
 # tmp/ files older than this are a dead delivery's (Maildir specification).
 TMP_MAX_AGE = 36 * 3600
+
+
+# errno values that mean the Maildir is broken or forbidden, not busy: an
+# administrator must act (RFC 3206 [SYS/PERM], as Dovecot answers them).
+_PERMANENT = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a storage error calls for [SYS/PERM] rather than [SYS/TEMP]."""
+    return isinstance(exc, OSError) and exc.errno in _PERMANENT
 
 
 def ensure_maildir(path: str) -> None:
