@@ -64,6 +64,13 @@ def reap_killed(srv: ServerProcess, point: str) -> None:
     assert marker(point) in srv.log(), srv.log()
 
 
+def wait_for_log(srv: ServerProcess, ready, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready(srv.log()):
+        assert time.monotonic() < deadline, srv.log()
+        time.sleep(0.02)
+
+
 def stop_clean(srv: ServerProcess) -> None:
     assert srv.stop() == 0
     assert "Traceback" not in srv.log(), srv.log()
@@ -203,10 +210,7 @@ def test_worker_killed_during_update(tmp_path):
         with pytest.raises((poplib.error_proto, EOFError, OSError)):
             p.quit()
         p.close()
-        deadline = time.monotonic() + 10
-        while f"(pid {pid}) killed by SIGKILL" not in srv.log():
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.02)
+        wait_for_log(srv, lambda log: f"(pid {pid}) killed by SIGKILL" in log)
         assert marker("update.after_unlink") in srv.log()
         expected = {u: d for u, d in before.items() if u not in (uids[0], uids[1])}
         assert on_disk(user.maildir) == expected
@@ -401,3 +405,32 @@ def test_bad_fault_spec_is_refused():
     env = dict(os.environ, **{FAULT: "update.after_unlnk:1"})
     r = subprocess.run([sys.executable, "-c", "import fastpop.faults"], env=env, capture_output=True)
     assert r.returncode != 0 and b"unknown fault point 'update.after_unlnk'" in r.stderr
+
+
+def test_lmtp_worker_killed_during_delivery(tmp_path):
+    """--workers 2: worker 0 (the LMTP listener's) dies mid-delivery; the
+    supervisor restarts it, the stale Unix socket is replaced, and LMTP and
+    POP3 go on with the message there once."""
+    sock = tmp_path / "lmtp.sock"
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2", "--lmtp-listen", f"unix:{sock}"])
+    user = srv.add_user()
+    mails = [sized("w one"), sized("w two", 100_000), sized("w three")]
+    start(srv, "deliver.after_rename:2")
+    try:
+        wait_for_log(srv, lambda log: "LMTP listening on" in log)  # worker 1 may have come up first
+        with smtplib.LMTP(str(sock), timeout=30) as c:
+            assert c.sendmail("a@example.com", [user.name], mails[0]) == {}
+            with pytest.raises(smtplib.SMTPException):
+                c.sendmail("a@example.com", [user.name], mails[1])
+        wait_for_log(srv, lambda log: log.count("LMTP listening on") == 2)  # the replacement worker 0
+        assert re.search(r"worker 0 \(pid \d+\) killed by SIGKILL", srv.log()), srv.log()
+        assert marker("deliver.after_rename") in srv.log()
+        with smtplib.LMTP(str(sock), timeout=30) as c:
+            assert c.sendmail("a@example.com", [user.name], mails[2]) == {}
+        p = login_at_once(user)
+        assert sorted(fetch(p).values()) == sorted(mails)
+        p.quit()
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+    assert not sock.exists()

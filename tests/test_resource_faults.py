@@ -323,3 +323,27 @@ def test_lock_file_unusable(nobody_srv):
     assert r.cmd("QUIT").startswith(b"+OK")
     r.close()
     assert "cannot lock mailbox" in s.log()
+
+
+def test_message_truncated_during_sendfile_retr(srv):
+    """Another program truncates a message while RETR sends it with
+    sendfile(2): the connection is closed (a client must not take a short
+    message for a whole one), logged, the lock is freed, nothing else changes."""
+    big = sized("big", 32 << 20)  # more than the socket buffers hold, so the send is still running
+    user = srv.add_user([big, sized("small")])
+    r = Raw(srv.port)
+    assert r.cmd(f"USER {user.name}").startswith(b"+OK")
+    assert r.cmd(f"PASS {user.password}").startswith(b"+OK")
+    r.send(b"RETR 1\r\n")
+    assert r.line() == b"+OK %d octets\r\n" % len(big)
+    r.sock.recv(65536)  # the transfer has begun; the socket buffers fill and it waits
+    [path] = [f for f in (user.maildir / "cur").iterdir() if f.stat().st_size == len(big)]
+    os.truncate(path, 1 << 20)
+    rest = r.read_to_eof()
+    assert not rest.endswith(b"\r\n.\r\n"), "a short message was ended as if whole"
+    r.close()
+    assert "sendfile failed, closing connection" in srv.log()
+    p = user.login_when_free()
+    assert p.stat()[0] == 2
+    assert b"\r\n".join(p.retr(2)[1]) + b"\r\n" == sized("small")
+    p.quit()
