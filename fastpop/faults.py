@@ -16,6 +16,7 @@ lookup and one attribute test::
 The points (where they sit is documented in docs/reliability.md):
 
 =========================  ==================================================
+lock.after_create          login: fastpop.lock created, its owner not written
 update.before_unlink       UPDATE, before each message file is unlinked
 update.after_unlink        UPDATE, after each unlink
 update.before_reply        UPDATE done (cur/ fsync'ed), before the +OK
@@ -37,6 +38,7 @@ import signal
 import threading
 
 POINTS = frozenset({
+    "lock.after_create",
     "update.before_unlink",
     "update.after_unlink",
     "update.before_reply",

@@ -434,3 +434,33 @@ def test_lmtp_worker_killed_during_delivery(tmp_path):
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
     assert not sock.exists()
+
+
+# -- the mailbox lock
+
+
+def test_killed_between_lock_create_and_owner_write(srv):
+    """fastpop.lock is created (O_EXCL) and then its owner written: a kill in
+    between leaves an empty lock that names nobody.  It is taken over once
+    locking.EMPTY_GRACE has passed; until then logins get [IN-USE] (the one
+    window where a crash keeps a mailbox locked: docs/reliability.md)."""
+    from fastpop.locking import EMPTY_GRACE, LOCK_FILE
+
+    mails = originals(2, "lock")
+    user = srv.add_user(mails)
+    start(srv, "lock.after_create:1")
+    p = srv.connect()
+    p.user(user.name)
+    with pytest.raises((poplib.error_proto, EOFError, OSError)):
+        p.pass_(user.password)
+    p.close()
+    reap_killed(srv, "lock.after_create")
+    assert (user.maildir / LOCK_FILE).read_bytes() == b""
+    start(srv)
+    began = time.monotonic()
+    p = user.login_when_free(timeout=EMPTY_GRACE + 5)
+    assert time.monotonic() - began < EMPTY_GRACE + 5
+    assert sorted(fetch(p).values()) == sorted(mails)
+    p.quit()
+    assert not (user.maildir / LOCK_FILE).exists()
+    stop_clean(srv)
