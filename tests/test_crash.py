@@ -164,9 +164,8 @@ def test_killed_during_update(srv, fault, unlinked):
     marked = [2, 3, 5, 7]  # message numbers
     for n in marked:
         p.dele(n)
-    with pytest.raises((poplib.error_proto, EOFError, OSError)) as quit_failure:
-        p.quit()  # no +OK: the server dies
-    assert not str(quit_failure.value).startswith("b'+OK"), quit_failure.value
+    with pytest.raises((poplib.error_proto, EOFError, OSError)):
+        p.quit()  # poplib raises unless the reply is +OK: the server died first
     p.close()
     reap_killed(srv, point)
 
