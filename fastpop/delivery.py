@@ -23,6 +23,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from fastpop import faults
 from fastpop.auth import AuthUnavailable, Authenticator, valid_username
 from fastpop.durable import fsync_dir, write_and_sync
 from fastpop.maildir import SUBDIRS, ensure_maildir
@@ -173,9 +174,13 @@ def store_normalized(maildir: str, data: bytes, *, when: float | None = None) ->
     target = os.path.join(new_dir, name)
     try:
         try:
+            if faults.ACTIVE:
+                faults.hit("deliver.after_create")
             write_and_sync(fd, data)
         finally:
             os.close(fd)
+        if faults.ACTIVE:
+            faults.hit("deliver.before_rename")
         os.rename(tmp, target)
     except BaseException as exc:
         _unlink_quietly(tmp)
@@ -183,12 +188,16 @@ def store_normalized(maildir: str, data: bytes, *, when: float | None = None) ->
             raise storage_error(exc, maildir) from None
         raise
     try:
+        if faults.ACTIVE:
+            faults.hit("deliver.after_rename")
         fsync_dir(new_dir)
     except OSError as exc:
         # The file is complete but its name may not survive a crash: take it
         # back and let the sender retry rather than report a success.
         _unlink_quietly(target)
         raise storage_error(exc, maildir) from None
+    if faults.ACTIVE:
+        faults.hit("deliver.after_fsync")
     _after_store(maildir, size)
     return Stored(name, target, size)
 

@@ -46,6 +46,7 @@ import threading
 import zlib
 from collections import OrderedDict
 
+from fastpop import faults
 from fastpop.durable import write_and_sync
 
 if os.environ.get("FASTPOP_NO_EXTENSIONS"):
@@ -200,11 +201,22 @@ def write(maildir: str, entries: list[Entry], cur_mtime_ns: int, uidvalidity: in
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        write_and_sync(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            write_and_sync(fd, data)
+        finally:
+            os.close(fd)
+        if faults.ACTIVE:
+            faults.hit("index.before_rename")
+        os.replace(tmp, path)
+    except BaseException:
+        try:  # a full disk must not keep a partial copy of the index as well
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     _forget(maildir)
+    if faults.ACTIVE:
+        faults.hit("index.after_rename")
 
 
 def _forget(maildir: str) -> None:
@@ -236,6 +248,9 @@ def load(maildir: str) -> MailboxIndex | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
+        return None
+    except OSError as exc:  # unreadable (a root-owned copy): rebuilt, replaced by rename
+        log.warning("ignoring index %s (%s); rebuilding it", path, exc.strerror)
         return None
     try:
         st = os.fstat(fd)  # of the file actually read

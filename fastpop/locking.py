@@ -25,6 +25,8 @@ import os
 import socket
 import time
 
+from fastpop import faults
+
 LOCK_FILE = "fastpop.lock"
 EMPTY_GRACE = 10.0  # seconds an empty lock file is presumed to be being written
 DEFAULT_STALE_AFTER = 3600.0  # seconds after which another host's lock is presumed dead
@@ -112,6 +114,8 @@ class MailboxLock:
     def _create(self) -> None:
         fd = os.open(self._path, _CREATE, 0o600)
         try:
+            if faults.ACTIVE:
+                faults.hit("lock.after_create")
             os.write(fd, _owner_line())
         except BaseException:
             os.unlink(self._path)  # never leave a lock nobody owns

@@ -16,12 +16,14 @@ protocol calls only in the UPDATE state.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
 import time
 
+from fastpop import faults
 from fastpop import index as mindex
 from fastpop.durable import fsync_dir
 from fastpop.index import FLAG_STORED_AS_SENT, Entry, MailboxIndex
@@ -33,6 +35,18 @@ SUBDIRS = ("cur", "new", "tmp")
 # unseen; the index does not trust such an mtime (it rescans next time).
 MTIME_SETTLE_NS = 2_000_000_000
 _VSIZE = re.compile(r",W=(\d+)")
+# tmp/ files older than this are a dead delivery's (Maildir specification).
+TMP_MAX_AGE = 36 * 3600
+
+
+# errno values that mean the Maildir is broken or forbidden, not busy: an
+# administrator must act (RFC 3206 [SYS/PERM], as Dovecot answers them).
+_PERMANENT = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a storage error calls for [SYS/PERM] rather than [SYS/TEMP]."""
+    return isinstance(exc, OSError) and exc.errno in _PERMANENT
 
 
 def ensure_maildir(path: str) -> None:
@@ -166,11 +180,42 @@ def sync_index(path: str) -> MailboxIndex:
             os.rename(os.path.join(new, name), os.path.join(cur, target))
         except FileNotFoundError:
             pass  # moved by another program in the meantime
+        if faults.ACTIVE:
+            faults.hit("sync.after_move")
     st = os.stat(cur)
     current = mindex.load(path)
     if current is not None and not arrived and current.cur_mtime_ns == st.st_mtime_ns != 0:
         return current
+    _remove_leftovers(path)
     return _rebuild(path, cur, st.st_mtime_ns, current)
+
+
+def _remove_leftovers(path: str) -> None:
+    """What writers that died (killed, power lost) left behind: index
+    temporaries (the index is written only under the session lock, which the
+    caller holds, so any is a dead writer's) and tmp/ files older than
+    TMP_MAX_AGE (the Maildir specification's 36 hours, as Dovecot does)."""
+    prefix = mindex.INDEX_FILE + ".tmp."
+    try:
+        for name in os.listdir(path):
+            if name.startswith(prefix):
+                _unlink_leftover(os.path.join(path, name))
+        tmp = os.path.join(path, "tmp")
+        too_old = time.time() - TMP_MAX_AGE
+        with os.scandir(tmp) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < too_old:
+                    _unlink_leftover(entry.path)
+    except OSError as exc:
+        log.warning("cannot clean up leftovers in %s: %s", path, exc.strerror)
+
+
+def _unlink_leftover(path: str) -> None:
+    try:
+        os.unlink(path)
+        log.info("removed leftover %s", path)
+    except FileNotFoundError:
+        pass
 
 
 def _rebuild(path: str, cur: str, cur_mtime_ns: int, old: MailboxIndex | None) -> MailboxIndex:
@@ -273,6 +318,8 @@ class Mailbox:
         """Unlink these messages; returns how many could not be removed."""
         failed = 0
         for i in indices:
+            if faults.ACTIVE:
+                faults.hit("update.before_unlink")
             try:
                 os.unlink(self.file_path(i))
             except FileNotFoundError:
@@ -287,6 +334,8 @@ class Mailbox:
                 # else: already removed by another program
             except OSError:
                 failed += 1
+            if faults.ACTIVE:
+                faults.hit("update.after_unlink")
         try:
             fsync_dir(self._cur)
         except OSError as exc:  # the unlinks happened; only their durability is in doubt

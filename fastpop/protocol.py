@@ -15,12 +15,13 @@ import logging
 import os
 from typing import TYPE_CHECKING, Callable
 
+from fastpop import faults
 from fastpop import responses as R
 from fastpop import sasl
 from fastpop.auth import AuthUnavailable, valid_username
 from fastpop.commands import NUM_CODES, Command
 from fastpop.locking import MailboxLock, MailboxLocked
-from fastpop.maildir import Mailbox, ensure_maildir
+from fastpop.maildir import Mailbox, ensure_maildir, is_permanent
 from fastpop.parser import CommandParser
 from fastpop.penalty import address_key
 from fastpop.sending import SMALL_MESSAGE, MessageStream, SendfileStream, open_stream, render_small
@@ -544,7 +545,7 @@ class POP3Protocol(asyncio.Protocol):
             return self._finish_login(R.ERR_IN_USE)
         except OSError as exc:
             log.error("cannot lock mailbox user=%s path=%s: %s", user.name, path, exc)
-            return self._finish_login(R.ERR_MAILBOX_TEMP)
+            return self._finish_login(R.ERR_MAILBOX_PERM if is_permanent(exc) else R.ERR_MAILBOX_TEMP)
         try:
             mailbox = Mailbox.open_current(path)
         except OSError:
@@ -562,7 +563,7 @@ class POP3Protocol(asyncio.Protocol):
         if exc is not None:
             lock.release()
             log.error("cannot open mailbox user=%s path=%s: %s", user.name, path, exc)
-            return self._finish_login(R.ERR_MAILBOX_TEMP)
+            return self._finish_login(R.ERR_MAILBOX_PERM if is_permanent(exc) else R.ERR_MAILBOX_TEMP)
         self._enter_transaction(user, lock, fut.result())
 
     def _enter_transaction(self, user, lock: MailboxLock, mailbox: Mailbox) -> None:
@@ -825,6 +826,8 @@ class POP3Protocol(asyncio.Protocol):
         self._state = UPDATE
         deleted = _marked(self._deleted, self._deleted_count)
         failed = mailbox.delete(deleted) if deleted else 0
+        if faults.ACTIVE and deleted:
+            faults.hit("update.before_reply")
         self._release_mailbox()
         self._out.append(R.ERR_NOT_ALL_DELETED if failed else (R.OK_LOGOUT_DELETED if deleted else R.OK_LOGOUT))
         self._close("quit")
