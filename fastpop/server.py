@@ -25,10 +25,9 @@ class ServerContext:
     """What every session of one server shares."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
-        assert config.passwd_file is not None
         self.config = config
         self.loop = loop
-        self.auth = Authenticator(config.passwd_file, config.mail_location)
+        self.auth = Authenticator.from_config(config)
         self.sessions: set[POP3Protocol] = set()
         self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
         self._counter = itertools.count(1)
@@ -80,6 +79,7 @@ class ServerContext:
 
     def reload(self) -> None:
         """SIGHUP: re-read the TLS certificate (the passwd-file reloads by itself)."""
+        self.auth.flush_cache()  # SQL, LDAP: the next logins ask the database again
         if self.tls is None:
             log.info("SIGHUP: nothing to reload (no TLS configured)")
             return
@@ -227,6 +227,7 @@ async def serve(
         if session.transport is not None:
             session.transport.abort()
     await asyncio.sleep(0)
+    await ctx.auth.close()  # the user database's connections
     log.info("stopped")
 
 
