@@ -148,7 +148,9 @@ def record_from_row(name: str, row: dict, password: bool = True) -> UserRecord:
         if key.startswith("userdb_"):
             key = key[len("userdb_") :]
         fields[key] = str(value)
-    stored = fields.pop("password", "") if password else ""
+    stored = fields.pop("password", "")
+    if not password:  # the database checks passwords itself (LDAP bind): none to keep
+        stored = ""
     user = fields.pop("user", None) or fields.pop("username", None) or name
     uid, gid = fields.pop("uid", None), fields.pop("gid", None)
     home = fields.pop("home", None) or None

@@ -59,7 +59,7 @@ class SQLUserDB(UserDB):
     async def _row(self, sql: str, params: list[str]) -> dict[str, Any] | None:
         raise NotImplementedError  # pragma: no cover
 
-    def _reset(self) -> None:
+    async def _reset(self) -> None:
         """After a failure: pooled connections may be dead, connect afresh."""
 
     async def fetch(self, name: str, remote_ip: str | None = None) -> UserRecord | None:
@@ -67,7 +67,7 @@ class SQLUserDB(UserDB):
         if self._down and loop.time() < self._down_until:
             raise AuthUnavailable(f"{self.name} user database unavailable (retrying shortly)")
         try:
-            record = await asyncio.wait_for(self._lookup(name, remote_ip), self.timeout)
+            record = await asyncio.wait_for(self._lookup_twice(name, remote_ip), self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -77,12 +77,22 @@ class SQLUserDB(UserDB):
             log.error("%s user database unavailable: %s", self.name, reason)
             self._down = True
             self._down_until = loop.time() + self.retry_interval
-            self._reset()
             raise AuthUnavailable(reason) from None
         if self._down:
             self._down = False
             log.info("%s user database available again", self.name)
         return record
+
+    async def _lookup_twice(self, name: str, remote_ip: str | None) -> UserRecord | None:
+        """A pooled connection may have died with a server restart: on any
+        error, drop the pool's connections and try once more on a new one."""
+        try:
+            return await self._lookup(name, remote_ip)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await self._reset()
+            return await self._lookup(name, remote_ip)
 
     async def _lookup(self, name: str, remote_ip: str | None) -> UserRecord | None:
         row = await self._query(self.password_query, name, remote_ip)
@@ -103,6 +113,16 @@ class SQLUserDB(UserDB):
         return await self._row(sql, params)
 
 
+def _one_line(record: logging.LogRecord) -> bool:
+    if record.exc_info:
+        exc = record.exc_info[1]
+        record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 class PostgresUserDB(SQLUserDB):
     """asyncpg; ``connect`` is a libpq URL: postgresql://user:password@host:port/dbname."""
 
@@ -112,6 +132,9 @@ class PostgresUserDB(SQLUserDB):
         super().__init__(config)
         self._pool = None
         self._lock: asyncio.Lock | None = None
+        # while the server is down, the pool's own reconnects log a warning
+        # with a traceback each time: one line is enough (ours says why)
+        logging.getLogger("asyncpg.pool").addFilter(_one_line)
 
     def _placeholders(self, marked: str) -> str:
         parts = marked.split("\0")
@@ -136,9 +159,9 @@ class PostgresUserDB(SQLUserDB):
         row = await pool.fetchrow(sql, *params, timeout=self.timeout)
         return dict(row.items()) if row is not None else None
 
-    def _reset(self) -> None:
+    async def _reset(self) -> None:
         if self._pool is not None:
-            self._pool.expire_connections()
+            await self._pool.expire_connections()
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -205,9 +228,9 @@ class MySQLUserDB(SQLUserDB):
         finally:
             pool.release(conn)
 
-    def _reset(self) -> None:
+    async def _reset(self) -> None:
         if self._pool is not None:
-            asyncio.ensure_future(self._pool.clear())  # closes the idle connections
+            await self._pool.clear()  # closes the idle connections
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
