@@ -585,3 +585,28 @@ location = "{tmp_path}/mail/%d/%n"
     [by_deliver] = (tmp_path / "mail/example.com/alice/new").iterdir()
     assert b"over lmtp" in by_lmtp.read_bytes() and b"by deliver" in by_deliver.read_bytes()
     assert "Traceback" not in srv.log()
+
+
+# ================================================================ the passwd-file has the same per-user fields
+
+
+def test_per_user_allow_fields_in_the_passwd_file(server):
+    only_apop = server.add_user(password="pw", stored="{PLAIN}pw::::::allow_plaintext=no")
+    no_apop = server.add_user(password="pw", stored="{PLAIN}pw::::::allow_apop=no")
+    assert login_reply(server, only_apop.name, "pw") == AUTH_FAILED
+    for u, ok in ((only_apop, True), (no_apop, False)):
+        c = Conn(server.port)
+        stamp = c.greeting.split()[-1].decode()
+        reply = c.cmd(f"APOP {u.name} {hashlib.md5((stamp + 'pw').encode()).hexdigest()}")
+        assert reply.startswith(b"+OK") if ok else reply == AUTH_FAILED, reply
+        c.cmd("QUIT")
+        c.close()
+    assert login_reply(server, no_apop.name, "pw").startswith(b"+OK")
+
+
+def test_user_flush_needs_a_live_process(tmp_path):
+    from fastpop.cli import main
+
+    assert main(["user", "flush", "--pid", str(2**22 + 12345)]) == 1
+    (tmp_path / "pid").write_text("garbage\n")
+    assert main(["user", "flush", "--pid-file", str(tmp_path / "pid")]) == 1
