@@ -34,7 +34,7 @@ from fastpop.config import Config, load_toml
 from fastpop.passwd_file import UserRecord
 from fastpop.userdb import UserDB, expand_vars, record_from_row
 from fastpop.userdb_ldap import escape_dn, escape_filter
-from tls_helpers import Conn, b64
+from tls_helpers import Conn, b64, unb64
 from userdb_servers import PASSWORD_QUERY, USERS_TABLE, MariaDBServer, PostgresServer, SlapdServer, ssha
 
 SYS_TEMP = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"
@@ -141,6 +141,19 @@ def test_cached_user_is_checked_against_the_hash_and_refetched_on_mismatch():
         assert await v("nobody", "x") is not None  # cached users keep logging in
         with pytest.raises(AuthUnavailable):
             await v("carol", "x")
+
+    asyncio.run(run())
+
+
+def test_a_query_with_the_client_address_is_cached_per_address():
+    db = FakeDB({"alice": "{PLAIN}pw"})
+    db.uses_remote_ip = True
+    auth = Authenticator(None, "/m/%u", db, AuthCache(100, 60, 60))
+
+    async def run():
+        for ip in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
+            assert await auth.verify_password_async("alice", "pw", ip) is not None
+        assert db.queries == 2 and set(auth.cache._entries) == {("alice", "192.0.2.1"), ("alice", "192.0.2.2")}
 
     asyncio.run(run())
 
@@ -543,6 +556,52 @@ def test_apop_and_per_user_settings(backend):
         c.close()
     # login_delay from the table: a second login within the hour is refused
     assert login_reply(srv, user.name, user.password).startswith(b"-ERR [LOGIN-DELAY]")
+    # SCRAM-SHA-256 looks the user up through the same asynchronous path (keys from {PLAIN})
+    scram = backend.add_user(srv, password="scram secret", plain=True)
+    for password, ok in (("scram secret", True), ("wrong", False)):
+        c = Conn(srv.port)
+        reply = scram_login(c, scram.name, password)
+        assert reply.startswith(b"+OK") if ok else reply == AUTH_FAILED, reply
+        c.close()
+
+
+def scram_login(c: Conn, name: str, password: str) -> bytes:
+    from scramp import ScramClient
+
+    client = ScramClient(["SCRAM-SHA-256"], name, password)
+    line = c.cmd("AUTH SCRAM-SHA-256 " + b64(client.get_client_first()))
+    client.set_server_first(unb64(line).decode())
+    line = c.cmd(b64(client.get_client_final()))
+    if not line.startswith(b"+ "):
+        return line
+    client.set_server_final(unb64(line).decode())
+    return c.cmd("")
+
+
+def test_asyncio_loop_and_python_parser_with_postgresql(postgres, tmp_path):
+    """The same asynchronous lookups on the stdlib loop (the fixtures above use uvloop)."""
+    b = Backend("postgresql", postgres, tmp_path)
+    (tmp_path / "fastpop.toml").write_text(b.toml())
+    srv = ServerProcess(tmp_path, "python", loop="asyncio", extra_args=["--config", str(tmp_path / "fastpop.toml")])
+    srv.start()
+    try:
+        user = b.add_user(srv)
+        user.login().quit()
+        assert login_reply(srv, user.name, "wrong") == AUTH_FAILED
+        fresh = b.add_user(srv)
+        postgres.stop()
+        try:
+            assert login_reply(srv, fresh.name, fresh.password) == SYS_TEMP
+        finally:
+            postgres.start()
+        deadline = time.monotonic() + 15
+        while (reply := login_reply(srv, fresh.name, fresh.password)) == SYS_TEMP:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert reply.startswith(b"+OK"), reply
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log(), srv.log()
 
 
 # ================================================================ LMTP and deliver with SQL
