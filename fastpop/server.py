@@ -78,7 +78,8 @@ class ServerContext:
         return self._auth_lists[plaintext_ok]
 
     def reload(self) -> None:
-        """SIGHUP: re-read the TLS certificate (the passwd-file reloads by itself)."""
+        """SIGHUP: empty the auth cache and re-read the TLS certificate (the
+        passwd-file reloads by itself)."""
         self.auth.flush_cache()  # SQL, LDAP: the next logins ask the database again
         if self.tls is None:
             log.info("SIGHUP: nothing to reload (no TLS configured)")
