@@ -319,7 +319,7 @@ bind_password = "{s.SEARCH_PW}"
 base = "{s.PEOPLE}"
 filter = "(&(objectClass=posixAccount)(uid=%u))"
 auth_bind = {'true' if bind else 'false'}
-attrs = ["home=homeDirectory", "mail=description"]
+attrs = ["home=homeDirectory", "mail=description", "login_delay=employeeNumber", "allow_apop=employeeType"]
 """
         return common + f"""connect = "{self.db.dsn}"
 password_query = "{PASSWORD_QUERY}"
@@ -329,7 +329,10 @@ password_query = "{PASSWORD_QUERY}"
                  plain: bool = False, **columns) -> User:
         name = f"{self.kind.replace('-', '')}{next(_names)}"
         if self.kind.startswith("ldap"):
-            self.db.add_user(name, password, mail=mail)
+            # fetch mode reads userPassword as it is; a bind needs a hash slapd knows
+            stored = "{PLAIN}" + password if plain and self.kind == "ldap" else None
+            attributes = {LDAP_ATTRS[k]: str(v) for k, v in columns.items() if v is not None}
+            self.db.add_user(name, password, mail=mail, stored=stored, attributes=attributes)
         else:
             stored = "{PLAIN}" + password if plain else ssha(password)
             self.db.add_users([{"userid": name, "password": stored, "mail": mail, **columns}])
@@ -379,6 +382,7 @@ password_query = "{PASSWORD_QUERY}"
         return [db.proc.pid]
 
 
+LDAP_ATTRS = {"login_delay": "employeeNumber", "allow_apop": "employeeType"}  # as mapped in toml()
 BACKENDS = ["sqlite", "postgresql", "mysql", "ldap", "ldap-bind"]
 
 
@@ -540,29 +544,39 @@ def test_hanging_database_blocks_nobody(backend):
     assert reply.startswith(b"+OK"), reply
 
 
-def test_apop_and_per_user_settings(backend):
-    if backend.kind.startswith("ldap"):
-        pytest.skip("the LDAP test users have {SSHA} passwords only")
-    srv = backend.server
-    user = backend.add_user(srv, password="apop secret", plain=True, login_delay=3600)
-    no_apop = backend.add_user(srv, password="apop secret", plain=True, allow_apop="no")
-    for u, ok in ((user, True), (no_apop, False)):
-        c = Conn(srv.port)
+def apop(srv: ServerProcess, name: str, password: str) -> bytes:
+    c = Conn(srv.port)
+    try:
         stamp = c.greeting.split()[-1].decode()
-        digest = hashlib.md5((stamp + u.password).encode()).hexdigest()
-        reply = c.cmd(f"APOP {u.name} {digest}")
-        assert reply.startswith(b"+OK") if ok else reply == AUTH_FAILED, reply
-        c.cmd("QUIT")
+        return c.cmd(f"APOP {name} {hashlib.md5((stamp + password).encode()).hexdigest()}")
+    finally:
         c.close()
-    # login_delay from the table: a second login within the hour is refused
-    assert login_reply(srv, user.name, user.password).startswith(b"-ERR [LOGIN-DELAY]")
-    # SCRAM-SHA-256 looks the user up through the same asynchronous path (keys from {PLAIN})
-    scram = backend.add_user(srv, password="scram secret", plain=True)
-    for password, ok in (("scram secret", True), ("wrong", False)):
+
+
+def test_apop_and_scram_need_a_clear_text_password(backend):
+    """APOP and SCRAM-SHA-256 (keys derived from {PLAIN}) look the user up through
+    the same asynchronous path; with auth_bind there is no password to use."""
+    srv = backend.server
+    user = backend.add_user(srv, password="clear secret", plain=True)
+    works = backend.kind != "ldap-bind"
+    reply = apop(srv, user.name, user.password)
+    assert reply.startswith(b"+OK") if works else reply == AUTH_FAILED, reply
+    for password, ok in ((user.password, works), ("wrong", False)):
         c = Conn(srv.port)
-        reply = scram_login(c, scram.name, password)
-        assert reply.startswith(b"+OK") if ok else reply == AUTH_FAILED, reply
+        reply = scram_login(c, user.name, password)
+        assert reply.startswith(b"+OK") if ok else reply == AUTH_FAILED, (password, reply)
         c.close()
+
+
+def test_per_user_settings(backend):
+    """login_delay and allow_apop from a column (SQL) or a mapped attribute (LDAP)."""
+    srv = backend.server
+    delayed = backend.add_user(srv, password="pw", plain=True, login_delay=3600)
+    no_apop = backend.add_user(srv, password="pw", plain=True, allow_apop="no")
+    assert login_reply(srv, delayed.name, "pw").startswith(b"+OK")
+    assert login_reply(srv, delayed.name, "pw").startswith(b"-ERR [LOGIN-DELAY]")
+    assert apop(srv, no_apop.name, "pw") == AUTH_FAILED
+    assert login_reply(srv, no_apop.name, "pw").startswith(b"+OK")  # only APOP is refused
 
 
 def scram_login(c: Conn, name: str, password: str) -> bytes:

@@ -349,12 +349,13 @@ ou: people
                         "-w", self.ADMIN_PW], input=ldif.encode(), check=True, capture_output=True)
 
     def add_user(self, uid: str, password: str, home: str | None = None, mail: str | None = None,
-                 stored: str | None = None) -> None:
+                 stored: str | None = None, attributes: dict[str, str] | None = None) -> None:
         lines = [f"dn: uid={uid},{self.PEOPLE}", "objectClass: inetOrgPerson", "objectClass: posixAccount",
                  f"uid: {uid}", f"cn: {uid}", f"sn: {uid}", "uidNumber: 1000", "gidNumber: 1000",
                  f"homeDirectory: {home or '/nonexistent'}", f"userPassword: {stored or ssha(password)}"]
         if mail:
             lines.append(f"description: {mail}")  # a mail location attribute the standard schema has
+        lines += [f"{k}: {v}" for k, v in (attributes or {}).items()]
         self.ldapadd("\n".join(lines) + "\n")
 
     def set_password(self, uid: str, password: str) -> None:
