@@ -653,6 +653,10 @@ location = "{tmp_path}/mail/%d/%n"
     assert out.returncode == 0, out.stderr
     assert subprocess.run([sys.executable, "-m", "fastpop", "deliver", "--config", str(conf), "--user",
                            "bob@example.com"], input=message("x"), capture_output=True).returncode == 67
+    db.path.rename(tmp_path / "gone.sqlite")  # the database unreadable: try again later (EX_TEMPFAIL)
+    out = subprocess.run([sys.executable, "-m", "fastpop", "deliver", "--config", str(conf), "--user",
+                          "alice@example.com"], input=message("x"), capture_output=True)
+    assert out.returncode == 75 and b"unavailable" in out.stderr, out.stderr
     # the server's --mail-location (conftest's) wins over the file's; deliver has the file's
     [by_lmtp] = (srv.mail / "alice@example.com" / "new").iterdir()
     [by_deliver] = (tmp_path / "mail/example.com/alice/new").iterdir()
