@@ -1,5 +1,8 @@
 """Authentication: user name checks, credential lookup, password verification.
 
+Credentials come from the user database (``fastpop.userdb``: the passwd-file,
+SQL or LDAP), network databases through the auth cache (``fastpop.auth_cache``).
+
 Slow hashes are verified in the loop's thread pool so they never stall other
 sessions; fast ones inline.  Results come back through a callback, on the
 event loop, in both cases.
@@ -14,10 +17,16 @@ import logging
 import os
 import re
 import unicodedata
-from typing import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable
 
 from fastpop import passwords
-from fastpop.passwd_file import PasswdFile, UserRecord
+from fastpop.auth_cache import MISSING, AuthCache
+from fastpop.passwd_file import UserRecord
+from fastpop.userdb import PasswdFileDB, UserDB, allowed, open_userdb
+
+if TYPE_CHECKING:
+    from fastpop.config import Config
 
 log = logging.getLogger("fastpop.auth")
 
@@ -100,13 +109,38 @@ def expand_location(template: str, user: UserRecord) -> str:
 
 
 class Authenticator:
-    """Looks users up in the passwd-file and verifies passwords."""
+    """Looks users up in the user database (``fastpop.userdb``) and verifies
+    passwords.
 
-    def __init__(self, passwd_path: str, mail_location: str) -> None:
-        self.db = PasswdFile(passwd_path)
+    The passwd-file is synchronous: ``lookup`` and ``verify_password`` answer
+    at once, with no future or task on the way (the login path of the
+    default stays as cheap as it was).  Network databases are asynchronous
+    (``is_async``): ``lookup_async``, ``verify_password_async`` and
+    ``verify_apop_async`` go through the auth cache and raise
+    AuthUnavailable when the database cannot answer in time.
+    """
+
+    def __init__(self, passwd_path: str | None, mail_location: str, db: UserDB | None = None,
+                 cache: AuthCache | None = None) -> None:
+        if db is None:
+            assert passwd_path is not None
+            db = PasswdFileDB(passwd_path)
+        self.db = db
+        self.is_async = db.is_async
         self.mail_location = mail_location
+        self.cache = cache if cache is not None else AuthCache(0, 0, 0)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Authenticator:
+        db = open_userdb(config)
+        cache = None
+        if db.is_async:  # the passwd-file is in memory already: no cache in front of it
+            cache = AuthCache(config.auth_cache_size, config.auth_cache_ttl, config.auth_cache_negative_ttl)
+        return cls(config.passwd_file, config.mail_location, db, cache)
 
     def lookup(self, name: str) -> UserRecord | None:
+        if self.is_async:
+            raise RuntimeError("an asynchronous user database needs lookup_async")
         try:
             record = self.db.lookup(name)
             if record is None and not name.isascii():
@@ -117,6 +151,100 @@ class Authenticator:
         except (OSError, ValueError) as exc:
             log.error("user database unavailable: %s", exc)
             raise AuthUnavailable(str(exc)) from None
+
+    # ------------------------------------------------------------ asynchronous databases
+
+    def _key(self, name: str, remote_ip: str | None) -> object:
+        return (name, remote_ip) if self.db.uses_remote_ip else name
+
+    async def _fetch(self, name: str, remote_ip: str | None) -> UserRecord | None:
+        """Ask the database (no cache) and remember the answer."""
+        record = await self.db.fetch(name, remote_ip)
+        if record is None and not name.isascii():
+            nfc = unicodedata.normalize("NFC", name)
+            if nfc != name:
+                record = await self.db.fetch(nfc, remote_ip)
+        self.cache.put(self._key(name, remote_ip), record)
+        return record
+
+    async def _cached(self, name: str, remote_ip: str | None) -> tuple[UserRecord | None, bool]:
+        """(record, whether it came from the cache)."""
+        hit = self.cache.get(self._key(name, remote_ip))
+        if hit is not MISSING:
+            return hit, True  # type: ignore[return-value]
+        return await self._fetch(name, remote_ip), False
+
+    async def lookup_async(self, name: str, remote_ip: str | None = None) -> UserRecord | None:
+        """Any database: the user's record (through the cache), or None."""
+        if not self.is_async:
+            return self.lookup(name)
+        return (await self._cached(name, remote_ip))[0]
+
+    async def verify_password_async(self, name: str, password: str, remote_ip: str | None = None) -> UserRecord | None:
+        """The record if the password is right, else None.  A cached record is
+        checked against its stored hash like a fresh one; when that fails the
+        database is asked again, so a changed password works at once."""
+        candidates = password_candidates(password)
+        if self.db.auth_bind:
+            return await self._verify_bind(name, password, candidates, remote_ip)
+        record, cached = await self._cached(name, remote_ip)
+        if record is None:
+            return None
+        if await _check(record.password, candidates):
+            return record
+        if cached:
+            fresh = await self._fetch(name, remote_ip)
+            if fresh is not None and fresh.password != record.password and await _check(fresh.password, candidates):
+                return fresh
+        return None
+
+    async def _verify_bind(self, name: str, password: str, candidates: list[str],
+                           remote_ip: str | None) -> UserRecord | None:
+        """LDAP auth_bind: the directory checks the password.  A success is
+        cached with a salted hash of the password that bound, so a cached
+        login is still a password check, never a name alone."""
+        key = self._key(name, remote_ip)
+        hit = self.cache.get(key)
+        if isinstance(hit, UserRecord) and hit.password and await _check(hit.password, candidates):
+            return hit
+        record = await self.db.bind(name, password, remote_ip)
+        if record is None:
+            return None
+        record = replace(record, password=passwords.hash_password(password, "SSHA256"))
+        self.cache.put(key, record)
+        return record
+
+    async def verify_apop_async(self, name: str, timestamp: str, digest: str,
+                                remote_ip: str | None = None) -> UserRecord | None:
+        record, cached = await self._cached(name, remote_ip)
+        if record is None:
+            return None
+        if _apop_matches(record, timestamp, digest):
+            return record
+        if cached:
+            fresh = await self._fetch(name, remote_ip)
+            if fresh is not None and fresh.password != record.password and _apop_matches(fresh, timestamp, digest):
+                return fresh
+        return None
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the passwd-file now (even an edit its size and
+        mtime do not show); empty the cache in front of SQL and LDAP."""
+        if isinstance(self.db, PasswdFileDB):
+            self.db.file.reload()
+        self.flush_cache()
+
+    def flush_cache(self) -> int:
+        """Forget every cached answer (SIGHUP, ``fastpop user flush``)."""
+        n = self.cache.flush()
+        if self.cache.enabled:
+            log.info("auth cache flushed (%d entries)", n)
+        return n
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    # ------------------------------------------------------------ both kinds
 
     def scram_keys(self, record: UserRecord, secret: bytes):
         """SCRAM-SHA-256 keys (salt, stored key, server key, iterations) for a
@@ -177,8 +305,22 @@ class Authenticator:
         record = self.lookup(name)
         if record is None:
             return None
-        secret = passwords.plaintext(record.password)
-        if secret is None:
-            return None
-        expected = hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest()
-        return record if hmac.compare_digest(expected, digest.lower()) else None
+        return record if _apop_matches(record, timestamp, digest) else None
+
+
+def _apop_matches(record: UserRecord, timestamp: str, digest: str) -> bool:
+    if not allowed(record, "allow_apop"):
+        return False
+    secret = passwords.plaintext(record.password)
+    if secret is None:
+        return False
+    expected = hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest()
+    return hmac.compare_digest(expected, digest.lower())
+
+
+async def _check(stored: str, candidates: list[str]) -> bool:
+    if not stored:
+        return False
+    if not passwords.is_expensive(stored):
+        return _verify_any(stored, candidates)
+    return await asyncio.get_running_loop().run_in_executor(None, _verify_any, stored, candidates)

@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--home", help="home directory (the %%h of the mail location)")
             p.add_argument("--uid", type=int)
             p.add_argument("--gid", type=int)
+    flush = user_sub.add_parser(
+        "flush", help="empty the auth cache of a running server (SQL, LDAP): sends it SIGHUP",
+        description="Empties the auth cache of a running fastpop (and re-reads its TLS certificate): "
+                    "sends SIGHUP to the server, or to the supervisor of --workers, which passes it on.")
+    target = flush.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=int, help="the server's (or supervisor's) process id")
+    target.add_argument("--pid-file", help="a file holding that process id")
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).add_subcommand(sub)
     return parser
@@ -224,6 +231,8 @@ def cmd_user(args: argparse.Namespace) -> int:
     from fastpop.passwords import hash_password
     from fastpop.sasl import SCRAM_EXTRA, make_scram_keys
 
+    if args.user_command == "flush":
+        return _flush_cache(args)
     path = args.passwd_file or (load_toml(args.config).passwd_file if args.config else None)
     if not path:
         print("fastpop: give --passwd-file or --config", file=sys.stderr)
@@ -265,6 +274,26 @@ def cmd_user(args: argparse.Namespace) -> int:
         else:
             records[index] = replace(records[index], password=stored, extra=extra)
     write_records(path, records)
+    return 0
+
+
+def _flush_cache(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    pid = args.pid
+    if pid is None:
+        try:
+            with open(args.pid_file) as f:
+                pid = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError) as exc:
+            print(f"fastpop: cannot read a process id from {args.pid_file}: {exc}", file=sys.stderr)
+            return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        print(f"fastpop: cannot signal process {pid}: {exc.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -61,6 +61,34 @@ The TOML file has sections mirroring the field prefixes::
     listen_tls = ["10.0.0.5:1995"]   # the same, then implicit TLS (HAProxy passes TLS through)
     trusted_networks = ["10.0.0.2/32"]   # the proxies allowed to send it (no default)
     timeout = 5                      # seconds to wait for the header
+    [userdb]                 # where users are (fastpop.userdb); default: [auth] passwd_file
+    driver = "postgresql"    # "passwd-file", "postgresql", "mysql", "sqlite", "ldap"
+    connect = "postgresql://fastpop:secret@db.example.com/mail"   # mysql://..., or the SQLite file
+    password_query = "SELECT password, home, mail FROM users WHERE userid = %u"
+    user_query = ""          # optional second query for the user data (Dovecot's user_query)
+    pool_min = 1             # connections kept open ...
+    pool_max = 10            # ... and at most
+    connect_timeout = 5.0    # seconds
+    query_timeout = 5.0      # seconds for a whole lookup; then -ERR [SYS/TEMP]
+    retry_interval = 1.0     # after a failure, logins fail at once for this long
+
+    [ldap]
+    uri = "ldaps://ldap.example.com"   # or ldap:// with starttls = true
+    starttls = false
+    tls_ca_file = "/etc/ssl/certs/ca.pem"
+    bind_dn = "cn=fastpop,dc=example,dc=com"   # the search account (none: anonymous)
+    bind_password = "secret"
+    base = "ou=people,dc=example,dc=com"
+    filter = "(&(objectClass=posixAccount)(uid=%n))"   # values are escaped
+    auth_bind = false        # true: check passwords by binding as the user
+    bind_dn_template = ""    # auth_bind without a search: "uid=%n,ou=people,dc=example,dc=com"
+    password_attr = "userPassword"
+    attrs = ["home=homeDirectory", "uid=uidNumber", "gid=gidNumber", "mail=mailMessageStore"]
+
+    [auth_cache]             # in front of SQL and LDAP (Dovecot's auth_cache_*)
+    size = 10000             # users remembered; 0 turns the cache off
+    ttl = 300                # seconds a found user is kept (a changed password: at most this)
+    negative_ttl = 60        # seconds "no such user" is kept
 """
 
 from __future__ import annotations
@@ -118,10 +146,35 @@ class Config:
     proxy_listen_tls: list[str] = field(default_factory=list)  # the same, then implicit TLS
     proxy_trusted_networks: list[str] = field(default_factory=list)  # who may send one
     proxy_timeout: float = 5.0  # seconds to wait for the header
+    # the user database (fastpop.userdb) and the auth cache
+    userdb_driver: str = "passwd-file"
+    userdb_connect: str | None = None
+    userdb_password_query: str | None = None
+    userdb_user_query: str | None = None
+    userdb_pool_min: int = 1
+    userdb_pool_max: int = 10
+    userdb_connect_timeout: float = 5.0
+    userdb_query_timeout: float = 5.0
+    userdb_retry_interval: float = 1.0
+    ldap_uri: list[str] = field(default_factory=list)
+    ldap_starttls: bool = False
+    ldap_tls_ca_file: str | None = None
+    ldap_bind_dn: str | None = None
+    ldap_bind_password: str | None = None
+    ldap_base: str | None = None
+    ldap_filter: str = "(uid=%u)"
+    ldap_auth_bind: bool = False
+    ldap_bind_dn_template: str | None = None
+    ldap_password_attr: str = "userPassword"
+    ldap_attrs: list[str] = field(default_factory=lambda: ["home=homeDirectory", "uid=uidNumber", "gid=gidNumber"])
+    auth_cache_size: int = 10000
+    auth_cache_ttl: float = 300.0
+    auth_cache_negative_ttl: float = 60.0
 
     def validate(self) -> None:
-        if self.passwd_file is None:
-            raise ValueError("no passwd_file configured (use --passwd-file, the config file, or --demo)")
+        from fastpop import userdb
+
+        userdb.validate(self)
         if self.loop not in ("uvloop", "asyncio"):
             raise ValueError(f"loop must be 'uvloop' or 'asyncio', not {self.loop!r}")
         for name in ("timeout_authorization", "timeout_transaction", "auth_failure_delay"):
@@ -284,6 +337,15 @@ _TOML_KEYS = {
     ("proxy", "listen_tls"): "proxy_listen_tls",
     ("proxy", "trusted_networks"): "proxy_trusted_networks",
     ("proxy", "timeout"): "proxy_timeout",
+    **{("userdb", k): f"userdb_{k}" for k in (
+        "driver", "connect", "password_query", "user_query", "pool_min", "pool_max",
+        "connect_timeout", "query_timeout", "retry_interval")},
+    **{("ldap", k): f"ldap_{k}" for k in (
+        "uri", "starttls", "tls_ca_file", "bind_dn", "bind_password", "base", "filter", "auth_bind",
+        "bind_dn_template", "password_attr", "attrs")},
+    ("auth_cache", "size"): "auth_cache_size",
+    ("auth_cache", "ttl"): "auth_cache_ttl",
+    ("auth_cache", "negative_ttl"): "auth_cache_negative_ttl",
 }
 
 

@@ -35,6 +35,7 @@ user's uid from the passwd-file, else as the server's ``[server] user`` from
 from __future__ import annotations
 
 import argparse
+import asyncio
 import grp
 import logging
 import os
@@ -137,6 +138,17 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         return EX_SOFTWARE
 
 
+async def _resolve_network(config, address: str):
+    from fastpop.auth import Authenticator
+    from fastpop.delivery import resolve_async
+
+    auth = Authenticator.from_config(config)
+    try:
+        return await resolve_async(auth, address)
+    finally:
+        await auth.close()
+
+
 def deliver(args: argparse.Namespace) -> None:
     from fastpop.auth import AuthUnavailable, Authenticator
     from fastpop.config import Config, load_toml
@@ -148,12 +160,17 @@ def deliver(args: argparse.Namespace) -> None:
         raise DeliveryError(EX_CONFIG, f"cannot use config {args.config}: {_reason(exc)}") from None
     passwd_file = args.passwd_file or config.passwd_file
     mail_location = args.mail_location or config.mail_location
-    if not passwd_file:
+    network_db = config.userdb_driver != "passwd-file" and not args.passwd_file
+    if not passwd_file and not network_db:
         raise DeliveryError(EX_CONFIG, "no passwd_file configured (use --passwd-file or --config)")
 
     try:
-        auth = Authenticator(passwd_file, mail_location)
-        recipient = resolve(auth, args.user)
+        if network_db:  # SQL or LDAP from --config: one asynchronous lookup
+            config.mail_location = mail_location
+            recipient = asyncio.run(_resolve_network(config, args.user))
+        else:
+            auth = Authenticator(passwd_file, mail_location)
+            recipient = resolve(auth, args.user)
     except AuthUnavailable as exc:
         raise DeliveryError(EX_TEMPFAIL, f"user database unavailable: {exc}") from None
     except (OSError, ValueError) as exc:

@@ -290,14 +290,28 @@ def resolve(auth: Authenticator, address: str) -> Recipient | None:
         if not valid_username(name):
             continue
         record = auth.lookup(name)
-        if record is None:
-            continue
-        try:
-            maildir = auth.maildir_for(record)
-        except ValueError as exc:
-            raise DeliveryError(EX_CONFIG, f"mail location for {record.name}: {exc}") from None
-        return Recipient(address, record, maildir)
+        if record is not None:
+            return _recipient(auth, address, record)
     return None
+
+
+async def resolve_async(auth: Authenticator, address: str) -> Recipient | None:
+    """``resolve`` for any user database (SQL and LDAP are asynchronous)."""
+    for name in candidates(address):
+        if not valid_username(name):
+            continue
+        record = await auth.lookup_async(name)
+        if record is not None:
+            return _recipient(auth, address, record)
+    return None
+
+
+def _recipient(auth: Authenticator, address: str, record: UserRecord) -> Recipient:
+    try:
+        maildir = auth.maildir_for(record)
+    except ValueError as exc:
+        raise DeliveryError(EX_CONFIG, f"mail location for {record.name}: {exc}") from None
+    return Recipient(address, record, maildir)
 
 
 __all__ = [
@@ -308,6 +322,7 @@ __all__ = [
     "candidates",
     "normalize",
     "resolve",
+    "resolve_async",
     "store_message",
     "store_normalized",
     "unique_name",

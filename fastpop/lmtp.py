@@ -25,7 +25,7 @@ from aiosmtpd.lmtp import LMTP
 from fastpop import __version__
 from fastpop.auth import AuthUnavailable, Authenticator
 from fastpop.config import Config, parse_address
-from fastpop.delivery import FULL, DeliveryError, Recipient, normalize, resolve, store_normalized
+from fastpop.delivery import FULL, DeliveryError, Recipient, normalize, resolve_async, store_normalized
 
 log = logging.getLogger("fastpop.lmtp")
 
@@ -54,7 +54,7 @@ class LMTPHandler:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         try:
-            recipient = resolve(self.auth, address)
+            recipient = await resolve_async(self.auth, address)
         except AuthUnavailable:
             return f"451 4.3.0 <{address}> Temporary user database failure, try again later"
         except DeliveryError as exc:

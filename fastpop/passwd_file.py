@@ -90,6 +90,10 @@ class PasswdFile:
         self._users, self._stamp = users, stamp
         return True
 
+    def reload(self) -> None:
+        self._stamp = None
+        self.reload_if_changed()
+
     def lookup(self, name: str) -> UserRecord | None:
         self.reload_if_changed()
         return self._users.get(name)

@@ -355,8 +355,8 @@ class POP3Protocol(asyncio.Protocol):
             return self._bad(R.ERR_ARGS)
         name, digest = args
         self._user_name = None
-        check = lambda: self._ctx.auth.verify_apop(name, self._timestamp, digest)  # noqa: E731
-        self._run_auth(sasl.apop_login(_Services(self), name, check))
+        svc = _Services(self)
+        self._run_auth(sasl.apop_login(svc, name, lambda: svc.verify_apop(name, digest)))
 
     def cmd_auth(self, args: tuple[str, ...]) -> None:
         """RFC 5034 AUTH; bare AUTH lists the mechanisms (fetchmail, Thunderbird)."""
@@ -874,20 +874,36 @@ class _Services:
         return self._session._ctx.secret
 
     def lookup(self, name: str):
-        return self._session._ctx.auth.lookup(name)
+        session = self._session
+        auth = session._ctx.auth
+        if not auth.is_async:  # the passwd-file answers at once: no task
+            return auth.lookup(name)
+        return sasl.Pending(session.loop.create_task(auth.lookup_async(name, session._peer)))
 
     def valid_username(self, name: str) -> bool:
         return valid_username(name)
 
     def verify_password(self, name: str, password: str) -> sasl.Pending:
-        future = self._session.loop.create_future()
+        session = self._session
+        auth = session._ctx.auth
+        if auth.is_async:  # SQL, LDAP: through the auth cache, on a task
+            return sasl.Pending(session.loop.create_task(auth.verify_password_async(name, password, session._peer)))
+        future = session.loop.create_future()
 
         def done(record) -> None:
             if not future.done():
                 future.set_result(record)
 
-        self._session._ctx.auth.verify_password(name, password, done)
+        auth.verify_password(name, password, done)
         return sasl.Pending(future)
+
+    def verify_apop(self, name: str, digest: str):
+        session = self._session
+        auth = session._ctx.auth
+        if auth.is_async:
+            return sasl.Pending(session.loop.create_task(
+                auth.verify_apop_async(name, session._timestamp, digest, session._peer)))
+        return auth.verify_apop(name, session._timestamp, digest)
 
     def scram_keys(self, record):
         session = self._session

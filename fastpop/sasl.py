@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Generator, Protocol
 
+from fastpop.userdb import allowed
+
 if TYPE_CHECKING:
     from fastpop.passwd_file import UserRecord
 
@@ -72,9 +74,12 @@ Step = Generator["Challenge | Gate | Pending", Any, Outcome]
 class Services(Protocol):
     """What mechanisms may ask of the server (implemented by the protocol)."""
 
-    def lookup(self, name: str) -> UserRecord | None: ...  # raises AuthUnavailable
+    # Each may answer at once (the passwd-file) or with a Pending (a network
+    # user database); AuthUnavailable is raised or thrown in.
+    def lookup(self, name: str) -> UserRecord | None | Pending: ...
     def valid_username(self, name: str) -> bool: ...
     def verify_password(self, name: str, password: str) -> Pending: ...
+    def verify_apop(self, name: str, digest: str) -> UserRecord | None | Pending: ...
     def scram_keys(self, record: UserRecord) -> tuple[bytes, bytes, bytes, int] | Pending | None: ...
     def validate_token(self, token: str, user: str | None, mechanism: str) -> Pending: ...
     secret: bytes
@@ -116,15 +121,19 @@ def password_login(svc: Services, name: str, password: str) -> Step:
         return Outcome(name, credentials=credentials, reason="invalid user name")
     yield Gate(name)
     record = yield svc.verify_password(name, password)
+    if record is not None and not allowed(record, "allow_plaintext"):
+        return Outcome(name, credentials=credentials, reason="plaintext logins disabled for this user")
     return Outcome(name, record, credentials=credentials, reason="" if record else "wrong password or unknown user")
 
 
-def apop_login(svc: Services, name: str, check: Callable[[], UserRecord | None]) -> Step:
+def apop_login(svc: Services, name: str, check: Callable[[], "UserRecord | None | Pending"]) -> Step:
     if not svc.valid_username(name):
         yield Gate(None)
         return Outcome(name, reason="invalid user name")
     yield Gate(name)
     record = check()
+    if type(record) is Pending:
+        record = yield record
     return Outcome(name, record, reason="" if record else "wrong digest or unknown user")
 
 
@@ -236,6 +245,8 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
     if authzid:
         return Outcome(name, reason="authorization identity (not supported)")
     record = svc.lookup(name) if svc.valid_username(name) else None
+    if type(record) is Pending:
+        record = yield record
     keys = None
     if record is not None:
         keys = svc.scram_keys(record)
@@ -298,8 +309,10 @@ def _validated(svc: Services, token: str, user: str | None, mechanism: str) -> S
     if not svc.valid_username(owner):
         return Outcome(owner, reason="validator returned an invalid user name")
     record = svc.lookup(owner)
+    if type(record) is Pending:
+        record = yield record
     if record is None:
-        return Outcome(owner, reason="token valid but no such user in the passwd-file")
+        return Outcome(owner, reason="token valid but no such user in the user database")
     return Outcome(owner, record)
 
 

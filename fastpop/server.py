@@ -12,6 +12,7 @@ import random
 import resource
 import signal
 import socket
+from dataclasses import fields
 from typing import Callable
 
 from fastpop import __version__
@@ -32,7 +33,7 @@ class ServerContext:
         assert config.passwd_file is not None
         self.config = config
         self.loop = loop
-        self.auth = Authenticator(config.passwd_file, config.mail_location)
+        self.auth = Authenticator.from_config(config)
         self.sessions: set[POP3Protocol] = set()
         self.connections = connections or connection_table(config)
         self._full_logged = 0.0
@@ -109,7 +110,10 @@ class ServerContext:
             self.capa_transaction = self._capa(authorized=True)
             self.connections.per_address = config.max_connections_per_ip
             self.connections.total = config.max_connections
-        self.auth = Authenticator(self.config.passwd_file, self.config.mail_location)
+        try:
+            self.auth.reload()  # the passwd-file re-read now; SQL/LDAP: the auth cache emptied
+        except (OSError, ValueError) as exc:
+            log.error("SIGHUP: user database not re-read: %s", exc)
         if self.tls is not None:
             self.tls.reload()
         log.info("SIGHUP: configuration, passwd-file%s reloaded", " and certificate" if self.tls else "")
@@ -154,7 +158,11 @@ class ServerContext:
 
 
 # Settings a running server cannot change (SIGHUP keeps the old value and says so).
-RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group")
+RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group",
+                "proxy_listen", "proxy_listen_tls",
+                # the user database: LMTP and open pools hold the one built at start
+                "passwd_file", "mail_location", *(f.name for f in fields(Config)
+                                                 if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
 
 
 def connection_table(config: Config, workers: int = 1) -> ConnectionTable:
@@ -298,6 +306,7 @@ async def serve(
     if lmtp_service is not None:
         await lmtp_service.close()
     await drain(ctx, ctx.config.shutdown_timeout, signals, signal.Signals(signum).name)
+    await ctx.auth.close()  # the user database's connections
     log.info("stopped")
 
 
