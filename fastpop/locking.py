@@ -1,21 +1,23 @@
 """One POP3 session per mailbox, with a lock that holds no descriptor.
 
-The lock is a file, ``fastpop.lock`` in the Maildir, created with O_EXCL and
-naming its owner: host, boot, process id and process start time.  A session
-holds nothing open while it idles, so a worker can keep ~19,000 logged-in
-sessions within a 20,000-descriptor limit (an fcntl lock would need one
-descriptor per session).  O_EXCL creation is atomic on local filesystems and
-NFSv3+, so the lock also works between hosts sharing a store.
+The lock is a symbolic link, ``fastpop.lock`` in the Maildir, whose target
+names its owner: process id, process start time, boot and host.  symlink(2)
+creates it atomically (it fails if the name exists, also over NFS) and needs
+no data block, so a login works on a full disk or quota, when POP3 is how a
+user makes room; there is no moment at which the lock exists but names
+nobody.  A session holds nothing open while it idles, so a worker can keep
+~19,000 logged-in sessions within a 20,000-descriptor limit (an fcntl lock
+would need one descriptor per session).
 
 A lock whose owner is gone is stale and may be taken over:
 - same host and boot: the owning process no longer exists, is a zombie, or
   its pid now belongs to a process started at another time;
 - same host, another boot: the host has restarted since;
-- another host: the file is older than ``stale_after`` seconds (we cannot
+- another host: the link is older than ``stale_after`` seconds (we cannot
   see that host's processes; see docs/deploy.md);
-- empty (the owner died between create and write): older than a few seconds.
+- not a link (a file left by something else): at once.
 Taking over happens under a short flock(2) on the Maildir directory, so two
-sessions that both find a lock stale cannot both win.
+sessions of this host that both find a lock stale cannot both win.
 """
 
 from __future__ import annotations
@@ -24,14 +26,12 @@ import fcntl
 import os
 import socket
 import time
+import zlib
 
 from fastpop import faults
 
 LOCK_FILE = "fastpop.lock"
-EMPTY_GRACE = 10.0  # seconds an empty lock file is presumed to be being written
 DEFAULT_STALE_AFTER = 3600.0  # seconds after which another host's lock is presumed dead
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
 class MailboxLocked(Exception):
@@ -41,9 +41,16 @@ class MailboxLocked(Exception):
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            return f.read().strip().replace("-", "")[:8]
     except OSError:
-        return "unknown-boot"
+        return "noboot"
+
+
+def _short_host(host: str) -> str:
+    """The host name, shortened (keeping it distinct) so the whole owner fits
+    in an inode: a "fast" symlink needs no data block."""
+    host = host.replace("/", "_")
+    return host if len(host) <= 24 else f"{host[:15]}~{zlib.crc32(host.encode()):08x}"
 
 
 def _start_time(pid: int) -> str | None:
@@ -60,47 +67,52 @@ def _start_time(pid: int) -> str | None:
     return fields[19].decode()
 
 
-_HOST = socket.gethostname()
+_HOST = _short_host(socket.gethostname())
 _BOOT = _boot_id()
-_identity: tuple[int, bytes] = (0, b"")
+_identity: tuple[int, str] = (0, "")
 
 
-def _owner_line() -> bytes:
-    """This process's owner line; recomputed after a fork (workers)."""
+def owner() -> str:
+    """This process's owner name, pid.start.boot@host; recomputed after a fork."""
     global _identity
     pid = os.getpid()
     if _identity[0] != pid:
-        _identity = (pid, f"{pid} {_start_time(pid) or 0} {_BOOT} {_HOST}\n".encode())
+        _identity = (pid, f"{pid}.{_start_time(pid) or 0}.{_BOOT}@{_HOST}")
     return _identity[1]
 
 
-def is_stale(content: bytes, mtime: float, stale_after: float = DEFAULT_STALE_AFTER) -> bool:
-    """Whether a lock file with this content and mtime belongs to nobody alive."""
-    age = time.time() - mtime
-    parts = content.split()
-    if len(parts) != 4:
-        return age > EMPTY_GRACE  # being written, or torn by a crash
-    pid, start, boot, host = (p.decode(errors="replace") for p in parts)
+def is_stale(name: str | None, mtime: float, stale_after: float = DEFAULT_STALE_AFTER) -> bool:
+    """Whether a lock naming ``name`` (None: not a link) belongs to nobody alive."""
+    if name is None or "@" not in name:
+        return True  # a plain file or a link no fastpop made
+    ident, _, host = name.rpartition("@")
+    parts = ident.split(".")
     if host != _HOST:
-        return age > stale_after
-    if boot != _BOOT:
-        return True
+        return time.time() - mtime > stale_after
+    if len(parts) != 3 or parts[2] != _BOOT:
+        return True  # another boot of this host (or nonsense)
+    pid, start = parts[0], parts[1]
     return not pid.isdigit() or _start_time(int(pid)) != start
 
 
-def _read(path: str) -> tuple[bytes, float] | None:
+def _read(path: str) -> tuple[str | None, float] | None:
+    """(owner, or None if not a link; mtime), or None if there is no lock."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+        name: str | None = os.readlink(path)
     except FileNotFoundError:
         return None
+    except OSError:  # EINVAL: a plain file
+        name = None
+    if name is not None and name.endswith("@" + _HOST):
+        return name, 0.0  # this host's: decided by its process, not by age
     try:
-        return os.read(fd, 512), os.fstat(fd).st_mtime
-    finally:
-        os.close(fd)
+        return name, os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None
 
 
 class MailboxLock:
-    """Held from login to logout; ``release`` removes the file if still ours."""
+    """Held from login to logout; ``release`` removes the link if still ours."""
 
     __slots__ = ("_path",)
 
@@ -112,16 +124,9 @@ class MailboxLock:
             self._take_over(maildir, stale_after)
 
     def _create(self) -> None:
-        fd = os.open(self._path, _CREATE, 0o600)
-        try:
-            if faults.ACTIVE:
-                faults.hit("lock.after_create")
-            os.write(fd, _owner_line())
-        except BaseException:
-            os.unlink(self._path)  # never leave a lock nobody owns
-            raise
-        finally:
-            os.close(fd)
+        os.symlink(owner(), self._path)
+        if faults.ACTIVE:
+            faults.hit("lock.after_create")
 
     def _take_over(self, maildir: str, stale_after: float) -> None:
         seen = _read(self._path)
@@ -148,10 +153,9 @@ class MailboxLock:
             return
         self._path = ""
         try:
-            seen = _read(path)
-            # Ours only if it still names us: after a takeover (we were presumed
-            # dead) the new file may even reuse our inode number.
-            if seen is not None and seen[0] == _owner_line():
+            # Ours only if it still names us (after a takeover, because we were
+            # presumed dead, it names the new owner).
+            if os.readlink(path) == owner():
                 os.unlink(path)
-        except FileNotFoundError:
-            pass  # removed by hand meanwhile
+        except (FileNotFoundError, OSError):
+            pass  # removed by hand meanwhile, or replaced by a plain file

@@ -438,13 +438,11 @@ def test_lmtp_worker_killed_during_delivery(tmp_path):
 # -- the mailbox lock
 
 
-def test_killed_between_lock_create_and_owner_write(srv):
-    """fastpop.lock is created (O_EXCL) and then its owner written: a kill in
-    between leaves an empty lock that names nobody.  Logins get [IN-USE]
-    until it is locking.EMPTY_GRACE old, then it is taken over (the one
-    window where a crash keeps a mailbox locked: docs/reliability.md).  The
-    wait is not slept through: the lock's mtime is moved back instead."""
-    from fastpop.locking import EMPTY_GRACE, LOCK_FILE
+def test_killed_right_after_taking_the_lock(srv):
+    """fastpop.lock is one symlink(2) naming its owner: a kill right after it
+    leaves a lock that names a dead process, and the next login takes it
+    over at once (no window in which a lock names nobody)."""
+    from fastpop.locking import LOCK_FILE
 
     mails = originals(2, "lock")
     user = srv.add_user(mails)
@@ -454,20 +452,13 @@ def test_killed_between_lock_create_and_owner_write(srv):
     with pytest.raises((poplib.error_proto, EOFError, OSError)):
         p.pass_(user.password)
     p.close()
+    dead = srv.proc.pid
     reap_killed(srv, "lock.after_create")
     lock = user.maildir / LOCK_FILE
-    assert lock.read_bytes() == b""
+    assert os.readlink(lock).startswith(f"{dead}.")  # names the dead server
     start(srv)
-    p = srv.connect()
-    p.user(user.name)
-    with pytest.raises(poplib.error_proto) as refused:
-        p.pass_(user.password)
-    assert refused.value.args[0].startswith(b"-ERR [IN-USE]")
-    p.quit()
-    old = time.time() - EMPTY_GRACE - 1
-    os.utime(lock, (old, old))
     p = login_at_once(user)
     assert sorted(fetch(p).values()) == sorted(mails)
     p.quit()
-    assert not lock.exists()
+    assert not os.path.lexists(lock)
     stop_clean(srv)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,19 @@ def maildir(tmp_path):
     return path
 
 
-def _write_lock(maildir, content: bytes, age: float = 0.0) -> None:
+def _write_lock(maildir, owner: str | bytes, age: float = 0.0) -> None:
+    """A lock as another process would leave it: a symlink naming its owner
+    (bytes: a plain file, as something else might leave)."""
     path = maildir / LOCK_FILE
-    path.write_bytes(content)
+    if os.path.lexists(path):
+        path.unlink()
+    if isinstance(owner, bytes):
+        path.write_bytes(owner)
+    else:
+        os.symlink(owner, path)
     if age:
         t = time.time() - age
-        os.utime(path, (t, t))
+        os.utime(path, (t, t), follow_symlinks=False)
 
 
 def _dead_pid() -> int:
@@ -37,18 +43,18 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _owner(pid: int, start: str | None = None) -> bytes:
+def _owner(pid: int, start: str | None = None, boot: str | None = None, host: str | None = None) -> str:
     start = start if start is not None else locking._start_time(pid)
-    return f"{pid} {start} {locking._BOOT} {socket.gethostname()}\n".encode()
+    return f"{pid}.{start}.{boot or locking._BOOT}@{host or locking._HOST}"
 
 
 def test_second_lock_is_refused_and_release_frees(maildir):
     lock = MailboxLock(str(maildir))
-    assert (maildir / LOCK_FILE).read_bytes() == _owner(os.getpid())
+    assert os.readlink(maildir / LOCK_FILE) == _owner(os.getpid())
     with pytest.raises(MailboxLocked):
         MailboxLock(str(maildir))  # same process: still one session per mailbox
     lock.release()
-    assert not (maildir / LOCK_FILE).exists()
+    assert not os.path.lexists(maildir / LOCK_FILE)
     lock.release()  # twice is harmless
     MailboxLock(str(maildir)).release()
 
@@ -63,7 +69,7 @@ def test_holding_locks_uses_no_descriptors(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == before
     for lock in locks:
         lock.release()
-    assert not any((tmp_path / f"m{i}" / LOCK_FILE).exists() for i in range(200))
+    assert not any(os.path.lexists(tmp_path / f"m{i}" / LOCK_FILE) for i in range(200))
 
 
 def test_missing_maildir_raises_file_not_found(tmp_path):
@@ -76,16 +82,17 @@ def test_missing_maildir_raises_file_not_found(tmp_path):
     [
         pytest.param(lambda: _owner(_dead_pid(), "1"), 0, id="dead-process"),
         pytest.param(lambda: _owner(os.getpid(), "12345"), 0, id="pid-reused-other-start-time"),
-        pytest.param(lambda: f"{os.getpid()} 1 another-boot {socket.gethostname()}\n".encode(), 0, id="other-boot"),
-        pytest.param(lambda: b"1 1 b otherhost\n", locking.DEFAULT_STALE_AFTER + 60, id="other-host-old"),
-        pytest.param(lambda: b"", locking.EMPTY_GRACE + 5, id="empty-old"),
-        pytest.param(lambda: b"garbage", locking.EMPTY_GRACE + 5, id="torn-old"),
+        pytest.param(lambda: _owner(os.getpid(), boot="0therb00"), 0, id="other-boot"),
+        pytest.param(lambda: _owner(1, "1", host="otherhost"), locking.DEFAULT_STALE_AFTER + 60, id="other-host-old"),
+        pytest.param(lambda: b"", 0, id="plain-empty-file"),
+        pytest.param(lambda: b"12 0 old-style lock file", 0, id="plain-file"),
+        pytest.param(lambda: "nonsense", 0, id="nonsense-link"),
     ],
 )
 def test_stale_locks_are_taken_over(maildir, content, age):
     _write_lock(maildir, content(), age)
     lock = MailboxLock(str(maildir))
-    assert (maildir / LOCK_FILE).read_bytes() == _owner(os.getpid())
+    assert os.readlink(maildir / LOCK_FILE) == _owner(os.getpid())
     lock.release()
 
 
@@ -93,16 +100,24 @@ def test_stale_locks_are_taken_over(maildir, content, age):
     "content, age",
     [
         pytest.param(lambda: _owner(os.getppid()), 0, id="live-process"),
-        pytest.param(lambda: b"1 1 b otherhost\n", 60, id="other-host-young"),
-        pytest.param(lambda: b"", 1, id="being-written"),
+        pytest.param(lambda: _owner(1, "1", host="otherhost"), 60, id="other-host-young"),
     ],
 )
 def test_live_locks_are_respected(maildir, content, age):
-    data = content()
-    _write_lock(maildir, data, age)
+    owner = content()
+    _write_lock(maildir, owner, age)
     with pytest.raises(MailboxLocked):
         MailboxLock(str(maildir))
-    assert (maildir / LOCK_FILE).read_bytes() == data
+    assert os.readlink(maildir / LOCK_FILE) == owner
+
+
+def test_owner_fits_in_an_inode():
+    """ext4 keeps a symlink target under 60 bytes in the inode: no data block,
+    so a login works on a full disk."""
+    assert len(locking._short_host("mail-frontend-0042.pop.customers.example-hosting.com")) <= 24
+    assert locking._short_host("a" * 40) != locking._short_host("a" * 39 + "b")
+    worst = f"{2**22}.{10**11}.{locking._BOOT}@{'h' * 24}"
+    assert len(worst) < 60
 
 
 def test_zombie_owner_is_dead(maildir):
@@ -111,7 +126,7 @@ def test_zombie_owner_is_dead(maildir):
     while locking._start_time(proc.pid) is not None and time.monotonic() < deadline:
         time.sleep(0.01)  # exits, but stays a zombie until we wait() for it
     assert os.path.exists(f"/proc/{proc.pid}")
-    _write_lock(maildir, f"{proc.pid} 1 {locking._BOOT} {socket.gethostname()}\n".encode())
+    _write_lock(maildir, _owner(proc.pid, "1"))
     try:
         MailboxLock(str(maildir)).release()
     finally:
@@ -137,10 +152,10 @@ def test_lock_held_by_another_process_then_killed(maildir):
 def test_release_leaves_a_lock_that_was_taken_over(maildir):
     lock = MailboxLock(str(maildir))
     (maildir / LOCK_FILE).unlink()
-    other = b"1 1 b otherhost\n"
+    other = _owner(1, "1", host="otherhost")
     _write_lock(maildir, other)  # as if another host took it over
     lock.release()
-    assert (maildir / LOCK_FILE).read_bytes() == other
+    assert os.readlink(maildir / LOCK_FILE) == other
 
 
 def _contend(maildir: str, barrier, results) -> None:
