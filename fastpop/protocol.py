@@ -162,7 +162,10 @@ class POP3Protocol(asyncio.Protocol):
         transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = self.loop.time()
+        # Idle means no complete line, not no byte: a client trickling one
+        # byte at a time (slowloris) must not keep its connection forever.
+        if b"\n" in data:
+            self._last_activity = self.loop.time()
         self._parser.feed(data)
         if not self._busy:
             self._process()
