@@ -39,6 +39,14 @@ BUSY_SENDING = 2  # a message is streaming out
 BUSY_WRITE_PAUSED = 4  # the transport's write buffer is full
 BUSY_CLOSING = 8  # the connection is ending
 BUSY_TLS = 16  # the STLS handshake is running
+BUSY_YIELD = 32  # a burst of pipelined commands gives other sessions a turn
+
+# Replies of pipelined commands are gathered and written together, but once
+# this many octets of messages and listings are queued they are written and
+# the pull waits for the next loop iteration (or for the client to read, if
+# the transport's buffer is full): 20,000 pipelined "RETR 1" must not build
+# gigabytes of replies, nor hold the event loop for a minute.
+FLUSH_BYTES = 256 * 1024
 
 MAX_TOP_LINES = 2**31 - 1
 
@@ -52,6 +60,7 @@ class POP3Protocol(asyncio.Protocol):
         "_state",
         "_table",
         "_out",
+        "_out_size",
         "_busy",
         "_in_process",
         "_reading_paused",
@@ -93,6 +102,7 @@ class POP3Protocol(asyncio.Protocol):
         self._state = AUTHORIZATION
         self._table = _AUTHORIZATION_TABLE
         self._out: list[bytes] = []
+        self._out_size = 0  # octets of messages and listings in _out
         self._busy = 0
         self._in_process = False
         self._reading_paused = False
@@ -230,6 +240,11 @@ class POP3Protocol(asyncio.Protocol):
                 if cmd is None:
                     break
                 self._table[cmd[0]](self, cmd[1])
+                if self._out_size >= FLUSH_BYTES:
+                    self._flush()  # may pause writing: the pull then waits for resume_writing
+                    if not self._busy:
+                        self._busy |= BUSY_YIELD
+                        self.loop.call_soon(self._unbusy, BUSY_YIELD)
         finally:
             self._in_process = False
         self._flush()
@@ -248,6 +263,7 @@ class POP3Protocol(asyncio.Protocol):
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
+        self._out_size = 0
 
     def _close(self, reason: str) -> None:
         self._end_reason = reason
@@ -689,7 +705,9 @@ class POP3Protocol(asyncio.Protocol):
             return
         count = len(mailbox) - self._deleted_count
         size = mailbox.total_size - self._deleted_size
-        self._out += (b"+OK %d messages (%d octets)\r\n" % (count, size), mailbox.index.list_lines(self._deleted), R.END)
+        lines = mailbox.index.list_lines(self._deleted)
+        self._out += (b"+OK %d messages (%d octets)\r\n" % (count, size), lines, R.END)
+        self._out_size += len(lines)
 
     def cmd_uidl(self, args: tuple[str, ...]) -> None:
         mailbox = self._mailbox
@@ -701,7 +719,9 @@ class POP3Protocol(asyncio.Protocol):
             if i >= 0:
                 self._out.append(b"+OK %d %s\r\n" % (i + 1, mailbox.uidl(i).encode("ascii")))
             return
-        self._out += (R.OK, mailbox.index.uidl_lines(self._deleted), R.END)
+        lines = mailbox.index.uidl_lines(self._deleted)
+        self._out += (R.OK, lines, R.END)
+        self._out_size += len(lines)
 
     def cmd_dele(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:
@@ -776,6 +796,7 @@ class POP3Protocol(asyncio.Protocol):
             os.close(fd)
             body = render_small(data, top_lines)
             self._out += (status, body, R.END)
+            self._out_size += len(body)
             self._count_sent(top_lines is not None, len(body))
             return
         try:

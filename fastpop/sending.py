@@ -38,6 +38,9 @@ SENDFILE_MIN = SMALL_MESSAGE
 # per dot cost more than copying through the transform (measured: a message
 # whose every line starts with "." went 10x slower through sendfile).
 MIN_BYTES_PER_DOT = 32 * 1024
+# A stream whose reader keeps up transforms at most this much per turn of the
+# event loop, then lets the other sessions run.
+PUMP_BUDGET = 4 * CHUNK
 
 
 def render_small(data: bytes, top_lines: int | None) -> bytes:
@@ -64,10 +67,17 @@ class MessageStream:
         self.sent = 0
 
     def pump(self) -> None:
+        if self._file is None:
+            return  # finished or closed before a scheduled turn came
         proto = self._proto
         transport = proto.transport
         stuffer, limiter = self._stuffer, self._limiter
+        budget = PUMP_BUDGET
         while not proto.writing_paused:
+            if budget <= 0:
+                proto.loop.call_soon(self.pump)
+                return
+            budget -= CHUNK
             proto.touch()
             try:
                 chunk = self._file.read(CHUNK)

@@ -360,3 +360,60 @@ def test_trickled_bytes_are_not_activity(fresh_server):
     assert time.monotonic() - start >= 1.8
     c.sock.settimeout(5)
     assert c.read_to_eof() == b"-ERR Disconnected for inactivity.\r\n"
+
+
+def test_pipelined_retr_flood_is_bounded(fresh_server):
+    """A logged-in client pipelines 5,000 RETRs of a 120 KB message (40 KB
+    sent, 600 MB asked for) and does not read.  The server used to build
+    every reply in memory in one go, holding the event loop meanwhile
+    (20,000 RETRs: 1.8 GB and 64 s during which nobody got a greeting);
+    now it stops at the socket's buffer."""
+    fresh_server.extra_args = ["--log-level", "info"]
+    fresh_server.start()
+    user = fresh_server.add_user([message("big", size=120_000)])
+    pid = fresh_server.proc.pid
+    idle = rss(pid)
+    flood = socket.create_connection(("127.0.0.1", fresh_server.port))
+    flood.sendall(f"USER {user.name}\r\nPASS {user.password}\r\n".encode())
+    time.sleep(0.2)
+    flood.sendall(b"RETR 1\r\n" * 5000)
+    worst = 0.0
+    for _ in range(10):
+        time.sleep(0.1)
+        t = time.monotonic()
+        other = socket.create_connection(("127.0.0.1", fresh_server.port), timeout=10)
+        assert other.recv(100).startswith(b"+OK")
+        other.close()
+        worst = max(worst, time.monotonic() - t)
+    growth = rss(pid) - idle
+    flood.close()
+    assert worst < 0.5, worst
+    assert growth < 64 * 2**20, growth / 2**20
+
+
+def test_pipelined_replies_stay_in_order(fresh_server):
+    """Bursts larger than the flush threshold, small and streamed messages,
+    listings: every reply complete and in order."""
+    fresh_server.start()
+    small, big = message("small", size=100_000), message("big", size=300_000)
+    user = fresh_server.add_user([small, big])
+    from conftest import Raw
+
+    c = Raw(fresh_server.port)
+    c.send(f"USER {user.name}\r\nPASS {user.password}\r\n".encode())
+    assert c.line() == b"+OK\r\n" and c.line() == b"+OK Logged in.\r\n"
+    burst = [b"RETR 1", b"LIST", b"RETR 2", b"TOP 2 3", b"UIDL", b"NOOP"] * 15
+    c.send(b"".join(cmd + b"\r\n" for cmd in burst) + b"QUIT\r\n")
+    for cmd in burst:
+        status = c.line()
+        assert status.startswith(b"+OK"), (cmd, status)
+        if cmd == b"NOOP":
+            continue
+        body = c.body()
+        if cmd == b"RETR 1":
+            assert body == stuff_message(small)
+        elif cmd == b"RETR 2":
+            assert body == stuff_message(big)
+        elif cmd == b"LIST":
+            assert body == b"1 %d\r\n2 %d\r\n" % (len(stuff_message(small)), len(stuff_message(big)))
+    assert c.line() == b"+OK Logging out.\r\n"
