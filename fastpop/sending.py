@@ -38,9 +38,9 @@ SENDFILE_MIN = SMALL_MESSAGE
 # per dot cost more than copying through the transform (measured: a message
 # whose every line starts with "." went 10x slower through sendfile).
 MIN_BYTES_PER_DOT = 32 * 1024
-# A stream whose reader keeps up transforms at most this much per turn of the
+# A stream whose reader keeps up transforms at most one chunk per turn of the
 # event loop, then lets the other sessions run.
-PUMP_BUDGET = 4 * CHUNK
+PUMP_BUDGET = CHUNK
 
 
 def render_small(data: bytes, top_lines: int | None) -> bytes:
