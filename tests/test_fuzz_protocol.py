@@ -9,17 +9,21 @@ Every reply is checked, byte for byte, against a model of the session and
 of the mailbox (RFC 1939 sizes, dot-stuffing, TOP's cut, the error table
 of ``fastpop.responses``); after QUIT the files left on disk must be
 exactly the model's undeleted messages, and after any other end nothing
-may be deleted.
+may be deleted.  ``FASTPOP_FUZZ_EXAMPLES`` (default 50) sets the number of
+random sessions per parser; for a long run::
+
+    FASTPOP_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz_protocol.py
 """
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
@@ -453,12 +457,16 @@ class POP3Machine(RuleBasedStateMachine):
             self._ended()
 
 
+EXAMPLES = int(os.environ.get("FASTPOP_FUZZ_EXAMPLES", "50"))  # longer: FASTPOP_FUZZ_EXAMPLES=2000
+
+
+@pytest.mark.timeout(max(300, EXAMPLES * 6))
 def test_protocol_state_machine(server):
     class Machine(POP3Machine):
         pass
 
     Machine.server = server
     run_state_machine_as_test(Machine, settings=settings(
-        max_examples=50, stateful_step_count=30, deadline=None,
+        max_examples=EXAMPLES, stateful_step_count=30, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     ))
