@@ -6,7 +6,7 @@ source addresses in 127.1.0.0/16 (not trusted: per-address limits and
 penalties apply) and 127.2.0.0/16 (trusted, for the attacks that log in):
 
 - 5,000 connections that send nothing;
-- 5,000 slowloris connections that send one byte every 2 seconds;
+- 5,000 slowloris connections that send one byte a second, never ending a line;
 - logged-in clients that pipeline RETRs of a large message and never read;
 - a flood of garbage lines (control characters, unknown commands, lines
   far beyond 255 octets) from connections that reconnect when thrown out;
@@ -257,7 +257,7 @@ def test_silent_connections(target):
 
 
 def test_slowloris(target):
-    """5,000 connections that trickle one byte every 2 s, never ending a
+    """5,000 connections that trickle one byte a second, never ending a
     line: the pre-login timeout still reaps them."""
     r = attack(target, "slowloris", "--count", str(CONNECTIONS), "--rate", "2500", "--interval", "1",
                "--hold", str(TIMEOUT_AUTHORIZATION + REAP_MARGIN + 4))
