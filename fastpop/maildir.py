@@ -204,7 +204,11 @@ def _remove_leftovers(path: str) -> None:
         too_old = time.time() - TMP_MAX_AGE
         with os.scandir(tmp) as it:
             for entry in it:
-                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < too_old:
+                try:
+                    stale = entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < too_old
+                except FileNotFoundError:
+                    continue  # a delivery in progress renamed it into new/ meanwhile
+                if stale:
                     _unlink_leftover(entry.path)
     except OSError as exc:
         log.warning("cannot clean up leftovers in %s: %s", path, exc.strerror)

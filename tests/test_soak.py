@@ -38,3 +38,48 @@ def test_soak(tmp_path):
     assert r.returncode == 0 and summary["ok"], summary["failures"] or r.stderr
     assert summary["lost"] == 0 and summary["not_byte_identical"] == 0 and summary["bench_errors"] == 0
     assert summary["delivered"] > 50 and summary["deleted"] > 50 and summary["bench_messages"] > 500, summary
+
+
+def test_leftover_cleanup_ignores_a_file_delivered_meanwhile(tmp_path, monkeypatch, caplog):
+    """The soak found it: a login's cleanup of tmp/ listed a file that a
+    concurrent LMTP delivery then renamed into new/; its stat failed and the
+    whole cleanup gave up with a WARNING.  Such a file is simply skipped."""
+    import logging
+
+    from fastpop import maildir
+
+    for sub in ("cur", "new", "tmp"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "tmp" / "delivering").write_bytes(b"x")
+    stale = tmp_path / "tmp" / "stale"
+    stale.write_bytes(b"x")
+    os.utime(stale, (0, 0))
+    real_scandir = os.scandir
+
+    class Renamed:
+        def __init__(self, entry):
+            self.entry, self.path, self.name = entry, entry.path, entry.name
+
+        def is_file(self, follow_symlinks=True):
+            return True
+
+        def stat(self, follow_symlinks=True):
+            if self.name == "delivering":
+                raise FileNotFoundError(2, "No such file or directory", self.path)
+            return self.entry.stat(follow_symlinks=follow_symlinks)
+
+    class Listing:
+        def __init__(self, path):
+            self.it = real_scandir(path)
+
+        def __enter__(self):
+            return sorted((Renamed(e) for e in self.it), key=lambda e: e.name)
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+    monkeypatch.setattr(maildir.os, "scandir", Listing)
+    with caplog.at_level(logging.INFO, logger="fastpop.maildir"):
+        maildir._remove_leftovers(str(tmp_path))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert not stale.exists()  # the cleanup went on past the vanished file
