@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import importlib
-import logging
 import sys
 
 from fastpop import __version__
@@ -54,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-sendfile", dest="sendfile", action="store_false", default=None,
                        help="send every message through the userspace transform")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["text", "keyvalue", "json"],
+                       help="log lines as text (default), key=value pairs (logfmt) or JSON objects")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics over HTTP here (default: metrics off)")
     serve.add_argument("--timeout-authorization", type=float, metavar="SECONDS", help="idle time allowed before login")
     serve.add_argument("--timeout-transaction", type=float, metavar="SECONDS", help="idle time allowed after login")
     serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS", help="delay before answering a failed login")
@@ -153,6 +156,8 @@ _FLAG_FIELDS = (
     "proxy_listen",
     "proxy_listen_tls",
     "proxy_timeout",
+    "log_format",
+    "metrics_listen",
 )
 
 
@@ -188,11 +193,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from fastpop.logformat import configure_logging
+
+    configure_logging(config.log_format, config.log_level)
     if args.demo:
         from fastpop import demo
 

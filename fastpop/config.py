@@ -89,6 +89,12 @@ The TOML file has sections mirroring the field prefixes::
     size = 10000             # users remembered; 0 turns the cache off
     ttl = 300                # seconds a found user is kept (a changed password: at most this)
     negative_ttl = 60        # seconds "no such user" is kept
+    [server]  (continued)
+    log_format = "text"      # or "keyvalue" (logfmt) or "json" (one object per line)
+
+    [metrics]
+    listen = "127.0.0.1:9110"   # Prometheus endpoint (served by the supervisor with --workers)
+    flush_interval = 1.0        # seconds between moves of each process's counts into the metrics
 """
 
 from __future__ import annotations
@@ -170,6 +176,10 @@ class Config:
     auth_cache_size: int = 10000
     auth_cache_ttl: float = 300.0
     auth_cache_negative_ttl: float = 60.0
+    # operations (fastpop.logformat, fastpop.metrics)
+    log_format: str = "text"  # "text", "keyvalue" or "json"
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None: metrics off
+    metrics_flush_interval: float = 1.0  # seconds between moves of the counts into the metrics
 
     def validate(self) -> None:
         from fastpop import userdb
@@ -203,6 +213,7 @@ class Config:
                 raise ValueError(f"no such system user {self.user!r}") from None
         self._validate_security()
         self._validate_proxy()
+        self._validate_operations()
         if self.group is not None:
             import grp
 
@@ -284,6 +295,20 @@ class Config:
             raise ValueError("PROXY listeners need the proxies' addresses: [proxy] trusted_networks (--proxy-trusted-networks)")
         if self.proxy_timeout <= 0:
             raise ValueError("proxy timeout must be positive")
+    def _validate_operations(self) -> None:
+        from fastpop.logformat import FORMATS
+
+        if self.log_format not in FORMATS:
+            raise ValueError(f"log_format must be one of {', '.join(FORMATS)}, not {self.log_format!r}")
+        if self.metrics_listen is not None:
+            parse_address(self.metrics_listen)
+            import importlib.util
+
+            # found, not imported: it must first see PROMETHEUS_MULTIPROC_DIR (fastpop.metrics)
+            if importlib.util.find_spec("prometheus_client") is None:
+                raise ValueError("metrics need prometheus-client: pip install 'fastpop[metrics]'")
+        if not 0.05 <= self.metrics_flush_interval <= 3600:
+            raise ValueError("metrics flush_interval must be between 0.05 and 3600 seconds")
 
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms offered, in CAPA order."""
@@ -346,6 +371,9 @@ _TOML_KEYS = {
     ("auth_cache", "size"): "auth_cache_size",
     ("auth_cache", "ttl"): "auth_cache_ttl",
     ("auth_cache", "negative_ttl"): "auth_cache_negative_ttl",
+    ("server", "log_format"): "log_format",
+    ("metrics", "listen"): "metrics_listen",
+    ("metrics", "flush_interval"): "metrics_flush_interval",
 }
 
 

@@ -43,6 +43,7 @@ class ServerContext:
         self._stamp_prefix = f"<{os.getpid()}."
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
+        self.metrics = None  # a fastpop.metrics.Counters when metrics are on
         self._init_security(config)
 
     def _init_security(self, config: Config) -> None:
@@ -212,31 +213,38 @@ async def start(
     configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
     ctx = ServerContext(config, loop, connections)
+    protocol = POP3Protocol
+    if config.metrics_listen:  # metrics off: the plain protocol, nothing counted
+        from fastpop.metrics import Counters, MeteredProtocol
+
+        ctx.metrics, protocol = Counters(), MeteredProtocol
+    # a worker's sockets (or systemd's): POP3 ones first, then one per proxy address
+    n_proxy = len(config.proxy_listen) + len(config.proxy_listen_tls)
+    pop3_sockets = proxy_sockets = None
+    if sockets is not None:
+        pop3_sockets, proxy_sockets = sockets[:len(sockets) - n_proxy], sockets[len(sockets) - n_proxy:]
     servers = []
-    for i, addr in enumerate(config.listen):
-        if sockets is not None:
-            where = {"sock": sockets[i]}
-        else:
-            host, port = parse_address(addr)
-            where = {"host": host, "port": port, "reuse_address": True}
-        server = await loop.create_server(lambda: POP3Protocol(ctx), backlog=4096, **where)
+    for where in _where(config.listen, pop3_sockets):
+        server = await loop.create_server(lambda: protocol(ctx), backlog=4096, **where)
         servers.append(server)
-    for i, addr in enumerate(config.listen_tls):
-        if tls_sockets is not None:
-            where = {"sock": tls_sockets[i]}
-        else:
-            host, port = parse_address(addr)
-            where = {"host": host, "port": port, "reuse_address": True}
+    for where in _where(config.listen_tls, tls_sockets):
         server = await loop.create_server(
-            lambda: POP3Protocol(ctx, implicit_tls=True), backlog=4096,
+            lambda: protocol(ctx, implicit_tls=True), backlog=4096,
             ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
         )
         ctx.tls_servers.append(server)
     if config.proxy_listen or config.proxy_listen_tls:  # a worker's sockets: listen's, then the proxy ones
         from fastpop.proxied import start_listeners
 
-        ctx.proxy_servers = await start_listeners(ctx, None if sockets is None else sockets[len(config.listen):])
+        ctx.proxy_servers = await start_listeners(ctx, proxy_sockets)
     return ctx, servers
+
+
+def _where(addresses: list[str], sockets: list[socket.socket] | None) -> list[dict]:
+    """create_server arguments: the given sockets (a worker's, or systemd's), else the addresses."""
+    if sockets is not None:
+        return [{"sock": sock} for sock in sockets]
+    return [dict(zip(("host", "port"), parse_address(addr)), reuse_address=True) for addr in addresses]
 
 
 def bound_addresses(servers: list[asyncio.AbstractServer]) -> list[str]:
@@ -273,7 +281,29 @@ async def serve(
     """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
     ``reload()``'s configuration (the config file read again)."""
     loop = asyncio.get_running_loop()
+    # systemd (fastpop.systemd) and metrics (fastpop.metrics): a single process
+    # takes systemd's sockets and serves the metrics endpoint itself; a worker
+    # leaves both to its supervisor.
+    from fastpop import systemd
+
+    single = sockets is None
+    notifier = systemd.take_notifier()
+    if single:
+        activated = systemd.activated_sockets()
+        if activated is not None:
+            sockets, tls_sockets = activated.pop3 or None, activated.tls or None
+            if tls_sockets and config.tls_cert is None:
+                raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
+            if sockets is not None:  # the PROXY listeners are never inherited: bound here, after them
+                from fastpop.workers import listening_socket
+
+                sockets = sockets + [listening_socket(a) for a in config.proxy_listen + config.proxy_listen_tls]
     ctx, servers = await start(config, sockets, tls_sockets, connections)
+    process_metrics = None
+    if ctx.metrics is not None:
+        from fastpop.metrics import ProcessMetrics
+
+        process_metrics = await ProcessMetrics.start(ctx, loop, serve_http=single)
     lmtp_service = None
     if config.lmtp_listen and lmtp:
         from fastpop import lmtp
@@ -300,12 +330,19 @@ async def serve(
         config.loop,
         os.getpid(),
     )
+    listening = f"Listening on {', '.join(bound_addresses(servers))}"
+    notifier.ready(listening)
+    watchdog = systemd.LoopWatchdog(notifier, loop, lambda: f"{listening}; connections: {len(ctx.sessions)}")
     signum = await signals.get()
+    notifier.stopping(f"Stopping ({signal.Signals(signum).name})")
     for server in servers + ctx.tls_servers + ctx.proxy_servers:
         server.close()  # no new connections from here on
     if lmtp_service is not None:
         await lmtp_service.close()
     await drain(ctx, ctx.config.shutdown_timeout, signals, signal.Signals(signum).name)
+    watchdog.close()
+    if process_metrics is not None:
+        process_metrics.close()  # the last counts, then the endpoint
     await ctx.auth.close()  # the user database's connections
     log.info("stopped")
 
@@ -362,7 +399,16 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
         from fastpop import workers
 
         return workers.run(config, reload)
-    run_worker(config, reload=reload)
+    metrics_dir = None
+    if config.metrics_listen:
+        from fastpop.metrics import cleanup_environment, prepare_environment
+
+        metrics_dir = prepare_environment(config)
+    try:
+        run_worker(config, reload=reload)
+    finally:
+        if metrics_dir is not None:
+            cleanup_environment(metrics_dir)
     return 0
 
 

@@ -68,17 +68,38 @@ class Supervisor:
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
         self.stopping = False
         self.exit_code = 0
+        # systemd (fastpop.systemd): the supervisor notifies, and hands
+        # inherited sockets to every worker instead of binding per worker.
+        from fastpop import systemd
+
+        self.notifier = systemd.take_notifier()
+        self.activated = systemd.activated_sockets()
+        self.proxy_addresses = config.proxy_listen + config.proxy_listen_tls  # never inherited
+        if self.activated is not None and self.activated.tls and config.tls_cert is None:
+            raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
+        self.metrics_dir: str | None = None
+        self.metrics_endpoint = None
 
     def _sockets(self) -> tuple[list[socket.socket], list[socket.socket]]:
-        out = []
-        for addrs in (self.addresses, self.tls_addresses):
-            socks = []
-            for addr in addrs:
-                sock = listening_socket(addr, self.ports.get(addr))
-                self.ports.setdefault(addr, sock.getsockname()[1])
-                socks.append(sock)
-            out.append(socks)
-        return out[0], out[1]
+        """One worker's listening sockets: POP3 (then the PROXY listeners') and
+        implicit TLS.  Sockets from systemd are shared by every worker and kept
+        open here; the others are bound anew for each worker (SO_REUSEPORT)."""
+        activated = self.activated
+        if activated is not None and activated.pop3:
+            proxies = self.addresses[len(self.addresses) - len(self.proxy_addresses):]
+            pop3 = activated.pop3 + self._bind(proxies)
+        else:
+            pop3 = self._bind(self.addresses)
+        tls = activated.tls if activated is not None and activated.tls else self._bind(self.tls_addresses)
+        return pop3, tls
+
+    def _bind(self, addresses: list[str]) -> list[socket.socket]:
+        socks = []
+        for addr in addresses:
+            sock = listening_socket(addr, self.ports.get(addr))
+            self.ports.setdefault(addr, sock.getsockname()[1])
+            socks.append(sock)
+        return socks
 
     def _spawn(self, index: int) -> None:
         pop3, tls = self._sockets()
@@ -90,6 +111,8 @@ class Supervisor:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGHUP, signal.SIG_DFL)
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                if self.metrics_endpoint is not None:
+                    self.metrics_endpoint.server.socket.close()  # the supervisor's, not the worker's
                 from fastpop import server
 
                 self.connections.use_row(index)
@@ -102,12 +125,18 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         for sock in pop3 + tls:
-            sock.close()  # the worker has them now
+            if not self._inherited(sock):
+                sock.close()  # the worker has them now
         self.workers[pid] = (index, time.monotonic())
         log.info("worker %d started (pid %d)", index, pid)
 
+    def _inherited(self, sock: socket.socket) -> bool:
+        return self.activated is not None and any(sock is s for s in self.activated.pop3 + self.activated.tls)
+
     def _signal(self, signum: int, frame) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
+            if not self.stopping:
+                self.notifier.stopping(f"Stopping ({signal.Signals(signum).name})")
             self.stopping = True
             if self.stop_deadline is None:  # workers drain; kill any that outlive their deadline
                 self.stop_deadline = time.monotonic() + self.config.shutdown_timeout + STOP_GRACE
@@ -125,8 +154,60 @@ class Supervisor:
             signal.signal(sig, self._signal)
         signal.signal(signal.SIGALRM, self._overdue)
         log.info("supervisor pid %d starting %d workers", os.getpid(), self.config.workers)
-        for index in range(self.config.workers):
-            self._spawn(index)
+        self._start_metrics()
+        try:
+            for index in range(self.config.workers):
+                self._spawn(index)
+            self._ready()
+            return self._wait()
+        finally:
+            self._stop_ops()
+
+    def _start_metrics(self) -> None:
+        """fastpop.metrics: the workers write their counts into a private
+        directory; the supervisor serves the sum of them."""
+        if not self.config.metrics_listen:
+            return
+        from fastpop import metrics
+
+        self.metrics_dir = metrics.prepare_environment(self.config)
+        self.metrics_endpoint = metrics.HTTPEndpoint(self.config.metrics_listen, metrics.collector_registry())
+        log.info("metrics on http://%s/metrics", self.metrics_endpoint.address)
+
+    def _ready(self) -> None:
+        """systemd: READY=1 (the listeners are open: the supervisor opened or
+        inherited them) and WATCHDOG=1 pings while every worker runs."""
+        import threading
+
+        inherited = self.activated.pop3 + self.activated.tls if self.activated is not None else []
+        addresses = [f"{a.rpartition(':')[0]}:{port}" for a, port in self.ports.items()]
+        addresses += ["%s:%s" % s.getsockname()[:2] for s in inherited if s.family != socket.AF_UNIX]
+        self.notifier.ready(f"Listening on {', '.join(addresses)} with {self.config.workers} workers")
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        self._watchdog_stop = threading.Event()
+
+        def ping() -> None:
+            while not self._watchdog_stop.wait(interval):
+                if len(self.workers) == self.config.workers and not self.stopping:
+                    self.notifier.watchdog()
+
+        self.notifier.watchdog()
+        threading.Thread(target=ping, name="fastpop-watchdog", daemon=True).start()
+
+    def _stop_ops(self) -> None:
+        stop = getattr(self, "_watchdog_stop", None)
+        if stop is not None:
+            stop.set()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        if self.metrics_dir is not None:
+            from fastpop.metrics import cleanup_environment
+
+            cleanup_environment(self.metrics_dir)
+
+    def _wait(self) -> int:
         while self.workers:
             try:
                 pid, status = os.wait()
@@ -136,6 +217,10 @@ class Supervisor:
                 continue
             index, started = self.workers.pop(pid)
             self.connections.clear_row(index)  # its connections died with it
+            if self.metrics_dir is not None:
+                from fastpop.metrics import mark_process_dead
+
+                mark_process_dead(pid)  # its live gauges go; its counters stay in the totals
             if self.stopping:
                 continue
             why = (f"killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)

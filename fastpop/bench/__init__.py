@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1, help="random seed of the generated mail")
     g.add_argument("--server-parser", choices=["cython", "python"], default="cython")
     g.add_argument("--server-loop", choices=["uvloop", "asyncio"], default="uvloop")
+    g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for the spawned fastpop serve (repeatable), "
+                        "e.g. --server-arg=--metrics-listen=127.0.0.1:0")
     g.add_argument("--workdir", help="where to generate (default: a temporary directory, removed after)")
     g.add_argument("--keep", action="store_true", help="keep the generated directory")
     return p

@@ -266,7 +266,8 @@ def run_cli(args) -> int:
             console.print(f"[dim]seeding {mailboxes_n:,} mailboxes x {args.messages} messages"
                           + (f" and {large_n} x {args.large_size}" if large_n else "") + f" in {workdir}[/dim]")
             seeded = spawn.seed(workdir, spec_seed)
-            server = spawn.SpawnedServer(seeded, parser=args.server_parser, loop=args.server_loop)
+            server = spawn.SpawnedServer(seeded, parser=args.server_parser, loop=args.server_loop,
+                                         extra_args=getattr(args, "server_arg", None))
             server.start()
             target = Target("127.0.0.1", server.port, server.describe(), spawned=True, pid=server.pid)
             users, large = seeded.users, seeded.large_users
