@@ -206,7 +206,7 @@ class Activated:
 @needs_activate
 def test_socket_activation(tmp_path):
     notify = NotifySocket(str(tmp_path / "notify"))
-    srv = Activated(tmp_path, env={"NOTIFY_SOCKET": notify.address})
+    srv = Activated(tmp_path, "--workers", "1", env={"NOTIFY_SOCKET": notify.address})
     try:
         srv.add_user("alice", [message("activated")])
         p = srv.login("alice")  # fastpop is exec'd on this connection, and serves it
