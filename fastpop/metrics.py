@@ -156,84 +156,102 @@ _METERED_AUTHORIZATION = _metered_table(_AUTHORIZATION_TABLE)
 _METERED_TRANSACTION = _metered_table(_TRANSACTION_TABLE)
 
 
-class MeteredProtocol(POP3Protocol):
-    """The POP3 session, counting into ``ctx.metrics`` (a ``Counters``)."""
+def metered_class(base: type) -> type:
+    """``base`` (POP3Protocol or a subclass: the PROXY listeners' sessions)
+    counting into ``ctx.metrics``; ``metered(base)`` caches them."""
 
-    __slots__ = ("_metrics", "_command", "_command_start", "_mechanism")
+    class Metered(base):
+        """The POP3 session, counting into ``ctx.metrics`` (a ``Counters``)."""
 
-    # No __init__ of its own (a call less per connection): the fields are set
-    # in connection_made, before any of them is read.
+        __slots__ = ("_metrics", "_command", "_command_start", "_mechanism")
 
-    def connection_made(self, transport) -> None:
-        self._metrics = counters = self._ctx.metrics
-        self._command = -1  # the code of a command whose reply is not complete yet
-        self._mechanism = "-"
-        self._table = _METERED_AUTHORIZATION
-        counters.connections += 1
-        counters.open += 1
-        super().connection_made(transport)
+        # No __init__ of its own (a call less per connection): the fields are set
+        # in connection_made, before any of them is read.
 
-    def connection_lost(self, exc) -> None:
-        if self._state == CLOSED:
-            return super().connection_lost(exc)
-        counters = self._metrics
-        counters.open -= 1
-        if self._command >= 0:  # the connection ended before the reply did
-            counters.observe(self._command, time.perf_counter() - self._command_start)
-            self._command = -1
-        if self._user is not None:
-            counters.logged_in -= 1
-        super().connection_lost(exc)
-        if self._user is not None:
-            reason = self._end_reason
-            counters.sessions[reason] = counters.sessions.get(reason, 0) + 1
+        def connection_made(self, transport) -> None:
+            self._metrics = counters = self._ctx.metrics
+            self._command = -1  # the code of a command whose reply is not complete yet
+            self._mechanism = "-"
+            self._table = _METERED_AUTHORIZATION
+            counters.connections += 1
+            counters.open += 1
+            super().connection_made(transport)
 
-    def _unbusy(self, flag: int) -> None:
-        if self._command >= 0 and not self._busy & ~flag & _WAITING:
-            code, self._command = self._command, -1
-            self._metrics.observe(code, time.perf_counter() - self._command_start)
-        super()._unbusy(flag)
+        def connection_lost(self, exc) -> None:
+            if self._state == CLOSED:
+                return super().connection_lost(exc)
+            counters = self._metrics
+            counters.open -= 1
+            if self._command >= 0:  # the connection ended before the reply did
+                counters.observe(self._command, time.perf_counter() - self._command_start)
+                self._command = -1
+            if self._user is not None:
+                counters.logged_in -= 1
+            super().connection_lost(exc)
+            if self._user is not None:
+                reason = self._end_reason
+                counters.sessions[reason] = counters.sessions.get(reason, 0) + 1
 
-    def _count_sent(self, is_top: bool, size: int) -> None:
-        self._metrics.message_bytes[0 if is_top else 1] += size
-        super()._count_sent(is_top, size)
+        def _unbusy(self, flag: int) -> None:
+            if self._command >= 0 and not self._busy & ~flag & _WAITING:
+                code, self._command = self._command, -1
+                self._metrics.observe(code, time.perf_counter() - self._command_start)
+            super()._unbusy(flag)
 
-    # logins and their failures
+        def _count_sent(self, is_top: bool, size: int) -> None:
+            self._metrics.message_bytes[0 if is_top else 1] += size
+            super()._count_sent(is_top, size)
 
-    def _failed(self, kind: str) -> None:
-        key = (self._mechanism, kind)
-        failures = self._metrics.failures
-        failures[key] = failures.get(key, 0) + 1
+        # logins and their failures
 
-    def _auth_failed(self, reply: bytes, name, credentials, penalize: bool, reason: str) -> None:
-        self._failed(_FAILURE_KINDS.get(reply, "credentials") if penalize else "malformed")
-        super()._auth_failed(reply, name, credentials, penalize, reason)
+        def _failed(self, kind: str) -> None:
+            key = (self._mechanism, kind)
+            failures = self._metrics.failures
+            failures[key] = failures.get(key, 0) + 1
 
-    def _auth_resume(self) -> None:
-        if self._auth is None and self._out and self._out[-1] is R.ERR_AUTH_UNAVAILABLE:
-            self._failed("unavailable")
-        super()._auth_resume()
+        def _auth_failed(self, reply: bytes, name, credentials, penalize: bool, reason: str) -> None:
+            self._failed(_FAILURE_KINDS.get(reply, "credentials") if penalize else "malformed")
+            super()._auth_failed(reply, name, credentials, penalize, reason)
 
-    def _login_succeeded(self, user) -> None:
-        ctx = self._ctx
-        last = ctx.last_logins
-        # (LastLogins holds only users with a LOGIN-DELAY: usually nobody, then nothing to ask)
-        if last._last and last.too_soon(user.name, _login_delay(user, ctx.config.login_delay)):
-            self._failed("login_delay")
-        super()._login_succeeded(user)
+        def _auth_resume(self) -> None:
+            if self._auth is None and self._out and self._out[-1] is R.ERR_AUTH_UNAVAILABLE:
+                self._failed("unavailable")
+            super()._auth_resume()
 
-    def _finish_login(self, reply: bytes) -> None:
-        if reply is R.OK_LOGGED_IN:
-            logins = self._metrics.logins
-            logins[self._mechanism] = logins.get(self._mechanism, 0) + 1
-            self._metrics.logged_in += 1
-        else:
-            self._failed(_FAILURE_KINDS.get(reply, "other"))
-        super()._finish_login(reply)
+        def _login_succeeded(self, user) -> None:
+            ctx = self._ctx
+            last = ctx.last_logins
+            # (LastLogins holds only users with a LOGIN-DELAY: usually nobody, then nothing to ask)
+            if last._last and last.too_soon(user.name, _login_delay(user, ctx.config.login_delay)):
+                self._failed("login_delay")
+            super()._login_succeeded(user)
 
-    def _enter_transaction(self, user, lock, mailbox) -> None:
-        super()._enter_transaction(user, lock, mailbox)
-        self._table = _METERED_TRANSACTION
+        def _finish_login(self, reply: bytes) -> None:
+            if reply is R.OK_LOGGED_IN:
+                logins = self._metrics.logins
+                logins[self._mechanism] = logins.get(self._mechanism, 0) + 1
+                self._metrics.logged_in += 1
+            else:
+                self._failed(_FAILURE_KINDS.get(reply, "other"))
+            super()._finish_login(reply)
+
+        def _enter_transaction(self, user, lock, mailbox) -> None:
+            super()._enter_transaction(user, lock, mailbox)
+            self._table = _METERED_TRANSACTION
+
+    Metered.__name__ = Metered.__qualname__ = f"Metered{base.__name__}"
+    return Metered
+
+
+MeteredProtocol = metered_class(POP3Protocol)
+_metered_classes: dict[type, type] = {POP3Protocol: MeteredProtocol}
+
+
+def metered(base: type) -> type:
+    cls = _metered_classes.get(base)
+    if cls is None:
+        cls = _metered_classes[base] = metered_class(base)
+    return cls
 
 
 # ------------------------------------------------------------------ export

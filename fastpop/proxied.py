@@ -238,7 +238,7 @@ class ProxyTLSListener:
         assert ctx.tls is not None
         try:
             await self._loop.connect_accepted_socket(
-                lambda: _TLSSession(ctx, client), sock, ssl=ctx.tls.listener_context,
+                lambda: ctx.session_class(_TLSSession)(ctx, client), sock, ssl=ctx.tls.listener_context,
                 ssl_handshake_timeout=ctx.config.tls_handshake_timeout,
             )
         except asyncio.CancelledError:
@@ -345,7 +345,8 @@ async def start_listeners(ctx: ServerContext, sockets: list[socket.socket] | Non
         else:
             host, port = parse_address(addr)
             where = {"host": host, "port": port, "reuse_address": True}
-        servers.append(await ctx.loop.create_server(lambda: ProxiedPOP3Protocol(ctx, settings), backlog=4096, **where))
+        session = ctx.session_class(ProxiedPOP3Protocol)  # metrics on: a counting subclass
+        servers.append(await ctx.loop.create_server(lambda: session(ctx, settings), backlog=4096, **where))
     for i, addr in enumerate(config.proxy_listen_tls, len(config.proxy_listen)):
         sock = sockets[i] if sockets is not None else _listening_socket(addr)
         servers.append(ProxyTLSListener(ctx, settings, sock))  # type: ignore[arg-type]

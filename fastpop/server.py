@@ -127,6 +127,15 @@ class ServerContext:
             log.warning("refusing connections: %d open (%s limit)", self.connections.open_total(),
                         "max_connections" if reason == "total" else "descriptor")
 
+    def session_class(self, base: type) -> type:
+        """The class of the sessions a listener makes: ``base`` itself, or with
+        metrics on its counting subclass (fastpop.metrics)."""
+        if self.metrics is None:
+            return base
+        from fastpop.metrics import metered
+
+        return metered(base)
+
     def new_timestamp(self) -> str:
         """APOP timestamp, unique per connection: <pid.counter.random@host>."""
         return f"{self._stamp_prefix}{next(self._counter)}.{random.getrandbits(40):x}{self._stamp_suffix}"
@@ -213,11 +222,11 @@ async def start(
     configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
     ctx = ServerContext(config, loop, connections)
-    protocol = POP3Protocol
     if config.metrics_listen:  # metrics off: the plain protocol, nothing counted
-        from fastpop.metrics import Counters, MeteredProtocol
+        from fastpop.metrics import Counters
 
-        ctx.metrics, protocol = Counters(), MeteredProtocol
+        ctx.metrics = Counters()
+    protocol = ctx.session_class(POP3Protocol)
     # a worker's sockets (or systemd's): POP3 ones first, then one per proxy address
     n_proxy = len(config.proxy_listen) + len(config.proxy_listen_tls)
     pop3_sockets = proxy_sockets = None

@@ -261,3 +261,32 @@ def test_overhead_benchmark_runs():
                          env={**os.environ, "PYTHONPATH": str(repo)})
     assert out.returncode == 0, out.stderr
     assert "us/session" in out.stdout and "overhead" in out.stdout
+
+
+def test_sessions_behind_a_proxy_are_counted(tmp_path):
+    """[proxy] listeners make their own session class: metered as well."""
+    from conftest import Raw
+
+    proxy_port = free_port()
+    srv, port = metered_server(tmp_path, "--proxy-listen", f"127.0.0.1:{proxy_port}",
+                               "--proxy-trusted-networks", "127.0.0.1/32")
+    try:
+        user = srv.add_user([message("via proxy")])
+        sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+        sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 110\r\n")
+        raw = Raw.__new__(Raw)
+        raw.sock, raw.buf = sock, bytearray()
+        assert raw.line().startswith(b"+OK")
+        assert raw.cmd(f"USER {user.name}").startswith(b"+OK")
+        assert raw.cmd(f"PASS {user.password}").startswith(b"+OK")
+        raw.multi("RETR 1")
+        assert raw.cmd("QUIT").startswith(b"+OK")
+        raw.close()
+        s = wait_for(port, lambda s: value(s, "fastpop_sessions_total", end="quit") == 1)
+        assert value(s, "fastpop_logins_total", mechanism="USER") == 1
+        assert value(s, "fastpop_commands_total", command="RETR") == 1
+        assert value(s, "fastpop_connections_total") == 1
+        assert value(s, "fastpop_connections_open") == 0
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
