@@ -17,7 +17,6 @@ message size or with a slow reader.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import socket
 from typing import TYPE_CHECKING
@@ -116,9 +115,9 @@ class MessageStream:
             self._file = None
 
 
-# Dot lines are looked for a window at a time (a multiple of the mmap
-# granularity): small enough that scanning one never leaves the socket idle,
-# and scanned ahead while the socket is full, up to SCAN_AHEAD bytes.
+# Dot lines are looked for a window at a time: small enough that scanning one
+# never leaves the socket idle, and scanned ahead while the socket is full, up
+# to SCAN_AHEAD bytes.
 SCAN_WINDOW = 1024 * 1024
 SCAN_AHEAD = 8 * SCAN_WINDOW
 
@@ -143,9 +142,9 @@ def crlf_terminated(fd: int, size: int) -> bool:
 class SendfileStream:
     """Sends a CRLF-clean message file with sendfile(2), dot-stuffing as it goes.
 
-    Lines that start with "." are found a window at a time, through read-only
-    mappings (no copy into user space, no RSS growth with file size), just
-    ahead of the send offset; sendfile sends the segments between them and a
+    Lines that start with "." are found a window at a time, read into one
+    buffer per stream (RSS does not grow with file size), just ahead of the
+    send offset; sendfile sends the segments between them and a
     "." is written before each.
 
     Bytes must reach the socket in order, and the transport owns the socket:
@@ -159,7 +158,7 @@ class SendfileStream:
     """
 
     __slots__ = ("_proto", "_loop", "_fd", "_size", "_dots", "_next_dot", "_need_dot", "_scanned",
-                 "_after_lf", "_offset", "_sock", "_limits", "_waiting", "sent")
+                 "_after_lf", "_offset", "_sock", "_limits", "_waiting", "_buf", "sent")
 
     def __init__(self, proto: POP3Protocol, fd: int, size: int) -> None:
         self._proto = proto
@@ -175,6 +174,7 @@ class SendfileStream:
         self._sock: socket.socket | None = None
         self._limits: tuple[int, int] | None = None
         self._waiting = False
+        self._buf: bytearray | None = None  # the scan window
         self.sent = 0
 
     def pump(self) -> None:
@@ -210,13 +210,19 @@ class SendfileStream:
         return True
 
     def _scan_next_window(self) -> None:
+        # Read, not mapped: another program truncating the file under a
+        # mapping would kill the whole server with SIGBUS on the next access.
         pos = self._scanned
         length = min(SCAN_WINDOW, self._size - pos)
         if self._next_dot:
             del self._dots[: self._next_dot]
             self._next_dot = 0
-        with mmap.mmap(self._fd, length, prot=mmap.PROT_READ, offset=pos) as mm:
-            self._after_lf = line_dots(mm, pos, self._after_lf, self._dots)
+        buf = self._buf
+        if buf is None or len(buf) != length:
+            buf = self._buf = bytearray(length)  # one per stream (a shorter one for the last window)
+        if os.preadv(self._fd, [buf], pos) != length:
+            raise OSError("message file shrank during RETR")
+        self._after_lf = line_dots(buf, pos, self._after_lf, self._dots)
         self._scanned = pos + length
 
     def _send(self) -> None:
