@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lmtp-listen", action="append", metavar="HOST:PORT|unix:PATH", help="also accept mail over LMTP here (repeatable)")
     serve.add_argument("--passwd-file", help="Dovecot-style passwd-file")
     serve.add_argument("--mail-location", help="Maildir path template: %%u user, %%n local part, %%d domain, %%h home")
+    serve.add_argument("--mail-lock", choices=["table", "symlink"],
+                       help="one session per mailbox by a per-host lock table (default) or a "
+                            "fastpop.lock symlink in each Maildir (several hosts on one NFS store)")
+    serve.add_argument("--mail-lock-table", metavar="PATH",
+                       help="the lock table file (default /run/fastpop/mailbox.locks as root)")
     serve.add_argument("--hostname", help="host name in the APOP greeting")
     serve.add_argument("--user", help="switch to this user after binding (start as root)")
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
@@ -126,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_FIELDS = (
     "passwd_file",
     "mail_location",
+    "mail_lock",
+    "mail_lock_table",
     "hostname",
     "user",
     "group",

@@ -23,6 +23,9 @@ The TOML file has sections mirroring the field prefixes::
 
     [mail]
     location = "/var/mail/%d/%n"   # %u user, %n local part, %d domain, %h home
+    lock = "table"                 # "table": per-host OFD lock table; "symlink": fastpop.lock
+                                   # in the Maildir, for several hosts on one NFS store
+    lock_table = "/run/fastpop/mailbox.locks"   # default: this for root, else a per-user dir
 
     [timeouts]
     authorization = 60       # idle seconds allowed before login
@@ -122,6 +125,8 @@ class Config:
     auth_failure_delay: float = 2.0
     auth_max_attempts: int = 3
     mail_location: str = "%h/Maildir"
+    mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.locking
+    mail_lock_table: str | None = None  # None: fastpop.locking.default_table_path()
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
@@ -185,6 +190,8 @@ class Config:
         from fastpop import userdb
 
         userdb.validate(self)
+        if self.mail_lock not in ("table", "symlink"):
+            raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
         if self.loop not in ("uvloop", "asyncio"):
             raise ValueError(f"loop must be 'uvloop' or 'asyncio', not {self.loop!r}")
         for name in ("timeout_authorization", "timeout_transaction", "auth_failure_delay"):
@@ -337,6 +344,8 @@ _TOML_KEYS = {
     ("auth", "failure_delay"): "auth_failure_delay",
     ("auth", "max_attempts"): "auth_max_attempts",
     ("mail", "location"): "mail_location",
+    ("mail", "lock"): "mail_lock",
+    ("mail", "lock_table"): "mail_lock_table",
     ("timeouts", "authorization"): "timeout_authorization",
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",

@@ -1,15 +1,24 @@
-"""One POP3 session per mailbox, with a lock that holds no descriptor.
+"""One POP3 session per mailbox, with locks that hold no descriptor.
 
-The lock is a symbolic link, ``fastpop.lock`` in the Maildir, whose target
-names its owner: process id, process start time, boot and host.  symlink(2)
-creates it atomically (it fails if the name exists, also over NFS) and needs
-no data block, so a login works on a full disk or quota, when POP3 is how a
-user makes room; there is no moment at which the lock exists but names
-nobody.  A session holds nothing open while it idles, so a worker can keep
-~19,000 logged-in sessions within a 20,000-descriptor limit (an fcntl lock
-would need one descriptor per session).
+Two kinds, chosen by ``[mail] lock``:
 
-A lock whose owner is gone is stale and may be taken over:
+``table`` (the default): one lock table file per host, opened once per
+process, and an OFD byte-range lock (fcntl F_OFD_SETLK) per mailbox at an
+offset hashed from the Maildir's device and inode.  A login costs one stat
+and one fcntl, writes nothing to the Maildir (it works on a full disk or
+quota, when POP3 is how a user makes room), and the kernel drops a dead
+process's locks with its descriptors, so nothing is ever stale.  Every fastpop
+process of the host (workers, and an old server draining beside a new one)
+uses the same table file, so they see each other's locks; an in-process
+table covers the sessions of one process, whose locks share one open file
+description and so never conflict with each other in the kernel.
+
+``symlink``: ``fastpop.lock`` in the Maildir, a symbolic link whose target
+names its owner (process id, start time, boot and host).  For several hosts
+on one NFS store, where a host-local table cannot see the other hosts.
+symlink(2) creates it atomically (it fails if the name exists, also over
+NFS) and needs no data block; there is no moment at which it exists but
+names nobody.  A lock whose owner is gone is stale and may be taken over:
 - same host and boot: the owning process no longer exists, is a zombie, or
   its pid now belongs to a process started at another time;
 - same host, another boot: the host has restarted since;
@@ -18,6 +27,9 @@ A lock whose owner is gone is stale and may be taken over:
 - not a link (a file left by something else): at once.
 Taking over happens under a short flock(2) on the Maildir directory, so two
 sessions of this host that both find a lock stale cannot both win.
+
+Either way a session holds nothing open while it idles, so a worker can keep
+~19,000 logged-in sessions within a 20,000-descriptor limit.
 """
 
 from __future__ import annotations
@@ -25,7 +37,11 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import stat
+import struct
+import tempfile
 import time
+import weakref
 import zlib
 
 from fastpop import faults
@@ -159,3 +175,160 @@ class MailboxLock:
                 os.unlink(path)
         except (FileNotFoundError, OSError):
             pass  # removed by hand meanwhile, or replaced by a plain file
+
+
+class SymlinkLocks:
+    """``[mail] lock = "symlink"``: fastpop.lock in each Maildir (see above)."""
+
+    method = "symlink"
+
+    def __init__(self, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+        self.stale_after = stale_after
+
+    def acquire(self, maildir: str) -> MailboxLock:
+        return MailboxLock(maildir, self.stale_after)
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- the lock table
+
+_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", None)  # Linux 3.15+; None elsewhere
+_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", None)
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
+_OFFSET_MASK = (1 << 62) - 1  # l_start is a signed off_t; keep start + 1 far from overflow
+_M64 = (1 << 64) - 1
+
+
+def slot(st_dev: int, st_ino: int) -> int:
+    """The byte a mailbox locks: a 62-bit mix of its Maildir's device and
+    inode (splitmix64), the same in every process and Python version.  Two
+    mailboxes share a byte with odds ~n²/2^63 for n mailboxes open at once."""
+    z = (st_ino + st_dev * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) & _OFFSET_MASK
+
+
+def default_table_path() -> str:
+    """Where the host's fastpop processes meet: /run/fastpop for root, else a
+    directory of the user's own (XDG_RUNTIME_DIR, or one in the temp dir)."""
+    if os.geteuid() == 0:
+        return "/run/fastpop/mailbox.locks"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "fastpop", "mailbox.locks")
+    return os.path.join(tempfile.gettempdir(), f"fastpop-{os.geteuid()}", "mailbox.locks")
+
+
+def _open_table(path: str) -> int:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)  # someone else's file could let them hold every mailbox
+        raise PermissionError(f"lock table {path} must be a regular file owned by uid {os.geteuid()}")
+    return fd
+
+
+class TableLock:
+    """Held from login to logout; ``release`` is idempotent."""
+
+    __slots__ = ("_table", "_slot")
+
+    def __init__(self, table: LockTable, slot: int) -> None:
+        self._table = table
+        self._slot = slot
+
+    def release(self) -> None:
+        table = self._table
+        if table is not None:
+            self._table = None
+            table._release(self._slot)
+
+
+class LockTable:
+    """``[mail] lock = "table"``: a per-host file of OFD byte-range locks.
+
+    Opened per process (after a fork: a forked child sharing its parent's
+    open file description would share its locks too, so the child's first
+    ``acquire`` reopens it)."""
+
+    method = "table"
+
+    def __init__(self, path: str | None = None) -> None:
+        if _OFD_SETLK is None:
+            raise OSError("the lock table needs OFD locks (Linux); use [mail] lock = \"symlink\"")
+        self.path = path or default_table_path()
+        self._fd = _open_table(self.path)
+        self._forked = False  # set in a forked child (not asked per login: getpid is a system call)
+        self._held: set[int] = set()  # this process's slots
+        _tables.add(self)
+
+    def acquire(self, maildir: str) -> TableLock:
+        st = os.stat(maildir)  # FileNotFoundError: the caller creates the Maildir
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(maildir)
+        if self._forked:
+            self._reopen()
+        offset = slot(st.st_dev, st.st_ino)
+        if offset in self._held:
+            raise MailboxLocked(maildir)
+        try:
+            fcntl.fcntl(self._fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+            raise MailboxLocked(maildir) from None
+        self._held.add(offset)
+        if faults.ACTIVE:
+            faults.hit("lock.after_create")
+        return TableLock(self, offset)
+
+    def _release(self, offset: int) -> None:
+        if offset in self._held and not self._forked:
+            self._held.discard(offset)
+            fcntl.fcntl(self._fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+
+    def _reopen(self) -> None:
+        os.close(self._fd)  # only this process's reference: the parent's locks stay
+        self._fd = _open_table(self.path)
+        self._forked = False
+        self._held = set()
+
+    def holder(self, maildir: str) -> bool:
+        """Whether any process of this host holds ``maildir`` (for tests and tools)."""
+        st = os.stat(maildir)
+        offset = slot(st.st_dev, st.st_ino)
+        if offset in self._held and not self._forked:
+            return True
+        got = fcntl.fcntl(self._fd, _OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # drops every lock this process holds
+            self._fd = -1
+            self._held.clear()
+
+
+_tables: weakref.WeakSet[LockTable] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for table in _tables:
+        table._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def mailbox_locks(method: str = "table", table_path: str | None = None,
+                  stale_after: float = DEFAULT_STALE_AFTER) -> LockTable | SymlinkLocks:
+    """The locks of ``[mail] lock`` (``table`` or ``symlink``)."""
+    if method == "table":
+        return LockTable(table_path)
+    if method == "symlink":
+        return SymlinkLocks(stale_after)
+    raise ValueError(f"mail lock must be 'table' or 'symlink', not {method!r}")

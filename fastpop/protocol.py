@@ -20,7 +20,7 @@ from fastpop import responses as R
 from fastpop import sasl
 from fastpop.auth import AuthUnavailable, valid_username
 from fastpop.commands import NUM_CODES, Command
-from fastpop.locking import MailboxLock, MailboxLocked
+from fastpop.locking import MailboxLocked, MailboxLock, TableLock
 from fastpop.maildir import Mailbox, ensure_maildir, is_permanent
 from fastpop.parser import CommandParser
 from fastpop.penalty import address_key
@@ -114,7 +114,7 @@ class POP3Protocol(asyncio.Protocol):
         self._user = None
         self._auth_failures = 0
         self._bad_commands = 0
-        self._lock: MailboxLock | None = None
+        self._lock: MailboxLock | TableLock | None = None
         self._mailbox: Mailbox | None = None
         self._deleted: bytearray | None = None
         self._deleted_count = 0
@@ -556,10 +556,10 @@ class POP3Protocol(asyncio.Protocol):
             return self._finish_login(R.ERR_MAILBOX_PERM)
         try:
             try:
-                lock = MailboxLock(path)
+                lock = self._ctx.mailbox_locks.acquire(path)
             except FileNotFoundError:  # first login: create the Maildir
                 ensure_maildir(path)
-                lock = MailboxLock(path)
+                lock = self._ctx.mailbox_locks.acquire(path)
         except MailboxLocked:
             return self._finish_login(R.ERR_IN_USE)
         except OSError as exc:
@@ -574,7 +574,7 @@ class POP3Protocol(asyncio.Protocol):
         fut = self.loop.run_in_executor(None, Mailbox.open, path)
         fut.add_done_callback(lambda f: self._mailbox_opened(user, lock, path, f))
 
-    def _mailbox_opened(self, user, lock: MailboxLock, path: str, fut: asyncio.Future) -> None:
+    def _mailbox_opened(self, user, lock: MailboxLock | TableLock, path: str, fut: asyncio.Future) -> None:
         if self.transport is None or self._busy & BUSY_CLOSING:
             lock.release()  # the client left meanwhile
             return
@@ -585,7 +585,7 @@ class POP3Protocol(asyncio.Protocol):
             return self._finish_login(R.ERR_MAILBOX_PERM if is_permanent(exc) else R.ERR_MAILBOX_TEMP)
         self._enter_transaction(user, lock, fut.result())
 
-    def _enter_transaction(self, user, lock: MailboxLock, mailbox: Mailbox) -> None:
+    def _enter_transaction(self, user, lock: MailboxLock | TableLock, mailbox: Mailbox) -> None:
         self._user = user
         self._lock = lock
         self._mailbox = mailbox

@@ -19,6 +19,7 @@ from fastpop import __version__
 from fastpop.auth import Authenticator
 from fastpop.config import Config, parse_address
 from fastpop.limits import ConnectionTable, connections_per_worker, raise_descriptor_limit
+from fastpop.locking import mailbox_locks
 from fastpop.parser import PARSER_IMPL
 from fastpop.protocol import POP3Protocol
 
@@ -36,6 +37,8 @@ class ServerContext:
         self.auth = Authenticator.from_config(config)
         self.sessions: set[POP3Protocol] = set()
         self.connections = connections or connection_table(config)
+        # opened here, before privileges are dropped, once per process (fastpop.locking)
+        self.mailbox_locks = mailbox_locks(config.mail_lock, config.mail_lock_table)
         self._full_logged = 0.0
         self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
         self.proxy_servers: list[asyncio.AbstractServer] = []  # PROXY protocol listeners (fastpop.proxied)
@@ -171,7 +174,7 @@ class ServerContext:
 RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group",
                 "proxy_listen", "proxy_listen_tls",
                 # the user database: LMTP and open pools hold the one built at start
-                "passwd_file", "mail_location", *(f.name for f in fields(Config)
+                "passwd_file", "mail_location", "mail_lock", "mail_lock_table", *(f.name for f in fields(Config)
                                                  if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
 
 

@@ -5,8 +5,8 @@ listening socket with SO_REUSEPORT, one set per worker, so the kernel spreads
 new connections over the workers; it forks the workers, each of which runs
 the ordinary single-process server on its own sockets (and drops privileges
 as usual), and it restarts a worker that dies, logging why.  Mailbox locks
-are lock files naming their owner (fastpop.locking): they hold across
-workers, and a killed worker's are taken over.  Connection limits hold across
+(fastpop.locking) hold across workers: each opens the host's lock table
+itself, and a killed worker's locks die with it.  Connection limits hold across
 workers through a shared table (fastpop.limits).  SIGTERM/SIGINT are passed
 on and waited for (a worker still running ``shutdown_timeout`` + 10 s later is
 killed); SIGHUP is passed on (each worker re-reads the configuration, the

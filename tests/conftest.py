@@ -24,6 +24,18 @@ PARSERS = {"c-parser": "cython", "py-parser": "python"}
 _user_ids = itertools.count(1)
 
 
+def mailbox_held(maildir) -> bool:
+    """Whether a fastpop process of this host holds the mailbox in the lock
+    table (the default [mail] lock), asked as another process would."""
+    from fastpop.locking import LockTable
+
+    table = LockTable()
+    try:
+        return table.holder(str(maildir))
+    finally:
+        table.close()
+
+
 def message(subject: str = "test", body: str = "Hello.\r\n", size: int | None = None) -> bytes:
     """A small RFC 5322 message with CRLF line ends."""
     text = f"From: a@example.com\r\nTo: b@example.com\r\nSubject: {subject}\r\n\r\n{body}".encode()

@@ -439,11 +439,38 @@ def test_lmtp_worker_killed_during_delivery(tmp_path):
 
 
 def test_killed_right_after_taking_the_lock(srv):
+    """The lock table's OFD lock dies with its process: a kill right after
+    taking it leaves nothing held, and the next login gets the mailbox at once."""
+    from fastpop.locking import LockTable
+
+    mails = originals(2, "lock")
+    user = srv.add_user(mails)
+    start(srv, "lock.after_create:1")
+    p = srv.connect()
+    p.user(user.name)
+    with pytest.raises((poplib.error_proto, EOFError, OSError)):
+        p.pass_(user.password)
+    p.close()
+    reap_killed(srv, "lock.after_create")
+    probe = LockTable()  # the server's table: the default path of this uid
+    try:
+        assert not probe.holder(str(user.maildir))
+    finally:
+        probe.close()
+    start(srv)
+    p = login_at_once(user)
+    assert sorted(fetch(p).values()) == sorted(mails)
+    p.quit()
+    stop_clean(srv)
+
+
+def test_killed_right_after_taking_the_symlink_lock(srv):
     """fastpop.lock is one symlink(2) naming its owner: a kill right after it
     leaves a lock that names a dead process, and the next login takes it
     over at once (no window in which a lock names nobody)."""
     from fastpop.locking import LOCK_FILE
 
+    srv.extra_args += ["--mail-lock", "symlink"]
     mails = originals(2, "lock")
     user = srv.add_user(mails)
     start(srv, "lock.after_create:1")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, message
+from conftest import ServerProcess, mailbox_held, message
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
 
@@ -32,10 +32,11 @@ def world_reachable_dir():
     shutil.rmtree(path)
 
 
-def test_drops_to_user_after_binding(world_reachable_dir):
+@pytest.mark.parametrize("lock", ["table", "symlink"])
+def test_drops_to_user_after_binding(world_reachable_dir, lock):
     nobody = pwd.getpwnam("nobody")
     root = world_reachable_dir
-    srv = ServerProcess(root, "cython", extra_args=["--user", "nobody"])
+    srv = ServerProcess(root, "cython", extra_args=["--user", "nobody", "--mail-lock", lock])
     user = srv.add_user([message("hi")])
     for path in [srv.mail, *srv.mail.rglob("*"), srv.passwd]:
         os.chown(path, nobody.pw_uid, nobody.pw_gid)
@@ -44,10 +45,15 @@ def test_drops_to_user_after_binding(world_reachable_dir):
         assert set(_uids(srv.proc.pid)) == {nobody.pw_uid}
         p = user.login()
         assert p.stat()[0] == 1
-        lock = user.maildir / "fastpop.lock"
-        assert lock.lstat().st_uid == nobody.pw_uid  # created by the dropped user
-        p.quit()
-        assert not os.path.lexists(lock)  # removed at logout
+        if lock == "table":  # opened as root before the drop, held by the dropped process
+            assert mailbox_held(user.maildir)
+            p.quit()
+            assert not mailbox_held(user.maildir)
+        else:
+            link = user.maildir / "fastpop.lock"
+            assert link.lstat().st_uid == nobody.pw_uid  # created by the dropped user
+            p.quit()
+            assert not os.path.lexists(link)  # removed at logout
     finally:
         assert srv.stop() == 0
 

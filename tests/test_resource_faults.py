@@ -241,12 +241,13 @@ def test_message_removed_between_list_and_retr(srv, size):
 
 
 @pytest.fixture
-def nobody_srv():
+def nobody_srv(request):
     if not IS_ROOT:
         pytest.skip("needs root to start the server as nobody")
     root = Path(tempfile.mkdtemp(prefix="fastpop-res-"))
     root.chmod(0o755)  # pytest's tmp_path is below a 0700 directory nobody cannot enter
-    s = ServerProcess(root, "cython", extra_args=["--user", "nobody"])
+    extra = getattr(request, "param", [])
+    s = ServerProcess(root, "cython", extra_args=["--user", "nobody", *extra])
     s.nobody = pwd.getpwnam("nobody")
     s.start()
     yield s
@@ -324,6 +325,7 @@ def test_unreadable_index_is_rebuilt(nobody_srv):
     assert f"ignoring index {index}" in s.log()
 
 
+@pytest.mark.parametrize("nobody_srv", [["--mail-lock", "symlink"]], indirect=True)
 def test_lock_file_unusable(nobody_srv):
     """fastpop.lock cannot be made (the Maildir is not the server's to
     write): [SYS/PERM] and a log line, not a hang."""
@@ -338,6 +340,21 @@ def test_lock_file_unusable(nobody_srv):
     assert r.cmd("QUIT").startswith(b"+OK")
     r.close()
     assert "cannot lock mailbox" in s.log()
+
+
+def test_read_only_maildir_top_with_the_lock_table(nobody_srv):
+    """The lock table writes nothing into the Maildir: a mailbox whose top
+    directory the server may not write (but whose cur/ it may) is served,
+    and deletions, which happen in cur/, still work."""
+    s = nobody_srv
+    user = add_owned_user(s, [sized("a"), sized("b")])
+    os.chown(user.maildir, 0, 0)
+    user.maildir.chmod(0o755)
+    p = user.login()
+    assert p.stat()[0] == 2
+    assert p.dele(1).startswith(b"+OK")
+    assert p.quit().startswith(b"+OK")
+    assert user.contents() == [sized("b")]
 
 
 def test_message_truncated_during_sendfile_retr(srv):

@@ -24,7 +24,7 @@ import pytest
 
 import conftest
 
-from conftest import ServerProcess, User, message
+from conftest import ServerProcess, User, mailbox_held, message
 from fastpop import __version__
 
 CRLF = b"\r\n"
@@ -243,7 +243,7 @@ def test_sigkill_leaves_mailbox_intact_and_unlocked(fresh_server):
     c = raw_login(fresh_server, user)
     for n in (1, 2, 3):
         assert c.cmd(f"DELE {n}") == b"+OK Marked to be deleted.\r\n"
-    assert os.path.islink(user.maildir / "fastpop.lock")
+    assert mailbox_held(user.maildir)
     fresh_server.kill()
     with pytest.raises((EOFError, ConnectionError)):
         c.line()
