@@ -11,6 +11,7 @@ event loop, in both cases.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -73,38 +74,63 @@ def _verify_any(stored: str, candidates: list[str]) -> bool:
     return any(passwords.verify(stored, c) for c in candidates)
 
 
-def expand_location(template: str, user: UserRecord) -> str:
-    """Mail location from a template: %u user, %n local part, %d domain, %h home."""
+_VARIABLES = frozenset("undh%")
+
+
+@functools.lru_cache(maxsize=256)
+def _compile_location(template: str) -> tuple[tuple[bool, str], ...]:
+    """A template as (is_variable, text) parts, parsed once (a login expands
+    it every time); unknown variables are refused here."""
     if template.startswith("maildir:"):  # accept Dovecot's mail_location syntax
         template = template[len("maildir:") :].split(":", 1)[0]
-    local, _, domain = user.name.partition("@")
-    out: list[str] = []
+    parts: list[tuple[bool, str]] = []
+    literal: list[str] = []
     i = 0
     while i < len(template):
         c = template[i]
         if c == "%" and i + 1 < len(template):
             key = template[i + 1]
-            i += 2
-            if key == "u":
-                out.append(user.name)
-            elif key == "n":
-                out.append(local)
-            elif key == "d":
-                out.append(domain)
-            elif key == "h":
-                if not user.home:
-                    raise ValueError(f"user {user.name} has no home for %h")
-                out.append(user.home)
-            elif key == "%":
-                out.append("%")
-            else:
+            if key not in _VARIABLES:
                 raise ValueError(f"unknown variable %{key} in mail location")
+            if literal:
+                parts.append((False, "".join(literal)))
+                literal = []
+            parts.append((True, key))
+            i += 2
             continue
-        if c == "~" and i == 0 and user.home:
+        if c == "~" and i == 0:
+            parts.append((True, "~"))
+        else:
+            literal.append(c)
+        i += 1
+    if literal:
+        parts.append((False, "".join(literal)))
+    return tuple(parts)
+
+
+def expand_location(template: str, user: UserRecord) -> str:
+    """Mail location from a template: %u user, %n local part, %d domain, %h home."""
+    local, _, domain = user.name.partition("@")
+    out: list[str] = []
+    for variable, text in _compile_location(template):
+        if not variable:
+            out.append(text)
+        elif text == "u":
+            out.append(user.name)
+        elif text == "n":
+            out.append(local)
+        elif text == "d":
+            out.append(domain)
+        elif text == "h":
+            if not user.home:
+                raise ValueError(f"user {user.name} has no home for %h")
+            out.append(user.home)
+        elif text == "%":
+            out.append("%")
+        elif user.home:  # a leading "~"
             out.append(user.home)
         else:
-            out.append(c)
-        i += 1
+            out.append("~")
     return os.path.normpath("".join(out))
 
 
