@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -87,7 +88,7 @@ def record_fields(record: logging.LogRecord) -> dict:
         "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
         "level": record.levelname.lower(),
         "logger": record.name,
-        "pid": record.process,
+        "pid": record.process if record.process is not None else _pid(),
     }
     msg, args = record.msg, record.args
     template = _template(msg) if isinstance(msg, str) and isinstance(args, tuple) else None
@@ -120,6 +121,21 @@ def record_fields(record: logging.LogRecord) -> dict:
     return out
 
 
+_pid_cache: list[int] = []
+
+
+def _pid() -> int:
+    """This process's id, asked once per process (getpid is a system call;
+    logging would ask it for every record)."""
+    if not _pid_cache:
+        _pid_cache.append(os.getpid())
+    return _pid_cache[0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pid_cache.clear)
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps(record_fields(record), ensure_ascii=False, default=str)
@@ -144,13 +160,29 @@ class KeyValueFormatter(logging.Formatter):
         return " ".join(f"{key}={_logfmt_value(value)}" for key, value in record_fields(record).items())
 
 
+class TextFormatter(logging.Formatter):
+    """logging's text format, with the local time formatted once per second."""
+
+    _second = -1
+    _stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return self.default_msec_format % (self._stamp, record.msecs)
+
+
 def formatter(kind: str) -> logging.Formatter:
     if kind == "json":
         return JSONFormatter()
     if kind == "keyvalue":
         return KeyValueFormatter()
     if kind == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return TextFormatter(TEXT_FORMAT)
     raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {kind!r}")
 
 
@@ -163,3 +195,9 @@ def configure_logging(kind: str, level: str, stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Every record would otherwise look up its thread, process name and pid
+    # (a system call): a session's log line is on the hot path.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller lookup (a walk up the stack): the logging HOWTO's optimization
