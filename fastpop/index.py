@@ -144,6 +144,9 @@ class MailboxIndex:
     def size(self, i: int) -> int:
         return struct.unpack_from("<Q", self.buf, HEADER.size + i * RECORD.size)[0]
 
+    def file_size(self, i: int) -> int:
+        return struct.unpack_from("<Q", self.buf, HEADER.size + i * RECORD.size + 8)[0]
+
     def name(self, i: int) -> str:
         _, _, off, name_len, _, _ = self.record(i)
         start = self.names_off + off

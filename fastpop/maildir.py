@@ -290,6 +290,9 @@ class Mailbox:
     def size(self, index: int) -> int:
         return self.index.size(index)
 
+    def file_size(self, index: int) -> int:
+        return self.index.file_size(index)
+
     def uidl(self, index: int) -> str:
         return self.index.uidl(index)
 

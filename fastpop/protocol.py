@@ -783,10 +783,19 @@ class POP3Protocol(asyncio.Protocol):
             return
         status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % mailbox.size(index)
         try:
-            size = os.fstat(fd).st_size
+            # The index knows the file's size: a small message is one read,
+            # no fstat.  A file whose size is not what was indexed (changed
+            # since, which Maildir files never should) is judged as it is now.
+            size = mailbox.file_size(index)
             small = size <= SMALL_MESSAGE
             if small:
-                data = os.read(fd, size + 1)  # +1: read to EOF even if the file grew
+                data = os.read(fd, size + 1)  # +1: see a file that grew
+            if not small or len(data) != size:
+                size = os.fstat(fd).st_size
+                small = size <= SMALL_MESSAGE
+                os.lseek(fd, 0, os.SEEK_SET)
+                if small:
+                    data = os.read(fd, size + 1)  # +1: read to EOF even if the file grew
         except OSError as exc:
             os.close(fd)
             log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
