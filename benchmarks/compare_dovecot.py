@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--json-dir", metavar="DIR", help="write every run's full result here")
     p.add_argument("--keep", action="store_true", help="keep the generated directory")
-    p.add_argument("--fastpop-workers", type=int, default=1, metavar="N",
-                   help="run fastpop with --workers N (default 1: one process)")
+    p.add_argument("--fastpop-workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
+                   help="run fastpop with --workers N (default: the usable CPUs, as `fastpop serve` does; "
+                        "Dovecot too runs a process per core and more)")
     p.add_argument("--from-json-dir", metavar="DIR", help="print the table of runs saved with --json-dir, run nothing")
     args = p.parse_args(argv)
     if args.from_json_dir:
