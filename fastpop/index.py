@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 import threading
 import zlib
 from collections import OrderedDict
@@ -64,6 +65,8 @@ MAGIC = b"FASTPOPI"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQqQQIII4x")
 RECORD = struct.Struct("<QQIHHI4x")
+_RETR_FIELDS = struct.Struct("<QQIH")  # a record's size, file_size, name_off, name_len
+_FS_ENCODING = sys.getfilesystemencoding()  # names decode as os.fsdecode does
 CHECKSUM_AT = 56
 FLAG_STORED_AS_SENT = 1
 
@@ -144,13 +147,14 @@ class MailboxIndex:
     def size(self, i: int) -> int:
         return struct.unpack_from("<Q", self.buf, HEADER.size + i * RECORD.size)[0]
 
-    def file_size(self, i: int) -> int:
-        return struct.unpack_from("<Q", self.buf, HEADER.size + i * RECORD.size + 8)[0]
-
     def name(self, i: int) -> str:
-        _, _, off, name_len, _, _ = self.record(i)
+        return self.message(i)[0]
+
+    def message(self, i: int) -> tuple[str, int, int]:
+        """(file name, POP3 size, file size) of message i: what RETR needs, in one unpack."""
+        size, file_size, off, name_len = _RETR_FIELDS.unpack_from(self.buf, HEADER.size + i * RECORD.size)
         start = self.names_off + off
-        return os.fsdecode(bytes(self.buf[start : start + name_len]))
+        return self.buf[start : start + name_len].decode(_FS_ENCODING, "surrogateescape"), size, file_size
 
     def uidl(self, i: int) -> str:
         _, _, off, name_len, uidl_len, _ = self.record(i)

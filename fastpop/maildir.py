@@ -290,9 +290,6 @@ class Mailbox:
     def size(self, index: int) -> int:
         return self.index.size(index)
 
-    def file_size(self, index: int) -> int:
-        return self.index.file_size(index)
-
     def uidl(self, index: int) -> str:
         return self.index.uidl(index)
 
@@ -303,6 +300,13 @@ class Mailbox:
 
     def file_path(self, index: int) -> str:
         return self._cur + self.name(index)
+
+    def message_file(self, index: int) -> tuple[str, int, int]:
+        """(path, POP3 size, file size) of message ``index``, for RETR and TOP."""
+        name, size, file_size = self.index.message(index)
+        if self._renamed is not None and index in self._renamed:
+            name = self._renamed[index]
+        return self._cur + name, size, file_size
 
     def find_renamed(self, index: int) -> str | None:
         """Path of message ``index`` if another program (an IMAP server setting

@@ -174,7 +174,7 @@ class POP3Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # Idle means no complete line, not no byte: a client trickling one
         # byte at a time (slowloris) must not keep its connection forever.
-        if b"\n" in data:
+        if 10 in data:  # b"\n"; a bytes needle would raise and clear a TypeError inside CPython first
             self._last_activity = self.loop.time()
         self._parser.feed(data)
         if not self._busy:
@@ -766,7 +766,7 @@ class POP3Protocol(asyncio.Protocol):
     def _send_message(self, index: int, top_lines: int | None) -> None:
         mailbox = self._mailbox
         assert mailbox is not None
-        path = mailbox.file_path(index)
+        path, pop3_size, size = mailbox.message_file(index)
         try:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -781,12 +781,11 @@ class POP3Protocol(asyncio.Protocol):
             log.error("cannot open message user=%s file=%s: %s", self._user.name, path, exc)
             self._out.append(R.ERR_MESSAGE_TEMP)
             return
-        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % mailbox.size(index)
+        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % pop3_size
         try:
             # The index knows the file's size: a small message is one read,
             # no fstat.  A file whose size is not what was indexed (changed
             # since, which Maildir files never should) is judged as it is now.
-            size = mailbox.file_size(index)
             small = size <= SMALL_MESSAGE
             if small:
                 data = os.read(fd, size + 1)  # +1: see a file that grew
@@ -805,12 +804,15 @@ class POP3Protocol(asyncio.Protocol):
             os.close(fd)
             body = render_small(data, top_lines)
             self._out += (status, body, R.END)
-            self._out_size += len(body)
-            self._count_sent(top_lines is not None, len(body))
+            sent = len(body)
+            self._out_size += sent
+            counts, base = self._counts, (2 if top_lines is None else 0)  # _count_sent, inlined
+            counts[base] += 1
+            counts[base + 1] += sent
             return
         try:
             stream = open_stream(
-                self, fd, size, top_lines, size == mailbox.size(index) and self._can_sendfile()
+                self, fd, size, top_lines, size == pop3_size and self._can_sendfile()
             )
         except (OSError, ValueError) as exc:
             os.close(fd)
