@@ -99,16 +99,38 @@ cdef class DotStuffer:
         return PyBytes_FromStringAndSize(<char*>tail, used)
 
 
+cdef bint _already_wire_form(const unsigned char* p, Py_ssize_t n):
+    """Whether p[0:n] is its own transform: CRLF lines only, the last one
+    ended, none starting with ".", as mail stored by an MTA mostly is."""
+    cdef Py_ssize_t i = 0, j
+    cdef const unsigned char* lf
+    if n < 2 or p[0] == 46 or p[n - 1] != 10 or p[n - 2] != 13:
+        return False
+    while True:
+        lf = <const unsigned char*>memchr(p + i, 10, n - i)
+        j = lf - p  # never NULL: p[n - 1] is a LF
+        if j == 0 or p[j - 1] != 13:
+            return False
+        if j + 1 == n:
+            return True
+        if p[j + 1] == 46:
+            return False
+        i = j + 1
+
+
 def stuff_message(data):
     """Whole-message transform (the common, small-message path)."""
     cdef bytes src = data if type(data) is bytes else bytes(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(src)
-    cdef DotStuffer s = DotStuffer()
+    cdef DotStuffer s
     cdef bytes out
     cdef unsigned char* dst
     cdef Py_ssize_t used
     if n == 0:
         return b""
+    if _already_wire_form(<const unsigned char*>PyBytes_AS_STRING(src), n):
+        return src  # one scan, no copy
+    s = DotStuffer()
     out = PyBytes_FromStringAndSize(NULL, 2 * n + 4)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
     used = s._transform(<const unsigned char*>PyBytes_AS_STRING(src), n, dst)

@@ -50,6 +50,9 @@ class DotStuffer:
 
 def stuff_message(data: bytes) -> bytes:
     """Whole-message transform (the common, small-message path)."""
+    if (data[:1] != b"." and data.endswith(b"\r\n") and data.find(b"\n.") < 0
+            and data.count(b"\n") == data.count(b"\r\n")):
+        return bytes(data)  # already its own transform: CRLF lines, none starting with "."
     s = DotStuffer()
     return s.feed(data) + s.finish()
 

@@ -182,6 +182,14 @@ EXAMPLES = {
     "empty-lines": (b"\n\n\r\n", b"\r\n\r\n\r\n"),
     "nul-and-8bit": (b"\x00a\xff\n.\x00\n\x80\xfe", b"\x00a\xff\r\n..\x00\r\n\x80\xfe\r\n"),
     "dots-everywhere": (b"...\n.\n.\n", b"....\r\n..\r\n..\r\n"),
+    # near misses of stuff_message's pass-through (CRLF lines, none starting with ".")
+    "crlf-dot-inside-lines": (b"a.b\r\nc.\r\n", b"a.b\r\nc.\r\n"),
+    "crlf-then-bare-lf-last": (b"a\r\nb\n", b"a\r\nb\r\n"),
+    "bare-lf-first-then-crlf": (b"\nb\r\n", b"\r\nb\r\n"),
+    "crlf-dot-second-line": (b"a\r\n.b\r\n", b"a\r\n..b\r\n"),
+    "crlf-dot-last-line": (b"a\r\nb\r\n.\r\n", b"a\r\nb\r\n..\r\n"),
+    "crlf-only": (b"\r\n", b"\r\n"),
+    "crlf-unended-last": (b"a\r\nb", b"a\r\nb\r\n"),
 }
 
 
