@@ -1,0 +1,100 @@
+"""The protocol's own cost per session, in one process: sessions driven
+straight into POP3Protocol over a transport that only collects bytes (no
+kernel, no event loop I/O), for cProfile or callgrind.
+
+    PYTHONPATH=. python3 benchmarks/protocol_cost.py --scenario download --sessions 2000
+    PYTHONPATH=. python3 benchmarks/protocol_cost.py --scenario download --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from metrics_overhead import Transport  # noqa: E402
+
+
+def session_lines(scenario: str, messages: int) -> list[bytes]:
+    lines = [b"USER bench\r\n", b"PASS secret\r\n"]
+    if scenario == "stat":
+        lines.append(b"STAT\r\n")
+    else:
+        lines.append(b"UIDL\r\n")
+        lines += [b"RETR %d\r\n" % (i + 1) for i in range(messages)]
+    return lines + [b"QUIT\r\n"]
+
+
+def run(ctx, loop, sessions: int, lines: list[bytes]) -> float:
+    from fastpop.protocol import POP3Protocol
+
+    loop.run_until_complete(asyncio.sleep(0))
+    gc.collect()
+    start = time.process_time()
+    for _ in range(sessions):
+        proto = POP3Protocol(ctx)
+        transport = Transport(loop)
+        transport.protocol = proto
+        proto.connection_made(transport)
+        for line in lines:
+            proto.data_received(line)
+            while proto._busy and not transport.closed:
+                loop.run_until_complete(asyncio.sleep(0.001))
+        if not transport.closed:
+            raise RuntimeError("the session did not end")
+    return time.process_time() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", choices=["stat", "download"], default="stat")
+    ap.add_argument("--sessions", type=int, default=2000)
+    ap.add_argument("--messages", type=int, default=20)
+    ap.add_argument("--size", type=int, default=3700)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the measured sessions")
+    args = ap.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="fastpop-protocol-cost-"))
+    (root / "passwd").write_text("bench:{PLAIN}secret\n")
+    for sub in ("cur", "new", "tmp"):
+        (root / "mail" / "bench" / sub).mkdir(parents=True)
+    body = b"Subject: x\r\n\r\n" + b"x" * 70 + b"\r\n"
+    body = body * max(1, args.size // len(body))
+    for i in range(args.messages):
+        (root / "mail" / "bench" / "new" / f"{1700000000 + i}.M{i}P{i}.bench").write_bytes(body)
+
+    from fastpop.config import Config
+    from fastpop.server import ServerContext, new_event_loop
+
+    loop = new_event_loop("uvloop")
+    asyncio.set_event_loop(loop)
+    config = Config(passwd_file=str(root / "passwd"), mail_location=str(root / "mail") + "/%u",
+                    mail_lock_table=str(root / "locks"))
+    ctx = ServerContext(config, loop)
+    lines = session_lines(args.scenario, args.messages)
+    run(ctx, loop, 200, lines)  # warm: the index, the caches, the interpreter's specializations
+    if args.profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        run(ctx, loop, args.sessions, lines)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(35)
+    else:
+        best = min(run(ctx, loop, args.sessions, lines) for _ in range(3))
+        print(f"{args.scenario}: {best / args.sessions * 1e6:.1f} us per session (best of 3, server code only)")
+    loop.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
