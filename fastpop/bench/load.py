@@ -155,6 +155,10 @@ class Worker:
         # all-time counters (the timeline) and in-window counters (the totals)
         self.all = Counter()
         self.win = Counter()
+        # commands answered: plain ints, bumped by Session._reply on every reply (folded into
+        # all/win by _sync_commands)
+        self.commands = 0
+        self.win_commands = 0
         self.errors: Counter = Counter()
         self.error_samples: dict[str, list[str]] = {}
         self.unverified = 0
@@ -190,9 +194,15 @@ class Worker:
             self.lat[label].append(ns // 1000)
 
     def count_command(self, now: int) -> None:
-        self.all["commands"] += 1
+        """(Session._reply does this inline.)"""
+        self.commands += 1
         if self.ws <= now <= self.we:
-            self.win["commands"] += 1
+            self.win_commands += 1
+
+    def _sync_commands(self) -> None:
+        self.all["commands"] = self.commands
+        if self.win_commands:
+            self.win["commands"] = self.win_commands
 
     def error(self, kind: str, detail: str) -> None:
         self.errors[kind] += 1
@@ -258,16 +268,20 @@ class Worker:
         if name == "idle":
             self.ramping.add(s)
         spec = self.spec
+        # no asyncio.timeout() here: it costs a timer and a few context switches of its own per
+        # session; _sweep cancels a connect that takes longer than the timeout instead
+        s.task = task = asyncio.current_task(self.loop)
         try:
-            await _with_timeout(
-                self.loop.create_connection(
-                    lambda: s, spec.host, spec.port,
-                    ssl=self.ssl_context if spec.tls == "implicit" else None,
-                    server_hostname=self.server_hostname if spec.tls == "implicit" else None,
-                ),
-                self.timeout,
-            )
-        except asyncio.TimeoutError:
+            if spec.tls == "implicit":
+                await self.loop.create_connection(lambda: s, spec.host, spec.port, ssl=self.ssl_context,
+                                                  server_hostname=self.server_hostname)
+            else:
+                await self.loop.create_connection(lambda: s, spec.host, spec.port)
+        except asyncio.CancelledError:
+            if not s.connect_expired:
+                raise
+            if task is not None and hasattr(task, "uncancel"):  # 3.11+
+                task.uncancel()
             s._fail("connect", f"no connection within {self.timeout:g} s")
         except ssl.SSLError as exc:
             s._fail("tls", f"TLS handshake: {exc}")
@@ -391,8 +405,14 @@ class Worker:
         now = _now()
         limit = self.timeout_ns
         for s in list(self.active):
-            if s.transport is not None and not s.held and not s.finished and now - s.sent > limit:
-                s.timed_out()
+            if s.finished or s.held:
+                continue
+            if s.transport is not None:
+                if now - s.sent > limit:
+                    s.timed_out()
+            elif now - s.start > limit and not s.connect_expired and s.task is not None:
+                s.connect_expired = True  # session() reports it when the cancelled connect returns
+                s.task.cancel()
         self.loop.call_later(0.25, self._sweep)
 
     def _fold(self) -> None:
@@ -406,6 +426,7 @@ class Worker:
     def _tick(self) -> None:
         self._tick_no += 1
         self._fold()
+        self._sync_commands()
         gc.collect(1)
         hist = new_histogram()
         for v, n in Counter(self.sec_lat).items():
@@ -461,6 +482,7 @@ class Worker:
             s.timed_out()
         self._mark_cpu("end")
         self._fold()
+        self._sync_commands()
         return self.final()
 
     def final(self) -> dict:
@@ -482,13 +504,6 @@ class Worker:
             "cpu": self.cpu_marks,
             "loop": type(self.loop).__module__.split(".")[0],
         }
-
-
-async def _with_timeout(coro, seconds: float):
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await coro
-    return await asyncio.wait_for(coro, seconds)  # pragma: no cover
 
 
 def make_ssl_context(cafile: str | None) -> ssl.SSLContext:
