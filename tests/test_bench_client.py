@@ -260,3 +260,23 @@ def test_worker_counts_commands_in_window():
     s, w, _ = _run(_session_replies([_retr_reply(m) for m in msgs]), CUTS["whole"])
     assert w.commands == w.win_commands == 7
 
+
+
+def test_inlined_histogram_recording_matches_hdrh():
+    """load.record_counts inlines hdrh's index arithmetic; it must record what record_value does."""
+    import random
+
+    from fastpop.bench import load
+
+    assert load._pick_record_counts() is load._record_counts_fast  # this hdrh: the fast one is used
+    rng = random.Random(5)
+    values = array("q", [rng.choice((rng.randint(-3, 3000), rng.randint(1, 10**7), rng.randint(1, 10**11)))
+                         for _ in range(5000)])
+    a, b = load.new_histogram(), load.new_histogram()
+    load._record_counts_slow(a, values)
+    load.record_counts(b, values)
+    assert a.encode() == b.encode()
+    assert (a.get_total_count(), a.get_min_value(), a.get_max_value()) == \
+        (b.get_total_count(), b.get_min_value(), b.get_max_value())
+    for p in (50, 90, 99, 99.9, 100):
+        assert a.get_value_at_percentile(p) == b.get_value_at_percentile(p)
