@@ -197,6 +197,21 @@ def test_same_body_different_headers_sizes_stay_exact():
         assert w.errors == [] and s.octets == len(m)
 
 
+@pytest.mark.parametrize("first", [b"..Stuffed: yes\r\n", b".x: unstuffed\r\n", b"X-Dot: .\r\n..: x\r\n"])
+@pytest.mark.parametrize("cut", ["whole", "status apart", "7 octets"])
+def test_header_lines_with_dots_count_as_the_reader_counts(first, cut):
+    """Sizes from the header block (not covered by the checksum) agree with MessageReader's."""
+    msg = _messages(1)[0]
+    wire = first + _stuff(msg)
+    reader = C.MessageReader()
+    reader.feed(wire + b".\r\n")
+    for announced, ok in ((reader.size, True), (reader.size - 1, False), (reader.size + 1, False)):
+        s, w, _ = _run(_session_replies([_retr_reply(msg, wire, announced=announced)]), CUTS[cut])
+        assert (w.errors == []) is ok, w.errors
+        if ok:
+            assert s.octets == reader.size
+
+
 def test_messages_the_fast_path_leaves_to_the_reader():
     msg = _messages(1)[0]
     head, body = msg.split(b"\r\n\r\n", 1)

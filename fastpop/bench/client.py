@@ -321,7 +321,7 @@ class Session(asyncio.Protocol):
                         self._reply(line)
                     elif kind == MESSAGE:
                         announced = -1
-                        if data[pos + 3 : pos + 4] == b" ":
+                        if data[pos + 3] == 32:  # (the CRLF follows: in range)
                             e = data.find(b" ", pos + 4, i)
                             number = data[pos + 4 : e if e >= 0 else i]
                             if number.isdigit():
@@ -385,16 +385,21 @@ class Session(asyncio.Protocol):
         here, and the body is the one the checksum was made of, as a correct
         server stuffs it, so it holds none.
         """
-        if data.startswith(b"\r\n", m) or data.startswith(b".\r\n", m):
-            return False  # no header block, or an empty message
+        # (indexing, not startswith/find, where one octet or two say it: a bytes method call
+        # costs more than the search)
+        first = data[m]
+        if first == 13 or (first == 46 and data[m + 1] == 13):
+            return False  # no header block, or a "." line first
         h = data.find(b"\r\n\r\n", m, j + 2)  # the header block is data[m : h + 2], the body data[h + 4 : j + 2]
         if h < 0 or data.find(b"\n.\r\n", m, h + 4) >= 0:
             return False
         k = data.find(CHECKSUM_NAME, m, h + 2)
         if k < 0 or (k > m and data[k - 1] != 10):
             return False
-        e = data.find(b"\r\n", k, h + 2)
-        if e != k + CHECKSUM_LINE or data[k + CHECKSUM_VALUE - 1] != 32:
+        # ": " and 64 octets, then the line's CRLF (the first after the name: the hex digest
+        # it is compared with has none)
+        e = k + CHECKSUM_LINE
+        if e > h or data[e] != 13 or data[e + 1] != 10 or data[k + CHECKSUM_VALUE - 1] != 32:
             return False
         expected = data[k + CHECKSUM_VALUE : e]
         if _sha256(memoryview(data)[h + 4 : j + 2]).hexdigest().encode() != expected:
@@ -407,7 +412,7 @@ class Session(asyncio.Protocol):
             dots = data.count(b"\n..", h + 3, j + 2)
             if len(_body_dots) < BODY_DOTS_CACHE:
                 _body_dots[expected] = dots
-        size = j + 2 - m - dots - data.count(b"\n..", m, h + 2) - data.startswith(b"..", m)
+        size = j + 2 - m - dots - data.count(b"\n..", m, h + 2) - (first == 46 and data[m + 1] == 46)
         if announced >= 0 and announced != size:
             return False
         self.messages += 1
