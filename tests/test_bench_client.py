@@ -235,7 +235,8 @@ def test_error_and_unexpected_replies():
     assert w.errors[0][0] == "protocol" and "longer than" in w.errors[0][1]
 
 
-def test_a_connect_that_hangs_times_out():
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_a_connect_that_hangs_times_out(loop_kind):
     """Connect timeouts come from the worker's sweep (no asyncio.timeout per session)."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -254,7 +255,7 @@ def test_a_connect_that_hangs_times_out():
     try:
         spec = LoadSpec(host="127.0.0.1", port=port, scenario="stat", users=[("u1", "p"), ("u2", "p")],
                         connections=2, duration=None, sessions=2, timeout=0.5, procs=1, t0=time.monotonic_ns())
-        loop = new_loop("asyncio")
+        loop = new_loop(loop_kind)
         try:
             started = time.monotonic()
             result = loop.run_until_complete(Worker(spec, None, loop).run())

@@ -330,8 +330,9 @@ class Worker:
         if name == "idle":
             self.ramping.add(s)
         spec = self.spec
-        # no asyncio.timeout() here: it costs a timer and a few context switches of its own per
-        # session; _sweep cancels a connect that takes longer than the timeout instead
+        # no asyncio.timeout() here (per session a Timeout, a timer armed and cancelled, and
+        # get_running_loop() calls that each make a getpid() syscall): _sweep cancels a connect
+        # (with implicit TLS: connect and handshake) that takes longer than the timeout instead
         s.task = task = asyncio.current_task(self.loop)
         try:
             if spec.tls == "implicit":
@@ -339,6 +340,7 @@ class Worker:
                                                   server_hostname=self.server_hostname)
             else:
                 await self.loop.create_connection(lambda: s, spec.host, spec.port)
+            s.task = None  # connected: the sweep must not cancel this task any more
         except asyncio.CancelledError:
             if not s.connect_expired:
                 raise
