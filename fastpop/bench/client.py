@@ -4,9 +4,18 @@ A session is driven by a scenario, a generator that yields commands and is
 sent their results (see ``scenarios.py``); this module frames the replies.
 It is a plain state machine over ``data_received`` (no StreamReader, no
 future per command): a reply is a status line, a multi-line listing (CAPA,
-LIST, UIDL), or a message (RETR), which is dot-unstuffed, hashed and checked
-against the ``X-Fastpop-Bench-Sha256`` header as it streams in, so a large
-message never sits in memory whole.
+LIST, UIDL), or a message (RETR), which is checked against the
+``X-Fastpop-Bench-Sha256`` header, its announced size, its termination and
+its dot-stuffing.  A message that arrives whole in one read (the usual case:
+one command at a time) is checked in place (``Session._whole_message``);
+any other goes through ``MessageReader``, which hashes it as it streams in,
+so a large message never sits in memory whole, and which has the last word
+whenever the in-place check does not accept a message.
+
+The client costs CPU on the machine it measures (on a small machine it
+shares the cores with the server), so the hot path avoids per-line Python
+work, per-command objects and bytes method calls where an index will do;
+see ``tests/test_bench_client.py`` for what it must still catch.
 
 Latency is measured per command from the moment its line is written to the
 moment its reply is complete (``time.monotonic_ns``: CLOCK_MONOTONIC, the

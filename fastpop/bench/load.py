@@ -255,12 +255,6 @@ class Worker:
         if now >= self.ws:
             self.lat[label].append(ns // 1000)
 
-    def count_command(self, now: int) -> None:
-        """(Session._reply does this inline.)"""
-        self.commands += 1
-        if self.ws <= now <= self.we:
-            self.win_commands += 1
-
     def _sync_commands(self) -> None:
         self.all["commands"] = self.commands
         if self.win_commands:
