@@ -4,9 +4,18 @@ A session is driven by a scenario, a generator that yields commands and is
 sent their results (see ``scenarios.py``); this module frames the replies.
 It is a plain state machine over ``data_received`` (no StreamReader, no
 future per command): a reply is a status line, a multi-line listing (CAPA,
-LIST, UIDL), or a message (RETR), which is dot-unstuffed, hashed and checked
-against the ``X-Fastpop-Bench-Sha256`` header as it streams in, so a large
-message never sits in memory whole.
+LIST, UIDL), or a message (RETR), which is checked against the
+``X-Fastpop-Bench-Sha256`` header, its announced size, its termination and
+its dot-stuffing.  A message that arrives whole in one read (the usual case:
+one command at a time) is checked in place (``Session._whole_message``);
+any other goes through ``MessageReader``, which hashes it as it streams in,
+so a large message never sits in memory whole, and which has the last word
+whenever the in-place check does not accept a message.
+
+The client costs CPU on the machine it measures (on a small machine it
+shares the cores with the server), so the hot path avoids per-line Python
+work, per-command objects and bytes method calls where an index will do;
+see ``tests/test_bench_client.py`` for what it must still catch.
 
 Latency is measured per command from the moment its line is written to the
 moment its reply is complete (``time.monotonic_ns``: CLOCK_MONOTONIC, the
@@ -27,6 +36,9 @@ if TYPE_CHECKING:
     from fastpop.bench.load import Worker
 
 CHECKSUM_HEADER = b"x-fastpop-bench-sha256:"
+CHECKSUM_NAME = b"X-Fastpop-Bench-Sha256:"  # as the seeding writes it
+CHECKSUM_VALUE = len(CHECKSUM_NAME) + 1  # after ": "
+CHECKSUM_LINE = CHECKSUM_VALUE + 64  # a SHA-256 in hex
 
 # Latency labels: one histogram each.
 LABELS = (
@@ -41,6 +53,11 @@ SINGLE, MULTI, MESSAGE, HOLD = range(4)
 
 MAX_LINE = 8192  # RFC 2449 allows 512 octets per reply line; be generous
 _now = time.monotonic_ns
+_sha256 = hashlib.sha256
+
+# verified body (its SHA-256 in hex) -> lines in it that start with a stuffed dot
+_body_dots: dict[bytes, int] = {}
+BODY_DOTS_CACHE = 1 << 16
 
 Command = tuple  # (line: bytes | None, label: int, kind: int)
 Scenario = Generator[Command, object, None]
@@ -81,7 +98,7 @@ class MessageReader:
     stream in, in whole lines, and never held whole.
     """
 
-    __slots__ = ("_acc", "_scan", "_in_headers", "_hasher", "size", "expected")
+    __slots__ = ("_acc", "_scan", "_in_headers", "_hasher", "size", "expected", "fresh")
 
     FLUSH = 256 * 1024
 
@@ -92,8 +109,10 @@ class MessageReader:
         self._hasher = hashlib.sha256()
         self.size = 0
         self.expected: bytes | None = None
+        self.fresh = True  # nothing fed yet
 
     def feed(self, data: bytes) -> int:
+        self.fresh = False
         acc = self._acc
         if not acc and self._in_headers:  # the start of the message
             if data.endswith(b"\r\n.\r\n") and len(data) > 5:
@@ -149,7 +168,7 @@ class MessageReader:
         self._hasher.update(memoryview(region)[end + 4 :])
 
     def _checksum(self, head: bytes) -> None:
-        i = head.find(b"X-Fastpop-Bench-Sha256:")  # as the seeding writes it
+        i = head.find(CHECKSUM_NAME)
         if i < 0:
             head = head.lower()
             i = head.find(CHECKSUM_HEADER)
@@ -169,6 +188,17 @@ class MessageReader:
         return None
 
 
+def _unstuff_lines(block: bytes) -> list[bytes]:
+    """A listing's lines (the block ends with CRLF, the terminator cut off), dot-unstuffed."""
+    if not block:
+        return []
+    lines = block.split(b"\r\n")
+    lines.pop()  # after the last CRLF
+    if block[0] == 46 or b"\n." in block:
+        return [line[1:] if line.startswith(b".") else line for line in lines]
+    return lines
+
+
 def _announced_size(status: bytes) -> int:
     """'+OK 1234 octets' -> 1234; -1 when the server does not say."""
     parts = status.split(None, 2)
@@ -178,12 +208,22 @@ def _announced_size(status: bytes) -> int:
 
 
 class Session(asyncio.Protocol):
-    """One POP3 connection running one scenario."""
+    """One POP3 connection running one scenario.
+
+    The hot path works on offsets into the data as it came off the socket:
+    a reply in lock-step is usually exactly one read, so a status line is
+    found with one ``find``, and a whole RETR reply is verified in place by
+    ``_whole_message`` without slicing it line by line or building a
+    ``MessageReader``.  Anything unusual (a reply split over reads, a
+    message without the checksum header, a checksum or size that does not
+    match) goes through ``MessageReader``, the reference implementation, so
+    the verdict and its wording are the same on both paths.
+    """
 
     __slots__ = (
         "w", "transport", "gen", "user", "intended", "start", "done", "_buf", "_kind", "_label",
         "sent", "_status", "_lines", "_reader", "_announced", "finished", "messages",
-        "octets", "held", "result",
+        "octets", "held", "result", "task", "connect_expired",
     )
 
     def __init__(self, worker: Worker, gen: Scenario, user: tuple[str, str], intended: int) -> None:
@@ -207,6 +247,8 @@ class Session(asyncio.Protocol):
         self.octets = 0
         self.held = False
         self.result = 0
+        self.task: asyncio.Task | None = None  # the task connecting (the worker's sweep cancels it on timeout)
+        self.connect_expired = False
         gen.send(None)  # to the first yield: waiting for the greeting
 
     # ------------------------------------------------------------ asyncio
@@ -239,40 +281,85 @@ class Session(asyncio.Protocol):
         if self._buf:
             data = self._buf + data
             self._buf = b""
+        pos = 0
+        n = len(data)
         try:
-            while data and not self.finished:
-                kind = self._kind
-                if kind == MESSAGE and self._reader is not None:
-                    used = self._reader.feed(data)
+            while pos < n and not self.finished:
+                reader = self._reader
+                if reader is not None:  # in a RETR reply, its status line already read
+                    if pos:
+                        data = data[pos:]
+                        n -= pos
+                        pos = 0
+                    if reader.fresh and n > 5 and data.endswith(b"\r\n.\r\n"):
+                        # the whole message in this piece (the status line came in the one before)
+                        self._reader = None
+                        if self._whole_message(data, 0, n - 5, self._announced):
+                            return
+                        self._reader = reader
+                    used = reader.feed(data)
                     if used < 0:
                         return
-                    data = data[used:]
+                    pos = used
                     self._message_done()
-                elif kind == MULTI and self._lines is not None:
-                    end = data.find(b"\r\n.\r\n")
-                    if data.startswith(b".\r\n"):
-                        end = -2
+                elif self._lines is not None:  # in a listing, its status line already read
+                    end = data.find(b"\r\n.\r\n", pos)
+                    if data.startswith(b".\r\n", pos):
+                        end = pos - 2
                     elif end < 0:
-                        self._keep(data)
+                        self._keep(data[pos:])
                         return
-                    block, data = data[: end + 2], data[end + 5 :]
-                    self._lines += [
-                        line[1:] if line.startswith(b".") else line for line in block.split(b"\r\n")[:-1]
-                    ] if block else []
+                    block = data[pos : end + 2]
+                    pos = end + 5
+                    self._lines += _unstuff_lines(block)
                     lines, self._lines = self._lines, None
                     self._reply(lines)
-                else:
-                    i = data.find(b"\r\n")
+                else:  # a status line
+                    i = data.find(b"\r\n", pos)
                     if i < 0:
-                        self._keep(data)
+                        self._keep(data[pos:])
                         return
-                    line, data = data[:i], data[i + 2 :]
-                    self._status_line(line)
+                    if self.held:
+                        raise SessionError("protocol", f"unexpected line while idle: {data[pos:i][:60]!r}")
+                    if not data.startswith(b"+OK", pos):
+                        self._not_ok(data[pos:i])
+                    kind = self._kind
+                    if kind == SINGLE:
+                        line = data[pos:i]
+                        pos = i + 2
+                        self._reply(line)
+                    elif kind == MESSAGE:
+                        announced = -1
+                        if data[pos + 3] == 32:  # (the CRLF follows: in range)
+                            e = data.find(b" ", pos + 4, i)
+                            number = data[pos + 4 : e if e >= 0 else i]
+                            if number.isdigit():
+                                announced = int(number)
+                            else:
+                                announced = _announced_size(data[pos:i])
+                        else:
+                            announced = _announced_size(data[pos:i])
+                        # in lock-step the whole reply is usually this one piece: verify it in place
+                        if n - 5 > i and data.endswith(b"\r\n.\r\n") and self._whole_message(data, i + 2, n - 5, announced):
+                            return
+                        self._reader = MessageReader()
+                        self._announced = announced
+                        pos = i + 2
+                    else:  # MULTI
+                        j = data.find(b"\r\n.\r\n", i)
+                        if j >= 0:  # the whole listing in this piece
+                            block = data[i + 2 : j + 2]
+                            pos = j + 5
+                            self._reply(_unstuff_lines(block))
+                        else:
+                            self._lines = []
+                            self._status = data[pos:i]
+                            pos = i + 2
         except SessionError as exc:
             self._fail(exc.kind, exc.detail)
 
     def _keep(self, data: bytes) -> None:
-        if len(data) > MAX_LINE and self._kind != MULTI:
+        if len(data) > MAX_LINE and self._lines is None:
             raise SessionError("protocol", f"{LABELS[self._label]}: reply line longer than {MAX_LINE} octets")
         if len(data) > 64 * 1024 * 1024:
             raise SessionError("protocol", f"{LABELS[self._label]}: listing larger than 64 MiB")
@@ -280,27 +367,67 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------ replies
 
-    def _status_line(self, line: bytes) -> None:
-        if self.held:
-            raise SessionError("protocol", f"unexpected line while idle: {line[:60]!r}")
-        if line.startswith(b"+OK"):
-            kind = self._kind
-            if kind == MULTI:
-                self._lines = []
-                self._status = line
-                return
-            if kind == MESSAGE:
-                self._reader = MessageReader()
-                self._announced = _announced_size(line)
-                return
-            self._reply(line)
-        elif line.startswith(b"-ERR"):
+    def _not_ok(self, line: bytes) -> None:
+        """A status line that is not +OK: always an error."""
+        if line.startswith(b"-ERR"):
             label = LABELS[self._label]
             raise SessionError(f"err:{label}", f"{label}: {line[:200].decode(errors='replace')}")
-        elif self._label == L_AUTH and line.startswith(b"+"):
+        if self._label == L_AUTH and line.startswith(b"+"):
             raise SessionError("protocol", "AUTH PLAIN: the server asked for a continuation after an initial response")
-        else:
-            raise SessionError("protocol", f"{LABELS[self._label]}: not a POP3 reply: {line[:60]!r}")
+        raise SessionError("protocol", f"{LABELS[self._label]}: not a POP3 reply: {line[:60]!r}")
+
+    def _whole_message(self, data: bytes, m: int, j: int, announced: int) -> bool:
+        """Verify a RETR message that lies whole in ``data``: its wire form is
+        ``data[m : j + 2]``, and ``data`` ends with the terminator at ``j``.
+
+        True when it is intact (and the reply is handled); False when this
+        fast path cannot say: no header block, no checksum header in the
+        exact form the seeding writes, a "." line in the header, a checksum
+        or size that does not match.  The caller then runs ``MessageReader``
+        over the same bytes, which gives the verdict.  So this path only ever
+        accepts what the reader accepts, with the same size: the checks are
+        the reader's (``MessageReader._lines``, ``_checksum`` and ``verify``),
+        on offsets.
+
+        The terminator is taken to be the one that ends the data without a
+        scan for an earlier one: the header block is searched for a "." line
+        here, and the body is the one the checksum was made of, as a correct
+        server stuffs it, so it holds none.
+        """
+        # (indexing, not startswith/find, where one octet or two say it: a bytes method call
+        # costs more than the search)
+        first = data[m]
+        if first == 13 or (first == 46 and data[m + 1] == 13):
+            return False  # no header block, or a "." line first
+        h = data.find(b"\r\n\r\n", m, j + 2)  # the header block is data[m : h + 2], the body data[h + 4 : j + 2]
+        if h < 0 or data.find(b"\n.\r\n", m, h + 4) >= 0:
+            return False
+        k = data.find(CHECKSUM_NAME, m, h + 2)
+        if k < 0 or (k > m and data[k - 1] != 10):
+            return False
+        # ": " and 64 octets, then the line's CRLF (the first after the name: the hex digest
+        # it is compared with has none)
+        e = k + CHECKSUM_LINE
+        if e > h or data[e] != 13 or data[e + 1] != 10 or data[k + CHECKSUM_VALUE - 1] != 32:
+            return False
+        expected = data[k + CHECKSUM_VALUE : e]
+        if _sha256(memoryview(data)[h + 4 : j + 2]).hexdigest().encode() != expected:
+            return False
+        # the unstuffed size: wire octets less one per stuffed line ("\n..").  The body's
+        # count is a function of the body, which the checksum just verified: counted once
+        # per distinct body
+        dots = _body_dots.get(expected)
+        if dots is None:
+            dots = data.count(b"\n..", h + 3, j + 2)
+            if len(_body_dots) < BODY_DOTS_CACHE:
+                _body_dots[expected] = dots
+        size = j + 2 - m - dots - data.count(b"\n..", m, h + 2) - (first == 46 and data[m + 1] == 46)
+        if announced >= 0 and announced != size:
+            return False
+        self.messages += 1
+        self.octets += size
+        self._reply(size)
+        return True
 
     def _message_done(self) -> None:
         reader = self._reader
@@ -316,12 +443,28 @@ class Session(asyncio.Protocol):
         self._reply(reader.size)
 
     def _reply(self, result: object) -> None:
-        """A complete reply to the current command: record it, run the scenario on."""
+        """A complete reply to the current command: record it, run the scenario on, send the next command."""
         now = _now()
         w = self.w
-        w.record(self._label, now - self.sent, now)
-        w.count_command(now)
-        self._next(result)
+        if now >= w.ws:
+            w.lat[self._label].append((now - self.sent) // 1000)
+            if now <= w.we:
+                w.win_commands += 1
+        w.commands += 1
+        try:
+            command = self.gen.send(result)
+        except StopIteration as stop:
+            self.result = stop.value or 0
+            self._finish()
+            return
+        line, label, kind = command
+        self._label = label
+        self._kind = kind
+        if kind == HOLD or label == L_TLS:
+            self._special(kind)
+            return
+        self.sent = _now()
+        self.transport.write(line)  # type: ignore[union-attr]
 
     def _next(self, result: object) -> None:
         try:
@@ -336,16 +479,19 @@ class Session(asyncio.Protocol):
         line, label, kind = command
         self._label = label
         self._kind = kind
-        if kind == HOLD:
-            self.held = True
-            self.w.hold(self)
-            return
-        if label == L_TLS:  # the STLS reply came: upgrade, then go on
-            self._upgrade()
+        if kind == HOLD or label == L_TLS:
+            self._special(kind)
             return
         self.sent = _now()
         assert self.transport is not None
         self.transport.write(line)
+
+    def _special(self, kind: int) -> None:
+        if kind == HOLD:
+            self.held = True
+            self.w.hold(self)
+        else:  # the STLS reply came: upgrade, then go on
+            self._upgrade()
 
     def resume(self) -> None:
         """End a HOLD (the worker calls this)."""
@@ -375,7 +521,10 @@ class Session(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         now = _now()
         w.record(L_TLS, now - started, now)
-        self._next(None)
+        try:
+            self._next(None)
+        except SessionError as exc:
+            self._fail(exc.kind, exc.detail)
 
     # ------------------------------------------------------------ the end
 

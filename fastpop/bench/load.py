@@ -47,6 +47,68 @@ def new_histogram():
     return HdrHistogram(1, HIST_MAX_US, 3)
 
 
+def _record_counts_slow(h, values) -> None:
+    for v, n in Counter(values).items():
+        h.record_value(v if v > 0 else 1, n)
+
+
+def _record_counts_fast(h, values) -> None:
+    """``h.record_value(v if v > 0 else 1, n)`` for every distinct value ``v`` seen
+    ``n`` times, with hdrh's index arithmetic (``_counts_index_for``) inlined:
+    its ``record_value`` costs some 2 us a call in Python, and a second's
+    latencies of one label hold hundreds of distinct values."""
+    counts = h.counts
+    mask = h.sub_bucket_mask
+    shift = h.unit_magnitude + h.sub_bucket_half_count_magnitude + 1
+    half_mag = h.sub_bucket_half_count_magnitude
+    base = h.sub_bucket_half_count
+    unit = h.unit_magnitude
+    size = h.counts_len
+    total = 0
+    lo, hi = h.min_value, h.max_value
+    for v, n in Counter(values).items():
+        if v <= 0:
+            v = 1
+        bucket = (v | mask).bit_length() - shift
+        i = ((bucket + 1) << half_mag) + (v >> (bucket + unit)) - base
+        if 0 <= i < size:
+            counts[i] += n
+            total += n
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+    h.total_count += total
+    h.min_value, h.max_value = lo, hi
+
+
+def _pick_record_counts():
+    """The inlined recorder if it gives exactly what hdrh's own record_value does
+    (checked here, once, against this installed hdrh), else hdrh's."""
+    try:
+        values = array("q", [0, 1, 2, 1023, 1024, 2047, 2048, 2049, 4095, 4096, 5000, 99_999, 1_000_001,
+                             HIST_MAX_US, HIST_MAX_US * 4, -3, 5000, 1, 2048])
+        a, b = new_histogram(), new_histogram()
+        _record_counts_slow(a, values)
+        _record_counts_fast(b, values)
+        same = (a.encode() == b.encode() and a.get_total_count() == b.get_total_count()
+                and a.get_min_value() == b.get_min_value() and a.get_max_value() == b.get_max_value())
+        return _record_counts_fast if same else _record_counts_slow
+    except Exception:  # another hdrh: its attributes are not ours to know
+        return _record_counts_slow
+
+
+_record_counts = None
+
+
+def record_counts(h, values) -> None:
+    """Record every value of ``values`` (us; <= 0 recorded as 1) into HdrHistogram ``h``."""
+    global _record_counts
+    if _record_counts is None:
+        _record_counts = _pick_record_counts()
+    _record_counts(h, values)
+
+
 @dataclass
 class LoadSpec:
     """One run, as the parent sees it; ``split`` gives each process its share."""
@@ -155,6 +217,10 @@ class Worker:
         # all-time counters (the timeline) and in-window counters (the totals)
         self.all = Counter()
         self.win = Counter()
+        # commands answered: plain ints, bumped by Session._reply on every reply (folded into
+        # all/win by _sync_commands)
+        self.commands = 0
+        self.win_commands = 0
         self.errors: Counter = Counter()
         self.error_samples: dict[str, list[str]] = {}
         self.unverified = 0
@@ -189,10 +255,10 @@ class Worker:
         if now >= self.ws:
             self.lat[label].append(ns // 1000)
 
-    def count_command(self, now: int) -> None:
-        self.all["commands"] += 1
-        if self.ws <= now <= self.we:
-            self.win["commands"] += 1
+    def _sync_commands(self) -> None:
+        self.all["commands"] = self.commands
+        if self.win_commands:
+            self.win["commands"] = self.win_commands
 
     def error(self, kind: str, detail: str) -> None:
         self.errors[kind] += 1
@@ -258,16 +324,22 @@ class Worker:
         if name == "idle":
             self.ramping.add(s)
         spec = self.spec
+        # no asyncio.timeout() here (per session a Timeout, a timer armed and cancelled, and
+        # get_running_loop() calls that each make a getpid() syscall): _sweep cancels a connect
+        # (with implicit TLS: connect and handshake) that takes longer than the timeout instead
+        s.task = task = asyncio.current_task(self.loop)
         try:
-            await _with_timeout(
-                self.loop.create_connection(
-                    lambda: s, spec.host, spec.port,
-                    ssl=self.ssl_context if spec.tls == "implicit" else None,
-                    server_hostname=self.server_hostname if spec.tls == "implicit" else None,
-                ),
-                self.timeout,
-            )
-        except asyncio.TimeoutError:
+            if spec.tls == "implicit":
+                await self.loop.create_connection(lambda: s, spec.host, spec.port, ssl=self.ssl_context,
+                                                  server_hostname=self.server_hostname)
+            else:
+                await self.loop.create_connection(lambda: s, spec.host, spec.port)
+            s.task = None  # connected: the sweep must not cancel this task any more
+        except asyncio.CancelledError:
+            if not s.connect_expired:
+                raise
+            if task is not None and hasattr(task, "uncancel"):  # 3.11+
+                task.uncancel()
             s._fail("connect", f"no connection within {self.timeout:g} s")
         except ssl.SSLError as exc:
             s._fail("tls", f"TLS handshake: {exc}")
@@ -391,25 +463,29 @@ class Worker:
         now = _now()
         limit = self.timeout_ns
         for s in list(self.active):
-            if s.transport is not None and not s.held and not s.finished and now - s.sent > limit:
-                s.timed_out()
+            if s.finished or s.held:
+                continue
+            if s.transport is not None:
+                if now - s.sent > limit:
+                    s.timed_out()
+            elif now - s.start > limit and not s.connect_expired and s.task is not None:
+                s.connect_expired = True  # session() reports it when the cancelled connect returns
+                s.task.cancel()
         self.loop.call_later(0.25, self._sweep)
 
     def _fold(self) -> None:
         for i, values in enumerate(self.lat):
             if values:
-                h = self.hists[i]
-                for v, n in Counter(values).items():
-                    h.record_value(v if v > 0 else 1, n)
+                record_counts(self.hists[i], values)
                 del values[:]
 
     def _tick(self) -> None:
         self._tick_no += 1
         self._fold()
+        self._sync_commands()
         gc.collect(1)
         hist = new_histogram()
-        for v, n in Counter(self.sec_lat).items():
-            hist.record_value(v if v > 0 else 1, n)
+        record_counts(hist, self.sec_lat)
         del self.sec_lat[:]
         delta = {k: self.all[k] - self._last_sent[k] for k in ("sessions", "commands", "messages", "octets", "failed", "started")}
         self._last_sent = Counter(self.all)
@@ -461,6 +537,7 @@ class Worker:
             s.timed_out()
         self._mark_cpu("end")
         self._fold()
+        self._sync_commands()
         return self.final()
 
     def final(self) -> dict:
@@ -482,13 +559,6 @@ class Worker:
             "cpu": self.cpu_marks,
             "loop": type(self.loop).__module__.split(".")[0],
         }
-
-
-async def _with_timeout(coro, seconds: float):
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(seconds):
-            return await coro
-    return await asyncio.wait_for(coro, seconds)  # pragma: no cover
 
 
 def make_ssl_context(cafile: str | None) -> ssl.SSLContext:
