@@ -242,7 +242,7 @@ def load(maildir: str) -> MailboxIndex | None:
     costs one stat; a damaged file is logged and left for the rebuild.
     """
     global _cache_bytes
-    path = os.path.join(maildir, INDEX_FILE)
+    path = maildir + "/" + INDEX_FILE  # not os.path.join: every login comes here
     try:
         st = os.stat(path)  # the warm path: one system call
     except FileNotFoundError:

@@ -150,10 +150,10 @@ def current_index(path: str) -> MailboxIndex | None:
     This is the whole cost of a login to an unchanged mailbox: a listdir of
     the empty new/, a stat of cur/ and of the index file, whatever their size.
     """
-    try:
-        if any(not n.startswith(".") for n in os.listdir(os.path.join(path, "new"))):
+    try:  # (concatenation, not os.path.join: this runs at every login)
+        if any(not n.startswith(".") for n in os.listdir(path + "/new")):
             return None
-        st = os.stat(os.path.join(path, "cur"))
+        st = os.stat(path + "/cur")
     except FileNotFoundError:
         return None
     current = mindex.load(path)
