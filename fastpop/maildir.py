@@ -265,7 +265,7 @@ class Mailbox:
 
     def __init__(self, path: str, index: MailboxIndex) -> None:
         self.path = path
-        self._cur = os.path.join(path, "cur", "")
+        self._cur = path + "/cur/"  # (per login: no os.path.join)
         self.index = index
         self._renamed: dict[int, str] | None = None
 

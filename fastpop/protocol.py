@@ -592,7 +592,9 @@ class POP3Protocol(asyncio.Protocol):
         self._deleted = bytearray(len(mailbox))
         self._state = TRANSACTION
         self._table = _TRANSACTION_TABLE
-        self._rearm_timer()  # the transaction timeout may be the shorter one
+        config = self._ctx.config
+        if config.timeout_transaction < config.timeout_authorization:
+            self._rearm_timer()  # else the running timer, firing early, re-arms itself (_on_timer)
         log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox))
         self._finish_login(R.OK_LOGGED_IN)
 
@@ -918,18 +920,26 @@ class _Services:
     def valid_username(self, name: str) -> bool:
         return valid_username(name)
 
-    def verify_password(self, name: str, password: str) -> sasl.Pending:
+    def verify_password(self, name: str, password: str):
+        """The user record (None: wrong), or a Pending when the check runs
+        elsewhere (a slow hash in a thread, a user database on a task)."""
         session = self._session
         auth = session._ctx.auth
         if auth.is_async:  # SQL, LDAP: through the auth cache, on a task
             return sasl.Pending(session.loop.create_task(auth.verify_password_async(name, password, session._peer)))
-        future = session.loop.create_future()
+        answered: list = []
+        future = None
 
         def done(record) -> None:
-            if not future.done():
+            if future is None:  # called at once: a cheap hash, no future needed
+                answered.append(record)
+            elif not future.done():
                 future.set_result(record)
 
         auth.verify_password(name, password, done)
+        if answered:
+            return answered[0]
+        future = session.loop.create_future()  # done() runs later, from the event loop
         return sasl.Pending(future)
 
     def verify_apop(self, name: str, digest: str):
