@@ -806,11 +806,8 @@ class POP3Protocol(asyncio.Protocol):
             os.close(fd)
             body = render_small(data, top_lines)
             self._out += (status, body, R.END)
-            sent = len(body)
-            self._out_size += sent
-            counts, base = self._counts, (2 if top_lines is None else 0)  # _count_sent, inlined
-            counts[base] += 1
-            counts[base + 1] += sent
+            self._out_size += len(body)
+            self._count_sent(top_lines is not None, len(body))  # (metrics override it)
             return
         try:
             stream = open_stream(
