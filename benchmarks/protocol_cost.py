@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from metrics_overhead import Transport  # noqa: E402
+from metrics_overhead import run as run_sessions  # noqa: E402
 
 
 def session_lines(scenario: str, messages: int) -> list[bytes]:
@@ -35,21 +33,7 @@ def session_lines(scenario: str, messages: int) -> list[bytes]:
 def run(ctx, loop, sessions: int, lines: list[bytes]) -> float:
     from fastpop.protocol import POP3Protocol
 
-    loop.run_until_complete(asyncio.sleep(0))
-    gc.collect()
-    start = time.process_time()
-    for _ in range(sessions):
-        proto = POP3Protocol(ctx)
-        transport = Transport(loop)
-        transport.protocol = proto
-        proto.connection_made(transport)
-        for line in lines:
-            proto.data_received(line)
-            while proto._busy and not transport.closed:
-                loop.run_until_complete(asyncio.sleep(0.001))
-        if not transport.closed:
-            raise RuntimeError("the session did not end")
-    return time.process_time() - start
+    return run_sessions(POP3Protocol, ctx, loop, sessions, lines)
 
 
 def main() -> None:
