@@ -451,20 +451,7 @@ class Session(asyncio.Protocol):
             if now <= w.we:
                 w.win_commands += 1
         w.commands += 1
-        try:
-            command = self.gen.send(result)
-        except StopIteration as stop:
-            self.result = stop.value or 0
-            self._finish()
-            return
-        line, label, kind = command
-        self._label = label
-        self._kind = kind
-        if kind == HOLD or label == L_TLS:
-            self._special(kind)
-            return
-        self.sent = _now()
-        self.transport.write(line)  # type: ignore[union-attr]
+        self._next(result)
 
     def _next(self, result: object) -> None:
         try:
