@@ -158,28 +158,33 @@ def test_release_leaves_a_lock_that_was_taken_over(maildir):
     assert os.readlink(maildir / LOCK_FILE) == other
 
 
-def _contend(maildir: str, barrier, results) -> None:
+def _contend(take, barrier, results) -> None:
     barrier.wait()
     try:
-        MailboxLock(maildir)  # held until this process exits
+        held = take()  # noqa: F841 (held until this process exits)
         results.put("won")
     except MailboxLocked:
         results.put("lost")
     barrier.wait()  # every contender has tried before any winner exits
 
 
-def test_only_one_of_many_contenders_takes_over_a_stale_lock(maildir):
+def _race(take) -> list[str]:
+    """Eight forked processes call ``take`` at once; their sorted outcomes."""
     ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_contend, args=(take, barrier, results)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return outcomes
+
+
+def test_only_one_of_many_contenders_takes_over_a_stale_lock(maildir):
     for _ in range(5):
         _write_lock(maildir, _owner(_dead_pid(), "1"))
-        barrier, results = ctx.Barrier(8), ctx.Queue()
-        procs = [ctx.Process(target=_contend, args=(str(maildir), barrier, results)) for _ in range(8)]
-        for p in procs:
-            p.start()
-        outcomes = sorted(results.get(timeout=30) for _ in procs)
-        for p in procs:
-            p.join(30)
-        assert outcomes == ["lost"] * 7 + ["won"]
+        assert _race(lambda: MailboxLock(str(maildir))) == ["lost"] * 7 + ["won"]
 
 
 # --------------------------------------------------------------------------- the lock table (the default)
@@ -268,27 +273,8 @@ def _contend_table(table, maildir: str, results) -> None:
 
 
 def test_only_one_of_many_processes_gets_a_table_lock(table, maildir):
-    ctx = multiprocessing.get_context("fork")
-    for _ in range(5):
-        barrier, results = ctx.Barrier(8), ctx.Queue()
-        procs = [ctx.Process(target=_race_table, args=(table.path, str(maildir), barrier, results)) for _ in range(8)]
-        for p in procs:
-            p.start()
-        outcomes = sorted(results.get(timeout=30) for _ in procs)
-        for p in procs:
-            p.join(30)
-        assert outcomes == ["lost"] * 7 + ["won"]
-
-
-def _race_table(path: str, maildir: str, barrier, results) -> None:
-    table = LockTable(path)
-    barrier.wait()
-    try:
-        table.acquire(maildir)  # held until this process exits
-        results.put("won")
-    except MailboxLocked:
-        results.put("lost")
-    barrier.wait()  # every contender has tried before any winner exits
+    for _ in range(5):  # each contender opens the table itself, as a server process does
+        assert _race(lambda: LockTable(table.path).acquire(str(maildir))) == ["lost"] * 7 + ["won"]
 
 
 def test_slot_is_stable_and_spread():
