@@ -4,6 +4,12 @@ It accepts any user and password and answers from memory, with canned
 replies, so it costs next to nothing per session: what bench reaches against
 it is the generator's own ceiling on this machine.  With ``corrupt`` it flips
 one byte in the body of every ``corrupt``-th RETR, which bench must notice.
+
+Two engines give the same replies: the compiled one (``_trivial.pyx``, an
+epoll loop that costs little more than its system calls: the default, as
+the yardstick should take as little as it can of the cores it shares with
+the generator) and ``TrivialProtocol`` on asyncio (``--engine asyncio``,
+and whenever the extension is absent or ``FASTPOP_NO_EXTENSIONS`` is set).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 
 from fastpop.bench.spawn import MessageFactory, SizeDistribution
@@ -43,6 +50,7 @@ class TrivialState:
         self.retr_count = 0
 
 
+LINE_LIMIT = 1024  # a command line this long (without its CRLF) closes the connection
 CAPA = b"+OK\r\nUSER\r\nUIDL\r\nTOP\r\nPIPELINING\r\nSASL PLAIN\r\nIMPLEMENTATION trivial\r\n.\r\n"
 
 
@@ -62,6 +70,9 @@ class TrivialProtocol(asyncio.Protocol):
             data = self.buf + data
         lines = data.split(b"\r\n")
         self.buf = lines.pop()
+        if len(self.buf) >= LINE_LIMIT:  # as the compiled engine: no line ends in sight
+            self.transport.close()
+            return
         out = []
         st = self.state
         for line in lines:
@@ -102,12 +113,52 @@ async def serve(host: str, port: int, state: TrivialState, ready=None) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: TrivialProtocol(state), host, port, backlog=4096, reuse_address=True)
     addr = server.sockets[0].getsockname()
-    print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, asyncio engine)", file=sys.stderr, flush=True)
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
     await stop
     server.close()
+
+
+def compiled_engine():
+    """The compiled engine's class, or None when it cannot be used."""
+    if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+        return None
+    try:
+        from fastpop.bench._trivial import TrivialEngine
+    except ImportError:
+        return None
+    return TrivialEngine
+
+
+def serve_compiled(host: str, port: int, state: TrivialState) -> None:
+    """Runs the compiled engine until SIGTERM or SIGINT."""
+    engine_class = compiled_engine()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+        addr = sock.getsockname()
+        engine = engine_class(sock.fileno(), state, CAPA.replace(b"trivial\r\n", b"trivial-compiled\r\n"))
+
+        class Stop(Exception):
+            pass
+
+        def stop(signum, frame):
+            raise Stop
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, compiled engine)",
+              file=sys.stderr, flush=True)
+        try:
+            engine.serve()
+        except Stop:
+            pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,7 +167,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--message-size", default="3700", help="size or distribution (default 3700)")
     p.add_argument("--corrupt", type=int, default=0, metavar="N",
                    help="flip a byte in every N-th RETR (to test integrity checking)")
-    p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    p.add_argument("--engine", choices=["compiled", "asyncio"], default="compiled",
+                   help="the compiled epoll loop (default; asyncio when the extension is absent) or asyncio")
+    p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="the asyncio engine's loop")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -125,6 +178,9 @@ def main(args: argparse.Namespace) -> int:
 
     host, port = parse_address(args.listen)
     state = TrivialState(args.messages, SizeDistribution.parse(args.message_size), args.corrupt)
+    if args.engine == "compiled" and compiled_engine() is not None:
+        serve_compiled(host, port, state)
+        return 0
     loop = new_loop(args.loop)
     try:
         loop.run_until_complete(serve(host, port, state))
