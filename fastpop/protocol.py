@@ -25,6 +25,7 @@ from fastpop.maildir import Mailbox, ensure_maildir, is_permanent
 from fastpop.parser import CommandParser
 from fastpop.penalty import address_key
 from fastpop.sending import SMALL_MESSAGE, MessageStream, SendfileStream, open_stream, render_small
+from fastpop.stuffing import pop3_size, pop3_size_of
 
 if TYPE_CHECKING:
     from fastpop.server import ServerContext
@@ -779,11 +780,12 @@ class POP3Protocol(asyncio.Protocol):
                     self._out.append(R.ERR_MESSAGE_GONE)
                     return
                 fd = os.open(renamed, os.O_RDONLY | os.O_CLOEXEC)
+                path = renamed
         except OSError as exc:
             log.error("cannot open message user=%s file=%s: %s", self._user.name, path, exc)
             self._out.append(R.ERR_MESSAGE_TEMP)
             return
-        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % pop3_size
+        indexed_size = size
         try:
             # The index knows the file's size: a small message is one read,
             # no fstat.  A file whose size is not what was indexed (changed
@@ -802,6 +804,12 @@ class POP3Protocol(asyncio.Protocol):
             log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
             self._out.append(R.ERR_MESSAGE_TEMP)
             return
+        if small and len(data) != indexed_size or not small and size != indexed_size:
+            # Sent as it is now, so the octet count must be of what is sent, not LIST's
+            pop3_size = self._changed_size(fd, path, data if small else None, indexed_size, size)
+            if pop3_size < 0:
+                return
+        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % pop3_size
         if small:
             os.close(fd)
             body = render_small(data, top_lines)
@@ -824,6 +832,20 @@ class POP3Protocol(asyncio.Protocol):
         self._stream_is_top = top_lines is not None
         self._busy |= BUSY_SENDING
         stream.pump()
+
+    def _changed_size(self, fd: int, path: str, data: bytes | None, indexed_size: int, size: int) -> int:
+        """The RETR size of a message file whose size is no longer the indexed one; -1 (fd
+        closed, -ERR queued) if it cannot be read."""
+        try:
+            sent = pop3_size_of(data) if data is not None else pop3_size(path)
+        except OSError as exc:
+            os.close(fd)
+            log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
+            self._out.append(R.ERR_MESSAGE_TEMP)
+            return -1
+        log.warning("message changed since it was indexed user=%s file=%s indexed_size=%d size=%d",
+                    self._user.name, path, indexed_size, size)
+        return sent
 
     def _can_sendfile(self) -> bool:
         """sendfile(2) needs the plain socket: not through TLS, not when disabled."""

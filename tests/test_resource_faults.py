@@ -237,6 +237,34 @@ def test_message_removed_between_list_and_retr(srv, size):
     p.quit()
 
 
+def _changed(data: bytes, how: str) -> bytes:
+    if how == "longer":
+        return data + b"A line another program added.\r\n" * 40
+    cut = 1000 if how == "small" else len(data) // 2
+    return data[: data.rfind(b"\r\n", 0, cut) + 2]
+
+
+@pytest.mark.parametrize("size,how", [(None, "shorter"), (None, "longer"), (300_000, "shorter"),
+                                      (300_000, "longer"), (300_000, "small")])
+def test_message_changed_between_list_and_retr(srv, size, how):
+    """Another program rewrites a message in place (Maildir files never change; this one did):
+    RETR sends it as it is now, and its "+OK n octets" counts what is sent, not what LIST said."""
+    mails = [sized("changed", size), sized("keep")]
+    user = srv.add_user(mails)
+    p = user.login()
+    assert int(p.list(1).split()[2]) == len(mails[0])
+    [victim] = [f for f in (user.maildir / "cur").iterdir() if f.read_bytes() == mails[0]]
+    now = _changed(mails[0], how)
+    assert len(now) != len(mails[0])
+    victim.write_bytes(now)
+    resp, lines, _ = p.retr(1)
+    assert resp == b"+OK %d octets" % len(now)
+    assert b"\r\n".join(lines) + b"\r\n" == now
+    assert f"message changed since it was indexed user={user.name}" in srv.log()
+    assert b"\r\n".join(p.retr(2)[1]) + b"\r\n" == mails[1]
+    p.quit()
+
+
 # -- the Maildir unreadable (the server runs as nobody: root reads everything)
 
 
