@@ -124,3 +124,25 @@ def test_listing(benchmark, impl, command, n):
     expected = other.format_list(index.buf, n, deleted) if command == "LIST" else other.format_uidl(
         index.buf, n, index.names_off, deleted)
     assert out == expected
+
+
+def _bench_retr_reply() -> tuple[bytes, int]:
+    from fastpop.bench.spawn import MessageFactory
+
+    msg = MessageFactory(1).message("u", 1, 3700)
+    wire = (b"\r\n" + msg).replace(b"\r\n.", b"\r\n..")[2:]
+    return b"+OK %d octets\r\n" % len(msg) + wire + b".\r\n", len(msg)
+
+
+@pytest.mark.parametrize("impl", ["compiled", "python"])
+def test_bench_client_whole_retr(benchmark, impl):
+    """fastpop bench's in-place check of one 3.7 KB RETR reply (SHA-256 included)."""
+    from fastpop.bench import _wire_py
+
+    if impl == "compiled":
+        from fastpop.bench import _wire as mod
+    else:
+        mod = _wire_py
+    benchmark.group = "bench client: verify a whole 3.7 KB RETR reply"
+    reply, size = _bench_retr_reply()
+    assert benchmark(mod.whole_retr, reply) == size

@@ -13,10 +13,28 @@ from array import array
 
 import pytest
 
+from fastpop.bench import _wire_py
 from fastpop.bench import client as C
 from fastpop.bench import scenarios as S
 from fastpop.bench import spawn
 from fastpop.bench.load import LoadSpec, Worker, new_loop
+
+
+try:
+    from fastpop.bench import _wire
+except ImportError:  # not built, or built with FASTPOP_NO_EXTENSIONS
+    _wire = None
+
+
+@pytest.fixture(params=["compiled", "python"], autouse=True)
+def wire(request, monkeypatch):
+    """Every test runs with the compiled in-place RETR check and with its Python twin."""
+    impl = _wire if request.param == "compiled" else _wire_py
+    if impl is None:
+        pytest.skip("fastpop.bench._wire is not built")
+    for name in ("whole_retr", "verify_whole", "announced_size"):
+        monkeypatch.setattr(C, name, getattr(impl, name))
+    return impl
 
 
 class _Future:
@@ -296,3 +314,53 @@ def test_inlined_histogram_recording_matches_hdrh():
         (b.get_total_count(), b.get_min_value(), b.get_max_value())
     for p in (50, 90, 99, 99.9, 100):
         assert a.get_value_at_percentile(p) == b.get_value_at_percentile(p)
+
+
+STATUS_LINES = [b"+OK %d octets", b"+OK %d", b"+OK\t%d\toctets", b"+OK  %d", b"+OKAY %d", b"+OK", b"+OK octets %d",
+                b"+OK %dx octets", b"+OK 0%d", b"+OK 123456789012345678901234567890 octets", b"-ERR %d", b" +OK %d"]
+
+
+def _variants(msg: bytes) -> list[bytes]:
+    wire = _stuff(msg)
+    out = []
+    for status in STATUS_LINES:
+        line = status % len(msg) if b"%d" in status else status
+        out.append(line + b"\r\n" + wire + b".\r\n")
+    for corruption, (make, _) in CORRUPTIONS.items():
+        out.append(make(msg))
+    out += [
+        _retr_reply(msg, announced=len(msg) - 1),
+        _retr_reply(msg)[:-1],  # no terminator
+        _retr_reply(msg) + b"+OK\r\n",  # something after it
+        _retr_reply(msg, b"..Stuffed: yes\r\n" + wire, announced=len(msg) + 16),
+        _retr_reply(msg, b".x: y\r\n" + wire, announced=len(msg) + 6),
+        _retr_reply(msg, wire.replace(b"X-Fastpop-Bench-Sha256", b"x-fastpop-bench-sha256")),
+        _retr_reply(msg, wire.replace(b"\r\n\r\n", b"\r\n", 1)),  # no header block end
+        _retr_reply(b""), _retr_reply(b"", b"\r\n"), b"+OK\r\n.\r\n", b"+OK 0\r\n\r\n.\r\n", b"+OK", b"",
+    ]
+    digest_at = wire.find(b"Sha256: ") + 8
+    if digest_at < 8:
+        return out
+    out.append(_retr_reply(msg, wire[:digest_at] + wire[digest_at : digest_at + 64].upper() + wire[digest_at + 64 :]))
+    out.append(_retr_reply(msg, wire[:digest_at] + wire[digest_at : digest_at + 63] + wire[digest_at + 65 :]))
+    return out
+
+
+@pytest.mark.skipif(_wire is None, reason="fastpop.bench._wire is not built")
+def test_compiled_check_is_its_twin_and_never_kinder_than_the_reader():
+    msgs = _messages(4, seed=6) + [b"Subject: no checksum\r\n\r\nbody\r\n.dot\r\n"]
+    cases = [v for m in msgs for v in _variants(m)]
+    accepted = 0
+    for data in cases:
+        got = _wire.whole_retr(data)
+        assert got == _wire_py.whole_retr(data), data[:80]
+        i = data.find(b"\r\n")
+        if i >= 0:
+            assert _wire.announced_size(data[:i]) == _wire_py.announced_size(data[:i]), data[:i]
+        if got >= 0:  # accepted: the reader agrees, to the octet
+            accepted += 1
+            reader = C.MessageReader()
+            assert reader.feed(data[i + 2 :]) == len(data) - i - 2
+            assert reader.verify(_wire_py.announced_size(data[:i])) is None and reader.size == got
+            assert reader.expected is not None
+    assert accepted >= 4 * 6  # the honest variants of each seeded message

@@ -28,17 +28,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import ssl
 import time
 from typing import TYPE_CHECKING, Generator
 
+from fastpop.bench._wire_py import CHECKSUM_NAME
+
+# The in-place RETR check (see Session._whole_message), compiled unless absent or disabled.
+if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+    from fastpop.bench._wire_py import announced_size, verify_whole, whole_retr
+else:
+    try:
+        from fastpop.bench._wire import announced_size, verify_whole, whole_retr
+    except ImportError:
+        from fastpop.bench._wire_py import announced_size, verify_whole, whole_retr
+
 if TYPE_CHECKING:
     from fastpop.bench.load import Worker
 
-CHECKSUM_HEADER = b"x-fastpop-bench-sha256:"
-CHECKSUM_NAME = b"X-Fastpop-Bench-Sha256:"  # as the seeding writes it
-CHECKSUM_VALUE = len(CHECKSUM_NAME) + 1  # after ": "
-CHECKSUM_LINE = CHECKSUM_VALUE + 64  # a SHA-256 in hex
+CHECKSUM_HEADER = CHECKSUM_NAME.lower()
 
 # Latency labels: one histogram each.
 LABELS = (
@@ -53,11 +62,6 @@ SINGLE, MULTI, MESSAGE, HOLD = range(4)
 
 MAX_LINE = 8192  # RFC 2449 allows 512 octets per reply line; be generous
 _now = time.monotonic_ns
-_sha256 = hashlib.sha256
-
-# verified body (its SHA-256 in hex) -> lines in it that start with a stuffed dot
-_body_dots: dict[bytes, int] = {}
-BODY_DOTS_CACHE = 1 << 16
 
 Command = tuple  # (line: bytes | None, label: int, kind: int)
 Scenario = Generator[Command, object, None]
@@ -199,14 +203,6 @@ def _unstuff_lines(block: bytes) -> list[bytes]:
     return lines
 
 
-def _announced_size(status: bytes) -> int:
-    """'+OK 1234 octets' -> 1234; -1 when the server does not say."""
-    parts = status.split(None, 2)
-    if len(parts) >= 2 and parts[1].isdigit():
-        return int(parts[1])
-    return -1
-
-
 class Session(asyncio.Protocol):
     """One POP3 connection running one scenario.
 
@@ -284,6 +280,12 @@ class Session(asyncio.Protocol):
         pos = 0
         n = len(data)
         try:
+            if self._kind == MESSAGE and self._reader is None and not self.held:
+                # in lock-step a RETR reply is one read, whole: checked in one call
+                size = whole_retr(data)
+                if size >= 0:
+                    self._message_ok(size)
+                    return
             while pos < n and not self.finished:
                 reader = self._reader
                 if reader is not None:  # in a RETR reply, its status line already read
@@ -336,9 +338,9 @@ class Session(asyncio.Protocol):
                             if number.isdigit():
                                 announced = int(number)
                             else:
-                                announced = _announced_size(data[pos:i])
+                                announced = announced_size(data[pos:i])
                         else:
-                            announced = _announced_size(data[pos:i])
+                            announced = announced_size(data[pos:i])
                         # in lock-step the whole reply is usually this one piece: verify it in place
                         if n - 5 > i and data.endswith(b"\r\n.\r\n") and self._whole_message(data, i + 2, n - 5, announced):
                             return
@@ -377,57 +379,20 @@ class Session(asyncio.Protocol):
         raise SessionError("protocol", f"{LABELS[self._label]}: not a POP3 reply: {line[:60]!r}")
 
     def _whole_message(self, data: bytes, m: int, j: int, announced: int) -> bool:
-        """Verify a RETR message that lies whole in ``data``: its wire form is
-        ``data[m : j + 2]``, and ``data`` ends with the terminator at ``j``.
+        """True when ``verify_whole`` (see ``_wire_py``) accepts the message that lies
+        whole in ``data[m : j + 2]``, the terminator at ``j`` (the reply is then handled);
+        False when it cannot say, and the caller runs ``MessageReader`` over the same
+        bytes, which gives the verdict."""
+        size = verify_whole(data, m, j, announced)
+        if size < 0:
+            return False
+        self._message_ok(size)
+        return True
 
-        True when it is intact (and the reply is handled); False when this
-        fast path cannot say: no header block, no checksum header in the
-        exact form the seeding writes, a "." line in the header, a checksum
-        or size that does not match.  The caller then runs ``MessageReader``
-        over the same bytes, which gives the verdict.  So this path only ever
-        accepts what the reader accepts, with the same size: the checks are
-        the reader's (``MessageReader._lines``, ``_checksum`` and ``verify``),
-        on offsets.
-
-        The terminator is taken to be the one that ends the data without a
-        scan for an earlier one: the header block is searched for a "." line
-        here, and the body is the one the checksum was made of, as a correct
-        server stuffs it, so it holds none.
-        """
-        # (indexing, not startswith/find, where one octet or two say it: a bytes method call
-        # costs more than the search)
-        first = data[m]
-        if first == 13 or (first == 46 and data[m + 1] == 13):
-            return False  # no header block, or a "." line first
-        h = data.find(b"\r\n\r\n", m, j + 2)  # the header block is data[m : h + 2], the body data[h + 4 : j + 2]
-        if h < 0 or data.find(b"\n.\r\n", m, h + 4) >= 0:
-            return False
-        k = data.find(CHECKSUM_NAME, m, h + 2)
-        if k < 0 or (k > m and data[k - 1] != 10):
-            return False
-        # ": " and 64 octets, then the line's CRLF (the first after the name: the hex digest
-        # it is compared with has none)
-        e = k + CHECKSUM_LINE
-        if e > h or data[e] != 13 or data[e + 1] != 10 or data[k + CHECKSUM_VALUE - 1] != 32:
-            return False
-        expected = data[k + CHECKSUM_VALUE : e]
-        if _sha256(memoryview(data)[h + 4 : j + 2]).hexdigest().encode() != expected:
-            return False
-        # the unstuffed size: wire octets less one per stuffed line ("\n..").  The body's
-        # count is a function of the body, which the checksum just verified: counted once
-        # per distinct body
-        dots = _body_dots.get(expected)
-        if dots is None:
-            dots = data.count(b"\n..", h + 3, j + 2)
-            if len(_body_dots) < BODY_DOTS_CACHE:
-                _body_dots[expected] = dots
-        size = j + 2 - m - dots - data.count(b"\n..", m, h + 2) - (first == 46 and data[m + 1] == 46)
-        if announced >= 0 and announced != size:
-            return False
+    def _message_ok(self, size: int) -> None:
         self.messages += 1
         self.octets += size
         self._reply(size)
-        return True
 
     def _message_done(self) -> None:
         reader = self._reader
