@@ -9,8 +9,9 @@ default) and starts, all on 127.0.0.1:
 - fastpop (``python -m fastpop serve``),
 - Dovecot (Debian's dovecot-pop3d) from fastpop/bench/dovecot.conf.in:
   passwd-file, Maildir, its high-performance process settings,
-- the trivial canned responder (``fastpop bench trivial-server``), which
-  shows what the load generator itself can do on this machine.
+- the trivial canned responder (``fastpop bench trivial-server``, its
+  compiled engine), which shows what the load generator itself can do on
+  this machine.
 Every server gets a warm-up pass over all mailboxes, then each scenario
 runs against each server back to back with the same client settings, and
 the table gives both with the ratios.  Server CPU is summed over each
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mailboxes", type=int, default=200)
     p.add_argument("--messages", type=int, default=20)
     p.add_argument("--message-size", default="3700")
-    p.add_argument("-c", "--connections", type=int, default=16)
+    p.add_argument("-c", "--connections", type=int, default=64,
+                   help="closed loop: concurrent sessions per server (default 64: with fewer the generator waits "
+                        "on round trips and wakes per reply, and its CPU per session rises; see benchmarks/README.md)")
     p.add_argument("-p", "--procs", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("-d", "--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
     p.add_argument("-w", "--warmup", type=float, default=1.0)
