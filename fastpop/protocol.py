@@ -616,8 +616,13 @@ class POP3Protocol(asyncio.Protocol):
         ctx = self._ctx
         if self._state == AUTHORIZATION:
             self._out.append(ctx.capa_for(not self._secure, self._secure or self._trusted))
-        else:
-            self._out.append(ctx.capa_transaction)
+            return
+        capa = ctx.capa_transaction
+        default = ctx.config.login_delay
+        delay = _login_delay(self._user, default)
+        if delay != default:  # RFC 2449: after login, the value that applies to this user
+            capa = capa.replace(b"\r\nLOGIN-DELAY %d\r\n" % default, b"\r\nLOGIN-DELAY %d\r\n" % delay)
+        self._out.append(capa)
 
     # ----------------------------------------------------------- STLS, UTF8
 

@@ -172,6 +172,9 @@ def test_login_delay(tmp_path, parser):
             c = Conn(srv.port)
             assert c.cmd(f"USER {user.name}") == b"+OK\r\n"
             assert c.cmd(f"PASS {user.password}") == b"+OK Logged in.\r\n"
+            # RFC 2449: after login, CAPA gives the delay that applies to this user
+            expect = {everyone.name: 1, slow.name: 3600, free.name: 0}[user.name]
+            assert b"LOGIN-DELAY %d" % expect in c.multi("CAPA")
             c.cmd("QUIT")
             c = Conn(srv.port)
             c.cmd(f"USER {user.name}")
