@@ -787,9 +787,7 @@ class POP3Protocol(asyncio.Protocol):
                 fd = os.open(renamed, os.O_RDONLY | os.O_CLOEXEC)
                 path = renamed
         except OSError as exc:
-            log.error("cannot open message user=%s file=%s: %s", self._user.name, path, exc)
-            self._out.append(R.ERR_MESSAGE_TEMP)
-            return
+            return self._unreadable("open", path, exc)
         indexed_size = size
         try:
             # The index knows the file's size: a small message is one read,
@@ -806,9 +804,7 @@ class POP3Protocol(asyncio.Protocol):
                     data = os.read(fd, size + 1)  # +1: read to EOF even if the file grew
         except OSError as exc:
             os.close(fd)
-            log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
-            self._out.append(R.ERR_MESSAGE_TEMP)
-            return
+            return self._unreadable("read", path, exc)
         if small and len(data) != indexed_size or not small and size != indexed_size:
             # Sent as it is now, so the octet count must be of what is sent, not LIST's
             pop3_size = self._changed_size(fd, path, data if small else None, indexed_size, size)
@@ -828,9 +824,7 @@ class POP3Protocol(asyncio.Protocol):
             )
         except (OSError, ValueError) as exc:
             os.close(fd)
-            log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
-            self._out.append(R.ERR_MESSAGE_TEMP)
-            return
+            return self._unreadable("read", path, exc)
         self._out.append(status)
         self._flush()
         self._stream = stream
@@ -845,12 +839,17 @@ class POP3Protocol(asyncio.Protocol):
             sent = pop3_size_of(data) if data is not None else pop3_size(path)
         except OSError as exc:
             os.close(fd)
-            log.error("cannot read message user=%s file=%s: %s", self._user.name, path, exc)
-            self._out.append(R.ERR_MESSAGE_TEMP)
+            self._unreadable("read", path, exc)
             return -1
         log.warning("message changed since it was indexed user=%s file=%s indexed_size=%d size=%d",
                     self._user.name, path, indexed_size, size)
         return sent
+
+    def _unreadable(self, what: str, path: str, exc: Exception) -> None:
+        """A message that cannot be opened or read: logged, and [SYS/PERM] when only an
+        administrator can mend it (permissions), as at login; else [SYS/TEMP]."""
+        log.error("cannot %s message user=%s file=%s: %s", what, self._user.name, path, exc)
+        self._out.append(R.ERR_MESSAGE_PERM if is_permanent(exc) else R.ERR_MESSAGE_TEMP)
 
     def _can_sendfile(self) -> bool:
         """sendfile(2) needs the plain socket: not through TLS, not when disabled."""

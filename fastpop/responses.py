@@ -37,6 +37,7 @@ ERR_MAILBOX_TEMP = b"-ERR [SYS/TEMP] Mailbox is temporarily unavailable.\r\n"
 ERR_MAILBOX_PERM = b"-ERR [SYS/PERM] Mailbox cannot be opened.\r\n"
 ERR_MESSAGE_GONE = b"-ERR [SYS/PERM] Message was removed by another program.\r\n"
 ERR_MESSAGE_TEMP = b"-ERR [SYS/TEMP] Message cannot be read now.\r\n"
+ERR_MESSAGE_PERM = b"-ERR [SYS/PERM] Message cannot be read.\r\n"
 ERR_NOT_ALL_DELETED = b"-ERR [SYS/TEMP] Some deleted messages could not be removed.\r\n"
 ERR_AUTH_UNAVAILABLE = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"
 
