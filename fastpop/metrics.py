@@ -222,7 +222,7 @@ def metered_class(base: type) -> type:
             ctx = self._ctx
             last = ctx.last_logins
             # (LastLogins holds only users with a LOGIN-DELAY: usually nobody, then nothing to ask)
-            if last._last and last.too_soon(user.name, _login_delay(user, ctx.config.login_delay)):
+            if last.active() and last.too_soon(user.name, _login_delay(user, ctx.config.login_delay)):
                 self._failed("login_delay")
             super()._login_succeeded(user)
 

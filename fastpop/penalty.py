@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import mmap
 import os
 import time
 from collections import OrderedDict
@@ -207,22 +208,70 @@ class PenaltyBox:
 
 
 class LastLogins:
-    """Time of each user's last login, for LOGIN-DELAY; bounded by expiry."""
+    """Time of each user's last login, for LOGIN-DELAY; bounded by expiry.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
+    Within a process the table is exact.  The workers of one server share
+    the listening sockets, so a user's next login may reach another worker:
+    with ``workers`` > 1 each worker also writes its logins into its own row
+    of a shared memory table (made before the fork; ``use_row`` in the
+    worker), a slot per 64-bit hash of the name, and reads every row.  A
+    login another worker recorded is missed only if a later login of a
+    user whose hash falls in the same slot overwrote it (that login then
+    goes through early); nobody is refused for another user's login, as
+    the whole 64-bit key must match.
+    """
+
+    SLOTS = 1 << 16  # per worker: 1 MiB
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, workers: int = 1) -> None:
+        self.clock = clock  # shared rows need a clock common to all processes: CLOCK_MONOTONIC
         self._last: OrderedDict[str, tuple[float, float]] = OrderedDict()  # user -> (time, delay)
+        self.workers = workers
+        self._row = 0
+        if workers > 1:
+            self._map = mmap.mmap(-1, workers * self.SLOTS * 16, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            self._keys = memoryview(self._map).cast("Q")  # slot i: key at 2i, login time at 2i + 1
+            self._times = memoryview(self._map).cast("d")
+
+    def use_row(self, worker: int) -> None:
+        """In a worker: record into row ``worker``."""
+        self._row = worker * self.SLOTS * 2
+
+    @staticmethod
+    def _key(user: str) -> int:
+        # never 0 (an empty slot)
+        return int.from_bytes(hashlib.blake2b(user.encode("utf-8", "surrogateescape"), digest_size=8).digest(),
+                              "little") | 1
 
     def too_soon(self, user: str, delay: float) -> bool:
         if delay <= 0:
             return False
         seen = self._last.get(user)
-        return seen is not None and self.clock() - seen[0] < delay
+        now = self.clock()
+        if seen is not None and now - seen[0] < delay:
+            return True
+        if self.workers > 1:
+            key = self._key(user)
+            keys, times = self._keys, self._times
+            slot = (key >> 1) % self.SLOTS * 2
+            for row in range(0, self.workers * self.SLOTS * 2, self.SLOTS * 2):
+                i = row + slot
+                if keys[i] == key:
+                    when = times[i + 1]
+                    if keys[i] == key and now - when < delay:  # (the key again: not overwritten meanwhile)
+                        return True
+        return False
 
     def record(self, user: str, delay: float) -> None:
         if delay <= 0:
             return
         now = self.clock()
+        if self.workers > 1:
+            key = self._key(user)
+            i = self._row + (key >> 1) % self.SLOTS * 2
+            self._keys[i] = 0  # while the time changes, nobody takes it for anyone's
+            self._times[i + 1] = now
+            self._keys[i] = key
         self._last.pop(user, None)
         self._last[user] = (now, delay)
         # Entries are in login order; drop the expired ones at the front.
@@ -231,3 +280,7 @@ class LastLogins:
             if now - when < d and len(self._last) <= 1_000_000:
                 break
             del self._last[name]
+
+    def active(self) -> bool:
+        """Whether any login with a delay may be on record (metrics ask before they look)."""
+        return bool(self._last) or self.workers > 1

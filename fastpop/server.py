@@ -19,6 +19,7 @@ from fastpop import __version__
 from fastpop.auth import Authenticator
 from fastpop.config import Config, parse_address
 from fastpop.limits import ConnectionTable, connections_per_worker, raise_descriptor_limit
+from fastpop.penalty import LastLogins
 from fastpop.locking import mailbox_locks
 from fastpop.parser import PARSER_IMPL
 from fastpop.protocol import POP3Protocol
@@ -30,7 +31,7 @@ class ServerContext:
     """What every session of one server shares."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
-                 connections: ConnectionTable | None = None) -> None:
+                 connections: ConnectionTable | None = None, last_logins: LastLogins | None = None) -> None:
         assert config.passwd_file is not None
         self.config = config
         self.loop = loop
@@ -47,12 +48,12 @@ class ServerContext:
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
         self.metrics = None  # a fastpop.metrics.Counters when metrics are on
-        self._init_security(config)
+        self._init_security(config, last_logins)
 
-    def _init_security(self, config: Config) -> None:
+    def _init_security(self, config: Config, last_logins: LastLogins | None = None) -> None:
         """TLS, SASL, penalties and limits (fastpop.tls, .sasl, .penalty, .oauth)."""
         from fastpop import sasl
-        from fastpop.penalty import LastLogins, Networks, PenaltyBox
+        from fastpop.penalty import Networks, PenaltyBox
 
         self.tls = None
         if config.tls_cert is not None:
@@ -64,7 +65,7 @@ class ServerContext:
             config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
             per_user=config.auth_penalty_per_user,
         )
-        self.last_logins = LastLogins()
+        self.last_logins = last_logins or LastLogins()  # a worker's: shared with the others
         self.secret = os.urandom(32)  # stable fake SCRAM salts for unknown users, per process
         self.oauth_validator = None
         if config.oauth_validator:
@@ -220,11 +221,12 @@ async def start(
     sockets: list[socket.socket] | None = None,
     tls_sockets: list[socket.socket] | None = None,
     connections: ConnectionTable | None = None,
+    last_logins: LastLogins | None = None,
 ) -> tuple[ServerContext, list[asyncio.AbstractServer]]:
     """Open every listener (or serve the given listening sockets, one per
     configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
-    ctx = ServerContext(config, loop, connections)
+    ctx = ServerContext(config, loop, connections, last_logins)
     if config.metrics_listen:  # metrics off: the plain protocol, nothing counted
         from fastpop.metrics import Counters
 
@@ -289,6 +291,7 @@ async def serve(
     lmtp: bool = True,
     reload: Callable[[], Config] | None = None,
     connections: ConnectionTable | None = None,
+    last_logins: LastLogins | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
     ``reload()``'s configuration (the config file read again)."""
@@ -310,7 +313,7 @@ async def serve(
                 from fastpop.workers import listening_socket
 
                 sockets = sockets + [listening_socket(a) for a in config.proxy_listen + config.proxy_listen_tls]
-    ctx, servers = await start(config, sockets, tls_sockets, connections)
+    ctx, servers = await start(config, sockets, tls_sockets, connections, last_logins)
     process_metrics = None
     if ctx.metrics is not None:
         from fastpop.metrics import ProcessMetrics
@@ -431,9 +434,10 @@ def run_worker(
     lmtp: bool = True,
     reload: Callable[[], Config] | None = None,
     connections: ConnectionTable | None = None,
+    last_logins: LastLogins | None = None,
 ) -> None:
     loop = new_event_loop(config.loop)
     try:
-        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections))
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections, last_logins))
     finally:
         loop.close()

@@ -25,6 +25,7 @@ import time
 from typing import Callable
 
 from fastpop.config import Config, parse_address
+from fastpop.penalty import LastLogins
 from fastpop.server import connection_table
 
 log = logging.getLogger("fastpop.workers")
@@ -61,6 +62,7 @@ class Supervisor:
         self.reload = reload
         # Shared before forking: every worker counts its connections in its row.
         self.connections = connection_table(config, config.workers)
+        self.last_logins = LastLogins(workers=config.workers)  # LOGIN-DELAY across workers
         self.stop_deadline: float | None = None
         self.addresses = config.listen + config.proxy_listen + config.proxy_listen_tls  # server.start splits them
         self.tls_addresses = list(config.listen_tls)
@@ -116,8 +118,9 @@ class Supervisor:
                 from fastpop import server
 
                 self.connections.use_row(index)
+                self.last_logins.use_row(index)
                 server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload,
-                                  connections=self.connections)
+                                  connections=self.connections, last_logins=self.last_logins)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)

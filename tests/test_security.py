@@ -396,3 +396,34 @@ def test_address_keys_and_networks():
     assert logins.too_soon("alice", 60) and not logins.too_soon("bob", 60) and not logins.too_soon("alice", 0)
     clock.now += 61
     assert not logins.too_soon("alice", 60)
+
+
+class _OneSlot(LastLogins):
+    SLOTS = 1  # every user in the same slot: the 64-bit key must tell them apart
+
+
+@pytest.mark.parametrize("table", [LastLogins, _OneSlot])
+def test_last_logins_shared_between_workers(table):
+    """A login recorded in one worker's row is seen by the other's; never another user's."""
+    logins = table(workers=2)
+    logins.use_row(0)
+    pid = os.fork()
+    if pid == 0:  # worker 1
+        logins.use_row(1)
+        logins.record("alice", 60)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert logins.too_soon("alice", 60) and not logins.too_soon("alice", 0)
+    assert not logins.too_soon("bob", 60)  # same slot in _OneSlot, another key
+    assert not logins.too_soon("alice", 1e-9)  # the delay counts from the login
+    logins.record("bob", 60)  # this worker's row
+    assert logins.too_soon("bob", 60) and logins.too_soon("alice", 60)
+    pid = os.fork()
+    if pid == 0:
+        logins.use_row(1)
+        ok = logins.too_soon("bob", 60) and logins.too_soon("alice", 60)
+        logins.record("carol", 60)  # in _OneSlot: overwrites alice in row 1
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert logins.too_soon("carol", 60) and logins.too_soon("bob", 60)
+    assert logins.too_soon("alice", 60) is (table is LastLogins)  # overwritten: a miss, never a wrong refusal

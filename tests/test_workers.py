@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import poplib
 import signal
 import time
 
@@ -38,6 +39,34 @@ def test_connections_land_on_more_than_one_worker(workers):
             break
     assert len(pids) == 2
     assert workers.proc.pid not in pids  # the supervisor accepts nothing itself
+
+
+def test_login_delay_holds_across_workers(tmp_path):
+    """A user's next login may reach the other worker: LOGIN-DELAY must hold there too."""
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2", "--login-delay", "60"])
+    srv.start()
+    try:
+        user = srv.add_user([message("hi")])
+        other = srv.add_user([message("hi")])
+        p = user.login()
+        first = _worker_pid(p)
+        p.quit()
+        refused_by = set()
+        for _ in range(60):
+            p = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+            refused_by.add(_worker_pid(p))
+            p.user(user.name)
+            with pytest.raises(poplib.error_proto) as e:
+                p.pass_(user.password)
+            assert e.value.args[0].startswith(b"-ERR [LOGIN-DELAY]"), e.value.args[0]
+            p.quit()
+            if len(refused_by) > 1:
+                break
+        assert len(refused_by) == 2 and first in refused_by  # both workers refused it
+        other.login().quit()  # another user is not held back by it
+        assert "Traceback" not in srv.log()
+    finally:
+        assert srv.stop() == 0
 
 
 def test_killed_worker_is_replaced_and_its_mailbox_lock_released(workers):
