@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -48,19 +49,28 @@ def responder(request):
     yield run
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
+        try:
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def converse(port: int, *pieces: bytes, pause: float = 0.0) -> bytes:
-    """Sends the pieces (pausing between them), then reads until the server closes."""
+    """Sends the pieces (pausing between them), then reads until the server closes
+    (a reset, when it closes with our octets unread, ends the reading too)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         for piece in pieces:
             s.sendall(piece)
             if pause:
                 time.sleep(pause)
         out = bytearray()
-        while chunk := s.recv(65536):
-            out += chunk
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except ConnectionResetError:
+            pass
     return bytes(out)
 
 
@@ -84,6 +94,27 @@ def test_transcript_dribbled_a_few_octets_at_a_time(responder):
     port = responder("--messages", "3", "--message-size", "900")
     pieces = [SCRIPT[i : i + 3] for i in range(0, len(SCRIPT), 3)]
     assert converse(port, *pieces, pause=0.001) == expected_transcript(3, "900")
+
+
+ODD_INPUT = {
+    "two spaces": (b"RETR  1\r\nQUIT\r\n", ["no", "bye"]),
+    "trailing space": (b"RETR 1 \r\nQUIT\r\n", ["no", "bye"]),
+    "a sign": (b"RETR +1\r\nQUIT\r\n", ["no", "bye"]),
+    "bare LF": (b"STAT\nQUIT\n", ["stat", "bye"]),
+    "an over-long tail after a command": (b"STAT\r\n" + b"x" * 1100, ["stat"]),
+    "the longest line": (b"x" * 1022 + b"\r\nQUIT\r\n", ["ok", "bye"]),
+    "one octet longer": (b"x" * 1023 + b"\r\nQUIT\r\n", []),
+    "much longer, in one write": (b"x" * 3000 + b"\r\nQUIT\r\n", []),
+}
+
+
+@pytest.mark.parametrize("case", ODD_INPUT)
+def test_odd_input_answered_alike(responder, case):
+    port = responder("--messages", "3", "--message-size", "200")
+    st = trivial.TrivialState(3, trivial.SizeDistribution.parse("200"))
+    replies = {"no": b"-ERR no such message\r\n", "bye": b"+OK bye\r\n", "stat": st.stat, "ok": b"+OK\r\n"}
+    data, expect = ODD_INPUT[case]
+    assert converse(port, data) == b"+OK trivial ready\r\n" + b"".join(replies[r] for r in expect)
 
 
 def test_capa_names_the_engine(responder):
@@ -145,3 +176,43 @@ def test_clients_that_vanish_mid_reply_do_not_stop_it(responder):
     finally:
         for s in socks:
             s.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_under_load_stops_it(engine):
+    """A signal that lands while the loop is busy (not waiting in epoll) still stops it."""
+    for _ in range(3):
+        proc, port = start(engine)
+        stop = threading.Event()
+
+        def load():
+            socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+            for s in socks:
+                s.setblocking(False)
+            while not stop.is_set():
+                for s in socks:
+                    try:
+                        s.send(b"NOOP\r\n" * 50)
+                        s.recv(1 << 16)
+                    except OSError:
+                        pass
+            for s in socks:
+                s.close()
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        try:
+            assert proc.wait(5) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -14,9 +14,10 @@ time: while a reply is still being sent, the connection's input waits.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, EMFILE, ENFILE, errno
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memmove
+from libc.time cimport time, time_t
 
 
 cdef extern from "<sys/epoll.h>" nogil:
@@ -33,6 +34,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLOUT
         EPOLL_CTL_ADD
         EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
         EPOLL_CLOEXEC
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -81,6 +83,9 @@ cdef class TrivialEngine:
 
     cdef int epfd
     cdef int listen_fd
+    cdef int wakeup_fd  # signal.set_wakeup_fd's: readable when a signal came
+    cdef bint accepting  # False while out of descriptors
+    cdef time_t resume_at  # then: when to try again
     cdef object keep  # the Python objects whose buffers the replies point into
     cdef const char** retr
     cdef Py_ssize_t* retr_len
@@ -108,11 +113,15 @@ cdef class TrivialEngine:
         self.corrupted = NULL
         self.corrupted_len = NULL
 
-    def __init__(self, int listen_fd, state, bytes capa, int max_fd=65536):
-        """``state`` is a ``trivial.TrivialState``; ``listen_fd`` a non-blocking listening socket."""
+    def __init__(self, int listen_fd, int wakeup_fd, state, bytes capa, int max_fd=65536):
+        """``state`` is a ``trivial.TrivialState``; ``listen_fd`` a non-blocking listening
+        socket; ``wakeup_fd`` the read end of the non-blocking pair given to
+        ``signal.set_wakeup_fd``, so that a signal wakes the loop wherever it lands."""
         cdef Py_ssize_t i
         cdef bytes b
         self.listen_fd = listen_fd
+        self.wakeup_fd = wakeup_fd
+        self.accepting = True
         self.keep = (state, capa, list(state.retr), list(state.corrupted))
         self.messages = len(state.retr)
         self.retr = <const char**>malloc(sizeof(char*) * (self.messages + 1))
@@ -158,31 +167,42 @@ cdef class TrivialEngine:
 
     def serve(self) -> None:
         """Runs the loop; returns only by an exception (a signal handler's, or OSError)."""
-        cdef epoll_event ev
         cdef epoll_event events[MAX_EVENTS]
         cdef int n, i, fd
+        cdef char drain[64]
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             PyErr_SetFromErrno(OSError)  # raises
-        ev.events = EPOLLIN
-        ev.data.fd = self.listen_fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd, &ev) < 0:
-            PyErr_SetFromErrno(OSError)  # raises
+        self._watch(self.listen_fd, EPOLL_CTL_ADD)
+        self._watch(self.wakeup_fd, EPOLL_CTL_ADD)
         while True:
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, -1)
-            if n < 0:
-                if errno != EINTR:
-                    PyErr_SetFromErrno(OSError)  # raises
-                PyErr_CheckSignals()  # runs the signal handlers; their exception ends the loop
-                continue
+            # out of descriptors, the listening socket (level-triggered) is left out
+            # of the set for a while rather than spun on
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, -1 if self.accepting else 100)
+            if n < 0 and errno != EINTR:
+                PyErr_SetFromErrno(OSError)  # raises
+            PyErr_CheckSignals()  # runs the signal handlers; their exception ends the loop
+            if not self.accepting and time(NULL) >= self.resume_at:
+                self.accepting = True
+                self._watch(self.listen_fd, EPOLL_CTL_ADD)
             for i in range(n):
                 fd = events[i].data.fd
                 if fd == self.listen_fd:
                     self._accept()
+                elif fd == self.wakeup_fd:
+                    while read(fd, drain, sizeof(drain)) > 0:
+                        pass
                 elif events[i].events & EPOLLOUT:
                     self._flush(fd)
                 else:
                     self._readable(fd)
+
+    cdef void _watch(self, int fd, int op) except *:
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, op, fd, &ev) < 0:
+            PyErr_SetFromErrno(OSError)
 
     cdef void _accept(self):
         cdef int fd
@@ -191,7 +211,11 @@ cdef class TrivialEngine:
         while True:
             fd = accept4(self.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
-                return  # EAGAIN, or out of descriptors: epoll says again when it can
+                if errno == EMFILE or errno == ENFILE:
+                    self.accepting = False
+                    self.resume_at = time(NULL) + 1
+                    epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd, &ev)
+                return
             if fd >= self.max_fd:
                 close(fd)
                 continue

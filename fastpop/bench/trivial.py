@@ -50,7 +50,7 @@ class TrivialState:
         self.retr_count = 0
 
 
-LINE_LIMIT = 1024  # a command line this long (without its CRLF) closes the connection
+LINE_LIMIT = 1024  # a command line this long (before its LF, a CR included) closes the connection
 CAPA = b"+OK\r\nUSER\r\nUIDL\r\nTOP\r\nPIPELINING\r\nSASL PLAIN\r\nIMPLEMENTATION trivial\r\n.\r\n"
 
 
@@ -66,30 +66,30 @@ class TrivialProtocol(asyncio.Protocol):
         transport.write(b"+OK trivial ready\r\n")
 
     def data_received(self, data: bytes) -> None:
+        # Framed as the compiled engine frames: a line ends at LF (a CR before it is
+        # dropped); one of LINE_LIMIT octets or more before its LF closes the connection,
+        # once the lines before it are answered.
         if self.buf:
             data = self.buf + data
-        lines = data.split(b"\r\n")
+        lines = data.split(b"\n")
         self.buf = lines.pop()
-        if len(self.buf) >= LINE_LIMIT:  # as the compiled engine: no line ends in sight
-            self.transport.close()
-            return
-        out = []
+        out: list[bytes] = []
         st = self.state
         for line in lines:
+            if len(line) >= LINE_LIMIT:
+                return self._close(out)
+            if line[-1:] == b"\r":
+                line = line[:-1]
             word = line[:4].upper()
             if word == b"RETR":
-                try:
-                    i = int(line[5:]) - 1
-                    reply = st.retr[i] if i >= 0 else None
-                except (ValueError, IndexError):
-                    reply = None
-                if reply is None:
+                arg = line[5:]
+                i = int(arg) - 1 if arg.isdigit() else -1
+                if not 0 <= i < len(st.retr):
                     out.append(b"-ERR no such message\r\n")
                     continue
                 st.retr_count += 1
-                if st.corrupt and st.retr_count % st.corrupt == 0:
-                    reply = st.corrupted[i]
-                out.append(reply)
+                corrupt = st.corrupt and st.retr_count % st.corrupt == 0
+                out.append(st.corrupted[i] if corrupt else st.retr[i])
             elif word == b"STAT":
                 out.append(st.stat)
             elif word == b"UIDL":
@@ -100,13 +100,18 @@ class TrivialProtocol(asyncio.Protocol):
                 out.append(CAPA)
             elif word == b"QUIT":
                 out.append(b"+OK bye\r\n")
-                self.transport.write(b"".join(out))
-                self.transport.close()
-                return
+                return self._close(out)
             else:  # USER, PASS, AUTH, DELE, NOOP, RSET: all fine
                 out.append(b"+OK\r\n")
+        if len(self.buf) >= LINE_LIMIT:
+            return self._close(out)
         if out:
             self.transport.write(b"".join(out))
+
+    def _close(self, out: list[bytes]) -> None:
+        if out:
+            self.transport.write(b"".join(out))
+        self.transport.close()
 
 
 async def serve(host: str, port: int, state: TrivialState, ready=None) -> None:
@@ -136,29 +141,36 @@ def serve_compiled(host: str, port: int, state: TrivialState) -> None:
     """Runs the compiled engine until SIGTERM or SIGINT."""
     engine_class = compiled_engine()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    wake_r, wake_w = socket.socketpair()
+    with socket.socket(family, socket.SOCK_STREAM) as sock, wake_r, wake_w:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
         sock.bind((host, port))
         sock.listen(4096)
-        sock.setblocking(False)
+        for s in (sock, wake_r, wake_w):
+            s.setblocking(False)
         addr = sock.getsockname()
-        engine = engine_class(sock.fileno(), state, CAPA.replace(b"trivial\r\n", b"trivial-compiled\r\n"))
-
-        class Stop(Exception):
-            pass
-
-        def stop(signum, frame):
-            raise Stop
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, stop)
-        print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, compiled engine)",
-              file=sys.stderr, flush=True)
+        engine = engine_class(sock.fileno(), wake_r.fileno(), state,
+                              CAPA.replace(b"trivial\r\n", b"trivial-compiled\r\n"))
+        # a signal wakes the loop through the socket pair wherever it lands (in epoll_wait or not)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, stop)
+            print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, compiled engine)",
+                  file=sys.stderr, flush=True)
             engine.serve()
         except Stop:
             pass
+        finally:
+            signal.set_wakeup_fd(-1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
