@@ -218,10 +218,14 @@ class LastLogins:
     login another worker recorded is missed only if a later login of a
     user whose hash falls in the same slot overwrote it (that login then
     goes through early); nobody is refused for another user's login, as
-    the whole 64-bit key must match.
+    the whole 64-bit key must match and a per-slot sequence number (a
+    seqlock: one writer per row) shows a slot rewritten while it was read.
+    (That relies on stores being seen in order, as on x86-64; on weaker
+    memory models a rare torn read can only misjudge one login's delay.)
     """
 
-    SLOTS = 1 << 16  # per worker: 1 MiB
+    SLOTS = 1 << 16  # per worker: 1.5 MiB
+    _WORDS = 3  # per slot: a sequence number (odd while its owner writes), the key, the login time
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, workers: int = 1) -> None:
         self.clock = clock  # shared rows need a clock common to all processes: CLOCK_MONOTONIC
@@ -229,13 +233,14 @@ class LastLogins:
         self.workers = workers
         self._row = 0
         if workers > 1:
-            self._map = mmap.mmap(-1, workers * self.SLOTS * 16, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-            self._keys = memoryview(self._map).cast("Q")  # slot i: key at 2i, login time at 2i + 1
-            self._times = memoryview(self._map).cast("d")
+            self._stride = self.SLOTS * self._WORDS
+            self._map = mmap.mmap(-1, workers * self._stride * 8, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            self._words = memoryview(self._map).cast("Q")
+            self._times = memoryview(self._map).cast("d")  # the same words, read as times
 
     def use_row(self, worker: int) -> None:
         """In a worker: record into row ``worker``."""
-        self._row = worker * self.SLOTS * 2
+        self._row = worker * self.SLOTS * self._WORDS
 
     @staticmethod
     def _key(user: str) -> int:
@@ -252,26 +257,31 @@ class LastLogins:
             return True
         if self.workers > 1:
             key = self._key(user)
-            keys, times = self._keys, self._times
-            slot = (key >> 1) % self.SLOTS * 2
-            for row in range(0, self.workers * self.SLOTS * 2, self.SLOTS * 2):
+            words, times = self._words, self._times
+            slot = (key >> 1) % self.SLOTS * self._WORDS
+            for row in range(0, self.workers * self._stride, self._stride):
                 i = row + slot
-                if keys[i] == key:
-                    when = times[i + 1]
-                    if keys[i] == key and now - when < delay:  # (the key again: not overwritten meanwhile)
-                        return True
+                seq = words[i]
+                if seq & 1 or words[i + 1] != key:
+                    continue  # being written (taken as a miss), or another user's
+                when = times[i + 2]
+                if words[i] == seq and now - when < delay:  # a seqlock: unchanged while read
+                    return True
         return False
 
     def record(self, user: str, delay: float) -> None:
         if delay <= 0:
             return
         now = self.clock()
-        if self.workers > 1:
+        if self.workers > 1:  # (one writer per row: this worker)
             key = self._key(user)
-            i = self._row + (key >> 1) % self.SLOTS * 2
-            self._keys[i] = 0  # while the time changes, nobody takes it for anyone's
-            self._times[i + 1] = now
-            self._keys[i] = key
+            i = self._row + (key >> 1) % self.SLOTS * self._WORDS
+            words = self._words
+            seq = words[i]
+            words[i] = seq + 1  # odd: readers skip the slot
+            words[i + 1] = key
+            self._times[i + 2] = now
+            words[i] = seq + 2
         self._last.pop(user, None)
         self._last[user] = (now, delay)
         # Entries are in login order; drop the expired ones at the front.

@@ -103,7 +103,7 @@ class ServerContext:
                     setattr(config, name, getattr(old, name))
             self.config = config
             tls, penalty = self.tls, self.penalty
-            self._init_security(config)
+            self._init_security(config, self.last_logins)  # the logins so far, and the workers' shared rows
             if tls is not None and self.tls is not None:
                 # Keep the manager the implicit-TLS listeners' SNI callback asks.
                 tls.cert, tls.key, tls.min_version = config.tls_cert, config.tls_key, config.tls_min_version

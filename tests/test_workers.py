@@ -41,8 +41,25 @@ def test_connections_land_on_more_than_one_worker(workers):
     assert workers.proc.pid not in pids  # the supervisor accepts nothing itself
 
 
+def _refusing_workers(srv, user) -> set[int]:
+    """Logins of ``user`` until two workers have refused one; every one must be refused."""
+    refused_by = set()
+    for _ in range(60):
+        p = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+        refused_by.add(_worker_pid(p))
+        p.user(user.name)
+        with pytest.raises(poplib.error_proto) as e:
+            p.pass_(user.password)
+        assert e.value.args[0].startswith(b"-ERR [LOGIN-DELAY]"), e.value.args[0]
+        p.quit()
+        if len(refused_by) > 1:
+            break
+    return refused_by
+
+
 def test_login_delay_holds_across_workers(tmp_path):
-    """A user's next login may reach the other worker: LOGIN-DELAY must hold there too."""
+    """A user's next login may reach the other worker: LOGIN-DELAY must hold there too,
+    and after a SIGHUP."""
     srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2", "--login-delay", "60"])
     srv.start()
     try:
@@ -51,19 +68,15 @@ def test_login_delay_holds_across_workers(tmp_path):
         p = user.login()
         first = _worker_pid(p)
         p.quit()
-        refused_by = set()
-        for _ in range(60):
-            p = poplib.POP3("127.0.0.1", srv.port, timeout=10)
-            refused_by.add(_worker_pid(p))
-            p.user(user.name)
-            with pytest.raises(poplib.error_proto) as e:
-                p.pass_(user.password)
-            assert e.value.args[0].startswith(b"-ERR [LOGIN-DELAY]"), e.value.args[0]
-            p.quit()
-            if len(refused_by) > 1:
-                break
+        refused_by = _refusing_workers(srv, user)
         assert len(refused_by) == 2 and first in refused_by  # both workers refused it
         other.login().quit()  # another user is not held back by it
+        os.kill(srv.proc.pid, signal.SIGHUP)  # reloads the configuration in every worker
+        deadline = time.monotonic() + 10
+        while srv.log().count("SIGHUP: configuration, passwd-file") < 2:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)
+        assert len(_refusing_workers(srv, user)) == 2
         assert "Traceback" not in srv.log()
     finally:
         assert srv.stop() == 0
