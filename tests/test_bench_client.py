@@ -317,7 +317,9 @@ def test_inlined_histogram_recording_matches_hdrh():
 
 
 STATUS_LINES = [b"+OK %d octets", b"+OK %d", b"+OK\t%d\toctets", b"+OK  %d", b"+OKAY %d", b"+OK", b"+OK octets %d",
-                b"+OK %dx octets", b"+OK 0%d", b"+OK 123456789012345678901234567890 octets", b"-ERR %d", b" +OK %d"]
+                b"+OK %dx octets", b"+OK 0%d", b"+OK 123456789012345678901234567890 octets", b"-ERR %d", b" +OK %d",
+                b"+OK 000000000000000000000%d octets", b"+OK 999999999999999999 octets", b"+OK 1000000000000000000",
+                b"+OK 0", b"+OK 00"]
 
 
 def _variants(msg: bytes) -> list[bytes]:

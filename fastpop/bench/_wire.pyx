@@ -64,7 +64,7 @@ cdef inline bint is_space(char c):
 
 cdef Py_ssize_t announced_in(const char* p, Py_ssize_t end):
     """announced_size(p[:end]): the second whitespace-separated word if all digits, else -1."""
-    cdef Py_ssize_t i = 0, start, value = 0
+    cdef Py_ssize_t i = 0, start, digits, value = 0
     while i < end and is_space(p[i]):
         i += 1
     while i < end and not is_space(p[i]):  # the first word ("+OK")
@@ -72,17 +72,20 @@ cdef Py_ssize_t announced_in(const char* p, Py_ssize_t end):
     while i < end and is_space(p[i]):
         i += 1
     start = i
+    while i < end and p[i] == 48:  # leading zeros count for nothing
+        i += 1
+    digits = i
     while i < end and 48 <= p[i] <= 57:
+        if i - digits == MAX_DIGITS:
+            return -2  # a number no message has: nothing can match it (and no overflow)
         value = value * 10 + (p[i] - 48)
         i += 1
-        if i - start > MAX_DIGITS:
-            return -2  # a number no message has: nothing can match it
     if i == start or (i < end and not is_space(p[i])):
         return -1
     return value
 
 
-def announced_size(bytes status) -> int:
+def announced_size(bytes status not None) -> int:
     """'+OK 1234 octets' -> 1234; -1 when the server does not say."""
     cdef Py_ssize_t v = announced_in(PyBytes_AS_STRING(status), PyBytes_GET_SIZE(status))
     if v == -2:
@@ -90,7 +93,7 @@ def announced_size(bytes status) -> int:
     return v
 
 
-def whole_retr(bytes data) -> int:
+def whole_retr(bytes data not None) -> int:
     """See ``_wire_py.whole_retr``."""
     cdef const char* p = PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data), i, announced
@@ -105,7 +108,7 @@ def whole_retr(bytes data) -> int:
     return check(data, p, i + 2, n - 5, announced)
 
 
-def verify_whole(bytes data, Py_ssize_t m, Py_ssize_t j, announced) -> int:
+def verify_whole(bytes data not None, Py_ssize_t m, Py_ssize_t j, announced) -> int:
     """See ``_wire_py.verify_whole``."""
     if announced > MAX_ANNOUNCED:
         return -1  # no size of ours can match
