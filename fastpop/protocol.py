@@ -805,7 +805,7 @@ class POP3Protocol(asyncio.Protocol):
         except OSError as exc:
             os.close(fd)
             return self._unreadable("read", path, exc)
-        if small and len(data) != indexed_size or not small and size != indexed_size:
+        if top_lines is None and (small and len(data) != indexed_size or not small and size != indexed_size):
             # Sent as it is now, so the octet count must be of what is sent, not LIST's
             pop3_size = self._changed_size(fd, path, data if small else None, indexed_size, size)
             if pop3_size < 0:
@@ -836,7 +836,7 @@ class POP3Protocol(asyncio.Protocol):
         """The RETR size of a message file whose size is no longer the indexed one; -1 (fd
         closed, -ERR queued) if it cannot be read."""
         try:
-            sent = pop3_size_of(data) if data is not None else pop3_size(path)
+            sent = pop3_size_of(data) if data is not None else pop3_size(fd)  # (the file being sent)
         except OSError as exc:
             os.close(fd)
             self._unreadable("read", path, exc)

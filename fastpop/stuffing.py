@@ -10,6 +10,7 @@ sends before stuffing, which STAT and LIST must report.
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
 from fastpop import _stuffing_py
 
@@ -77,19 +78,31 @@ class TopLimiter:
         return out[:pos]
 
 
-def pop3_size(path: str) -> int:
-    """pop3_size_of() for a file, read in bounded chunks."""
+def pop3_size(file: str | int) -> int:
+    """pop3_size_of() for a file, read in bounded chunks: a path, or an open
+    descriptor (read with pread: its offset is left where it was)."""
     total = bare_lf = 0
     prev_cr = False
     last = -1
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            total += len(chunk)
-            bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
-            if prev_cr and chunk[0] == 10:
-                bare_lf -= 1
-            prev_cr = chunk[-1] == 13
-            last = chunk[-1]
+    for chunk in _chunks(file):
+        total += len(chunk)
+        bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
+        if prev_cr and chunk[0] == 10:
+            bare_lf -= 1
+        prev_cr = chunk[-1] == 13
+        last = chunk[-1]
     if total == 0:
         return 0
     return total + bare_lf + (0 if last == 10 else 2)
+
+
+def _chunks(file: str | int) -> Iterator[bytes]:
+    if isinstance(file, int):
+        offset = 0
+        while chunk := os.pread(file, CHUNK, offset):
+            offset += len(chunk)
+            yield chunk
+        return
+    with open(file, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk

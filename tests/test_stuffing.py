@@ -280,9 +280,16 @@ def test_pop3_size_crlf_straddling_chunks(tmp_path, monkeypatch):
     data = b"abc\r\ndef\nghi\r\r\n\r\n\n\rx"
     path = write(tmp_path / "msg", data)
     want = len(ref_unstuffed(data))
-    for chunk in range(1, len(data) + 2):
-        monkeypatch.setattr(stuffing, "CHUNK", chunk)
-        assert pop3_size(path) == want, chunk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, 3, os.SEEK_SET)
+        for chunk in range(1, len(data) + 2):
+            monkeypatch.setattr(stuffing, "CHUNK", chunk)
+            assert pop3_size(path) == want, chunk
+            assert pop3_size(fd) == want, chunk  # a descriptor: read whole, with pread
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 3  # its offset untouched
+    finally:
+        os.close(fd)
 
 
 def test_pop3_size_large_file(S, tmp_path):
