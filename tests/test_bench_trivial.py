@@ -49,12 +49,17 @@ def responder(request):
     yield run
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(10) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        assert_exits_cleanly(proc, 10)
+
+
+def assert_exits_cleanly(proc: subprocess.Popen, timeout: float) -> None:
+    """It exits with 0 within the timeout (else it is killed, and the test fails)."""
+    try:
+        assert proc.wait(timeout) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def converse(port: int, *pieces: bytes, pause: float = 0.0) -> bytes:
@@ -210,9 +215,4 @@ def test_sigterm_under_load_stops_it(engine):
             stop.set()
             for t in threads:
                 t.join()
-        try:
-            assert proc.wait(5) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        assert_exits_cleanly(proc, 5)
