@@ -19,9 +19,9 @@ from fastpop import __version__
 from fastpop.auth import Authenticator
 from fastpop.config import Config, parse_address
 from fastpop.limits import ConnectionTable, connections_per_worker, raise_descriptor_limit
-from fastpop.penalty import LastLogins
 from fastpop.locking import mailbox_locks
 from fastpop.parser import PARSER_IMPL
+from fastpop.penalty import LastLogins
 from fastpop.protocol import POP3Protocol
 
 log = logging.getLogger("fastpop")
