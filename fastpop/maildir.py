@@ -331,8 +331,9 @@ class Mailbox:
         for i in indices:
             if faults.ACTIVE:
                 faults.hit("update.before_unlink")
+            path = self.file_path(i)
             try:
-                os.unlink(self.file_path(i))
+                os.unlink(path)
             except FileNotFoundError:
                 renamed = self.find_renamed(i)
                 if renamed is not None:
@@ -340,11 +341,13 @@ class Mailbox:
                         os.unlink(renamed)
                     except FileNotFoundError:
                         pass
-                    except OSError:
+                    except OSError as exc:
                         failed += 1
+                        log.error("cannot delete message %s: %s", renamed, exc.strerror)
                 # else: already removed by another program
-            except OSError:
+            except OSError as exc:
                 failed += 1
+                log.error("cannot delete message %s: %s", path, exc.strerror)
             if faults.ACTIVE:
                 faults.hit("update.after_unlink")
         try:

@@ -327,6 +327,8 @@ def test_maildir_unreadable_during_session(nobody_srv):
         p.quit()
     assert err(e).startswith(b"-ERR [SYS/TEMP] Some deleted messages could not be removed"), err(e)
     assert "cannot open message" in s.log()
+    assert any("cannot delete message" in line and "Permission denied" in line
+               for line in s.log().splitlines())  # which, and why
     (user.maildir / "cur").chmod(0o700)
     p = user.login()
     assert fetch(p) == mails  # the failed deletion lost nothing (the client deletes again)
