@@ -331,18 +331,10 @@ class Session(asyncio.Protocol):
                         pos = i + 2
                         self._reply(line)
                     elif kind == MESSAGE:
-                        announced = -1
-                        if data[pos + 3] == 32:  # (the CRLF follows: in range)
-                            e = data.find(b" ", pos + 4, i)
-                            number = data[pos + 4 : e if e >= 0 else i]
-                            if number.isdigit():
-                                announced = int(number)
-                            else:
-                                announced = announced_size(data[pos:i])
-                        else:
-                            announced = announced_size(data[pos:i])
-                        # in lock-step the whole reply is usually this one piece: verify it in place
-                        if n - 5 > i and data.endswith(b"\r\n.\r\n") and self._whole_message(data, i + 2, n - 5, announced):
+                        announced = announced_size(data[pos:i])
+                        # a whole reply after another in this piece: verify it in place (at pos 0,
+                        # whole_retr above has tried exactly this already)
+                        if pos and n - 5 > i and data.endswith(b"\r\n.\r\n") and self._whole_message(data, i + 2, n - 5, announced):
                             return
                         self._reader = MessageReader()
                         self._announced = announced
