@@ -16,7 +16,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from libc.errno cimport EAGAIN, EINTR, EMFILE, ENFILE, errno
 from libc.stdlib cimport free, malloc
-from libc.string cimport memchr, memmove
+from libc.string cimport memchr, memmove, strlen
 from libc.time cimport time, time_t
 
 
@@ -58,6 +58,8 @@ cdef const char* OK = b"+OK\r\n"
 cdef const char* BYE = b"+OK bye\r\n"
 cdef const char* GREETING = b"+OK trivial ready\r\n"
 cdef const char* NO_SUCH = b"-ERR no such message\r\n"
+cdef Py_ssize_t OK_LEN = strlen(OK), BYE_LEN = strlen(BYE), GREETING_LEN = strlen(GREETING)
+cdef Py_ssize_t NO_SUCH_LEN = strlen(NO_SUCH)
 
 
 cdef struct Conn:
@@ -232,7 +234,7 @@ cdef class TrivialEngine:
             if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
                 self._close(fd)
                 continue
-            self._send(fd, c, GREETING, 19)
+            self._send(fd, c, GREETING, GREETING_LEN)
 
     cdef void _close(self, int fd):
         close(fd)  # also takes it out of the epoll set
@@ -305,7 +307,7 @@ cdef class TrivialEngine:
             length = lf - line
             if length and line[length - 1] == 13:
                 length -= 1
-            reply, reply_len = OK, 5  # USER, PASS, AUTH, DELE, NOOP, RSET: all fine
+            reply, reply_len = OK, OK_LEN  # USER, PASS, AUTH, DELE, NOOP, RSET: all fine
             w = word(line) if length >= 4 else 0
             if w == W_RETR:
                 k = 0
@@ -314,7 +316,7 @@ cdef class TrivialEngine:
                     k = k * 10 + (line[i] - 48)
                     i += 1
                 if length <= 5 or i != length or k < 1 or k > self.messages:
-                    reply, reply_len = NO_SUCH, 22
+                    reply, reply_len = NO_SUCH, NO_SUCH_LEN
                 else:
                     self.retr_count += 1
                     if self.corrupt and self.retr_count % self.corrupt == 0:
@@ -330,7 +332,7 @@ cdef class TrivialEngine:
             elif w == W_CAPA:
                 reply, reply_len = self.capa, self.capa_len
             elif w == W_QUIT:
-                reply, reply_len = BYE, 9
+                reply, reply_len = BYE, BYE_LEN
                 c.closing = True
             c.used -= lf + 1 - line
             if c.used:
