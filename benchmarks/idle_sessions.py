@@ -66,7 +66,8 @@ def start_server(root: str, passwd: str, loop: str) -> tuple[subprocess.Popen, i
     log = open(os.path.join(root, "server.log"), "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastpop", "serve", "--listen", "127.0.0.1:0", "--workers", "1",
-         "--passwd-file", passwd, "--mail-location", os.path.join(root, "mail", "%u"), "--loop", loop],
+         "--passwd-file", passwd, "--mail-location", os.path.join(root, "mail", "%u"), "--loop", loop,
+         *(["--allow-mail-as-root"] if os.geteuid() == 0 else [])],  # its own seeded Maildirs
         stdout=log, stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30

@@ -107,7 +107,7 @@ def start_fastpop(root: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastpop", "serve", "--listen", "127.0.0.1:0", "--workers", "1", "--passwd-file",
          os.path.join(root, "passwd"), "--mail-location", os.path.join(root, "%u"), "--log-level", "info",
-         *extra],
+         *(["--allow-mail-as-root"] if os.geteuid() == 0 else []), *extra],  # its own seeded Maildirs
         stdout=log, stderr=subprocess.STDOUT,
     )
     for _ in range(200):

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hostname", help="host name in the APOP greeting")
     serve.add_argument("--user", help="switch to this user after binding (start as root)")
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
+    serve.add_argument("--allow-mail-as-root", action="store_true", default=None,
+                       help="started as root without --user, serve mail as root instead of refusing "
+                            "(unsafe where users can write their Maildirs: docs/security.md)")
     serve.add_argument("--loop", choices=["uvloop", "asyncio"])
     serve.add_argument("--workers", type=int, metavar="N",
                        help="worker processes sharing the listeners, restarted if they die (default: CPUs)")
@@ -136,6 +139,7 @@ _FLAG_FIELDS = (
     "hostname",
     "user",
     "group",
+    "allow_mail_as_root",
     "loop",
     "workers",
     "max_connections",
@@ -175,6 +179,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
         config.passwd_file, config.mail_location = demo.prepare(args.demo_dir)
         config.listen = [demo.DEMO_LISTEN]
+        # The demo's mail is its own, in a directory only this user can write
+        # (demo.prepare checks): serving it as root reads nobody's files.
+        config.allow_mail_as_root = True
     if args.listen:
         config.listen = args.listen
     if args.lmtp_listen:
@@ -211,6 +218,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return server.run(config, reload=lambda: _reloaded_config(args))
+    except server.RefusedAsRoot as exc:
+        print(f"fastpop: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG, as fastpop deliver
     except OSError as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 1

@@ -15,6 +15,8 @@ The TOML file has sections mirroring the field prefixes::
     shutdown_timeout = 30    # SIGTERM: seconds logged-in sessions get to finish; then they are
                              # closed with [SYS/TEMP] and nothing deleted
     user = "vmail"           # drop root privileges to this user after binding
+    allow_mail_as_root = false   # started as root without `user`: refuse (the default) or,
+                             # true, serve mail as root (trusted single-owner hosts only)
 
     [auth]
     passwd_file = "/etc/fastpop/passwd"
@@ -121,6 +123,7 @@ class Config:
     hostname: str = field(default_factory=socket.gethostname)
     user: str | None = None  # switch to this user after binding (when started as root)
     group: str | None = None
+    allow_mail_as_root: bool = False  # root without ``user``: refused unless this is set
     passwd_file: str | None = None
     auth_failure_delay: float = 2.0
     auth_max_attempts: int = 3
@@ -335,6 +338,7 @@ _TOML_KEYS = {
     ("server", "hostname"): "hostname",
     ("server", "user"): "user",
     ("server", "group"): "group",
+    ("server", "allow_mail_as_root"): "allow_mail_as_root",
     ("server", "max_bad_commands"): "max_bad_commands",
     ("server", "workers"): "workers",
     ("server", "sendfile"): "sendfile",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 
 from fastpop.maildir import ensure_maildir
@@ -36,6 +37,10 @@ def prepare(directory: str) -> tuple[str, str]:
     """Create (if missing) the demo passwd-file and Maildir; returns (passwd, mail template)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        # the demo is served as whoever runs it (root too): nobody else may write there
+        raise ValueError(f"{directory}: the demo directory must be yours and writable by you alone")
     passwd = os.path.join(directory, "passwd")
     home = os.path.join(directory, "mail", DEMO_USER)
     records = read_records(passwd)

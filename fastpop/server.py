@@ -270,6 +270,33 @@ def bound_addresses(servers: list[asyncio.AbstractServer]) -> list[str]:
     return out
 
 
+class RefusedAsRoot(Exception):
+    """Started as root with nobody to become: fastpop would touch mail as root."""
+
+
+def refuse_mail_as_root(config: Config) -> None:
+    """Raise RefusedAsRoot when this process would serve mail as root.
+
+    A user who can write their own Maildir decides what its names, links and
+    files are; run as root, every mistake in reading them is a way to read or
+    remove any file of the host (docs/security.md).  Dovecot refuses the same.
+    """
+    if os.geteuid() != 0 or config.user is not None:
+        return
+    if config.allow_mail_as_root:
+        log.warning(
+            "serving mail as root (allow_mail_as_root): safe only where no untrusted user "
+            "can write a Maildir; set [server] user instead (docs/security.md)"
+        )
+        return
+    raise RefusedAsRoot(
+        "refusing to serve mail as root: set [server] user (or --user) to the owner of the "
+        "Maildirs, e.g. vmail, or start fastpop as that user; --allow-mail-as-root "
+        "([server] allow_mail_as_root = true) overrides this where only trusted users can "
+        "write Maildirs (docs/security.md)"
+    )
+
+
 def drop_privileges(user: str | None, group: str | None) -> None:
     """After binding privileged ports: become ``user`` (and ``group``, else the user's)."""
     if user is None and group is None:
@@ -408,6 +435,7 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     """The server: one process, or a supervisor and ``config.workers`` workers.
     ``reload`` re-reads the configuration on SIGHUP."""
     config.validate()
+    refuse_mail_as_root(config)
     limit = raise_descriptor_limit()
     log.debug("descriptor limit %d: up to %d connections per process", limit, connections_per_worker(limit))
     if config.workers > 1:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+AS_ROOT = ["--allow-mail-as-root"] if os.geteuid() == 0 else []  # the tests' own Maildirs
+
 from conftest import ServerProcess, message
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -164,7 +166,7 @@ class Activated:
         args += [sys.executable, "-m", "fastpop", "serve",
                  "--listen", "127.0.0.1:1",  # never bound: the inherited socket replaces it
                  "--passwd-file", str(self.passwd), "--mail-location", f"{self.mail}/%u",
-                 "--log-level", "debug", *serve_args]
+                 "--log-level", "debug", *AS_ROOT, *serve_args]
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
         deadline = time.monotonic() + 10
@@ -279,7 +281,7 @@ def test_a_pop3s_socket_without_a_certificate_is_refused(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [SOCKET_ACTIVATE, "-l", f"127.0.0.1:{port}", "--fdname=pop3s", "-E", f"PYTHONPATH={REPO}",
-         sys.executable, "-m", "fastpop", "serve", "--passwd-file", "/dev/null"],
+         sys.executable, "-m", "fastpop", "serve", "--passwd-file", "/dev/null", *AS_ROOT],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
     )
     try:

@@ -293,6 +293,8 @@ class SpawnedServer:
             # generator needs the other cores
             "--workers", "1",
             *self.extra_args,
+            # its own seeded mailboxes, which only this user writes
+            *(["--allow-mail-as-root"] if os.geteuid() == 0 and "--user" not in self.extra_args else []),
         ]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
