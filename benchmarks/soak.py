@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(f"{foreign} files on disk match no message seeded or delivered to their mailbox")
     if refused:
         failures.append(f"deliveries refused: {refused[:3]}")
-    bad_lines = [line for line in log.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) |Traceback", line)]
+    bad_lines = [line for line in log.splitlines() if re.search(r" (WARNING|ERROR|CRITICAL) |Traceback", line)
+                 and "(allow_mail_as_root)" not in line]  # run as root: it serves its own Maildirs so, knowingly
     summary["log_warnings"] = len(bad_lines)
     if bad_lines:
         failures.append(f"server log: {bad_lines[:3]}")

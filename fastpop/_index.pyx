@@ -108,22 +108,52 @@ def format_uidl(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names
     return out[:o]
 
 
+cdef inline bint bad_name(const unsigned char* p, Py_ssize_t n) noexcept:
+    """Not one Maildir entry: empty, over 255 bytes, hidden (also . and ..), a "/" or NUL."""
+    cdef Py_ssize_t k
+    if n == 0 or n > 255 or p[0] == 46:  # "."
+        return True
+    for k in range(n):
+        if p[k] == 47 or p[k] == 0:  # "/", NUL
+            return True
+    return False
+
+
+cdef inline bint bad_uidl(const unsigned char* p, Py_ssize_t n) noexcept:
+    """Not an RFC 1939 unique-id: 1 to 70 octets in 0x21-0x7E."""
+    cdef Py_ssize_t k
+    if n == 0 or n > 70:
+        return True
+    for k in range(n):
+        if p[k] < 0x21 or p[k] > 0x7E:
+            return True
+    return False
+
+
 def check_records(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names_off):
     """Sum of the records' sizes, after checking every record points inside
-    the name table; ValueError otherwise."""
+    the name table and holds a valid file name and UIDL; ValueError otherwise."""
     cdef const unsigned char* base
     cdef const unsigned char* rec
-    cdef Py_ssize_t i, n = buf.shape[0]
+    cdef const unsigned char* name
+    cdef Py_ssize_t i, n = buf.shape[0], name_len, uidl_len
     cdef uint64_t total = 0, size
     if count < 0 or n < HEADER_SIZE + count * RECORD_SIZE or names_off > n:
         raise ValueError("index buffer too short")
     base = &buf[0]
     for i in range(count):
         rec = base + HEADER_SIZE + i * RECORD_SIZE
-        if names_off + le_n(rec + 16, 4) + le_n(rec + 20, 2) + le_n(rec + 22, 2) > n:
+        name_len = le_n(rec + 20, 2)
+        uidl_len = le_n(rec + 22, 2)
+        if names_off + le_n(rec + 16, 4) + name_len + uidl_len > n:
             raise ValueError("index record points outside the name table")
         size = le64(rec)
         if size > (<uint64_t>1 << 62) or total + size < total:
             raise ValueError("index record size out of range")
+        name = base + names_off + le_n(rec + 16, 4)
+        if bad_name(name, name_len):
+            raise ValueError("index record holds an invalid file name")
+        if bad_uidl(name + name_len, uidl_len):
+            raise ValueError("index record holds an invalid UIDL")
         total += size
     return total

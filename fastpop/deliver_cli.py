@@ -73,6 +73,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="TOML configuration file (as for fastpop serve)")
     p.add_argument("--passwd-file", help="Dovecot-style passwd-file")
     p.add_argument("--mail-location", help="Maildir path template: %%u user, %%n local part, %%d domain, %%h home")
+    p.add_argument("--allow-mail-as-root", action="store_true",
+                   help="as root, for a user without a uid and no [server] user, write as root instead "
+                        "of refusing (unsafe where users can write their Maildirs: docs/security.md)")
     p.add_argument("--max-size", type=_size, metavar="BYTES", help="refuse larger messages (K, M, G suffixes)")
     p.set_defaults(func=cmd_deliver)
 
@@ -177,7 +180,7 @@ def deliver(args: argparse.Namespace) -> None:
         raise DeliveryError(EX_TEMPFAIL, f"user database unavailable: {_reason(exc)}") from None
     if recipient is None:
         raise DeliveryError(EX_NOUSER, f"no such user: {args.user}")
-    _become(recipient.user, config)
+    _become(recipient.user, config, args.allow_mail_as_root)
 
     data = _strip_envelope_line(_read_stdin(args.max_size))
     data = normalize(data)
@@ -198,14 +201,29 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _become(user, config) -> None:
+def _become(user, config, args_allow_root: bool = False) -> None:
     """Write as the owner the Maildir should have: the user's uid from the
     passwd-file, else (when started as root) the server's ``[server] user``.
-    Root switches; anyone else with the wrong uid is refused."""
+    Root switches; anyone else with the wrong uid is refused.  Mail is never
+    written as root unless allowed: not for a user without a uid, nor for one
+    whose uid is 0 (a user database entry, or an injected field, as Dovecot
+    refuses below first_valid_uid)."""
     euid = os.geteuid()
+    allow_root = config.allow_mail_as_root or args_allow_root
+    if user.uid == 0 and not allow_root:
+        raise DeliveryError(EX_CONFIG, f"refusing to deliver as root: user {user.name} has uid 0 (docs/security.md)")
     if user.uid is None:
-        if euid != 0 or not config.user:
+        if euid != 0:
             return
+        if not config.user:
+            if allow_root:
+                return
+            raise DeliveryError(
+                EX_CONFIG,
+                f"refusing to deliver as root: user {user.name} has no uid and no [server] user is "
+                "configured (give the user a uid in the user database, or set [server] user in "
+                "--config to the owner of the Maildirs; docs/security.md)",
+            )
         try:
             entry = pwd.getpwnam(config.user)
             gid = grp.getgrnam(config.group).gr_gid if config.group else entry.pw_gid

@@ -9,6 +9,13 @@ is its POP3 size and ``S=`` equals ``W=`` in the name.  The file is written to
 fsync'ed; on any failure the file in ``tmp/`` is removed, so ``new/`` never
 holds a partial message.
 
+The Maildir may be written by its user, so nothing in it is trusted
+(fastpop.safefs): the Maildir and its tmp/ and new/ are opened without
+following links and must be directories owned by the uid the mail is written
+as; the file is created with O_EXCL|O_NOFOLLOW in tmp/'s descriptor and
+renamed between descriptors; ``maildirsize`` is appended to only if it is a
+regular file (and, written as root, the owner's).
+
 Failures raise ``DeliveryError`` carrying a sysexits(3) code, which the LDA
 exits with and the LMTP listener turns into a reply.
 """
@@ -23,10 +30,10 @@ import socket
 import time
 from dataclasses import dataclass
 
-from fastpop import faults
+from fastpop import faults, safefs
 from fastpop.auth import AuthUnavailable, Authenticator, valid_username
 from fastpop.durable import fsync_dir, write_and_sync
-from fastpop.maildir import SUBDIRS, ensure_maildir
+from fastpop.maildir import ensure_maildir
 from fastpop.passwd_file import UserRecord
 
 log = logging.getLogger("fastpop.delivery")
@@ -145,33 +152,49 @@ class Stored:
     size: int
 
 
-def store_message(maildir: str, data: bytes, *, when: float | None = None) -> Stored:
+def store_message(maildir: str, data: bytes, *, when: float | None = None, owner: int | None = None) -> Stored:
     """normalize() then store_normalized()."""
-    return store_normalized(maildir, normalize(data), when=when)
+    return store_normalized(maildir, normalize(data), when=when, owner=owner)
 
 
-def store_normalized(maildir: str, data: bytes, *, when: float | None = None) -> Stored:
-    """Write already-normalised content into ``maildir``/new; raises DeliveryError."""
+def store_normalized(maildir: str, data: bytes, *, when: float | None = None, owner: int | None = None) -> Stored:
+    """Write already-normalised content into ``maildir``/new; raises DeliveryError.
+    ``owner``: the uid the Maildir must belong to (default: safefs.served_uid(None))."""
+    if owner is None:
+        owner = safefs.served_uid(None)
     try:
-        _ensure(maildir)
+        dirs, owner = _open_dirs(maildir, owner)
     except OSError as exc:
         raise storage_error(exc, maildir) from None
+    try:
+        return _store(maildir, dirs, data, when, owner)
+    finally:
+        for fd in dirs:
+            os.close(fd)
+
+
+def _store(maildir: str, dirs: tuple[int, int, int], data: bytes, when: float | None, owner: int) -> Stored:
+    root, tmp_dir, new_dir = dirs
     size = len(data)
-    tmp_dir = os.path.join(maildir, "tmp")
-    new_dir = os.path.join(maildir, "new")
     for _attempt in range(10):
         name = f"{unique_name(when)},S={size},W={size}"
-        tmp = os.path.join(tmp_dir, name)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp_dir)
         except FileExistsError:
             continue  # another deliverer took this name: take the next counter
         except OSError as exc:
             raise storage_error(exc, maildir) from None
+        if os.geteuid() == 0 and owner != 0:  # (written as root: the file is the user's, as their Maildir)
+            try:
+                os.fchown(fd, owner, -1)
+            except OSError as exc:
+                os.close(fd)
+                _unlink_quietly(tmp_dir, name)
+                raise storage_error(exc, maildir) from None
         break
     else:
-        raise DeliveryError(EX_CANTCREAT, f"cannot find a free name in {tmp_dir}", errno.EEXIST)
-    target = os.path.join(new_dir, name)
+        raise DeliveryError(EX_CANTCREAT, f"cannot find a free name in {maildir}/tmp", errno.EEXIST)
+    target = os.path.join(maildir, "new", name)
     try:
         try:
             if faults.ACTIVE:
@@ -181,40 +204,63 @@ def store_normalized(maildir: str, data: bytes, *, when: float | None = None) ->
             os.close(fd)
         if faults.ACTIVE:
             faults.hit("deliver.before_rename")
-        os.rename(tmp, target)
+        os.rename(name, name, src_dir_fd=tmp_dir, dst_dir_fd=new_dir)
     except BaseException as exc:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp_dir, name)
         if isinstance(exc, OSError):
             raise storage_error(exc, maildir) from None
         raise
     try:
         if faults.ACTIVE:
             faults.hit("deliver.after_rename")
-        fsync_dir(new_dir)
+        os.fsync(new_dir)
     except OSError as exc:
         # The file is complete but its name may not survive a crash: take it
         # back and let the sender retry rather than report a success.
-        _unlink_quietly(target)
+        _unlink_quietly(new_dir, name)
         raise storage_error(exc, maildir) from None
     if faults.ACTIVE:
         faults.hit("deliver.after_fsync")
-    _after_store(maildir, size)
+    _after_store(maildir, root, size, owner)
     return Stored(name, target, size)
 
 
-def _ensure(maildir: str) -> None:
-    if all(os.path.isdir(os.path.join(maildir, sub)) for sub in SUBDIRS):
-        return
+def _open_dirs(maildir: str, owner: int) -> tuple[tuple[int, int, int], int]:
+    """Descriptors of the Maildir, its tmp/ and its new/, created if missing,
+    and the Maildir's owner."""
+    try:
+        root, owner = safefs.open_maildir(maildir, owner)
+    except FileNotFoundError:
+        _create(maildir, owner)
+        root, owner = safefs.open_maildir(maildir, owner)
+    opened = [root]
+    try:
+        for sub in ("tmp", "new"):
+            try:
+                opened.append(safefs.open_subdir(root, sub, owner, maildir))
+            except FileNotFoundError:
+                _create(maildir, owner)
+                opened.append(safefs.open_subdir(root, sub, owner, maildir))
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    return (opened[0], opened[1], opened[2]), owner
+
+
+def _create(maildir: str, owner: int) -> None:
     parent = os.path.dirname(os.path.abspath(maildir))
     try:
-        ensure_maildir(maildir)
+        ensure_maildir(maildir, owner)
     except FileExistsError as exc:  # makedirs met a file where a directory should be
+        raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", exc.filename) from None
+    except NotADirectoryError as exc:
         raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", exc.filename) from None
     fsync_dir(maildir)
     fsync_dir(parent)
 
 
-def _after_store(maildir: str, size: int) -> None:
+def _after_store(maildir: str, root: int, size: int, owner: int) -> None:
     """Bookkeeping about the Maildir.
 
     fastpop's own index (``fastpop.index``) describes cur/ and is written by
@@ -225,13 +271,16 @@ def _after_store(maildir: str, size: int) -> None:
     Dovecot and Courier keep it, gets the line for one more message."""
     path = os.path.join(maildir, "maildirsize")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        fd, st = safefs.open_regular(root, "maildirsize", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK)
     except FileNotFoundError:
         return
     except OSError as exc:
         log.warning("cannot update %s: %s", path, exc.strerror)
         return
     try:
+        if os.geteuid() == 0 and st.st_uid != owner:
+            log.warning("not updating %s: owned by uid %d, written as uid %d", path, st.st_uid, owner)
+            return
         os.write(fd, f"{size} 1\n".encode("ascii"))
     except OSError as exc:
         log.warning("cannot update %s: %s", path, exc.strerror)
@@ -239,10 +288,9 @@ def _after_store(maildir: str, size: int) -> None:
         os.close(fd)
 
 
-
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(dir_fd: int, name: str) -> None:
     try:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
         pass
 

@@ -35,19 +35,29 @@ one, so a crash leaves the old index or the new, never a mix; one that is
 truncated, corrupt (checksum, or records that point outside the name table
 or do not add up to the header's total), foreign or of another version is
 rebuilt with a log line and never served.
+
+The file lies in the Maildir, so whoever can write the Maildir can write it:
+it is checked as input from that user.  A name that is not one Maildir entry
+(a "/", NUL, a leading dot, empty, over 255 bytes) or a UIDL that RFC 1939
+does not allow (1-70 octets, 0x21-0x7E) fails validation like a bad checksum.
+The temporary file has an unpredictable name and is created with
+O_EXCL|O_NOFOLLOW in the Maildir's descriptor; the index itself is opened
+with O_NOFOLLOW and must be a regular file.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import stat
 import struct
 import sys
 import threading
 import zlib
 from collections import OrderedDict
 
-from fastpop import faults
+from fastpop import faults, safefs
 from fastpop.durable import write_and_sync
 
 if os.environ.get("FASTPOP_NO_EXTENSIONS"):
@@ -75,6 +85,8 @@ FLAG_STORED_AS_SENT = 1
 # into memory, not mapped: a mapping of a file that another program
 # truncates raises SIGBUS, which would kill every session of the process, and
 # an in-place write would change what an open session sees.
+# Its user can write it: a larger file is not read (about 2 million messages fit).
+MAX_INDEX_BYTES = 256 * 1024 * 1024
 _CACHE_MAX = 4096
 _CACHE_MAX_BYTES = 256 * 1024 * 1024
 _cache: OrderedDict[str, tuple[tuple[int, int, int], "MailboxIndex"]] = OrderedDict()
@@ -201,12 +213,19 @@ def encode(entries: list[Entry], cur_mtime_ns: int, uidvalidity: int) -> bytes:
     return bytes(data)
 
 
-def write(maildir: str, entries: list[Entry], cur_mtime_ns: int, uidvalidity: int) -> None:
-    """Replace the index crash-safely: temporary file, fsync, rename."""
+def write(maildir: str, entries: list[Entry], cur_mtime_ns: int, uidvalidity: int, dir_fd: int | None = None) -> None:
+    """Replace the index crash-safely: temporary file, fsync, rename.
+    ``dir_fd``: the Maildir, open (else it is opened here, never through a link)."""
     data = encode(entries, cur_mtime_ns, uidvalidity)
-    path = os.path.join(maildir, INDEX_FILE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    if dir_fd is None:
+        fd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return write(maildir, entries, cur_mtime_ns, uidvalidity, fd)
+        finally:
+            os.close(fd)
+    # unpredictable and exclusive: nothing planted under this name is opened
+    tmp = f"{INDEX_FILE}.tmp.{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         try:
             write_and_sync(fd, data)
@@ -214,10 +233,10 @@ def write(maildir: str, entries: list[Entry], cur_mtime_ns: int, uidvalidity: in
             os.close(fd)
         if faults.ACTIVE:
             faults.hit("index.before_rename")
-        os.replace(tmp, path)
+        os.replace(tmp, INDEX_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         try:  # a full disk must not keep a partial copy of the index as well
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise
@@ -234,17 +253,27 @@ def _forget(maildir: str) -> None:
             _cache_bytes -= len(old[1].buf)
 
 
-def load(maildir: str) -> MailboxIndex | None:
+def load(maildir: str, dir_fd: int | None = None) -> MailboxIndex | None:
     """The index of this Maildir if it is present and valid, else None.
+    ``dir_fd``: the Maildir, open (else it is opened here, never through a link).
 
     A file that was validated before in this process and has not changed
     since (same inode, mtime and size) is not read again, so a warm login
     costs one stat; a damaged file is logged and left for the rebuild.
     """
     global _cache_bytes
-    path = maildir + "/" + INDEX_FILE  # not os.path.join: every login comes here
+    if dir_fd is None:
+        try:
+            dfd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return None
+        try:
+            return load(maildir, dfd)
+        finally:
+            os.close(dfd)
+    path = maildir + "/" + INDEX_FILE  # (for log lines)
     try:
-        st = os.stat(path)  # the warm path: one system call
+        st = os.stat(INDEX_FILE, dir_fd=dir_fd, follow_symlinks=False)  # the warm path: one system call
     except FileNotFoundError:
         return None
     with _cache_lock:
@@ -252,15 +281,21 @@ def load(maildir: str) -> MailboxIndex | None:
         if cached is not None and cached[0] == (st.st_ino, st.st_mtime_ns, st.st_size):
             _cache.move_to_end(maildir)
             return cached[1]
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
+        log.warning("ignoring index %s (not a regular file, or over %d bytes); rebuilding it", path, MAX_INDEX_BYTES)
+        return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(INDEX_FILE, safefs.O_MESSAGE, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
-    except OSError as exc:  # unreadable (a root-owned copy): rebuilt, replaced by rename
+    except OSError as exc:  # unreadable (a root-owned copy), or a link planted since: rebuilt, replaced by rename
         log.warning("ignoring index %s (%s); rebuilding it", path, exc.strerror)
         return None
     try:
         st = os.fstat(fd)  # of the file actually read
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
+            log.warning("ignoring index %s (not a regular file, or over %d bytes); rebuilding it", path, MAX_INDEX_BYTES)
+            return None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         try:
             buf = _read_all(fd, st.st_size)

@@ -16,11 +16,19 @@ is listed and nothing is imported.  Running it again imports only what is
 new: each Maildir keeps a list of the files it got (``fastpop-legacy-import``:
 SHA-256, path below ROOT, Maildir name), so messages already fetched and
 deleted over POP3 do not come back.
+
+The legacy users can write in their folders while this runs, so nothing in
+ROOT is reached through a symbolic link: folders and files are opened relative
+to their folder's descriptor with O_NOFOLLOW, a file is read only from a
+descriptor whose fstat is the file that was checked (a regular file, same
+device, inode, size and modification time), and anything that changed is
+refused, never read.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 import stat
@@ -30,6 +38,12 @@ from dataclasses import dataclass, field
 MANIFEST = "fastpop-legacy-import"
 PWD_SUFFIX = ".pwd"
 
+# a message file: never through a symbolic link, never blocking on a FIFO or
+# device swapped in, never becoming a controlling terminal
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+# a domain or user folder below ROOT
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
 
 @dataclass
 class Message:
@@ -38,6 +52,10 @@ class Message:
     mtime_ns: int
     sha256: str
     size: int  # as stored (CRLF)
+    # the file that was checked: the copy reads only this very file
+    dev: int = -1
+    ino: int = -1
+    st_size: int = -1  # in ROOT, as it was read
 
 
 @dataclass
@@ -49,6 +67,7 @@ class LegacyUser:
     messages: list[Message] = field(default_factory=list)
     exists: bool = False  # already in the passwd-file with this password and Maildir
     done: set[tuple[str, str]] = field(default_factory=set)  # (sha256, rel) imported before
+    source: tuple[str, str, str] = ("", "", "")  # ROOT, domain, user: the folder, reopened without symlinks
 
     def todo(self) -> list[Message]:
         return [m for m in self.messages if (m.sha256, m.rel) not in self.done]
@@ -56,6 +75,66 @@ class LegacyUser:
 
 class Refused(Exception):
     """Something ambiguous or unreadable; the message says what and where."""
+
+
+class Changed(OSError):
+    """A file or folder of ROOT is not the one that was checked (swapped for a
+    symbolic link or another file, or its size or time changed): refused, not read."""
+
+
+def _open_checked(dir_fd: int, name: str, path: str, dev: int, ino: int, size: int, mtime_ns: int) -> int:
+    """Open the message file ``name`` of the folder ``dir_fd`` (``path`` for
+    messages) once, without following a symbolic link, and return the
+    descriptor only if it is the regular file (dev, ino) of ``size`` bytes
+    and modification time ``mtime_ns`` that was checked (the time too: an
+    inode number freed by a deleted message can come back as another file);
+    else raise Changed, nothing read.  Other failures to open raise the plain
+    OSError."""
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Changed(f"{path}: not the file that was checked (a symbolic link now); refused, not read") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            why = "not a regular file now"
+        elif (st.st_dev, st.st_ino) != (dev, ino):
+            why = "another file now"
+        elif st.st_size != size:
+            why = f"its size changed from {size} to {st.st_size} bytes"
+        elif st.st_mtime_ns != mtime_ns:
+            why = "its modification time changed"
+        else:
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    raise Changed(f"{path}: not the file that was checked ({why}); refused, not read")
+
+
+def _read_fd(fd: int) -> bytes:
+    """All of ``fd`` (closed afterwards)."""
+    with open(fd, "rb", closefd=True) as f:
+        return f.read()
+
+
+def _open_folder(name: str, dir_fd: int, path: str) -> int:
+    """The folder ``name`` of ``dir_fd`` (``path`` for messages), not through a
+    symbolic link: Changed if it is not a folder (any more)."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        what = "a symbolic link now" if link else "not a folder now"
+        raise Changed(f"{path}: not the folder that was checked ({what}); refused, not read") from None
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
@@ -119,34 +198,53 @@ def scan(root: str, mail_root: str, passwd_file: str) -> list[LegacyUser]:
 
     users: list[LegacyUser] = []
     seen: dict[str, str] = {}
-    for domain in _entries(root, problems):
-        dpath = os.path.join(root, domain)
-        if not _is_real_dir(dpath, problems):
-            continue
-        for local in _entries(dpath, problems):
-            upath = os.path.join(dpath, local)
-            if not _is_real_dir(upath, problems):
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # ROOT itself as named
+    except OSError as exc:
+        problems.append(f"{root}: cannot list: {exc.strerror}")
+        root_fd = None
+    try:
+        for domain in _entries(root, root_fd, problems) if root_fd is not None else ():
+            dpath = os.path.join(root, domain)
+            domain_fd = _real_dir(root_fd, domain, dpath, problems)
+            if domain_fd is None:
                 continue
-            name = f"{local}@{domain}"
-            if not valid_username(name):
-                problems.append(f"{upath}: {name!r} cannot be a user name")
-                continue
-            if name.lower() in seen:
-                problems.append(f"{upath}: same user as {seen[name.lower()]} (names differ only in case)")
-                continue
-            seen[name.lower()] = upath
-            user = _scan_user(root, upath, name, os.path.join(mail_root, domain, local), problems)
-            if user is not None:
-                users.append(user)
+            try:
+                for local in _entries(dpath, domain_fd, problems):
+                    upath = os.path.join(dpath, local)
+                    user_fd = _real_dir(domain_fd, local, upath, problems)
+                    if user_fd is None:
+                        continue
+                    try:
+                        name = f"{local}@{domain}"
+                        if not valid_username(name):
+                            problems.append(f"{upath}: {name!r} cannot be a user name")
+                            continue
+                        if name.lower() in seen:
+                            problems.append(f"{upath}: same user as {seen[name.lower()]} (names differ only in case)")
+                            continue
+                        seen[name.lower()] = upath
+                        user = _scan_user(root, upath, user_fd, name, os.path.join(mail_root, domain, local), problems)
+                        if user is not None:
+                            user.source = (root, domain, local)
+                            users.append(user)
+                    finally:
+                        os.close(user_fd)
+            finally:
+                os.close(domain_fd)
+    finally:
+        if root_fd is not None:
+            os.close(root_fd)
     _check_passwd_file(users, passwd_file, problems)
     if problems:
         raise Refused(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems))
     return users
 
 
-def _entries(path: str, problems: list[str]) -> list[str]:
+def _entries(path: str, fd: int, problems: list[str]) -> list[str]:
+    """The names in the folder open as ``fd`` (``path`` for messages)."""
     try:
-        names = sorted(os.listdir(path))
+        names = sorted(os.listdir(fd))
     except OSError as exc:
         problems.append(f"{path}: cannot list: {exc.strerror}")
         return []
@@ -161,28 +259,48 @@ def _entries(path: str, problems: list[str]) -> list[str]:
     return out
 
 
-def _is_real_dir(path: str, problems: list[str]) -> bool:
-    """Domain and user folders: directories; a symlink is refused, a plain file
-    at these levels is not a mailbox and is left alone (reported)."""
-    if os.path.islink(path):
+def _real_dir(dir_fd: int, name: str, path: str, problems: list[str]) -> int | None:
+    """Domain and user folders: directories, opened (the descriptor returned)
+    without following a symbolic link; a symlink is refused, a plain file at
+    these levels is not a mailbox and is left alone (reported)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
         problems.append(f"{path}: a symbolic link, not a folder")
-        return False
-    if os.path.isdir(path):
-        return True
-    print(f"fastpop import: ignoring {path} (not a folder)", file=sys.stderr)
-    return False
+        return None
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        print(f"fastpop import: ignoring {path} (not a folder)", file=sys.stderr)
+        return None
+    try:
+        fd = _open_folder(name, dir_fd, path)
+    except Changed as exc:
+        problems.append(str(exc))
+        return None
+    except OSError as exc:
+        problems.append(f"{path}: cannot list: {exc.strerror}")
+        return None
+    opened = os.fstat(fd)
+    if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        problems.append(f"{path}: not the folder that was checked (another folder now); refused, not read")
+        return None
+    return fd
 
 
-def _scan_user(root: str, upath: str, name: str, maildir: str, problems: list[str]) -> LegacyUser | None:
+def _scan_user(
+    root: str, upath: str, user_fd: int, name: str, maildir: str, problems: list[str]
+) -> LegacyUser | None:
     from fastpop.delivery import normalize
 
     before = len(problems)
     pwds: list[str] = []
     messages: list[Message] = []
-    for entry in _entries(upath, problems):
+    for entry in _entries(upath, user_fd, problems):
         path = os.path.join(upath, entry)
         try:
-            st = os.lstat(path)
+            st = os.stat(entry, dir_fd=user_fd, follow_symlinks=False)
         except OSError as exc:
             problems.append(f"{path}: {exc.strerror}")
             continue
@@ -201,13 +319,18 @@ def _scan_user(root: str, upath: str, name: str, maildir: str, problems: list[st
             problems.append(f"{path}: a hidden file, not a message the server wrote")
             continue
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = _read_fd(_open_checked(user_fd, entry, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except Changed as exc:
+            problems.append(str(exc))
+            continue
         except OSError as exc:
             problems.append(f"{path}: cannot read: {exc.strerror}")
             continue
         rel = os.path.relpath(path, root)
-        messages.append(Message(path, rel, st.st_mtime_ns, hashlib.sha256(data).hexdigest(), len(normalize(data))))
+        messages.append(
+            Message(path, rel, st.st_mtime_ns, hashlib.sha256(data).hexdigest(), len(normalize(data)),
+                    dev=st.st_dev, ino=st.st_ino, st_size=st.st_size)
+        )
     if not pwds:
         problems.append(f"{upath}: no <password>.pwd file")
     elif len(pwds) > 1:
@@ -225,10 +348,22 @@ def _scan_user(root: str, upath: str, name: str, maildir: str, problems: list[st
     return LegacyUser(name, upath, pwds[0][: -len(PWD_SUFFIX)], maildir, messages, done=done)
 
 
+def _open_manifest(maildir: str, flags: int) -> int:
+    """The manifest in the Maildir, which its user may write: never through a
+    link, a regular file only (fastpop.safefs)."""
+    from fastpop import safefs
+
+    dir_fd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return safefs.open_regular(dir_fd, MANIFEST, flags)[0]
+    finally:
+        os.close(dir_fd)
+
+
 def _read_manifest(maildir: str) -> set[tuple[str, str]]:
     done: set[tuple[str, str]] = set()
     try:
-        with open(os.path.join(maildir, MANIFEST), encoding="utf-8") as f:
+        with open(_open_manifest(maildir, os.O_RDONLY | os.O_NONBLOCK), encoding="utf-8") as f:
             for line in f:
                 digest, _, rest = line.rstrip("\n").partition(" ")
                 done.add((digest, rest.rpartition(" ")[0]))
@@ -287,7 +422,6 @@ def apply(users: list[LegacyUser], passwd_file: str) -> dict[str, int]:
 
 
 def _import_messages(user: LegacyUser) -> int:
-    from fastpop.delivery import DeliveryError, store_message
     from fastpop.maildir import ensure_maildir
 
     ensure_maildir(user.maildir)
@@ -295,25 +429,68 @@ def _import_messages(user: LegacyUser) -> int:
     done = _read_manifest(user.maildir)
     count = 0
     last_us = 0
-    for m in user.messages:
-        # strictly increasing times keep the files' order in the Maildir names
-        when_us = max(m.mtime_ns // 1000, last_us + 1)
-        last_us = when_us
-        if (m.sha256, m.rel) in done:
-            continue
-        with open(m.path, "rb") as f:
-            data = f.read()
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            stored = store_message(user.maildir, data, when=when_us / 1_000_000)
-        except DeliveryError as exc:
-            raise OSError(f"{m.path}: {exc}") from None
-        with open(manifest, "a", encoding="utf-8") as f:
-            f.write(f"{digest} {m.rel} {stored.name}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        count += 1
+    folder_fd: int | None = None
+    try:
+        for m in user.messages:
+            # strictly increasing times keep the files' order in the Maildir names
+            when_us = max(m.mtime_ns // 1000, last_us + 1)
+            last_us = when_us
+            if (m.sha256, m.rel) in done:
+                continue
+            if folder_fd is None:
+                folder_fd = _open_user_folder(user)
+            _store(user, m, folder_fd, when_us, manifest)
+            count += 1
+    finally:
+        if folder_fd is not None:
+            os.close(folder_fd)
     return count
+
+
+def _open_user_folder(user: LegacyUser) -> int:
+    """ROOT/<domain>/<user> again, each folder below ROOT without following a
+    symbolic link (Changed if one is not a folder any more)."""
+    root, domain, local = user.source
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name, path in ((domain, os.path.join(root, domain)), (local, user.folder)):
+            try:
+                sub = _open_folder(name, fd, path)
+            except Changed:
+                raise
+            except OSError as exc:  # as the plain open() said it: where, and why
+                raise OSError(f"{path}: cannot open: {exc.strerror}") from None
+            os.close(fd)
+            fd = sub
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _store(user: LegacyUser, m: Message, folder_fd: int, when_us: int, manifest: str) -> None:
+    """Copy one message from the descriptor that is the file checked; Changed
+    (nothing read) if it is not."""
+    from fastpop.delivery import DeliveryError, store_message
+
+    name = os.path.basename(m.path)
+    try:
+        fd = _open_checked(folder_fd, name, m.path, m.dev, m.ino, m.st_size, m.mtime_ns)
+    except Changed:
+        raise
+    except OSError as exc:
+        raise OSError(f"{m.path}: cannot read: {exc.strerror}") from None
+    data = _read_fd(fd)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        stored = store_message(user.maildir, data, when=when_us / 1_000_000)
+    except DeliveryError as exc:
+        raise OSError(f"{m.path}: {exc}") from None
+    with open(_open_manifest(user.maildir, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK), "a",
+              encoding="utf-8") as f:
+        f.write(f"{digest} {m.rel} {stored.name}\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def report(users: list[LegacyUser], dry_run: bool = False, counts: dict[str, int] | None = None) -> None:

@@ -34,6 +34,7 @@ Either way a session holds nothing open while it idles, so a worker can keep
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -127,12 +128,22 @@ def _read(path: str) -> tuple[str | None, float] | None:
         return None
 
 
+def _check_maildir(st: os.stat_result, maildir: str) -> None:
+    """A Maildir is locked as itself: a link there (its user may have made it,
+    to hold another user's mailbox) is refused, as opening it would be."""
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "a symbolic link (refused)", maildir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", maildir)
+
+
 class MailboxLock:
     """Held from login to logout; ``release`` removes the link if still ours."""
 
     __slots__ = ("_path",)
 
     def __init__(self, maildir: str, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+        _check_maildir(os.lstat(maildir), maildir)  # FileNotFoundError: the caller creates the Maildir
         self._path = os.path.join(maildir, LOCK_FILE)
         try:
             self._create()
@@ -148,7 +159,7 @@ class MailboxLock:
         seen = _read(self._path)
         if seen is not None and not is_stale(*seen, stale_after):
             raise MailboxLocked(maildir)
-        dir_fd = os.open(maildir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open(maildir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)  # held for a few system calls only
             seen = _read(self._path)  # again: another session may have won
@@ -223,9 +234,16 @@ def default_table_path() -> str:
 
 
 def _open_table(path: str) -> int:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+        # whoever may write the directory may swap the table for another file, and
+        # then two processes hold the same mailbox (/tmp/fastpop-UID made first by another user)
+        raise PermissionError(
+            f"lock table directory {directory} must be a directory of uid {os.geteuid()} (or root) "
+            "that nobody else may write"
+        )
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
@@ -269,9 +287,8 @@ class LockTable:
         _tables.add(self)
 
     def acquire(self, maildir: str) -> TableLock:
-        st = os.stat(maildir)  # FileNotFoundError: the caller creates the Maildir
-        if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(maildir)
+        st = os.lstat(maildir)  # FileNotFoundError: the caller creates the Maildir
+        _check_maildir(st, maildir)
         if self._forked:
             self._reopen()
         offset = slot(st.st_dev, st.st_ino)

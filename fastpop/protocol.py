@@ -11,8 +11,10 @@ pipelined commands are gathered and written with one call.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Callable
 
 from fastpop import faults
@@ -22,6 +24,7 @@ from fastpop.auth import AuthUnavailable, valid_username
 from fastpop.commands import NUM_CODES, Command
 from fastpop.locking import MailboxLocked, MailboxLock, TableLock
 from fastpop.maildir import Mailbox, ensure_maildir, is_permanent
+from fastpop.safefs import served_uid
 from fastpop.parser import CommandParser
 from fastpop.penalty import address_key
 from fastpop.sending import SMALL_MESSAGE, MessageStream, SendfileStream, open_stream, render_small
@@ -555,11 +558,12 @@ class POP3Protocol(asyncio.Protocol):
         except ValueError as exc:
             log.error("no mail location for user=%s: %s", user.name, exc)
             return self._finish_login(R.ERR_MAILBOX_PERM)
+        owner = served_uid(user.uid)
         try:
             try:
                 lock = self._ctx.mailbox_locks.acquire(path)
             except FileNotFoundError:  # first login: create the Maildir
-                ensure_maildir(path)
+                ensure_maildir(path, owner)
                 lock = self._ctx.mailbox_locks.acquire(path)
         except MailboxLocked:
             return self._finish_login(R.ERR_IN_USE)
@@ -567,12 +571,12 @@ class POP3Protocol(asyncio.Protocol):
             log.error("cannot lock mailbox user=%s path=%s: %s", user.name, path, exc)
             return self._finish_login(R.ERR_MAILBOX_PERM if is_permanent(exc) else R.ERR_MAILBOX_TEMP)
         try:
-            mailbox = Mailbox.open_current(path)
+            mailbox = Mailbox.open_current(path, owner)
         except OSError:
             mailbox = None  # let the full open report it
         if mailbox is not None:
             return self._enter_transaction(user, lock, mailbox)
-        fut = self.loop.run_in_executor(None, Mailbox.open, path)
+        fut = self.loop.run_in_executor(None, Mailbox.open, path, owner)
         fut.add_done_callback(lambda f: self._mailbox_opened(user, lock, path, f))
 
     def _mailbox_opened(self, user, lock: MailboxLock | TableLock, path: str, fut: asyncio.Future) -> None:
@@ -777,14 +781,14 @@ class POP3Protocol(asyncio.Protocol):
         path, pop3_size, size = mailbox.message_file(index)
         try:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = mailbox.open_message(path)
             except FileNotFoundError:
                 renamed = mailbox.find_renamed(index)
                 if renamed is None:
                     log.warning("message vanished user=%s file=%s", self._user.name, path)
                     self._out.append(R.ERR_MESSAGE_GONE)
                     return
-                fd = os.open(renamed, os.O_RDONLY | os.O_CLOEXEC)
+                fd = mailbox.open_message(renamed)
                 path = renamed
         except OSError as exc:
             return self._unreadable("open", path, exc)
@@ -797,7 +801,10 @@ class POP3Protocol(asyncio.Protocol):
             if small:
                 data = os.read(fd, size + 1)  # +1: see a file that grew
             if not small or len(data) != size:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not S_ISREG(st.st_mode):  # a FIFO or directory put in its place since
+                    raise OSError(errno.EINVAL, "not a regular file", path)
+                size = st.st_size
                 small = size <= SMALL_MESSAGE
                 os.lseek(fd, 0, os.SEEK_SET)
                 if small:

@@ -21,6 +21,10 @@ from pathlib import Path
 import pytest
 
 PARSERS = {"c-parser": "cython", "py-parser": "python"}
+# Run as root (CI is), fastpop refuses to touch mail as root unless told to; the tests'
+# own Maildirs, which only root writes, are served so (tests/test_hostile_maildir.py
+# attacks this and the dropped configuration).
+AS_ROOT = ["--allow-mail-as-root"] if os.geteuid() == 0 else []
 _user_ids = itertools.count(1)
 
 
@@ -79,10 +83,8 @@ class ServerProcess:
             "--shutdown-timeout", "2",  # SIGTERM waits this long for logged-in sessions (default 30)
             *self.extra_args,
         ]
-        if os.geteuid() == 0 and "--user" not in self.extra_args:
-            # The test's own Maildirs, which only root writes (tests/test_hostile_maildir.py
-            # attacks both this and the dropped configuration).
-            args.append("--allow-mail-as-root")
+        if "--user" not in self.extra_args:
+            args += AS_ROOT
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=self.root, env=env,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, message
+from conftest import AS_ROOT, ServerProcess, message
 from fastpop import index as mindex
 
 FAULT = "FASTPOP_FAULT"
@@ -251,7 +251,7 @@ def run_deliver(srv: ServerProcess, user: str, data: bytes, fault: str | None = 
     if fault:
         env[FAULT] = fault
     return subprocess.run(
-        [sys.executable, "-m", "fastpop", "deliver", "--passwd-file", str(srv.passwd),
+        [sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, "--passwd-file", str(srv.passwd),
          "--mail-location", f"{srv.mail}/%u", "--user", user],
         input=data, capture_output=True, timeout=30, env=env,
     )

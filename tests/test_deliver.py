@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import message
+from conftest import AS_ROOT, message
 from fastpop.stuffing import pop3_size
 
 NAME = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)\.([^,/:]+),S=(\d+),W=(\d+)$")
@@ -26,7 +26,7 @@ IS_ROOT = os.geteuid() == 0
 
 def run_deliver(args: list[str], data: bytes | None = b"", timeout: float = 30, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fastpop", "deliver", *args],
+        [sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, *args],
         input=data,
         capture_output=True,
         timeout=timeout,
@@ -249,7 +249,7 @@ def _wait_for_handler(pid: int, sig: int, timeout: float = 20) -> None:
 
 def test_interrupted_by_signal_is_75(box):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastpop", "deliver", *box.args()],
+        [sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, *box.args()],
         stdin=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -315,7 +315,8 @@ def test_maildir_not_writable_is_73(open_dir):
     (box.mail / "alice" / "cur").mkdir()
     (box.mail / "alice" / "tmp").mkdir()
     r = deliver_as_nobody(box, message())
-    assert_failed(r, 73, "Permission denied", box)
+    # refused before the kernel is asked: a Maildir not the writer's own is not written
+    assert_failed(r, 73, "owned by uid 0, served as uid", box)
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to run deliver as another user")
@@ -416,3 +417,13 @@ def test_disk_full_is_75_and_leaves_nothing(box, small_fs):
     r = run_deliver(args, message("fits"))
     assert r.returncode == 0, r.stderr
     assert [p.read_bytes() for p in (maildir / "new").iterdir()] == [message("fits")]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root")
+def test_a_user_with_uid_0_is_not_delivered_as_root(box):
+    """A uid of 0 from the user database (an LDAP uidNumber, a field injected into a
+    passwd-file line) would make deliver write as root: refused like no uid, EX_CONFIG."""
+    box.passwd.write_text("alice:{PLAIN}pw:0:0\n")
+    r = subprocess.run([sys.executable, "-m", "fastpop", "deliver", *box.args()], input=message(),
+                       capture_output=True, timeout=30)
+    assert_failed(r, 78, "has uid 0", box)

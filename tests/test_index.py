@@ -356,28 +356,21 @@ class Trace:
     lines: list[str]
 
     def opened(self, directory: Path) -> list[str]:
-        """Paths under ``directory`` (or itself) that were opened."""
+        """Paths under ``directory`` (or itself) that were opened, as the kernel
+        resolved them (strace -y): by path or relative to a directory descriptor."""
         d = str(directory)
         out = []
         for line in self.lines:
-            m = re.search(r'\bopen(?:at)?\((?:AT_FDCWD, )?"([^"]*)"', line)
+            m = re.search(r"\bopen(?:at2?)?\(.*= \d+<([^>]*)>$", line)
             if m and (m.group(1) == d or m.group(1).startswith(d + "/")):
                 out.append(m.group(1))
         return out
 
     def listed(self, directory: Path) -> bool:
-        """Whether ``directory`` was opened and read with getdents64."""
+        """Whether ``directory`` was read with getdents64."""
         d = str(directory)
-        fds = set()
-        listed = False
-        for line in self.lines:
-            m = re.search(r'\bopen(?:at)?\((?:AT_FDCWD, )?"([^"]*)".*= (\d+)$', line)
-            if m and m.group(1) == d:
-                fds.add(m.group(2))
-            m = re.search(r"\bgetdents64\((\d+),", line)
-            if m and m.group(1) in fds:
-                listed = True
-        return listed
+        return any(re.search(r"\bgetdents64\(\d+<([^>]*)>,", line) and
+                   re.search(r"\bgetdents64\(\d+<([^>]*)>,", line).group(1) == d for line in self.lines)
 
 
 @contextlib.contextmanager
@@ -386,7 +379,7 @@ def strace(pid: int, out: Path):
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed: cannot observe the server's system calls")
     proc = subprocess.Popen(
-        ["strace", "-f", "-s", "4096", "-e", "trace=openat,getdents64,newfstatat,statx,stat", "-o", str(out), "-p", str(pid)],
+        ["strace", "-f", "-y", "-s", "4096", "-e", "trace=openat,openat2,getdents64,newfstatat,statx,stat", "-o", str(out), "-p", str(pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 10
@@ -863,14 +856,56 @@ needs_c = pytest.mark.skipif(_index_c is None, reason="fastpop._index is not bui
 entries_st = st.lists(
     st.builds(
         mindex.Entry,
-        name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), max_size=30),
+        # what an index may hold: one Maildir entry (not hidden), an RFC 1939 UIDL
+        name=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"), min_size=1,
+                     max_size=30).filter(lambda n: n[0] != "."),
         size=st.one_of(st.integers(0, 10**6), st.integers(0, (2**64 - 1) // 40)),  # the u64 total must fit
         file_size=st.integers(0, 2**64 - 1),
         flags=st.integers(0, 2**32 - 1),
-        uidl=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=70),
+        uidl=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=70),
     ),
     max_size=40,
 )
+
+# anything a hostile index could hold: names that leave cur/, hidden ones, NUL, UIDLs with
+# spaces, controls or too long
+hostile_entries_st = st.lists(
+    st.builds(
+        mindex.Entry,
+        name=st.one_of(
+            st.sampled_from(["../../etc/passwd", "/etc/shadow", "a/b", ".", "..", ".hidden", "", "x\0y", "n" * 256]),
+            st.text(st.characters(blacklist_categories=("Cs",)), max_size=12),
+        ),
+        size=st.integers(0, 10**6),
+        file_size=st.integers(0, 10**6),
+        flags=st.integers(0, 1),
+        uidl=st.text(st.characters(max_codepoint=0x7F), max_size=80),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+def _valid_entry(e: mindex.Entry) -> bool:
+    name = os.fsencode(e.name)
+    return (0 < len(name) <= 255 and name[:1] != b"." and b"/" not in name and b"\0" not in name
+            and 0 < len(e.uidl) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in e.uidl))
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=hostile_entries_st)
+def test_index_names_and_uidls_are_checked_by_both_twins(entries):
+    """A crafted index (the Maildir's owner can write it) is refused unless every name
+    is one Maildir entry and every UIDL is one RFC 1939 allows; both twins agree."""
+    buf = mindex.encode(entries, 0, 0)
+    idx = mindex.MailboxIndex(buf)
+    want = "ok" if all(_valid_entry(e) for e in entries) else "ValueError"
+    impls = [_index_py] + ([_index_c] if _index_c is not None else [])
+    for impl in impls:
+        assert _outcome(impl.check_records, buf, idx.count, idx.names_off)[0] == want, (impl.__name__, entries)
+    if want == "ValueError":
+        with pytest.raises(mindex.IndexCorrupt):
+            idx.verify()
 
 
 def _expected_lines(entries, deleted):
@@ -1204,6 +1239,9 @@ def test_dovecot_migration_keeps_uidls():
         srv = servers[0]
         box.msgs = [Msg(u, s, b"") for (_, u), (_, s) in zip(dovecot_view.uidls, dovecot_view.sizes)]
         box.put(message("after dovecot"))
+        # delivered as the mail user, as an MDA does (served as root, fastpop serves only
+        # the files of the Maildir's owner: a root-owned file there could be a hard link)
+        _chown_tree(fp.mail, vmail.pw_uid, vmail.pw_gid)
         view = session(box.user, srv)
         assert view == box.expected()
         assert view.uidls[:14] == dovecot_view.uidls

@@ -174,6 +174,17 @@ def test_dry_run_writes_nothing(legacy, tmp_path):
 # -- refusals: a clear message, exit 1, nothing written
 
 
+SECRET = b"root:$6$the-shadow-line-nobody-may-read:19000:0:99999:7:::\n"
+
+
+def secret_file(root: Path) -> Path:
+    """A file outside ROOT that the legacy users must never get into a Maildir."""
+    path = root.parent / "shadow"
+    path.write_bytes(SECRET)
+    path.chmod(0o600)
+    return path
+
+
 REFUSALS = {
     "two pwd files": (lambda root: (root / "example.com" / "alice" / "other.pwd").write_bytes(b""),
                       "2 .pwd files (Secr3t!.pwd, other.pwd): which is the password?"),
@@ -194,6 +205,11 @@ REFUSALS = {
     "symlinked user folder": (lambda root: (root / "example.com" / "carol").symlink_to(root / "example.com" / "bob"),
                               "example.com/carol: a symbolic link, not a folder"),
     "fifo": (lambda root: os.mkfifo(root / "example.com" / "alice" / "pipe"), "alice/pipe: not a regular file"),
+    # a symbolic link is never followed, whatever it points at: inside ROOT or to a file only root may read
+    "symlinked message file": (lambda root: (root / "example.com" / "alice" / "00000004.eml").symlink_to(secret_file(root)),
+                               "alice/00000004.eml: not a regular file"),
+    "symlinked domain folder": (lambda root: (root / "example.net").symlink_to(root / "example.com"),
+                                "legacy/example.net: a symbolic link, not a folder"),
 }
 
 
@@ -279,3 +295,132 @@ def test_unreadable_file_is_refused(open_dir):
     assert r.returncode == 1, err
     assert "2.eml: cannot read: Permission denied" in err
     assert list(out.iterdir()) == []
+
+
+# -- the files are opened once, without following symbolic links, and must be the ones checked
+
+
+def contains_secret(top: Path) -> bool:
+    return any(SECRET.strip() in p.read_bytes() for p in top.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def swap_message_for_symlink(root: Path) -> None:
+    secret = secret_file(root)
+    msg = root / "example.com" / "alice" / "00000001.eml"
+    msg.unlink()
+    msg.symlink_to(secret)
+
+
+def swap_message_for_another_file(root: Path) -> None:
+    # same name, a regular file, but another inode (a hard link made after the check)
+    secret = secret_file(root)  # first: the message's inode number is not free yet
+    msg = root / "example.com" / "alice" / "00000001.eml"
+    msg.unlink()
+    os.link(secret, msg)
+
+
+def swap_user_folder_for_symlink(root: Path) -> None:
+    secret = secret_file(root)
+    folder = root / "example.com" / "alice"
+    elsewhere = root.parent / "elsewhere"
+    folder.rename(elsewhere)
+    (elsewhere / "00000001.eml").unlink()
+    os.link(secret, elsewhere / "00000001.eml")
+    folder.symlink_to(elsewhere)
+
+
+def reuse_message_inode(root: Path) -> None:
+    # the message deleted and a same-sized file created: it may well get the freed inode number
+    msg = root / "example.com" / "alice" / "00000001.eml"
+    size = msg.stat().st_size
+    msg.unlink()
+    secret = root.parent / "shadow"
+    secret.write_bytes(SECRET.strip().ljust(size - 1, b"x") + b"\n")
+    secret.chmod(0o600)
+    os.link(secret, msg)
+
+
+SWAPS = {
+    "message becomes a symlink": (swap_message_for_symlink,
+                                  "alice/00000001.eml: not the file that was checked (a symbolic link now)"),
+    "message becomes another file": (swap_message_for_another_file,
+                                     "alice/00000001.eml: not the file that was checked (another file now)"),
+    "user folder becomes a symlink": (swap_user_folder_for_symlink,
+                                      "example.com/alice: not the folder that was checked (a symbolic link now)"),
+    "message inode reused": (reuse_message_inode, "alice/00000001.eml: not the file that was checked ("),
+}
+
+
+@pytest.mark.parametrize("case", list(SWAPS))
+def test_file_swapped_between_check_and_copy_is_refused(legacy, tmp_path, monkeypatch, capsys, case):
+    """The attack: a legacy user swaps a checked message for a link to a file
+    only root may read after scan() checked it and before apply() copies it."""
+    import fastpop.cli
+    import fastpop.legacy_import as li
+
+    swap, expected = SWAPS[case]
+    real_scan = li.scan
+
+    def scan_then_swap(*args, **kw):
+        users = real_scan(*args, **kw)
+        swap(legacy)
+        return users
+
+    monkeypatch.setattr(li, "scan", scan_then_swap)
+    passwd, mail = tmp_path / "passwd", tmp_path / "mail"
+    code = fastpop.cli.main(["import", "legacy", str(legacy), "--passwd-file", str(passwd), "--mail-root", str(mail)])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    assert expected in err and "refused, not read" in err
+    assert "stopped; running it again continues where it stopped" in err
+    assert "Traceback" not in err and SECRET.strip().decode() not in out + err
+    assert not contains_secret(mail)
+    manifest = mail / "example.com" / "alice" / li.MANIFEST
+    assert not manifest.exists() or "00000001.eml" not in manifest.read_text()
+
+
+def test_symlinked_message_leaks_nothing(legacy, tmp_path):
+    """A link present at the check is refused with everything else: nothing
+    of what it points at is read, sized or copied."""
+    swap_message_for_symlink(legacy)
+    passwd, mail = tmp_path / "passwd", tmp_path / "mail"
+    for extra in ((), ("--dry-run",)):
+        r = run_import(legacy, "--passwd-file", passwd, "--mail-root", mail, *extra)
+        err = r.stderr.decode()
+        assert r.returncode == 1, err
+        assert "alice/00000001.eml: not a regular file" in err and "nothing imported" in err
+        assert SECRET.strip() not in r.stdout + r.stderr
+        assert not passwd.exists() and not mail.exists()
+
+
+def test_check_opens_without_following(legacy):
+    """_open_checked refuses, without reading, whatever is not what was checked."""
+    import fastpop.legacy_import as li
+
+    folder = legacy / "example.com" / "alice"
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+    def check(name: str, st: os.stat_result) -> int:
+        return li._open_checked(dfd, name, str(folder / name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    try:
+        st = (folder / "00000001.eml").lstat()
+        with open(check("00000001.eml", st), "rb") as f:
+            assert f.read() == legacy_message(1)
+        swap_message_for_symlink(legacy)
+        with pytest.raises(li.Changed, match="a symbolic link now"):
+            check("00000001.eml", st)
+        (folder / "00000001.eml").unlink()
+        os.mkfifo(folder / "00000001.eml")  # opened without blocking, never read
+        with pytest.raises(li.Changed, match="not a regular file now"):
+            check("00000001.eml", st)
+        st2 = (folder / "00000002.eml").lstat()
+        (folder / "00000002.eml").write_bytes(legacy_message(2) + b"more")  # same file, grown
+        with pytest.raises(li.Changed, match="its size changed"):
+            check("00000002.eml", st2)
+        st3 = (folder / "00000003.eml").lstat()
+        os.utime(folder / "00000003.eml", ns=(st3.st_atime_ns, st3.st_mtime_ns + 10**9))
+        with pytest.raises(li.Changed, match="its modification time changed"):
+            check("00000003.eml", st3)
+    finally:
+        os.close(dfd)

@@ -311,3 +311,16 @@ def test_unknown_lock_method_is_refused():
     with pytest.raises(ValueError, match="table' or 'symlink"):
         locking.mailbox_locks("flock")
     assert isinstance(locking.mailbox_locks("symlink"), locking.SymlinkLocks)
+
+
+def test_a_lock_table_in_a_directory_others_may_write_is_refused(tmp_path):
+    """Whoever may write the table's directory may swap the table for another file, and
+    then two processes hold one mailbox (a /tmp/fastpop-UID made first by another user)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(PermissionError, match="nobody else may write"):
+        LockTable(str(shared / "mailbox.locks"))
+    assert not (shared / "mailbox.locks").exists()
+    shared.chmod(0o700)
+    LockTable(str(shared / "mailbox.locks")).close()

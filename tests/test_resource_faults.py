@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Raw, ServerProcess, message
+from conftest import AS_ROOT, Raw, ServerProcess, message
 from fastpop import index as mindex
 
 IS_ROOT = os.geteuid() == 0
@@ -102,7 +102,7 @@ def fill(path: Path) -> Path:
 
 def run_deliver(srv, user: str, data: bytes) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fastpop", "deliver", "--passwd-file", str(srv.passwd),
+        [sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, "--passwd-file", str(srv.passwd),
          "--mail-location", f"{srv.mail}/%u", "--user", user],
         input=data, capture_output=True, timeout=30,
     )
@@ -375,11 +375,11 @@ def test_lock_file_unusable(nobody_srv):
 def test_read_only_maildir_top_with_the_lock_table(nobody_srv):
     """The lock table writes nothing into the Maildir: a mailbox whose top
     directory the server may not write (but whose cur/ it may) is served,
-    and deletions, which happen in cur/, still work."""
+    and deletions, which happen in cur/, still work.  (Still the server's
+    uid's: a Maildir of another owner is refused, tests/test_hostile_maildir.py.)"""
     s = nobody_srv
     user = add_owned_user(s, [sized("a"), sized("b")])
-    os.chown(user.maildir, 0, 0)
-    user.maildir.chmod(0o755)
+    user.maildir.chmod(0o555)
     p = user.login()
     assert p.stat()[0] == 2
     assert p.dele(1).startswith(b"+OK")

@@ -80,6 +80,12 @@ def test_leftover_cleanup_ignores_a_file_delivered_meanwhile(tmp_path, monkeypat
 
     monkeypatch.setattr(maildir.os, "scandir", Listing)
     with caplog.at_level(logging.INFO, logger="fastpop.maildir"):
-        maildir._remove_leftovers(str(tmp_path))
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        tmp = os.open(tmp_path / "tmp", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            maildir._remove_leftovers(str(tmp_path), fd, tmp)
+        finally:
+            os.close(tmp)
+            os.close(fd)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert not stale.exists()  # the cleanup went on past the vanished file

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-AS_ROOT = ["--allow-mail-as-root"] if os.geteuid() == 0 else []  # the tests' own Maildirs
-
-from conftest import ServerProcess, message
+from conftest import AS_ROOT, ServerProcess, message
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 needs_activate = pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="systemd-socket-activate not installed")

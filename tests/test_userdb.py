@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, User, message
+from conftest import AS_ROOT, ServerProcess, User, message
 from fastpop.auth import AuthUnavailable, Authenticator
 from fastpop.auth_cache import MISSING, AuthCache
 from fastpop.config import Config, load_toml
@@ -648,13 +648,13 @@ location = "{tmp_path}/mail/%d/%n"
         lmtp.quit()
     finally:
         srv.stop()
-    out = subprocess.run([sys.executable, "-m", "fastpop", "deliver", "--config", str(conf), "--user",
+    out = subprocess.run([sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, "--config", str(conf), "--user",
                           "alice@example.com"], input=message("by deliver"), capture_output=True)
     assert out.returncode == 0, out.stderr
-    assert subprocess.run([sys.executable, "-m", "fastpop", "deliver", "--config", str(conf), "--user",
+    assert subprocess.run([sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, "--config", str(conf), "--user",
                            "bob@example.com"], input=message("x"), capture_output=True).returncode == 67
     db.path.rename(tmp_path / "gone.sqlite")  # the database unreadable: try again later (EX_TEMPFAIL)
-    out = subprocess.run([sys.executable, "-m", "fastpop", "deliver", "--config", str(conf), "--user",
+    out = subprocess.run([sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, "--config", str(conf), "--user",
                           "alice@example.com"], input=message("x"), capture_output=True)
     assert out.returncode == 75 and b"unavailable" in out.stderr, out.stderr
     # the server's --mail-location (conftest's) wins over the file's; deliver has the file's
