@@ -25,6 +25,7 @@ from aiosmtpd.lmtp import LMTP
 from fastpop import __version__
 from fastpop.auth import AuthUnavailable, Authenticator
 from fastpop.config import Config, parse_address
+from fastpop.safefs import served_uid
 from fastpop.delivery import FULL, DeliveryError, Recipient, normalize, resolve_async, store_normalized
 
 log = logging.getLogger("fastpop.lmtp")
@@ -219,7 +220,7 @@ def _store(recipient: Recipient, content: bytes) -> tuple[str, str]:
     """In a pool thread: the reply for one recipient, as (status codes, text)."""
     address = recipient.address
     try:
-        stored = store_normalized(recipient.maildir, content)
+        stored = store_normalized(recipient.maildir, content, owner=served_uid(recipient.user.uid))
     except DeliveryError as exc:
         log.warning("lmtp to=<%s> user=%s failed: %s", address, recipient.user.name, exc)
         if exc.errno in FULL:
@@ -272,18 +273,24 @@ class LMTPService:
             if addr.startswith("unix:"):
                 path = addr[len("unix:") :]
                 _remove_stale_socket(path)
-                server = await self.loop.create_unix_server(self._protocol, path, backlog=1024)
+                server = await self.loop.create_unix_server(self._protocol, path, backlog=1024, start_serving=False)
                 os.chmod(path, 0o666)  # who may connect is decided by the directory's permissions
                 st = os.stat(path)
                 self._unix_paths.append((path, st.st_dev, st.st_ino))
                 self.addresses.append(addr)
             else:
                 host, port = parse_address(addr)
-                server = await self.loop.create_server(self._protocol, host, port, reuse_address=True, backlog=1024)
+                server = await self.loop.create_server(self._protocol, host, port, reuse_address=True, backlog=1024,
+                                                       start_serving=False)
                 for sock in server.sockets:
                     h, p = sock.getsockname()[:2]
                     self.addresses.append(f"[{h}]:{p}" if sock.family == socket.AF_INET6 else f"{h}:{p}")
             self.servers.append(server)
+
+    async def start_serving(self) -> None:
+        """Accept connections (bound by start(), before privileges were dropped)."""
+        for server in self.servers:
+            await server.start_serving()
 
     async def close(self) -> None:
         for server in self.servers:

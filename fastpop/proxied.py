@@ -346,7 +346,8 @@ async def start_listeners(ctx: ServerContext, sockets: list[socket.socket] | Non
             host, port = parse_address(addr)
             where = {"host": host, "port": port, "reuse_address": True}
         session = ctx.session_class(ProxiedPOP3Protocol)  # metrics on: a counting subclass
-        servers.append(await ctx.loop.create_server(lambda: session(ctx, settings), backlog=4096, **where))
+        servers.append(await ctx.loop.create_server(lambda: session(ctx, settings), backlog=4096,
+                                                    start_serving=False, **where))  # (server.serve starts them)
     for i, addr in enumerate(config.proxy_listen_tls, len(config.proxy_listen)):
         sock = sockets[i] if sockets is not None else _listening_socket(addr)
         servers.append(ProxyTLSListener(ctx, settings, sock))  # type: ignore[arg-type]

@@ -237,13 +237,15 @@ async def start(
     pop3_sockets = proxy_sockets = None
     if sockets is not None:
         pop3_sockets, proxy_sockets = sockets[:len(sockets) - n_proxy], sockets[len(sockets) - n_proxy:]
+    # Bound now (as root, for ports below 1024), serving only once privileges
+    # are dropped (serve() calls start_serving): no connection is ever served as root.
     servers = []
     for where in _where(config.listen, pop3_sockets):
-        server = await loop.create_server(lambda: protocol(ctx), backlog=4096, **where)
+        server = await loop.create_server(lambda: protocol(ctx), backlog=4096, start_serving=False, **where)
         servers.append(server)
     for where in _where(config.listen_tls, tls_sockets):
         server = await loop.create_server(
-            lambda: protocol(ctx, implicit_tls=True), backlog=4096,
+            lambda: protocol(ctx, implicit_tls=True), backlog=4096, start_serving=False,
             ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
         )
         ctx.tls_servers.append(server)
@@ -301,10 +303,13 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     """After binding privileged ports: become ``user`` (and ``group``, else the user's)."""
     if user is None and group is None:
         return
-    if os.getuid() != 0:
-        raise PermissionError("--user/--group need the server to be started as root")
     entry = pwd.getpwnam(user) if user is not None else None
     gid = grp.getgrnam(group).gr_gid if group is not None else (entry.pw_gid if entry else os.getgid())
+    if os.getuid() != 0:
+        # Already that user (systemd's User=, one config for both ways of starting): nothing to do
+        if (entry is None or entry.pw_uid == os.getuid()) and gid == os.getgid():
+            return
+        raise PermissionError("--user/--group need the server to be started as root")
     os.setgroups([])
     os.setgid(gid)
     if entry is not None:
@@ -352,6 +357,10 @@ async def serve(
 
         lmtp_service = await lmtp.start(config, ctx.auth)
     drop_privileges(config.user, config.group)
+    for server in servers + ctx.tls_servers + ctx.proxy_servers:
+        await server.start_serving()
+    if lmtp_service is not None:
+        await lmtp_service.start_serving()
     signals: asyncio.Queue[int] = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.put_nowait, sig)

@@ -71,3 +71,39 @@ def test_unknown_user_is_a_clear_error(tmp_path):
     assert r.returncode == 2
     assert "no such system user" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_no_listener_accepts_before_privileges_are_dropped(tmp_path):
+    """Ports are bound as root, but a listener only starts listening (and so a
+    client is only ever served) after setuid: a connection that arrived while
+    LMTP or metrics were still starting was served as root, and a login then
+    created that user's Maildir owned by root."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "passwd").touch()
+    trace = tmp_path / "trace"
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "trace=listen,setuid", "-o", str(trace),
+         sys.executable, "-m", "fastpop", "serve", "--listen", "127.0.0.1:0", "--lmtp-listen", "127.0.0.1:0",
+         "--passwd-file", str(tmp_path / "passwd"), "--mail-location", str(tmp_path / "%u"),
+         "--user", "nobody", "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (m := re.search(r"listening on .*pid (\d+)\)", err := proc.stderr.readline())):
+            assert err and time.monotonic() < deadline, "fastpop did not start"
+        os.kill(int(m.group(1)), signal.SIGTERM)  # strace ends with it
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    calls = [m.group(1) for line in trace.read_text().splitlines() if (m := re.search(r"\b(listen|setuid)\(", line))]
+    assert calls.count("listen") == 2, calls  # POP3 and LMTP
+    assert "setuid" in calls and calls.index("setuid") < calls.index("listen"), calls
