@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fastpop-workers", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
                    help="run fastpop with --workers N (default: the usable CPUs, as `fastpop serve` does; "
                         "Dovecot too runs a process per core and more)")
+    p.add_argument("--baseline", metavar="CHECKOUT",
+                   help="also run the fastpop of this checkout (e.g. `git worktree add /tmp/base REV` and "
+                        "`python3 setup.py build_ext --inplace` there), same settings, for before/after ratios")
     p.add_argument("--from-json-dir", metavar="DIR", help="print the table of runs saved with --json-dir, run nothing")
     args = p.parse_args(argv)
     if args.from_json_dir:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     seeded = spawn.seed(workdir, spawn.SeedSpec(args.mailboxes, args.messages, size))
     mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": str(size), "large_users": 0, "large_size": 0}
     servers: dict[str, Target] = {}
-    fast = dove = trivial = None
+    fast = dove = trivial = base = None
     results: dict[tuple[str, str], list[dict]] = {}
     try:
         dove = dovecot.DovecotServer(seeded)
@@ -100,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         fast = spawn.SpawnedServer(seeded, extra_args=["--workers", str(args.fastpop_workers)])
         fast.start()
         servers["fastpop"] = Target("127.0.0.1", fast.port, fast.describe(), spawned=True, pid=fast.pid)
+        if args.baseline:
+            base = spawn.SpawnedServer(seeded, extra_args=["--workers", str(args.fastpop_workers)],
+                                       package_root=os.path.abspath(args.baseline), name="baseline")
+            base.start()
+            servers["baseline"] = Target("127.0.0.1", base.port, f"baseline {base.describe()}", spawned=True,
+                                         pid=base.pid)
         if not args.no_trivial:
             trivial, tport = start_trivial(args.messages, args.message_size)
             servers["trivial"] = Target("127.0.0.1", tport, "trivial canned responder", pid=trivial.pid)
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
                         write_json(res, os.path.join(args.json_dir, f"{scenario}-{name}-{r + 1}.json"))
     finally:
-        for server in (fast, dove):
+        for server in (fast, dove, base):
             if server is not None:
                 server.stop()
         if trivial is not None:
@@ -169,7 +178,7 @@ def render_saved(args) -> int:
     scenarios: list[str] = []
     version = "?"
     for path in sorted(Path(args.from_json_dir).glob("*.json")):
-        m = re.fullmatch(r"(.+)-(Dovecot|fastpop|trivial)-(\d+)\.json", path.name)
+        m = re.fullmatch(r"(.+)-(Dovecot|fastpop|trivial|baseline)-(\d+)\.json", path.name)
         if not m:
             continue
         r = load_json(str(path))
@@ -246,6 +255,15 @@ def markdown_table(results, scenarios, args, dovecot_version: str) -> str:
             lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(rate(s, 'trivial'))} | {f(rate(s, 'fastpop'))} | "
                          f"**{ratio(rate(s, 'fastpop'), rate(s, 'trivial'))}** | {f(client_cpu(s, 'trivial'), 3)} | "
                          f"{f(cpu(s, 'fastpop'), 3)} |")
+    if any(n == "baseline" for _, n in results):
+        lines.append("")
+        lines.append("| scenario | measure | baseline fastpop | this fastpop | this / baseline |")
+        lines.append("|---|---|---:|---:|---:|")
+        for s in scenarios:
+            for measure, get, digits in (("sessions/s", rate, 0), ("server CPU ms per session", cpu, 3)):
+                b, fp = get(s, "baseline"), get(s, "fastpop")
+                lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {measure} | {f(b, digits)} | {f(fp, digits)} | "
+                             f"**{ratio(b, fp)}** |")
     lines.append("")
     lines.append(f"Same client settings for every server: {args.connections} connections (closed loop) over "
                  f"{min(args.procs, args.connections)} uvloop processes, {args.duration:g} s measured after "

@@ -172,7 +172,8 @@ class ProxyTLSListener:
     exactly its length off the socket, and only then hands the socket to the
     loop (connect_accepted_socket) for the TLS handshake and the session.
     It offers what the server uses of an asyncio.Server: ``sockets``,
-    ``close()``, ``wait_closed()``.
+    ``start_serving()`` (accepting starts there, once privileges are
+    dropped), ``close()``, ``wait_closed()``.
     """
 
     def __init__(self, ctx: ServerContext, settings: ProxySettings, sock: socket.socket) -> None:
@@ -184,17 +185,23 @@ class ProxyTLSListener:
         self._pending: set[_PendingHeader] = set()
         self._handshakes: set[asyncio.Task] = set()
         self._closed = False
+        self._serving = False
         sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._accept)
+
+    async def start_serving(self) -> None:
+        if not self._closed and not self._serving:
+            self._serving = True
+            self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def is_serving(self) -> bool:
-        return not self._closed
+        return self._serving and not self._closed
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._loop.remove_reader(self._sock.fileno())
+        if self._serving:
+            self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         for pending in list(self._pending):
             pending.drop()

@@ -40,6 +40,19 @@ def mailbox_held(maildir) -> bool:
         table.close()
 
 
+def tracer_of(pid: int, tid: str) -> int:
+    """The pid tracing thread ``tid`` of ``pid`` (0: none; -1: the thread is gone), to wait
+    until an attached strace sees every thread."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        return -1
+    return 0
+
+
 def message(subject: str = "test", body: str = "Hello.\r\n", size: int | None = None) -> bytes:
     """A small RFC 5322 message with CRLF line ends."""
     text = f"From: a@example.com\r\nTo: b@example.com\r\nSubject: {subject}\r\n\r\n{body}".encode()

@@ -39,7 +39,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PARSERS, ServerProcess, User, message
+from conftest import PARSERS, ServerProcess, User, message, tracer_of
 from fastpop import _index_py
 from fastpop import index as mindex
 
@@ -341,17 +341,6 @@ def test_uidls_are_stable_across_rebuilds_and_deletions(server):
 # =========================================================================== warm logins read nothing
 
 
-def _tracer_of(pid: int, tid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        return -1
-    return 0
-
-
 class Trace:
     lines: list[str]
 
@@ -368,9 +357,8 @@ class Trace:
 
     def listed(self, directory: Path) -> bool:
         """Whether ``directory`` was read with getdents64."""
-        d = str(directory)
-        return any(re.search(r"\bgetdents64\(\d+<([^>]*)>,", line) and
-                   re.search(r"\bgetdents64\(\d+<([^>]*)>,", line).group(1) == d for line in self.lines)
+        return any(m.group(1) == str(directory)
+                   for m in (re.search(r"\bgetdents64\(\d+<([^>]*)>,", line) for line in self.lines) if m)
 
 
 @contextlib.contextmanager
@@ -385,7 +373,7 @@ def strace(pid: int, out: Path):
     deadline = time.monotonic() + 10
     while True:
         tasks = os.listdir(f"/proc/{pid}/task")
-        if tasks and all(_tracer_of(pid, t) == proc.pid for t in tasks):
+        if tasks and all(tracer_of(pid, t) == proc.pid for t in tasks):
             break
         if proc.poll() is not None:
             pytest.skip(f"strace cannot attach here: {proc.stderr.read().decode(errors='replace').strip()}")

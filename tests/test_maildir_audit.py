@@ -81,7 +81,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, message
+from conftest import ServerProcess, message, tracer_of
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
@@ -276,7 +276,7 @@ class Tracer:
         deadline = time.monotonic() + 10
         while True:
             tasks = os.listdir(f"/proc/{pid}/task")
-            if tasks and all(_tracer_of(pid, t) == self.proc.pid for t in tasks):
+            if tasks and all(tracer_of(pid, t) == self.proc.pid for t in tasks):
                 break
             if self.proc.poll() is not None:
                 self.err.seek(0)
@@ -346,17 +346,6 @@ class Tracer:
                     continue  # began before strace attached
                 text = head + r.group(2)
             yield tid, text, f"{tid} {text}"
-
-
-def _tracer_of(pid: int, tid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        pass
-    return -1
 
 
 # --------------------------------------------------------------------------- the index format

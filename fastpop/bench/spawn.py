@@ -246,7 +246,10 @@ class SpawnedServer:
     """``python -m fastpop serve`` on 127.0.0.1 and a free port, over a seeded tree."""
 
     def __init__(self, seeded: Seeded, parser: str = "cython", loop: str = "uvloop",
-                 log_level: str = "info", extra_args: list[str] | None = None) -> None:
+                 log_level: str = "info", extra_args: list[str] | None = None,
+                 package_root: str | None = None, name: str = "fastpop") -> None:
+        """``package_root``: run the fastpop of another checkout (with its extensions
+        built in place), e.g. an earlier commit's for a before/after comparison."""
         if log_level not in ("debug", "info"):
             raise ValueError("the spawned server logs at info or debug: its start-up line carries the port")
         self.seeded = seeded
@@ -254,7 +257,8 @@ class SpawnedServer:
         self.loop = loop
         self.log_level = log_level
         self.extra_args = list(extra_args or [])
-        self.log_path = seeded.root / "fastpop.log"
+        self.package_root = package_root or str(Path(__file__).resolve().parents[2])
+        self.log_path = seeded.root / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.parser_impl = "?"
@@ -275,9 +279,9 @@ class SpawnedServer:
     def start(self, timeout: float = 20.0) -> None:
         env = dict(os.environ)
         env.pop("FASTPOP_NO_EXTENSIONS", None)
-        # the fastpop this bench is part of, not whatever "fastpop" resolves to elsewhere
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        # the fastpop this bench is part of (or the one asked for), not whatever
+        # "fastpop" resolves to elsewhere
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.package_root, env.get("PYTHONPATH")]))
         if self.parser == "python":
             env["FASTPOP_NO_EXTENSIONS"] = "1"
         args = [
@@ -293,8 +297,10 @@ class SpawnedServer:
             # generator needs the other cores
             "--workers", "1",
             *self.extra_args,
-            # its own seeded mailboxes, which only this user writes
-            *(["--allow-mail-as-root"] if os.geteuid() == 0 and "--user" not in self.extra_args else []),
+            # its own seeded mailboxes, which only this user writes (a checkout older
+            # than the flag served mail as root without being told)
+            *(["--allow-mail-as-root"] if os.geteuid() == 0 and "--user" not in self.extra_args
+              and "allow-mail-as-root" in Path(self.package_root, "fastpop", "cli.py").read_text() else []),
         ]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
