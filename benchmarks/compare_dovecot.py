@@ -100,11 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         dove = dovecot.DovecotServer(seeded)
         dove.start()
         servers["Dovecot"] = Target("127.0.0.1", dove.port, dove.describe(), pid=dove.pid)
-        fast = spawn.SpawnedServer(seeded, extra_args=["--workers", str(args.fastpop_workers)])
+        # as Dovecot's mail processes: the mail user (its start chowned the Maildirs to it),
+        # the deployment docs/security.md recommends, rather than root
+        fast_args = ["--workers", str(args.fastpop_workers)]
+        if os.geteuid() == 0:
+            fast_args += ["--user", dovecot.MAIL_USER]
+        fast = spawn.SpawnedServer(seeded, extra_args=fast_args)
         fast.start()
         servers["fastpop"] = Target("127.0.0.1", fast.port, fast.describe(), spawned=True, pid=fast.pid)
         if args.baseline:
-            base = spawn.SpawnedServer(seeded, extra_args=["--workers", str(args.fastpop_workers)],
+            base = spawn.SpawnedServer(seeded, extra_args=fast_args,
                                        package_root=os.path.abspath(args.baseline), name="baseline")
             base.start()
             servers["baseline"] = Target("127.0.0.1", base.port, f"baseline {base.describe()}", spawned=True,

@@ -255,25 +255,19 @@ def _forget(maildir: str) -> None:
 
 def load(maildir: str, dir_fd: int | None = None) -> MailboxIndex | None:
     """The index of this Maildir if it is present and valid, else None.
-    ``dir_fd``: the Maildir, open (else it is opened here, never through a link).
+    ``dir_fd``: the Maildir, open (else by its canonical path; never through a link).
 
     A file that was validated before in this process and has not changed
     since (same inode, mtime and size) is not read again, so a warm login
     costs one stat; a damaged file is logged and left for the rebuild.
     """
     global _cache_bytes
-    if dir_fd is None:
-        try:
-            dfd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            return None
-        try:
-            return load(maildir, dfd)
-        finally:
-            os.close(dfd)
     path = maildir + "/" + INDEX_FILE  # (for log lines)
-    try:
-        st = os.stat(INDEX_FILE, dir_fd=dir_fd, follow_symlinks=False)  # the warm path: one system call
+    try:  # the warm path: one system call
+        if dir_fd is None:  # (the Maildir's parents are the operator's; a link below is refused on open)
+            st = os.stat(safefs.canonical_maildir(maildir) + "/" + INDEX_FILE, follow_symlinks=False)
+        else:
+            st = os.stat(INDEX_FILE, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     with _cache_lock:
@@ -285,7 +279,10 @@ def load(maildir: str, dir_fd: int | None = None) -> MailboxIndex | None:
         log.warning("ignoring index %s (not a regular file, or over %d bytes); rebuilding it", path, MAX_INDEX_BYTES)
         return None
     try:
-        fd = os.open(INDEX_FILE, safefs.O_MESSAGE, dir_fd=dir_fd)
+        if dir_fd is None:
+            fd = safefs.open_nofollow(safefs.canonical_maildir(maildir) + "/" + INDEX_FILE, safefs.O_MESSAGE)
+        else:
+            fd = os.open(INDEX_FILE, safefs.O_MESSAGE, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:  # unreadable (a root-owned copy), or a link planted since: rebuilt, replaced by rename

@@ -33,6 +33,7 @@ import time
 from fastpop import faults, safefs
 from fastpop import index as mindex
 from fastpop.index import FLAG_STORED_AS_SENT, Entry, MailboxIndex
+from fastpop.safefs import O_MESSAGE, open_nofollow
 from fastpop.stuffing import pop3_size
 
 log = logging.getLogger("fastpop.maildir")
@@ -216,33 +217,33 @@ def current_index(path: str, owner: int) -> MailboxIndex | None:
     """The index if it is up to date and nothing waits in new/, else None.
 
     This is the whole cost of a login to an unchanged mailbox: an open of
-    the Maildir, a listing of the empty new/, a stat of cur/ and of the
-    index file, whatever their size.  Raises OSError for a Maildir that
-    must be refused (see the module doc).
+    new/ (no link followed: neither the Maildir nor new/ may be one), its
+    listing, a stat of cur/ and of the index file, whatever their size.
+    Raises OSError for a new/ or cur/ that must be refused; the Maildir
+    itself was checked when the index was built (sync_index), and only root
+    can give it to another owner since.
     """
+    canonical = safefs.canonical_maildir(path)
     try:
-        fd = safefs.open_maildir(path, owner)[0]
+        new = safefs.open_nofollow(canonical + "/new", os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return None
     try:
-        try:
-            new = os.open("new", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        except FileNotFoundError:
+        safefs.check_directory(os.fstat(new), owner, path + "/new")
+        if safefs.has_entries(new):
             return None
-        try:
-            if any(n[0] != "." for n in os.listdir(new)):
-                return None
-        finally:
-            os.close(new)
-        try:
-            st = os.stat("cur", dir_fd=fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISDIR(st.st_mode):
-            return None  # the full open refuses it
-        current = mindex.load(path, fd)
     finally:
-        os.close(fd)
+        os.close(new)
+    try:
+        # (a Maildir swapped for a link since the open above only makes this mtime
+        # differ, or the index unreadable: the full open then refuses it)
+        st = os.stat(canonical + "/cur", follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None  # the full open refuses it
+    safefs.check_directory(st, owner, path + "/cur")
+    current = mindex.load(path)
     if current is not None and current.cur_mtime_ns == st.st_mtime_ns != 0:
         return current
     return None
@@ -365,7 +366,7 @@ class Mailbox:
     It holds no descriptor: message files are opened by their canonical path
     (fastpop.safefs: no link in any component), names checked by the index."""
 
-    __slots__ = ("path", "_cur", "index", "_renamed", "owner")
+    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root")
 
     def __init__(self, path: str, index: MailboxIndex, owner: int) -> None:
         self.path = path
@@ -375,6 +376,7 @@ class Mailbox:
         if owner == safefs.ANY_OWNER:  # (as root, for a user without a uid: see safefs.served_uid)
             owner = os.lstat(self._cur[:-5]).st_uid
         self.owner = owner
+        self._as_root = os.geteuid() == 0  # (root reads anything: the owner decides)
 
     @classmethod
     def open(cls, path: str, owner: int) -> Mailbox:
@@ -419,8 +421,8 @@ class Mailbox:
         """A descriptor of a message file from message_file()/find_renamed(),
         opened without following any link and without blocking on a FIFO.
         Served as root, a file that is not the owner's is refused (EACCES)."""
-        fd = safefs.open_nofollow(path, safefs.O_MESSAGE)
-        if os.geteuid() == 0:  # (root reads anything: the owner decides)
+        fd = open_nofollow(path, O_MESSAGE)
+        if self._as_root:
             try:
                 st = os.fstat(fd)
                 if st.st_uid != self.owner:

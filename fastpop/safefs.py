@@ -16,34 +16,31 @@ some seccomp filters) it walks the components with O_NOFOLLOW instead.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 
+from fastpop import _safefs_py
+
+SAFEFS_IMPL: str
+if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+    from fastpop._safefs_py import has_entries, open_nofollow
+
+    SAFEFS_IMPL = "python"
+else:
+    try:
+        from fastpop._safefs import has_entries, open_nofollow  # type: ignore[assignment]
+
+        SAFEFS_IMPL = "cython"
+    except ImportError:
+        from fastpop._safefs_py import has_entries, open_nofollow
+
+        SAFEFS_IMPL = "python"
+_ = _safefs_py  # the twin is always importable, for tests
+
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_PATH_DIR = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_MESSAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
 NAME_MAX = 255
-
-_SYS_OPENAT2 = 437  # the same number on every Linux architecture (a "common" syscall)
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_NO_SYMLINKS = 0x04
-_AT_FDCWD = -100
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _syscall = _libc.syscall
-    _syscall.restype = ctypes.c_long
-    _syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
-    _HAVE_OPENAT2 = True
-except (OSError, AttributeError):  # pragma: no cover - no libc syscall(): walk instead
-    _HAVE_OPENAT2 = False
 
 
 def valid_name(name: str) -> bool:
@@ -58,64 +55,26 @@ def valid_name(name: str) -> bool:
     )
 
 
-_canonical_parents: dict[str, str] = {}
+_canonical: dict[str, str] = {}  # by the path as configured: one dict lookup per login
 
 
 def canonical_maildir(path: str) -> str:
     """The Maildir path with the operator's links above it resolved and its
     own last component kept as it is (a link there is refused on open)."""
-    path = os.path.normpath(os.path.abspath(path))
-    parent, _, last = path.rpartition("/")
-    real = _canonical_parents.get(parent)
-    if real is None:
+    found = _canonical.get(path)
+    if found is None:
+        parent, _, last = os.path.normpath(os.path.abspath(path)).rpartition("/")
         real = os.path.realpath(parent or "/")
-        if len(_canonical_parents) >= 4096:
-            _canonical_parents.clear()
-        _canonical_parents[parent] = real
-    return (real if real != "/" else "") + "/" + last
+        found = (real if real != "/" else "") + "/" + last
+        if len(_canonical) >= 8192:
+            _canonical.clear()
+        _canonical[path] = found
+    return found
 
 
 def forget_canonical(path: str) -> None:
     """Resolve the Maildir's parents again next time (an operator moved them)."""
-    _canonical_parents.pop(os.path.normpath(os.path.abspath(path)).rpartition("/")[0], None)
-
-
-def open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
-    """open(2) of an absolute path that must contain no symbolic link in any
-    component: ELOOP if one does.  O_NOFOLLOW and O_CLOEXEC are added."""
-    global _HAVE_OPENAT2
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
-    if _HAVE_OPENAT2:
-        how = _OpenHow(flags, mode if flags & os.O_CREAT else 0, _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-        fd = _syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how))
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
-            raise OSError(err, os.strerror(err), path)
-        if err == errno.ENOSYS:
-            _HAVE_OPENAT2 = False
-        # EPERM from a seccomp filter that knows no openat2, E2BIG: walk instead
-    return _walk(path, flags, mode)
-
-
-def _walk(path: str, flags: int, mode: int) -> int:
-    """open_nofollow without openat2: one O_NOFOLLOW openat per component."""
-    parts = [p for p in path.split("/") if p]
-    if not path.startswith("/") or not parts:
-        raise OSError(errno.EINVAL, "not an absolute path to a file", path)
-    fd = os.open("/", _O_PATH_DIR)
-    try:
-        for part in parts[:-1]:
-            try:
-                nxt = os.open(part, _O_PATH_DIR, dir_fd=fd)
-            except NotADirectoryError:  # a link where a directory was: what openat2 says
-                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
-            os.close(fd)
-            fd = nxt
-        return os.open(parts[-1], flags, mode, dir_fd=fd)
-    finally:
-        os.close(fd)
+    _canonical.pop(path, None)
 
 
 ANY_OWNER = -1  # served as root for a user without a uid: as whoever owns the Maildir
@@ -149,8 +108,12 @@ def open_maildir(path: str, owner: int) -> tuple[int, int]:
     try:
         fd = open_nofollow(canonical, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        if exc.errno == errno.ENOTDIR and _exists(path):  # (not a file above it)
-            raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", path) from None
+        if exc.errno == errno.ENOTDIR:  # O_DIRECTORY met a link or a file (or a file above it)
+            kind = _kind(path)
+            if kind == "link":
+                raise OSError(errno.ELOOP, "a symbolic link (refused)", path) from None
+            if kind == "other":
+                raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", path) from None
         if exc.errno != errno.ELOOP:
             raise
         forget_canonical(path)  # perhaps the operator replaced a parent by a link
@@ -185,12 +148,13 @@ def open_subdir(dir_fd: int, name: str, owner: int, where: str) -> int:
     return fd
 
 
-def _exists(path: str) -> bool:
+def _kind(path: str) -> str:
+    """"link", "dir", "other" or "none": what the last component of ``path`` is."""
     try:
-        os.lstat(path)
+        mode = os.lstat(path).st_mode
     except OSError:
-        return False
-    return True
+        return "none"
+    return "link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "other"
 
 
 def _what_is(dir_fd: int, name: str) -> str:
