@@ -196,13 +196,17 @@ def test_user_database_unavailable_is_451(lmtp_server):
     passwd = lmtp_server.passwd
     good = passwd.read_bytes()
     try:
-        passwd.write_bytes(good + b":line without a name\n")
+        # a malformed line is skipped (fastpop.passwd_file); a file that cannot be read is not
+        passwd.unlink()
+        passwd.mkdir()
         with lmtp_server.lmtp() as c:
             c.ehlo()
             c.mail("a@example.com")
             code, text = c.rcpt(user.name)
             assert (code, text[:6]) == (451, b"4.3.0 "), text
     finally:
+        if passwd.is_dir():
+            passwd.rmdir()
         passwd.write_bytes(good)
         time.sleep(0.01)
         passwd.touch()  # a new mtime, so the fixed file is read again
