@@ -58,7 +58,9 @@ def valid_username(name: str) -> bool:
 
 
 def password_candidates(password: str) -> list[str]:
-    """The password as sent, then SASLprep'd (RFC 4013) if that differs."""
+    """The password as sent, then SASLprep'd (RFC 4013) if that differs.  A
+    password SASLprep maps to nothing (a soft hyphen, a zero-width space) is
+    not tried as the empty one: an empty password never logs in."""
     if password.isascii() and password.isprintable():
         return [password]
     try:
@@ -67,7 +69,7 @@ def password_candidates(password: str) -> list[str]:
         prepped = saslprep(password)
     except Exception:  # prohibited characters: only the raw form can match
         return [password]
-    return [password] if prepped == password else [password, prepped]
+    return [password] if prepped == password or not prepped else [password, prepped]
 
 
 def _verify_any(stored: str, candidates: list[str]) -> bool:
@@ -338,10 +340,12 @@ def _apop_matches(record: UserRecord, timestamp: str, digest: str) -> bool:
     if not allowed(record, "allow_apop"):
         return False
     secret = passwords.plaintext(record.password)
-    if secret is None:
+    if not secret:  # a one-way hash, or an empty password (which never logs in)
         return False
-    expected = hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest()
-    return hmac.compare_digest(expected, digest.lower())
+    expected = hashlib.md5((timestamp + secret).encode("utf-8", "surrogatepass")).hexdigest()
+    # bytes: comparing str raises TypeError on non-ASCII (fastpop.sasl.apop_login
+    # lets only 32 hex digits through; this never raises whatever it is given)
+    return hmac.compare_digest(expected.encode("ascii"), digest.lower().encode("utf-8", "surrogatepass"))
 
 
 async def _check(stored: str, candidates: list[str]) -> bool:

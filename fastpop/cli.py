@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--trusted-networks", metavar="CIDR,...",
                      help="plaintext logins allowed without TLS, no penalties ('none' for no network; default loopback)")
     tls.add_argument("--auth-mechanisms", metavar="MECH,...", help="SASL mechanisms offered (default PLAIN,LOGIN,SCRAM-SHA-256)")
+    tls.add_argument("--apop", dest="auth_apop", action="store_true", default=None,
+                     help="offer APOP (RFC 1939; off by default): needs {PLAIN} passwords, weak without TLS")
     tls.add_argument("--auth-penalty-initial", type=float, metavar="SECONDS", help="delay after a first failure (0: no penalty)")
     tls.add_argument("--auth-penalty-max", type=float, metavar="SECONDS", help="longest penalty delay")
     tls.add_argument("--auth-penalty-half-life", type=float, metavar="SECONDS", help="time for a failure count to halve")
@@ -150,6 +152,7 @@ _FLAG_FIELDS = (
     "timeout_transaction",
     "auth_failure_delay",
     "auth_max_attempts",
+    "auth_apop",
     "expire",
     "login_delay",
     "tls_cert",
@@ -247,7 +250,7 @@ def cmd_user(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from fastpop.auth import valid_username
-    from fastpop.passwd_file import UserRecord, read_records, write_records
+    from fastpop.passwd_file import Problem, UserRecord, check_record, read_records, write_records
     from fastpop.passwords import hash_password
     from fastpop.sasl import SCRAM_EXTRA, make_scram_keys
 
@@ -257,17 +260,25 @@ def cmd_user(args: argparse.Namespace) -> int:
     if not path:
         print("fastpop: give --passwd-file or --config", file=sys.stderr)
         return 2
-    records = read_records(path)
+    problems: list[Problem] = []
+    records = read_records(path, problems)
+    for problem in problems:
+        print(f"fastpop: warning: {problem.describe(path)}: line skipped (the server skips it too)", file=sys.stderr)
     if args.user_command == "list":
         for rec in records:
             print(rec.name)
         return 0
+    broken = next((p for p in problems if p.name == args.name), None)
+    if broken is not None:
+        print(f"fastpop: {path}:{broken.lineno}: the line of user {args.name} is malformed; "
+              "correct or remove it by hand first", file=sys.stderr)
+        return 1
     index = next((i for i, r in enumerate(records) if r.name == args.name), None)
     if args.user_command == "del":
         if index is None:
             print(f"fastpop: no user {args.name}", file=sys.stderr)
             return 1
-        del records[index]
+        records = [r for r in records if r.name != args.name]  # every line of the user
     else:
         if args.user_command == "add" and index is not None:
             print(f"fastpop: user {args.name} exists", file=sys.stderr)
@@ -275,12 +286,26 @@ def cmd_user(args: argparse.Namespace) -> int:
         if args.user_command == "passwd" and index is None:
             print(f"fastpop: no user {args.name}", file=sys.stderr)
             return 1
-        if not valid_username(args.name):
-            print(f"fastpop: invalid user name {args.name!r}", file=sys.stderr)
+        if not valid_username(args.name) or args.name.startswith("#"):
+            why = " (a passwd-file line starting with '#' is a comment)" if args.name.startswith("#") else ""
+            print(f"fastpop: invalid user name {args.name!r}{why}", file=sys.stderr)
             return 2
+        if index is None:
+            try:  # before the password prompt: the name, uid, gid and home fit in the file
+                check_record(UserRecord(args.name, "", uid=args.uid, gid=args.gid, home=args.home))
+            except ValueError as exc:
+                print(f"fastpop: {exc}", file=sys.stderr)
+                return 2
         password = _read_password()
         if not password:
             print("fastpop: empty password", file=sys.stderr)
+            return 2
+        if args.scheme == "PLAIN" and _unstorable_in_clear(password):
+            # The passwd-file has no escape for its separators, and Dovecot
+            # none either: such a password is stored hashed, never in clear.
+            print("fastpop: a password stored with --scheme PLAIN cannot contain ':' or control characters "
+                  "(the passwd-file's field and line separators); choose a hashing scheme, "
+                  "e.g. the default --scheme ARGON2ID", file=sys.stderr)
             return 2
         stored = hash_password(password, args.scheme)
         extra = dict(records[index].extra) if index is not None else {}
@@ -293,8 +318,22 @@ def cmd_user(args: argparse.Namespace) -> int:
             records.append(UserRecord(args.name, stored, uid=args.uid, gid=args.gid, home=args.home, extra=extra))
         else:
             records[index] = replace(records[index], password=stored, extra=extra)
-    write_records(path, records)
+    try:
+        write_records(path, records)
+    except ValueError as exc:  # check_record: never a line that would read back otherwise
+        print(f"fastpop: {exc}; {path} left unchanged", file=sys.stderr)
+        return 2
     return 0
+
+
+def _unstorable_in_clear(password: str) -> bool:
+    from fastpop.passwd_file import UserRecord, check_record
+
+    try:
+        check_record(UserRecord("x", "{PLAIN}" + password))
+    except ValueError:
+        return True
+    return False
 
 
 def _flush_cache(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ The TOML file has sections mirroring the field prefixes::
     passwd_file = "/etc/fastpop/passwd"
     failure_delay = 2.0      # seconds before any failed login is answered
     max_attempts = 3         # failed logins before the connection is closed
+    apop = false             # offer APOP (RFC 1939): needs clear-text {PLAIN} passwords and is
+                             # weak without TLS; off, the greeting carries no timestamp
 
     [mail]
     location = "/var/mail/%d/%n"   # %u user, %n local part, %d domain, %h home
@@ -39,6 +41,10 @@ The TOML file has sections mirroring the field prefixes::
 
     [lmtp]
     listen = ["127.0.0.1:24", "unix:/run/fastpop/lmtp"]   # LMTP delivery listeners
+    max_connections = 100    # LMTP connections at once (at most half of what [server]
+                             # max_connections and the descriptors allow; counted in both)
+    max_recipients = 1000    # accepted RCPTs per transaction; past it 452 4.5.3
+    timeout = 300            # idle seconds before an LMTP connection is closed (421 4.4.2)
 
     [tls]
     cert = "/etc/fastpop/cert.pem"   # chain, leaf first; enables STLS (reloaded on SIGHUP)
@@ -127,6 +133,7 @@ class Config:
     passwd_file: str | None = None
     auth_failure_delay: float = 2.0
     auth_max_attempts: int = 3
+    auth_apop: bool = False  # APOP offered (the greeting's timestamp); off by default, as Dovecot
     mail_location: str = "%h/Maildir"
     mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.locking
     mail_lock_table: str | None = None  # None: fastpop.locking.default_table_path()
@@ -140,6 +147,9 @@ class Config:
     shutdown_timeout: float = 30.0  # SIGTERM: seconds logged-in sessions may take to finish
     sendfile: bool = True  # RETR of CRLF-stored messages with sendfile(2)
     lmtp_listen: list[str] = field(default_factory=list)  # HOST:PORT or unix:PATH
+    lmtp_max_connections: int = 100  # LMTP connections at once (fastpop.lmtp: also at most half the budget)
+    lmtp_max_recipients: int = 1000  # accepted RCPTs per transaction; more: 452 4.5.3
+    lmtp_timeout: float = 300.0  # idle seconds before an LMTP connection is closed
     tls_cert: str | None = None  # certificate chain (PEM); enables STLS
     tls_key: str | None = None  # private key (PEM); None: in the cert file
     tls_min_version: str = "TLSv1.2"
@@ -214,6 +224,10 @@ class Config:
                 parse_address(addr)
             elif len(addr) == len("unix:"):
                 raise ValueError("lmtp listen address unix: needs a path")
+        if self.lmtp_max_connections < 1 or self.lmtp_max_recipients < 1:
+            raise ValueError("lmtp max_connections and max_recipients must be at least 1")
+        if not self.lmtp_timeout > 0:
+            raise ValueError("lmtp timeout must be positive")
         if self.user is not None:
             import pwd
 
@@ -347,6 +361,7 @@ _TOML_KEYS = {
     ("auth", "passwd_file"): "passwd_file",
     ("auth", "failure_delay"): "auth_failure_delay",
     ("auth", "max_attempts"): "auth_max_attempts",
+    ("auth", "apop"): "auth_apop",
     ("mail", "location"): "mail_location",
     ("mail", "lock"): "mail_lock",
     ("mail", "lock_table"): "mail_lock_table",
@@ -355,6 +370,9 @@ _TOML_KEYS = {
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
     ("lmtp", "listen"): "lmtp_listen",
+    ("lmtp", "max_connections"): "lmtp_max_connections",
+    ("lmtp", "max_recipients"): "lmtp_max_recipients",
+    ("lmtp", "timeout"): "lmtp_timeout",
     ("tls", "cert"): "tls_cert",
     ("tls", "key"): "tls_key",
     ("tls", "min_version"): "tls_min_version",

@@ -45,7 +45,7 @@ def prepare(directory: str) -> tuple[str, str]:
     home = os.path.join(directory, "mail", DEMO_USER)
     records = read_records(passwd)
     if not any(r.name == DEMO_USER for r in records):
-        # PLAIN so that APOP works for the demo user too.
+        # PLAIN so that APOP works for the demo user too (fastpop serve --demo --apop).
         records.append(UserRecord(DEMO_USER, "{PLAIN}" + DEMO_PASSWORD, home=home))
         write_records(passwd, records)
     maildir = os.path.join(home, "Maildir")

@@ -20,7 +20,9 @@ authorization server:
 
 - ``hmac`` (``fastpop.oauth:hmac_validator``): the token is a JWT signed with
   HS256 and the shared secret of ``[oauth] secret`` or ``secret_file``; it
-  must carry ``sub`` (the user) and ``exp``.  ``fastpop oauth token USER``
+  must carry ``sub`` (the user) and ``exp``; ``exp``, ``nbf`` and ``iat``
+  must be finite numbers.  A token that is malformed in any way is refused
+  like a wrong one, never answered [SYS/TEMP].  ``fastpop oauth token USER``
   mints one.
 - ``command`` (``fastpop.oauth:command_validator``): runs ``[oauth] command``
   with the token on standard input and ``FASTPOP_OAUTH_USER`` /
@@ -33,13 +35,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import hashlib
 import hmac
 import importlib
 import inspect
 import json
+import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -95,8 +98,43 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+
+
 def _unb64url(text: str) -> bytes:
+    """base64url (RFC 7515: no padding, though padding is forgiven); ValueError
+    for anything outside the alphabet, never silently skipped."""
+    if _B64URL.fullmatch(text) is None:
+        raise ValueError("not base64url")
+    text = text.rstrip("=")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _json_object(segment: str) -> dict | None:
+    """A JWT segment's JSON object, or None: bad base64url or UTF-8, not JSON,
+    NaN or Infinity anywhere, nesting too deep for the parser, not an object."""
+    try:
+        value = json.loads(_unb64url(segment), parse_constant=_no_constant)
+    except (ValueError, RecursionError):  # binascii.Error, UnicodeDecodeError, JSONDecodeError are ValueErrors
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _numeric_date(value: Any) -> float | None:
+    """A JWT NumericDate (RFC 7519 2) as a finite float; None for anything
+    else: a string, a boolean, null, NaN, an infinity, an integer too large
+    for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def read_secret(config: Config) -> bytes:
@@ -120,27 +158,37 @@ def make_token(secret: bytes, user: str, ttl: float = 3600.0, now: float | None 
 
 
 def check_token(secret: bytes, token: str, now: float | None = None, leeway: float = 30.0) -> str | None:
-    """The ``sub`` of a valid, unexpired HS256 JWT signed with ``secret``; else None."""
+    """The ``sub`` of a valid, unexpired HS256 JWT signed with ``secret``; else
+    None, whatever the token holds (never an exception).
+
+    The signature is checked before anything is decoded, so a client without
+    the secret never gets its JSON parsed.  ``exp`` is required, ``nbf`` and
+    ``iat`` optional; each present must be a finite number (RFC 7519
+    NumericDate), ``nbf`` and ``iat`` not in the future."""
     parts = token.split(".")
-    if len(parts) != 3:
+    if len(parts) != 3 or not token.isascii():
         return None
     try:
-        header = json.loads(_unb64url(parts[0]))
-        payload = json.loads(_unb64url(parts[1]))
         signature = _unb64url(parts[2])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        return None
-    if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(payload, dict):
+    except ValueError:
         return None
     expected = hmac.new(secret, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
     if not hmac.compare_digest(expected, signature):
         return None
+    header = _json_object(parts[0])
+    payload = _json_object(parts[1])
+    if header is None or payload is None or header.get("alg") != "HS256":
+        return None
     now = time.time() if now is None else now
-    exp, nbf, sub = payload.get("exp"), payload.get("nbf"), payload.get("sub")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool) or now > exp + leeway:
+    exp = _numeric_date(payload.get("exp"))
+    if exp is None or now > exp + leeway:
         return None
-    if isinstance(nbf, (int, float)) and not isinstance(nbf, bool) and now + leeway < nbf:
-        return None
+    for claim in ("nbf", "iat"):
+        if claim in payload:
+            when = _numeric_date(payload[claim])
+            if when is None or now + leeway < when:
+                return None
+    sub = payload.get("sub")
     return sub if isinstance(sub, str) and sub else None
 
 

@@ -4,13 +4,39 @@ Each line is ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra_fields``;
 everything after the password is optional, ``#`` starts a comment.  The file
 is re-read when it changes (size or mtime), so ``fastpop user add`` takes
 effect without a restart.
+
+Reading is forgiving the way Dovecot's is: a malformed line (no user name, a
+uid or gid that is not a number, bytes that are not UTF-8, a NUL) is logged
+once per (re)load and skipped, and so is a second line for a user already
+seen (the first one counts); every other user still logs in.
+
+Writing is strict: ``:`` separates the fields and a line ends at a newline,
+and nothing can escape either, so a field that holds a ``:`` where the format
+has no room for one, or a control character anywhere, is refused
+(``ValueError``), never written.  A hashed password never holds either; a
+``{PLAIN}`` password that does must be stored hashed instead.  Rewriting the
+file changes only the lines of the users that changed: comments, blank lines
+and lines it cannot parse stay as they were, where they were.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
+from typing import Iterator
+
+log = logging.getLogger("fastpop.auth")
+
+# Malformed lines logged one by one on a (re)load; past this, one summary line.
+MAX_LOGGED_PROBLEMS = 20
+
+# C0 controls, DEL, C1 controls (NEL among them) and the Unicode line and
+# paragraph separators: no field may hold one (a line reader of any kind
+# could split there, and a C reader stops at NUL).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,11 +49,26 @@ class UserRecord:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def _number(text: str, what: str) -> int | None:
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        # never the value itself: a broken line may hold part of a password here
+        raise ValueError(f"{what} is not a number")
+    return int(text)
+
+
 def parse_line(line: str) -> UserRecord | None:
-    """One passwd-file line -> record; None for blank lines and comments."""
-    line = line.rstrip("\r\n")
+    """One passwd-file line -> record; None for blank lines and comments.
+    ValueError (saying which field, never its value) for a malformed line."""
+    return _parse(line.rstrip("\r\n"))
+
+
+def _parse(line: str) -> UserRecord | None:
     if not line.strip() or line.lstrip().startswith("#"):
         return None
+    if "\0" in line:
+        raise ValueError("NUL character in the line")
     parts = line.split(":", 7)
     parts += [""] * (8 - len(parts))
     name, password, uid, gid, _gecos, home, _shell, extra = parts
@@ -40,14 +81,53 @@ def parse_line(line: str) -> UserRecord | None:
     return UserRecord(
         name=name,
         password=password,
-        uid=int(uid) if uid else None,
-        gid=int(gid) if gid else None,
+        uid=_number(uid, "uid"),
+        gid=_number(gid, "gid"),
         home=home or None,
         extra=extras,
     )
 
 
+# ----------------------------------------------------------------- writing
+
+
+def _check_text(value: str, what: str, colon: bool = False, space: bool = True) -> None:
+    """Refuse what would change the line's structure; the message never
+    quotes the value (it may be a password)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be text")
+    if _CONTROL.search(value):
+        raise ValueError(f"{what} cannot contain a newline or other control character")
+    if not colon and ":" in value:
+        raise ValueError(f"{what} cannot contain ':' (the passwd-file's field separator)")
+    if not space and any(c.isspace() for c in value):
+        raise ValueError(f"{what} cannot contain white space (it separates the extra fields)")
+
+
+def check_record(rec: UserRecord) -> None:
+    """ValueError unless ``format_record(rec)`` is one line that reads back as ``rec``."""
+    _check_text(rec.name, "a user name")
+    if not rec.name:
+        raise ValueError("empty user name")
+    if rec.name[0] == "#" or rec.name[0].isspace():
+        raise ValueError(f"user name {rec.name!r}: a line starting with '#' or white space is a comment or blank")
+    who = f"user {rec.name}"
+    _check_text(rec.password, f"{who}: the password field")
+    for what, number in (("uid", rec.uid), ("gid", rec.gid)):
+        if number is not None and (type(number) is not int or number < 0):
+            raise ValueError(f"{who}: the {what} must be a number, 0 or more")
+    if rec.home is not None:
+        _check_text(rec.home, f"{who}: the home directory")
+    for key, value in rec.extra.items():
+        _check_text(key, f"{who}: an extra field's name", colon=True, space=False)
+        if "=" in key:
+            raise ValueError(f"{who}: an extra field's name cannot contain '='")
+        _check_text(value, f"{who}: the extra field {key}", colon=True, space=False)
+
+
 def format_record(rec: UserRecord) -> str:
+    """The record as one line (no newline); ValueError if it cannot be one."""
+    check_record(rec)
     extra = " ".join(f"{k}={v}" if v else k for k, v in rec.extra.items())
     fields = [
         rec.name,
@@ -62,6 +142,57 @@ def format_record(rec: UserRecord) -> str:
     while len(fields) > 2 and not fields[-1]:
         fields.pop()
     return ":".join(fields)
+
+
+# ----------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A line skipped when reading: where, whose (when the name could be read), why."""
+    lineno: int
+    name: str | None
+    reason: str
+
+    def describe(self, path: str) -> str:
+        who = f" (user {self.name!r})" if self.name else ""
+        return f"{path}:{self.lineno}{who}: {self.reason}"
+
+
+def _shown(name: str | None) -> str | None:
+    """The first field of a broken line, if it looks like a user name (it is
+    logged: never a long or strange one, which could be anything)."""
+    if not name or len(name) > 255 or _CONTROL.search(name) or "\ufffd" in name:
+        return None
+    return name
+
+
+def _entries(data: bytes) -> Iterator[tuple[int, bytes, UserRecord | None, Problem | None]]:
+    """(line number, the line's bytes, record or None, problem or None) for
+    every line; a record and a problem are never both set."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline ending the last line
+    for lineno, raw in enumerate(lines, 1):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            name = line.split(b":", 1)[0].decode("utf-8", "replace") if b":" in line else None
+            yield lineno, raw, None, Problem(lineno, _shown(name), "not UTF-8")
+            continue
+        try:
+            rec = _parse(text)
+        except ValueError as exc:
+            name = text.split(":", 1)[0] if ":" in text else None
+            yield lineno, raw, None, Problem(lineno, _shown(name), str(exc))
+            continue
+        yield lineno, raw, rec, None
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class PasswdFile:
@@ -79,14 +210,22 @@ class PasswdFile:
         if stamp == self._stamp:
             return False
         users: dict[str, UserRecord] = {}
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                try:
-                    rec = parse_line(line)
-                except ValueError as exc:
-                    raise ValueError(f"{self.path}:{lineno}: {exc}") from None
-                if rec is not None:
+        first_line: dict[str, int] = {}
+        problems: list[Problem] = []
+        for lineno, _raw, rec, problem in _entries(_read_bytes(self.path)):
+            if problem is not None:
+                problems.append(problem)
+            elif rec is not None:
+                if rec.name in users:
+                    problems.append(Problem(lineno, rec.name, f"the user is on line {first_line[rec.name]} already "
+                                                              "(the first line counts)"))
+                else:
                     users[rec.name] = rec
+                    first_line[rec.name] = lineno
+        for problem in problems[:MAX_LOGGED_PROBLEMS]:
+            log.error("passwd-file line skipped: %s", problem.describe(self.path))
+        if len(problems) > MAX_LOGGED_PROBLEMS:
+            log.error("passwd-file %s: %d more lines skipped", self.path, len(problems) - MAX_LOGGED_PROBLEMS)
         self._users, self._stamp = users, stamp
         return True
 
@@ -102,21 +241,58 @@ class PasswdFile:
         return len(self._users)
 
 
-def read_records(path: str) -> list[UserRecord]:
+def read_records(path: str, problems: list[Problem] | None = None) -> list[UserRecord]:
+    """Every record of the file, in order (a user's second line too); the
+    lines that cannot be read are skipped and, with ``problems``, listed."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [r for r in (parse_line(line) for line in f) if r is not None]
+    records = []
+    for _lineno, _raw, rec, problem in _entries(_read_bytes(path)):
+        if rec is not None:
+            records.append(rec)
+        elif problem is not None and problems is not None:
+            problems.append(problem)
+    return records
 
 
 def write_records(path: str, records: list[UserRecord]) -> None:
-    """Replace the file atomically (temp file, fsync, rename), mode 0600."""
+    """Make the file's users ``records``, in this order: the n-th line of a
+    user in the file becomes the n-th record of that name (unchanged records
+    keep their line as written), lines of users no longer in ``records`` go,
+    new records go at the end; comments, blank lines and unreadable lines
+    stay where they are.  The file is replaced atomically (temp file, fsync,
+    rename), mode 0600.  ValueError, and the file untouched, if a record
+    cannot be written as one line (``check_record``)."""
+    out: list[bytes] = []
+    used: dict[str, int] = {}
+    by_name: dict[str, list[UserRecord]] = {}
+    for rec in records:
+        by_name.setdefault(rec.name, []).append(rec)
+    existing = _read_bytes(path) if os.path.exists(path) else b""
+    for _lineno, raw, old, _problem in _entries(existing):
+        if old is None:  # comment, blank or unreadable: kept as it is
+            out.append(raw)
+            continue
+        mine = by_name.get(old.name, ())
+        n = used.get(old.name, 0)
+        if n >= len(mine):
+            continue  # the user (or this line of it) was removed
+        used[old.name] = n + 1
+        new = mine[n]
+        out.append(raw if new == old else format_record(new).encode("utf-8"))
+    seen: dict[str, int] = {}
+    for rec in records:
+        n = seen.get(rec.name, 0)
+        seen[rec.name] = n + 1
+        if n >= used.get(rec.name, 0):
+            out.append(format_record(rec).encode("utf-8"))
+    data = b"".join(line + b"\n" for line in out)
+
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".passwd.", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(format_record(rec) + "\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)

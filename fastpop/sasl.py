@@ -22,6 +22,7 @@ Malformed input never raises out of a mechanism: it ends in a failed
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -120,6 +121,11 @@ def password_login(svc: Services, name: str, password: str) -> Step:
         yield Gate(None)
         return Outcome(name, credentials=credentials, reason="invalid user name")
     yield Gate(name)
+    if not password or "\0" in password:
+        # An empty password never logs in; nor one with a NUL, which bcrypt
+        # and PBKDF2 (HMAC pads its key with NULs) take for a shorter one:
+        # "\0" is "" to both.  Refused unlooked-up, as a wrong password.
+        return Outcome(name, credentials=credentials, reason="empty password or NUL in it")
     record = svc.verify_password(name, password)
     if type(record) is Pending:
         record = yield record
@@ -128,12 +134,25 @@ def password_login(svc: Services, name: str, password: str) -> Step:
     return Outcome(name, record, credentials=credentials, reason="" if record else "wrong password or unknown user")
 
 
-def apop_login(svc: Services, name: str, check: Callable[[], "UserRecord | None | Pending"]) -> Step:
+def _apop_digest_ok(digest: str) -> bool:
+    """32 hex digits (either case), as MD5 gives; nothing else is looked at."""
+    return len(digest) == 32 and not digest.strip(_HEX)  # (strip: every character one of them)
+
+
+_HEX = "0123456789abcdefABCDEF"
+
+
+def apop_login(svc: Services, name: str, digest: str) -> Step:
+    """RFC 1939 APOP.  A digest that is not 32 hex digits (``APOP bob é``) is a
+    wrong one: the same failure, after the same penalty and delay, counted and
+    penalised, for every user, existing or not (no lookup)."""
     if not svc.valid_username(name):
         yield Gate(None)
         return Outcome(name, reason="invalid user name")
     yield Gate(name)
-    record = check()
+    if not _apop_digest_ok(digest):
+        return Outcome(name, reason="malformed APOP digest")
+    record = svc.verify_apop(name, digest)
     if type(record) is Pending:
         record = yield record
     return Outcome(name, record, reason="" if record else "wrong digest or unknown user")
@@ -230,6 +249,30 @@ def _fake_scram_keys(secret: bytes, name: str) -> tuple[bytes, bytes, bytes, int
     return salt, os.urandom(32), os.urandom(32), SCRAM_ITERATIONS
 
 
+class _Gs2AsSent:
+    """Stands in for scramp's gs2-header when the client sent an authzid
+    (scramp refuses any): the channel-binding input is the header as sent."""
+
+    __slots__ = ("_header",)
+
+    def __init__(self, header: str) -> None:
+        self._header = header.encode("utf-8")
+
+    def make_cbind_input(self, _channel_binding: object) -> bytes:
+        return self._header
+
+
+def _keys_of_empty_password(salt: bytes, stored_key: bytes, iterations: int) -> bool:
+    """Whether SCRAM-SHA-256 keys are the empty password's."""
+    salted = hashlib.pbkdf2_hmac("sha256", b"", salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)
+
+
+_EMPTY_KEYS: dict[tuple[bytes, bytes, int], bool] = {}  # (salt, stored key, iterations) -> that
+_EMPTY_KEYS_MAX = 10000
+
+
 def scram_sha256(svc: Services, initial: bytes | None) -> Step:
     from scramp import ScramException, ScramMechanism
 
@@ -245,7 +288,15 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
     if name is None or not name:
         return _malformed("SCRAM user name malformed")
     if authzid:
-        return Outcome(name, reason="authorization identity (not supported)")
+        # GNU SASL (mutt) sends "a=USER": the user asking to act as itself is
+        # the same login; another identity is not supported.  scramp takes no
+        # authzid: it sees the client-first without it (_Gs2AsSent below).
+        wanted = _scram_unescape(authzid[2:]) if authzid.startswith("a=") else None
+        if not wanted:
+            return _malformed("SCRAM authorization identity malformed", name)
+        if wanted != name:
+            return Outcome(name, reason="authorization identity differs (not supported)")
+        text = f"{parts[0]},,{parts[2]},{parts[3]}"
     record = svc.lookup(name) if svc.valid_username(name) else None
     if type(record) is Pending:
         record = yield record
@@ -265,6 +316,8 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         server_first = server.get_server_first()
     except ScramException as exc:
         return _malformed(f"SCRAM client-first rejected: {exc}", name)
+    if authzid:  # the client-final's c= is the gs2-header as sent, authzid and all
+        server.gs2_header = _Gs2AsSent(f"{parts[0]},{authzid},")
     client_final = yield Challenge(server_first.encode("utf-8"))
     final_text = _utf8(client_final)
     if final_text is None:
@@ -277,6 +330,18 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         return Outcome(name, reason=f"SCRAM: {exc}")
     if record is None:
         return Outcome(name, reason="SCRAM: unknown user")  # pragma: no cover - random keys never verify
+    # Keys of the empty password never log in.  Only a client that proved it
+    # knows the password gets here; one key derivation per set of keys (in a
+    # thread), remembered.
+    checked = (keys[0], keys[1], keys[3])  # salt, stored key, iterations
+    empty = _EMPTY_KEYS.get(checked)
+    if empty is None:
+        empty = yield Pending(asyncio.get_running_loop().run_in_executor(None, _keys_of_empty_password, *checked))
+        if len(_EMPTY_KEYS) >= _EMPTY_KEYS_MAX:
+            del _EMPTY_KEYS[next(iter(_EMPTY_KEYS))]
+        _EMPTY_KEYS[checked] = empty
+    if empty:
+        return Outcome(name, reason="empty password")
     # RFC 5034 has no success data: the server-final goes out as a last
     # challenge, and the client's (empty) answer completes the exchange.
     answer = yield Challenge(server_final.encode("utf-8"))

@@ -66,6 +66,10 @@ class ServerContext:
             per_user=config.auth_penalty_per_user,
         )
         self.last_logins = last_logins or LastLogins()  # a worker's: shared with the others
+        # APOP only when configured (it needs clear-text passwords and is broken
+        # without TLS): new greetings carry a timestamp, which is what offers it
+        # (RFC 1939 4; RFC 2449 has no APOP capability, so CAPA is the same).
+        self.apop = config.auth_apop
         self.secret = os.urandom(32)  # stable fake SCRAM salts for unknown users, per process
         self.oauth_validator = None
         if config.oauth_validator:
@@ -355,7 +359,7 @@ async def serve(
     if config.lmtp_listen and lmtp:
         from fastpop import lmtp
 
-        lmtp_service = await lmtp.start(config, ctx.auth)
+        lmtp_service = await lmtp.start(config, ctx.auth, ctx.connections, lambda: ctx.config)  # counted in max_connections
     drop_privileges(config.user, config.group)
     for server in servers + ctx.tls_servers + ctx.proxy_servers:
         await server.start_serving()

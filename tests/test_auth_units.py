@@ -454,11 +454,17 @@ def test_passwd_file_reloads_when_changed(tmp_path):
     assert db.reload_if_changed() is False
 
 
-def test_passwd_file_bad_line_reports_position(tmp_path):
+def test_passwd_file_bad_line_is_logged_with_position_and_skipped(tmp_path, caplog):
+    """As Dovecot: a malformed line is logged (where, whose, why; never the
+    field's value, which may be part of a password) and skipped; the other
+    users are still there."""
     path = tmp_path / "passwd"
-    path.write_text("ok:{PLAIN}x\nbad:{PLAIN}y:notanumber\n")
-    with pytest.raises(ValueError, match=r"passwd:2:"):
-        PasswdFile(str(path))
+    path.write_text("ok:{PLAIN}x\nbad:{PLAIN}y:notanumber\nalso:{PLAIN}z\n")
+    with caplog.at_level("ERROR", logger="fastpop.auth"):
+        db = PasswdFile(str(path))
+    assert db.lookup("ok").password == "{PLAIN}x" and db.lookup("also").password == "{PLAIN}z"
+    assert db.lookup("bad") is None and len(db) == 2
+    assert [r.getMessage() for r in caplog.records] == [f"passwd-file line skipped: {path}:2 (user 'bad'): uid is not a number"]
 
 
 def test_passwd_file_missing(tmp_path):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import message
+from conftest import PARSERS, ServerProcess, message
 
 pytestmark = pytest.mark.external
 
@@ -56,6 +56,19 @@ try:  # large messages are read and stuffed in pieces this size
     from fastpop.stuffing import CHUNK as READ_CHUNK
 except ImportError:
     READ_CHUNK = 256 * 1024
+
+
+@pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
+def server(request, tmp_path_factory):
+    """conftest's ``server`` with APOP on (off by default), so the clients' APOP
+    logins are tested too; test_mpop_auth_apop_not_offered_by_default has the default."""
+    srv = ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param], extra_args=["--apop"])
+    srv.start()
+    yield srv
+    rc = srv.stop()
+    log = srv.log()
+    assert "Traceback" not in log, log
+    assert rc == 0, f"server exit code {rc}\n{log}"
 
 
 # ----------------------------------------------------------------- messages
@@ -228,7 +241,8 @@ def uidls(user) -> list[str]:
 #
 # curl (7.88) logs in with SASL when CAPA offers it (fastpop offers PLAIN,
 # LOGIN and SCRAM-SHA-256; Debian's curl has no SCRAM, so it picks PLAIN),
-# else with APOP when the greeting carries a timestamp, as fastpop's does.
+# else with APOP when the greeting carries a timestamp, as fastpop's does with
+# --apop (the ``server`` here; APOP is off by default).
 # "--login-options AUTH=+APOP" makes it use APOP.
 
 
@@ -601,6 +615,26 @@ def test_mpop_auth_apop(server, tmp_path):
     assert re.search(rb"^--> APOP " + user.name.encode() + rb" [0-9a-f]{32}\r?$", res.stdout, re.M), describe(res)
     assert mp.bodies() == sorted(as_lf(m) for m in msgs)
     assert user.files() == []
+
+
+@needs_mpop
+def test_mpop_auth_apop_not_offered_by_default(tmp_path):
+    """Without --apop the greeting has no timestamp: mpop, told to use APOP,
+    sees it is not offered and never sends it (nor the password)."""
+    srv = ServerProcess(tmp_path / "srv", "cython")
+    srv.start()
+    try:
+        user = srv.add_user(messages=[message("one")])
+        mp = Mpop(srv, user, tmp_path, keep=True)
+        mp.conf.write_text(mp.conf.read_text().replace("auth user\n", "auth apop\n"))
+        res = mp.run()
+        assert res.returncode != 0, describe(res)
+        assert b"--> APOP" not in res.stdout and b"--> PASS" not in res.stdout, describe(res)
+        assert re.search(rb"(?i)apop", res.stderr), describe(res)  # says why
+        assert mp.delivered() == []
+    finally:
+        rc = srv.stop()
+        assert "Traceback" not in srv.log() and rc == 0, srv.log()
 
 
 @needs_mpop

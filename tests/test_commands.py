@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import Raw, message
+from conftest import PARSERS, Raw, ServerProcess, message
 from fastpop import __version__
 
 CRLF = b"\r\n"
@@ -24,6 +24,18 @@ OK_LOGGED_IN = b"+OK Logged in."
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
 IN_USE = b"-ERR [IN-USE] Mailbox is locked by another POP3 session."
 GREETING = re.compile(rb"^\+OK fastpop ready\. (<[^<>\s]+@[^<>\s]+>)\r\n$")
+
+
+@pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
+def server(request, tmp_path_factory):
+    """conftest's ``server`` with APOP on (off by default: tests/test_hostile_auth.py)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param], extra_args=["--apop"])
+    srv.start()
+    yield srv
+    rc = srv.stop()
+    log = srv.log()
+    assert "Traceback" not in log, log
+    assert rc == 0, f"server exit code {rc}\n{log}"
 
 
 # --------------------------------------------------------------------------- helpers

@@ -68,6 +68,7 @@ def target(tmp_path_factory):
         "--trusted-networks", "127.0.0.1/32,127.2.0.0/16",
         "--max-connections-per-ip", "50",
         "--log-level", "info",  # not one debug line per attacker
+        "--apop",  # test_failed_login_flood floods APOP
     ])
     srv.start()
     srv.normal = srv.add_user([message(f"normal {i}", size=size) for i, size in

@@ -427,6 +427,7 @@ def test_planted_index_temporary_does_not_overwrite_an_outside_file(box):
     new = user.maildir / "new"
     for i in range(3000):
         (new / f"{1700000000 + i}.M{i}P1.host").write_bytes(b"Subject: %d\r\n\r\nx\r\n" % i)
+    box.srv.extra_args.append("--apop")  # the server's pid, from the greeting's APOP timestamp
     box.start()
     before = file_state(victim)
     r = Raw(box.srv.port, timeout=30)

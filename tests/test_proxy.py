@@ -105,7 +105,7 @@ def hosts(request, tmp_path_factory):
         "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
         "--proxy-trusted-networks", f"{PROXY_HOST}/32", "--proxy-timeout", str(HEADER_TIMEOUT),
         "--trusted-networks", TRUSTED, "--auth-penalty-initial", str(PENALTY),
-        "--max-connections-per-ip", str(PER_IP),
+        "--max-connections-per-ip", str(PER_IP), "--apop",
     ]
     servers = []
     for name, addr in zip("ab", HOST_ADDRESSES):
@@ -567,7 +567,7 @@ def test_workers_serve_proxy_listeners(tmp_path):
     srv = ServerProcess(tmp_path, PARSERS["c-parser"], extra_args=[
         "--workers", "2", "--proxy-listen", "127.0.0.2:0", "--proxy-listen-tls", "127.0.0.3:0",
         "--proxy-trusted-networks", "127.0.0.1/32", "--tls-cert", str(certs.cert), "--tls-key", str(certs.key),
-        "--auth-penalty-initial", "0"])  # eight failed logins from one address: no waiting
+        "--auth-penalty-initial", "0", "--apop"])  # eight failed logins from one address: no waiting
     srv.start()
     try:
         port = int(wait_for(r"PROXY protocol listening on 127\.0\.0\.2:(\d+) \(proxies", srv).group(1))

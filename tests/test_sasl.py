@@ -7,6 +7,8 @@ fastpop, once with each parser (continuation lines go through the parser's
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import shutil
@@ -243,6 +245,63 @@ def test_mpop_scram_sha256_without_tls(server, tmp_path):
     assert user.password.encode() not in res.stdout
     assert len(list((maildir / "new").iterdir()) + list((maildir / "cur").iterdir())) == 2
     assert user.files() == []
+
+
+GSASL = ctypes.util.find_library("gsasl")
+
+
+def gsasl_scram(c: Conn, authid: str, password: str, authzid: str | None) -> bytes:
+    """SCRAM-SHA-256 by GNU SASL (libgsasl, through ctypes), set up as mutt does:
+    the authzid is the account's user (mutt_sasl_gnu.c), so the client-first is
+    "n,a=USER,n=USER,r=...".  Returns the server's last line."""
+    lib = ctypes.CDLL(GSASL)
+    ctx, session, out = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+    assert lib.gsasl_init(ctypes.byref(ctx)) == 0
+    try:
+        assert lib.gsasl_client_start(ctx, b"SCRAM-SHA-256", ctypes.byref(session)) == 0
+        for prop, value in ((1, authid), (2, authzid), (3, password)):  # GSASL_AUTHID, _AUTHZID, _PASSWORD
+            if value is not None:
+                lib.gsasl_property_set(session, prop, value.encode())
+        line, step = b"+ ", 0
+        while line.startswith(b"+ "):
+            rc = lib.gsasl_step64(session, line[2:].strip(), ctypes.byref(out))
+            assert rc in (0, 1), f"gsasl_step64: {rc}"  # GSASL_OK, GSASL_NEEDS_MORE
+            data = ctypes.string_at(out).decode()
+            lib.gsasl_free(out)
+            if step == 0:
+                if authzid is not None:
+                    assert base64.b64decode(data).startswith(f"n,a={authzid},n={authid},".encode())
+                line = c.cmd("AUTH SCRAM-SHA-256 " + data)
+            else:
+                line = c.cmd(data)  # the client-final; then "" after the server-final (verified by gsasl)
+            step += 1
+        return line
+    finally:
+        if session:
+            lib.gsasl_finish(session)
+        lib.gsasl_done(ctx)
+
+
+@pytest.mark.skipif(GSASL is None, reason="libgsasl is not installed (apt-get install -y libgsasl18)")
+def test_gnu_sasl_scram_with_authzid_as_mutt_sends(server):
+    """mutt's default SCRAM-SHA-256 login (GNU SASL, authzid = user) logs in;
+    before, any authzid was refused (mutt then waited the failure delay, fed the
+    penalty and fell back; with pop_authenticators=scram-sha-256 it could not log in)."""
+    for user in (scram_user(server, messages=[message()]), server.add_user(password="clear pw")):
+        c = Conn(server.port)
+        assert gsasl_scram(c, user.name, user.password, authzid=user.name) == b"+OK Logged in.\r\n", user.name
+        assert c.cmd("STAT").startswith(b"+OK")
+        c.cmd("QUIT")
+        c.close()
+    user = scram_user(server)
+    c = Conn(server.port)
+    assert gsasl_scram(c, user.name, user.password, authzid=None) == b"+OK Logged in.\r\n"  # as mpop does
+    c.cmd("QUIT")
+    other = server.add_user()
+    c = Conn(server.port)
+    assert gsasl_scram(c, user.name, user.password, authzid=other.name) == AUTH_FAILED  # someone else: refused
+    assert gsasl_scram(c, user.name, "wrong", authzid=user.name) == AUTH_FAILED
+    c.close()
 
 
 # ----------------------------------------------------------------- OAUTHBEARER and XOAUTH2

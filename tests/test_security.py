@@ -267,7 +267,7 @@ async def _penalty_scenario(port: int, victim, bystander, neighbour):
 def test_thousand_wrong_passwords_from_one_address(tmp_path, parser):
     initial, maximum = 0.05, 0.5
     srv = ServerProcess(tmp_path, parser, extra_args=[
-        "--trusted-networks", "none", "--auth-penalty-initial", str(initial), "--auth-penalty-max", str(maximum),
+        "--apop", "--trusted-networks", "none", "--auth-penalty-initial", str(initial), "--auth-penalty-max", str(maximum),
         "--auth-max-attempts", "100", "--max-connections-per-ip", "0", "--log-level", "info",
     ])
     srv.start()
@@ -301,7 +301,7 @@ def test_thousand_wrong_passwords_from_one_address(tmp_path, parser):
 def test_default_penalty_is_dovecots(tmp_path, parser):
     """Defaults: no delay before a first failure, then 2 s (doubling to 15 s);
     none for the trusted networks (loopback)."""
-    srv = ServerProcess(tmp_path, parser, extra_args=["--trusted-networks", "127.0.0.2/32"])
+    srv = ServerProcess(tmp_path, parser, extra_args=["--apop", "--trusted-networks", "127.0.0.2/32"])
     srv.start()
     try:
         user = srv.add_user()

@@ -278,7 +278,7 @@ PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on non-sec
 
 @pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
 def untrusted_server(request, tmp_path_factory):
-    srv = tls_server_fixture(request, tmp_path_factory, ["--trusted-networks", "none"])
+    srv = tls_server_fixture(request, tmp_path_factory, ["--trusted-networks", "none", "--apop"])
     yield srv
     stop_clean(srv)
 

@@ -396,7 +396,7 @@ def backend(request, tmp_path_factory):
         db = request.getfixturevalue({"postgresql": "postgres", "mysql": "mariadb"}.get(kind, "slapd"))
     b = Backend(kind, db, root)
     (root / "fastpop.toml").write_text(b.toml())
-    srv = ServerProcess(root, "cython", extra_args=["--config", str(root / "fastpop.toml")])
+    srv = ServerProcess(root, "cython", extra_args=["--config", str(root / "fastpop.toml"), "--apop"])
     srv.start()
     b.server = srv
     yield b
@@ -667,7 +667,10 @@ location = "{tmp_path}/mail/%d/%n"
 # ================================================================ the passwd-file has the same per-user fields
 
 
-def test_per_user_allow_fields_in_the_passwd_file(server):
+def test_per_user_allow_fields_in_the_passwd_file(fresh_server):
+    server = fresh_server
+    server.extra_args = ["--apop"]
+    server.start()
     only_apop = server.add_user(password="pw", stored="{PLAIN}pw::::::allow_plaintext=no")
     no_apop = server.add_user(password="pw", stored="{PLAIN}pw::::::allow_apop=no")
     assert login_reply(server, only_apop.name, "pw") == AUTH_FAILED

@@ -13,13 +13,14 @@ from conftest import ServerProcess, message
 
 
 def _worker_pid(pop) -> int:
-    """The pid in the APOP timestamp <pid.counter.random@host> of the greeting."""
+    """The pid in the APOP timestamp <pid.counter.random@host> of the greeting
+    (the servers here run with --apop for it: no timestamp without)."""
     return int(pop.getwelcome().split(b"<", 1)[1].split(b".", 1)[0])
 
 
 @pytest.fixture
 def workers(tmp_path):
-    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2"])
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2", "--apop"])
     srv.start()
     yield srv
     if srv.proc is not None:
@@ -60,7 +61,7 @@ def _refusing_workers(srv, user) -> set[int]:
 def test_login_delay_holds_across_workers(tmp_path):
     """A user's next login may reach the other worker: LOGIN-DELAY must hold there too,
     and after a SIGHUP."""
-    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2", "--login-delay", "60"])
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2", "--login-delay", "60", "--apop"])
     srv.start()
     try:
         user = srv.add_user([message("hi")])
