@@ -45,12 +45,23 @@ BUSY_CLOSING = 8  # the connection is ending
 BUSY_TLS = 16  # the STLS handshake is running
 BUSY_YIELD = 32  # a burst of pipelined commands gives other sessions a turn
 
-# Replies of pipelined commands are gathered and written together, but once
-# this many octets of messages and listings are queued they are written and
-# the pull waits for the next loop iteration (or for the client to read, if
-# the transport's buffer is full): 20,000 pipelined "RETR 1" must not build
-# gigabytes of replies, nor hold the event loop for a minute.
+# Replies of pipelined commands are gathered and written together, but every
+# reply counts: once FLUSH_BYTES octets of messages and listings, or
+# FLUSH_REPLIES pieces of replies of any kind (a status line, a body, a
+# terminator), are gathered, they are written out and the pull waits: for the
+# client to read if the transport's buffer passed its high-water mark (64 KiB:
+# pause_writing, and reading is paused too), else for the next loop iteration.
+# 20,000 pipelined "RETR 1" must not build gigabytes of replies, nor 50,000
+# pipelined "CAPA" (6 octets each, 186 back) megabytes, nor hold the event
+# loop.  A piece that is not a message or a listing is short (CAPA, the
+# longest, is under 300 octets), so counting pieces bounds them without
+# measuring each: under 150 KiB between two writes.  (A batch of 100
+# pipelined commands still gets its replies in one write.)
 FLUSH_BYTES = 256 * 1024
+FLUSH_REPLIES = 512
+# A TLS transport's high-water marks, for what it has to send and what it
+# has read (the low ones are a quarter): those of a plain transport.
+TLS_HIGH_WATER = 64 * 1024
 
 MAX_TOP_LINES = 2**31 - 1
 
@@ -155,11 +166,14 @@ class POP3Protocol(asyncio.Protocol):
         assert transport is not None
         ctx = self._ctx
         ctx.sessions.add(self)
-        self._timestamp = ctx.new_timestamp()
+        if ctx.apop:  # RFC 1939: the greeting's timestamp is what offers APOP
+            self._timestamp = ctx.new_timestamp()
         self._last_activity = now = self.loop.time()
         self._timer = self.loop.call_at(now + ctx.config.timeout_authorization, self._on_timer)
         self._trusted = self._peer in ctx.trusted
         self._secure = self._implicit_tls  # the listener did the handshake before connection_made
+        if self._implicit_tls:
+            _bound_tls_buffers(transport)
         if not self._trusted:  # trusted networks: no per-address limit, no penalties
             self._addr_key = address_key(self._peer)
         refused = ctx.connections.acquire(self._addr_key or None)
@@ -173,7 +187,10 @@ class POP3Protocol(asyncio.Protocol):
             self._close("too many connections")
             return
         self._counted = True
-        transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
+        if self._timestamp:
+            transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
+        else:
+            transport.write(b"+OK fastpop ready.\r\n")  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         # Idle means no complete line, not no byte: a client trickling one
@@ -231,6 +248,7 @@ class POP3Protocol(asyncio.Protocol):
 
     def _process(self) -> None:
         parser = self._parser
+        out = self._out
         self._in_process = True
         try:
             while not self._busy:
@@ -239,12 +257,12 @@ class POP3Protocol(asyncio.Protocol):
                     if line is None:
                         break
                     self._auth_line(line)
-                    continue
-                cmd = parser.next_command()
-                if cmd is None:
-                    break
-                self._table[cmd[0]](self, cmd[1])
-                if self._out_size >= FLUSH_BYTES:
+                else:
+                    cmd = parser.next_command()
+                    if cmd is None:
+                        break
+                    self._table[cmd[0]](self, cmd[1])
+                if self._out_size >= FLUSH_BYTES or len(out) >= FLUSH_REPLIES:
                     self._flush()  # may pause writing: the pull then waits for resume_writing
                     if not self._busy:
                         self._busy |= BUSY_YIELD
@@ -374,12 +392,13 @@ class POP3Protocol(asyncio.Protocol):
         self._run_auth(sasl.password_login(_Services(self), name, args[0]))
 
     def cmd_apop(self, args: tuple[str, ...]) -> None:
+        if not self._timestamp:  # APOP off ([auth] apop): the greeting offered none
+            return self._bad(R.ERR_UNKNOWN)
         if len(args) != 2:
             return self._bad(R.ERR_ARGS)
         name, digest = args
         self._user_name = None
-        svc = _Services(self)
-        self._run_auth(sasl.apop_login(svc, name, lambda: svc.verify_apop(name, digest)))
+        self._run_auth(sasl.apop_login(_Services(self), name, digest))
 
     def cmd_auth(self, args: tuple[str, ...]) -> None:
         """RFC 5034 AUTH; bare AUTH lists the mechanisms (fetchmail, Thunderbird)."""
@@ -664,6 +683,7 @@ class POP3Protocol(asyncio.Protocol):
             return
         self.transport = transport
         self._secure = True
+        _bound_tls_buffers(transport)
         self._reading_paused = False  # start_tls resumed reading
         self._parser.discard()
         self._parser.utf8 = False
@@ -994,6 +1014,20 @@ class _Services:
         ctx = session._ctx
         request = TokenRequest(token, user, mechanism, session._peer, ctx.config)
         return sasl.Pending(run_validator(ctx.oauth_validator, request, session.loop))
+
+
+def _bound_tls_buffers(transport) -> None:
+    """A TLS transport pauses the session at the high-water mark of a plain
+    one (64 KiB), not at its own default (512 KiB of records, held for a
+    client that does not read, on top of the socket transport's buffer), and
+    stops reading the socket past 64 KiB of records the session has not
+    taken (not 256 KiB)."""
+    if transport.get_extra_info("sslcontext") is None:
+        return  # TLS ended at a proxy: a plain socket
+    transport.set_write_buffer_limits(high=TLS_HIGH_WATER)
+    set_read_limits = getattr(transport, "set_read_buffer_limits", None)  # (not Python 3.10's asyncio)
+    if set_read_limits is not None:
+        set_read_limits(high=TLS_HIGH_WATER)
 
 
 def _login_delay(user, default: int) -> int:
