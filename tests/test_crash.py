@@ -195,7 +195,7 @@ def test_killed_during_update(srv, fault, unlinked):
 def test_worker_killed_during_update(tmp_path):
     """--workers 2: the worker holding the session dies mid-UPDATE; the
     supervisor replaces it and the mailbox is free at once, on either worker."""
-    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2"])
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2", "--apop"])  # (the pid: APOP timestamp)
     mails = originals(5, "worker")
     user = srv.add_user(mails)
     start(srv, "update.after_unlink:2")

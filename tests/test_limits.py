@@ -98,7 +98,7 @@ def test_per_address_limit_over_workers_sees_each_address(tmp_path):
 def test_killed_workers_connections_are_no_longer_counted(tmp_path):
     # 20 connections: the kernel's SO_REUSEPORT hash puts all on one worker
     # once in 2**19 (with 6 it happened in a few runs of ten)
-    srv = _server(tmp_path, "--workers", "2", "--max-connections", "20")
+    srv = _server(tmp_path, "--workers", "2", "--max-connections", "20", "--apop")  # (pids: APOP timestamps)
     srv.start()
     try:
         held = [_greeting(srv.port) for _ in range(20)]

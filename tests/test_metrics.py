@@ -54,7 +54,8 @@ def wait_for(port: int, check, timeout: float = 10.0):
 
 def metered_server(tmp_path, *extra: str) -> tuple[ServerProcess, int]:
     port = free_port()
-    srv = ServerProcess(tmp_path, "cython", extra_args=["--metrics-listen", f"127.0.0.1:{port}", *extra])
+    # --apop: tests read the worker's pid from the greeting's APOP timestamp
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--metrics-listen", f"127.0.0.1:{port}", "--apop", *extra])
     srv.start()
     return srv, port
 

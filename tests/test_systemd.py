@@ -227,7 +227,7 @@ def test_socket_activation(tmp_path):
 
 @needs_activate
 def test_socket_activation_with_workers_shares_the_socket(tmp_path):
-    srv = Activated(tmp_path, "--workers", "2")
+    srv = Activated(tmp_path, "--workers", "2", "--apop")  # (the pids: APOP timestamps)
     try:
         srv.add_user("bob", [message("shared")])
         pids = set()
