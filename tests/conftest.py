@@ -204,15 +204,20 @@ class User:
         return sorted(p.read_bytes() for p in self.files())
 
 
-@pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
-def server(request, tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param])
+def serving(srv):
+    """For a fixture (``yield from serving(srv)``): start ``srv``, hand it to the test,
+    then stop it and check it ended cleanly (exit status 0, no traceback logged)."""
     srv.start()
     yield srv
     rc = srv.stop()
     log = srv.log()
     assert "Traceback" not in log, log
     assert rc == 0, f"server exit code {rc}\n{log}"
+
+
+@pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
+def server(request, tmp_path_factory):
+    yield from serving(ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param]))
 
 
 @pytest.fixture(params=list(PARSERS), ids=list(PARSERS))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PARSERS, ServerProcess, message
+from conftest import PARSERS, ServerProcess, message, serving
 
 pytestmark = pytest.mark.external
 
@@ -62,13 +62,7 @@ except ImportError:
 def server(request, tmp_path_factory):
     """conftest's ``server`` with APOP on (off by default), so the clients' APOP
     logins are tested too; test_mpop_auth_apop_not_offered_by_default has the default."""
-    srv = ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param], extra_args=["--apop"])
-    srv.start()
-    yield srv
-    rc = srv.stop()
-    log = srv.log()
-    assert "Traceback" not in log, log
-    assert rc == 0, f"server exit code {rc}\n{log}"
+    yield from serving(ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param], extra_args=["--apop"]))
 
 
 # ----------------------------------------------------------------- messages

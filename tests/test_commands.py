@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import PARSERS, Raw, ServerProcess, message
+from conftest import PARSERS, Raw, ServerProcess, message, serving
 from fastpop import __version__
 
 CRLF = b"\r\n"
@@ -29,13 +29,7 @@ GREETING = re.compile(rb"^\+OK fastpop ready\. (<[^<>\s]+@[^<>\s]+>)\r\n$")
 @pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
 def server(request, tmp_path_factory):
     """conftest's ``server`` with APOP on (off by default: tests/test_hostile_auth.py)."""
-    srv = ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param], extra_args=["--apop"])
-    srv.start()
-    yield srv
-    rc = srv.stop()
-    log = srv.log()
-    assert "Traceback" not in log, log
-    assert rc == 0, f"server exit code {rc}\n{log}"
+    yield from serving(ServerProcess(tmp_path_factory.mktemp("fastpop"), PARSERS[request.param], extra_args=["--apop"]))
 
 
 # --------------------------------------------------------------------------- helpers
