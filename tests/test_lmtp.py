@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, message
+from conftest import ServerProcess, message, serving
 from fastpop.stuffing import pop3_size
 
 
@@ -78,12 +78,7 @@ class RawLMTP:
 @pytest.fixture(scope="module")
 def lmtp_server(tmp_path_factory):
     srv = LMTPServer(tmp_path_factory.mktemp("lmtp"))
-    srv.start()
-    yield srv
-    rc = srv.stop()
-    log = srv.log()
-    assert "Traceback" not in log, log
-    assert rc == 0, f"server exit code {rc}\n{log}"
+    yield from serving(srv)
     assert not srv.socket_path.exists(), "the Unix socket outlived the server"
 
 

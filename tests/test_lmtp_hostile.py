@@ -17,7 +17,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from conftest import ServerProcess, message
+from conftest import ServerProcess, message, serving
 from test_lmtp import LMTPServer, RawLMTP
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,13 +80,7 @@ class Pop3Probe(threading.Thread):
 
 @pytest.fixture(scope="module")
 def lmtp_server(tmp_path_factory):
-    srv = LMTPServer(tmp_path_factory.mktemp("lmtp-hostile"))
-    srv.start()
-    yield srv
-    rc = srv.stop()
-    log = srv.log()
-    assert "Traceback" not in log, log
-    assert rc == 0, f"server exit code {rc}\n{log}"
+    yield from serving(LMTPServer(tmp_path_factory.mktemp("lmtp-hostile")))
 
 
 # -- DATA: linear, chunked, off the POP3 users' backs
