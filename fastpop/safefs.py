@@ -37,6 +37,8 @@ else:
 
         SAFEFS_IMPL = "python"
 _ = _safefs_py  # the twin is always importable, for tests
+__all__ = ["ANY_OWNER", "O_MESSAGE", "SAFEFS_IMPL", "canonical_maildir", "check_directory", "has_entries",
+           "open_maildir", "open_nofollow", "open_regular", "open_subdir", "served_uid", "valid_name"]
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_MESSAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
