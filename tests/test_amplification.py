@@ -28,7 +28,8 @@ import time
 
 import pytest
 
-from conftest import PARSERS, ServerProcess, message
+from conftest import PARSERS, ServerProcess, message, serving
+from test_hostile_clients import rss
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,14 +43,6 @@ CONNECTIONS = 12
 PER_CONNECTION = 384 * 1024
 PER_TLS_CONNECTION = 1536 * 1024
 CLIENT_RCVBUF = 16 * 1024  # the attacker's receive buffer: what the kernel takes off the server's hands
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def settled_rss(pid: int, timeout: float = 3.0) -> int:
@@ -70,13 +63,7 @@ VARIANTS = [(p, loop) for loop in ("uvloop", "asyncio") for p in PARSERS]
 @pytest.fixture(params=VARIANTS, ids=[f"{p}-{loop}" for p, loop in VARIANTS])
 def server(request, tmp_path):
     parser, loop = request.param
-    srv = ServerProcess(tmp_path, PARSERS[parser], loop=loop, extra_args=["--log-level", "info"])
-    srv.start()
-    yield srv
-    rc = srv.stop()
-    log = srv.log()
-    assert "Traceback" not in log, log[-5000:]
-    assert rc == 0, log[-5000:]
+    yield from serving(ServerProcess(tmp_path, PARSERS[parser], loop=loop, extra_args=["--log-level", "info"]))
 
 
 class Client:
@@ -275,12 +262,7 @@ def tls_server(request, tmp_path):
     certs = Certs(tmp_path / "certs")
     srv = TLSServer(tmp_path, PARSERS[parser], certs, ["--log-level", "info"])
     srv.loop = loop
-    srv.start()
-    yield srv
-    rc = srv.stop()
-    log = srv.log()
-    assert "Traceback" not in log, log[-5000:]
-    assert rc == 0, log[-5000:]
+    yield from serving(srv)
 
 
 def test_pipelined_capa_over_tls(tls_server):
