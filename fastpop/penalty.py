@@ -19,8 +19,10 @@ earlier by hanging up; it is a timer on the event loop, so nobody else waits.
 - Addresses in the trusted networks (webmail, proxies) are never penalised;
   the protocol does not ask for them.
 
-Open connections per address (the same key) are counted by
-``fastpop.limits.ConnectionTable``, across workers.
+With workers, the counts are shared (``SharedFailures``): a failure seen by
+one worker delays the next attempt on any of them.  Open connections per
+address (the same key) are counted by ``fastpop.limits.ConnectionTable``,
+across workers.
 """
 
 from __future__ import annotations
@@ -92,6 +94,92 @@ class _Entry:
         self.recent: list[bytes] | None = None
 
 
+class SharedFailures:
+    """Failure counts shared by the workers of one server, so a guesser gets
+    no more attempts for spreading them over workers.
+
+    Memory shared before the fork holds one row per worker; a worker writes
+    only its own row (``use_row``) and reads all of them.  A row is a hash
+    table of ``BUCKETS`` buckets of ``WAYS`` slots, each slot a sequence
+    number (a seqlock, as in LastLogins), a 64-bit keyed hash of the
+    address or user name, a decaying count and the time it was last
+    changed.  Counts decay at one rate, so the sum of the rows' decayed
+    counts is the decayed total.  A full bucket drops its smallest count:
+    a flood of new addresses evicts one-off failures, not a busy guesser.
+    A success is written as a negative count cancelling the other rows'.
+    """
+
+    BUCKETS = 8192
+    WAYS = 4
+    _WORDS = 4  # per slot: sequence number, key, count (a double), time (a double)
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._stride = self.BUCKETS * self.WAYS * self._WORDS
+        self._map = mmap.mmap(-1, workers * self._stride * 8, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._words = memoryview(self._map).cast("Q")
+        self._floats = memoryview(self._map).cast("d")  # the same words, read as doubles
+        self._row = 0
+        self._hash_key = os.urandom(16)  # made before the fork: the same in every worker, unknown outside
+
+    def use_row(self, worker: int) -> None:
+        """In a worker: write into row ``worker``."""
+        self._row = worker * self._stride
+
+    def key(self, kind: bytes, name: str) -> int:
+        digest = hashlib.blake2b(kind + b"\0" + name.encode("utf-8", "surrogateescape"),
+                                 key=self._hash_key, digest_size=8).digest()
+        return int.from_bytes(digest, "little") | 1  # never 0 (an empty slot)
+
+    def _bucket(self, key: int) -> int:
+        return (key >> 1) % self.BUCKETS * self.WAYS * self._WORDS
+
+    def total(self, key: int, decay: Callable[[float, float], float]) -> float:
+        """The decayed count of ``key`` summed over the workers (0 at least);
+        ``decay(count, since)`` applies the half-life."""
+        words, floats = self._words, self._floats
+        bucket = self._bucket(key)
+        total = 0.0
+        for row in range(0, self.workers * self._stride, self._stride):
+            for i in range(row + bucket, row + bucket + self.WAYS * self._WORDS, self._WORDS):
+                seq = words[i]
+                if seq & 1 or words[i + 1] != key:
+                    continue  # being written (a miss), or another key
+                count, last = floats[i + 2], floats[i + 3]
+                if words[i] == seq:  # unchanged while read
+                    total += decay(count, last)
+                break
+        return max(total, 0.0)
+
+    def add(self, key: int, amount: float, now: float, decay: Callable[[float, float], float]) -> None:
+        """Add ``amount`` to this worker's decayed count of ``key`` at ``now``
+        (CLOCK_MONOTONIC: common to all processes)."""
+        words, floats = self._words, self._floats
+        start = self._row + self._bucket(key)
+        slot = -1
+        smallest = math.inf
+        for i in range(start, start + self.WAYS * self._WORDS, self._WORDS):
+            if words[i + 1] == key:
+                slot = i
+                break
+            value = -math.inf if words[i + 1] == 0 else abs(decay(floats[i + 2], floats[i + 3]))
+            if value < smallest:
+                slot, smallest = i, value
+        count = decay(floats[slot + 2], floats[slot + 3]) if words[slot + 1] == key else 0.0
+        seq = words[slot]
+        words[slot] = seq + 1  # odd: readers skip the slot
+        words[slot + 1] = key
+        floats[slot + 2] = count + amount
+        floats[slot + 3] = now
+        words[slot] = seq + 2
+
+    def cancel(self, key: int, now: float, decay: Callable[[float, float], float]) -> None:
+        """Bring the total of ``key`` to zero (a success clears a user's count)."""
+        total = self.total(key, decay)
+        if total > 0:
+            self.add(key, -total, now, decay)
+
+
 class PenaltyBox:
     def __init__(
         self,
@@ -101,6 +189,7 @@ class PenaltyBox:
         max_entries: int = 100_000,
         per_user: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedFailures | None = None,
     ) -> None:
         self.initial = initial
         self.maximum = maximum
@@ -111,6 +200,9 @@ class PenaltyBox:
         self._ips: OrderedDict[str, _Entry] = OrderedDict()
         self._users: OrderedDict[str, _Entry] = OrderedDict()
         self._key = os.urandom(16)  # credential fingerprints are keyed: never a stored hash
+        # Workers: counts in the shared rows; this process's tables still
+        # remember the recent wrong credentials (and stay bounded by trimming).
+        self.shared = shared
 
     def configure(self, initial: float, maximum: float, half_life: float, per_user: bool) -> None:
         """New settings (SIGHUP), keeping the failure counts."""
@@ -133,9 +225,22 @@ class PenaltyBox:
             return self.maximum
         return min(self.initial * 2.0 ** (n - 1), self.maximum)
 
+    def _decay_at(self, now: float) -> Callable[[float, float], float]:
+        half_life = self.half_life
+        if half_life <= 0:
+            return lambda count, last: count
+        return lambda count, last: count * 0.5 ** ((now - last) / half_life)
+
     def failures(self, key: str, user: str | None = None) -> float:
         """The decayed failure count that decides the delay (the larger of the two)."""
         now = self.clock()
+        shared = self.shared
+        if shared is not None:
+            decay = self._decay_at(now)
+            count = shared.total(shared.key(b"a", key), decay)
+            if self.per_user and user is not None:
+                count = max(count, shared.total(shared.key(b"u", user), decay))
+            return count
         count = 0.0
         entry = self._ips.get(key)
         if entry is not None:
@@ -163,12 +268,23 @@ class PenaltyBox:
         entry = self._bump(self._ips, key, now, fingerprint)
         if entry is None:
             return  # the same wrong credentials again: no higher penalty
-        if self.per_user and user is not None:
+        per_user = self.per_user and user is not None
+        if per_user:
             self._bump(self._users, user, now, None)
+        shared = self.shared
+        if shared is not None:
+            decay = self._decay_at(now)
+            shared.add(shared.key(b"a", key), 1.0, now, decay)
+            if per_user:
+                shared.add(shared.key(b"u", user), 1.0, now, decay)
 
     def succeeded(self, key: str, user: str) -> None:
         """A login succeeded: the user's own count is cleared (the address's decays)."""
         self._users.pop(user, None)
+        shared = self.shared
+        if shared is not None:
+            now = self.clock()
+            shared.cancel(shared.key(b"u", user), now, self._decay_at(now))
 
     def _bump(self, table: OrderedDict, name: str, now: float, fingerprint: bytes | None) -> _Entry | None:
         entry = table.get(name)

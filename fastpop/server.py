@@ -21,7 +21,7 @@ from fastpop.config import Config, parse_address
 from fastpop.limits import ConnectionTable, connections_per_worker, raise_descriptor_limit
 from fastpop.locking import mailbox_locks
 from fastpop.parser import PARSER_IMPL
-from fastpop.penalty import LastLogins
+from fastpop.penalty import LastLogins, SharedFailures
 from fastpop.protocol import POP3Protocol
 
 log = logging.getLogger("fastpop")
@@ -31,7 +31,8 @@ class ServerContext:
     """What every session of one server shares."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
-                 connections: ConnectionTable | None = None, last_logins: LastLogins | None = None) -> None:
+                 connections: ConnectionTable | None = None, last_logins: LastLogins | None = None,
+                 failures: SharedFailures | None = None) -> None:
         assert config.passwd_file is not None
         self.config = config
         self.loop = loop
@@ -48,6 +49,7 @@ class ServerContext:
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
         self.metrics = None  # a fastpop.metrics.Counters when metrics are on
+        self._shared_failures = failures  # a worker's: the penalty counts of all workers
         self._init_security(config, last_logins)
 
     def _init_security(self, config: Config, last_logins: LastLogins | None = None) -> None:
@@ -63,7 +65,7 @@ class ServerContext:
         self.trusted = Networks(config.trusted_networks)
         self.penalty = PenaltyBox(
             config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
-            per_user=config.auth_penalty_per_user,
+            per_user=config.auth_penalty_per_user, shared=self._shared_failures,
         )
         self.last_logins = last_logins or LastLogins()  # a worker's: shared with the others
         # APOP only when configured (it needs clear-text passwords and is broken
@@ -226,11 +228,12 @@ async def start(
     tls_sockets: list[socket.socket] | None = None,
     connections: ConnectionTable | None = None,
     last_logins: LastLogins | None = None,
+    failures: SharedFailures | None = None,
 ) -> tuple[ServerContext, list[asyncio.AbstractServer]]:
     """Open every listener (or serve the given listening sockets, one per
     configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
-    ctx = ServerContext(config, loop, connections, last_logins)
+    ctx = ServerContext(config, loop, connections, last_logins, failures)
     if config.metrics_listen:  # metrics off: the plain protocol, nothing counted
         from fastpop.metrics import Counters
 
@@ -328,6 +331,7 @@ async def serve(
     reload: Callable[[], Config] | None = None,
     connections: ConnectionTable | None = None,
     last_logins: LastLogins | None = None,
+    failures: SharedFailures | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
     ``reload()``'s configuration (the config file read again)."""
@@ -349,7 +353,7 @@ async def serve(
                 from fastpop.workers import listening_socket
 
                 sockets = sockets + [listening_socket(a) for a in config.proxy_listen + config.proxy_listen_tls]
-    ctx, servers = await start(config, sockets, tls_sockets, connections, last_logins)
+    ctx, servers = await start(config, sockets, tls_sockets, connections, last_logins, failures)
     process_metrics = None
     if ctx.metrics is not None:
         from fastpop.metrics import ProcessMetrics
@@ -476,9 +480,10 @@ def run_worker(
     reload: Callable[[], Config] | None = None,
     connections: ConnectionTable | None = None,
     last_logins: LastLogins | None = None,
+    failures: SharedFailures | None = None,
 ) -> None:
     loop = new_event_loop(config.loop)
     try:
-        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections, last_logins))
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections, last_logins, failures))
     finally:
         loop.close()

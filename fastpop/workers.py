@@ -7,7 +7,8 @@ the ordinary single-process server on its own sockets (and drops privileges
 as usual), and it restarts a worker that dies, logging why.  Mailbox locks
 (fastpop.locking) hold across workers: each opens the host's lock table
 itself, and a killed worker's locks die with it.  Connection limits hold across
-workers through a shared table (fastpop.limits).  SIGTERM/SIGINT are passed
+workers through a shared table (fastpop.limits), and so do password-guessing
+penalties (fastpop.penalty.SharedFailures).  SIGTERM/SIGINT are passed
 on and waited for (a worker still running ``shutdown_timeout`` + 10 s later is
 killed); SIGHUP is passed on (each worker re-reads the configuration, the
 passwd-file and certificates).  LMTP listeners run in worker 0 only: a Unix
@@ -25,7 +26,7 @@ import time
 from typing import Callable
 
 from fastpop.config import Config, parse_address
-from fastpop.penalty import LastLogins
+from fastpop.penalty import LastLogins, SharedFailures
 from fastpop.server import connection_table
 
 log = logging.getLogger("fastpop.workers")
@@ -63,6 +64,7 @@ class Supervisor:
         # Shared before forking: every worker counts its connections in its row.
         self.connections = connection_table(config, config.workers)
         self.last_logins = LastLogins(workers=config.workers)  # LOGIN-DELAY across workers
+        self.failures = SharedFailures(config.workers)  # password-guessing penalties across workers
         self.stop_deadline: float | None = None
         self.addresses = config.listen + config.proxy_listen + config.proxy_listen_tls  # server.start splits them
         self.tls_addresses = list(config.listen_tls)
@@ -119,8 +121,10 @@ class Supervisor:
 
                 self.connections.use_row(index)
                 self.last_logins.use_row(index)
+                self.failures.use_row(index)
                 server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload,
-                                  connections=self.connections, last_logins=self.last_logins)
+                                  connections=self.connections, last_logins=self.last_logins,
+                                  failures=self.failures)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
