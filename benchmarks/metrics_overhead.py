@@ -105,7 +105,8 @@ def main() -> None:
         (root / "mail" / "bench" / "new" / f"{1700000000 + i}.M{i}.bench").write_bytes(b"Subject: x\r\n\r\nhi\r\n")
 
     from fastpop.config import Config
-    from fastpop.metrics import Counters, Exporter, MeteredProtocol
+    from fastpop.metered import Counters, MeteredProtocol
+    from fastpop.metrics import Exporter
     from fastpop.protocol import POP3Protocol
     from fastpop.server import ServerContext, new_event_loop
 

@@ -11,20 +11,27 @@ event loop, in both cases.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hashlib
 import hmac
 import logging
 import os
 import re
+import secrets
+import stat
+import threading
 import unicodedata
+from collections import OrderedDict
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from fastpop import passwords
 from fastpop.auth_cache import MISSING, AuthCache
+from fastpop.errors import AuthUnavailable
 from fastpop.passwd_file import UserRecord
-from fastpop.userdb import PasswdFileDB, UserDB, allowed, open_userdb
+from fastpop.userdb import PasswdFileDB, UserDB, allowed
+from fastpop.userdb_drivers import open_userdb
 
 if TYPE_CHECKING:
     from fastpop.config import Config
@@ -37,10 +44,6 @@ MAX_USERNAME = 255
 _USERNAME = re.compile(r"[A-Za-z0-9_+=~!#$%&'*^`{|}-][A-Za-z0-9._+=~!#$%&'*^`{|}-]*(@[A-Za-z0-9][A-Za-z0-9.-]*)?")
 
 AuthCallback = Callable[["UserRecord | None"], None]
-
-
-class AuthUnavailable(Exception):
-    """The user database cannot be read right now ([SYS/TEMP])."""
 
 
 def valid_username(name: str) -> bool:
@@ -136,6 +139,151 @@ def expand_location(template: str, user: UserRecord) -> str:
     return os.path.normpath("".join(out))
 
 
+# ----------------------------------------------------------------- the persistent secret
+
+SECRET_MIN_BYTES = 32
+
+
+class SecretRefused(PermissionError):
+    """The secret file exists but is not safe to use (refused, never replaced)."""
+
+
+def default_secret_path() -> str:
+    """Where the secret is kept without ``[auth] secret_file``: systemd's
+    StateDirectory=, else /var/lib/fastpop for root, else the user's XDG state
+    directory (~/.local/state/fastpop)."""
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if os.path.isabs(state):
+        return os.path.join(state, "auth.key")
+    if os.geteuid() == 0:
+        return "/var/lib/fastpop/auth.key"
+    base = os.environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "fastpop", "auth.key")
+
+
+def read_secret_file(path: str, create: bool = True, make_dirs: bool = False) -> bytes:
+    """The secret in ``path`` (surrounding whitespace removed), made first if
+    missing and ``create``: 32 random bytes, in hex.  Refused (SecretRefused)
+    unless a regular file, not a symbolic link, of this user or root, that
+    nobody else may read or write, holding at least 32 bytes."""
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the start
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not create:
+            raise
+        if make_dirs:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        _create_secret_file(path)
+        return read_secret_file(path, create=False)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SecretRefused(f"secret file {path} is a symbolic link; give the file itself") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretRefused(f"secret file {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid()):
+            raise SecretRefused(f"secret file {path} must belong to uid {os.geteuid()} or root, not uid {st.st_uid}")
+        if st.st_mode & 0o077:
+            raise SecretRefused(f"secret file {path} is mode {stat.S_IMODE(st.st_mode):04o}: "
+                                f"others may read it (chmod 600 {path})")
+        data = os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
+    if len(data) < SECRET_MIN_BYTES:
+        raise SecretRefused(f"secret file {path} holds {len(data)} bytes, fewer than {SECRET_MIN_BYTES}")
+    return data
+
+
+def _create_secret_file(path: str) -> None:
+    """Write a new secret beside ``path`` (O_EXCL, O_NOFOLLOW, 0600), then link it
+    into place: never replaces a file, and nobody ever reads a half-written
+    one (two servers starting at once: the first link wins, both read it)."""
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            data = (secrets.token_hex(SECRET_MIN_BYTES) + "\n").encode("ascii")
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, f"short write to {tmp}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return
+    finally:
+        os.unlink(tmp)
+    log.info("made a new secret for made-up SCRAM salts: %s", path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_SECRETS: dict[str, bytes] = {}  # path -> secret, once per process (and its forks)
+
+
+def server_secret(config: Config) -> bytes:
+    """The server's persistent secret (``[auth] secret_file``), read or made
+    once per process: the supervisor reads it before forking its workers, a
+    SIGHUP keeps it.  Keys the made-up SCRAM salts of unknown users and the
+    salts of keys derived from {PLAIN} passwords, which must not change
+    between workers or restarts.  An unusable configured file stops the start
+    (OSError); the default location, when it cannot be made, gives way to a
+    secret of this run only, with a warning."""
+    path = config.auth_secret_file or default_secret_path()
+    secret = _SECRETS.get(path)
+    if secret is not None:
+        return secret
+    try:
+        secret = read_secret_file(path, make_dirs=config.auth_secret_file is None)
+    except SecretRefused:
+        raise
+    except OSError as exc:
+        if config.auth_secret_file is not None:
+            raise OSError(exc.errno, f"[auth] secret_file {path}: {exc.strerror or exc}") from None
+        log.warning(
+            "cannot keep a secret in %s (%s): using one for this run only; the SCRAM salts made up "
+            "for unknown users will change at each restart, which tells them from real users: set "
+            "[auth] secret_file (--auth-secret-file) to a file fastpop may create", path, exc.strerror or exc)
+        secret = os.urandom(SECRET_MIN_BYTES)
+    _SECRETS[path] = secret
+    return secret
+
+
+class _DerivedKeys:
+    """SCRAM keys derived from {PLAIN} passwords, remembered (least recently
+    used out first) under a keyed hash of name and password: a derivation
+    costs a PBKDF2, which a client could otherwise ask for again and again.
+    Filled from the thread pool, read from the event loop: a lock."""
+
+    def __init__(self, size: int = 10000) -> None:
+        self.size = size
+        self._keys: OrderedDict[bytes, tuple[bytes, bytes, bytes, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> tuple[bytes, bytes, bytes, int] | None:
+        with self._lock:
+            keys = self._keys.get(key)
+            if keys is not None:
+                self._keys.move_to_end(key)
+            return keys
+
+    def put(self, key: bytes, keys: tuple[bytes, bytes, bytes, int]) -> None:
+        with self._lock:
+            self._keys[key] = keys
+            self._keys.move_to_end(key)
+            while len(self._keys) > self.size:
+                self._keys.popitem(last=False)
+
+
 class Authenticator:
     """Looks users up in the user database (``fastpop.userdb``) and verifies
     passwords.
@@ -157,6 +305,7 @@ class Authenticator:
         self.is_async = db.is_async
         self.mail_location = mail_location
         self.cache = cache if cache is not None else AuthCache(0, 0, 0)
+        self.derived_keys = _DerivedKeys()
 
     @classmethod
     def from_config(cls, config: Config) -> Authenticator:
@@ -277,9 +426,15 @@ class Authenticator:
     def scram_keys(self, record: UserRecord, secret: bytes):
         """SCRAM-SHA-256 keys (salt, stored key, server key, iterations) for a
         user: the scram_sha256 extra field, a {SCRAM-SHA-256} password, or
-        derived from a clear-text password (then a function to run in a
-        thread is returned); None when only a one-way hash is stored."""
-        from fastpop.sasl import SCRAM_EXTRA, SCRAM_ITERATIONS, parse_scram_keys
+        derived from a clear-text password (remembered; a first time, a
+        function to run in a thread is returned); None when only a one-way
+        hash is stored."""
+        from fastpop.sasl import (
+            SCRAM_EXTRA,
+            SCRAM_ITERATIONS,
+            SCRAM_SALT_BYTES,
+            parse_scram_keys,
+        )
 
         extra = record.extra.get(SCRAM_EXTRA)
         if extra:
@@ -293,12 +448,21 @@ class Authenticator:
         secret_pw = passwords.plaintext(record.password)
         if secret_pw is None:
             return None
-        salt = hmac.new(secret, b"derived-salt\0" + record.name.encode("utf-8"), hashlib.sha256).digest()[:16]
+        name = record.name.encode("utf-8", "surrogatepass")
+        remembered = hmac.new(secret, b"derived-keys\0" + name + b"\0" + secret_pw.encode("utf-8", "surrogatepass"),
+                              hashlib.sha256).digest()
+        keys = self.derived_keys.get(remembered)
+        if keys is not None:
+            return keys
+        # as long as a stored salt, and as stable (the secret persists)
+        salt = hmac.new(secret, b"derived-salt\0" + name, hashlib.sha256).digest()[:SCRAM_SALT_BYTES]
 
         def derive():
             from scramp import ScramMechanism
 
-            return ScramMechanism("SCRAM-SHA-256").make_auth_info(secret_pw, SCRAM_ITERATIONS, salt)
+            keys = ScramMechanism("SCRAM-SHA-256").make_auth_info(secret_pw, SCRAM_ITERATIONS, salt)
+            self.derived_keys.put(remembered, keys)
+            return keys
 
         return derive
 

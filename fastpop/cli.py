@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import importlib
+import os
 import sys
 
 from fastpop import __version__
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--auth-mechanisms", metavar="MECH,...", help="SASL mechanisms offered (default PLAIN,LOGIN,SCRAM-SHA-256)")
     tls.add_argument("--apop", dest="auth_apop", action="store_true", default=None,
                      help="offer APOP (RFC 1939; off by default): needs {PLAIN} passwords, weak without TLS")
+    tls.add_argument("--auth-secret-file", metavar="FILE",
+                     help="the server's persistent secret, made if missing (default: $STATE_DIRECTORY/auth.key, "
+                          "/var/lib/fastpop/auth.key as root, else ~/.local/state/fastpop/auth.key)")
     tls.add_argument("--auth-penalty-initial", type=float, metavar="SECONDS", help="delay after a first failure (0: no penalty)")
     tls.add_argument("--auth-penalty-max", type=float, metavar="SECONDS", help="longest penalty delay")
     tls.add_argument("--auth-penalty-half-life", type=float, metavar="SECONDS", help="time for a failure count to halve")
@@ -153,6 +157,7 @@ _FLAG_FIELDS = (
     "auth_failure_delay",
     "auth_max_attempts",
     "auth_apop",
+    "auth_secret_file",
     "expire",
     "login_delay",
     "tls_cert",
@@ -182,6 +187,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
         config.passwd_file, config.mail_location = demo.prepare(args.demo_dir)
         config.listen = [demo.DEMO_LISTEN]
+        if config.auth_secret_file is None:  # the demo's files stay in its directory
+            config.auth_secret_file = os.path.join(os.path.dirname(config.passwd_file), "auth.key")
         # The demo's mail is its own, in a directory only this user can write
         # (demo.prepare checks): serving it as root reads nobody's files.
         config.allow_mail_as_root = True

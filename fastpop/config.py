@@ -24,6 +24,10 @@ The TOML file has sections mirroring the field prefixes::
     max_attempts = 3         # failed logins before the connection is closed
     apop = false             # offer APOP (RFC 1939): needs clear-text {PLAIN} passwords and is
                              # weak without TLS; off, the greeting carries no timestamp
+    secret_file = "/var/lib/fastpop/auth.key"   # the server's persistent secret (SCRAM salts of
+                             # unknown users); made (0600) if missing; default: $STATE_DIRECTORY/,
+                             # /var/lib/fastpop/ for root, else ~/.local/state/fastpop/auth.key;
+                             # the same file on every host behind one name
 
     [mail]
     location = "/var/mail/%d/%n"   # %u user, %n local part, %d domain, %h home
@@ -134,6 +138,7 @@ class Config:
     auth_failure_delay: float = 2.0
     auth_max_attempts: int = 3
     auth_apop: bool = False  # APOP offered (the greeting's timestamp); off by default, as Dovecot
+    auth_secret_file: str | None = None  # None: fastpop.auth.default_secret_path()
     mail_location: str = "%h/Maildir"
     mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.locking
     mail_lock_table: str | None = None  # None: fastpop.locking.default_table_path()
@@ -200,9 +205,9 @@ class Config:
     metrics_flush_interval: float = 1.0  # seconds between moves of the counts into the metrics
 
     def validate(self) -> None:
-        from fastpop import userdb
+        from fastpop import userdb_drivers
 
-        userdb.validate(self)
+        userdb_drivers.validate(self)
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
         if self.loop not in ("uvloop", "asyncio"):
@@ -362,6 +367,7 @@ _TOML_KEYS = {
     ("auth", "failure_delay"): "auth_failure_delay",
     ("auth", "max_attempts"): "auth_max_attempts",
     ("auth", "apop"): "auth_apop",
+    ("auth", "secret_file"): "auth_secret_file",
     ("mail", "location"): "mail_location",
     ("mail", "lock"): "mail_lock",
     ("mail", "lock_table"): "mail_lock_table",

@@ -470,6 +470,12 @@ class POP3Protocol(asyncio.Protocol):
                     self.loop.call_later(delay, self._auth_step, None, None)
                     return
                 continue
+            if kind is sasl.Hold:
+                delay = self._auth_started + step.seconds - self.loop.time()
+                if delay > 0:
+                    self.loop.call_later(delay, self._auth_step, None, None)
+                    return
+                continue
             future = step.future
             if not future.done():
                 future.add_done_callback(self._auth_future_done)

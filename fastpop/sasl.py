@@ -5,8 +5,11 @@ what it needs and returns an ``Outcome``:
 
 - ``Challenge(data)``: send ``+ base64(data)`` and send back the client's
   decoded answer (the protocol handles base64, ``*`` and line limits);
-- ``Gate(user)``: the credentials are about to be checked; the protocol
-  applies the failure penalty here (a timer), then resumes with ``None``;
+- ``Gate(user)``: the credentials are about to be checked (or the user
+  looked up); the protocol applies the failure penalty here (a timer), then
+  resumes with ``None``;
+- ``Hold(seconds)``: resume no earlier than ``seconds`` after the Gate opened
+  (a timer, never a sleep);
 - ``Pending(future)``: wait for an asyncio future (a password hash checked in
   a thread, a token validator) and resume with its result, or have its
   exception thrown in.
@@ -41,6 +44,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastpop.auth")
 
 SCRAM_ITERATIONS = 4096
+SCRAM_SALT_BYTES = 32  # what ``make_scram_keys`` (scramp) stores: made-up salts are as long
+# The server-first goes out this long after the lookup starts, whoever the
+# user: deriving keys from a {PLAIN} password (PBKDF2, 4096 rounds: about 1 ms
+# on a current x86 core, several on a small ARM board, more when queued in the
+# thread pool) and a network user database's answer hide under it.  Derived
+# keys are also remembered (fastpop.auth), but that alone would still show a
+# user's first probe.  The client spends a derivation of its own meanwhile,
+# and nobody notices 50 ms at login.
+SCRAM_FIRST_FLOOR = 0.05
 SCRAM_EXTRA = "scram_sha256"  # passwd-file extra field: iter,salt,storedkey,serverkey (base64)
 
 
@@ -53,6 +65,11 @@ class Challenge:
 @dataclass(frozen=True, slots=True)
 class Gate:
     user: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    seconds: float  # after the Gate opened
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +86,7 @@ class Outcome:
     reason: str = ""
 
 
-Step = Generator["Challenge | Gate | Pending", Any, Outcome]
+Step = Generator["Challenge | Gate | Hold | Pending", Any, Outcome]
 
 
 class Services(Protocol):
@@ -244,9 +261,11 @@ def _scram_unescape(name: str) -> str | None:
 
 
 def _fake_scram_keys(secret: bytes, name: str) -> tuple[bytes, bytes, bytes, int]:
-    """For unknown users: a salt as stable as a real one, keys nobody can match."""
-    salt = hmac.new(secret, b"scram-salt\0" + name.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:16]
-    return salt, os.urandom(32), os.urandom(32), SCRAM_ITERATIONS
+    """For unknown users: a salt as long and as stable as a real one (the
+    secret persists across restarts and is the same in every worker), the
+    iterations ``fastpop user add`` stores, keys nobody can match."""
+    salt = hmac.new(secret, b"scram-salt\0" + name.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return salt[:SCRAM_SALT_BYTES], os.urandom(32), os.urandom(32), SCRAM_ITERATIONS
 
 
 class _Gs2AsSent:
@@ -297,7 +316,11 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         if wanted != name:
             return Outcome(name, reason="authorization identity differs (not supported)")
         text = f"{parts[0]},,{parts[2]},{parts[3]}"
-    record = svc.lookup(name) if svc.valid_username(name) else None
+    # The penalty before the lookup: a guesser under penalty learns nothing
+    # about the user (salt, timing) sooner than one guess is checked.
+    valid = svc.valid_username(name)
+    yield Gate(name if valid else None)
+    record = svc.lookup(name) if valid else None
     if type(record) is Pending:
         record = yield record
     keys = None
@@ -318,11 +341,11 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         return _malformed(f"SCRAM client-first rejected: {exc}", name)
     if authzid:  # the client-final's c= is the gs2-header as sent, authzid and all
         server.gs2_header = _Gs2AsSent(f"{parts[0]},{authzid},")
+    yield Hold(SCRAM_FIRST_FLOOR)  # unknown, stored keys or derived: the same moment
     client_final = yield Challenge(server_first.encode("utf-8"))
     final_text = _utf8(client_final)
     if final_text is None:
         return _malformed("SCRAM client-final not UTF-8", name)
-    yield Gate(name)
     try:
         server.set_client_final(final_text)
         server_final = server.get_server_final()

@@ -16,16 +16,27 @@ message size or with a slow reader.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fastpop.responses import END
 from fastpop.stuffing import CHUNK, DotStuffer, TopLimiter, line_dots, stuff_message
 
-if TYPE_CHECKING:
-    from fastpop.protocol import POP3Protocol
+
+class Session(Protocol):
+    """What a stream needs from the session it sends for (fastpop.protocol.POP3Protocol)."""
+
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+
+    @property
+    def writing_paused(self) -> bool: ...
+    def touch(self) -> None: ...
+    def stream_done(self, sent: int) -> None: ...
+    def abort_stream(self) -> None: ...
 
 log = logging.getLogger("fastpop.send")
 
@@ -58,7 +69,7 @@ class MessageStream:
 
     __slots__ = ("_proto", "_file", "_stuffer", "_limiter", "sent")
 
-    def __init__(self, proto: POP3Protocol, file, top_lines: int | None) -> None:
+    def __init__(self, proto: Session, file, top_lines: int | None) -> None:
         self._proto = proto
         self._file = file
         self._stuffer = DotStuffer()
@@ -122,7 +133,7 @@ SCAN_WINDOW = 1024 * 1024
 SCAN_AHEAD = 8 * SCAN_WINDOW
 
 
-def open_stream(proto: POP3Protocol, fd: int, size: int, top_lines: int | None, stored_as_sent: bool):
+def open_stream(proto: Session, fd: int, size: int, top_lines: int | None, stored_as_sent: bool):
     """The stream for a large message: sendfile(2) when the file is stored
     exactly as RETR sends it (CRLF line ends and a final CRLF) and the
     connection allows it; else the transform.  Takes ownership of ``fd``."""
@@ -160,7 +171,7 @@ class SendfileStream:
     __slots__ = ("_proto", "_loop", "_fd", "_size", "_dots", "_next_dot", "_need_dot", "_scanned",
                  "_after_lf", "_offset", "_sock", "_limits", "_waiting", "_buf", "sent")
 
-    def __init__(self, proto: POP3Protocol, fd: int, size: int) -> None:
+    def __init__(self, proto: Session, fd: int, size: int) -> None:
         self._proto = proto
         self._loop = proto.loop
         self._fd = fd

@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Callable
 
 from fastpop import __version__
-from fastpop.auth import Authenticator
+from fastpop.auth import Authenticator, server_secret
 from fastpop.config import Config, parse_address
 from fastpop.limits import ConnectionTable, connections_per_worker, raise_descriptor_limit
 from fastpop.locking import mailbox_locks
@@ -48,8 +48,10 @@ class ServerContext:
         self._stamp_prefix = f"<{os.getpid()}."
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
-        self.metrics = None  # a fastpop.metrics.Counters when metrics are on
+        self.metrics = None  # a fastpop.metered.Counters when metrics are on
         self._shared_failures = failures  # a worker's: the penalty counts of all workers
+        # made-up SCRAM salts: read before privileges are dropped, kept across SIGHUP
+        self.secret = server_secret(config)
         self._init_security(config, last_logins)
 
     def _init_security(self, config: Config, last_logins: LastLogins | None = None) -> None:
@@ -72,7 +74,6 @@ class ServerContext:
         # without TLS): new greetings carry a timestamp, which is what offers it
         # (RFC 1939 4; RFC 2449 has no APOP capability, so CAPA is the same).
         self.apop = config.auth_apop
-        self.secret = os.urandom(32)  # stable fake SCRAM salts for unknown users, per process
         self.oauth_validator = None
         if config.oauth_validator:
             from fastpop.oauth import load_validator
@@ -142,7 +143,7 @@ class ServerContext:
         metrics on its counting subclass (fastpop.metrics)."""
         if self.metrics is None:
             return base
-        from fastpop.metrics import metered
+        from fastpop.metered import metered
 
         return metered(base)
 
@@ -180,6 +181,7 @@ class ServerContext:
 # Settings a running server cannot change (SIGHUP keeps the old value and says so).
 RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group",
                 "proxy_listen", "proxy_listen_tls",
+                "auth_secret_file",  # read once, before privileges are dropped and workers forked
                 # the user database: LMTP and open pools hold the one built at start
                 "passwd_file", "mail_location", "mail_lock", "mail_lock_table", *(f.name for f in fields(Config)
                                                  if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
@@ -235,7 +237,7 @@ async def start(
     loop = asyncio.get_running_loop()
     ctx = ServerContext(config, loop, connections, last_logins, failures)
     if config.metrics_listen:  # metrics off: the plain protocol, nothing counted
-        from fastpop.metrics import Counters
+        from fastpop.metered import Counters
 
         ctx.metrics = Counters()
     protocol = ctx.session_class(POP3Protocol)
@@ -453,6 +455,7 @@ def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
     ``reload`` re-reads the configuration on SIGHUP."""
     config.validate()
     refuse_mail_as_root(config)
+    server_secret(config)  # now, before any fork: every worker inherits the same
     limit = raise_descriptor_limit()
     log.debug("descriptor limit %d: up to %d connections per process", limit, connections_per_worker(limit))
     if config.workers > 1:

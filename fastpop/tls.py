@@ -23,11 +23,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from fastpop.config import Config
-    from fastpop.protocol import POP3Protocol
+
+
+class Session(Protocol):
+    """What an upgrade needs from the session it secures (fastpop.protocol.POP3Protocol)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def tls_established(self, transport: asyncio.Transport) -> None: ...
+    def tls_failed(self, exc: BaseException) -> None: ...
 
 log = logging.getLogger("fastpop.tls")
 
@@ -77,7 +85,7 @@ class TLSManager:
         log.info("TLS certificate reloaded from %s (generation %d)", self.cert, self.generation)
         return True
 
-    async def upgrade(self, session: POP3Protocol, transport: asyncio.BaseTransport) -> None:
+    async def upgrade(self, session: Session, transport: asyncio.BaseTransport) -> None:
         """Run the server side of a handshake on ``transport``, then hand the
         session its TLS transport (or the reason it failed)."""
         loop = session.loop

@@ -32,7 +32,7 @@ import threading
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from fastpop.auth import AuthUnavailable
+from fastpop.errors import AuthUnavailable
 from fastpop.passwd_file import UserRecord
 from fastpop.userdb import UserDB, expand_vars, record_from_row, uses_remote_ip
 

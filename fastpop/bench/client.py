@@ -31,7 +31,7 @@ import hashlib
 import os
 import ssl
 import time
-from typing import TYPE_CHECKING, Generator
+from typing import Generator, Protocol
 
 from fastpop.bench._wire_py import CHECKSUM_NAME
 
@@ -44,8 +44,19 @@ else:
     except ImportError:
         from fastpop.bench._wire_py import announced_size, verify_whole, whole_retr
 
-if TYPE_CHECKING:
-    from fastpop.bench.load import Worker
+
+class Worker(Protocol):
+    """What a session needs from the client process running it (fastpop.bench.load.Worker)."""
+
+    loop: asyncio.AbstractEventLoop
+    timeout: float
+    unverified: int
+
+    def record(self, label: int, ns: int, now: int) -> None: ...
+    def error(self, kind: str, detail: str) -> None: ...
+    def session_finished(self, s: Session, ok: bool) -> None: ...
+    def hold(self, s: Session) -> None: ...
+
 
 CHECKSUM_HEADER = CHECKSUM_NAME.lower()
 
