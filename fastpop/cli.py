@@ -17,7 +17,6 @@ import sys
 from fastpop import __version__
 from fastpop.config import Config, load_toml
 
-
 SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.deliver_cli", "fastpop.legacy_import", "fastpop.bench", "fastpop.oauth")
 
 
@@ -211,9 +210,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from fastpop.validation import validate_all
+
     try:
         config = config_from_args(args)
-        config.validate()
+        validate_all(config)
     except (OSError, ValueError) as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 2
@@ -224,11 +225,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from fastpop import demo
 
         print(demo.banner(config.listen[0]), file=sys.stderr, flush=True)
-    from fastpop import server
+    from fastpop import workers
+    from fastpop.server import RefusedAsRoot
 
     try:
-        return server.run(config, reload=lambda: _reloaded_config(args))
-    except server.RefusedAsRoot as exc:
+        return workers.run(config, reload=lambda: _reloaded_config(args))
+    except RefusedAsRoot as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 78  # EX_CONFIG, as fastpop deliver
     except OSError as exc:
@@ -238,8 +240,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _reloaded_config(args: argparse.Namespace) -> Config:
     """SIGHUP: the config file read again, the command line's flags still winning."""
+    from fastpop.validation import validate_all
+
     config = config_from_args(args)
-    config.validate()
+    validate_all(config)
     return config
 
 
@@ -257,7 +261,13 @@ def cmd_user(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from fastpop.auth import valid_username
-    from fastpop.passwd_file import Problem, UserRecord, check_record, read_records, write_records
+    from fastpop.passwd_file import (
+        Problem,
+        UserRecord,
+        check_record,
+        read_records,
+        write_records,
+    )
     from fastpop.passwords import hash_password
     from fastpop.sasl import SCRAM_EXTRA, make_scram_keys
 

@@ -119,6 +119,8 @@ import socket
 import sys
 from dataclasses import dataclass, field, fields
 
+from fastpop.net import Networks, parse_address
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -205,9 +207,8 @@ class Config:
     metrics_flush_interval: float = 1.0  # seconds between moves of the counts into the metrics
 
     def validate(self) -> None:
-        from fastpop import userdb_drivers
-
-        userdb_drivers.validate(self)
+        """This file's own checks (raises ValueError); the subsystems check
+        their sections in fastpop.validation.validate_all, which calls this."""
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
         if self.loop not in ("uvloop", "asyncio"):
@@ -251,27 +252,11 @@ class Config:
             except KeyError:
                 raise ValueError(f"no such system group {self.group!r}") from None
 
-
     def _validate_security(self) -> None:
-        from fastpop.penalty import Networks
-        from fastpop.sasl import MECHANISMS, OAUTH_MECHANISMS
-        from fastpop.tls import MIN_VERSIONS
-
         if self.tls_key is not None and self.tls_cert is None:
             raise ValueError("tls key given without a certificate")
         if self.listen_tls and self.tls_cert is None:
             raise ValueError("implicit-TLS listeners need a certificate (--tls-cert, [tls] cert)")
-        if self.tls_min_version not in MIN_VERSIONS:
-            raise ValueError(f"tls min_version must be one of {', '.join(MIN_VERSIONS)}")
-        if self.tls_cert is not None:
-            import ssl
-
-            from fastpop.tls import build_context
-
-            try:
-                build_context(self.tls_cert, self.tls_key, self.tls_min_version)
-            except (OSError, ssl.SSLError) as exc:
-                raise ValueError(f"tls: cannot use certificate {self.tls_cert} / key {self.tls_key}: {exc}") from None
         for addr in self.listen_tls:
             parse_address(addr)
         try:
@@ -287,28 +272,8 @@ class Config:
             raise ValueError("max_connections must not be negative")
         if self.shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must not be negative")
-        for mech in self.mechanisms():
-            if mech not in MECHANISMS:
-                raise ValueError(f"unknown SASL mechanism {mech!r} (known: {', '.join(MECHANISMS)})")
-            if mech in OAUTH_MECHANISMS and not self.oauth_validator:
-                raise ValueError(f"SASL mechanism {mech} needs an oauth validator ([oauth] validator)")
-        if self.oauth_validator:
-            from fastpop.oauth import load_validator
-
-            load_validator(self.oauth_validator)  # raises ValueError with the reason
-            if self.oauth_validator in ("hmac", "fastpop.oauth:hmac_validator"):
-                from fastpop.oauth import read_secret
-
-                try:
-                    read_secret(self)
-                except OSError as exc:
-                    raise ValueError(f"oauth secret_file: {exc}") from None
-            if self.oauth_validator in ("command", "fastpop.oauth:command_validator") and not self.oauth_command:
-                raise ValueError("oauth validator 'command' needs [oauth] command (--oauth-command)")
 
     def _validate_proxy(self) -> None:
-        from fastpop.penalty import Networks
-
         for addr in self.proxy_listen + self.proxy_listen_tls:
             if not parse_address(addr)[1]:
                 continue  # port 0: each gets a port of its own
@@ -324,6 +289,7 @@ class Config:
             raise ValueError("PROXY listeners need the proxies' addresses: [proxy] trusted_networks (--proxy-trusted-networks)")
         if self.proxy_timeout <= 0:
             raise ValueError("proxy timeout must be positive")
+
     def _validate_operations(self) -> None:
         from fastpop.logformat import FORMATS
 
@@ -456,13 +422,3 @@ def _typed(value: object, type_name: str, where: str) -> object:
             raise ValueError(f"{where} must be a string")
         return value
     raise ValueError(f"{where}: unsupported setting type {type_name}")  # pragma: no cover
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """'127.0.0.1:110', '[::1]:110', ':110' -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"listen address must be HOST:PORT, not {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port)

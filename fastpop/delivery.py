@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from fastpop import faults, safefs
 from fastpop.auth import Authenticator, valid_username
-from fastpop.errors import AuthUnavailable
 from fastpop.durable import fsync_dir, write_and_sync
+from fastpop.errors import AuthUnavailable
 from fastpop.maildir import ensure_maildir
 from fastpop.passwd_file import UserRecord
 

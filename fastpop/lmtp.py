@@ -40,10 +40,17 @@ import stat
 from typing import Callable
 
 from fastpop import __version__
-from fastpop.auth import AuthUnavailable, Authenticator
-from fastpop.config import Config, parse_address
-from fastpop.delivery import FULL, DeliveryError, Recipient, resolve_async, store_normalized
+from fastpop.auth import Authenticator, AuthUnavailable
+from fastpop.config import Config
+from fastpop.delivery import (
+    FULL,
+    DeliveryError,
+    Recipient,
+    resolve_async,
+    store_normalized,
+)
 from fastpop.limits import ConnectionTable
+from fastpop.net import parse_address
 from fastpop.safefs import served_uid
 
 log = logging.getLogger("fastpop.lmtp")

@@ -89,9 +89,13 @@ class Exporter:
     """The prometheus-client metrics of one process, fed from a ``Counters``."""
 
     def __init__(self, counters: Counters) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        from prometheus_client import values
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            values,
+        )
 
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or values.ValueClass is values.MutexValue:
             raise RuntimeError("metrics: prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set")
@@ -439,7 +443,7 @@ class HTTPEndpoint:
     def __init__(self, address: str, registry) -> None:
         from prometheus_client import generate_latest
 
-        from fastpop.config import parse_address
+        from fastpop.net import parse_address
 
         host, port = parse_address(address)
         self.server = _ScrapeServer(_listening_socket(host, port), lambda: generate_latest(registry))
@@ -526,7 +530,7 @@ class LoopEndpoint:
     async def start(self, loop, address: str) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        from fastpop.config import parse_address
+        from fastpop.net import parse_address
 
         host, port = parse_address(address)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastpop-metrics")

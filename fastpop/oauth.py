@@ -148,6 +148,20 @@ def read_secret(config: Config) -> bytes:
     return secret
 
 
+def validate(config: Config) -> None:
+    """The [oauth] section's checks for fastpop.validation (raises ValueError)."""
+    if not config.oauth_validator:
+        return
+    load_validator(config.oauth_validator)  # raises ValueError with the reason
+    if config.oauth_validator in ("hmac", "fastpop.oauth:hmac_validator"):
+        try:
+            read_secret(config)
+        except OSError as exc:
+            raise ValueError(f"oauth secret_file: {exc}") from None
+    if config.oauth_validator in ("command", "fastpop.oauth:command_validator") and not config.oauth_command:
+        raise ValueError("oauth validator 'command' needs [oauth] command (--oauth-command)")
+
+
 def make_token(secret: bytes, user: str, ttl: float = 3600.0, now: float | None = None) -> str:
     """An HS256 JWT for ``user`` that the hmac validator accepts for ``ttl`` seconds."""
     now = time.time() if now is None else now

@@ -17,21 +17,26 @@ import os
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Callable
 
-from fastpop import faults
+from fastpop import faults, sasl
 from fastpop import responses as R
-from fastpop import sasl
 from fastpop.auth import AuthUnavailable, valid_username
 from fastpop.commands import NUM_CODES, Command
-from fastpop.locking import MailboxLocked, MailboxLock, TableLock
+from fastpop.locking import MailboxLock, MailboxLocked, TableLock
 from fastpop.maildir import Mailbox, ensure_maildir, is_permanent
-from fastpop.safefs import served_uid
+from fastpop.net import address_key
 from fastpop.parser import CommandParser
-from fastpop.penalty import address_key
-from fastpop.sending import SMALL_MESSAGE, MessageStream, SendfileStream, open_stream, render_small
+from fastpop.safefs import served_uid
+from fastpop.sending import (
+    SMALL_MESSAGE,
+    MessageStream,
+    SendfileStream,
+    open_stream,
+    render_small,
+)
 from fastpop.stuffing import pop3_size, pop3_size_of
 
 if TYPE_CHECKING:
-    from fastpop.server import ServerContext
+    from fastpop.context import SessionContext
 
 log = logging.getLogger("fastpop.session")
 
@@ -109,7 +114,7 @@ class POP3Protocol(asyncio.Protocol):
         "_auth_failure",
     )
 
-    def __init__(self, ctx: ServerContext, implicit_tls: bool = False) -> None:
+    def __init__(self, ctx: SessionContext, implicit_tls: bool = False) -> None:
         self._ctx = ctx
         self.loop = ctx.loop
         self.transport: asyncio.Transport | None = None

@@ -32,13 +32,13 @@ import socket
 import ssl
 from typing import TYPE_CHECKING
 
-from fastpop.config import Config, parse_address
-from fastpop.penalty import Networks
+from fastpop.config import Config
+from fastpop.net import Networks
 from fastpop.protocol import BUSY_CLOSING, POP3Protocol
 from fastpop.proxy_protocol import MAX_V2_HEADER, ProxyHeader, ProxyHeaderError, parse
 
 if TYPE_CHECKING:
-    from fastpop.server import ServerContext
+    from fastpop.context import SessionContext
 
 log = logging.getLogger("fastpop.proxy")
 
@@ -65,7 +65,7 @@ class ProxiedPOP3Protocol(POP3Protocol):
 
     __slots__ = ("_settings", "_header")
 
-    def __init__(self, ctx: ServerContext, settings: ProxySettings) -> None:
+    def __init__(self, ctx: SessionContext, settings: ProxySettings) -> None:
         super().__init__(ctx)
         self._settings = settings
         self._header: bytearray | None = bytearray()  # None once the session has started
@@ -151,7 +151,7 @@ class _TLSSession(POP3Protocol):
 
     __slots__ = ("_client",)
 
-    def __init__(self, ctx: ServerContext, client: str) -> None:
+    def __init__(self, ctx: SessionContext, client: str) -> None:
         super().__init__(ctx, implicit_tls=True)
         self._client = client
 
@@ -176,7 +176,7 @@ class ProxyTLSListener:
     dropped), ``close()``, ``wait_closed()``.
     """
 
-    def __init__(self, ctx: ServerContext, settings: ProxySettings, sock: socket.socket) -> None:
+    def __init__(self, ctx: SessionContext, settings: ProxySettings, sock: socket.socket) -> None:
         self._ctx = ctx
         self._loop = ctx.loop
         self._settings = settings
@@ -338,53 +338,3 @@ class _PendingHeader:
     def drop(self) -> None:
         self._stop()
         self._sock.close()
-
-
-async def start_listeners(ctx: ServerContext, sockets: list[socket.socket] | None = None) -> list[asyncio.AbstractServer]:
-    """The listeners of ``[proxy] listen`` and ``[proxy] listen_tls`` (or the
-    given listening sockets, one per address, in that order)."""
-    config = ctx.config
-    settings = ProxySettings(config)
-    servers = []
-    for i, addr in enumerate(config.proxy_listen):
-        if sockets is not None:
-            where = {"sock": sockets[i]}
-        else:
-            host, port = parse_address(addr)
-            where = {"host": host, "port": port, "reuse_address": True}
-        session = ctx.session_class(ProxiedPOP3Protocol)  # metrics on: a counting subclass
-        servers.append(await ctx.loop.create_server(lambda: session(ctx, settings), backlog=4096,
-                                                    start_serving=False, **where))  # (server.serve starts them)
-    for i, addr in enumerate(config.proxy_listen_tls, len(config.proxy_listen)):
-        sock = sockets[i] if sockets is not None else _listening_socket(addr)
-        servers.append(ProxyTLSListener(ctx, settings, sock))  # type: ignore[arg-type]
-    return servers
-
-
-def _listening_socket(addr: str) -> socket.socket:
-    host, port = parse_address(addr)
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(4096)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def log_listening(ctx: ServerContext) -> None:
-    from fastpop.server import bound_addresses
-
-    config = ctx.config
-    plain = len(config.proxy_listen)
-    proxies = ", ".join(config.proxy_trusted_networks)
-    if plain:
-        log.info("PROXY protocol listening on %s (proxies: %s)", ", ".join(bound_addresses(ctx.proxy_servers[:plain])), proxies)
-    if ctx.proxy_servers[plain:]:
-        log.info("PROXY protocol listening on %s (implicit TLS; proxies: %s)",
-                 ", ".join(bound_addresses(ctx.proxy_servers[plain:])), proxies)

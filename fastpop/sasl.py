@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Protocol
 from fastpop.userdb import allowed
 
 if TYPE_CHECKING:
+    from fastpop.config import Config
     from fastpop.passwd_file import UserRecord
 
 log = logging.getLogger("fastpop.auth")
@@ -473,3 +474,12 @@ MECHANISMS: dict[str, Mechanism] = {
     )
 }
 OAUTH_MECHANISMS = frozenset({"OAUTHBEARER", "XOAUTH2"})
+
+
+def validate(config: Config) -> None:
+    """The offered mechanisms' checks for fastpop.validation (raises ValueError)."""
+    for mech in config.mechanisms():
+        if mech not in MECHANISMS:
+            raise ValueError(f"unknown SASL mechanism {mech!r} (known: {', '.join(MECHANISMS)})")
+        if mech in OAUTH_MECHANISMS and not config.oauth_validator:
+            raise ValueError(f"SASL mechanism {mech} needs an oauth validator ([oauth] validator)")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import grp
 import itertools
 import logging
 import os
-import grp
 import pwd
 import random
 import resource
@@ -17,9 +17,13 @@ from typing import Callable
 
 from fastpop import __version__
 from fastpop.auth import Authenticator, server_secret
-from fastpop.config import Config, parse_address
-from fastpop.limits import ConnectionTable, connections_per_worker, raise_descriptor_limit
+from fastpop.config import Config
+from fastpop.limits import (
+    ConnectionTable,
+    connections_per_worker,
+)
 from fastpop.locking import mailbox_locks
+from fastpop.net import parse_address
 from fastpop.parser import PARSER_IMPL
 from fastpop.penalty import LastLogins, SharedFailures
 from fastpop.protocol import POP3Protocol
@@ -57,7 +61,8 @@ class ServerContext:
     def _init_security(self, config: Config, last_logins: LastLogins | None = None) -> None:
         """TLS, SASL, penalties and limits (fastpop.tls, .sasl, .penalty, .oauth)."""
         from fastpop import sasl
-        from fastpop.penalty import Networks, PenaltyBox
+        from fastpop.net import Networks
+        from fastpop.penalty import PenaltyBox
 
         self.tls = None
         if config.tls_cert is not None:
@@ -259,9 +264,8 @@ async def start(
         )
         ctx.tls_servers.append(server)
     if config.proxy_listen or config.proxy_listen_tls:  # a worker's sockets: listen's, then the proxy ones
-        from fastpop.proxied import start_listeners
 
-        ctx.proxy_servers = await start_listeners(ctx, proxy_sockets)
+        ctx.proxy_servers = await start_proxy_listeners(ctx, proxy_sockets)
     return ctx, servers
 
 
@@ -352,8 +356,6 @@ async def serve(
             if tls_sockets and config.tls_cert is None:
                 raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
             if sockets is not None:  # the PROXY listeners are never inherited: bound here, after them
-                from fastpop.workers import listening_socket
-
                 sockets = sockets + [listening_socket(a) for a in config.proxy_listen + config.proxy_listen_tls]
     ctx, servers = await start(config, sockets, tls_sockets, connections, last_logins, failures)
     process_metrics = None
@@ -378,9 +380,8 @@ async def serve(
     if ctx.tls_servers:
         log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
     if ctx.proxy_servers:
-        from fastpop.proxied import log_listening
 
-        log_listening(ctx)
+        log_proxy_listening(ctx)
     if lmtp_service is not None:
         log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
     log.info(
@@ -450,31 +451,6 @@ async def drain(ctx: ServerContext, deadline: float, signals: asyncio.Queue, why
     await asyncio.sleep(0)
 
 
-def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
-    """The server: one process, or a supervisor and ``config.workers`` workers.
-    ``reload`` re-reads the configuration on SIGHUP."""
-    config.validate()
-    refuse_mail_as_root(config)
-    server_secret(config)  # now, before any fork: every worker inherits the same
-    limit = raise_descriptor_limit()
-    log.debug("descriptor limit %d: up to %d connections per process", limit, connections_per_worker(limit))
-    if config.workers > 1:
-        from fastpop import workers
-
-        return workers.run(config, reload)
-    metrics_dir = None
-    if config.metrics_listen:
-        from fastpop.metrics import cleanup_environment, prepare_environment
-
-        metrics_dir = prepare_environment(config)
-    try:
-        run_worker(config, reload=reload)
-    finally:
-        if metrics_dir is not None:
-            cleanup_environment(metrics_dir)
-    return 0
-
-
 def run_worker(
     config: Config,
     sockets: list[socket.socket] | None = None,
@@ -490,3 +466,74 @@ def run_worker(
         loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections, last_logins, failures))
     finally:
         loop.close()
+
+
+def listening_socket(addr: str, port: int | None = None) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT for ``addr`` (port override for port 0)."""
+    host, addr_port = parse_address(addr)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_proxy_listeners(ctx: ServerContext, sockets: list[socket.socket] | None = None) -> list[asyncio.AbstractServer]:
+    """The listeners of ``[proxy] listen`` and ``[proxy] listen_tls`` (or the
+    given listening sockets, one per address, in that order): fastpop.proxied."""
+    from fastpop.proxied import ProxiedPOP3Protocol, ProxySettings, ProxyTLSListener
+
+    config = ctx.config
+    settings = ProxySettings(config)
+    servers = []
+    for i, addr in enumerate(config.proxy_listen):
+        if sockets is not None:
+            where = {"sock": sockets[i]}
+        else:
+            host, port = parse_address(addr)
+            where = {"host": host, "port": port, "reuse_address": True}
+        session = ctx.session_class(ProxiedPOP3Protocol)  # metrics on: a counting subclass
+        servers.append(await ctx.loop.create_server(lambda: session(ctx, settings), backlog=4096,
+                                                    start_serving=False, **where))  # (server.serve starts them)
+    for i, addr in enumerate(config.proxy_listen_tls, len(config.proxy_listen)):
+        sock = sockets[i] if sockets is not None else _proxy_listening_socket(addr)
+        servers.append(ProxyTLSListener(ctx, settings, sock))  # type: ignore[arg-type]
+    return servers
+
+
+def _proxy_listening_socket(addr: str) -> socket.socket:
+    host, port = parse_address(addr)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def log_proxy_listening(ctx: ServerContext) -> None:
+    config = ctx.config
+    plain = len(config.proxy_listen)
+    proxies = ", ".join(config.proxy_trusted_networks)
+    if plain:
+        log.info("PROXY protocol listening on %s (proxies: %s)", ", ".join(bound_addresses(ctx.proxy_servers[:plain])), proxies)
+    if ctx.proxy_servers[plain:]:
+        log.info("PROXY protocol listening on %s (implicit TLS; proxies: %s)",
+                 ", ".join(bound_addresses(ctx.proxy_servers[plain:])), proxies)

@@ -42,6 +42,17 @@ log = logging.getLogger("fastpop.tls")
 MIN_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
+def validate(config: Config) -> None:
+    """The [tls] section's checks for fastpop.validation (raises ValueError)."""
+    if config.tls_min_version not in MIN_VERSIONS:
+        raise ValueError(f"tls min_version must be one of {', '.join(MIN_VERSIONS)}")
+    if config.tls_cert is not None:
+        try:
+            build_context(config.tls_cert, config.tls_key, config.tls_min_version)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"tls: cannot use certificate {config.tls_cert} / key {config.tls_key}: {exc}") from None
+
+
 def build_context(cert: str, key: str | None, min_version: str = "TLSv1.2") -> ssl.SSLContext:
     """A server context for ``cert`` (a chain, leaf first) and ``key``; raises on any problem."""
     try:

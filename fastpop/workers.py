@@ -1,4 +1,5 @@
-"""``fastpop serve --workers N``: N worker processes under a supervisor.
+"""``fastpop serve``: one process, or N worker processes under a supervisor
+(``--workers N``); ``run`` chooses.
 
 The supervisor (which stays root if started as root) creates every
 listening socket with SO_REUSEPORT, one set per worker, so the kernel spreads
@@ -25,36 +26,19 @@ import sys
 import time
 from typing import Callable
 
-from fastpop.config import Config, parse_address
+from fastpop import server
+from fastpop.auth import server_secret
+from fastpop.config import Config
+from fastpop.limits import connections_per_worker, raise_descriptor_limit
 from fastpop.penalty import LastLogins, SharedFailures
-from fastpop.server import connection_table
+from fastpop.server import connection_table, listening_socket, refuse_mail_as_root
+from fastpop.validation import validate_all
 
 log = logging.getLogger("fastpop.workers")
 
 RESTART_BACKOFF = 1.0  # seconds to wait before restarting a worker that died young
 YOUNG = 5.0  # a worker that dies within this many seconds of its start died young
 STOP_GRACE = 10.0  # seconds past shutdown_timeout before a worker that has not stopped is killed
-
-
-def listening_socket(addr: str, port: int | None = None) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT for ``addr`` (port override for port 0)."""
-    host, addr_port = parse_address(addr)
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class Supervisor:
@@ -117,8 +101,6 @@ class Supervisor:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 if self.metrics_endpoint is not None:
                     self.metrics_endpoint.server.socket.close()  # the supervisor's, not the worker's
-                from fastpop import server
-
                 self.connections.use_row(index)
                 self.last_logins.use_row(index)
                 self.failures.use_row(index)
@@ -256,5 +238,24 @@ class Supervisor:
 
 
 def run(config: Config, reload: Callable[[], Config] | None = None) -> int:
-    sys.stdout.flush()
-    return Supervisor(config, reload).run()
+    """The server: one process, or a supervisor and ``config.workers`` workers.
+    ``reload`` re-reads the configuration on SIGHUP."""
+    validate_all(config)
+    refuse_mail_as_root(config)
+    server_secret(config)  # now, before any fork: every worker inherits the same
+    limit = raise_descriptor_limit()
+    log.debug("descriptor limit %d: up to %d connections per process", limit, connections_per_worker(limit))
+    if config.workers > 1:
+        sys.stdout.flush()
+        return Supervisor(config, reload).run()
+    metrics_dir = None
+    if config.metrics_listen:
+        from fastpop.metrics import cleanup_environment, prepare_environment
+
+        metrics_dir = prepare_environment(config)
+    try:
+        server.run_worker(config, reload=reload)
+    finally:
+        if metrics_dir is not None:
+            cleanup_environment(metrics_dir)
+    return 0

@@ -12,9 +12,18 @@ import pytest
 
 from fastpop import passwords
 from fastpop.auth import MAX_USERNAME, expand_location, valid_username
-from fastpop.config import Config, load_toml, parse_address
+from fastpop.config import Config, load_toml
 from fastpop.maildir import parse_name, uidl_of
-from fastpop.passwd_file import PasswdFile, UserRecord, format_record, parse_line, read_records, write_records
+from fastpop.net import parse_address
+from fastpop.passwd_file import (
+    PasswdFile,
+    UserRecord,
+    format_record,
+    parse_line,
+    read_records,
+    write_records,
+)
+from fastpop.validation import validate_all
 
 PW = "correct hörse bättery ✓"
 
@@ -593,7 +602,7 @@ login_delay = 60
     assert c.timeout_transaction == 900.5
     assert c.expire == "30"
     assert c.login_delay == 60
-    c.validate()
+    validate_all(c)
 
 
 def test_load_toml_partial_keeps_defaults(tmp_path):
@@ -657,22 +666,22 @@ def test_config_with_wrong_value_type_is_a_value_error(tmp_path, text):
     """The CLI reports ValueError/OSError as a one-line error; a wrongly typed
     setting must end up as one of those, not as a traceback."""
     with pytest.raises(ValueError):
-        load_toml(write_toml(tmp_path, text)).validate()
+        validate_all(load_toml(write_toml(tmp_path, text)))
 
 
 def test_validate():
-    Config(passwd_file="/p").validate()
+    validate_all(Config(passwd_file="/p"))
     with pytest.raises(ValueError):
-        Config().validate()  # no passwd_file
+        validate_all(Config())  # no passwd_file
     with pytest.raises(ValueError):
-        Config(passwd_file="/p", loop="trio").validate()
+        validate_all(Config(passwd_file="/p", loop="trio"))
     with pytest.raises(ValueError):
-        Config(passwd_file="/p", auth_max_attempts=0).validate()
+        validate_all(Config(passwd_file="/p", auth_max_attempts=0))
     with pytest.raises(ValueError):
-        Config(passwd_file="/p", expire="soon").validate()
+        validate_all(Config(passwd_file="/p", expire="soon"))
     with pytest.raises(ValueError):
-        Config(passwd_file="/p", listen=["nohost"]).validate()
-    Config(passwd_file="/p", expire="never").validate()
+        validate_all(Config(passwd_file="/p", listen=["nohost"]))
+    validate_all(Config(passwd_file="/p", expire="never"))
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ import poplib
 import re
 
 import pytest
-
 from conftest import ServerProcess, message
+
+from fastpop.validation import validate_all
 
 # the fields every structured line has, and those of the per-session line
 COMMON = {"ts", "level", "logger", "pid"}
@@ -153,7 +154,7 @@ def test_config(tmp_path):
     config = load_toml(str(path))
     assert config.log_format == "json"
     config.passwd_file = str(path)
-    config.validate()
+    validate_all(config)
     config.log_format = "xml"
     with pytest.raises(ValueError, match="log_format"):
-        config.validate()
+        validate_all(config)

@@ -14,9 +14,10 @@ import urllib.request
 import pytest
 
 prometheus_client = pytest.importorskip("prometheus_client")
+from conftest import ServerProcess, message  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from conftest import ServerProcess, message  # noqa: E402
+from fastpop.validation import validate_all
 
 
 def free_port() -> int:
@@ -239,14 +240,14 @@ def test_config_file_and_validation(tmp_path):
     config = load_toml(str(path))
     assert config.metrics_listen == "127.0.0.1:9110" and config.metrics_flush_interval == 0.5
     config.passwd_file = str(path)
-    config.validate()
+    validate_all(config)
     config.metrics_listen = "nowhere"
     with pytest.raises(ValueError, match="HOST:PORT"):
-        config.validate()
+        validate_all(config)
     config.metrics_listen = None
     config.metrics_flush_interval = 0
     with pytest.raises(ValueError, match="flush_interval"):
-        config.validate()
+        validate_all(config)
 
 
 def test_overhead_benchmark_runs():

@@ -21,7 +21,8 @@ import pytest
 
 from conftest import PARSERS, ServerProcess, message
 from fastpop.limits import ConnectionTable
-from fastpop.penalty import LastLogins, Networks, PenaltyBox, address_key
+from fastpop.penalty import LastLogins, PenaltyBox
+from fastpop.net import Networks, address_key
 from tls_helpers import Conn, b64, stop_clean, unb64
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"

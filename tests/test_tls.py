@@ -20,9 +20,18 @@ import time
 import warnings
 
 import pytest
-
 from conftest import PARSERS, message
-from tls_helpers import Certs, Conn, TLSServer, b64, stop_clean, tls_server_fixture, wait_for_log
+from tls_helpers import (
+    Certs,
+    Conn,
+    TLSServer,
+    b64,
+    stop_clean,
+    tls_server_fixture,
+    wait_for_log,
+)
+
+from fastpop.validation import validate_all
 
 CURL = shutil.which("curl")
 FETCHMAIL = shutil.which("fetchmail")
@@ -469,7 +478,7 @@ validator = "hmac"
 secret_file = "{tmp_path / 'key'}"
 """)
     config = load_toml(str(toml))
-    config.validate()
+    validate_all(config)
     assert config.trusted_networks == ["10.0.0.0/8"] and config.mechanisms() == ["SCRAM-SHA-256", "OAUTHBEARER"]
     assert (config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life) == (1.5, 10.0, 60.0)
     assert config.auth_penalty_per_user is False and config.max_connections_per_ip == 7
@@ -478,7 +487,7 @@ secret_file = "{tmp_path / 'key'}"
     def refused(text: str, **changes) -> None:
         c = Config(passwd_file=str(tmp_path / "passwd"), **changes)
         with pytest.raises(ValueError, match=text):
-            c.validate()
+            validate_all(c)
 
     refused("need a certificate", listen_tls=["127.0.0.1:995"])
     refused("cannot use certificate", tls_cert=str(tmp_path / "missing.pem"))
@@ -492,4 +501,4 @@ secret_file = "{tmp_path / 'key'}"
     refused("at least 16 bytes", oauth_validator="hmac", oauth_secret="short")
     refused("needs \\[oauth\\] command", oauth_validator="command")
     refused("must not be negative", auth_penalty_max=-1.0)
-    Config(passwd_file=str(tmp_path / "passwd"), tls_cert=str(certs.server_pem)).validate()  # key in the cert file
+    validate_all(Config(passwd_file=str(tmp_path / "passwd"), tls_cert=str(certs.server_pem)))  # key in the cert file

@@ -26,16 +26,24 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import AS_ROOT, ServerProcess, User, message
-from fastpop.auth import AuthUnavailable, Authenticator
+from tls_helpers import Conn, b64, unb64
+from userdb_servers import (
+    PASSWORD_QUERY,
+    USERS_TABLE,
+    MariaDBServer,
+    PostgresServer,
+    SlapdServer,
+    ssha,
+)
+
+from fastpop.auth import Authenticator, AuthUnavailable
 from fastpop.auth_cache import MISSING, AuthCache
 from fastpop.config import Config, load_toml
 from fastpop.passwd_file import UserRecord
 from fastpop.userdb import UserDB, expand_vars, record_from_row
 from fastpop.userdb_ldap import escape_dn, escape_filter
-from tls_helpers import Conn, b64, unb64
-from userdb_servers import PASSWORD_QUERY, USERS_TABLE, MariaDBServer, PostgresServer, SlapdServer, ssha
+from fastpop.validation import validate_all
 
 SYS_TEMP = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
@@ -199,7 +207,7 @@ negative_ttl = 1
     assert (c.userdb_driver, c.userdb_pool_min, c.userdb_pool_max, c.userdb_query_timeout) == ("postgresql", 2, 20, 2.5)
     assert c.ldap_uri == ["ldaps://ldap.example.com"] and c.ldap_auth_bind is True
     assert (c.auth_cache_size, c.auth_cache_ttl, c.auth_cache_negative_ttl) == (5, 10.0, 1.0)
-    c.validate()  # no passwd_file needed
+    validate_all(c)  # no passwd_file needed
     for bad, match in [
         (dict(userdb_driver="oracle"), "driver must be"),
         (dict(userdb_driver="sqlite"), "needs \\[userdb\\] connect"),
@@ -211,7 +219,7 @@ negative_ttl = 1
         (dict(passwd_file="/p", auth_cache_size=-1), "auth_cache"),
     ]:
         with pytest.raises(ValueError, match=match):
-            Config(**bad).validate()
+            validate_all(Config(**bad))
 
 
 # ================================================================ real servers

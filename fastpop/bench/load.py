@@ -23,7 +23,6 @@ import gc
 import os
 import random
 import ssl
-import sys
 import time
 import traceback
 from array import array

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import poplib
-import socket
 import ssl
 import sys
 from dataclasses import dataclass
@@ -206,7 +205,7 @@ def run_cli(args) -> int:
     from rich.console import Console
 
     from fastpop.bench import scenarios, spawn
-    from fastpop.config import parse_address
+    from fastpop.net import parse_address
 
     # wide enough for the notes and tables when the output goes to a file or a CI log
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)

@@ -185,8 +185,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from fastpop.config import parse_address
     from fastpop.bench.load import new_loop
+    from fastpop.net import parse_address
 
     host, port = parse_address(args.listen)
     state = TrivialState(args.messages, SizeDistribution.parse(args.message_size), args.corrupt)

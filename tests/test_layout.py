@@ -1,0 +1,116 @@
+"""The package's layering: no import cycle among fastpop's modules (imports
+inside functions and under TYPE_CHECKING count too), and every module
+imports alone in a fresh interpreter."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fastpop"
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the fastpop modules it imports, wherever the import statement is."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                for alias in node.names:  # "from fastpop import x" imports the module fastpop.x
+                    found.add(f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle():
+    found = cycles(import_graph())
+    detail = "\n".join(
+        f"{component}: " + "; ".join(f"{m} -> {sorted(import_graph()[m] & set(component))}" for m in component)
+        for component in found
+    )
+    assert not found, f"import cycles in fastpop:\n{detail}"
+
+
+def _import_alone(module: str) -> tuple[str, int, str]:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    return module, proc.returncode, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("extensions", ["compiled", "python"])
+def test_every_module_imports_alone(extensions, monkeypatch):
+    if extensions == "python":
+        monkeypatch.setenv("FASTPOP_NO_EXTENSIONS", "1")
+    else:
+        monkeypatch.delenv("FASTPOP_NO_EXTENSIONS", raising=False)
+    names = [m for m in _modules() if not m.endswith("__main__")]
+    with ThreadPoolExecutor(8) as pool:
+        failed = [(m, err) for m, code, err in pool.map(_import_alone, names) if code != 0]
+    assert not failed, "\n\n".join(f"{m}:\n{err}" for m, err in failed)
