@@ -291,10 +291,6 @@ class Config:
             raise ValueError("proxy timeout must be positive")
 
     def _validate_operations(self) -> None:
-        from fastpop.logformat import FORMATS
-
-        if self.log_format not in FORMATS:
-            raise ValueError(f"log_format must be one of {', '.join(FORMATS)}, not {self.log_format!r}")
         if self.metrics_listen is not None:
             parse_address(self.metrics_listen)
             import importlib.util

@@ -26,8 +26,18 @@ import os
 import re
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastpop.config import Config
 
 FORMATS = ("text", "keyvalue", "json")
+
+
+def validate(config: Config) -> None:
+    """The log format's check for fastpop.validation (raises ValueError)."""
+    if config.log_format not in FORMATS:
+        raise ValueError(f"log_format must be one of {', '.join(FORMATS)}, not {config.log_format!r}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _RESERVED = frozenset({"ts", "level", "logger", "pid", "event", "msg", "exc"})

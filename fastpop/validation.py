@@ -4,7 +4,7 @@ names, so that config.py imports none of them."""
 
 from __future__ import annotations
 
-from fastpop import oauth, sasl, tls, userdb_drivers
+from fastpop import logformat, oauth, sasl, tls, userdb_drivers
 from fastpop.config import Config
 
 
@@ -15,3 +15,4 @@ def validate_all(config: Config) -> None:
     tls.validate(config)
     sasl.validate(config)
     oauth.validate(config)
+    logformat.validate(config)
