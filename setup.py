@@ -1,7 +1,7 @@
 """Declares the compiled extensions; everything else is in pyproject.toml.
 
 Every ``fastpop/**/*.pyx`` is compiled into the module of the same dotted
-name (``fastpop/_parser.pyx`` -> ``fastpop._parser``), so a new Cython module
+name (``fastpop/wire/_parser.pyx`` -> ``fastpop.wire._parser``), so a new Cython module
 needs no change here; each has a pure-Python twin that is used when the
 compiled one is absent.  Cython runs when the extensions are built
 (setuptools hands .pyx sources to Cython's build_ext), not when the sdist is

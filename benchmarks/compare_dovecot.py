@@ -28,7 +28,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fastpop.bench import dovecot, spawn

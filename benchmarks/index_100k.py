@@ -22,12 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastpop import _index_py, index
 from fastpop.bench import procstat
 from fastpop.bench.spawn import SeedSpec, SizeDistribution, SpawnedServer, deliver, seed
+from fastpop.store import _index_py, index
 
 try:
-    from fastpop import _index as _index_c
+    from fastpop.store import _index as _index_c
 except ImportError:  # pragma: no cover
     _index_c = None
 

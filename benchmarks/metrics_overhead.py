@@ -105,10 +105,10 @@ def main() -> None:
         (root / "mail" / "bench" / "new" / f"{1700000000 + i}.M{i}.bench").write_bytes(b"Subject: x\r\n\r\nhi\r\n")
 
     from fastpop.config import Config
-    from fastpop.metered import Counters, MeteredProtocol
-    from fastpop.metrics import Exporter
-    from fastpop.protocol import POP3Protocol
-    from fastpop.server import ServerContext, new_event_loop
+    from fastpop.serve.metrics import Exporter
+    from fastpop.serve.server import ServerContext, new_event_loop
+    from fastpop.session.metered import Counters, MeteredProtocol
+    from fastpop.session.protocol import POP3Protocol
 
     loop = new_event_loop("uvloop")
     asyncio.set_event_loop(loop)

@@ -31,7 +31,7 @@ def session_lines(scenario: str, messages: int) -> list[bytes]:
 
 
 def run(ctx, loop, sessions: int, lines: list[bytes]) -> float:
-    from fastpop.protocol import POP3Protocol
+    from fastpop.session.protocol import POP3Protocol
 
     return run_sessions(POP3Protocol, ctx, loop, sessions, lines)
 
@@ -55,7 +55,7 @@ def main() -> None:
         (root / "mail" / "bench" / "new" / f"{1700000000 + i}.M{i}P{i}.bench").write_bytes(body)
 
     from fastpop.config import Config
-    from fastpop.server import ServerContext, new_event_loop
+    from fastpop.serve.server import ServerContext, new_event_loop
 
     loop = new_event_loop("uvloop")
     asyncio.set_event_loop(loop)

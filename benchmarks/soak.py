@@ -44,7 +44,13 @@ import threading
 import time
 from pathlib import Path
 
-from fastpop.bench.spawn import MessageFactory, SeedSpec, SizeDistribution, free_port, seed
+from fastpop.bench.spawn import (
+    MessageFactory,
+    SeedSpec,
+    SizeDistribution,
+    free_port,
+    seed,
+)
 
 
 def rss(pid: int) -> int:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from fastpop import _parser_py
-from fastpop.stuffing import stuff_message
+from fastpop.wire import _parser_py
+from fastpop.wire.stuffing import stuff_message
 
 try:
-    from fastpop import _parser
+    from fastpop.wire import _parser
 except ImportError:  # pragma: no cover - the extension is part of every build
     _parser = None
 
@@ -80,20 +80,20 @@ def test_stuff_message(benchmark, size, dots):
     assert out.count(b"\r\n") >= data.count(b"\n")
 
 
-# LIST and UIDL listings, formatted from the mailbox index (fastpop/index.py),
-# compiled (fastpop._index) against its pure-Python twin (fastpop._index_py).
+# LIST and UIDL listings, formatted from the mailbox index (fastpop/store/index.py),
+# compiled (fastpop.store._index) against its pure-Python twin (fastpop.store._index_py).
 
 try:
-    from fastpop import _index
+    from fastpop.store import _index
 except ImportError:  # pragma: no cover - the extension is part of every build
     _index = None
-from fastpop import _index_py
+from fastpop.store import _index_py
 
 FORMATTERS = {"c-index": _index, "py-index": _index_py}
 
 
 def _index_buffer(n: int) -> bytes:
-    from fastpop.index import Entry, encode
+    from fastpop.store.index import Entry, encode
 
     entries = [
         Entry(f"{1700000000 + i}.M{i}P4711.mail.example.com,S={3000 + i},W={3100 + i}:2,", 3100 + i, 3100 + i, 1,
@@ -110,7 +110,7 @@ def test_listing(benchmark, impl, command, n):
     module = FORMATTERS[impl]
     if module is None:
         pytest.fail("compiled index formatter not built")
-    from fastpop.index import MailboxIndex
+    from fastpop.store.index import MailboxIndex
 
     benchmark.group = f"{command} listing, {n} messages"
     index = MailboxIndex(_index_buffer(n))

@@ -29,7 +29,6 @@ import re
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from fastpop.bench import spawn

@@ -43,7 +43,13 @@ def start_databases(kinds: set[str], workdir: Path, users: list[tuple[str, str]]
     """Each database with the users in it -> (kind -> [userdb] TOML lines), servers to close."""
     import sqlite3
 
-    from userdb_servers import USERS_TABLE, MariaDBServer, PostgresServer, SlapdServer, ssha
+    from userdb_servers import (
+        USERS_TABLE,
+        MariaDBServer,
+        PostgresServer,
+        SlapdServer,
+        ssha,
+    )
 
     rows = [{"userid": n, "password": "{PLAIN}" + p} for n, p in users]
     tomls: dict[str, str] = {}

@@ -17,11 +17,11 @@ import sys
 from fastpop import __version__
 from fastpop.config import Config, load_toml
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.deliver_cli", "fastpop.legacy_import", "fastpop.bench", "fastpop.oauth")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery.legacy_import", "fastpop.bench", "fastpop.auth.oauth")
 
 
 def _version() -> str:
-    from fastpop.parser import PARSER_IMPL
+    from fastpop.wire.parser import PARSER_IMPL
 
     return f"fastpop {__version__} (parser: {PARSER_IMPL})"
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--oauth-validator", metavar="NAME", help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
     tls.add_argument("--oauth-secret-file", metavar="FILE", help="shared secret of the hmac validator")
     tls.add_argument("--oauth-command", metavar="COMMAND", help="token checker of the command validator")
-    proxy = serve.add_argument_group("behind a load balancer (PROXY protocol v1/v2, fastpop.proxied)")
+    proxy = serve.add_argument_group("behind a load balancer (PROXY protocol v1/v2, fastpop.session.proxied)")
     proxy.add_argument("--proxy-listen", action="append", metavar="HOST:PORT",
                        help="listener that requires a PROXY header, e.g. for HAProxy's send-proxy-v2 (repeatable)")
     proxy.add_argument("--proxy-listen-tls", action="append", metavar="HOST:PORT",
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "list":
             p.add_argument("name")
         if name in ("add", "passwd"):
-            from fastpop.passwords import CREATABLE_SCHEMES, DEFAULT_SCHEME
+            from fastpop.auth.passwords import CREATABLE_SCHEMES, DEFAULT_SCHEME
 
             p.add_argument("--scheme", default=DEFAULT_SCHEME, type=str.upper, choices=CREATABLE_SCHEMES)
             p.add_argument("--no-scram", dest="scram", action="store_false",
@@ -210,7 +210,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fastpop.validation import validate_all
+    from fastpop.serve.validation import validate_all
 
     try:
         config = config_from_args(args)
@@ -218,15 +218,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 2
-    from fastpop.logformat import configure_logging
+    from fastpop.serve.logformat import configure_logging
 
     configure_logging(config.log_format, config.log_level)
     if args.demo:
         from fastpop import demo
 
         print(demo.banner(config.listen[0]), file=sys.stderr, flush=True)
-    from fastpop import workers
-    from fastpop.server import RefusedAsRoot
+    from fastpop.serve import workers
+    from fastpop.serve.server import RefusedAsRoot
 
     try:
         return workers.run(config, reload=lambda: _reloaded_config(args))
@@ -240,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _reloaded_config(args: argparse.Namespace) -> Config:
     """SIGHUP: the config file read again, the command line's flags still winning."""
-    from fastpop.validation import validate_all
+    from fastpop.serve.validation import validate_all
 
     config = config_from_args(args)
     validate_all(config)
@@ -260,16 +260,16 @@ def _read_password() -> str:
 def cmd_user(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from fastpop.auth import valid_username
-    from fastpop.passwd_file import (
+    from fastpop.auth.authenticator import valid_username
+    from fastpop.auth.passwd_file import (
         Problem,
         UserRecord,
         check_record,
         read_records,
         write_records,
     )
-    from fastpop.passwords import hash_password
-    from fastpop.sasl import SCRAM_EXTRA, make_scram_keys
+    from fastpop.auth.passwords import hash_password
+    from fastpop.auth.sasl import SCRAM_EXTRA, make_scram_keys
 
     if args.user_command == "flush":
         return _flush_cache(args)
@@ -344,7 +344,7 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 
 def _unstorable_in_clear(password: str) -> bool:
-    from fastpop.passwd_file import UserRecord, check_record
+    from fastpop.auth.passwd_file import UserRecord, check_record
 
     try:
         check_record(UserRecord("x", "{PLAIN}" + password))

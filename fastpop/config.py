@@ -76,7 +76,7 @@ The TOML file has sections mirroring the field prefixes::
     listen_tls = ["10.0.0.5:1995"]   # the same, then implicit TLS (HAProxy passes TLS through)
     trusted_networks = ["10.0.0.2/32"]   # the proxies allowed to send it (no default)
     timeout = 5                      # seconds to wait for the header
-    [userdb]                 # where users are (fastpop.userdb); default: [auth] passwd_file
+    [userdb]                 # where users are (fastpop.auth.userdb); default: [auth] passwd_file
     driver = "postgresql"    # "passwd-file", "postgresql", "mysql", "sqlite", "ldap"
     connect = "postgresql://fastpop:secret@db.example.com/mail"   # mysql://..., or the SQLite file
     password_query = "SELECT password, home, mail FROM users WHERE userid = %u"
@@ -140,10 +140,10 @@ class Config:
     auth_failure_delay: float = 2.0
     auth_max_attempts: int = 3
     auth_apop: bool = False  # APOP offered (the greeting's timestamp); off by default, as Dovecot
-    auth_secret_file: str | None = None  # None: fastpop.auth.default_secret_path()
+    auth_secret_file: str | None = None  # None: fastpop.auth.authenticator.default_secret_path()
     mail_location: str = "%h/Maildir"
-    mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.locking
-    mail_lock_table: str | None = None  # None: fastpop.locking.default_table_path()
+    mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.store.locking
+    mail_lock_table: str | None = None  # None: fastpop.store.locking.default_table_path()
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
@@ -154,7 +154,7 @@ class Config:
     shutdown_timeout: float = 30.0  # SIGTERM: seconds logged-in sessions may take to finish
     sendfile: bool = True  # RETR of CRLF-stored messages with sendfile(2)
     lmtp_listen: list[str] = field(default_factory=list)  # HOST:PORT or unix:PATH
-    lmtp_max_connections: int = 100  # LMTP connections at once (fastpop.lmtp: also at most half the budget)
+    lmtp_max_connections: int = 100  # LMTP connections at once (fastpop.delivery.lmtp: also at most half the budget)
     lmtp_max_recipients: int = 1000  # accepted RCPTs per transaction; more: 452 4.5.3
     lmtp_timeout: float = 300.0  # idle seconds before an LMTP connection is closed
     tls_cert: str | None = None  # certificate chain (PEM); enables STLS
@@ -173,11 +173,11 @@ class Config:
     oauth_secret: str | None = None
     oauth_secret_file: str | None = None
     oauth_command: str | None = None
-    proxy_listen: list[str] = field(default_factory=list)  # listeners requiring a PROXY header (fastpop.proxied)
+    proxy_listen: list[str] = field(default_factory=list)  # listeners requiring a PROXY header (fastpop.session.proxied)
     proxy_listen_tls: list[str] = field(default_factory=list)  # the same, then implicit TLS
     proxy_trusted_networks: list[str] = field(default_factory=list)  # who may send one
     proxy_timeout: float = 5.0  # seconds to wait for the header
-    # the user database (fastpop.userdb) and the auth cache
+    # the user database (fastpop.auth.userdb) and the auth cache
     userdb_driver: str = "passwd-file"
     userdb_connect: str | None = None
     userdb_password_query: str | None = None
@@ -201,14 +201,14 @@ class Config:
     auth_cache_size: int = 10000
     auth_cache_ttl: float = 300.0
     auth_cache_negative_ttl: float = 60.0
-    # operations (fastpop.logformat, fastpop.metrics)
+    # operations (fastpop.serve.logformat, fastpop.serve.metrics)
     log_format: str = "text"  # "text", "keyvalue" or "json"
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None: metrics off
     metrics_flush_interval: float = 1.0  # seconds between moves of the counts into the metrics
 
     def validate(self) -> None:
         """This file's own checks (raises ValueError); the subsystems check
-        their sections in fastpop.validation.validate_all, which calls this."""
+        their sections in fastpop.serve.validation.validate_all, which calls this."""
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
         if self.loop not in ("uvloop", "asyncio"):
@@ -295,7 +295,7 @@ class Config:
             parse_address(self.metrics_listen)
             import importlib.util
 
-            # found, not imported: it must first see PROMETHEUS_MULTIPROC_DIR (fastpop.metrics)
+            # found, not imported: it must first see PROMETHEUS_MULTIPROC_DIR (fastpop.serve.metrics)
             if importlib.util.find_spec("prometheus_client") is None:
                 raise ValueError("metrics need prometheus-client: pip install 'fastpop[metrics]'")
         if not 0.05 <= self.metrics_flush_interval <= 3600:

@@ -7,8 +7,8 @@ import socket
 import stat
 import time
 
-from fastpop.maildir import ensure_maildir
-from fastpop.passwd_file import UserRecord, read_records, write_records
+from fastpop.auth.passwd_file import UserRecord, read_records, write_records
+from fastpop.store.maildir import ensure_maildir
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"

@@ -6,8 +6,8 @@
 Each input is a little program: limits, then a stream cut into chunks, each
 chunk followed by a drain that reads commands or SASL continuation lines
 (as the protocol does while an AUTH exchange waits), sometimes switching
-UTF8 on or discarding the buffer (STLS).  ``fastpop._parser.CommandParser``
-and ``fastpop._parser_py.CommandParser`` run the same program; every result
+UTF8 on or discarding the buffer (STLS).  ``fastpop.wire._parser.CommandParser``
+and ``fastpop.wire._parser_py.CommandParser`` run the same program; every result
 and ``buffered`` must be identical (differential fuzzing), and both must
 keep the invariants:
 
@@ -29,8 +29,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from fastpop import _parser_py
-    from fastpop.commands import NUM_CODES, REST_OF_LINE
+    from fastpop.wire import _parser_py
+    from fastpop.wire.commands import NUM_CODES, REST_OF_LINE
 
 from fastpop import _parser as _parser_c  # compiled: must exist
 

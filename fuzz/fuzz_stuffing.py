@@ -4,7 +4,7 @@
     python fuzz/run.py --seconds 600 stuffing        # bounded, with a summary
 
 Each input is a stored message and the points where it is cut into chunks.
-``fastpop._stuffing`` and ``fastpop._stuffing_py`` must give identical
+``fastpop.wire._stuffing`` and ``fastpop.wire._stuffing_py`` must give identical
 results from ``DotStuffer`` (chunk by chunk and from ``finish``),
 ``stuff_message``, ``pop3_size_of`` and ``line_dots`` (differential), and
 the output must keep the invariants:
@@ -28,8 +28,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from fastpop import _stuffing_py
-    from fastpop.stuffing import TopLimiter
+    from fastpop.wire import _stuffing_py
+    from fastpop.wire.stuffing import TopLimiter
 
 from fastpop import _stuffing as _stuffing_c  # compiled: must exist
 

@@ -31,7 +31,7 @@ _user_ids = itertools.count(1)
 def mailbox_held(maildir) -> bool:
     """Whether a fastpop process of this host holds the mailbox in the lock
     table (the default [mail] lock), asked as another process would."""
-    from fastpop.locking import LockTable
+    from fastpop.store.locking import LockTable
 
     table = LockTable()
     try:

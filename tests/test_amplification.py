@@ -27,7 +27,6 @@ import ssl
 import time
 
 import pytest
-
 from conftest import PARSERS, ServerProcess, message, serving
 from test_hostile_clients import rss
 

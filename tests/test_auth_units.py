@@ -10,12 +10,9 @@ import stat
 
 import pytest
 
-from fastpop import passwords
-from fastpop.auth import MAX_USERNAME, expand_location, valid_username
-from fastpop.config import Config, load_toml
-from fastpop.maildir import parse_name, uidl_of
-from fastpop.net import parse_address
-from fastpop.passwd_file import (
+from fastpop.auth import passwords
+from fastpop.auth.authenticator import MAX_USERNAME, expand_location, valid_username
+from fastpop.auth.passwd_file import (
     PasswdFile,
     UserRecord,
     format_record,
@@ -23,7 +20,10 @@ from fastpop.passwd_file import (
     read_records,
     write_records,
 )
-from fastpop.validation import validate_all
+from fastpop.config import Config, load_toml
+from fastpop.net import parse_address
+from fastpop.serve.validation import validate_all
+from fastpop.store.maildir import parse_name, uidl_of
 
 PW = "correct hörse bättery ✓"
 

@@ -7,7 +7,6 @@ against a real server on 127.0.0.1, for a second or two of load.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess

@@ -13,12 +13,10 @@ from array import array
 
 import pytest
 
-from fastpop.bench import _wire_py
+from fastpop.bench import _wire_py, spawn
 from fastpop.bench import client as C
 from fastpop.bench import scenarios as S
-from fastpop.bench import spawn
 from fastpop.bench.load import LoadSpec, Worker, new_loop
-
 
 try:
     from fastpop.bench import _wire

@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PARSERS, ServerProcess, message, serving
 
 pytestmark = pytest.mark.external
@@ -53,7 +52,7 @@ needs_fetchmail = pytest.mark.skipif(
 needs_mpop = pytest.mark.skipif(MPOP is None, reason="mpop is not installed (apt-get install -y mpop)")
 
 try:  # large messages are read and stuffed in pieces this size
-    from fastpop.stuffing import CHUNK as READ_CHUNK
+    from fastpop.wire.stuffing import CHUNK as READ_CHUNK
 except ImportError:
     READ_CHUNK = 256 * 1024
 

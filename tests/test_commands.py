@@ -15,8 +15,8 @@ import re
 import time
 
 import pytest
-
 from conftest import PARSERS, Raw, ServerProcess, message, serving
+
 from fastpop import __version__
 
 CRLF = b"\r\n"

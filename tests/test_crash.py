@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import AS_ROOT, ServerProcess, message
-from fastpop import index as mindex
+
+from fastpop.store import index as mindex
 
 FAULT = "FASTPOP_FAULT"
 
@@ -444,7 +444,7 @@ def test_killed_right_after_taking_the_lock(srv, kind):
     once. The table's OFD lock dies with its process; fastpop.lock is one
     symlink(2) naming its owner, so it names the dead server and is taken
     over (there is no moment at which a lock names nobody)."""
-    from fastpop.locking import LOCK_FILE, LockTable
+    from fastpop.store.locking import LOCK_FILE, LockTable
 
     srv.extra_args += ["--mail-lock", kind]
     mails = originals(2, "lock")

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import AS_ROOT, message
-from fastpop.stuffing import pop3_size
+
+from fastpop.wire.stuffing import pop3_size
 
 NAME = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)\.([^,/:]+),S=(\d+),W=(\d+)$")
 IS_ROOT = os.geteuid() == 0
@@ -112,7 +112,7 @@ def test_names_are_unique_and_in_delivery_order(box):
     files = box.new()
     assert len(files) == 5
     keys = [(int(NAME.match(f.name).group(1)), f.name) for f in files]
-    # fastpop.maildir orders by (seconds, name); the zero-padded microseconds keep that the delivery order
+    # fastpop.store.maildir orders by (seconds, name); the zero-padded microseconds keep that the delivery order
     by_mtime = sorted(files, key=lambda f: f.stat().st_mtime_ns)
     assert [f.name for f in by_mtime] == [k[1] for k in sorted(keys)]
     assert len({NAME.match(f.name).group(3) for f in files}) == 5  # one process each
@@ -185,7 +185,7 @@ def test_delivered_messages_retrieved_byte_exactly(server):
         p.quit()
     # the login brought the mailbox index up to date from the names, and every
     # delivered file is marked as stored exactly as RETR sends it (sendfile)
-    from fastpop import index
+    from fastpop.store import index
 
     idx = index.load(str(user.maildir))
     assert idx is not None and idx.count == 4
@@ -296,8 +296,8 @@ def open_dir():
 # root, import what deliver needs, then drop to nobody and run it.
 AS_NOBODY = """
 import os, pwd, sys
-import fastpop.auth, fastpop.cli, fastpop.config, fastpop.deliver_cli, fastpop.delivery
-import fastpop.legacy_import, fastpop.passwd_file, fastpop.passwords
+import fastpop.auth.authenticator, fastpop.cli, fastpop.config, fastpop.delivery.cli, fastpop.delivery.local
+import fastpop.delivery.legacy_import, fastpop.auth.passwd_file, fastpop.auth.passwords
 fastpop.cli.build_parser()  # imports every subcommand's module while still root
 nobody = pwd.getpwnam("nobody")
 os.setgroups([])

@@ -7,7 +7,7 @@ and bad arguments, random keyword case, unknown keywords, control
 characters, non-ASCII and over-long lines; and it hangs up at random.
 Every reply is checked, byte for byte, against a model of the session and
 of the mailbox (RFC 1939 sizes, dot-stuffing, TOP's cut, the error table
-of ``fastpop.responses``); after QUIT the files left on disk must be
+of ``fastpop.wire.responses``); after QUIT the files left on disk must be
 exactly the model's undeleted messages, and after any other end nothing
 may be deleted.  ``FASTPOP_FUZZ_EXAMPLES`` (default 50) sets the number of
 random sessions per parser; for a long run::
@@ -25,10 +25,17 @@ import time
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
-from fastpop import responses as R
-from fastpop.auth import valid_username
+from fastpop.auth.authenticator import valid_username
+from fastpop.wire import responses as R
 
 MAX_BAD = 20  # config.max_bad_commands
 MAX_AUTH_FAILURES = 3  # config.auth_max_attempts

@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 import pytest
-
 from conftest import PARSERS, ServerProcess
-from fastpop.sasl import make_scram_keys
 from tls_helpers import Conn, b64, stop_clean, unb64, wait_for_log
+
+from fastpop.auth.sasl import make_scram_keys
 
 # The flag that turns APOP on.  (To run these tests against a fastpop from
 # before it existed, set this to [] in a copy: APOP was always on then.)

@@ -27,10 +27,17 @@ import sys
 import time
 
 import pytest
-
 from conftest import Raw, ServerProcess, message
-from fastpop.oauth import make_token
-from fastpop.passwd_file import PasswdFile, UserRecord, format_record, parse_line, read_records, write_records
+
+from fastpop.auth.oauth import make_token
+from fastpop.auth.passwd_file import (
+    PasswdFile,
+    UserRecord,
+    format_record,
+    parse_line,
+    read_records,
+    write_records,
+)
 
 SECRET = b"the shared secret of test_hostile_auth_files (32+ bytes)"
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
@@ -267,7 +274,7 @@ def test_format_record_refuses_what_would_not_read_back(rec, field):
 
 
 def test_what_is_allowed_reads_back():
-    from fastpop.passwd_file import check_record
+    from fastpop.auth.passwd_file import check_record
 
     for rec in (UserRecord("bob", "{PLAIN}p w \u00e9!#=", 0, 0, "/home/b ob",
                            {"userdb_mail": "maildir:/var/mail/b:LAYOUT=fs", "nopassword": ""}),

@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ServerProcess, message
-from fastpop._stuffing_py import stuff_message
+
+from fastpop.wire._stuffing_py import stuff_message
 
 HOSTILE = Path(__file__).with_name("hostile.py")
 TIMEOUT_AUTHORIZATION = 5.0

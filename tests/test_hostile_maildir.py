@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Raw, ServerProcess, message
-from fastpop.index import Entry, encode
+
+from fastpop.store.index import Entry, encode
 
 IS_ROOT = os.geteuid() == 0
 CONFIGS = ["dropped", "root"] if IS_ROOT else ["self"]

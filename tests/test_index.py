@@ -36,15 +36,15 @@ from pathlib import Path
 LARGE_INDEX = 64 * 1024  # large enough that the format's fixed parts do not dominate
 
 import pytest
+from conftest import PARSERS, ServerProcess, User, message, tracer_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PARSERS, ServerProcess, User, message, tracer_of
-from fastpop import _index_py
-from fastpop import index as mindex
+from fastpop.store import _index_py
+from fastpop.store import index as mindex
 
 try:
-    from fastpop import _index as _index_c
+    from fastpop.store import _index as _index_c
 except ImportError:  # pragma: no cover - the compiled twin is built by pip install -e .
     _index_c = None
 
@@ -839,7 +839,7 @@ def test_large_index_damaged_in_place_during_a_session(own_server, how):
 
 # =========================================================================== compiled and Python twins
 
-needs_c = pytest.mark.skipif(_index_c is None, reason="fastpop._index is not built (pip install -e .)")
+needs_c = pytest.mark.skipif(_index_c is None, reason="fastpop.store._index is not built (pip install -e .)")
 
 entries_st = st.lists(
     st.builds(

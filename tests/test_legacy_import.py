@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ServerProcess
-from fastpop.passwd_file import read_records
-from fastpop.passwords import verify
+
+from fastpop.auth.passwd_file import read_records
+from fastpop.auth.passwords import verify
 
 T0 = 1_600_000_000  # mtimes of the legacy files: the order they were received in
 
@@ -282,8 +282,8 @@ def test_unreadable_file_is_refused(open_dir):
         nobody = pwd.getpwnam("nobody")
         os.chown(out, nobody.pw_uid, nobody.pw_gid)
         code = (
-            "import os, pwd, sys, argon2, fastpop.cli, fastpop.legacy_import, fastpop.auth, fastpop.delivery,"
-            " fastpop.passwd_file, fastpop.passwords, fastpop.maildir, hashlib, stat\n"
+            "import os, pwd, sys, argon2, fastpop.cli, fastpop.delivery.legacy_import, fastpop.auth.authenticator, fastpop.delivery.local,"
+            " fastpop.auth.passwd_file, fastpop.auth.passwords, fastpop.store.maildir, hashlib, stat\n"
             "fastpop.cli.build_parser()  # imports every subcommand's module while still root\n"
             "n = pwd.getpwnam('nobody'); os.setgroups([]); os.setgid(n.pw_gid); os.setuid(n.pw_uid)\n"
             "sys.exit(fastpop.cli.main(['import', 'legacy', *sys.argv[1:]]))\n"
@@ -356,7 +356,7 @@ def test_file_swapped_between_check_and_copy_is_refused(legacy, tmp_path, monkey
     """The attack: a legacy user swaps a checked message for a link to a file
     only root may read after scan() checked it and before apply() copies it."""
     import fastpop.cli
-    import fastpop.legacy_import as li
+    import fastpop.delivery.legacy_import as li
 
     swap, expected = SWAPS[case]
     real_scan = li.scan
@@ -395,7 +395,7 @@ def test_symlinked_message_leaks_nothing(legacy, tmp_path):
 
 def test_check_opens_without_following(legacy):
     """_open_checked refuses, without reading, whatever is not what was checked."""
-    import fastpop.legacy_import as li
+    import fastpop.delivery.legacy_import as li
 
     folder = legacy / "example.com" / "alice"
     dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)

@@ -10,7 +10,6 @@ import socket
 import time
 
 import pytest
-
 from conftest import Raw, ServerProcess, mailbox_held, message
 
 SERVER_FULL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ServerProcess, message, serving
-from fastpop.stuffing import pop3_size
+
+from fastpop.wire.stuffing import pop3_size
 
 
 class LMTPServer(ServerProcess):
@@ -191,7 +191,7 @@ def test_user_database_unavailable_is_451(lmtp_server):
     passwd = lmtp_server.passwd
     good = passwd.read_bytes()
     try:
-        # a malformed line is skipped (fastpop.passwd_file); a file that cannot be read is not
+        # a malformed line is skipped (fastpop.auth.passwd_file); a file that cannot be read is not
         passwd.unlink()
         passwd.mkdir()
         with lmtp_server.lmtp() as c:
@@ -251,7 +251,7 @@ def test_data_transparency(lmtp_server, pieces, stored, monkeypatch):
 
 
 def test_too_big_is_552_for_every_recipient(lmtp_server):
-    from fastpop.lmtp import MAX_MESSAGE_SIZE
+    from fastpop.delivery.lmtp import MAX_MESSAGE_SIZE
 
     u1, u2 = lmtp_server.add_user(), lmtp_server.add_user()
     r = lmtp_server.raw()

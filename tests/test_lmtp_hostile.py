@@ -15,9 +15,9 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
-
 from conftest import ServerProcess, message, serving
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_lmtp import LMTPServer, RawLMTP
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -351,7 +351,7 @@ def _wire(msg: bytes) -> bytes:
            [b"", b".", b"..", b"\r", b".\r", b"\n."]), max_size=12),
        cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=10))
 def test_dot_reader_any_cut(lines, cuts):
-    from fastpop.lmtp import DotReader
+    from fastpop.delivery.lmtp import DotReader
 
     msg = b"".join(line + b"\r\n" for line in lines)
     wire = _wire(msg) + b"NOOP\r\n"
@@ -374,8 +374,8 @@ def test_dot_reader_any_cut(lines, cuts):
 def test_content_in_slices_is_normalize_of_the_whole(msg, slice_size, cuts):
     """The store threads unstuff and normalise in slices (the GIL is held by
     each bytes method): the result is delivery.normalize's of the whole."""
-    import fastpop.lmtp as lmtp
-    from fastpop.delivery import normalize
+    import fastpop.delivery.lmtp as lmtp
+    from fastpop.delivery.local import normalize
 
     if msg and not msg.endswith(b"\r\n"):
         msg += b"\r\n"  # as every DATA ends
@@ -395,7 +395,7 @@ def test_content_in_slices_is_normalize_of_the_whole(msg, slice_size, cuts):
 
 
 def test_dot_reader_big_pieces_and_the_limit():
-    from fastpop.lmtp import FLUSH, DotReader
+    from fastpop.delivery.lmtp import FLUSH, DotReader
 
     msg = (b"." * 1000 + b"\r\n") * (5 * FLUSH // 1000)
     wire = _wire(msg)

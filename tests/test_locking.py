@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from fastpop import locking
-from fastpop.locking import LOCK_FILE, LockTable, MailboxLock, MailboxLocked
+from fastpop.store import locking
+from fastpop.store.locking import LOCK_FILE, LockTable, MailboxLock, MailboxLocked
 
 
 @pytest.fixture
@@ -135,7 +135,7 @@ def test_zombie_owner_is_dead(maildir):
 
 def test_lock_held_by_another_process_then_killed(maildir):
     code = (
-        "import sys, time; from fastpop.locking import MailboxLock; "
+        "import sys, time; from fastpop.store.locking import MailboxLock; "
         f"MailboxLock({str(maildir)!r}); print('locked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
@@ -230,7 +230,7 @@ def test_table_missing_maildir_raises_file_not_found(table, tmp_path):
 
 def _hold_in_child(table_path: str, maildir: str) -> subprocess.Popen:
     code = (
-        "import time; from fastpop.locking import LockTable; "
+        "import time; from fastpop.store.locking import LockTable; "
         f"LockTable({table_path!r}).acquire({maildir!r}); print('locked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
@@ -282,7 +282,7 @@ def test_slot_is_stable_and_spread():
     # (an old server draining beside an upgraded one): no hash(), no randomness,
     # and this pinned value catches a change of the mix
     assert locking.slot(2049, 131074) == 4295330327536734694
-    code = "from fastpop.locking import slot; print(slot(2049, 131074))"
+    code = "from fastpop.store.locking import slot; print(slot(2049, 131074))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout
     assert int(out) == 4295330327536734694

@@ -11,7 +11,7 @@ import re
 import pytest
 from conftest import ServerProcess, message
 
-from fastpop.validation import validate_all
+from fastpop.serve.validation import validate_all
 
 # the fields every structured line has, and those of the per-session line
 COMMON = {"ts", "level", "logger", "pid"}
@@ -123,7 +123,7 @@ def test_workers_log_json_too(tmp_path):
 
 
 def test_formatter_units():
-    from fastpop.logformat import JSONFormatter, KeyValueFormatter
+    from fastpop.serve.logformat import JSONFormatter, KeyValueFormatter
 
     def record(msg, *args, exc=None):
         return logging.LogRecord("fastpop.x", logging.WARNING, __file__, 1, msg, args, exc)

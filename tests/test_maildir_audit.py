@@ -24,13 +24,13 @@ resolved as the kernel would.  Allowed:
 * anything below the attacked user's Maildir (and the Maildirs of earlier
   examples, whose sessions may still finish in this window: none of the
   generated attacks point there), read or write;
-* the host's lock table (fastpop.locking.default_table_path()), read or write;
+* the host's lock table (fastpop.store.locking.default_table_path()), read or write;
 * read-only: the passwd file, the server log, /etc, /usr, /lib*, /proc, /sys,
   /dev/null, /dev/urandom, Python's prefixes and site-packages and the fastpop
   package itself (a session touched only the passwd file and
   /sys/devices/system/cpu/online when this was written: the rest is for lazy
   imports and name service lookups);
-* O_PATH opens of the directories *above* the Maildir: how fastpop/safefs.py
+* O_PATH opens of the directories *above* the Maildir: how fastpop/store/safefs.py
   walks down to it where openat2(2) is missing (a descriptor to walk from; a
   read open of those directories, which lists them, is a failure).
 
@@ -80,7 +80,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-
 from conftest import ServerProcess, message, tracer_of
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -88,7 +87,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E40
 from hypothesis import strategies as st  # noqa: E402
 
 import fastpop  # noqa: E402
-from fastpop.locking import default_table_path  # noqa: E402
+from fastpop.store.locking import default_table_path  # noqa: E402
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None,
                                   reason="strace is not installed (Debian package strace; scripts/test installs it)")
@@ -356,8 +355,8 @@ RECORD = "<QQIHHI4x"
 
 
 def encode_index(records: list[tuple[bytes, int, int, int, str]], cur_mtime_ns: int, uidvalidity: int = 0) -> bytes:
-    """A version-1 fastpop.index (fastpop/index.py) of (name, size, file_size, flags, uidl)
-    records, checksum right, whatever the names are: fastpop.index.encode() refuses nothing
+    """A version-1 fastpop.index (fastpop/store/index.py) of (name, size, file_size, flags, uidl)
+    records, checksum right, whatever the names are: fastpop.store.index.encode() refuses nothing
     today, but a writer that validates names must not keep the test from planting them."""
     names = bytearray()
     recs = bytearray()
@@ -377,8 +376,8 @@ def encode_index(records: list[tuple[bytes, int, int, int, str]], cur_mtime_ns: 
 
 def test_crafted_index_is_what_fastpop_writes():
     """The planted index is only an attack if fastpop would read it as its own:
-    same bytes as fastpop.index.encode() for ordinary entries."""
-    from fastpop import index as mindex
+    same bytes as fastpop.store.index.encode() for ordinary entries."""
+    from fastpop.store import index as mindex
 
     entries = [mindex.Entry("1700000001.M1P1.host:2,", 63, 63, 1, "1700000001.M1P1.host"),
                mindex.Entry("1700000002.M2P1.host:2,S", 70, 66, 0, "1700000002.M2P1.host")]

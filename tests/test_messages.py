@@ -16,10 +16,8 @@ import os
 import re
 import time
 
-import pytest
-
 import conftest
-
+import pytest
 from conftest import message
 
 CRLF = b"\r\n"

@@ -17,7 +17,7 @@ prometheus_client = pytest.importorskip("prometheus_client")
 from conftest import ServerProcess, message  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from fastpop.validation import validate_all
+from fastpop.serve.validation import validate_all
 
 
 def free_port() -> int:
@@ -212,8 +212,8 @@ def test_the_multiprocess_directory_is_removed_at_stop(tmp_path):
 def test_metrics_off_means_the_plain_protocol(tmp_path):
     """Without [metrics] listen the sessions are POP3Protocol: no counting at all."""
     from fastpop.config import Config
-    from fastpop.protocol import POP3Protocol
-    from fastpop.server import start
+    from fastpop.serve.server import start
+    from fastpop.session.protocol import POP3Protocol
 
     passwd = tmp_path / "passwd"
     passwd.write_text("")

@@ -20,7 +20,7 @@ pytest.importorskip("prometheus_client")
 from conftest import message
 from test_metrics import metered_server, scrape, value
 
-from fastpop.metrics import MAX_CONNECTIONS, REQUEST_TIMEOUT
+from fastpop.serve.metrics import MAX_CONNECTIONS, REQUEST_TIMEOUT
 
 PARTIAL = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"  # the blank line never comes
 # A multiprocess file that holds no value: its header says 8 octets are used.

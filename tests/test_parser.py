@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpop import _parser_py
-from fastpop.commands import (
+from fastpop.wire import _parser_py
+from fastpop.wire.commands import (
     KEYWORDS,
     MAX_COMMAND_LINE,
     MAX_CONTINUATION_LINE,
@@ -31,7 +31,7 @@ IMPL_IDS = ["c-parser", "py-parser"]
 def impl_class(name: str):
     if name == "c-parser":
         # Deliberately not importorskip: the compiled parser must exist.
-        from fastpop._parser import CommandParser
+        from fastpop.wire._parser import CommandParser
 
         return CommandParser
     return _parser_py.CommandParser
@@ -69,14 +69,14 @@ U, TL, INV = int(Command.UNKNOWN), int(Command.TOO_LONG), int(Command.INVALID)
 
 
 def test_c_parser_is_the_compiled_extension():
-    from fastpop import _parser
+    from fastpop.wire import _parser
 
     assert _parser.CommandParser is not _parser_py.CommandParser
     assert _parser.__file__.endswith((".so", ".pyd")), _parser.__file__
 
 
 def test_parser_module_selection(monkeypatch):
-    import fastpop.parser as parser_mod
+    import fastpop.wire.parser as parser_mod
 
     try:
         monkeypatch.delenv("FASTPOP_NO_EXTENSIONS", raising=False)

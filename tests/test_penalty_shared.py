@@ -1,6 +1,6 @@
 """Password-guessing penalties are one table per server, not per worker:
 a guesser gets no more attempts for landing on several workers
-(fastpop.penalty.SharedFailures)."""
+(fastpop.auth.penalty.SharedFailures)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import ServerProcess
 
-from fastpop.penalty import PenaltyBox, SharedFailures
+from fastpop.auth.penalty import PenaltyBox, SharedFailures
 
 
 class Clock:

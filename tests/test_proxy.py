@@ -1,4 +1,4 @@
-"""fastpop behind HAProxy: the PROXY protocol listeners (fastpop.proxied).
+"""fastpop behind HAProxy: the PROXY protocol listeners (fastpop.session.proxied).
 
 Two fastpop hosts share one passwd-file and one mail store, each with a
 PROXY listener (127.0.0.2 and 127.0.0.3) that trusts only 127.0.0.1, where
@@ -30,10 +30,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PARSERS, Raw, ServerProcess, message
-from fastpop.proxy_protocol import build_v1, build_v2
 from tls_helpers import Certs, stop_clean
+
+from fastpop.wire.proxy_protocol import build_v1, build_v2
 
 REPO = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = REPO / "docs" / "haproxy.cfg"

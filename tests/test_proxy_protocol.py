@@ -1,11 +1,11 @@
-"""The PROXY protocol header parser (fastpop.proxy_protocol), without a server:
+"""The PROXY protocol header parser (fastpop.wire.proxy_protocol), without a server:
 versions 1 and 2, good and malformed, whole and in pieces."""
 
 from __future__ import annotations
 
 import pytest
 
-from fastpop.proxy_protocol import (
+from fastpop.wire.proxy_protocol import (
     MAX_V2_HEADER,
     PP2_TYPE_SSL,
     V1_MAX,

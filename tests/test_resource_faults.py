@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import AS_ROOT, Raw, ServerProcess, message
-from fastpop import index as mindex
+
+from fastpop.store import index as mindex
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (to mount a tmpfs, or to run the server as nobody)")

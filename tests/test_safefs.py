@@ -1,4 +1,4 @@
-"""fastpop.safefs: no link followed from the Maildir down, in both twins of
+"""fastpop.store.safefs: no link followed from the Maildir down, in both twins of
 open_nofollow (compiled openat2, ctypes openat2) and in the O_NOFOLLOW walk
 used where openat2 is missing.  The attacks on a whole server are in
 tests/test_hostile_maildir.py and tests/test_maildir_audit.py."""
@@ -11,10 +11,10 @@ import stat
 
 import pytest
 
-from fastpop import _safefs_py, safefs
+from fastpop.store import _safefs_py, safefs
 
 try:
-    from fastpop import _safefs as _safefs_c
+    from fastpop.store import _safefs as _safefs_c
 except ImportError:  # pragma: no cover - not built
     _safefs_c = None
 

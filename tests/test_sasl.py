@@ -17,12 +17,12 @@ import sys
 import time
 
 import pytest
-from scramp import ScramClient, ScramMechanism
-
 from conftest import PARSERS, ServerProcess, message
-from fastpop.oauth import make_token
-from fastpop.sasl import format_scram_keys, make_scram_keys
+from scramp import ScramClient, ScramMechanism
 from tls_helpers import Conn, b64, stop_clean, unb64
+
+from fastpop.auth.oauth import make_token
+from fastpop.auth.sasl import format_scram_keys, make_scram_keys
 
 SECRET = b"a shared secret of the test suite, 32+ bytes"
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
@@ -510,3 +510,14 @@ def test_sys_temp_when_user_database_unavailable(tmp_path, parser):
         c.cmd("QUIT")
     finally:
         stop_clean(srv)
+
+
+def test_validator_names_from_before_the_auth_package_still_load():
+    """Configurations written when the module was fastpop.oauth keep working."""
+    from fastpop.auth.oauth import command_validator, hmac_validator, load_validator
+
+    assert load_validator("fastpop.oauth:hmac_validator") is hmac_validator
+    assert load_validator("fastpop.oauth:command_validator") is command_validator
+    assert load_validator("hmac") is hmac_validator
+    with pytest.raises(ValueError):
+        load_validator("fastpop.nosuchmodule:validator")

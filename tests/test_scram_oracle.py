@@ -20,11 +20,11 @@ import sys
 import time
 
 import pytest
-from scramp import ScramClient
-
 from conftest import AS_ROOT, PARSERS, ServerProcess
-from fastpop import sasl
+from scramp import ScramClient
 from tls_helpers import Conn, b64, stop_clean, unb64, wait_for_log
+
+from fastpop.auth import sasl
 
 PENALTY = 0.4  # --auth-penalty-initial and -max
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"

@@ -18,12 +18,12 @@ import statistics
 import time
 
 import pytest
-
-from conftest import PARSERS, ServerProcess, message
-from fastpop.limits import ConnectionTable
-from fastpop.penalty import LastLogins, PenaltyBox
-from fastpop.net import Networks, address_key
+from conftest import ServerProcess, message
 from tls_helpers import Conn, b64, stop_clean, unb64
+
+from fastpop.auth.penalty import LastLogins, PenaltyBox
+from fastpop.limits import ConnectionTable
+from fastpop.net import Networks, address_key
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
 

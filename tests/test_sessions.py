@@ -20,11 +20,10 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import conftest
-
+import pytest
 from conftest import ServerProcess, User, mailbox_held, message
+
 from fastpop import __version__
 
 CRLF = b"\r\n"
@@ -524,7 +523,7 @@ def test_user_cli_schemes_and_refusals(tmp_path, monkeypatch, capsys):
     assert list(stored) == ["alice", "bob", "carol"]
     assert stored["bob"] == "{PLAIN}bob pw"
     assert stored["carol"].startswith("{SSHA512}")
-    from fastpop.passwords import verify
+    from fastpop.auth.passwords import verify
 
     assert verify(stored["alice"], "a pass") and not verify(stored["alice"], "a pas")
     assert verify(stored["carol"], "carol")  # the CRLF of the line is not part of it

@@ -46,7 +46,7 @@ def test_leftover_cleanup_ignores_a_file_delivered_meanwhile(tmp_path, monkeypat
     whole cleanup gave up with a WARNING.  Such a file is simply skipped."""
     import logging
 
-    from fastpop import maildir
+    from fastpop.store import maildir
 
     for sub in ("cur", "new", "tmp"):
         (tmp_path / sub).mkdir()

@@ -1,4 +1,4 @@
-"""Unit tests of fastpop/stuffing.py against a plain reference of RFC 1939 output.
+"""Unit tests of fastpop/wire/stuffing.py against a plain reference of RFC 1939 output.
 
 The reference works on whole messages, line by line, and is deliberately
 naive: split on LF, drop a CR that directly precedes an LF, end every line in
@@ -8,6 +8,8 @@ ordinary octet, and double a leading "." on every line.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import tempfile
 from unittest import mock
@@ -16,11 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import importlib
-import importlib.util
-
-from fastpop import stuffing
-from fastpop.stuffing import TopLimiter, pop3_size
+from fastpop.wire import stuffing
+from fastpop.wire.stuffing import TopLimiter, pop3_size
 
 # The transform (DotStuffer, stuff_message, pop3_size_of) may exist twice: a
 # compiled module and its pure-Python twin.  Test every implementation there
@@ -28,12 +27,12 @@ from fastpop.stuffing import TopLimiter, pop3_size
 # (a missing build fails, it is not skipped).
 _PKG_DIR = os.path.dirname(stuffing.__file__)
 IMPLS: dict[str, str] = {}
-if importlib.util.find_spec("fastpop._stuffing_py") is not None:
-    IMPLS["py-stuffing"] = "fastpop._stuffing_py"
+if importlib.util.find_spec("fastpop.wire._stuffing_py") is not None:
+    IMPLS["py-stuffing"] = "fastpop.wire._stuffing_py"
 else:
-    IMPLS["py-stuffing"] = "fastpop.stuffing"
+    IMPLS["py-stuffing"] = "fastpop.wire.stuffing"
 if os.path.exists(os.path.join(_PKG_DIR, "_stuffing.pyx")):
-    IMPLS["c-stuffing"] = "fastpop._stuffing"
+    IMPLS["c-stuffing"] = "fastpop.wire._stuffing"
 IMPL_IDS = list(IMPLS)
 
 
@@ -367,7 +366,7 @@ def test_top_limiter_done_flag():
 
 
 def test_top_render_small_matches_reference():
-    from fastpop.sending import render_small
+    from fastpop.session.sending import render_small
 
     for data in list(TOP_MESSAGES.values()) + [d for d, _ in EXAMPLES.values()]:
         assert render_small(data, None) == ref_stuffed(data)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import AS_ROOT, ServerProcess, message
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -119,7 +118,7 @@ def test_workers_notify_from_the_supervisor(tmp_path, notify):
 
 
 def test_notifier_without_socket_does_nothing():
-    from fastpop.systemd import Notifier
+    from fastpop.serve.systemd import Notifier
 
     n = Notifier({})
     assert not n.enabled and n.watchdog_interval is None and n.ready("x") is False
@@ -130,7 +129,7 @@ def test_notifier_without_socket_does_nothing():
 
 
 def test_listen_fds_parsing():
-    from fastpop.systemd import listen_fds
+    from fastpop.serve.systemd import listen_fds
 
     env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1"}
     assert listen_fds(env) == [] and env == {}  # for another process; removed all the same
@@ -254,7 +253,7 @@ def test_socket_activation_with_workers_shares_the_socket(tmp_path):
 def test_inherited_sockets_are_sorted_by_name():
     """pop3s: implicit TLS; lmtp: left alone; any other name (systemd's default
     is the unit's name): POP3."""
-    from fastpop.systemd import Activated as Sorted
+    from fastpop.serve.systemd import Activated as Sorted
 
     listeners = []
     for _ in range(3):

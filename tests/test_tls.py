@@ -31,7 +31,7 @@ from tls_helpers import (
     wait_for_log,
 )
 
-from fastpop.validation import validate_all
+from fastpop.serve.validation import validate_all
 
 CURL = shutil.which("curl")
 FETCHMAIL = shutil.which("fetchmail")

@@ -1,4 +1,4 @@
-"""User databases (fastpop.userdb): SQLite, PostgreSQL, MariaDB and OpenLDAP
+"""User databases (fastpop.auth.userdb): SQLite, PostgreSQL, MariaDB and OpenLDAP
 (fetching the password, and binding as the user), each a real server started
 by a session fixture (tests/userdb_servers.py), behind a real fastpop, with
 the auth cache in front; plus the pieces on their own (variables, rows, the
@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import itertools
 import os
-import poplib
 import signal
 import smtplib
 import sqlite3
@@ -37,13 +36,13 @@ from userdb_servers import (
     ssha,
 )
 
-from fastpop.auth import Authenticator, AuthUnavailable
-from fastpop.auth_cache import MISSING, AuthCache
+from fastpop.auth.authenticator import Authenticator, AuthUnavailable
+from fastpop.auth.cache import MISSING, AuthCache
+from fastpop.auth.passwd_file import UserRecord
+from fastpop.auth.userdb import UserDB, expand_vars, record_from_row
+from fastpop.auth.userdb_ldap import escape_dn, escape_filter
 from fastpop.config import Config, load_toml
-from fastpop.passwd_file import UserRecord
-from fastpop.userdb import UserDB, expand_vars, record_from_row
-from fastpop.userdb_ldap import escape_dn, escape_filter
-from fastpop.validation import validate_all
+from fastpop.serve.validation import validate_all
 
 SYS_TEMP = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"

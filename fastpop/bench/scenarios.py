@@ -18,8 +18,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastpop.bench.client import (
-    HOLD, L_AUTH, L_DELE, L_GREETING, L_LIST, L_NOOP, L_PASS, L_QUIT, L_RETR, L_STAT, L_STLS,
-    L_TLS, L_UIDL, L_USER, MESSAGE, MULTI, SINGLE, SessionError, auth_plain_line,
+    HOLD,
+    L_AUTH,
+    L_DELE,
+    L_GREETING,
+    L_LIST,
+    L_NOOP,
+    L_PASS,
+    L_QUIT,
+    L_RETR,
+    L_STAT,
+    L_STLS,
+    L_TLS,
+    L_UIDL,
+    L_USER,
+    MESSAGE,
+    MULTI,
+    SINGLE,
+    SessionError,
+    auth_plain_line,
 )
 
 SCENARIOS = ("login", "stat", "download", "download-delete", "retr-large", "idle", "mixed")

@@ -1,0 +1,543 @@
+"""Starting and stopping the server: event loop, listeners, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import itertools
+import logging
+import os
+import pwd
+import random
+import resource
+import signal
+import socket
+from dataclasses import fields
+from typing import Callable
+
+from fastpop import __version__
+from fastpop.auth.authenticator import Authenticator, server_secret
+from fastpop.auth.penalty import LastLogins, SharedFailures
+from fastpop.config import Config
+from fastpop.limits import (
+    ConnectionTable,
+    connections_per_worker,
+)
+from fastpop.net import parse_address
+from fastpop.session.protocol import POP3Protocol
+from fastpop.store.locking import mailbox_locks
+from fastpop.wire.parser import PARSER_IMPL
+
+log = logging.getLogger("fastpop")
+
+
+class ServerContext:
+    """What every session of one server shares."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
+                 connections: ConnectionTable | None = None, last_logins: LastLogins | None = None,
+                 failures: SharedFailures | None = None) -> None:
+        assert config.passwd_file is not None
+        self.config = config
+        self.loop = loop
+        self.auth = Authenticator.from_config(config)
+        self.sessions: set[POP3Protocol] = set()
+        self.connections = connections or connection_table(config)
+        # opened here, before privileges are dropped, once per process (fastpop.store.locking)
+        self.mailbox_locks = mailbox_locks(config.mail_lock, config.mail_lock_table)
+        self._full_logged = 0.0
+        self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
+        self.proxy_servers: list[asyncio.AbstractServer] = []  # PROXY protocol listeners (fastpop.session.proxied)
+        self._counter = itertools.count(1)
+        self._stamp_prefix = f"<{os.getpid()}."
+        self._stamp_suffix = f"@{config.hostname}>"
+        self.capa_transaction = self._capa(authorized=True)
+        self.metrics = None  # a fastpop.session.metered.Counters when metrics are on
+        self._shared_failures = failures  # a worker's: the penalty counts of all workers
+        # made-up SCRAM salts: read before privileges are dropped, kept across SIGHUP
+        self.secret = server_secret(config)
+        self._init_security(config, last_logins)
+
+    def _init_security(self, config: Config, last_logins: LastLogins | None = None) -> None:
+        """TLS, SASL, penalties and limits (fastpop.session.tls, .sasl, .penalty, .oauth)."""
+        from fastpop.auth import sasl
+        from fastpop.auth.penalty import PenaltyBox
+        from fastpop.net import Networks
+
+        self.tls = None
+        if config.tls_cert is not None:
+            from fastpop.session.tls import TLSManager
+
+            self.tls = TLSManager(config)
+        self.trusted = Networks(config.trusted_networks)
+        self.penalty = PenaltyBox(
+            config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
+            per_user=config.auth_penalty_per_user, shared=self._shared_failures,
+        )
+        self.last_logins = last_logins or LastLogins()  # a worker's: shared with the others
+        # APOP only when configured (it needs clear-text passwords and is broken
+        # without TLS): new greetings carry a timestamp, which is what offers it
+        # (RFC 1939 4; RFC 2449 has no APOP capability, so CAPA is the same).
+        self.apop = config.auth_apop
+        self.oauth_validator = None
+        if config.oauth_validator:
+            from fastpop.auth.oauth import load_validator
+
+            self.oauth_validator = load_validator(config.oauth_validator)
+        self.mechanisms = {name: sasl.MECHANISMS[name] for name in config.mechanisms()}
+        # CAPA and the bare AUTH listing in AUTHORIZATION depend on whether
+        # STLS is still to be offered and whether plaintext logins are allowed.
+        self._capa_auth: dict[tuple[bool, bool], bytes] = {}
+        self._auth_lists: dict[bool, bytes] = {}
+        for plaintext_ok in (False, True):
+            names = [n for n, m in self.mechanisms.items() if plaintext_ok or not m.plaintext]
+            self._auth_lists[plaintext_ok] = ("".join(f"{n}\r\n" for n in ["+OK", *names]) + ".\r\n").encode("ascii")
+            for stls in (False, True):
+                self._capa_auth[stls, plaintext_ok] = self._capa(False, stls=stls, plaintext_ok=plaintext_ok, sasl=names)
+        self.capa_authorization = self._capa_auth[self.tls is not None, True]
+
+    def capa_for(self, stls: bool, plaintext_ok: bool) -> bytes:
+        return self._capa_auth[stls and self.tls is not None, plaintext_ok]
+
+    def auth_list(self, plaintext_ok: bool) -> bytes:
+        return self._auth_lists[plaintext_ok]
+
+    def reload(self, config: Config | None = None) -> None:
+        """SIGHUP: apply a re-read configuration (when given) to new logins and
+        connections, re-read the passwd-file and the TLS certificate.  Open
+        sessions keep their login; penalties and connection counts are kept."""
+        old = self.config
+        if config is not None:
+            fixed = [name for name in RESTART_ONLY if getattr(config, name) != getattr(old, name)]
+            if fixed:
+                log.warning("SIGHUP: %s changed; that takes a restart (keeping the old value)", ", ".join(fixed))
+                for name in fixed:
+                    setattr(config, name, getattr(old, name))
+            self.config = config
+            tls, penalty = self.tls, self.penalty
+            self._init_security(config, self.last_logins)  # the logins so far, and the workers' shared rows
+            if tls is not None and self.tls is not None:
+                # Keep the manager the implicit-TLS listeners' SNI callback asks.
+                tls.cert, tls.key, tls.min_version = config.tls_cert, config.tls_key, config.tls_min_version
+                tls.handshake_timeout = config.tls_handshake_timeout
+                self.tls = tls
+            penalty.configure(config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
+                              config.auth_penalty_per_user)
+            self.penalty = penalty  # failure counts survive a reload
+            self.capa_transaction = self._capa(authorized=True)
+            self.connections.per_address = config.max_connections_per_ip
+            self.connections.total = config.max_connections
+        try:
+            self.auth.reload()  # the passwd-file re-read now; SQL/LDAP: the auth cache emptied
+        except (OSError, ValueError) as exc:
+            log.error("SIGHUP: user database not re-read: %s", exc)
+        if self.tls is not None:
+            self.tls.reload()
+        log.info("SIGHUP: configuration, passwd-file%s reloaded", " and certificate" if self.tls else "")
+
+    def log_full(self, reason: str) -> None:
+        """A connection refused for the server's own limits: log at most every 10 s."""
+        now = self.loop.time()
+        if now - self._full_logged >= 10.0:
+            self._full_logged = now
+            log.warning("refusing connections: %d open (%s limit)", self.connections.open_total(),
+                        "max_connections" if reason == "total" else "descriptor")
+
+    def session_class(self, base: type) -> type:
+        """The class of the sessions a listener makes: ``base`` itself, or with
+        metrics on its counting subclass (fastpop.serve.metrics)."""
+        if self.metrics is None:
+            return base
+        from fastpop.session.metered import metered
+
+        return metered(base)
+
+    def new_timestamp(self) -> str:
+        """APOP timestamp, unique per connection: <pid.counter.random@host>."""
+        return f"{self._stamp_prefix}{next(self._counter)}.{random.getrandbits(40):x}{self._stamp_suffix}"
+
+    def _capa(self, authorized: bool, stls: bool = False, plaintext_ok: bool = True,
+              sasl: list[str] | None = None) -> bytes:
+        config = self.config
+        lines = ["+OK Capability list follows", "TOP", "UIDL"]
+        if not authorized:
+            if plaintext_ok:  # as Dovecot: no USER where it would be refused
+                lines.append("USER")
+            if stls:
+                lines.append("STLS")
+            if sasl:
+                lines.append("SASL " + " ".join(sasl))
+        lines += [
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            f"EXPIRE {config.expire.upper()}",
+            f"LOGIN-DELAY {config.login_delay}",
+        ]
+        if not authorized:
+            lines.append("UTF8")
+        lines += [
+            f"IMPLEMENTATION fastpop-{__version__}",
+            ".",
+        ]
+        return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+# Settings a running server cannot change (SIGHUP keeps the old value and says so).
+RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group",
+                "proxy_listen", "proxy_listen_tls",
+                "auth_secret_file",  # read once, before privileges are dropped and workers forked
+                # the user database: LMTP and open pools hold the one built at start
+                "passwd_file", "mail_location", "mail_lock", "mail_lock_table", *(f.name for f in fields(Config)
+                                                 if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
+
+
+def connection_table(config: Config, workers: int = 1) -> ConnectionTable:
+    per_worker = connections_per_worker(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return ConnectionTable(config.max_connections_per_ip, config.max_connections, per_worker, workers)
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    loop = asyncio.new_event_loop()
+    loop.set_exception_handler(_quiet_accept_errors())
+    return loop
+
+
+def _quiet_accept_errors():
+    """asyncio's loop logs a traceback for every failed accept while out of
+    descriptors (thousands a second) and retries after 1 s; keep the retry,
+    log one line every 10 s.  (uvloop's libuv closes what it cannot accept,
+    silently, and goes on.)"""
+    last = [0.0]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if context.get("message", "").startswith("socket.accept() out of system resource"):
+            now = loop.time()
+            if now - last[0] >= 10.0:
+                last[0] = now
+                log.error("accept failed: %s; pausing accepts for 1 s", exc)
+            return
+        if isinstance(exc, ValueError) and "Invalid file descriptor: -1" in str(exc):
+            return  # asyncio's accept retry firing after the listener closed at shutdown
+        loop.default_exception_handler(context)
+
+    return handler
+
+
+async def start(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    tls_sockets: list[socket.socket] | None = None,
+    connections: ConnectionTable | None = None,
+    last_logins: LastLogins | None = None,
+    failures: SharedFailures | None = None,
+) -> tuple[ServerContext, list[asyncio.AbstractServer]]:
+    """Open every listener (or serve the given listening sockets, one per
+    configured address, as a worker does); returns the context and the servers."""
+    loop = asyncio.get_running_loop()
+    ctx = ServerContext(config, loop, connections, last_logins, failures)
+    if config.metrics_listen:  # metrics off: the plain protocol, nothing counted
+        from fastpop.session.metered import Counters
+
+        ctx.metrics = Counters()
+    protocol = ctx.session_class(POP3Protocol)
+    # a worker's sockets (or systemd's): POP3 ones first, then one per proxy address
+    n_proxy = len(config.proxy_listen) + len(config.proxy_listen_tls)
+    pop3_sockets = proxy_sockets = None
+    if sockets is not None:
+        pop3_sockets, proxy_sockets = sockets[:len(sockets) - n_proxy], sockets[len(sockets) - n_proxy:]
+    # Bound now (as root, for ports below 1024), serving only once privileges
+    # are dropped (serve() calls start_serving): no connection is ever served as root.
+    servers = []
+    for where in _where(config.listen, pop3_sockets):
+        server = await loop.create_server(lambda: protocol(ctx), backlog=4096, start_serving=False, **where)
+        servers.append(server)
+    for where in _where(config.listen_tls, tls_sockets):
+        server = await loop.create_server(
+            lambda: protocol(ctx, implicit_tls=True), backlog=4096, start_serving=False,
+            ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
+        )
+        ctx.tls_servers.append(server)
+    if config.proxy_listen or config.proxy_listen_tls:  # a worker's sockets: listen's, then the proxy ones
+
+        ctx.proxy_servers = await start_proxy_listeners(ctx, proxy_sockets)
+    return ctx, servers
+
+
+def _where(addresses: list[str], sockets: list[socket.socket] | None) -> list[dict]:
+    """create_server arguments: the given sockets (a worker's, or systemd's), else the addresses."""
+    if sockets is not None:
+        return [{"sock": sock} for sock in sockets]
+    return [dict(zip(("host", "port"), parse_address(addr)), reuse_address=True) for addr in addresses]
+
+
+def bound_addresses(servers: list[asyncio.AbstractServer]) -> list[str]:
+    out = []
+    for server in servers:
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            out.append(f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}")
+    return out
+
+
+class RefusedAsRoot(Exception):
+    """Started as root with nobody to become: fastpop would touch mail as root."""
+
+
+def refuse_mail_as_root(config: Config) -> None:
+    """Raise RefusedAsRoot when this process would serve mail as root.
+
+    A user who can write their own Maildir decides what its names, links and
+    files are; run as root, every mistake in reading them is a way to read or
+    remove any file of the host (docs/security.md).  Dovecot refuses the same.
+    """
+    if os.geteuid() != 0 or config.user is not None:
+        return
+    if config.allow_mail_as_root:
+        log.warning(
+            "serving mail as root (allow_mail_as_root): safe only where no untrusted user "
+            "can write a Maildir; set [server] user instead (docs/security.md)"
+        )
+        return
+    raise RefusedAsRoot(
+        "refusing to serve mail as root: set [server] user (or --user) to the owner of the "
+        "Maildirs, e.g. vmail, or start fastpop as that user; --allow-mail-as-root "
+        "([server] allow_mail_as_root = true) overrides this where only trusted users can "
+        "write Maildirs (docs/security.md)"
+    )
+
+
+def drop_privileges(user: str | None, group: str | None) -> None:
+    """After binding privileged ports: become ``user`` (and ``group``, else the user's)."""
+    if user is None and group is None:
+        return
+    entry = pwd.getpwnam(user) if user is not None else None
+    gid = grp.getgrnam(group).gr_gid if group is not None else (entry.pw_gid if entry else os.getgid())
+    if os.getuid() != 0:
+        # Already that user (systemd's User=, one config for both ways of starting): nothing to do
+        if (entry is None or entry.pw_uid == os.getuid()) and gid == os.getgid():
+            return
+        raise PermissionError("--user/--group need the server to be started as root")
+    os.setgroups([])
+    os.setgid(gid)
+    if entry is not None:
+        os.setuid(entry.pw_uid)
+
+
+async def serve(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    tls_sockets: list[socket.socket] | None = None,
+    lmtp: bool = True,
+    reload: Callable[[], Config] | None = None,
+    connections: ConnectionTable | None = None,
+    last_logins: LastLogins | None = None,
+    failures: SharedFailures | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
+    ``reload()``'s configuration (the config file read again)."""
+    loop = asyncio.get_running_loop()
+    # systemd (fastpop.serve.systemd) and metrics (fastpop.serve.metrics): a single process
+    # takes systemd's sockets and serves the metrics endpoint itself; a worker
+    # leaves both to its supervisor.
+    from fastpop.serve import systemd
+
+    single = sockets is None
+    notifier = systemd.take_notifier()
+    if single:
+        activated = systemd.activated_sockets()
+        if activated is not None:
+            sockets, tls_sockets = activated.pop3 or None, activated.tls or None
+            if tls_sockets and config.tls_cert is None:
+                raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
+            if sockets is not None:  # the PROXY listeners are never inherited: bound here, after them
+                sockets = sockets + [listening_socket(a) for a in config.proxy_listen + config.proxy_listen_tls]
+    ctx, servers = await start(config, sockets, tls_sockets, connections, last_logins, failures)
+    process_metrics = None
+    if ctx.metrics is not None:
+        from fastpop.serve.metrics import ProcessMetrics
+
+        process_metrics = await ProcessMetrics.start(ctx, loop, serve_http=single)
+    lmtp_service = None
+    if config.lmtp_listen and lmtp:
+        from fastpop.delivery import lmtp
+
+        lmtp_service = await lmtp.start(config, ctx.auth, ctx.connections, lambda: ctx.config)  # counted in max_connections
+    drop_privileges(config.user, config.group)
+    for server in servers + ctx.tls_servers + ctx.proxy_servers:
+        await server.start_serving()
+    if lmtp_service is not None:
+        await lmtp_service.start_serving()
+    signals: asyncio.Queue[int] = asyncio.Queue()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(ctx, reload))
+    if ctx.tls_servers:
+        log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
+    if ctx.proxy_servers:
+
+        log_proxy_listening(ctx)
+    if lmtp_service is not None:
+        log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
+    log.info(
+        "fastpop %s listening on %s (parser: %s, loop: %s, pid %d)",
+        __version__,
+        ", ".join(bound_addresses(servers)),
+        PARSER_IMPL,
+        config.loop,
+        os.getpid(),
+    )
+    listening = f"Listening on {', '.join(bound_addresses(servers))}"
+    notifier.ready(listening)
+    watchdog = systemd.LoopWatchdog(notifier, loop, lambda: f"{listening}; connections: {len(ctx.sessions)}")
+    signum = await signals.get()
+    notifier.stopping(f"Stopping ({signal.Signals(signum).name})")
+    for server in servers + ctx.tls_servers + ctx.proxy_servers:
+        server.close()  # no new connections from here on
+    if lmtp_service is not None:
+        await lmtp_service.close()
+    await drain(ctx, ctx.config.shutdown_timeout, signals, signal.Signals(signum).name)
+    watchdog.close()
+    if process_metrics is not None:
+        process_metrics.close()  # the last counts, then the endpoint
+    await ctx.auth.close()  # the user database's connections
+    log.info("stopped")
+
+
+def _reload(ctx: ServerContext, reload: Callable[[], Config] | None) -> None:
+    try:
+        config = reload() if reload is not None else None
+    except (OSError, ValueError) as exc:
+        log.error("SIGHUP: configuration not reloaded, keeping the running one: %s", exc)
+        config = None  # the passwd-file and certificate are still re-read
+    ctx.reload(config)
+
+
+async def drain(ctx: ServerContext, deadline: float, signals: asyncio.Queue, why: str) -> None:
+    """Graceful stop: sessions not logged in end now; logged-in ones may finish
+    (QUIT applies their deletions) for up to ``deadline`` seconds or until a
+    second signal; then the rest are closed with [SYS/TEMP] and nothing
+    deleted, which releases every mailbox lock."""
+    going_on = sum(session.drain() for session in list(ctx.sessions))
+    if going_on and deadline > 0:
+        log.info("received %s: %d sessions have up to %g s to finish", why, going_on, deadline)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + deadline
+        second = asyncio.ensure_future(signals.get())
+        try:
+            while ctx.sessions and not second.done() and loop.time() < end:
+                await asyncio.wait([second], timeout=min(0.05, max(0.0, end - loop.time())))
+        finally:
+            second.cancel()
+    else:
+        log.info("received %s, shutting down", why)
+    if ctx.sessions:
+        log.info("closing %d sessions that did not finish (nothing deleted)", len(ctx.sessions))
+    for session in list(ctx.sessions):
+        session.shutdown()
+    # Let the closes flush; sessions that do not finish are aborted.
+    for _ in range(50):
+        if not ctx.sessions:
+            break
+        await asyncio.sleep(0.02)
+    for session in list(ctx.sessions):
+        if session.transport is not None:
+            session.transport.abort()
+    await asyncio.sleep(0)
+
+
+def run_worker(
+    config: Config,
+    sockets: list[socket.socket] | None = None,
+    tls_sockets: list[socket.socket] | None = None,
+    lmtp: bool = True,
+    reload: Callable[[], Config] | None = None,
+    connections: ConnectionTable | None = None,
+    last_logins: LastLogins | None = None,
+    failures: SharedFailures | None = None,
+) -> None:
+    loop = new_event_loop(config.loop)
+    try:
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections, last_logins, failures))
+    finally:
+        loop.close()
+
+
+def listening_socket(addr: str, port: int | None = None) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT for ``addr`` (port override for port 0)."""
+    host, addr_port = parse_address(addr)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_proxy_listeners(ctx: ServerContext, sockets: list[socket.socket] | None = None) -> list[asyncio.AbstractServer]:
+    """The listeners of ``[proxy] listen`` and ``[proxy] listen_tls`` (or the
+    given listening sockets, one per address, in that order): fastpop.session.proxied."""
+    from fastpop.session.proxied import (
+        ProxiedPOP3Protocol,
+        ProxySettings,
+        ProxyTLSListener,
+    )
+
+    config = ctx.config
+    settings = ProxySettings(config)
+    servers = []
+    for i, addr in enumerate(config.proxy_listen):
+        if sockets is not None:
+            where = {"sock": sockets[i]}
+        else:
+            host, port = parse_address(addr)
+            where = {"host": host, "port": port, "reuse_address": True}
+        session = ctx.session_class(ProxiedPOP3Protocol)  # metrics on: a counting subclass
+        servers.append(await ctx.loop.create_server(lambda: session(ctx, settings), backlog=4096,
+                                                    start_serving=False, **where))  # (server.serve starts them)
+    for i, addr in enumerate(config.proxy_listen_tls, len(config.proxy_listen)):
+        sock = sockets[i] if sockets is not None else _proxy_listening_socket(addr)
+        servers.append(ProxyTLSListener(ctx, settings, sock))  # type: ignore[arg-type]
+    return servers
+
+
+def _proxy_listening_socket(addr: str) -> socket.socket:
+    host, port = parse_address(addr)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def log_proxy_listening(ctx: ServerContext) -> None:
+    config = ctx.config
+    plain = len(config.proxy_listen)
+    proxies = ", ".join(config.proxy_trusted_networks)
+    if plain:
+        log.info("PROXY protocol listening on %s (proxies: %s)", ", ".join(bound_addresses(ctx.proxy_servers[:plain])), proxies)
+    if ctx.proxy_servers[plain:]:
+        log.info("PROXY protocol listening on %s (implicit TLS; proxies: %s)",
+                 ", ".join(bound_addresses(ctx.proxy_servers[plain:])), proxies)

@@ -1,0 +1,59 @@
+"""Pure-Python twin of ``fastpop.store._index``: LIST and UIDL lines from index
+records (layout in ``fastpop/store/index.py``).  Same results as the compiled one."""
+
+from __future__ import annotations
+
+import struct
+
+_HEADER_SIZE = 64
+_RECORD = struct.Struct("<QQIHHI4x")
+
+
+def format_list(buf, count: int, deleted) -> bytes:
+    """LIST lines ("n size\\r\\n") for every message not marked deleted."""
+    if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
+        raise ValueError("index buffer too short")
+    view = memoryview(buf)[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
+    lines = [b"%d %d\r\n" % (i + 1, rec[0]) for i, rec in enumerate(_RECORD.iter_unpack(view)) if not deleted[i]]
+    return b"".join(lines)
+
+
+def format_uidl(buf, count: int, names_off: int, deleted) -> bytes:
+    """UIDL lines ("n uidl\\r\\n") for every message not marked deleted."""
+    if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
+        raise ValueError("index buffer too short")
+    view = memoryview(buf)
+    lines = []
+    for i, (_, _, name_off, name_len, uidl_len, _) in enumerate(
+        _RECORD.iter_unpack(view[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size])
+    ):
+        start = names_off + name_off + name_len
+        if start + uidl_len > len(buf):
+            raise ValueError("index record points outside the file")
+        if not deleted[i]:
+            lines.append(b"%d %s\r\n" % (i + 1, bytes(view[start : start + uidl_len])))
+    return b"".join(lines)
+
+
+def check_records(buf, count: int, names_off: int) -> int:
+    """Sum of the records' sizes, after checking every record points inside
+    the name table and holds a valid file name and UIDL; ValueError otherwise."""
+    if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or names_off > len(buf):
+        raise ValueError("index buffer too short")
+    total = 0
+    data = bytes(buf)
+    view = memoryview(buf)[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
+    for size, _, name_off, name_len, uidl_len, _ in _RECORD.iter_unpack(view):
+        start = names_off + name_off
+        if start + name_len + uidl_len > len(buf):
+            raise ValueError("index record points outside the name table")
+        if size > 1 << 62:
+            raise ValueError("index record size out of range")
+        name = data[start : start + name_len]
+        if not 0 < name_len <= 255 or name[0] == 0x2E or b"/" in name or b"\0" in name:
+            raise ValueError("index record holds an invalid file name")
+        uidl = data[start + name_len : start + name_len + uidl_len]
+        if not 0 < uidl_len <= 70 or any(c < 0x21 or c > 0x7E for c in uidl):
+            raise ValueError("index record holds an invalid UIDL")
+        total += size
+    return total

@@ -1,0 +1,503 @@
+"""Maildir storage: opening a mailbox at login, message files, deletion.
+
+At login (under the session lock) messages in new/ move to cur/ with
+``:2,`` info, as Dovecot does, and the mailbox index (``fastpop.index``)
+is brought up to date.  When nothing changed — cur/'s mtime is the one the
+index recorded and new/ is empty — that costs a stat, a listdir of the empty
+new/ and the index header: nothing grows with the mailbox.  When something
+changed, cur/ is listed once and only messages the index does not know are
+measured (W= in the name, else the file is read).
+
+UIDLs come from the Maildir unique name, or from Dovecot's dovecot-uidlist
+for messages Dovecot had seen, so clients migrating from Dovecot do not fetch
+everything again.  Nothing is deleted here except by ``delete()``, which the
+protocol calls only in the UPDATE state.
+
+Everything in a Maildir is untrusted (fastpop.store.safefs): it is reached through
+descriptors of the Maildir and its subdirectories, never through a link;
+links, FIFOs and other non-regular entries are skipped with a log line; a
+Maildir or subdirectory that is a link or belongs to another uid than the
+one it is served as is refused (PermissionError/ELOOP: [SYS/PERM]).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import stat
+import time
+
+from fastpop import faults
+from fastpop.store import index as mindex
+from fastpop.store import safefs
+from fastpop.store.index import FLAG_STORED_AS_SENT, Entry, MailboxIndex
+from fastpop.store.safefs import O_MESSAGE, open_nofollow
+from fastpop.wire.stuffing import pop3_size
+
+log = logging.getLogger("fastpop.maildir")
+SUBDIRS = ("cur", "new", "tmp")
+# A directory mtime this recent may still change within the same clock tick
+# unseen; the index does not trust such an mtime (it rescans next time).
+MTIME_SETTLE_NS = 2_000_000_000
+_VSIZE = re.compile(r",W=(\d+)")
+# tmp/ files older than this are a dead delivery's (Maildir specification).
+TMP_MAX_AGE = 36 * 3600
+
+
+# errno values that mean the Maildir is broken or forbidden, not busy: an
+# administrator must act (RFC 3206 [SYS/PERM], as Dovecot answers them).
+_PERMANENT = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """Whether a storage error calls for [SYS/PERM] rather than [SYS/TEMP]."""
+    return isinstance(exc, OSError) and exc.errno in _PERMANENT
+
+
+def ensure_maildir(path: str, owner: int | None = None) -> None:
+    """Create the Maildir (and the operator's directories above it) and its
+    cur/, new/ and tmp/, never through a link.  ``owner``: the uid it is
+    served as, given to what is created when that is not this process's."""
+    created = False
+    try:
+        os.mkdir(path, 0o700)
+        created = True
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+            created = True
+        except FileExistsError:
+            pass
+    fd = safefs.open_nofollow(safefs.canonical_maildir(path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        give = owner is not None and owner >= 0 and owner != os.geteuid()
+        if created and give:
+            os.fchown(fd, owner, -1)
+        for sub in SUBDIRS:
+            try:
+                os.mkdir(sub, 0o700, dir_fd=fd)
+            except FileExistsError:
+                continue
+            if give:
+                os.chown(sub, owner, -1, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def parse_name(name: str) -> tuple[str, int, int]:
+    """'123.M4P5.host,S=100,W=102:2,S' -> (base, S, W); sizes -1 when absent."""
+    base = name.split(":", 1)[0]
+    s = w = -1
+    fields = base.split(",")
+    for f in fields[1:]:
+        if f.startswith("S="):
+            s = _int_or(f[2:], -1)
+        elif f.startswith("W="):
+            w = _int_or(f[2:], -1)
+    return fields[0], s, w
+
+
+def _int_or(text: str, default: int) -> int:
+    return int(text) if text.isdigit() else default
+
+
+def uidl_of(name: str) -> str:
+    """A stable UIDL from the Maildir unique name (RFC 1939: 1-70 chars, 0x21-0x7E)."""
+    unique = name.split(":", 1)[0].split(",", 1)[0]
+    # isprintable() on ASCII is 0x20-0x7E; the space is excluded separately
+    if 0 < len(unique) <= 70 and unique.isascii() and unique.isprintable() and " " not in unique:
+        return unique
+    return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _base(name: str) -> str:
+    return name.split(":", 1)[0]
+
+
+def _delivery_order(name: str) -> tuple[int, str]:
+    head = name.split(".", 1)[0]
+    return (int(head) if head.isdigit() else 0, name)
+
+
+def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int, int, int] | None:
+    """(POP3 size, file size, flags) of cur/name; None if it vanished, is
+    unreadable, is not a regular file or (served as root) not the owner's.
+
+    W= in the name is the CRLF size, but writers (Dovecot among them) do not
+    count the CRLF that RETR adds to a message lacking a final newline, so
+    the last byte is checked; without W= the file is read.
+    """
+    try:
+        fd, st = safefs.open_regular(cur_fd, name)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("skipping message %s/%s: %s", where, name, exc.strerror)
+        return None
+    try:
+        if os.geteuid() == 0 and st.st_uid != owner:  # (root reads anything: the owner decides)
+            log.warning("skipping message %s/%s: owned by uid %d, served as uid %d", where, name, st.st_uid, owner)
+            return None
+        file_size = st.st_size
+        m = _VSIZE.search(name)
+        colon = name.find(":")
+        if m is not None and (colon < 0 or m.start() < colon):  # W= of the name, not of the flags
+            size = int(m.group(1))
+            if size > 0 and os.pread(fd, 1, file_size - 1) != b"\n":
+                size += 2
+        else:
+            size = pop3_size(fd)
+    except OSError as exc:
+        log.warning("skipping unreadable message %s/%s: %s", where, name, exc.strerror)
+        return None
+    finally:
+        os.close(fd)
+    # Equal sizes mean no bare LF and a final CRLF: the file is what RETR sends.
+    return size, file_size, FLAG_STORED_AS_SENT if size == file_size else 0
+
+
+def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, int]]:
+    """(UIDVALIDITY, {base name: UID}) from Dovecot's dovecot-uidlist in the
+    Maildir open as ``dir_fd`` (a regular file, not through a link), or (0, {})."""
+    try:
+        fd, _ = safefs.open_regular(dir_fd, "dovecot-uidlist")
+        with open(fd, encoding="utf-8", errors="surrogateescape") as f:
+            header = f.readline().split()
+            if not header:
+                return 0, {}
+            if header[0] == "3":  # "3 V<uidvalidity> N<next uid> G<guid>"
+                validity = next((int(h[1:]) for h in header[1:] if h.startswith("V") and h[1:].isdigit()), 0)
+            elif header[0] == "1" and len(header) > 1 and header[1].isdigit():  # "1 <uidvalidity> <next uid>"
+                validity = int(header[1])
+            else:
+                return 0, {}
+            uids: dict[str, int] = {}
+            for line in f:
+                line = line.rstrip("\n")
+                head, sep, name = line.partition(":") if header[0] == "3" else line.partition(" ")
+                uid = head.split(" ", 1)[0]
+                if sep and uid.isdigit():
+                    uids[_base(name)] = int(uid)
+            return validity, uids
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def _listing(dir_fd: int, where: str) -> list[str]:
+    """The message names in cur/ or new/: regular files with valid names.
+    Anything else is skipped with a log line and never touched."""
+    names = []
+    skipped = []
+    with os.scandir(dir_fd) as it:
+        for entry in it:
+            name = entry.name
+            if name[0] == ".":
+                continue
+            try:
+                regular = entry.is_file(follow_symlinks=False)
+            except OSError:
+                continue
+            if regular and safefs.valid_name(name):
+                names.append(name)
+            else:
+                skipped.append(name)
+    if skipped:
+        log.warning(
+            "skipping %d entries of %s that are not message files (links, FIFOs, directories, bad names): %s",
+            len(skipped), where, ", ".join(repr(n) for n in skipped[:5]),
+        )
+    return names
+
+
+def current_index(path: str, owner: int) -> MailboxIndex | None:
+    """The index if it is up to date and nothing waits in new/, else None.
+
+    This is the whole cost of a login to an unchanged mailbox: an open of
+    new/ (no link followed: neither the Maildir nor new/ may be one), its
+    listing, a stat of cur/ and of the index file, whatever their size.
+    Raises OSError for a new/ or cur/ that must be refused; the Maildir
+    itself was checked when the index was built (sync_index), and only root
+    can give it to another owner since.
+    """
+    canonical = safefs.canonical_maildir(path)
+    try:
+        new = safefs.open_nofollow(canonical + "/new", os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    try:
+        safefs.check_directory(os.fstat(new), owner, path + "/new")
+        if safefs.has_entries(new):
+            return None
+    finally:
+        os.close(new)
+    try:
+        # (a Maildir swapped for a link since the open above only makes this mtime
+        # differ, or the index unreadable: the full open then refuses it)
+        st = os.stat(canonical + "/cur", follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        return None  # the full open refuses it
+    safefs.check_directory(st, owner, path + "/cur")
+    current = mindex.load(path)
+    if current is not None and current.cur_mtime_ns == st.st_mtime_ns != 0:
+        return current
+    return None
+
+
+def sync_index(path: str, owner: int) -> MailboxIndex:
+    """Move new/ to cur/ and return an index that matches cur/ (see module doc).
+
+    May read many files: the protocol runs it in a thread unless
+    current_index() already answered."""
+    try:
+        fd, owner = safefs.open_maildir(path, owner)
+    except FileNotFoundError:
+        ensure_maildir(path, owner)
+        fd, owner = safefs.open_maildir(path, owner)
+    subs: dict[str, int] = {}
+    try:
+        for sub in SUBDIRS:
+            try:
+                subs[sub] = safefs.open_subdir(fd, sub, owner, path)
+            except FileNotFoundError:
+                os.mkdir(sub, 0o700, dir_fd=fd)
+                subs[sub] = safefs.open_subdir(fd, sub, owner, path)
+        return _sync(path, fd, subs["cur"], subs["new"], subs["tmp"], owner)
+    finally:
+        for sub_fd in subs.values():
+            os.close(sub_fd)
+        os.close(fd)
+
+
+def _sync(path: str, fd: int, cur: int, new: int, tmp: int, owner: int) -> MailboxIndex:
+    arrived = _listing(new, path + "/new")
+    for name in arrived:
+        target = name if ":" in name else name + ":2,"
+        try:
+            os.rename(name, target, src_dir_fd=new, dst_dir_fd=cur)
+        except FileNotFoundError:
+            pass  # moved by another program in the meantime
+        if faults.ACTIVE:
+            faults.hit("sync.after_move")
+    st = os.fstat(cur)
+    current = mindex.load(path, fd)
+    if current is not None and not arrived and current.cur_mtime_ns == st.st_mtime_ns != 0:
+        return current
+    _remove_leftovers(path, fd, tmp)
+    return _rebuild(path, fd, cur, st.st_mtime_ns, current, owner)
+
+
+def _remove_leftovers(path: str, fd: int, tmp: int) -> None:
+    """What writers that died (killed, power lost) left behind: index
+    temporaries (the index is written only under the session lock, which the
+    caller holds, so any is a dead writer's) and tmp/ files older than
+    TMP_MAX_AGE (the Maildir specification's 36 hours, as Dovecot does).
+    unlinkat removes a link itself, never what it points to."""
+    prefix = mindex.INDEX_FILE + ".tmp."
+    try:
+        for name in os.listdir(fd):
+            if name.startswith(prefix):
+                _unlink_leftover(fd, name, path)
+        too_old = time.time() - TMP_MAX_AGE
+        with os.scandir(tmp) as it:
+            for entry in it:
+                try:
+                    stale = entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < too_old
+                except FileNotFoundError:
+                    continue  # a delivery in progress renamed it into new/ meanwhile
+                if stale:
+                    _unlink_leftover(tmp, entry.name, path + "/tmp")
+    except OSError as exc:
+        log.warning("cannot clean up leftovers in %s: %s", path, exc.strerror)
+
+
+def _unlink_leftover(dir_fd: int, name: str, where: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        log.info("removed leftover %s/%s", where, name)
+    except FileNotFoundError:
+        pass
+
+
+def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex | None, owner: int) -> MailboxIndex:
+    """List cur/ and write a new index, reusing what the old one knew."""
+    names = _listing(cur, path + "/cur")
+    # by base name, in the old index's order (dicts keep insertion order)
+    known = {_base(e.name): e for e in old.entries()} if old is not None else {}
+    added: list[str] = []
+    for name in names:
+        entry = known.get(_base(name))
+        if entry is None:
+            added.append(name)
+        else:
+            entry.name = name  # flags may have changed the info suffix
+    present = {_base(n) for n in names}
+    kept = [e for base, e in known.items() if base in present]
+    uidvalidity, dovecot_uids = read_dovecot_uidlist(fd) if added or old is None else (0, {})
+    if old is not None and not uidvalidity:
+        uidvalidity = old.uidvalidity
+    for name in sorted(added, key=_delivery_order):
+        measured = measure(cur, name, owner, path + "/cur")
+        if measured is None:
+            continue
+        size, file_size, flags = measured
+        uid = dovecot_uids.get(_base(name))
+        uidl = f"{uid:08x}{uidvalidity:08x}" if uid is not None else uidl_of(name)
+        kept.append(Entry(name, size, file_size, flags, uidl))
+    trusted = cur_mtime_ns if time.time_ns() - cur_mtime_ns > MTIME_SETTLE_NS else 0
+    try:
+        mindex.write(path, kept, trusted, uidvalidity, fd)
+    except OSError as exc:  # a read-only or full disk must not stop POP3: serve from memory
+        log.warning("cannot write index in %s: %s", path, exc)
+        return MailboxIndex(mindex.encode(kept, 0, uidvalidity))
+    loaded = mindex.load(path, fd)
+    return loaded if loaded is not None else MailboxIndex(mindex.encode(kept, trusted, uidvalidity))
+
+
+class Mailbox:
+    """What one session sees: the index snapshot taken at login.  Numbering
+    is fixed for the session; the index object is shared and never changes.
+
+    It holds no descriptor: message files are opened by their canonical path
+    (fastpop.store.safefs: no link in any component), names checked by the index."""
+
+    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root")
+
+    def __init__(self, path: str, index: MailboxIndex, owner: int) -> None:
+        self.path = path
+        self._cur = safefs.canonical_maildir(path) + "/cur/"
+        self.index = index
+        self._renamed: dict[int, str] | None = None
+        if owner == safefs.ANY_OWNER:  # (as root, for a user without a uid: see safefs.served_uid)
+            owner = os.lstat(self._cur[:-5]).st_uid
+        self.owner = owner
+        self._as_root = os.geteuid() == 0  # (root reads anything: the owner decides)
+
+    @classmethod
+    def open(cls, path: str, owner: int) -> Mailbox:
+        """Bring the index up to date (may be slow) and open the mailbox."""
+        return cls(path, sync_index(path, owner), owner)
+
+    @classmethod
+    def open_current(cls, path: str, owner: int) -> Mailbox | None:
+        """Open the mailbox if its index is up to date (fast), else None."""
+        current = current_index(path, owner)
+        return None if current is None else cls(path, current, owner)
+
+    def __len__(self) -> int:
+        return self.index.count
+
+    @property
+    def total_size(self) -> int:
+        return self.index.total_size
+
+    def size(self, index: int) -> int:
+        return self.index.size(index)
+
+    def uidl(self, index: int) -> str:
+        return self.index.uidl(index)
+
+    def name(self, index: int) -> str:
+        if self._renamed is not None and index in self._renamed:
+            return self._renamed[index]
+        return self.index.name(index)
+
+    def file_path(self, index: int) -> str:
+        return self._cur + self.name(index)
+
+    def message_file(self, index: int) -> tuple[str, int, int]:
+        """(path, POP3 size, file size) of message ``index``, for RETR and TOP."""
+        name, size, file_size = self.index.message(index)
+        if self._renamed is not None and index in self._renamed:
+            name = self._renamed[index]
+        return self._cur + name, size, file_size
+
+    def open_message(self, path: str) -> int:
+        """A descriptor of a message file from message_file()/find_renamed(),
+        opened without following any link and without blocking on a FIFO.
+        Served as root, a file that is not the owner's is refused (EACCES)."""
+        fd = open_nofollow(path, O_MESSAGE)
+        if self._as_root:
+            try:
+                st = os.fstat(fd)
+                if st.st_uid != self.owner:
+                    raise PermissionError(errno.EACCES, f"owned by uid {st.st_uid}, served as uid {self.owner}", path)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def _open_cur(self) -> int:
+        return safefs.open_nofollow(self._cur, os.O_RDONLY | os.O_DIRECTORY)
+
+    def find_renamed(self, index: int) -> str | None:
+        """Path of message ``index`` if another program (an IMAP server setting
+        flags) renamed it since login: same unique name, other info suffix."""
+        base = _base(self.name(index))
+        prefix = base + ":"
+        try:
+            cur = self._open_cur()
+            try:
+                names = _listing(cur, self._cur)
+            finally:
+                os.close(cur)
+        except OSError:
+            return None
+        for name in names:
+            if name == base or name.startswith(prefix):
+                if self._renamed is None:
+                    self._renamed = {}
+                self._renamed[index] = name
+                return self._cur + name
+        return None
+
+    def delete(self, indices: list[int]) -> int:
+        """Unlink these messages; returns how many could not be removed.
+        unlinkat in cur/'s descriptor: a name never reaches outside cur/."""
+        try:
+            cur = self._open_cur()
+        except FileNotFoundError:
+            return 0  # the whole Maildir was removed by another program
+        except OSError as exc:
+            log.error("cannot delete messages in %s: %s", self._cur, exc.strerror)
+            return len(indices)
+        try:
+            return self._delete(cur, indices)
+        finally:
+            os.close(cur)
+
+    def _delete(self, cur: int, indices: list[int]) -> int:
+        failed = 0
+        for i in indices:
+            if faults.ACTIVE:
+                faults.hit("update.before_unlink")
+            name = self.name(i)
+            try:
+                os.unlink(name, dir_fd=cur)
+            except FileNotFoundError:
+                renamed = self.find_renamed(i)
+                if renamed is not None:
+                    try:
+                        os.unlink(self.name(i), dir_fd=cur)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        failed += 1
+                        log.error("cannot delete message %s: %s", renamed, exc.strerror)
+                # else: already removed by another program
+            except OSError as exc:
+                failed += 1
+                log.error("cannot delete message %s%s: %s", self._cur, name, exc.strerror)
+            if faults.ACTIVE:
+                faults.hit("update.after_unlink")
+        try:
+            os.fsync(cur)
+        except OSError as exc:  # the unlinks happened; only their durability is in doubt
+            log.warning("cannot fsync %s after deletions: %s", self._cur, exc)
+        return failed

@@ -1,0 +1,123 @@
+"""The RFC 1939 transform of a stored message into what RETR/TOP send.
+
+``DotStuffer``, ``stuff_message`` and ``pop3_size_of`` come from the compiled
+``fastpop.wire._stuffing`` unless it is missing or ``FASTPOP_NO_EXTENSIONS`` is
+set, else from the pure-Python twin.  This module adds what works on their
+output or on files: TOP's cut, and ``pop3_size`` of a file, the size RETR
+sends before stuffing, which STAT and LIST must report.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+from fastpop.wire import _stuffing_py
+
+STUFFING_IMPL: str
+if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+    from fastpop.wire._stuffing_py import (
+        DotStuffer,
+        line_dots,
+        pop3_size_of,
+        stuff_message,
+    )
+
+    STUFFING_IMPL = "python"
+else:
+    try:
+        from fastpop.wire._stuffing import (  # type: ignore[assignment]
+            DotStuffer,
+            line_dots,
+            pop3_size_of,
+            stuff_message,
+        )
+
+        STUFFING_IMPL = "cython"
+    except ImportError:
+        from fastpop.wire._stuffing_py import (
+            DotStuffer,
+            line_dots,
+            pop3_size_of,
+            stuff_message,
+        )
+
+        STUFFING_IMPL = "python"
+
+__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "line_dots", "pop3_size", "pop3_size_of", "stuff_message"]
+_ = _stuffing_py  # the twin is always importable, for tests and benchmarks
+
+CHUNK = 256 * 1024
+
+
+class TopLimiter:
+    """Cuts transformed output after the header and ``lines`` body lines.
+
+    It works on DotStuffer output, which never ends a chunk between CR and
+    LF, so an empty line can only straddle chunks as a leading CRLF.
+    """
+
+    __slots__ = ("_in_headers", "_left", "_line_start", "done")
+
+    def __init__(self, lines: int) -> None:
+        self._in_headers = True
+        self._left = lines
+        self._line_start = True
+        self.done = False
+
+    def feed(self, out: bytes) -> bytes:
+        if self.done or not out:
+            return b""
+        start = 0
+        if self._in_headers:
+            if self._line_start and out.startswith(b"\r\n"):
+                start = 2
+            else:
+                idx = out.find(b"\r\n\r\n")
+                if idx < 0:
+                    self._line_start = out[-1] == 10
+                    return out
+                start = idx + 4
+            self._in_headers = False
+        left = self._left
+        newlines = out.count(b"\n", start)
+        if newlines < left:
+            self._left = left - newlines
+            self._line_start = out[-1] == 10
+            return out
+        pos = start
+        for _ in range(left):
+            pos = out.index(b"\n", pos) + 1
+        self.done = True
+        self._line_start = True
+        return out[:pos]
+
+
+def pop3_size(file: str | int) -> int:
+    """pop3_size_of() for a file, read in bounded chunks: a path, or an open
+    descriptor (read with pread: its offset is left where it was)."""
+    total = bare_lf = 0
+    prev_cr = False
+    last = -1
+    for chunk in _chunks(file):
+        total += len(chunk)
+        bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
+        if prev_cr and chunk[0] == 10:
+            bare_lf -= 1
+        prev_cr = chunk[-1] == 13
+        last = chunk[-1]
+    if total == 0:
+        return 0
+    return total + bare_lf + (0 if last == 10 else 2)
+
+
+def _chunks(file: str | int) -> Iterator[bytes]:
+    if isinstance(file, int):
+        offset = 0
+        while chunk := os.pread(file, CHUNK, offset):
+            offset += len(chunk)
+            yield chunk
+        return
+    with open(file, "rb") as f:
+        while chunk := f.read(CHUNK):
+            yield chunk
