@@ -12,21 +12,13 @@ uses the plain ``POP3Protocol`` and never imports this module.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
 from typing import Callable
 
-from fastpop.session.protocol import (
-    _AUTHORIZATION_TABLE,
-    _TRANSACTION_TABLE,
-    BUSY_AUTH,
-    BUSY_SENDING,
-    BUSY_TLS,
-    CLOSED,
-    POP3Protocol,
-    _login_delay,
-)
-from fastpop.wire import responses as R
+from fastpop.session.protocol import POP3Protocol
+from fastpop.session.state import BUSY_AUTH, BUSY_SENDING, BUSY_TLS, CLOSED
 from fastpop.wire.commands import NUM_CODES, Command
 
 # Upper bounds (seconds) of the latency buckets; a last bucket takes the rest.
@@ -39,17 +31,6 @@ COMMAND_NAMES = tuple(Command(code).name for code in range(NUM_CODES))
 
 # A command still "runs" while one of these is set: the reply is not complete.
 _WAITING = BUSY_AUTH | BUSY_SENDING | BUSY_TLS
-
-# How a refused login is counted (the reason label), by the reply it got.
-_FAILURE_KINDS = {
-    R.ERR_AUTH_FAILED: "credentials",
-    R.ERR_IN_USE: "in_use",
-    R.ERR_MAILBOX_TEMP: "mailbox",
-    R.ERR_MAILBOX_PERM: "mailbox",
-    R.ERR_AUTH_UNAVAILABLE: "unavailable",
-    R.ERR_LOGIN_DELAY: "login_delay",
-}
-
 
 class Counters:
     """One process's counts since the last flush: plain ints, lists and dicts."""
@@ -119,8 +100,8 @@ def _metered_table(table: tuple[Callable, ...]) -> tuple[Callable, ...]:
     return tuple(_metered(code, handler) for code, handler in enumerate(table))
 
 
-_METERED_AUTHORIZATION = _metered_table(_AUTHORIZATION_TABLE)
-_METERED_TRANSACTION = _metered_table(_TRANSACTION_TABLE)
+_METERED_AUTHORIZATION = _metered_table(POP3Protocol._authorization_table)
+_METERED_TRANSACTION = _metered_table(POP3Protocol._transaction_table)
 
 
 def metered_class(base: type) -> type:
@@ -132,19 +113,22 @@ def metered_class(base: type) -> type:
 
         __slots__ = ("_metrics", "_command", "_command_start", "_mechanism")
 
+        # Commands counted and timed by the tables' entries (_metered).
+        _authorization_table = _METERED_AUTHORIZATION
+        _transaction_table = _METERED_TRANSACTION
+
         # No __init__ of its own (a call less per connection): the fields are set
         # in connection_made, before any of them is read.
 
-        def connection_made(self, transport) -> None:
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self._metrics = counters = self._ctx.metrics
             self._command = -1  # the code of a command whose reply is not complete yet
             self._mechanism = "-"
-            self._table = _METERED_AUTHORIZATION
             counters.connections += 1
             counters.open += 1
             super().connection_made(transport)
 
-        def connection_lost(self, exc) -> None:
+        def connection_lost(self, exc: Exception | None) -> None:
             if self._state == CLOSED:
                 return super().connection_lost(exc)
             counters = self._metrics
@@ -169,42 +153,15 @@ def metered_class(base: type) -> type:
             self._metrics.message_bytes[0 if is_top else 1] += size
             super()._count_sent(is_top, size)
 
-        # logins and their failures
+        def _on_logged_in(self) -> None:
+            counters = self._metrics
+            counters.logins[self._mechanism] = counters.logins.get(self._mechanism, 0) + 1
+            counters.logged_in += 1
 
-        def _failed(self, kind: str) -> None:
+        def _on_login_refused(self, kind: str) -> None:
             key = (self._mechanism, kind)
             failures = self._metrics.failures
             failures[key] = failures.get(key, 0) + 1
-
-        def _auth_failed(self, reply: bytes, name, credentials, penalize: bool, reason: str) -> None:
-            self._failed(_FAILURE_KINDS.get(reply, "credentials") if penalize else "malformed")
-            super()._auth_failed(reply, name, credentials, penalize, reason)
-
-        def _auth_resume(self) -> None:
-            if self._auth is None and self._out and self._out[-1] is R.ERR_AUTH_UNAVAILABLE:
-                self._failed("unavailable")
-            super()._auth_resume()
-
-        def _login_succeeded(self, user) -> None:
-            ctx = self._ctx
-            last = ctx.last_logins
-            # (LastLogins holds only users with a LOGIN-DELAY: usually nobody, then nothing to ask)
-            if last.active() and last.too_soon(user.name, _login_delay(user, ctx.config.login_delay)):
-                self._failed("login_delay")
-            super()._login_succeeded(user)
-
-        def _finish_login(self, reply: bytes) -> None:
-            if reply is R.OK_LOGGED_IN:
-                logins = self._metrics.logins
-                logins[self._mechanism] = logins.get(self._mechanism, 0) + 1
-                self._metrics.logged_in += 1
-            else:
-                self._failed(_FAILURE_KINDS.get(reply, "other"))
-            super()._finish_login(reply)
-
-        def _enter_transaction(self, user, lock, mailbox) -> None:
-            super()._enter_transaction(user, lock, mailbox)
-            self._table = _METERED_TRANSACTION
 
     Metered.__name__ = Metered.__qualname__ = f"Metered{base.__name__}"
     return Metered

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 from fastpop.config import Config
 from fastpop.net import Networks
-from fastpop.session.protocol import BUSY_CLOSING, POP3Protocol
+from fastpop.session.protocol import POP3Protocol
+from fastpop.session.state import BUSY_CLOSING
 from fastpop.wire.proxy_protocol import (
     MAX_V2_HEADER,
     ProxyHeader,

@@ -1,0 +1,162 @@
+"""RETR and TOP: finding the message file, checking it is what was indexed,
+and choosing how it goes out (one write for a small message, sendfile(2),
+or a streamed transform: fastpop.session.sending).
+
+``Retrieval`` is a part of ``POP3Protocol`` (fastpop.session.protocol): it
+holds no state of its own; the session's slots do.  ``_count_sent`` is a
+hook (the counting session adds the bytes to its metrics).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from stat import S_ISREG
+
+from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small
+from fastpop.session.state import BUSY_SENDING
+from fastpop.store.maildir import is_permanent
+from fastpop.wire import responses as R
+from fastpop.wire.stuffing import pop3_size, pop3_size_of
+
+log = logging.getLogger("fastpop.session")
+
+MAX_TOP_LINES = 2**31 - 1
+
+
+class Retrieval:
+    """The TRANSACTION state's RETR and TOP (a part of POP3Protocol)."""
+
+    __slots__ = ()
+
+    def cmd_retr(self, args: tuple[str, ...]) -> None:
+        if len(args) != 1:
+            return self._bad(R.ERR_ARGS)
+        i = self._message_index(args[0])
+        if i >= 0:
+            self._send_message(i, None)
+
+    def cmd_top(self, args: tuple[str, ...]) -> None:
+        if len(args) != 2:
+            return self._bad(R.ERR_ARGS)
+        i = self._message_index(args[0])
+        if i < 0:
+            return
+        lines = args[1]
+        if not (lines.isascii() and lines.isdigit()):
+            self._out.append(R.ERR_BAD_LINES)
+            return
+        self._send_message(i, min(int(lines), MAX_TOP_LINES))
+
+    def _send_message(self, index: int, top_lines: int | None) -> None:
+        mailbox = self._mailbox
+        assert mailbox is not None
+        path, pop3_size, size = mailbox.message_file(index)
+        try:
+            try:
+                fd = mailbox.open_message(path)
+            except FileNotFoundError:
+                renamed = mailbox.find_renamed(index)
+                if renamed is None:
+                    log.warning("message vanished user=%s file=%s", self._user.name, path)
+                    self._out.append(R.ERR_MESSAGE_GONE)
+                    return
+                fd = mailbox.open_message(renamed)
+                path = renamed
+        except OSError as exc:
+            return self._unreadable("open", path, exc)
+        indexed_size = size
+        try:
+            # The index knows the file's size: a small message is one read,
+            # no fstat.  A file whose size is not what was indexed (changed
+            # since, which Maildir files never should) is judged as it is now.
+            small = size <= SMALL_MESSAGE
+            if small:
+                data = os.read(fd, size + 1)  # +1: see a file that grew
+            if not small or len(data) != size:
+                st = os.fstat(fd)
+                if not S_ISREG(st.st_mode):  # a FIFO or directory put in its place since
+                    raise OSError(errno.EINVAL, "not a regular file", path)
+                size = st.st_size
+                small = size <= SMALL_MESSAGE
+                os.lseek(fd, 0, os.SEEK_SET)
+                if small:
+                    data = os.read(fd, size + 1)  # +1: read to EOF even if the file grew
+        except OSError as exc:
+            os.close(fd)
+            return self._unreadable("read", path, exc)
+        if top_lines is None and (small and len(data) != indexed_size or not small and size != indexed_size):
+            # Sent as it is now, so the octet count must be of what is sent, not LIST's
+            pop3_size = self._changed_size(fd, path, data if small else None, indexed_size, size)
+            if pop3_size < 0:
+                return
+        status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % pop3_size
+        if small:
+            os.close(fd)
+            body = render_small(data, top_lines)
+            self._out += (status, body, R.END)
+            self._out_size += len(body)
+            self._count_sent(top_lines is not None, len(body))  # (metrics override it)
+            return
+        try:
+            stream = open_stream(
+                self, fd, size, top_lines, size == pop3_size and self._can_sendfile()
+            )
+        except (OSError, ValueError) as exc:
+            os.close(fd)
+            return self._unreadable("read", path, exc)
+        self._out.append(status)
+        self._flush()
+        self._stream = stream
+        self._stream_is_top = top_lines is not None
+        self._busy |= BUSY_SENDING
+        stream.pump()
+
+    def _changed_size(self, fd: int, path: str, data: bytes | None, indexed_size: int, size: int) -> int:
+        """The RETR size of a message file whose size is no longer the indexed one; -1 (fd
+        closed, -ERR queued) if it cannot be read."""
+        try:
+            sent = pop3_size_of(data) if data is not None else pop3_size(fd)  # (the file being sent)
+        except OSError as exc:
+            os.close(fd)
+            self._unreadable("read", path, exc)
+            return -1
+        log.warning("message changed since it was indexed user=%s file=%s indexed_size=%d size=%d",
+                    self._user.name, path, indexed_size, size)
+        return sent
+
+    def _unreadable(self, what: str, path: str, exc: Exception) -> None:
+        """A message that cannot be opened or read: logged, and [SYS/PERM] when only an
+        administrator can mend it (permissions), as at login; else [SYS/TEMP]."""
+        log.error("cannot %s message user=%s file=%s: %s", what, self._user.name, path, exc)
+        self._out.append(R.ERR_MESSAGE_PERM if is_permanent(exc) else R.ERR_MESSAGE_TEMP)
+
+    def _can_sendfile(self) -> bool:
+        """sendfile(2) needs the plain socket: not through TLS, not when disabled."""
+        transport = self.transport
+        return (
+            self._ctx.config.sendfile
+            and transport is not None
+            and transport.get_extra_info("sslcontext") is None
+            and transport.get_extra_info("socket") is not None
+        )
+
+    def _count_sent(self, is_top: bool, size: int) -> None:
+        counts = self._counts
+        base = 0 if is_top else 2
+        counts[base] += 1
+        counts[base + 1] += size
+
+    def stream_done(self, sent: int) -> None:
+        """Called by MessageStream when the last byte has been queued."""
+        self._stream = None
+        self._count_sent(self._stream_is_top, sent)
+        self._unbusy(BUSY_SENDING)
+
+    def abort_stream(self) -> None:
+        """Called by MessageStream when it cannot finish: the session cannot go on."""
+        self._stream = None
+        self._end_reason = "read error"
+        if self.transport is not None:
+            self.transport.abort()
