@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastpop.auth import sasl
 from fastpop.auth.authenticator import valid_username
 from fastpop.errors import AuthUnavailable
-from fastpop.session.state import BUSY_AUTH, BUSY_CLOSING, TRANSACTION
+from fastpop.session.state import BUSY_AUTH, BUSY_CLOSING, TRANSACTION, SessionParts
 from fastpop.store.locking import MailboxLock, MailboxLocked, TableLock
 from fastpop.store.maildir import Mailbox, ensure_maildir, is_permanent
 from fastpop.store.safefs import served_uid
@@ -25,10 +25,11 @@ from fastpop.wire import responses as R
 log = logging.getLogger("fastpop.session")
 
 
-class Login:
+class Login(SessionParts):
     """The AUTHORIZATION state's login commands (a part of POP3Protocol)."""
 
-    __slots__ = ()
+    if not TYPE_CHECKING:  # slots at run time (no __dict__ per session); the checker reads the declarations
+        __slots__ = ()
 
     def cmd_user(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:

@@ -107,7 +107,10 @@ class POP3Protocol(Login, Retrieval, asyncio.Protocol):
         "_deleted_size",
         "_stream",
         "_stream_is_top",
-        "_counts",
+        "_top_count",
+        "_top_bytes",
+        "_retr_count",
+        "_retr_bytes",
         "_end_reason",
         # TLS, SASL and defences
         "_implicit_tls",
@@ -149,8 +152,8 @@ class POP3Protocol(Login, Retrieval, asyncio.Protocol):
         self._deleted_size = 0
         self._stream: MessageStream | SendfileStream | None = None
         self._stream_is_top = False
-        # top count, top bytes, retr count, retr bytes
-        self._counts = [0, 0, 0, 0]
+        self._top_count = self._top_bytes = 0  # bodies sent, for the session's log line
+        self._retr_count = self._retr_bytes = 0
         self._end_reason = "disconnected"
         self._implicit_tls = implicit_tls
         self._secure = False  # TLS is up
@@ -556,16 +559,15 @@ class POP3Protocol(Login, Retrieval, asyncio.Protocol):
             return
         if not log.isEnabledFor(logging.INFO):
             return
-        top_n, top_b, retr_n, retr_b = self._counts
         applied = self._state == UPDATE
         log.info(
             "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
             self._user.name,
             self._peer,
-            top_n,
-            top_b,
-            retr_n,
-            retr_b,
+            self._top_count,
+            self._top_bytes,
+            self._retr_count,
+            self._retr_bytes,
             self._deleted_count if applied else 0,
             self._deleted_size if applied else 0,
             self._mailbox.total_size if self._mailbox is not None else 0,

@@ -13,9 +13,10 @@ import errno
 import logging
 import os
 from stat import S_ISREG
+from typing import TYPE_CHECKING
 
 from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small
-from fastpop.session.state import BUSY_SENDING
+from fastpop.session.state import BUSY_SENDING, SessionParts
 from fastpop.store.maildir import is_permanent
 from fastpop.wire import responses as R
 from fastpop.wire.stuffing import pop3_size, pop3_size_of
@@ -25,10 +26,11 @@ log = logging.getLogger("fastpop.session")
 MAX_TOP_LINES = 2**31 - 1
 
 
-class Retrieval:
+class Retrieval(SessionParts):
     """The TRANSACTION state's RETR and TOP (a part of POP3Protocol)."""
 
-    __slots__ = ()
+    if not TYPE_CHECKING:  # slots at run time (no __dict__ per session); the checker reads the declarations
+        __slots__ = ()
 
     def cmd_retr(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:
@@ -143,10 +145,12 @@ class Retrieval:
         )
 
     def _count_sent(self, is_top: bool, size: int) -> None:
-        counts = self._counts
-        base = 0 if is_top else 2
-        counts[base] += 1
-        counts[base + 1] += size
+        if is_top:
+            self._top_count += 1
+            self._top_bytes += size
+        else:
+            self._retr_count += 1
+            self._retr_bytes += size
 
     def stream_done(self, sent: int) -> None:
         """Called by MessageStream when the last byte has been queued."""
