@@ -24,12 +24,8 @@ from pathlib import Path
 
 from fastpop.bench import procstat
 from fastpop.bench.spawn import SeedSpec, SizeDistribution, SpawnedServer, deliver, seed
+from fastpop.store import _index as _index_c
 from fastpop.store import _index_py, index
-
-try:
-    from fastpop.store import _index as _index_c
-except ImportError:  # pragma: no cover
-    _index_c = None
 
 
 class Client:
@@ -124,8 +120,6 @@ def formatting_rates(maildir: Path) -> dict[str, float]:
     deleted = bytearray(loaded.count)
     rates = {}
     for name, mod in (("compiled", _index_c), ("python", _index_py)):
-        if mod is None:
-            continue
         for what, fn in (("LIST", lambda m=mod: m.format_list(loaded.buf, loaded.count, deleted)),
                          ("UIDL", lambda m=mod: m.format_uidl(loaded.buf, loaded.count, loaded.names_off, deleted))):
             t0 = time.perf_counter()

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-from fastpop.wire import _parser_py
+from fastpop.wire import (
+    _parser,  # compiled: the benchmarks compare it with its twin
+    _parser_py,
+)
 from fastpop.wire.stuffing import stuff_message
 
-try:
-    from fastpop.wire import _parser
-except ImportError:  # pragma: no cover - the extension is part of every build
-    _parser = None
-
-IMPLS = {"c-parser": getattr(_parser, "CommandParser", None), "py-parser": _parser_py.CommandParser}
+IMPLS = {"c-parser": _parser.CommandParser, "py-parser": _parser_py.CommandParser}
 
 # A download session as a pipelining client (mpop) sends it, 20 messages.
 PIPELINED = (
@@ -83,11 +81,7 @@ def test_stuff_message(benchmark, size, dots):
 # LIST and UIDL listings, formatted from the mailbox index (fastpop/store/index.py),
 # compiled (fastpop.store._index) against its pure-Python twin (fastpop.store._index_py).
 
-try:
-    from fastpop.store import _index
-except ImportError:  # pragma: no cover - the extension is part of every build
-    _index = None
-from fastpop.store import _index_py
+from fastpop.store import _index, _index_py
 
 FORMATTERS = {"c-index": _index, "py-index": _index_py}
 

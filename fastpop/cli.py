@@ -21,14 +21,29 @@ SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery
 
 
 def _version() -> str:
-    from fastpop.wire.parser import PARSER_IMPL
+    """The version and, for each compiled module, whether it or its Python twin is used."""
+    from fastpop import _compiled
 
-    return f"fastpop {__version__} (parser: {PARSER_IMPL})"
+    choices = ", ".join(f"{name}: {impl}" for name, impl in _compiled.implementations().items())
+    return f"fastpop {__version__} ({choices})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, printed as is (argparse's own wraps it) and computed only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and which compiled modules are used, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(_version())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastpop", description="A fast, correct POP3 server.")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the POP3 server")

@@ -32,7 +32,7 @@ with atheris.instrument_imports():
     from fastpop.wire import _parser_py
     from fastpop.wire.commands import NUM_CODES, REST_OF_LINE
 
-from fastpop import _parser as _parser_c  # compiled: must exist
+from fastpop.wire import _parser as _parser_c  # compiled: must exist
 
 TWINS = (_parser_c.CommandParser, _parser_py.CommandParser)
 

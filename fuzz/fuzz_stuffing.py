@@ -31,7 +31,7 @@ with atheris.instrument_imports():
     from fastpop.wire import _stuffing_py
     from fastpop.wire.stuffing import TopLimiter
 
-from fastpop import _stuffing as _stuffing_c  # compiled: must exist
+from fastpop.wire import _stuffing as _stuffing_c  # compiled: must exist
 
 TWINS = (_stuffing_c, _stuffing_py)
 

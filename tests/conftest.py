@@ -7,6 +7,7 @@ with ``server.add_user`` so tests do not share mailboxes.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import poplib
@@ -20,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-PARSERS = {"c-parser": "cython", "py-parser": "python"}
+from fastpop import _compiled
+
+# FASTPOP_NO_EXTENSIONS=1 pytest: the pure-Python twins only (servers run the
+# Python parser, the ``twin`` fixture skips its compiled case).  Without it a
+# compiled module that is not built fails the tests that need it.
+NO_EXTENSIONS = _compiled.NO_EXTENSIONS
+PARSERS = {"py-parser": "python"} if NO_EXTENSIONS else {"c-parser": "cython", "py-parser": "python"}
 # Run as root (CI is), fastpop refuses to touch mail as root unless told to; the tests'
 # own Maildirs, which only root writes, are served so (tests/test_hostile_maildir.py
 # attacks this and the dropped configuration).
@@ -62,10 +69,41 @@ def message(subject: str = "test", body: str = "Hello.\r\n", size: int | None = 
     return text
 
 
+@pytest.fixture(params=["compiled", "python"])
+def twin(request):
+    """``twin("fastpop.wire._parser")``: the compiled module, then (second
+    run of the test) its pure-Python twin, for any pair in fastpop._compiled.
+    A compiled module that is not built fails the test, unless
+    FASTPOP_NO_EXTENSIONS is set: then the compiled run is skipped."""
+
+    def get(compiled: str):
+        if request.param == "python":
+            return importlib.import_module(_compiled.TWINS[compiled])
+        if NO_EXTENSIONS:
+            pytest.skip("FASTPOP_NO_EXTENSIONS: the pure-Python twins only")
+        return importlib.import_module(compiled)
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def twin_pair():
+    """``twin_pair("fastpop.wire._parser")``: the compiled module and its twin,
+    for tests that compare the two on the same input.  As ``twin``: a compiled
+    module that is not built fails the test; FASTPOP_NO_EXTENSIONS skips it."""
+
+    def get(compiled: str):
+        if NO_EXTENSIONS:
+            pytest.skip("FASTPOP_NO_EXTENSIONS: the pure-Python twins only")
+        return importlib.import_module(compiled), importlib.import_module(_compiled.TWINS[compiled])
+
+    return get
+
+
 class ServerProcess:
     def __init__(self, root: Path, parser: str, loop: str = "uvloop", extra_args: list[str] | None = None):
         self.root = root
-        self.parser = parser
+        self.parser = "python" if NO_EXTENSIONS else parser
         self.loop = loop
         self.passwd = root / "passwd"
         self.mail = root / "mail"

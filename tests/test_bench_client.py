@@ -18,18 +18,12 @@ from fastpop.bench import client as C
 from fastpop.bench import scenarios as S
 from fastpop.bench.load import LoadSpec, Worker, new_loop
 
-try:
-    from fastpop.bench import _wire
-except ImportError:  # not built, or built with FASTPOP_NO_EXTENSIONS
-    _wire = None
 
-
-@pytest.fixture(params=["compiled", "python"], autouse=True)
-def wire(request, monkeypatch):
-    """Every test runs with the compiled in-place RETR check and with its Python twin."""
-    impl = _wire if request.param == "compiled" else _wire_py
-    if impl is None:
-        pytest.skip("fastpop.bench._wire is not built")
+@pytest.fixture(autouse=True)
+def wire(twin, monkeypatch):
+    """Every test runs with the compiled in-place RETR check and with its Python twin
+    (conftest's ``twin``: the compiled one not built fails, unless FASTPOP_NO_EXTENSIONS)."""
+    impl = twin("fastpop.bench._wire")
     for name in ("whole_retr", "verify_whole", "announced_size"):
         monkeypatch.setattr(C, name, getattr(impl, name))
     return impl
@@ -346,17 +340,16 @@ def _variants(msg: bytes) -> list[bytes]:
     return out
 
 
-@pytest.mark.skipif(_wire is None, reason="fastpop.bench._wire is not built")
-def test_compiled_check_is_its_twin_and_never_kinder_than_the_reader():
+def test_check_is_the_twins_and_never_kinder_than_the_reader(wire):
     msgs = _messages(4, seed=6) + [b"Subject: no checksum\r\n\r\nbody\r\n.dot\r\n"]
     cases = [v for m in msgs for v in _variants(m)]
     accepted = 0
     for data in cases:
-        got = _wire.whole_retr(data)
+        got = wire.whole_retr(data)
         assert got == _wire_py.whole_retr(data), data[:80]
         i = data.find(b"\r\n")
         if i >= 0:
-            assert _wire.announced_size(data[:i]) == _wire_py.announced_size(data[:i]), data[:i]
+            assert wire.announced_size(data[:i]) == _wire_py.announced_size(data[:i]), data[:i]
         if got >= 0:  # accepted: the reader agrees, to the octet
             accepted += 1
             reader = C.MessageReader()

@@ -1,14 +1,19 @@
-"""The trivial responder (``fastpop bench trivial-server``), both engines.
+"""The trivial responder (``fastpop bench trivial-server``), every engine.
 
 It is the load generator's yardstick and the liar of the integrity tests, so
-its two engines (the compiled epoll loop and the asyncio twin) must answer
-byte for byte alike, over one connection or many, to pipelined or dribbled
-commands, and to a client too slow to take a large reply at once.
+its engines (the compiled epoll loop, its pure-Python twin, and the asyncio
+engine) must answer byte for byte alike, over one connection or many, to
+pipelined or dribbled commands, and to a client too slow to take a large
+reply at once.  The epoll twins must also agree where the asyncio engine
+differs: one command answered at a time, and a pause in accepting when out
+of descriptors.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -17,49 +22,80 @@ import threading
 import time
 
 import pytest
+from conftest import NO_EXTENSIONS
 
 from fastpop.bench import trivial
 
-ENGINES = ["compiled", "asyncio"]
+# engine -> (--engine, the startup line's name, FASTPOP_NO_EXTENSIONS in the server's environment)
+ENGINE_RUNS = {
+    "compiled": ("compiled", "compiled", False),
+    "python-epoll": ("compiled", "python epoll", True),
+    "asyncio": ("asyncio", "asyncio", False),
+}
+ENGINES = list(ENGINE_RUNS)
+EPOLL_ENGINES = ["compiled", "python-epoll"]
 
 
 def start(engine: str, *args: str) -> tuple[subprocess.Popen, int]:
-    if engine == "compiled" and trivial.compiled_engine() is None:
-        pytest.skip("the compiled extension is not built (or FASTPOP_NO_EXTENSIONS is set)")
+    """The server, with ``engine`` as its startup line names it (no silent fallback: the
+    compiled engine not built fails, as conftest's ``twin`` does, unless FASTPOP_NO_EXTENSIONS)."""
+    option, name, no_extensions = ENGINE_RUNS[engine]
+    if engine == "compiled" and NO_EXTENSIONS:
+        pytest.skip("FASTPOP_NO_EXTENSIONS: the pure-Python twins only")
+    env = dict(os.environ)
+    env.pop("FASTPOP_NO_EXTENSIONS", None)
+    if no_extensions:
+        env["FASTPOP_NO_EXTENSIONS"] = "1"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastpop", "bench", "trivial-server", "--engine", engine, *args],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        [sys.executable, "-m", "fastpop", "bench", "trivial-server", "--engine", option, *args],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
     )
     line = proc.stderr.readline()
-    m = re.search(r":(\d+) \(pid \d+, (\w+) engine\)", line)
-    assert m, f"trivial server did not start: {line!r}"
-    assert m.group(2) == engine  # no silent fallback
+    m = re.search(r":(\d+) \(pid (\d+), ([\w ]+) engine\)", line)
+    if not m:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"trivial server did not start: {line!r}")
+    assert (int(m.group(2)), m.group(3)) == (proc.pid, name), line
     return proc, int(m.group(1))
 
 
-@pytest.fixture(params=ENGINES)
-def responder(request):
+@pytest.fixture
+def servers():
+    """``servers(engine, *args)`` starts a server and gives its port (``servers.procs``: the
+    processes); all are stopped by SIGTERM at the end, and must exit cleanly."""
     procs = []
 
-    def run(*args: str) -> int:
-        proc, port = start(request.param, *args)
+    def run(engine: str, *args: str) -> int:
+        proc, port = start(engine, *args)
         procs.append(proc)
         return port
 
+    run.procs = procs
     yield run
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
-        assert_exits_cleanly(proc, 10)
+    assert [exit_status(proc, 10) for proc in procs] == [0] * len(procs)
+
+
+@pytest.fixture(params=ENGINES)
+def responder(request, servers):
+    return lambda *args: servers(request.param, *args)
+
+
+def exit_status(proc: subprocess.Popen, timeout: float) -> int | None:
+    """Its exit status, or None when it does not exit within the timeout (it is killed then)."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
 
 
 def assert_exits_cleanly(proc: subprocess.Popen, timeout: float) -> None:
     """It exits with 0 within the timeout (else it is killed, and the test fails)."""
-    try:
-        assert proc.wait(timeout) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    assert exit_status(proc, timeout) == 0
 
 
 def converse(port: int, *pieces: bytes, pause: float = 0.0) -> bytes:
@@ -122,15 +158,19 @@ def test_odd_input_answered_alike(responder, case):
     assert converse(port, data) == b"+OK trivial ready\r\n" + b"".join(replies[r] for r in expect)
 
 
-def test_capa_names_the_engine(responder):
-    port = responder()
-    reply = converse(port, b"CAPA\r\nQUIT\r\n")
-    assert b"\r\nPIPELINING\r\n" in reply and re.search(rb"IMPLEMENTATION trivial(-compiled)?\r\n\.\r\n", reply)
+IMPLEMENTATION = {"compiled": b"trivial-compiled", "python-epoll": b"trivial-python-epoll", "asyncio": b"trivial"}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_capa_names_the_engine(servers, engine):
+    reply = converse(servers(engine), b"CAPA\r\nQUIT\r\n")
+    assert reply == (b"+OK trivial ready\r\n"
+                     + trivial.CAPA.replace(b"trivial\r\n", IMPLEMENTATION[engine] + b"\r\n") + b"+OK bye\r\n")
 
 
 def test_large_reply_to_a_slow_reader(responder):
     # 8 MB is more than the socket buffers hold (at most 4 MiB to send, 128 KiB to receive until
-    # the reader reads): the compiled engine must wait for EPOLLOUT, and answer nothing else meanwhile
+    # the reader reads): the epoll engines must wait for EPOLLOUT, and answer nothing else meanwhile
     port = responder("--messages", "2", "--message-size", "8000000")
     st = trivial.TrivialState(2, trivial.SizeDistribution.parse("8000000"))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -216,3 +256,138 @@ def test_sigterm_under_load_stops_it(engine):
             for t in threads:
                 t.join()
         assert_exits_cleanly(proc, 5)
+
+
+# -- the epoll engine and its twin, side by side
+
+
+def read_exactly(s: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def reset_mid_reply(port: int, commands: bytes, keep: int) -> bytes:
+    """Sends the commands, reads ``keep`` octets of the replies and resets the connection."""
+    with socket.socket() as s:
+        # a small window (set before connecting): a large reply cannot all be sent and wait for us
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+        s.sendall(commands)
+        out = read_exactly(s, keep)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
+    return out
+
+
+def leave_unread(port: int, commands: bytes) -> bytes:
+    """Sends the commands and closes at once, reading nothing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(commands)
+    return b""
+
+
+MIXED = (b"CAPA\r\nuser a\r\nPASS b\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 0\r\nRETR 3\r\nRETR -1\r\nRETR 1x\r\n"
+         b"RETR\r\nRETR 2\r\nXYZZY\r\n\r\nQU\r\nTOP 1 0\r\nDELE 1\r\nRSET\r\nstatus\r\nretrx1\r\nQUIT\r\nSTAT\r\n")
+GREETING = b"+OK trivial ready\r\n"
+
+
+def mixed_replies(st: trivial.TrivialState, first: bytes, second: bytes) -> bytes:
+    """The replies to MIXED, its two RETRs (2, then 1) answered with ``first`` and ``second``."""
+    return (GREETING + trivial.CAPA.replace(b"trivial\r\n", b"trivial-ENGINE\r\n") + b"+OK\r\n" * 2
+            + st.stat + st.list + st.uidl + b"-ERR no such message\r\n" * 5 + first + b"+OK\r\n" * 6
+            + st.stat + second + b"+OK bye\r\n")
+
+
+# Each session has a connection of its own, one after the other; the RETR counter (every
+# 3rd RETR corrupted) goes on from one to the next: the numbers of the RETRs in each.
+SESSIONS = {
+    "pipelined, bad commands, QUIT and a command after it (RETRs 1, 2)": lambda port: converse(port, MIXED),
+    "dribbled (3, 4)": lambda port: converse(port, *(MIXED[i : i + 5] for i in range(0, len(MIXED), 5)), pause=0.001),
+    # (no RETR: its greeting unread, it resets, and whether its commands are read first is a race)
+    "vanishes without reading": lambda port: leave_unread(port, b"STAT\r\nLIST\r\n"),
+    # the first RETR is answered in part, the commands after it not at all (nor counted)
+    "resets mid-reply (5)": lambda port: reset_mid_reply(port, b"RETR 1\r\nRETR 2\r\nRETR 1\r\nQUIT\r\n",
+                                                         len(GREETING) + 5000),
+    "after it (6, 7, 8)": lambda port: converse(port, b"RETR 2\r\nRETR 1\r\nRETR 2\r\nQUIT\r\n"),
+    "an over-long line": lambda port: converse(port, b"NOOP\r\n" + b"y" * 1500),
+    "the last (9)": lambda port: converse(port, b"RETR 1\r\nQUIT\r\n"),
+}
+
+
+def test_the_twin_answers_as_the_compiled_engine(servers):
+    """The same sessions, against the compiled engine and its twin: the same octets."""
+    args = ("--messages", "2", "--message-size", "6000000", "--corrupt", "3")
+    st = trivial.TrivialState(2, trivial.SizeDistribution.parse("6000000"), corrupt=3)
+    heard = {}
+    for engine in EPOLL_ENGINES:
+        port = servers(engine, *args)
+        heard[engine] = [run(port).replace(IMPLEMENTATION[engine], b"trivial-ENGINE") for run in SESSIONS.values()]
+    for name, compiled, python in zip(SESSIONS, heard["compiled"], heard["python-epoll"]):
+        assert compiled == python, (name, len(compiled), len(python), compiled[:300], python[:300])
+    # and what they agree on is right
+    assert heard["python-epoll"] == [
+        mixed_replies(st, st.retr[1], st.retr[0]),
+        mixed_replies(st, st.corrupted[1], st.retr[0]),
+        b"",
+        (GREETING + st.retr[0])[: len(GREETING) + 5000],
+        GREETING + st.corrupted[1] + st.retr[0] + st.retr[1] + b"+OK bye\r\n",
+        GREETING + b"+OK\r\n",
+        GREETING + st.corrupted[0] + b"+OK bye\r\n",
+    ]
+
+
+@pytest.mark.parametrize("engine", EPOLL_ENGINES)
+def test_out_of_descriptors_it_waits_and_goes_on(servers, engine):
+    """With its descriptors used up, the connections beyond wait in the backlog (the listening
+    socket is not spun on), the ones it has go on being served, and once some close the
+    waiting ones are served too."""
+    limit = 24
+    port = servers(engine)
+    pid = servers.procs[-1].pid
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]))
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(limit)]
+    try:
+        time.sleep(0.5)
+        greeted, waiting = [], []
+        for c in clients:
+            c.setblocking(False)
+            try:
+                (greeted if c.recv(100) == GREETING else waiting).append(c)
+            except BlockingIOError:
+                waiting.append(c)
+        assert greeted and waiting, (len(greeted), len(waiting))
+
+        proc_stat = f"/proc/{pid}/stat"
+        before = cpu_seconds(proc_stat)
+        time.sleep(1.0)
+        assert cpu_seconds(proc_stat) - before < 0.3  # not spinning on the listening socket
+        for c in waiting:
+            with pytest.raises(BlockingIOError):
+                c.recv(100)
+        greeted[0].settimeout(5)
+        greeted[0].sendall(b"NOOP\r\n")
+        assert greeted[0].recv(100) == b"+OK\r\n"
+
+        for c in greeted:
+            c.close()
+        for c in waiting:
+            c.settimeout(5)
+            c.sendall(b"STAT\r\nQUIT\r\n")
+            out = bytearray()
+            while chunk := c.recv(65536):
+                out += chunk
+            assert out.startswith(GREETING + b"+OK 20 ") and out.endswith(b"+OK bye\r\n")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def cpu_seconds(proc_stat: str) -> float:
+    with open(proc_stat) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

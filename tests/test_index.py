@@ -40,13 +40,7 @@ from conftest import PARSERS, ServerProcess, User, message, tracer_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastpop.store import _index_py
 from fastpop.store import index as mindex
-
-try:
-    from fastpop.store import _index as _index_c
-except ImportError:  # pragma: no cover - the compiled twin is built by pip install -e .
-    _index_c = None
 
 INDEX = mindex.INDEX_FILE
 HOUR_NS = 3600 * 10**9
@@ -839,7 +833,16 @@ def test_large_index_damaged_in_place_during_a_session(own_server, how):
 
 # =========================================================================== compiled and Python twins
 
-needs_c = pytest.mark.skipif(_index_c is None, reason="fastpop.store._index is not built (pip install -e .)")
+INDEX_TWIN = "fastpop.store._index"
+# impl is function-scoped but stateless: hypothesis may reuse it across examples
+TWIN_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture
+def impl(twin):
+    """fastpop.store._index, then its pure-Python twin (conftest's ``twin``)."""
+    return twin(INDEX_TWIN)
+
 
 entries_st = st.lists(
     st.builds(
@@ -880,17 +883,15 @@ def _valid_entry(e: mindex.Entry) -> bool:
             and 0 < len(e.uidl) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in e.uidl))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=300)
 @given(entries=hostile_entries_st)
-def test_index_names_and_uidls_are_checked_by_both_twins(entries):
+def test_index_names_and_uidls_are_checked_by_both_twins(impl, entries):
     """A crafted index (the Maildir's owner can write it) is refused unless every name
-    is one Maildir entry and every UIDL is one RFC 1939 allows; both twins agree."""
+    is one Maildir entry and every UIDL is one RFC 1939 allows, by each twin."""
     buf = mindex.encode(entries, 0, 0)
     idx = mindex.MailboxIndex(buf)
     want = "ok" if all(_valid_entry(e) for e in entries) else "ValueError"
-    impls = [_index_py] + ([_index_c] if _index_c is not None else [])
-    for impl in impls:
-        assert _outcome(impl.check_records, buf, idx.count, idx.names_off)[0] == want, (impl.__name__, entries)
+    assert _outcome(impl.check_records, buf, idx.count, idx.names_off)[0] == want, entries
     if want == "ValueError":
         with pytest.raises(mindex.IndexCorrupt):
             idx.verify()
@@ -902,10 +903,10 @@ def _expected_lines(entries, deleted):
     return lst, uidl
 
 
-@needs_c
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(TWIN_SETTINGS, max_examples=120,
+          suppress_health_check=[*TWIN_SETTINGS.suppress_health_check, HealthCheck.too_slow])
 @given(entries=entries_st, data=st.data())
-def test_twins_format_identically(entries, data):
+def test_twins_format_identically(impl, entries, data):
     buf = mindex.encode(entries, data.draw(st.integers(0, 2**63 - 1)), data.draw(st.integers(0, 2**32 - 1)))
     idx = mindex.MailboxIndex(buf)
     idx.verify()
@@ -913,12 +914,11 @@ def test_twins_format_identically(entries, data):
     extra = data.draw(st.integers(0, 3))
     deleted = bytearray(data.draw(st.lists(st.integers(0, 1), min_size=n + extra, max_size=n + extra)))
     want_list, want_uidl = _expected_lines(entries, deleted)
-    for impl in (_index_c, _index_py):
-        assert impl.format_list(buf, n, deleted) == want_list, impl.__name__
-        assert impl.format_uidl(buf, n, idx.names_off, deleted) == want_uidl, impl.__name__
-        # the same through a memoryview and bytes deletion masks
-        assert impl.format_list(memoryview(buf), n, bytes(deleted)) == want_list
-        assert impl.format_uidl(memoryview(buf), n, idx.names_off, bytes(deleted)) == want_uidl
+    assert impl.format_list(buf, n, deleted) == want_list
+    assert impl.format_uidl(buf, n, idx.names_off, deleted) == want_uidl
+    # the same through a memoryview and bytes deletion masks
+    assert impl.format_list(memoryview(buf), n, bytes(deleted)) == want_list
+    assert impl.format_uidl(memoryview(buf), n, idx.names_off, bytes(deleted)) == want_uidl
     assert idx.list_lines(deleted) == want_list
     assert idx.uidl_lines(deleted) == want_uidl
 
@@ -932,10 +932,10 @@ def _outcome(fn, *args):
         return (type(exc).__name__, str(exc))
 
 
-@needs_c
 @settings(max_examples=120, deadline=None)
 @given(entries=entries_st.filter(bool), data=st.data())
-def test_twins_reject_short_buffers_alike(entries, data):
+def test_twins_reject_short_buffers_alike(twin_pair, entries, data):
+    c_mod, py_mod = twin_pair(INDEX_TWIN)
     buf = mindex.encode(entries, 0, 0)
     idx = mindex.MailboxIndex(buf)
     n = len(entries)
@@ -944,43 +944,50 @@ def test_twins_reject_short_buffers_alike(entries, data):
     deleted = bytearray(n)
     for fn in ("format_list", "format_uidl"):
         args = (short, n, deleted) if fn == "format_list" else (short, n, idx.names_off, deleted)
-        c = _outcome(getattr(_index_c, fn), *args)
-        py = _outcome(getattr(_index_py, fn), *args)
+        c = _outcome(getattr(c_mod, fn), *args)
+        py = _outcome(getattr(py_mod, fn), *args)
         assert c == py, (fn, cut, c, py)
         if cut < idx.names_off:
             assert c[0] == "ValueError", (fn, cut, c)
-    # a deletion mask shorter than the count
-    for impl in (_index_c, _index_py):
-        with pytest.raises(ValueError):
-            impl.format_list(buf, n, bytearray(n - 1))
-        with pytest.raises(ValueError):
-            impl.format_uidl(buf, n, idx.names_off, bytearray(n - 1))
 
 
-@needs_c
+@settings(TWIN_SETTINGS, max_examples=120)
+@given(entries=entries_st.filter(bool), data=st.data())
+def test_twins_reject_short_buffers_and_masks(impl, entries, data):
+    """A buffer cut short before the names, or a deletion mask shorter than the count:
+    ValueError from each twin."""
+    buf = mindex.encode(entries, 0, 0)
+    idx = mindex.MailboxIndex(buf)
+    n = len(entries)
+    short = buf[:data.draw(st.integers(0, idx.names_off - 1))]
+    with pytest.raises(ValueError):
+        impl.format_list(short, n, bytearray(n))
+    with pytest.raises(ValueError):
+        impl.format_uidl(short, n, idx.names_off, bytearray(n))
+    with pytest.raises(ValueError):
+        impl.format_list(buf, n, bytearray(n - 1))
+    with pytest.raises(ValueError):
+        impl.format_uidl(buf, n, idx.names_off, bytearray(n - 1))
+
+
 @pytest.mark.parametrize("count", [1, 1000, 2**32 - 1], ids=["1", "1000", "u32-max"])
-@pytest.mark.parametrize("impl", ["compiled", "python"])
 def test_twins_raise_valueerror_for_counts_the_buffer_cannot_hold(impl, count):
     """A header count (u32) far beyond the buffer: ValueError, no allocation for it first."""
-    mod = _index_c if impl == "compiled" else _index_py
     buf = mindex.encode([], 0, 0)
     with pytest.raises(ValueError):
-        mod.format_list(buf, count, b"")
+        impl.format_list(buf, count, b"")
     with pytest.raises(ValueError):
-        mod.format_uidl(buf, count, 64, b"")
+        impl.format_uidl(buf, count, 64, b"")
 
 
-@needs_c
-def test_twins_format_the_largest_sizes():
+def test_twins_format_the_largest_sizes(impl):
     entries = [mindex.Entry("a", 2**64 - 1, 0, 0, "x" * 70), mindex.Entry("b", 0, 0, 0, "")]
     buf = mindex.encode(entries, 0, 0)
-    for impl in (_index_c, _index_py):
-        assert impl.format_list(buf, 2, bytearray(2)) == b"1 18446744073709551615\r\n2 0\r\n"
-        assert impl.format_uidl(buf, 2, 64 + 2 * R, bytearray(2)) == b"1 " + b"x" * 70 + b"\r\n2 \r\n"
+    assert impl.format_list(buf, 2, bytearray(2)) == b"1 18446744073709551615\r\n2 0\r\n"
+    assert impl.format_uidl(buf, 2, 64 + 2 * R, bytearray(2)) == b"1 " + b"x" * 70 + b"\r\n2 \r\n"
 
 
-@needs_c
-def test_twins_on_a_mapped_buffer(tmp_path):
+def test_twins_on_a_mapped_buffer(impl, tmp_path):
     rnd = random.Random(7)
     entries = [mindex.Entry(f"{1700000000 + i}.M{i}P1.host,S={i}:2,", rnd.randrange(2**40), i, i & 1, f"u{i:06d}")
                for i in range(3000)]
@@ -991,9 +998,8 @@ def test_twins_on_a_mapped_buffer(tmp_path):
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         idx = mindex.MailboxIndex(m)
         idx.verify()
-        for impl in (_index_c, _index_py):
-            assert impl.format_list(m, len(entries), deleted) == want_list
-            assert impl.format_uidl(m, len(entries), idx.names_off, deleted) == want_uidl
+        assert impl.format_list(m, len(entries), deleted) == want_list
+        assert impl.format_uidl(m, len(entries), idx.names_off, deleted) == want_uidl
         del idx
 
 

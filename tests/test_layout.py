@@ -5,6 +5,7 @@ imports alone in a fresh interpreter."""
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -97,10 +98,10 @@ def test_no_import_cycle():
     assert not found, f"import cycles in fastpop:\n{detail}"
 
 
-# The layers, bottom up (README.md "Layout"): a module imports only from its
+# The layers, bottom up (docs/architecture.md): a module imports only from its
 # own layer and those below.  A layer is a subpackage; the leaves are the
 # top-level modules every layer may use.
-LEAVES = {"fastpop", "fastpop._version", "fastpop.config", "fastpop.net", "fastpop.errors", "fastpop.limits",
+LEAVES = {"fastpop", "fastpop._version", "fastpop._compiled", "fastpop.config", "fastpop.net", "fastpop.errors", "fastpop.limits",
           "fastpop.faults"}
 LAYERS = ["leaves", "wire", "store", "auth", "session", "delivery", "serve", "entry points"]
 ENTRY_POINTS = {"fastpop.cli", "fastpop.demo", "fastpop.__main__"}
@@ -144,3 +145,47 @@ def test_every_module_imports_alone(extensions, monkeypatch):
     with ThreadPoolExecutor(8) as pool:
         failed = [(m, err) for m, code, err in pool.map(_import_alone, names) if code != 0]
     assert not failed, "\n\n".join(f"{m}:\n{err}" for m, err in failed)
+
+
+# ----------------------------------------------------------------- compiled modules and their twins
+
+
+def test_every_compiled_module_is_listed_with_a_twin_that_exists():
+    from fastpop import _compiled
+
+    pyx = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts) for p in PACKAGE.rglob("*.pyx")}
+    assert pyx == set(_compiled.TWINS), "fastpop._compiled.TWINS must list every .pyx (setup.py compiles them all)"
+    modules = _modules()
+    missing = [twin for twin in _compiled.TWINS.values() if twin not in modules]
+    assert not missing, f"pure-Python twins missing: {missing}"
+
+
+def test_compiled_modules_are_built(monkeypatch):
+    """Unless FASTPOP_NO_EXTENSIONS is set, every compiled module imports:
+    a build that silently fell back to the twins would test only them."""
+    from fastpop import _compiled
+
+    if _compiled.NO_EXTENSIONS:
+        pytest.skip("FASTPOP_NO_EXTENSIONS: the pure-Python twins only")
+    unbuilt = []
+    for compiled in _compiled.TWINS:
+        try:
+            importlib.import_module(compiled)
+        except ImportError as exc:
+            unbuilt.append(f"{compiled}: {exc}")
+    assert not unbuilt, "not built (pip install -e . builds them; FASTPOP_NO_EXTENSIONS=1 tests without):\n" + "\n".join(unbuilt)
+
+
+def test_version_names_every_choice():
+    env = dict(os.environ)
+    env.pop("FASTPOP_NO_EXTENSIONS", None)
+    out = subprocess.run([sys.executable, "-m", "fastpop", "--version"], capture_output=True, text=True, env=env,
+                         timeout=60).stdout
+    from fastpop import _compiled
+
+    for compiled in _compiled.TWINS:
+        assert f"{_compiled.short_name(compiled)}: cython" in out, out
+    env["FASTPOP_NO_EXTENSIONS"] = "1"
+    out = subprocess.run([sys.executable, "-m", "fastpop", "--version"], capture_output=True, text=True, env=env,
+                         timeout=60).stdout
+    assert "parser: python" in out and "cython" not in out, out

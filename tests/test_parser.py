@@ -1,11 +1,12 @@
 """Unit tests of the POP3 command parser: the compiled one and its Python twin.
 
-Every example-based test runs against both implementations (ids ``c-parser``
-and ``py-parser``).  The compiled parser must be importable: a missing
-extension is a failure, not a skip.  The hypothesis tests at the end feed
-both implementations the same random streams and require identical results,
-compare them with a small independent reference model, and check that the
-results do not depend on how the stream is split into chunks.
+Every example-based test runs against both implementations (conftest's
+``twin`` fixture: ids ``compiled`` and ``python``); a compiled parser that is
+not built fails them unless FASTPOP_NO_EXTENSIONS is set.  The hypothesis
+tests at the end compare each implementation with a small independent
+reference model, check that the results do not depend on how the stream is
+split into chunks, and feed both the same random operations and require
+identical results.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastpop.wire import _parser_py
+from fastpop import _compiled
 from fastpop.wire.commands import (
     KEYWORDS,
     MAX_COMMAND_LINE,
@@ -25,21 +26,14 @@ from fastpop.wire.commands import (
     Command,
 )
 
-IMPL_IDS = ["c-parser", "py-parser"]
+PARSER = "fastpop.wire._parser"
+# P is function-scoped but stateless: hypothesis may reuse it across examples
+TWIN_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def impl_class(name: str):
-    if name == "c-parser":
-        # Deliberately not importorskip: the compiled parser must exist.
-        from fastpop.wire._parser import CommandParser
-
-        return CommandParser
-    return _parser_py.CommandParser
-
-
-@pytest.fixture(params=IMPL_IDS, ids=IMPL_IDS)
-def P(request):
-    return impl_class(request.param)
+@pytest.fixture
+def P(twin):
+    return twin(PARSER).CommandParser
 
 
 def drain(p) -> list:
@@ -68,27 +62,35 @@ U, TL, INV = int(Command.UNKNOWN), int(Command.TOO_LONG), int(Command.INVALID)
 # ---------------------------------------------------------------- the two implementations
 
 
-def test_c_parser_is_the_compiled_extension():
-    from fastpop.wire import _parser
+def test_twin_is_the_module_asked_for(twin):
+    mod = twin(PARSER)
+    if mod.__name__ == PARSER:
+        assert mod.__file__.endswith((".so", ".pyd")), mod.__file__
+    else:
+        assert mod.__name__ == _compiled.TWINS[PARSER]
+        assert mod.__file__.endswith(".py"), mod.__file__
 
-    assert _parser.CommandParser is not _parser_py.CommandParser
-    assert _parser.__file__.endswith((".so", ".pyd")), _parser.__file__
 
-
-def test_parser_module_selection(monkeypatch):
+def test_parser_module_selection(monkeypatch, twin):
+    """fastpop.wire.parser takes the compiled parser unless FASTPOP_NO_EXTENSIONS is set."""
     import fastpop.wire.parser as parser_mod
 
+    mod = twin(PARSER)
+    compiled = mod.__name__ == PARSER
+    loaded = dict(_compiled.LOADED)
     try:
-        monkeypatch.delenv("FASTPOP_NO_EXTENSIONS", raising=False)
+        if compiled:
+            monkeypatch.delenv("FASTPOP_NO_EXTENSIONS", raising=False)
+        else:
+            monkeypatch.setenv("FASTPOP_NO_EXTENSIONS", "1")
+        importlib.reload(_compiled)  # it reads the variable when imported
         importlib.reload(parser_mod)
-        assert parser_mod.PARSER_IMPL == "cython"
-        assert parser_mod.CommandParser is impl_class("c-parser")
-        monkeypatch.setenv("FASTPOP_NO_EXTENSIONS", "1")
-        importlib.reload(parser_mod)
-        assert parser_mod.PARSER_IMPL == "python"
-        assert parser_mod.CommandParser is _parser_py.CommandParser
+        assert parser_mod.PARSER_IMPL == ("cython" if compiled else "python")
+        assert parser_mod.CommandParser is mod.CommandParser
     finally:
         monkeypatch.undo()
+        importlib.reload(_compiled)
+        _compiled.LOADED.update(loaded)
         importlib.reload(parser_mod)
 
 
@@ -699,10 +701,9 @@ def op_sequences(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(ops=op_sequences(), max_line=st.sampled_from([4, 8, 16, 40, 255]), max_cont=st.sampled_from([8, 64, 16384]))
-def test_both_implementations_agree(ops, max_line, max_cont):
-    c = run_ops(impl_class("c-parser"), ops, max_line, max_cont)
-    py = run_ops(impl_class("py-parser"), ops, max_line, max_cont)
-    assert c == py
+def test_both_implementations_agree(twin_pair, ops, max_line, max_cont):
+    c, py = twin_pair(PARSER)
+    assert run_ops(c.CommandParser, ops, max_line, max_cont) == run_ops(py.CommandParser, ops, max_line, max_cont)
 
 
 def reference(data: bytes, utf8: bool, limit: int) -> list:
@@ -736,26 +737,22 @@ def reference(data: bytes, utf8: bool, limit: int) -> list:
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=300)
 @given(data=streams, utf8=st.booleans(), limit=st.sampled_from([6, 16, 64, 255]))
-def test_matches_reference_model(data, utf8, limit):
-    want = reference(data, utf8, limit)
-    for impl in IMPL_IDS:
-        assert parse(impl_class(impl), data, utf8=utf8, max_line=limit) == want, impl
+def test_matches_reference_model(P, data, utf8, limit):
+    assert parse(P, data, utf8=utf8, max_line=limit) == reference(data, utf8, limit)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=300)
 @given(data=st.data(), stream=streams, utf8=st.booleans(), limit=st.sampled_from([6, 16, 64, 255]))
-def test_results_independent_of_split(data, stream, utf8, limit):
+def test_results_independent_of_split(P, data, stream, utf8, limit):
     points = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
-    for impl in IMPL_IDS:
-        cls = impl_class(impl)
-        whole = parse(cls, stream, utf8=utf8, max_line=limit)
-        p = cls(max_line=limit)
-        p.utf8 = utf8
-        got = []
-        for chunk in cut(stream, points):
-            p.feed(chunk)
-            got += drain(p)
-            assert p.buffered < limit
-        assert got == whole, impl
+    whole = parse(P, stream, utf8=utf8, max_line=limit)
+    p = P(max_line=limit)
+    p.utf8 = utf8
+    got = []
+    for chunk in cut(stream, points):
+        p.feed(chunk)
+        got += drain(p)
+        assert p.buffered < limit
+    assert got == whole

@@ -1,6 +1,6 @@
 """fastpop.store.safefs: no link followed from the Maildir down, in both twins of
-open_nofollow (compiled openat2, ctypes openat2) and in the O_NOFOLLOW walk
-used where openat2 is missing.  The attacks on a whole server are in
+open_nofollow (compiled openat2, ctypes openat2; conftest's ``twin`` fixture)
+and in the O_NOFOLLOW walk either falls back to where openat2 is missing.  The attacks on a whole server are in
 tests/test_hostile_maildir.py and tests/test_maildir_audit.py."""
 
 from __future__ import annotations
@@ -11,21 +11,22 @@ import stat
 
 import pytest
 
-from fastpop.store import _safefs_py, safefs
+from fastpop import _compiled
+from fastpop.store import safefs
 
-try:
-    from fastpop.store import _safefs as _safefs_c
-except ImportError:  # pragma: no cover - not built
-    _safefs_c = None
-
-IMPLS = {"py-openat2": _safefs_py.open_nofollow, "walk": _safefs_py.walk}
-if _safefs_c is not None:
-    IMPLS["c-openat2"] = _safefs_c.open_nofollow
+SAFEFS = "fastpop.store._safefs"
 
 
-@pytest.fixture(params=list(IMPLS), ids=list(IMPLS))
-def open_nofollow(request):
-    return IMPLS[request.param]
+@pytest.fixture
+def impl(twin):
+    return twin(SAFEFS)
+
+
+@pytest.fixture(params=["openat2", "walk"])
+def open_nofollow(request, impl):
+    """Each twin's open_nofollow, then the walk it falls back to (the compiled
+    twin imports the Python one's)."""
+    return impl.open_nofollow if request.param == "openat2" else impl.walk
 
 
 @pytest.fixture
@@ -92,9 +93,10 @@ def _umask() -> int:
 
 
 def test_the_chosen_implementation_is_recorded():
-    assert safefs.SAFEFS_IMPL in ("cython", "python")
-    if os.environ.get("FASTPOP_NO_EXTENSIONS"):
-        assert safefs.SAFEFS_IMPL == "python"
+    assert safefs.SAFEFS_IMPL == ("python" if _compiled.NO_EXTENSIONS else "cython")
+    chosen = SAFEFS if safefs.SAFEFS_IMPL == "cython" else _compiled.TWINS[SAFEFS]
+    assert safefs.open_nofollow.__module__ == chosen
+    assert safefs.has_entries.__module__ == chosen
 
 
 @pytest.mark.parametrize("name, ok", [
@@ -146,13 +148,11 @@ def test_open_regular_refuses_fifos_without_blocking(tmp_path):
     ([".a", ".b", "m"], True), ([f".{i:03d}" + "x" * 200 for i in range(60)], False),  # over one 4 KiB read
     ([f".{i:03d}" + "x" * 200 for i in range(60)] + ["late"], True),
 ])
-def test_has_entries_twins_agree(tmp_path, names, expected):
+def test_has_entries(impl, tmp_path, names, expected):
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    impls = [_safefs_py.has_entries] + ([_safefs_c.has_entries] if _safefs_c is not None else [])
-    for impl in impls:
-        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            assert impl(fd) is expected, impl
-        finally:
-            os.close(fd)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert impl.has_entries(fd) is expected
+    finally:
+        os.close(fd)

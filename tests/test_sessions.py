@@ -548,5 +548,5 @@ def test_user_cli_schemes_and_refusals(tmp_path, monkeypatch, capsys):
 def test_version(parser):
     r = fastpop("--version", env=parser_env(parser))
     assert r.returncode == 0, r.stderr
-    assert r.stdout == f"fastpop {__version__} (parser: {parser})\n"
+    assert r.stdout.startswith(f"fastpop {__version__} (parser: {parser}, stuffing: {parser}, ")
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)

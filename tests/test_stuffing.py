@@ -9,49 +9,49 @@ ordinary octet, and double a leading "." on every line.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import tempfile
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastpop import _compiled
 from fastpop.wire import stuffing
 from fastpop.wire.stuffing import TopLimiter, pop3_size
 
-# The transform (DotStuffer, stuff_message, pop3_size_of) may exist twice: a
-# compiled module and its pure-Python twin.  Test every implementation there
-# is; when the Cython source ships, the compiled module must be importable
-# (a missing build fails, it is not skipped).
-_PKG_DIR = os.path.dirname(stuffing.__file__)
-IMPLS: dict[str, str] = {}
-if importlib.util.find_spec("fastpop.wire._stuffing_py") is not None:
-    IMPLS["py-stuffing"] = "fastpop.wire._stuffing_py"
-else:
-    IMPLS["py-stuffing"] = "fastpop.wire.stuffing"
-if os.path.exists(os.path.join(_PKG_DIR, "_stuffing.pyx")):
-    IMPLS["c-stuffing"] = "fastpop.wire._stuffing"
-IMPL_IDS = list(IMPLS)
+# The transform (DotStuffer, stuff_message, pop3_size_of) exists twice: the
+# compiled module and its pure-Python twin.  Every test of it runs against both
+# (conftest's ``twin`` fixture: a compiled module that is not built fails,
+# unless FASTPOP_NO_EXTENSIONS is set).
+STUFFING = "fastpop.wire._stuffing"
+# S is function-scoped but stateless: hypothesis may reuse it across examples
+TWIN_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def impl_module(name: str):
-    return importlib.import_module(IMPLS[name])
+@pytest.fixture
+def S(twin):
+    return twin(STUFFING)
 
 
-@pytest.fixture(params=IMPL_IDS, ids=IMPL_IDS)
-def S(request):
-    return impl_module(request.param)
+def test_twin_is_the_module_asked_for(S):
+    if S.__name__ == STUFFING:
+        assert S.__file__.endswith((".so", ".pyd")), S.__file__
+    else:
+        assert S.__name__ == _compiled.TWINS[STUFFING]
+        assert S.__file__.endswith(".py"), S.__file__
 
 
-def test_public_module_uses_one_of_the_implementations():
-    mods = [impl_module(name) for name in IMPL_IDS]
-    assert any(stuffing.DotStuffer is m.DotStuffer for m in mods)
-    assert any(stuffing.stuff_message is m.stuff_message for m in mods)
-    assert any(stuffing.pop3_size_of is m.pop3_size_of for m in mods)
-    if "c-stuffing" in IMPLS:
-        assert impl_module("c-stuffing").__file__.endswith((".so", ".pyd"))
+def test_public_module_uses_the_chosen_implementation():
+    chosen = STUFFING if stuffing.STUFFING_IMPL == "cython" else _compiled.TWINS[STUFFING]
+    assert stuffing.STUFFING_IMPL == ("python" if _compiled.NO_EXTENSIONS else "cython")
+    mod = importlib.import_module(chosen)
+    assert stuffing.DotStuffer is mod.DotStuffer
+    assert stuffing.stuff_message is mod.stuff_message
+    assert stuffing.pop3_size_of is mod.pop3_size_of
+    assert stuffing.line_dots is mod.line_dots
+
 
 # ---------------------------------------------------------------- reference
 
@@ -376,9 +376,6 @@ def test_top_render_small_matches_reference():
 
 # ---------------------------------------------------------------- property tests
 
-def all_impls():
-    return [impl_module(name) for name in IMPL_IDS]
-
 PIECES = [b"\r", b"\n", b"\r\n", b"\r\n", b".", b"..", b"\r\n.", b"\n.", b"\r\n\r\n", b"a", b"xyz",
           b"\x00", b"\xff", b"\x80", b"Subject: t", b" "]
 messages = st.lists(st.one_of(st.sampled_from(PIECES), st.binary(max_size=4)), max_size=40).map(b"".join)
@@ -391,48 +388,43 @@ def split_messages(draw):
     return data, cut(data, points)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=300)
 @given(messages)
-def test_prop_stuff_message_matches_reference(data):
-    for S in all_impls():
-        out = S.stuff_message(data)
-        assert out == ref_stuffed(data)
-        assert S.pop3_size_of(data) == len(ref_unstuffed(data)) == unstuffed_size_of_output(out)
+def test_prop_stuff_message_matches_reference(S, data):
+    out = S.stuff_message(data)
+    assert out == ref_stuffed(data)
+    assert S.pop3_size_of(data) == len(ref_unstuffed(data)) == unstuffed_size_of_output(out)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=300)
 @given(split_messages())
-def test_prop_stuffer_chunked(arg):
+def test_prop_stuffer_chunked(S, arg):
     data, chunks = arg
-    for S in all_impls():
-        assert stuff_chunks(S, chunks) == S.stuff_message(data) == ref_stuffed(data)
+    assert stuff_chunks(S, chunks) == S.stuff_message(data) == ref_stuffed(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=300)
 @given(messages, st.integers(1, 9))
-def test_prop_pop3_size_file(data, chunk):
+def test_prop_pop3_size_file(S, data, chunk):
     with tempfile.TemporaryDirectory() as d:
         path = write(os.path.join(d, "m"), data)
         with mock.patch.object(stuffing, "CHUNK", chunk):
             size = pop3_size(path)
     assert size == len(ref_unstuffed(data))
-    for S in all_impls():
-        assert S.pop3_size_of(data) == size
+    assert S.pop3_size_of(data) == size
 
 
-@settings(max_examples=300, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=300)
 @given(split_messages(), st.one_of(st.integers(0, 5), st.just(10**9)))
-def test_prop_top(arg, n):
+def test_prop_top(S, arg, n):
     data, chunks = arg
-    for S in all_impls():
-        assert top_chunks(S, chunks, n) == top_chunks(S, [data], n) == ref_top(data, n)
+    assert top_chunks(S, chunks, n) == top_chunks(S, [data], n) == ref_top(data, n)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(TWIN_SETTINGS, max_examples=200)
 @given(messages, st.integers(0, 5))
-def test_prop_top_is_prefix_of_retr(data, n):
-    for S in all_impls():
-        top = top_chunks(S, [data], n)
-        full = S.stuff_message(data)
-        assert full.startswith(top)
-        assert top_chunks(S, [data], n + 1).startswith(top)
+def test_prop_top_is_prefix_of_retr(S, data, n):
+    top = top_chunks(S, [data], n)
+    full = S.stuff_message(data)
+    assert full.startswith(top)
+    assert top_chunks(S, [data], n + 1).startswith(top)

@@ -28,21 +28,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import ssl
 import time
-from typing import Generator, Protocol
+from typing import TYPE_CHECKING, Generator, Protocol
 
+from fastpop import _compiled
 from fastpop.bench._wire_py import CHECKSUM_NAME
 
-# The in-place RETR check (see Session._whole_message), compiled unless absent or disabled.
-if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+# The in-place RETR check (see Session._whole_message), compiled unless absent
+# or disabled (fastpop._compiled chooses).
+_impl = _compiled.load("fastpop.bench._wire")
+if TYPE_CHECKING:
     from fastpop.bench._wire_py import announced_size, verify_whole, whole_retr
 else:
-    try:
-        from fastpop.bench._wire import announced_size, verify_whole, whole_retr
-    except ImportError:
-        from fastpop.bench._wire_py import announced_size, verify_whole, whole_retr
+    announced_size, verify_whole, whole_retr = _impl.announced_size, _impl.verify_whole, _impl.whole_retr
 
 
 class Worker(Protocol):

@@ -5,11 +5,14 @@ replies, so it costs next to nothing per session: what bench reaches against
 it is the generator's own ceiling on this machine.  With ``corrupt`` it flips
 one byte in the body of every ``corrupt``-th RETR, which bench must notice.
 
-Two engines give the same replies: the compiled one (``_trivial.pyx``, an
-epoll loop that costs little more than its system calls: the default, as
-the yardstick should take as little as it can of the cores it shares with
-the generator) and ``TrivialProtocol`` on asyncio (``--engine asyncio``,
-and whenever the extension is absent or ``FASTPOP_NO_EXTENSIONS`` is set).
+Two engines give the same replies.  The default (``--engine compiled``) is
+the epoll engine, ``_trivial.pyx``: a loop that costs little more than its
+system calls, as the yardstick should take as little as it can of the cores
+it shares with the generator.  Where it is not built, or
+``FASTPOP_NO_EXTENSIONS`` is set, its pure-Python twin ``_trivial_py.py``
+runs instead (``fastpop._compiled`` chooses; the startup line says which:
+"compiled engine" or "python epoll engine").  ``--engine asyncio`` is
+``TrivialProtocol`` on an asyncio loop.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import signal
 import socket
 import sys
 
+from fastpop import _compiled
 from fastpop.bench.spawn import MessageFactory, SizeDistribution
 
 
@@ -66,7 +70,7 @@ class TrivialProtocol(asyncio.Protocol):
         transport.write(b"+OK trivial ready\r\n")
 
     def data_received(self, data: bytes) -> None:
-        # Framed as the compiled engine frames: a line ends at LF (a CR before it is
+        # Framed as the epoll engine frames: a line ends at LF (a CR before it is
         # dropped); one of LINE_LIMIT octets or more before its LF closes the connection,
         # once the lines before it are answered.
         if self.buf:
@@ -126,20 +130,18 @@ async def serve(host: str, port: int, state: TrivialState, ready=None) -> None:
     server.close()
 
 
-def compiled_engine():
-    """The compiled engine's class, or None when it cannot be used."""
-    if os.environ.get("FASTPOP_NO_EXTENSIONS"):
-        return None
-    try:
-        from fastpop.bench._trivial import TrivialEngine
-    except ImportError:
-        return None
-    return TrivialEngine
+def epoll_engine() -> tuple[type, str]:
+    """The epoll engine's class and its name in the startup line: the compiled one, or
+    its pure-Python twin where that is not built or FASTPOP_NO_EXTENSIONS is set."""
+    module = _compiled.load("fastpop.bench._trivial")
+    if _compiled.LOADED["fastpop.bench._trivial"] == "cython":
+        return module.TrivialEngine, "compiled"
+    return module.TrivialEngine, "python epoll"
 
 
-def serve_compiled(host: str, port: int, state: TrivialState) -> None:
-    """Runs the compiled engine until SIGTERM or SIGINT."""
-    engine_class = compiled_engine()
+def serve_epoll(host: str, port: int, state: TrivialState) -> None:
+    """Runs the epoll engine (compiled, or its twin) until SIGTERM or SIGINT."""
+    engine_class, name = epoll_engine()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     class Stop(Exception):
@@ -157,14 +159,15 @@ def serve_compiled(host: str, port: int, state: TrivialState) -> None:
         for s in (sock, wake_r, wake_w):
             s.setblocking(False)
         addr = sock.getsockname()
+        implementation = b"trivial-" + name.replace(" ", "-").encode()  # CAPA too names the engine
         engine = engine_class(sock.fileno(), wake_r.fileno(), state,
-                              CAPA.replace(b"trivial\r\n", b"trivial-compiled\r\n"))
+                              CAPA.replace(b"trivial\r\n", implementation + b"\r\n"))
         # a signal wakes the loop through the socket pair wherever it lands (in epoll_wait or not)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, stop)
-            print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, compiled engine)",
+            print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, {name} engine)",
                   file=sys.stderr, flush=True)
             engine.serve()
         except Stop:
@@ -180,7 +183,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corrupt", type=int, default=0, metavar="N",
                    help="flip a byte in every N-th RETR (to test integrity checking)")
     p.add_argument("--engine", choices=["compiled", "asyncio"], default="compiled",
-                   help="the compiled epoll loop (default; asyncio when the extension is absent) or asyncio")
+                   help="compiled (default): the compiled epoll engine, or its pure-Python twin where it is "
+                        "not built or FASTPOP_NO_EXTENSIONS is set; asyncio: the asyncio engine")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="the asyncio engine's loop")
 
 
@@ -190,8 +194,8 @@ def main(args: argparse.Namespace) -> int:
 
     host, port = parse_address(args.listen)
     state = TrivialState(args.messages, SizeDistribution.parse(args.message_size), args.corrupt)
-    if args.engine == "compiled" and compiled_engine() is not None:
-        serve_compiled(host, port, state)
+    if args.engine == "compiled":
+        serve_epoll(host, port, state)
         return 0
     loop = new_loop(args.loop)
     try:

@@ -56,18 +56,17 @@ import sys
 import threading
 import zlib
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-from fastpop import faults
+from fastpop import _compiled, faults
 from fastpop.store import safefs
 from fastpop.store.durable import write_and_sync
 
-if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+_impl = _compiled.load("fastpop.store._index")
+if TYPE_CHECKING:
     from fastpop.store._index_py import check_records, format_list, format_uidl
 else:
-    try:
-        from fastpop.store._index import check_records, format_list, format_uidl
-    except ImportError:
-        from fastpop.store._index_py import check_records, format_list, format_uidl
+    check_records, format_list, format_uidl = _impl.check_records, _impl.format_list, _impl.format_uidl
 
 log = logging.getLogger("fastpop.index")
 

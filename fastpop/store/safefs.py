@@ -19,24 +19,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import TYPE_CHECKING
 
-from fastpop.store import _safefs_py
+from fastpop import _compiled
 
-SAFEFS_IMPL: str
-if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+_impl = _compiled.load("fastpop.store._safefs")
+SAFEFS_IMPL = _compiled.LOADED["fastpop.store._safefs"]  # "cython" or "python"
+if TYPE_CHECKING:
     from fastpop.store._safefs_py import has_entries, open_nofollow
-
-    SAFEFS_IMPL = "python"
 else:
-    try:
-        from fastpop.store._safefs import has_entries, open_nofollow  # type: ignore[assignment]
+    has_entries, open_nofollow = _impl.has_entries, _impl.open_nofollow
 
-        SAFEFS_IMPL = "cython"
-    except ImportError:
-        from fastpop.store._safefs_py import has_entries, open_nofollow
-
-        SAFEFS_IMPL = "python"
-_ = _safefs_py  # the twin is always importable, for tests
 __all__ = ["ANY_OWNER", "O_MESSAGE", "SAFEFS_IMPL", "canonical_maildir", "check_directory", "has_entries",
            "open_maildir", "open_nofollow", "open_regular", "open_subdir", "served_uid", "valid_name"]
 

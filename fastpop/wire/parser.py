@@ -1,23 +1,18 @@
-"""Chooses the command parser: the compiled one unless it is missing or
-``FASTPOP_NO_EXTENSIONS`` is set (as multidict and aiohttp do)."""
+"""The command parser: the compiled one unless it is missing or
+``FASTPOP_NO_EXTENSIONS`` is set (fastpop._compiled chooses)."""
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
-from fastpop.wire import _parser_py
+from fastpop import _compiled
 
-PARSER_IMPL: str
-if os.environ.get("FASTPOP_NO_EXTENSIONS"):
-    CommandParser = _parser_py.CommandParser
-    PARSER_IMPL = "python"
+_impl = _compiled.load("fastpop.wire._parser")
+PARSER_IMPL = _compiled.LOADED["fastpop.wire._parser"]  # "cython" or "python"
+
+if TYPE_CHECKING:
+    from fastpop.wire._parser_py import CommandParser
 else:
-    try:
-        from fastpop.wire._parser import CommandParser  # type: ignore[assignment]
-
-        PARSER_IMPL = "cython"
-    except ImportError:
-        CommandParser = _parser_py.CommandParser
-        PARSER_IMPL = "python"
+    CommandParser = _impl.CommandParser
 
 __all__ = ["CommandParser", "PARSER_IMPL"]

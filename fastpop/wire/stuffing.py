@@ -1,51 +1,34 @@
 """The RFC 1939 transform of a stored message into what RETR/TOP send.
 
 ``DotStuffer``, ``stuff_message`` and ``pop3_size_of`` come from the compiled
-``fastpop.wire._stuffing`` unless it is missing or ``FASTPOP_NO_EXTENSIONS`` is
-set, else from the pure-Python twin.  This module adds what works on their
-output or on files: TOP's cut, and ``pop3_size`` of a file, the size RETR
-sends before stuffing, which STAT and LIST must report.
+``fastpop.wire._stuffing`` or its pure-Python twin (fastpop._compiled
+chooses).  This module adds what works on their output or on files: TOP's
+cut, and ``pop3_size`` of a file, the size RETR sends before stuffing,
+which STAT and LIST must report.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from fastpop.wire import _stuffing_py
+from fastpop import _compiled
 
-STUFFING_IMPL: str
-if os.environ.get("FASTPOP_NO_EXTENSIONS"):
+_impl = _compiled.load("fastpop.wire._stuffing")
+STUFFING_IMPL = _compiled.LOADED["fastpop.wire._stuffing"]  # "cython" or "python"
+
+if TYPE_CHECKING:
     from fastpop.wire._stuffing_py import (
         DotStuffer,
         line_dots,
         pop3_size_of,
         stuff_message,
     )
-
-    STUFFING_IMPL = "python"
 else:
-    try:
-        from fastpop.wire._stuffing import (  # type: ignore[assignment]
-            DotStuffer,
-            line_dots,
-            pop3_size_of,
-            stuff_message,
-        )
-
-        STUFFING_IMPL = "cython"
-    except ImportError:
-        from fastpop.wire._stuffing_py import (
-            DotStuffer,
-            line_dots,
-            pop3_size_of,
-            stuff_message,
-        )
-
-        STUFFING_IMPL = "python"
+    DotStuffer, line_dots = _impl.DotStuffer, _impl.line_dots
+    pop3_size_of, stuff_message = _impl.pop3_size_of, _impl.stuff_message
 
 __all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "line_dots", "pop3_size", "pop3_size_of", "stuff_message"]
-_ = _stuffing_py  # the twin is always importable, for tests and benchmarks
 
 CHUNK = 256 * 1024
 
