@@ -40,7 +40,8 @@ SCENARIO_NAMES = {"login": "login + QUIT", "stat": "login + STAT", "download": "
 
 def start_trivial(messages: int, size: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastpop", "bench", "trivial-server", "--messages", str(messages), "--message-size", size],
+        [sys.executable, "-m", "fastpop", "bench", "trivial-server", "--messages", str(messages), "--message-size",
+         size],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     line = proc.stderr.readline()
@@ -52,7 +53,8 @@ def start_trivial(messages: int, size: str) -> tuple[subprocess.Popen, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenarios", default="stat,download", help="comma-separated (default stat,download)")
     p.add_argument("--mailboxes", type=int, default=200)
     p.add_argument("--messages", type=int, default=20)
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     size = spawn.SizeDistribution.parse(args.message_size)
     console.print(f"[dim]seeding {args.mailboxes} mailboxes x {args.messages} messages of {size} in {workdir}[/dim]")
     seeded = spawn.seed(workdir, spawn.SeedSpec(args.mailboxes, args.messages, size))
-    mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": str(size), "large_users": 0, "large_size": 0}
+    mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": str(size), "large_users": 0,
+                 "large_size": 0}
     servers: dict[str, Target] = {}
     fast = dove = trivial = base = None
     results: dict[tuple[str, str], list[dict]] = {}

@@ -193,7 +193,8 @@ def main() -> None:
         print(f"\nMailbox index, {n} messages of 1.5 KB (client-measured on 127.0.0.1; server CPU from /proc)")
         print(f"cold first login+STAT: fastpop {cold * 1000:.0f} ms ({n / cold:,.0f} messages/s)"
               + (f", Dovecot {dovecot_cold * 1000:.0f} ms" if dovecot_cold is not None else ""))
-        header = f"{'':<20}{'login+STAT ' + str(n):>22}{'server CPU':>12}{'login+STAT 10':>16}{'server CPU':>12}{'LIST':>10}{'UIDL':>10}"
+        header = (f"{'':<20}{'login+STAT ' + str(n):>22}{'server CPU':>12}"
+                  f"{'login+STAT 10':>16}{'server CPU':>12}{'LIST':>10}{'UIDL':>10}")
         print(header)
         for label, r in results.items():
             big_t, big_cpu = r["big"]

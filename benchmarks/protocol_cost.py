@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from metrics_overhead import run as run_sessions  # noqa: E402
+from metrics_overhead import run as run_sessions
 
 
 def session_lines(scenario: str, messages: int) -> list[bytes]:

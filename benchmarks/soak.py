@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     deliverers: list[Deliverer] = []
     try:
         deadline = time.monotonic() + 20
-        while "listening on 127.0.0.1:%d" % pop_port not in log_path.read_text(errors="replace"):
+        while f"listening on 127.0.0.1:{pop_port:d}" not in log_path.read_text(errors="replace"):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("fastpop did not start:\n" + log_path.read_text(errors="replace"))
             time.sleep(0.05)
@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         middle = max(r for _, r in samples[third: 2 * third])
         last = max(r for _, r in samples[2 * third:])
         summary.update(rss_start_mib=round(samples[0][1] / 2**20, 1), rss_middle_peak_mib=round(middle / 2**20, 1),
-                       rss_last_peak_mib=round(last / 2**20, 1), rss_growth_after_warmup_mib=round((last - middle) / 2**20, 2))
+                       rss_last_peak_mib=round(last / 2**20,
+                                               1), rss_growth_after_warmup_mib=round((last - middle) / 2**20, 2))
         if last - middle > args.rss_slack * 2**20:
             failures.append(f"RSS grew after warm-up: {middle / 2**20:.1f} -> {last / 2**20:.1f} MiB")
     summary["failures"] = failures

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from fastpop.store import _index, _index_py
 from fastpop.wire import (
     _parser,  # compiled: the benchmarks compare it with its twin
     _parser_py,
@@ -80,8 +81,6 @@ def test_stuff_message(benchmark, size, dots):
 
 # LIST and UIDL listings, formatted from the mailbox index (fastpop/store/index.py),
 # compiled (fastpop.store._index) against its pure-Python twin (fastpop.store._index_py).
-
-from fastpop.store import _index, _index_py
 
 FORMATTERS = {"c-index": _index, "py-index": _index_py}
 

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = spawn.make_workdir("fastpop-tls-bench-")
     seeded = spawn.seed(workdir, spawn.SeedSpec(args.mailboxes, args.messages))
     cert, key = make_certificate(workdir)
-    mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": "3700 B", "large_users": 0, "large_size": 0}
+    mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": "3700 B", "large_users": 0,
+                 "large_size": 0}
     server = spawn.SpawnedServer(seeded, extra_args=["--tls-cert", str(cert), "--tls-key", str(key),
                                                      "--listen-tls", "127.0.0.1:0"])
     results: dict[str, list[dict]] = {}
@@ -134,7 +135,8 @@ def _median(runs: list[dict], get) -> float | None:
 
 def table(results: dict[str, list[dict]], args, load_before: float) -> str:
     rate = {v: _median(runs, lambda r: r["rates"]["sessions_per_s"]) for v, runs in results.items()}
-    cpu = {v: _median(runs, lambda r: (r["server"] or {}).get("cpu_s_per_1000_sessions")) for v, runs in results.items()}
+    cpu = {v: _median(runs, lambda r: (r["server"] or {}).get("cpu_s_per_1000_sessions")) for v,
+           runs in results.items()}
     p50 = {v: _median(runs, lambda r: (r["latency_us"].get("session") or {}).get("p50")) for v, runs in results.items()}
     lines = [
         f"connect (+ TLS) + {'USER/PASS' if args.auth == 'user' else 'AUTH PLAIN'} + STAT + QUIT, "

@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fastpop.bench import spawn  # noqa: E402
-from fastpop.bench.load import LoadSpec  # noqa: E402
-from fastpop.bench.runner import Target, execute  # noqa: E402
+from fastpop.bench import spawn
+from fastpop.bench.load import LoadSpec
+from fastpop.bench.runner import Target, execute
 
 DRIVERS = ["sqlite", "postgresql", "mysql", "ldap", "ldap-bind"]
 QUERY = "SELECT password FROM users WHERE userid = '%u'"
@@ -58,7 +58,8 @@ def start_databases(kinds: set[str], workdir: Path, users: list[tuple[str, str]]
         path = workdir / "users.sqlite"
         with sqlite3.connect(path) as conn:
             conn.execute(USERS_TABLE)
-            conn.executemany("INSERT INTO users (userid, password) VALUES (?, ?)", [(r["userid"], r["password"]) for r in rows])
+            conn.executemany("INSERT INTO users (userid, password) VALUES (?, ?)",
+                             [(r["userid"], r["password"]) for r in rows])
         tomls["sqlite"] = f'driver = "sqlite"\nconnect = "{path}"\npassword_query = "{QUERY}"\n'
     for kind, cls in (("postgresql", PostgresServer), ("mysql", MariaDBServer)):
         if kind in kinds:
@@ -110,13 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir = spawn.make_workdir("fastpop-userdb-bench-")
     os.chmod(workdir, 0o755)
     seeded = spawn.seed(workdir, spawn.SeedSpec(args.mailboxes, args.messages))
-    mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": "3700 B", "large_users": 0, "large_size": 0}
+    mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": "3700 B", "large_users": 0,
+                 "large_size": 0}
     load_before = os.getloadavg()[0]
     results: dict[str, list[dict]] = {}
     servers: list = []
     try:
         tomls, servers = start_databases(wanted & set(DRIVERS), workdir, seeded.users)
         variants: list[tuple[str, str | None, int]] = []  # (label, driver TOML, cache size)
+
+        def spec(port: int, **kw) -> LoadSpec:
+            base = dict(host="127.0.0.1", port=port, scenario=args.scenario, users=seeded.users,
+                        connections=args.connections, procs=min(args.procs, args.connections),
+                        duration=args.duration, warmup=args.warmup)
+            base.update(kw)
+            return LoadSpec(**base)
+
         if "passwd-file" in wanted:
             variants.append(("passwd-file", None, 0))
         for kind in DRIVERS:
@@ -127,25 +137,20 @@ def main(argv: list[str] | None = None) -> int:
                 extra = []
                 if driver is not None:
                     conf = workdir / f"{label.replace(' ', '-')}.toml"
-                    conf.write_text(f"[auth_cache]\nsize = {cache}\nttl = 3600\nnegative_ttl = 3600\n[userdb]\n{driver}")
+                    conf.write_text(f"[auth_cache]\nsize = {cache}\nttl = 3600\nnegative_ttl = 3600\n"
+                                    f"[userdb]\n{driver}")
                     extra = ["--config", str(conf)]
                 server = spawn.SpawnedServer(seeded, extra_args=extra)
                 server.log_path = workdir / f"fastpop-{label.replace(' ', '-')}-{r}.log"  # one log per server
                 server.start()
                 try:
-                    def spec(**kw) -> LoadSpec:
-                        base = dict(host="127.0.0.1", port=server.port, scenario=args.scenario, users=seeded.users,
-                                    connections=args.connections, procs=min(args.procs, args.connections),
-                                    duration=args.duration, warmup=args.warmup)
-                        base.update(kw)
-                        return LoadSpec(**base)
-
                     target = Target("127.0.0.1", server.port, server.describe(), spawned=True, pid=server.pid)
                     # one session per mailbox: indexes built, and for "warm" every user cached
-                    execute(spec(sessions=len(seeded.users), duration=None, warmup=0.0, connections=4, procs=1),
+                    execute(spec(server.port, sessions=len(seeded.users), duration=None, warmup=0.0, connections=4,
+                                 procs=1),
                             target, mailboxes, quiet=True, console=console, header=False)
                     console.rule(label + (f" (round {r + 1})" if args.rounds > 1 else ""))
-                    res = execute(spec(), target, mailboxes, quiet=True, console=console, header=False)
+                    res = execute(spec(server.port), target, mailboxes, quiet=True, console=console, header=False)
                 finally:
                     server.stop()
                 if res["errors"]["total"]:
@@ -174,7 +179,8 @@ def _median(runs: list[dict], get) -> float | None:
 
 def table(results: dict[str, list[dict]], args, load_before: float) -> str:
     rate = {v: _median(runs, lambda r: r["rates"]["sessions_per_s"]) for v, runs in results.items()}
-    cpu = {v: _median(runs, lambda r: (r["server"] or {}).get("cpu_s_per_1000_sessions")) for v, runs in results.items()}
+    cpu = {v: _median(runs, lambda r: (r["server"] or {}).get("cpu_s_per_1000_sessions")) for v,
+           runs in results.items()}
     p50 = {v: _median(runs, lambda r: (r["latency_us"].get("session") or {}).get("p50")) for v, runs in results.items()}
     base = rate.get("passwd-file")
     lines = [

@@ -17,7 +17,8 @@ import sys
 from fastpop import __version__
 from fastpop.config import Config, load_toml
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery.legacy_import", "fastpop.bench", "fastpop.auth.oauth")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery.legacy_import", "fastpop.bench",
+                                       "fastpop.auth.oauth")
 
 
 def _version() -> str:
@@ -50,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     serve.add_argument("--config", help="TOML configuration file")
     serve.add_argument("--demo", action="store_true", help="create and serve a demo user and mailbox on 127.0.0.1:1110")
-    serve.add_argument("--demo-dir", default="fastpop-demo", help="where --demo keeps its files (default: ./fastpop-demo)")
+    serve.add_argument("--demo-dir", default="fastpop-demo",
+                       help="where --demo keeps its files (default: ./fastpop-demo)")
     serve.add_argument("--listen", action="append", metavar="HOST:PORT", help="address to listen on (repeatable)")
-    serve.add_argument("--lmtp-listen", action="append", metavar="HOST:PORT|unix:PATH", help="also accept mail over LMTP here (repeatable)")
+    serve.add_argument("--lmtp-listen", action="append", metavar="HOST:PORT|unix:PATH",
+                       help="also accept mail over LMTP here (repeatable)")
     serve.add_argument("--passwd-file", help="Dovecot-style passwd-file")
     serve.add_argument("--mail-location", help="Maildir path template: %%u user, %%n local part, %%d domain, %%h home")
     serve.add_argument("--mail-lock", choices=["table", "symlink"],
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve Prometheus metrics over HTTP here (default: metrics off)")
     serve.add_argument("--timeout-authorization", type=float, metavar="SECONDS", help="idle time allowed before login")
     serve.add_argument("--timeout-transaction", type=float, metavar="SECONDS", help="idle time allowed after login")
-    serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS", help="delay before answering a failed login")
+    serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS",
+                       help="delay before answering a failed login")
     serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
     serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
@@ -91,20 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-key", metavar="PEM", help="private key (default: in the certificate file)")
     tls.add_argument("--tls-min-version", choices=["TLSv1.2", "TLSv1.3"])
     tls.add_argument("--tls-handshake-timeout", type=float, metavar="SECONDS")
-    tls.add_argument("--listen-tls", action="append", metavar="HOST:PORT", help="implicit-TLS listener, e.g. :995 (repeatable)")
+    tls.add_argument("--listen-tls", action="append", metavar="HOST:PORT",
+                     help="implicit-TLS listener, e.g. :995 (repeatable)")
     tls.add_argument("--trusted-networks", metavar="CIDR,...",
-                     help="plaintext logins allowed without TLS, no penalties ('none' for no network; default loopback)")
-    tls.add_argument("--auth-mechanisms", metavar="MECH,...", help="SASL mechanisms offered (default PLAIN,LOGIN,SCRAM-SHA-256)")
+                     help="plaintext logins allowed without TLS, no penalties"
+                          " ('none' for no network; default loopback)")
+    tls.add_argument("--auth-mechanisms", metavar="MECH,...",
+                     help="SASL mechanisms offered (default PLAIN,LOGIN,SCRAM-SHA-256)")
     tls.add_argument("--apop", dest="auth_apop", action="store_true", default=None,
                      help="offer APOP (RFC 1939; off by default): needs {PLAIN} passwords, weak without TLS")
     tls.add_argument("--auth-secret-file", metavar="FILE",
                      help="the server's persistent secret, made if missing (default: $STATE_DIRECTORY/auth.key, "
                           "/var/lib/fastpop/auth.key as root, else ~/.local/state/fastpop/auth.key)")
-    tls.add_argument("--auth-penalty-initial", type=float, metavar="SECONDS", help="delay after a first failure (0: no penalty)")
+    tls.add_argument("--auth-penalty-initial", type=float, metavar="SECONDS",
+                     help="delay after a first failure (0: no penalty)")
     tls.add_argument("--auth-penalty-max", type=float, metavar="SECONDS", help="longest penalty delay")
-    tls.add_argument("--auth-penalty-half-life", type=float, metavar="SECONDS", help="time for a failure count to halve")
-    tls.add_argument("--max-connections-per-ip", type=int, metavar="N", help="open connections per address (0: no limit)")
-    tls.add_argument("--oauth-validator", metavar="NAME", help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
+    tls.add_argument("--auth-penalty-half-life", type=float, metavar="SECONDS",
+                     help="time for a failure count to halve")
+    tls.add_argument("--max-connections-per-ip", type=int, metavar="N",
+                     help="open connections per address (0: no limit)")
+    tls.add_argument("--oauth-validator", metavar="NAME",
+                     help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
     tls.add_argument("--oauth-secret-file", metavar="FILE", help="shared secret of the hmac validator")
     tls.add_argument("--oauth-command", metavar="COMMAND", help="token checker of the command validator")
     proxy = serve.add_argument_group("behind a load balancer (PROXY protocol v1/v2, fastpop.session.proxied)")
@@ -113,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--proxy-listen-tls", action="append", metavar="HOST:PORT",
                        help="the same, then implicit TLS (the proxy passes TLS through; needs --tls-cert)")
     proxy.add_argument("--proxy-trusted-networks", metavar="CIDR,...", help="the proxies allowed to send the header")
-    proxy.add_argument("--proxy-timeout", type=float, metavar="SECONDS", help="wait this long for the header (default 5)")
+    proxy.add_argument("--proxy-timeout", type=float, metavar="SECONDS",
+                       help="wait this long for the header (default 5)")
 
     user = sub.add_parser("user", help="manage a passwd-file")
     user.set_defaults(func=cmd_user)

@@ -68,7 +68,8 @@ class Config:
     oauth_secret: str | None = None
     oauth_secret_file: str | None = None
     oauth_command: str | None = None
-    proxy_listen: list[str] = field(default_factory=list)  # listeners requiring a PROXY header (fastpop.session.proxied)
+    # listeners requiring a PROXY header (fastpop.session.proxied)
+    proxy_listen: list[str] = field(default_factory=list)
     proxy_listen_tls: list[str] = field(default_factory=list)  # the same, then implicit TLS
     proxy_trusted_networks: list[str] = field(default_factory=list)  # who may send one
     proxy_timeout: float = 5.0  # seconds to wait for the header
@@ -181,7 +182,8 @@ class Config:
         except ValueError as exc:
             raise ValueError(f"proxy trusted_networks: {exc}") from None
         if (self.proxy_listen or self.proxy_listen_tls) and not self.proxy_trusted_networks:
-            raise ValueError("PROXY listeners need the proxies' addresses: [proxy] trusted_networks (--proxy-trusted-networks)")
+            raise ValueError("PROXY listeners need the proxies' addresses:"
+                             " [proxy] trusted_networks (--proxy-trusted-networks)")
         if self.proxy_timeout <= 0:
             raise ValueError("proxy timeout must be positive")
 

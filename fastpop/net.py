@@ -4,7 +4,7 @@ and the unit of per-client accounting.  Imports nothing from fastpop."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable
+from collections.abc import Iterable
 
 IPV6_PREFIX = 64
 

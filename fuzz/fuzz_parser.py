@@ -71,7 +71,7 @@ def run_program(data: bytes):
     while fdp.remaining_bytes():
         op = fdp.ConsumeIntInRange(0, 15)
         chunk = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 400))
-        for p, res in zip(parsers, results):
+        for p, res in zip(parsers, results, strict=True):
             if op == 0:
                 p.discard()
             elif op == 1:

@@ -142,7 +142,8 @@ class ServerProcess:
                                      preexec_fn=self.preexec_fn)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(parser: (\w+), loop: (\w+)", self.log()[self._log_offset:])
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+) \(parser: (\w+), loop: (\w+)",
+                          self.log()[self._log_offset:])
             if m:
                 self.port = int(m.group(1))
                 assert m.group(2) == self.parser, f"expected parser {self.parser}, server says {m.group(2)}"
@@ -180,7 +181,7 @@ class ServerProcess:
 
     # -- users and mail
     def add_user(self, messages: list[bytes] = (), password: str = "secret", name: str | None = None,
-                 stored: str | None = None) -> "User":
+                 stored: str | None = None) -> User:
         name = name or f"user{next(_user_ids)}"
         with open(self.passwd, "a") as f:
             f.write(f"{name}:{stored or '{PLAIN}' + password}\n")
@@ -218,7 +219,7 @@ class User:
         p.pass_(self.password)
         return p
 
-    def login_when_free(self, server: "ServerProcess | None" = None, timeout: float = 5.0) -> poplib.POP3:
+    def login_when_free(self, server: ServerProcess | None = None, timeout: float = 5.0) -> poplib.POP3:
         """Log in (to ``server``, else the user's own), retrying while a session
         that just ended still holds the mailbox lock."""
         server = server or self.server
@@ -283,7 +284,7 @@ class Raw:
     def _fill(self) -> None:
         chunk = self.sock.recv(1 << 20)
         if not chunk:
-            raise EOFError("server closed the connection; unread: %r" % bytes(self.buf[:200]))
+            raise EOFError(f"server closed the connection; unread: {bytes(self.buf[:200])!r}")
         self.buf += chunk
 
     def line(self) -> bytes:

@@ -201,7 +201,7 @@ def attack(srv: ServerProcess, clients: list[Client], command: bytes, per_connec
     replies = [c.reply(command, multiline) for c in clients]  # what each will get, count times
     assert all(r.startswith(b"+OK") for r in replies), replies
     before = settled_rss(pid)
-    for c, reply in zip(clients, replies):
+    for c, reply in zip(clients, replies, strict=True):
         c.flood(command + b"\r\n", reply, count)
     t = time.monotonic()
     send_without_reading(clients)

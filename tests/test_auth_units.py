@@ -38,7 +38,7 @@ def created(request):
 
 def test_creatable_scheme_prefix(created):
     scheme, stored, _ = created
-    assert stored.startswith("{%s}" % scheme)
+    assert stored.startswith(f"{{{scheme}}}")
     assert passwords.split_scheme(stored)[0] == scheme
 
 
@@ -74,7 +74,7 @@ def test_creatable_scheme_expense(created):
 @pytest.mark.parametrize("scheme", [s for s in passwords.CREATABLE_SCHEMES if s != "PLAIN"])
 def test_creatable_scheme_damaged_hash_fails_closed(scheme):
     stored = passwords.hash_password(PW, scheme)
-    prefix, value = "{%s}" % scheme, stored[len(scheme) + 2 :]
+    prefix, value = f"{{{scheme}}}", stored[len(scheme) + 2 :]
     damaged = [value[: len(value) // 2], value[:-3], value + "!!", "", "$", "garbage"]
     if "$" in value:
         damaged.append(value.replace("$", "%"))
@@ -133,20 +133,20 @@ def test_dovecot_digest_schemes(scheme, algo, salted):
     pw = "pässwörd with spaces"
     salt = SALT if salted else b""
     digest = hashlib.new(algo, pw.encode() + salt).digest()
-    stored = "{%s}%s" % (scheme, b64(digest + salt))
+    stored = f"{{{scheme}}}{b64(digest + salt)}"
     assert passwords.verify(stored, pw) is True
     assert passwords.verify(stored, pw + "x") is False
     assert passwords.is_expensive(stored) is False
     # hex encoding variant
-    hexed = "{%s.HEX}%s" % (scheme, (digest + salt).hex())
+    hexed = f"{{{scheme}.HEX}}{(digest + salt).hex()}"
     assert passwords.verify(hexed, pw) is True
     assert passwords.verify(hexed, "nope") is False
     # lower-case scheme name
-    assert passwords.verify("{%s}%s" % (scheme.lower(), b64(digest + salt)), pw) is True
+    assert passwords.verify(f"{{{scheme.lower()}}}{b64(digest + salt)}", pw) is True
     if not salted:  # an unsalted scheme must not treat trailing octets as a salt
         salted_digest = hashlib.new(algo, pw.encode() + SALT).digest()
-        assert passwords.verify("{%s}%s" % (scheme, b64(salted_digest + SALT)), pw) is False
-        assert passwords.verify("{%s}%s" % (scheme, b64(digest + b"XX")), pw) is False
+        assert passwords.verify(f"{{{scheme}}}{b64(salted_digest + SALT)}", pw) is False
+        assert passwords.verify(f"{{{scheme}}}{b64(digest + b'XX')}", pw) is False
 
 
 def test_dovecot_ssha256_known_vector():
@@ -473,7 +473,8 @@ def test_passwd_file_bad_line_is_logged_with_position_and_skipped(tmp_path, capl
         db = PasswdFile(str(path))
     assert db.lookup("ok").password == "{PLAIN}x" and db.lookup("also").password == "{PLAIN}z"
     assert db.lookup("bad") is None and len(db) == 2
-    assert [r.getMessage() for r in caplog.records] == [f"passwd-file line skipped: {path}:2 (user 'bad'): uid is not a number"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"passwd-file line skipped: {path}:2 (user 'bad'): uid is not a number"]
 
 
 def test_passwd_file_missing(tmp_path):

@@ -124,7 +124,8 @@ def test_spawned_idle_reports_memory_per_session(tmp_path):
 
 
 def test_sessions_mode_runs_exactly_n(tmp_path):
-    r = run_json(tmp_path, "--spawn", "-s", "login", "-n", "40", "--mailboxes", "8", "-c", "4", "-p", "2", "-w", "0", "-q")
+    r = run_json(tmp_path, "--spawn", "-s", "login", "-n", "40", "--mailboxes", "8", "-c", "4", "-p", "2", "-w", "0",
+                 "-q")
     assert r["totals"]["sessions"] == 40 and r["load"]["duration"] is None
 
 
@@ -268,7 +269,8 @@ def test_dovecot_tls_and_auth_plain(tmp_path, dovecot_server, tls, auth):
     d = dovecot_server
     port = d.tls_port if tls == "implicit" else d.port
     r = run_json(tmp_path, f"127.0.0.1:{port}", "--users", str(d.seeded.users_file), "-s", "download",
-                 "--tls", tls, "--auth", auth, "--cafile", str(d.cert), "-d", "1", "-c", "2", "-p", "1", "-w", "0", "-q")
+                 "--tls", tls, "--auth", auth, "--cafile", str(d.cert),
+                 "-d", "1", "-c", "2", "-p", "1", "-w", "0", "-q")
     assert r["ok"], r["errors"]
     assert r["target"]["tls"] == tls and r["target"]["auth"] == auth
     assert ("AUTH" if auth == "plain" else "PASS") in r["latency_us"]

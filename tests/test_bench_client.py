@@ -121,7 +121,8 @@ def _session_replies(retrs: list[bytes]) -> list[bytes]:
 
 CUTS = {
     "whole": lambda r: [r],
-    "status apart": lambda r: [r[: r.find(b"\r\n") + 2], r[r.find(b"\r\n") + 2 :]] if r.startswith(b"+OK ") and r.endswith(b"\r\n.\r\n") and len(r) > 100 else [r],
+    "status apart": lambda r: ([r[: r.find(b"\r\n") + 2], r[r.find(b"\r\n") + 2 :]]
+                               if r.startswith(b"+OK ") and r.endswith(b"\r\n.\r\n") and len(r) > 100 else [r]),
     "7 octets": lambda r: [r[i : i + 7] for i in range(0, len(r), 7)],
     "1000 octets": lambda r: [r[i : i + 1000] for i in range(0, len(r), 1000)],
     "terminator apart": lambda r: [r[:-3], r[-3:]] if len(r) > 10 else [r],
@@ -135,7 +136,8 @@ def test_honest_download_is_verified_however_cut(cut):
     assert w.errors == [] and w.finished == [True]
     assert s.messages == len(msgs) and s.octets == sum(map(len, msgs))
     assert w.unverified == 0
-    assert tr.written == [b"USER u\r\n", b"PASS p\r\n", b"UIDL\r\n", b"RETR 1\r\n", b"RETR 2\r\n", b"RETR 3\r\n", b"QUIT\r\n"]
+    assert tr.written == [b"USER u\r\n", b"PASS p\r\n", b"UIDL\r\n", b"RETR 1\r\n", b"RETR 2\r\n", b"RETR 3\r\n",
+                          b"QUIT\r\n"]
     assert len(w.lat[C.L_RETR]) == 3 and len(w.lat[C.L_UIDL]) == 1 and w.commands == 8
     assert tr.closed
 
@@ -320,7 +322,7 @@ def _variants(msg: bytes) -> list[bytes]:
     for status in STATUS_LINES:
         line = status % len(msg) if b"%d" in status else status
         out.append(line + b"\r\n" + wire + b".\r\n")
-    for corruption, (make, _) in CORRUPTIONS.items():
+    for make, _ in CORRUPTIONS.values():
         out.append(make(msg))
     out += [
         _retr_reply(msg, announced=len(msg) - 1),

@@ -230,7 +230,7 @@ def test_sigterm_under_load_stops_it(engine):
         proc, port = start(engine)
         stop = threading.Event()
 
-        def load():
+        def load(port: int, stop: threading.Event) -> None:
             socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
             for s in socks:
                 s.setblocking(False)
@@ -244,7 +244,7 @@ def test_sigterm_under_load_stops_it(engine):
             for s in socks:
                 s.close()
 
-        threads = [threading.Thread(target=load) for _ in range(2)]
+        threads = [threading.Thread(target=load, args=(port, stop)) for _ in range(2)]
         for t in threads:
             t.start()
         try:
@@ -327,7 +327,7 @@ def test_the_twin_answers_as_the_compiled_engine(servers):
     for engine in EPOLL_ENGINES:
         port = servers(engine, *args)
         heard[engine] = [run(port).replace(IMPLEMENTATION[engine], b"trivial-ENGINE") for run in SESSIONS.values()]
-    for name, compiled, python in zip(SESSIONS, heard["compiled"], heard["python-epoll"]):
+    for name, compiled, python in zip(SESSIONS, heard["compiled"], heard["python-epoll"], strict=True):
         assert compiled == python, (name, len(compiled), len(python), compiled[:300], python[:300])
     # and what they agree on is right
     assert heard["python-epoll"] == [

@@ -551,7 +551,8 @@ class Mpop:
 def pipelined(res: subprocess.CompletedProcess, command: bytes) -> bool:
     """True if mpop sent two `command`s in a row before reading a reply."""
     lines = res.stdout.splitlines()
-    return any(a.startswith(b"--> " + command) and b.startswith(b"--> " + command) for a, b in zip(lines, lines[1:]))
+    return any(a.startswith(b"--> " + command) and b.startswith(b"--> " + command) for a,
+               b in zip(lines, lines[1:], strict=False))
 
 
 @needs_mpop

@@ -312,7 +312,8 @@ def test_deliver_killed(mailserver, point, visible):
     assert_index_matches(user.maildir)
 
 
-@pytest.mark.parametrize("fault", ["deliver.before_rename:1:EIO", "deliver.after_rename:1:EIO", "deliver.after_create:1:ENOSPC"])
+@pytest.mark.parametrize("fault",
+                         ["deliver.before_rename:1:EIO", "deliver.after_rename:1:EIO", "deliver.after_create:1:ENOSPC"])
 def test_deliver_write_or_fsync_fails(mailserver, fault):
     """An I/O error before the message is durable: exit 75, nothing left anywhere
     (an fsync of new/ that fails takes the renamed file back)."""

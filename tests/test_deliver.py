@@ -85,8 +85,10 @@ STORED = [
     ("bare cr is an octet", b"Subject: a\n\nx\ry\n\r", b"Subject: a\r\n\r\nx\ry\r\n\r\r\n"),
     ("dots untouched", b"Subject: a\n\n.\n..x\n.", b"Subject: a\r\n\r\n.\r\n..x\r\n.\r\n"),
     ("empty", b"", b""),
-    ("mbox From_ line dropped", b"From bob@example.com Thu Jan  1 00:00:00 2024\nSubject: a\n\nb\n", b"Subject: a\r\n\r\nb\r\n"),
-    ("8-bit", "Subject: \u00e4\n\n\u00fc\u00df\n".encode("latin-1"), "Subject: \u00e4\r\n\r\n\u00fc\u00df\r\n".encode("latin-1")),
+    ("mbox From_ line dropped", b"From bob@example.com Thu Jan  1 00:00:00 2024\nSubject: a\n\nb\n",
+     b"Subject: a\r\n\r\nb\r\n"),
+    ("8-bit", "Subject: \u00e4\n\n\u00fc\u00df\n".encode("latin-1"),
+     "Subject: \u00e4\r\n\r\n\u00fc\u00df\r\n".encode("latin-1")),
 ]
 
 
@@ -351,7 +353,8 @@ def test_root_writes_as_the_servers_user(open_dir):
     box = Box(open_dir)
     os.chown(box.mail, nobody.pw_uid, nobody.pw_gid)
     cfg = open_dir / "fastpop.toml"
-    cfg.write_text(f'[server]\nuser = "nobody"\n[auth]\npasswd_file = "{box.passwd}"\n[mail]\nlocation = "{box.mail}/%u"\n')
+    cfg.write_text(f'[server]\nuser = "nobody"\n[auth]\npasswd_file = "{box.passwd}"\n'
+                   f'[mail]\nlocation = "{box.mail}/%u"\n')
     r = run_deliver(["--config", str(cfg), "--user", "alice"], message("for the server"))
     assert r.returncode == 0, r.stderr
     [path] = box.new()

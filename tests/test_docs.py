@@ -148,7 +148,8 @@ def reference() -> list[Row]:
             continue
         if set("".join(row)) <= set("-: "):
             continue  # the separator line
-        assert len(row) == 4 and re.fullmatch(r"`\w+`", row[0]), f"docs/configuration.md:{lineno}: not a key row: {line}"
+        assert len(row) == 4 and re.fullmatch(r"`\w+`",
+                                              row[0]), f"docs/configuration.md:{lineno}: not a key row: {line}"
         rows.append(Row(current, row[0].strip("`"), row[1], row[2], row[3], lineno))
     return rows
 
@@ -310,7 +311,8 @@ def test_relative_links_resolve(page):
 @pytest.mark.parametrize("page", pages(), ids=rel)
 def test_named_files_exist(page):
     spans = re.findall(r"`([^`\n]+)`", without_code_blocks(page.read_text()))
-    named = {s for s in spans if re.fullmatch(r"(fastpop|tests|benchmarks|contrib|docs|scripts|fuzz|\.github)/[\w./-]*", s)}
+    named = {s for s in spans if re.fullmatch(r"(fastpop|tests|benchmarks|contrib|docs|scripts|fuzz|\.github)/[\w./-]*",
+                                              s)}
     missing = sorted(s for s in named if not (REPO / s).exists())
     assert not missing, f"{rel(page)} names files that do not exist: {missing}"
 

@@ -59,7 +59,7 @@ def messages(draw) -> bytes:
     if draw(st.booleans()):
         lines = [b"From: a@example.com", b"Subject: fuzz", b""] + lines
     ends = draw(st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=len(lines), max_size=len(lines)))
-    out = b"".join(line + end for line, end in zip(lines, ends))
+    out = b"".join(line + end for line, end in zip(lines, ends, strict=True))
     if out and draw(st.booleans()):
         out = out[:-1] if out.endswith(b"\n") and not out.endswith(b"\r\n") else out  # no final newline
         out = out.rstrip(b"\r\n") if draw(st.booleans()) else out
@@ -106,7 +106,7 @@ NUMBERS = st.one_of(
 def keyword(name: str):
     """The keyword in random case (keywords are case-insensitive)."""
     return st.lists(st.booleans(), min_size=len(name), max_size=len(name)).map(
-        lambda ups: "".join(c.upper() if u else c.lower() for c, u in zip(name, ups)))
+        lambda ups: "".join(c.upper() if u else c.lower() for c, u in zip(name, ups, strict=True)))
 
 
 def command(name: str, *args) -> st.SearchStrategy:
@@ -181,7 +181,7 @@ class POP3Machine(RuleBasedStateMachine):
         self.sessions_seen = self._sessions_logged()
 
     def _sessions_logged(self) -> int:
-        return len(re.findall(r"session user=%s rip" % re.escape(self.user.name), self.server.log()))
+        return len(re.findall(rf"session user={re.escape(self.user.name)} rip", self.server.log()))
 
     # -- the connection
     def _connect(self) -> None:

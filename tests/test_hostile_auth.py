@@ -85,7 +85,7 @@ def scram(c: Conn, authcid: str, password: str, authzid: str | None = None, prep
     without_proof = f"c={b64(gs2)},r={attrs['r']}"
     auth_msg = f"{bare},{server_first},{without_proof}".encode()
     signature = _hmac(hashlib.sha256(client_key).digest(), auth_msg)
-    proof = bytes(a ^ b for a, b in zip(client_key, signature))
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
     line = c.cmd(b64(without_proof + ",p=" + b64(proof)))
     if not line.startswith(b"+ "):
         return line
@@ -154,7 +154,7 @@ def test_malformed_apop_digest_is_an_ordinary_failed_login(server):
     for kind, name in names.items():
         c = Conn(server.port, source=source())
         assert c.cmd("UTF8") == b"+OK UTF8 enabled.\r\n"
-        for attempt in range(3):
+        for _attempt in range(3):
             digest = next(digests)
             started = time.monotonic()
             reply = c.cmd(f"APOP {name} {digest}")

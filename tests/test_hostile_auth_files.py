@@ -185,7 +185,8 @@ def test_rewriting_keeps_comments_blank_and_unreadable_lines_where_they_were(srv
     assert fastpop_user(srv, "add", "carol", "--scheme", "SSHA256", password="carol pw").returncode == 0
     assert fastpop_user(srv, "del", alice.name).returncode == 0
     now = srv.passwd.read_text().splitlines()
-    assert [line for line in now if not line.startswith((bob.name + ":", "carol:"))] == lines[:2] + lines[3:4] + lines[5:]
+    assert [line for line in now if not line.startswith((bob.name + ":",
+                                                         "carol:"))] == lines[:2] + lines[3:4] + lines[5:]
     assert now[-1].startswith("carol:{SSHA256}")
 
     # the malformed line is the operator's to mend: not guessed at
@@ -338,7 +339,8 @@ def oauth_attempt(c: Raw, mechanism: str, name: str, token: str) -> bytes:
     """One AUTH exchange, the response as a continuation line (RFC 5034 lets
     the client do so whatever its length); the server's final reply."""
     if mechanism == "OAUTHBEARER":
-        response, after_error = b64(f"n,a={name},\x01host=127.0.0.1\x01port=110\x01auth=Bearer {token}\x01\x01"), b64(b"\x01")
+        response = b64(f"n,a={name},\x01host=127.0.0.1\x01port=110\x01auth=Bearer {token}\x01\x01")
+        after_error = b64(b"\x01")
     else:
         response, after_error = b64(f"user={name}\x01auth=Bearer {token}\x01\x01"), ""
     assert c.cmd(f"AUTH {mechanism}") == b"+ \r\n"

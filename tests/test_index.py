@@ -33,8 +33,6 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-LARGE_INDEX = 64 * 1024  # large enough that the format's fixed parts do not dominate
-
 import pytest
 from conftest import PARSERS, ServerProcess, User, message, tracer_of
 from hypothesis import HealthCheck, given, settings
@@ -42,6 +40,7 @@ from hypothesis import strategies as st
 
 from fastpop.store import index as mindex
 
+LARGE_INDEX = 64 * 1024  # large enough that the format's fixed parts do not dominate
 INDEX = mindex.INDEX_FILE
 HOUR_NS = 3600 * 10**9
 _names = itertools.count(1)
@@ -113,7 +112,7 @@ class Box:
         self.msgs.append(Msg(unique, size, data))
         return target
 
-    def expected(self) -> "View":
+    def expected(self) -> View:
         return View(
             (len(self.msgs), sum(m.size for m in self.msgs)),
             [(i + 1, m.size) for i, m in enumerate(self.msgs)],
@@ -289,7 +288,7 @@ def test_answers_identical_with_and_without_the_index(server):
 
 def test_list_equals_retr_octets_with_and_without_index(server):
     box = mixed_box(server)
-    for attempt in range(2):
+    for _attempt in range(2):
         p = login(box.user)
         try:
             view = read_view(p)
@@ -319,7 +318,7 @@ def test_large_mailbox_index(server):
 def test_uidls_are_stable_across_rebuilds_and_deletions(server):
     box = new_box(server, [message(f"s{i}") for i in range(6)])
     before = session(box.user)
-    by_unique = dict((u, s) for (_, u), (_, s) in zip(before.uidls, before.sizes))
+    by_unique = dict((u, s) for (_, u), (_, s) in zip(before.uidls, before.sizes, strict=True))
     p = login(box.user)
     p.dele(2)
     p.dele(5)
@@ -328,7 +327,7 @@ def test_uidls_are_stable_across_rebuilds_and_deletions(server):
     box.index_path.unlink()
     after = session(box.user)
     assert after == box.expected()
-    for (_, u), (_, s) in zip(after.uidls, after.sizes):
+    for (_, u), (_, s) in zip(after.uidls, after.sizes, strict=True):
         assert by_unique[u] == s
 
 
@@ -361,7 +360,8 @@ def strace(pid: int, out: Path):
     if shutil.which("strace") is None:
         pytest.skip("strace is not installed: cannot observe the server's system calls")
     proc = subprocess.Popen(
-        ["strace", "-f", "-y", "-s", "4096", "-e", "trace=openat,openat2,getdents64,newfstatat,statx,stat", "-o", str(out), "-p", str(pid)],
+        ["strace", "-f", "-y", "-s", "4096", "-e", "trace=openat,openat2,getdents64,newfstatat,statx,stat", "-o",
+         str(out), "-p", str(pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 10
@@ -754,7 +754,8 @@ INCONSISTENT = {
     "last-uidl-past-end": lambda g: _set_record(g, _records(g)[0].count - 1, uidl_len=lambda v: v["uidl_len"] + 40),
     "name-off-past-end": lambda g: _set_record(g, 0, name_off=len(g)),
     # the header's total disagrees with its records
-    "total-size-off": lambda g: with_crc(g[:16] + struct.pack("<Q", struct.unpack_from("<Q", g, 16)[0] + 1000) + g[24:]),
+    "total-size-off": lambda g: with_crc(g[:16] + struct.pack("<Q",
+                                                              struct.unpack_from("<Q", g, 16)[0] + 1000) + g[24:]),
 }
 
 
@@ -826,7 +827,8 @@ def test_large_index_damaged_in_place_during_a_session(own_server, how):
     time.sleep(0.1)
     rc = own_server.proc.poll()
     assert rc is None, f"the server died (exit status {rc}) on LIST after its index was changed in place"
-    assert view == good_view, f"the open session saw the change: {view if isinstance(view, Exception) else view.sizes[:2]}"
+    assert view == good_view, (
+        f"the open session saw the change: {view if isinstance(view, Exception) else view.sizes[:2]}")
     assert session(box.user) == good_view
     assert "Traceback" not in own_server.log()
 
@@ -928,7 +930,7 @@ def _outcome(fn, *args):
         return ("ok", fn(*args))
     except ValueError:
         return ("ValueError", None)
-    except BaseException as exc:  # noqa: BLE001 - anything else is the failure being looked for
+    except BaseException as exc:
         return (type(exc).__name__, str(exc))
 
 
@@ -1018,7 +1020,7 @@ def test_delivery_racing_index_builds(server):
             for i, data in enumerate(payloads):
                 box.put(data, sizes=bool(i % 3 == 0))
                 time.sleep(0.002)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     t = threading.Thread(target=deliver)
@@ -1046,7 +1048,7 @@ def test_delivery_racing_index_builds(server):
     final = session(box.user)
     assert final.stat[0] == 205
     want = {m.unique: m.size for m in box.msgs}
-    got = [(u, s) for (_, u), (_, s) in zip(final.uidls, final.sizes)]
+    got = [(u, s) for (_, u), (_, s) in zip(final.uidls, final.sizes, strict=True)]
     assert sorted(u for u, _ in got) == sorted(want), "messages missing or listed twice"
     assert all(want[u] == s for u, s in got), [(u, s, want[u]) for u, s in got if want[u] != s]
     assert final.stat[1] == sum(want.values())
@@ -1231,7 +1233,7 @@ def test_dovecot_migration_keeps_uidls():
 
         # a message delivered after the migration: a UIDL of its own; the others keep Dovecot's
         srv = servers[0]
-        box.msgs = [Msg(u, s, b"") for (_, u), (_, s) in zip(dovecot_view.uidls, dovecot_view.sizes)]
+        box.msgs = [Msg(u, s, b"") for (_, u), (_, s) in zip(dovecot_view.uidls, dovecot_view.sizes, strict=True)]
         box.put(message("after dovecot"))
         # delivered as the mail user, as an MDA does (served as root, fastpop serves only
         # the files of the Maildir's owner: a root-owned file there could be a hard link)

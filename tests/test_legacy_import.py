@@ -122,7 +122,8 @@ def test_import_then_pop3(legacy, target):
 
     records = {r.name: r for r in read_records(str(target.passwd))}
     assert sorted(records) == ["alice@example.com", "alice@example.org", "bob@example.com"]
-    for name, pw in (("alice@example.com", "Secr3t!"), ("bob@example.com", "hunter2"), ("alice@example.org", "other pw")):
+    for name, pw in (("alice@example.com", "Secr3t!"), ("bob@example.com", "hunter2"),
+                     ("alice@example.org", "other pw")):
         rec = records[name]
         assert rec.password.startswith("{ARGON2ID}$argon2id$")
         assert verify(rec.password, pw) and not verify(rec.password, pw + "x")
@@ -192,7 +193,8 @@ REFUSALS = {
                     "example.com/bob: no <password>.pwd file"),
     "pwd file with content": (lambda root: (root / "example.com" / "bob" / "hunter2.pwd").write_bytes(b"secret\n"),
                               "the .pwd file is not empty"),
-    "empty password": (lambda root: (root / "example.com" / "bob" / "hunter2.pwd").rename(root / "example.com" / "bob" / ".pwd"),
+    "empty password": (lambda root: (root / "example.com" / "bob" / "hunter2.pwd").rename(
+                           root / "example.com" / "bob" / ".pwd"),
                        "empty password"),
     "sub-folder": (lambda root: (root / "example.com" / "alice" / "Sent").mkdir(),
                    "example.com/alice/Sent: a folder inside a user's folder"),
@@ -206,7 +208,8 @@ REFUSALS = {
                               "example.com/carol: a symbolic link, not a folder"),
     "fifo": (lambda root: os.mkfifo(root / "example.com" / "alice" / "pipe"), "alice/pipe: not a regular file"),
     # a symbolic link is never followed, whatever it points at: inside ROOT or to a file only root may read
-    "symlinked message file": (lambda root: (root / "example.com" / "alice" / "00000004.eml").symlink_to(secret_file(root)),
+    "symlinked message file": (lambda root: (root / "example.com" / "alice" / "00000004.eml").symlink_to(
+                                   secret_file(root)),
                                "alice/00000004.eml: not a regular file"),
     "symlinked domain folder": (lambda root: (root / "example.net").symlink_to(root / "example.com"),
                                 "legacy/example.net: a symbolic link, not a folder"),
@@ -282,8 +285,9 @@ def test_unreadable_file_is_refused(open_dir):
         nobody = pwd.getpwnam("nobody")
         os.chown(out, nobody.pw_uid, nobody.pw_gid)
         code = (
-            "import os, pwd, sys, argon2, fastpop.cli, fastpop.delivery.legacy_import, fastpop.auth.authenticator, fastpop.delivery.local,"
-            " fastpop.auth.passwd_file, fastpop.auth.passwords, fastpop.store.maildir, hashlib, stat\n"
+            "import os, pwd, sys, argon2, fastpop.cli, fastpop.delivery.legacy_import, fastpop.auth.authenticator,"
+            " fastpop.delivery.local, fastpop.auth.passwd_file, fastpop.auth.passwords, fastpop.store.maildir,"
+            " hashlib, stat\n"
             "fastpop.cli.build_parser()  # imports every subcommand's module while still root\n"
             "n = pwd.getpwnam('nobody'); os.setgroups([]); os.setgid(n.pw_gid); os.setuid(n.pw_uid)\n"
             "sys.exit(fastpop.cli.main(['import', 'legacy', *sys.argv[1:]]))\n"

@@ -63,7 +63,7 @@ def test_total_limit_over_all_workers(tmp_path, workers):
             answers.append(line)
             held.append(sock)
         assert sum(a.startswith(b"+OK") for a in answers) == 4
-        refused = [s for s, a in zip(held, answers) if not a.startswith(b"+OK")]
+        refused = [s for s, a in zip(held, answers, strict=True) if not a.startswith(b"+OK")]
         assert all(a == SERVER_FULL for a in answers if not a.startswith(b"+OK"))
         assert all(_closed(s) for s in refused)
         for s in held:

@@ -23,7 +23,8 @@ from fastpop.wire.stuffing import pop3_size
 class LMTPServer(ServerProcess):
     def __init__(self, root: Path) -> None:
         self.socket_path = root / "lmtp.sock"
-        super().__init__(root, "cython", extra_args=["--lmtp-listen", "127.0.0.1:0", "--lmtp-listen", f"unix:{self.socket_path}"])
+        super().__init__(root, "cython",
+                         extra_args=["--lmtp-listen", "127.0.0.1:0", "--lmtp-listen", f"unix:{self.socket_path}"])
         self.lmtp_port = 0
 
     def start(self, port: int = 0) -> None:
@@ -98,7 +99,8 @@ def fetch_all(user) -> list[bytes]:
             out.append(data)
     finally:
         p.quit()
-    stored = [f.read_bytes() for f in sorted(user.maildir.glob("cur/*"), key=lambda f: (int(f.name.split(".")[0]), f.name))]
+    stored = [f.read_bytes() for f in sorted(user.maildir.glob("cur/*"),
+                                             key=lambda f: (int(f.name.split(".")[0]), f.name))]
     assert out == stored
     for f in user.maildir.glob("cur/*"):
         w = int(re.search(r",W=(\d+)", f.name).group(1))

@@ -44,7 +44,7 @@ def greeting(port: int, timeout: float = 5.0) -> bytes:
         f = s.makefile("rb")
         try:
             return f.readline()
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             return b""
         finally:
             f.close()
@@ -135,7 +135,8 @@ def test_20000_recipients_get_452_past_the_cap(lmtp_server):
     n, cap = 20_000, 1000
     r = lmtp_server.raw()
     r.sock.settimeout(60)
-    commands = b"LHLO test\r\nMAIL FROM:<a@example.com>\r\n" + b"RCPT TO:<%s>\r\n" % user.name.encode() * n + b"DATA\r\n"
+    commands = (b"LHLO test\r\nMAIL FROM:<a@example.com>\r\n"
+                + b"RCPT TO:<%s>\r\n" % user.name.encode() * n + b"DATA\r\n")
     sender = threading.Thread(target=r.send, args=(commands,), daemon=True)  # replies are read meanwhile
     sender.start()
     try:
@@ -180,7 +181,7 @@ def test_idle_lmtp_connections_do_not_starve_pop3(tmp_path):
             idle.append(s)
             try:
                 first = s.recv(200)
-            except (ConnectionResetError, socket.timeout):
+            except (TimeoutError, ConnectionResetError):
                 first = b""
             if first.startswith(b"220 "):
                 greeted += 1
@@ -358,7 +359,7 @@ def test_dot_reader_any_cut(lines, cuts):
     points = sorted({c for c in cuts if c < len(wire)} | {0, len(wire)})
     reader = DotReader(1 << 20)
     rest = None
-    for a, b in zip(points, points[1:]):
+    for a, b in zip(points, points[1:], strict=False):
         rest = reader.feed(wire[a:b])
         if rest is not None:
             rest += wire[b:]
@@ -382,7 +383,7 @@ def test_content_in_slices_is_normalize_of_the_whole(msg, slice_size, cuts):
     wire = _wire(msg)
     points = sorted({c for c in cuts if c < len(wire)} | {0, len(wire)})
     reader = lmtp.DotReader(1 << 20)
-    for a, b in zip(points, points[1:]):
+    for a, b in zip(points, points[1:], strict=False):
         reader.feed(wire[a:b])
     saved = lmtp.SLICE
     lmtp.SLICE = slice_size

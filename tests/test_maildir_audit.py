@@ -69,7 +69,6 @@ import re
 import shutil
 import signal
 import site
-import socket
 import stat
 import struct
 import subprocess
@@ -318,7 +317,7 @@ class Tracer:
         """The accesses traced since the last window, once the server is quiet."""
         self.settle()
         found: list[Access] = []
-        for tid, call, line in self._read():
+        for _tid, call, line in self._read():
             found += accesses(line, call, self.cwd)
         for tid, call in self._pending.items():  # still blocked (a FIFO?): the name it asked for counts
             found += accesses(f"{tid} {call} <unfinished ...>", call, self.cwd)
@@ -638,7 +637,7 @@ class Scene:
         if not (d.is_dir() and not d.is_symlink()):
             return
         o = self.audit.outside
-        for i, kind in enumerate(kinds):
+        for kind in kinds:
             self.audit.seq += 1
             n = self.audit.seq
             body = message(f"m{n}", f"message {n}\r\n")
@@ -750,7 +749,7 @@ def session(port: int, user: str, password: str) -> tuple[bytes, list[str], bool
     notes: list[str] = []
     try:
         p = Recording(port, sink)
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return bytes(sink), ["no greeting"], True
     except OSError as exc:  # refused: the server died (checked later)
         return bytes(sink), [f"cannot connect: {exc!r}"], False
@@ -779,7 +778,7 @@ def session(port: int, user: str, password: str) -> tuple[bytes, list[str], bool
             step(f"DELE {n}", p.dele, n)
         step("QUIT", p.quit)
         return bytes(sink), notes, False
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return bytes(sink), notes + ["timed out"], True
     except (ConnectionError, EOFError) as exc:
         return bytes(sink), notes + [f"connection lost: {exc!r}"], False
@@ -835,7 +834,7 @@ def check(audit: Audit, plan: Plan) -> None:
     assert b"VICTIM-SECRET" not in replies, "another user's message was served" + context
     assert snapshot(audit.outside) == scene.outside_before, "files outside the Maildir changed" + context
     assert snapshot(audit.victim.maildir) == audit.victim_snapshot, "another user's Maildir changed" + context
-    assert not hung, "the session hung (a reply took over %.0f s)" % TIMEOUT + context
+    assert not hung, f"the session hung (a reply took over {TIMEOUT:.0f} s)" + context
     moved = [p for p, kind in scene.planted.items()
              if not os.path.lexists(p) or stat.S_IFMT(os.lstat(p).st_mode) != kind]
     assert not moved, f"planted non-message entries moved or removed: {moved}" + context

@@ -92,13 +92,13 @@ def test_reference_itself():
 # --------------------------------------------------------------------------- messages
 
 
-def big(size: int, patches: dict[int, bytes] = {}, header: bytes = b"Subject: big\r\n\r\n") -> bytes:
+def big(size: int, patches: dict[int, bytes] | None = None, header: bytes = b"Subject: big\r\n\r\n") -> bytes:
     """``size`` octets of 72-octet CRLF lines after a header, ending in CRLF, with bytes
     overwritten at the given offsets (after the final CRLF is put in place)."""
     line = b"y" * 70 + CRLF
     data = bytearray(header + line * ((size - len(header)) // len(line) + 1))[:size]
     data[-2:] = CRLF
-    for offset, patch in patches.items():
+    for offset, patch in (patches or {}).items():
         assert offset >= len(header) and offset + len(patch) <= size
         data[offset:offset + len(patch)] = patch
     assert len(data) == size
@@ -118,7 +118,7 @@ def clean(size: int, dot_lines_at: list[int], header: bytes = b"Subject: clean\r
             out.extend(b"c" * (n - 2) + CRLF)
 
     targets = sorted(dot_lines_at) + [size]
-    for offset, following in zip(targets, targets[1:]):
+    for offset, following in zip(targets, targets[1:], strict=False):
         fill(offset)
         assert len(out) == offset, (offset, len(out))
         out.extend(b".dot line\r\n" if following - offset >= 13 else b".\r\n")
@@ -164,7 +164,8 @@ SMALL_CASES = {
 LARGE_CASES = {
     # dots right after a line end, exactly at the 128 KiB and the 256 KiB chunk boundaries
     "dot-after-lf-at-boundaries": big(700 * KiB, {SMALL_LIMIT - 1: b"\n.", CHUNK - 1: b"\n.", 2 * CHUNK - 1: b"\n."}),
-    "dot-after-crlf-at-boundaries": big(700 * KiB, {SMALL_LIMIT - 2: b"\r\n.", CHUNK - 2: b"\r\n..", 2 * CHUNK - 2: b"\r\n.\r\n"}),
+    "dot-after-crlf-at-boundaries": big(700 * KiB,
+                                        {SMALL_LIMIT - 2: b"\r\n.", CHUNK - 2: b"\r\n..", 2 * CHUNK - 2: b"\r\n.\r\n"}),
     "dot-before-boundary": big(300 * KiB, {CHUNK - 3: b"\r\n.", SMALL_LIMIT - 2: b"\n."}),
     # CR as the last octet of a chunk, LF as the first of the next
     "crlf-split-by-boundary": big(600 * KiB, {CHUNK - 1: b"\r\n.", 2 * CHUNK - 1: b"\r\n\r\n."}),
@@ -237,7 +238,8 @@ def test_retr_top_and_sizes(server, case):
         status = c.cmd(f"RETR {n}")
         body = c.body()
         assert_same(body, retr_body(data), f"RETR {n} ({how})")
-        assert status == b"+OK %d octets\r\n" % len(unstuff(body)), f"RETR {n} ({how}): status size differs from octets sent"
+        assert status == b"+OK %d octets\r\n" % len(unstuff(body)), (
+            f"RETR {n} ({how}): status size differs from octets sent")
         assert len(unstuff(body)) == size
         assert c.cmd(f"LIST {n}") == b"+OK %d %d\r\n" % (n, size), how
         for lines in (0, 1, 2, 99999999):
@@ -361,7 +363,8 @@ def test_size_counted_across_chunk_boundary_crlf(server):
     assert os.path.getsize(user.files()[0]) == len(data)
 
 
-@pytest.mark.parametrize("case", ["clean-dot-lines-at-boundaries", "clean-dot-at-first-octet", "dot-after-lf-at-boundaries",
+@pytest.mark.parametrize("case",
+                         ["clean-dot-lines-at-boundaries", "clean-dot-at-first-octet", "dot-after-lf-at-boundaries",
                                   "no-final-newline"])
 def test_pipelined_large_retr(server, case):
     """Replies to commands sent behind a large RETR come after its last octet, in order."""

@@ -17,7 +17,7 @@ prometheus_client = pytest.importorskip("prometheus_client")
 from conftest import ServerProcess, message  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from fastpop.serve.validation import validate_all
+from fastpop.serve.validation import validate_all  # noqa: E402
 
 
 def free_port() -> int:

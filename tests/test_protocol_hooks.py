@@ -53,4 +53,4 @@ def test_private_overrides_are_declared_hooks(cls):
 def test_metered_tables_wrap_every_base_entry():
     for table in ("_authorization_table", "_transaction_table"):
         base, counted = getattr(POP3Protocol, table), getattr(MeteredProtocol, table)
-        assert len(base) == len(counted) and all(a is not b for a, b in zip(base, counted))
+        assert len(base) == len(counted) and all(a is not b for a, b in zip(base, counted, strict=True))

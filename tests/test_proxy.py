@@ -79,8 +79,9 @@ class Hosts:
         self.all = (a, b)
         self.certs = certs
         self.proxy_port, self.tls_port = {}, {}
-        for srv, addr in zip(self.all, HOST_ADDRESSES):
-            m = re.search(rf"PROXY protocol listening on {re.escape(addr)}:(\d+) \(proxies: 127\.0\.0\.1/32\)", srv.log())
+        for srv, addr in zip(self.all, HOST_ADDRESSES, strict=True):
+            m = re.search(rf"PROXY protocol listening on {re.escape(addr)}:(\d+) \(proxies: 127\.0\.0\.1/32\)",
+                          srv.log())
             assert m, srv.log()
             self.proxy_port[srv] = int(m.group(1))
             m = re.search(rf"PROXY protocol listening on {re.escape(addr)}:(\d+) \(implicit TLS; proxies: ", srv.log())
@@ -108,7 +109,7 @@ def hosts(request, tmp_path_factory):
         "--max-connections-per-ip", str(PER_IP), "--apop",
     ]
     servers = []
-    for name, addr in zip("ab", HOST_ADDRESSES):
+    for name, addr in zip("ab", HOST_ADDRESSES, strict=True):
         srv = ServerProcess(root / name, parser, loop,
                             extra_args=["--proxy-listen", f"{addr}:0", "--proxy-listen-tls", f"{addr}:0", *common])
         if servers:  # one store: the second host uses the first one's passwd-file and mail
@@ -134,7 +135,9 @@ class HAProxy:
                    FASTPOP2_TLS=hosts.address(hosts.b, tls=True))
         self.log_path = directory / "haproxy.log"
         self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([HAPROXY, "-db", *(arg for cfg in (HAPROXY_CFG, HAPROXY_PASSTHROUGH_CFG, HAPROXY_V1_CFG) for arg in ("-f", str(cfg)))],
+        self.proc = subprocess.Popen([HAPROXY, "-db",
+                                      *(arg for cfg in (HAPROXY_CFG, HAPROXY_PASSTHROUGH_CFG,
+                                                        HAPROXY_V1_CFG) for arg in ("-f", str(cfg)))],
                                      stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=directory)
         deadline = time.monotonic() + 20
         for port in self.ports.values():
@@ -386,7 +389,8 @@ def test_no_header_in_time_is_refused(hosts):
     c = Proxied(hosts, hosts.a, b"PROXY TCP4 192.0.2.7 ", greeting=False)  # and then nothing
     assert c.read_to_eof() == b""
     assert HEADER_TIMEOUT * 0.9 <= time.monotonic() - started < HEADER_TIMEOUT + 3
-    wait_for(r"refused proxy connection from 127\.0\.0\.1: no PROXY header within 1 s \(received b'PROXY TCP4 ", hosts.a)
+    wait_for(r"refused proxy connection from 127\.0\.0\.1: no PROXY header within 1 s \(received b'PROXY TCP4 ",
+             hosts.a)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -426,7 +430,8 @@ def test_header_with_pipelined_commands(hosts, version):
     wait_for(rf"session user={user.name} rip=2001:db8::7 ", hosts.b)
 
 
-@pytest.mark.parametrize("header", [build_v2(None, None, local=True), build_v1(None, None)], ids=["v2-local", "v1-unknown"])
+@pytest.mark.parametrize("header", [build_v2(None, None, local=True), build_v1(None, None)],
+                         ids=["v2-local", "v1-unknown"])
 def test_local_and_unknown_keep_the_proxy_address(hosts, header):
     user = hosts.a.add_user()
     c = Proxied(hosts, hosts.a, header)
@@ -531,7 +536,8 @@ def test_implicit_tls_listener_refusals(hosts):
     sock.sendall(build_v2(CLIENT, DEST)[:20])
     assert _read_to_eof(sock) == b""
     assert HEADER_TIMEOUT * 0.9 <= time.monotonic() - started < HEADER_TIMEOUT + 3
-    wait_for(r"refused proxy connection from 127\.0\.0\.1: no PROXY header within 1 s \(received b'\\r\\n\\r\\n", hosts.a)
+    wait_for(r"refused proxy connection from 127\.0\.0\.1: no PROXY header within 1 s \(received b'\\r\\n\\r\\n",
+             hosts.a)
 
 
 def _read_to_eof(sock: socket.socket) -> bytes:

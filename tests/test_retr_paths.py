@@ -297,7 +297,8 @@ def test_sendfile_is_used_for_crlf_messages_only(tmp_path):
     user = srv.add_user([crlf, lf])
     trace = tmp_path / "strace.out"
     srv.start()
-    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=sendfile", "-o", str(trace), "-p", str(srv.proc.pid)])
+    tracer = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=sendfile", "-o", str(trace), "-p",
+                               str(srv.proc.pid)])
     try:
         time.sleep(1.0)  # let strace attach to every thread
         c = RawClient(srv.port)

@@ -82,7 +82,8 @@ def test_creates_exclusively_with_the_mode_asked(open_nofollow, tree):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640 & ~_umask()
     assert _errno(open_nofollow, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL) == errno.EEXIST
     # a link planted at the name is not created through
-    assert _errno(open_nofollow, str(tree / "box" / "cur" / "link"), os.O_WRONLY | os.O_CREAT | os.O_EXCL) == errno.EEXIST
+    assert _errno(open_nofollow, str(tree / "box" / "cur" / "link"),
+                  os.O_WRONLY | os.O_CREAT | os.O_EXCL) == errno.EEXIST
     assert (tree / "outside" / "secret").read_bytes() == b"secret"
 
 

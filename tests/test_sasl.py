@@ -80,7 +80,8 @@ def scram_login(c: Conn, name: str, password: str, initial: bool = True) -> byte
 def test_bare_auth_lists_mechanisms(server):
     c = Conn(server.port)
     c.send(b"AUTH\r\n")
-    assert [c.line() for _ in range(len(MECHS) + 2)] == [b"+OK\r\n"] + [m.encode() + b"\r\n" for m in MECHS] + [b".\r\n"]
+    assert [c.line() for _ in range(len(MECHS) + 2)] == (
+        [b"+OK\r\n"] + [m.encode() + b"\r\n" for m in MECHS] + [b".\r\n"])
     assert b"SASL " + " ".join(MECHS).encode() in c.multi("CAPA")
     assert c.cmd("AUTH NOSUCH") == b"-ERR [AUTH] Unsupported authentication mechanism.\r\n"
     assert c.cmd("AUTH PLAIN a b") == b"-ERR Wrong number of arguments.\r\n"

@@ -209,7 +209,8 @@ def _salts_per_worker(srv: ServerProcess, name: str) -> dict[str, str]:
 def test_made_up_salt_is_the_same_in_every_worker(tmp_path):
     """Before: each worker made its own secret, so a name's salt changed with
     the worker a connection reached."""
-    srv = ServerProcess(tmp_path, "cython", extra_args=[*secret_args(tmp_path / "auth.key"), "--workers", "2", "--apop"])
+    srv = ServerProcess(tmp_path, "cython",
+                        extra_args=[*secret_args(tmp_path / "auth.key"), "--workers", "2", "--apop"])
     srv.start()
     try:
         seen = _salts_per_worker(srv, UNKNOWN)

@@ -56,7 +56,8 @@ def test_path_traversal_user_names(server):
     for name in TRAVERSALS:
         if " " not in name:
             reply = c.cmd(f"USER {name}".encode())
-            assert reply in (b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR Invalid characters in command.\r\n"), (name, reply)
+            assert reply in (b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR Invalid characters in command.\r\n"), (name,
+                                                                                                                  reply)
     c.close()
     for name in TRAVERSALS:
         c = Conn(server.port)
@@ -137,7 +138,8 @@ def test_sasl_failures_count_toward_the_attempt_cap(server):
 
 @pytest.mark.parametrize("parser", ["cython"])
 def test_connection_cap_per_address(tmp_path, parser):
-    srv = ServerProcess(tmp_path, parser, extra_args=["--trusted-networks", "127.0.0.3/32", "--max-connections-per-ip", "3"])
+    srv = ServerProcess(tmp_path, parser,
+                        extra_args=["--trusted-networks", "127.0.0.3/32", "--max-connections-per-ip", "3"])
     srv.start()
     try:
         held = [Conn(srv.port) for _ in range(3)]
@@ -268,7 +270,8 @@ async def _penalty_scenario(port: int, victim, bystander, neighbour):
 def test_thousand_wrong_passwords_from_one_address(tmp_path, parser):
     initial, maximum = 0.05, 0.5
     srv = ServerProcess(tmp_path, parser, extra_args=[
-        "--apop", "--trusted-networks", "none", "--auth-penalty-initial", str(initial), "--auth-penalty-max", str(maximum),
+        "--apop", "--trusted-networks", "none",
+        "--auth-penalty-initial", str(initial), "--auth-penalty-max", str(maximum),
         "--auth-max-attempts", "100", "--max-connections-per-ip", "0", "--log-level", "info",
     ])
     srv.start()

@@ -54,7 +54,7 @@ def wait_for_eof(c: Raw, limit: float) -> tuple[bytes, float]:
     start = time.monotonic()
     try:
         data = c.read_to_eof()
-    except socket.timeout:
+    except TimeoutError:
         pytest.fail(f"the server did not close the connection within {limit} s (got {bytes(c.buf)!r})")
     return data, time.monotonic() - start
 
@@ -176,7 +176,7 @@ def test_client_vanishes_mid_retr(fresh_server):
             got = 0
             while got < 100_000:
                 chunk = c.sock.recv(65536)
-                assert chunk, "connection closed after %d octets of RETR" % got
+                assert chunk, f"connection closed after {got:d} octets of RETR"
                 got += len(chunk)
             # the server is stalled on this reader; others are still served meanwhile
             p = other.login()
@@ -226,7 +226,7 @@ def test_stalled_reader_times_out(fresh_server):
                 got += chunk
         except ConnectionResetError:
             pass
-        except socket.timeout:
+        except TimeoutError:
             pytest.fail(f"the stalled connection ({kind}) is still open")
         assert len(got) < len(data) and not got.endswith(b"\r\n.\r\n"), kind
         c.close()

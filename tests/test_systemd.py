@@ -36,7 +36,7 @@ class NotifySocket:
         while time.monotonic() < deadline:
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             msg = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
             self.messages.append(msg)
@@ -262,7 +262,7 @@ def test_inherited_sockets_are_sorted_by_name():
         listener.listen()
         listeners.append(listener)
     fds = [os.dup(s.fileno()) for s in listeners]
-    got = Sorted(list(zip(fds, ["pop3s", "fastpop.socket", "lmtp"])))
+    got = Sorted(list(zip(fds, ["pop3s", "fastpop.socket", "lmtp"], strict=True)))
     try:
         assert [s.fileno() for s in got.tls] == [fds[0]]
         assert [s.fileno() for s in got.pop3] == [fds[1]]

@@ -482,7 +482,8 @@ secret_file = "{tmp_path / 'key'}"
     assert config.trusted_networks == ["10.0.0.0/8"] and config.mechanisms() == ["SCRAM-SHA-256", "OAUTHBEARER"]
     assert (config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life) == (1.5, 10.0, 60.0)
     assert config.auth_penalty_per_user is False and config.max_connections_per_ip == 7
-    assert (config.tls_min_version, config.tls_handshake_timeout, config.listen_tls) == ("TLSv1.3", 5.0, ["127.0.0.1:995"])
+    assert (config.tls_min_version, config.tls_handshake_timeout, config.listen_tls) == ("TLSv1.3", 5.0,
+                                                                                         ["127.0.0.1:995"])
 
     def refused(text: str, **changes) -> None:
         c = Config(passwd_file=str(tmp_path / "passwd"), **changes)

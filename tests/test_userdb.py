@@ -462,7 +462,8 @@ def test_cache_hits_misses_and_flush(backend):
 
     backend.set_password(user, "third")
     assert login_reply(srv, user.name, "second").startswith(b"+OK")
-    assert subprocess.run([sys.executable, "-m", "fastpop", "user", "flush", "--pid", str(srv.proc.pid)]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "fastpop", "user", "flush", "--pid",
+                           str(srv.proc.pid)]).returncode == 0
     deadline = time.monotonic() + 5
     while "auth cache flushed" not in srv.log():
         assert time.monotonic() < deadline, srv.log()

@@ -59,6 +59,7 @@ def test_wheel_builds_from_sdist_installs_without_compiler_and_passes_the_suite(
     expected = "manylinux" if libc == "glibc" else "musllinux"
     assert tag.group(1).startswith(expected + "_") and tag.group(1).endswith("_" + platform.machine()), tag.group(0)
     assert tag.group(1) in tag.group(2)
-    assert re.search(r"^check-wheel: OK: .*/venv/lib/.*/site-packages/fastpop/__init__\.py \(parser: cython;", out, re.M), out
+    assert re.search(r"^check-wheel: OK: .*/venv/lib/.*/site-packages/fastpop/__init__\.py \(parser: cython;", out,
+                     re.M), out
     assert re.search(r"^check-wheel: OK: fastpop-\S+\.whl", out, re.M), out
     print(out[out.find("check-wheel: times:"):])

@@ -23,8 +23,9 @@ import stat
 import threading
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from fastpop.auth import passwords
 from fastpop.auth.cache import MISSING, AuthCache

@@ -25,8 +25,8 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 log = logging.getLogger("fastpop.auth")
 

@@ -86,8 +86,8 @@ def _verify(stored: str, password: bytes) -> bool:
         if keys is None:
             raise ValueError("malformed SCRAM-SHA-256 value")
         salt, stored_key, _server_key, iterations = keys
-        salted = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
-        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        salted_password = hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+        client_key = hmac.new(salted_password, b"Client Key", hashlib.sha256).digest()
         return hmac.compare_digest(hashlib.sha256(client_key).digest(), stored_key)
     if scheme in ("ARGON2I", "ARGON2ID") or value.startswith("$argon2"):
         import argon2
@@ -151,14 +151,15 @@ def hash_password(password: str, scheme: str = DEFAULT_SCHEME) -> str:
     if scheme in ("SHA512-CRYPT", "SHA256-CRYPT"):
         from passlib.hash import sha256_crypt, sha512_crypt
 
-        algo = sha512_crypt if scheme == "SHA512-CRYPT" else sha256_crypt
+        crypt = sha512_crypt if scheme == "SHA512-CRYPT" else sha256_crypt
         # 5000 rounds is what doveadm pw writes; passlib's default is far higher.
-        return "{%s}%s" % (scheme, algo.using(rounds=5000).hash(pw))
+        return f"{{{scheme}}}{crypt.using(rounds=5000).hash(pw)}"
     if scheme in _DIGESTS and _DIGESTS[scheme][1]:
         algo = _DIGESTS[scheme][0]
         salt = os.urandom(8)
         digest = hashlib.new(algo, pw + salt).digest()
-        return "{%s}%s" % (scheme, base64.b64encode(digest + salt).decode("ascii"))
+        encoded = base64.b64encode(digest + salt).decode("ascii")
+        return f"{{{scheme}}}{encoded}"
     raise ValueError(f"cannot create passwords in scheme {scheme}")
 
 

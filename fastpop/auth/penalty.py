@@ -33,7 +33,7 @@ import mmap
 import os
 import time
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 RECENT_CREDENTIALS = 10  # per address: wrong credentials seen lately
 
@@ -221,15 +221,15 @@ class PenaltyBox:
         entry = self._bump(self._ips, key, now, fingerprint)
         if entry is None:
             return  # the same wrong credentials again: no higher penalty
-        per_user = self.per_user and user is not None
-        if per_user:
-            self._bump(self._users, user, now, None)
+        counted = user if self.per_user else None  # the user whose own count goes up too, if any
+        if counted is not None:
+            self._bump(self._users, counted, now, None)
         shared = self.shared
         if shared is not None:
             decay = self._decay_at(now)
             shared.add(shared.key(b"a", key), 1.0, now, decay)
-            if per_user:
-                shared.add(shared.key(b"u", user), 1.0, now, decay)
+            if counted is not None:
+                shared.add(shared.key(b"u", counted), 1.0, now, decay)
 
     def succeeded(self, key: str, user: str) -> None:
         """A login succeeded: the user's own count is cleared (the address's decays)."""

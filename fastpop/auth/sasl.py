@@ -33,8 +33,9 @@ import hmac
 import json
 import logging
 import os
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, final
 
 from fastpop.auth.userdb import allowed
 
@@ -57,22 +58,27 @@ SCRAM_FIRST_FLOOR = 0.05
 SCRAM_EXTRA = "scram_sha256"  # passwd-file extra field: iter,salt,storedkey,serverkey (base64)
 
 
+# Each step is matched by ``type(step) is ...`` (fastpop.session.login): none is subclassed.
+@final
 @dataclass(frozen=True, slots=True)
 class Challenge:
     data: bytes
     failed: Outcome | None = None  # an error challenge: the attempt has already failed
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Gate:
     user: str | None
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Hold:
     seconds: float  # after the Gate opened
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Pending:
     future: Any  # asyncio.Future
@@ -101,7 +107,8 @@ class Services(Protocol):
     def verify_apop(self, name: str, digest: str) -> UserRecord | None | Pending: ...
     def scram_keys(self, record: UserRecord) -> tuple[bytes, bytes, bytes, int] | Pending | None: ...
     def validate_token(self, token: str, user: str | None, mechanism: str) -> Pending: ...
-    secret: bytes
+    @property
+    def secret(self) -> bytes: ...
 
 
 def _malformed(reason: str, user: str | None = None) -> Outcome:
@@ -144,9 +151,8 @@ def password_login(svc: Services, name: str, password: str) -> Step:
         # and PBKDF2 (HMAC pads its key with NULs) take for a shorter one:
         # "\0" is "" to both.  Refused unlooked-up, as a wrong password.
         return Outcome(name, credentials=credentials, reason="empty password or NUL in it")
-    record = svc.verify_password(name, password)
-    if type(record) is Pending:
-        record = yield record
+    found = svc.verify_password(name, password)
+    record: UserRecord | None = (yield found) if type(found) is Pending else found
     if record is not None and not allowed(record, "allow_plaintext"):
         return Outcome(name, credentials=credentials, reason="plaintext logins disabled for this user")
     return Outcome(name, record, credentials=credentials, reason="" if record else "wrong password or unknown user")
@@ -170,9 +176,8 @@ def apop_login(svc: Services, name: str, digest: str) -> Step:
     yield Gate(name)
     if not _apop_digest_ok(digest):
         return Outcome(name, reason="malformed APOP digest")
-    record = svc.verify_apop(name, digest)
-    if type(record) is Pending:
-        record = yield record
+    found = svc.verify_apop(name, digest)
+    record: UserRecord | None = (yield found) if type(found) is Pending else found
     return Outcome(name, record, reason="" if record else "wrong digest or unknown user")
 
 
@@ -321,16 +326,15 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
     # about the user (salt, timing) sooner than one guess is checked.
     valid = svc.valid_username(name)
     yield Gate(name if valid else None)
-    record = svc.lookup(name) if valid else None
-    if type(record) is Pending:
-        record = yield record
-    keys = None
+    found = svc.lookup(name) if valid else None
+    record: UserRecord | None = (yield found) if type(found) is Pending else found
+    keys: tuple[bytes, bytes, bytes, int] | None = None
     if record is not None:
-        keys = svc.scram_keys(record)
-        if isinstance(keys, Pending):
-            keys = yield keys
+        found_keys = svc.scram_keys(record)
+        keys = (yield found_keys) if isinstance(found_keys, Pending) else found_keys
         if keys is None:
-            log.info("no SCRAM-SHA-256 keys for user=%s (hash-only password: set it again with fastpop user passwd)", name)
+            log.info("no SCRAM-SHA-256 keys for user=%s (hash-only password: set it again with fastpop user passwd)",
+                     name)
             record = None
     if keys is None:
         keys = _fake_scram_keys(svc.secret, name)
@@ -399,9 +403,8 @@ def _validated(svc: Services, token: str, user: str | None, mechanism: str) -> S
         return Outcome(user, reason=f"token belongs to {owner!r}")
     if not svc.valid_username(owner):
         return Outcome(owner, reason="validator returned an invalid user name")
-    record = svc.lookup(owner)
-    if type(record) is Pending:
-        record = yield record
+    found = svc.lookup(owner)
+    record: UserRecord | None = (yield found) if type(found) is Pending else found
     if record is None:
         return Outcome(owner, reason="token valid but no such user in the user database")
     return Outcome(owner, record)
@@ -458,7 +461,7 @@ def xoauth2(svc: Services, initial: bytes | None) -> Step:
 @dataclass(frozen=True, slots=True)
 class Mechanism:
     name: str
-    start: Callable[[Services, "bytes | None"], Step]
+    start: Callable[[Services, bytes | None], Step]
     plaintext: bool  # the credentials travel in clear: only over TLS or from trusted networks
 
 

@@ -37,6 +37,8 @@ from fastpop.auth.userdb import UserDB, expand_vars, record_from_row, uses_remot
 from fastpop.errors import AuthUnavailable
 
 if TYPE_CHECKING:
+    import ldap3
+
     from fastpop.config import Config
 
 log = logging.getLogger("fastpop.auth")
@@ -47,7 +49,7 @@ def escape_filter(value: str) -> str:
     out = []
     for c in value:
         if c in "\\*()\0":
-            out.append("\\%02x" % ord(c))
+            out.append(f"\\{ord(c):02x}")
         else:
             out.append(c)
     return "".join(out)
@@ -91,7 +93,7 @@ class LDAPUserDB(UserDB):
         self.timeout = config.userdb_query_timeout
         self.retry_interval = config.userdb_retry_interval
         self.threads = config.userdb_pool_max
-        self._servers = None
+        self._servers: list[ldap3.Server] | None = None
         self._local = threading.local()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._down = False

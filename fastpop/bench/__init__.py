@@ -62,37 +62,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", nargs="?", metavar="HOST:PORT", help="the server to load (needs --users)")
     p.add_argument("--users", metavar="FILE", help="'name password' per line")
-    p.add_argument("--spawn", action="store_true", help="start a local fastpop with generated mailboxes (the default without a target)")
+    p.add_argument("--spawn", action="store_true",
+                   help="start a local fastpop with generated mailboxes (the default without a target)")
     g = p.add_argument_group("what each session does")
     g.add_argument("-s", "--scenario", choices=SCENARIOS, default="stat",
-                   help="login | stat (login+STAT) | download (UIDL, RETR all) | download-delete | retr-large | idle | mixed (default stat)")
-    g.add_argument("--mix", help="mixed: weights, e.g. login=1,stat=5,download=4 (default login=10,stat=50,download=40)")
+                   help="login | stat (login+STAT) | download (UIDL, RETR all) | download-delete | retr-large | idle"
+                        " | mixed (default stat)")
+    g.add_argument("--mix",
+                   help="mixed: weights, e.g. login=1,stat=5,download=4 (default login=10,stat=50,download=40)")
     g.add_argument("--tls", choices=["none", "starttls", "implicit"], default="none")
     g.add_argument("--cafile", help="verify the server certificate with these CAs (default: not verified)")
     g.add_argument("--server-name", help="TLS server name (default: the target host)")
     g.add_argument("--auth", choices=["user", "plain"], default="user", help="USER/PASS or AUTH PLAIN (default user)")
     g = p.add_argument_group("load")
-    g.add_argument("-c", "--connections", type=int, help="closed loop: concurrent sessions (default 16); idle: sessions to hold")
+    g.add_argument("-c", "--connections", type=int,
+                   help="closed loop: concurrent sessions (default 16); idle: sessions to hold")
     g.add_argument("-r", "--rate", type=float, metavar="R", help="open loop: start R sessions per second")
     g.add_argument("-d", "--duration", type=float, metavar="S", help="seconds of measured load (default 5)")
     g.add_argument("-n", "--sessions", type=int, metavar="N", help="run N measured sessions instead of a duration")
-    g.add_argument("-w", "--warmup", type=float, default=1.0, metavar="S", help="seconds of unmeasured load first (default 1)")
-    g.add_argument("-p", "--procs", type=int, default=_cpus(), help=f"client processes (default {_cpus()}: the usable cores)")
-    g.add_argument("--timeout", type=float, default=10.0, metavar="S", help="a reply slower than this is an error (default 10)")
+    g.add_argument("-w", "--warmup", type=float, default=1.0, metavar="S",
+                   help="seconds of unmeasured load first (default 1)")
+    g.add_argument("-p", "--procs", type=int, default=_cpus(),
+                   help=f"client processes (default {_cpus()}: the usable cores)")
+    g.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="a reply slower than this is an error (default 10)")
     g.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="the clients' event loop")
-    g.add_argument("--idle-noop", type=float, default=0.0, metavar="S", help="idle: each held session sends NOOP every S seconds")
-    g.add_argument("--reseed", metavar="TEMPLATE", help="download-delete on an external server: Maildir path with %%u to put deleted mail back")
+    g.add_argument("--idle-noop", type=float, default=0.0, metavar="S",
+                   help="idle: each held session sends NOOP every S seconds")
+    g.add_argument("--reseed", metavar="TEMPLATE",
+                   help="download-delete on an external server: Maildir path with %%u to put deleted mail back")
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", help="write the whole result")
     g.add_argument("--plot", metavar="FILE.png", help="draw throughput and latency over the run (needs matplotlib)")
-    g.add_argument("--server-pid", type=int, help="the server's PID: report its CPU per session and memory (summed over its process tree)")
+    g.add_argument("--server-pid", type=int,
+                   help="the server's PID: report its CPU per session and memory (summed over its process tree)")
     g.add_argument("-q", "--quiet", action="store_true", help="no live progress line")
     g = p.add_argument_group("--spawn: the generated mailboxes and the local fastpop")
     g.add_argument("--mailboxes", type=int, default=200, help="users (default 200; idle: at least --connections)")
     g.add_argument("--messages", type=int, default=20, help="messages per mailbox (default 20)")
     g.add_argument("--message-size", default="3700", metavar="SIZE",
                    help="N, A-B (uniform) or lognormal:MEDIAN[:SIGMA], with k/M suffixes (default 3700)")
-    g.add_argument("--large-size", default="10M", metavar="SIZE", help="retr-large: the one message of each large mailbox (default 10M)")
+    g.add_argument("--large-size", default="10M", metavar="SIZE",
+                   help="retr-large: the one message of each large mailbox (default 10M)")
     g.add_argument("--seed", type=int, default=1, help="random seed of the generated mail")
     g.add_argument("--server-parser", choices=["cython", "python"], default="cython")
     g.add_argument("--server-loop", choices=["uvloop", "asyncio"], default="uvloop")
@@ -123,7 +134,8 @@ def main(argv: list[str]) -> int:
         if verb == "trivial-server":
             from fastpop.bench import trivial
 
-            tp = argparse.ArgumentParser(prog="fastpop bench trivial-server", description=trivial.__doc__.splitlines()[0])
+            tp = argparse.ArgumentParser(prog="fastpop bench trivial-server",
+                                         description=trivial.__doc__.splitlines()[0])
             trivial.add_arguments(tp)
             return trivial.main(tp.parse_args(rest))
         problem = _need_deps() if verb == "compare" else None
@@ -152,7 +164,8 @@ def _compare(argv: list[str]) -> int:
 
     from fastpop.bench import report
 
-    p = argparse.ArgumentParser(prog="fastpop bench compare", description="Print bench results side by side (ratios: second / first).")
+    p = argparse.ArgumentParser(prog="fastpop bench compare",
+                                description="Print bench results side by side (ratios: second / first).")
     p.add_argument("results", nargs="+", metavar="RESULT.json")
     p.add_argument("--names", help="column names, comma-separated (default: the file names)")
     args = p.parse_args(argv)

@@ -14,6 +14,10 @@ import os
 import select
 import socket
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastpop.bench.trivial import TrivialState
 
 IN_SIZE = 1024  # a command line longer than this closes the connection
 MAX_EVENTS = 256
@@ -39,7 +43,7 @@ class _Conn:
 class TrivialEngine:
     """Serves one listening socket until a signal handler raises."""
 
-    def __init__(self, listen_fd: int, wakeup_fd: int, state, capa: bytes, max_fd: int = 65536) -> None:
+    def __init__(self, listen_fd: int, wakeup_fd: int, state: TrivialState, capa: bytes, max_fd: int = 65536) -> None:
         """``state`` is a ``trivial.TrivialState``; ``listen_fd`` a non-blocking listening
         socket; ``wakeup_fd`` the read end of the non-blocking pair given to
         ``signal.set_wakeup_fd``, so that a signal wakes the loop wherever it lands."""
@@ -64,8 +68,9 @@ class TrivialEngine:
         # as the compiled engine's deallocation: its connections and epoll set go with it
         for c in getattr(self, "_conns", {}).values():
             c.sock.close()
-        if getattr(self, "_epoll", None) is not None:
-            self._epoll.close()
+        epoll = getattr(self, "_epoll", None)
+        if epoll is not None:
+            epoll.close()
         if getattr(self, "_listener", None) is not None:
             self._listener.detach()
 
@@ -101,6 +106,7 @@ class TrivialEngine:
 
     def _modify(self, fd: int, events: int) -> None:
         # as in the compiled engine a failure is ignored (the descriptor is in the set)
+        assert self._epoll is not None, "called from serve(), which made it"
         try:
             self._epoll.modify(fd, events)
         except OSError:
@@ -112,6 +118,7 @@ class TrivialEngine:
                 sock, _ = self._listener.accept()
             except OSError as exc:  # BlockingIOError: none left to accept
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    assert self._epoll is not None, "called from serve(), which made it"
                     self._accepting = False
                     self._resume_at = int(time.time()) + 1
                     try:
@@ -125,6 +132,7 @@ class TrivialEngine:
                 continue
             sock.setblocking(False)  # accept() gives a blocking socket
             c = self._conns[fd] = _Conn(sock)
+            assert self._epoll is not None, "called from serve(), which made it"
             try:
                 self._epoll.register(fd, EPOLLIN)
             except OSError:
@@ -158,6 +166,7 @@ class TrivialEngine:
         if c is None:
             return
         data, c.out = c.out, None
+        assert data is not None, "EPOLLOUT is asked for only while a reply is pending"
         self._modify(fd, EPOLLIN)
         if self._send(fd, c, data):
             self._answer(fd, c)  # commands that arrived while the reply was going out

@@ -30,7 +30,8 @@ import base64
 import hashlib
 import ssl
 import time
-from typing import TYPE_CHECKING, Generator, Protocol
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Protocol, cast
 
 from fastpop import _compiled
 from fastpop.bench._wire_py import CHECKSUM_NAME
@@ -39,6 +40,8 @@ from fastpop.bench._wire_py import CHECKSUM_NAME
 # or disabled (fastpop._compiled chooses).
 _impl = _compiled.load("fastpop.bench._wire")
 if TYPE_CHECKING:
+    from array import array
+
     from fastpop.bench._wire_py import announced_size, verify_whole, whole_retr
 else:
     announced_size, verify_whole, whole_retr = _impl.announced_size, _impl.verify_whole, _impl.whole_retr
@@ -50,11 +53,24 @@ class Worker(Protocol):
     loop: asyncio.AbstractEventLoop
     timeout: float
     unverified: int
+    ws: int  # ns: the measuring window's start
+    we: int  # and end
+    lat: list[array[int]]  # per label: latencies in µs, within the window
+    commands: int
+    win_commands: int
+    ssl_context: ssl.SSLContext | None
+    server_hostname: str
 
     def record(self, label: int, ns: int, now: int) -> None: ...
     def error(self, kind: str, detail: str) -> None: ...
     def session_finished(self, s: Session, ok: bool) -> None: ...
     def hold(self, s: Session) -> None: ...
+
+
+class SessionUser(Protocol):
+    """A session's user as its errors name it: (name, password) (fastpop.bench.scenarios.User)."""
+
+    def __getitem__(self, i: int) -> str: ...
 
 
 CHECKSUM_HEADER = CHECKSUM_NAME.lower()
@@ -232,7 +248,7 @@ class Session(asyncio.Protocol):
         "octets", "held", "result", "task", "connect_expired",
     )
 
-    def __init__(self, worker: Worker, gen: Scenario, user: tuple[str, str], intended: int) -> None:
+    def __init__(self, worker: Worker, gen: Scenario, user: SessionUser, intended: int) -> None:
         self.w = worker
         self.gen = gen
         self.user = user
@@ -262,11 +278,13 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is not None:  # start_tls hands the protocol a new transport
             return
+        # a stream protocol is handed a Transport (BaseTransport is the interface's declared type)
+        stream = cast(asyncio.Transport, transport)
         if self.finished:  # gave up on this connect already
-            transport.abort()
+            stream.abort()
             return
         now = _now()
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = stream
         self.w.record(L_CONNECT, now - self.start, now)
         self.sent = now
         self._label = L_GREETING
@@ -344,7 +362,8 @@ class Session(asyncio.Protocol):
                         announced = announced_size(data[pos:i])
                         # a whole reply after another in this piece: verify it in place (at pos 0,
                         # whole_retr above has tried exactly this already)
-                        if pos and n - 5 > i and data.endswith(b"\r\n.\r\n") and self._whole_message(data, i + 2, n - 5, announced):
+                        if pos and n - 5 > i and data.endswith(b"\r\n.\r\n") and self._whole_message(data, i + 2, n - 5,
+                                                                                                     announced):
                             return
                         self._reader = MessageReader()
                         self._announced = announced
@@ -462,6 +481,8 @@ class Session(asyncio.Protocol):
     async def _start_tls(self) -> None:
         w = self.w
         started = _now()
+        assert self.transport is not None, "STLS was answered on this transport"
+        assert w.ssl_context is not None, "a scenario sends STLS only with --tls starttls, which makes the context"
         try:
             transport = await w.loop.start_tls(
                 self.transport, self, w.ssl_context, server_hostname=w.server_hostname,
@@ -472,7 +493,7 @@ class Session(asyncio.Protocol):
             return
         if self.finished:
             return
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         now = _now()
         w.record(L_TLS, now - started, now)
         try:

@@ -27,12 +27,16 @@ import time
 import traceback
 from array import array
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
-from typing import Callable
+from typing import TYPE_CHECKING, cast
 
 from fastpop.bench import client as C
 from fastpop.bench import scenarios as S
+
+if TYPE_CHECKING:
+    from fastpop.bench.spawn import MessageFactory, SizeDistribution
 
 _now = time.monotonic_ns
 NS = 1_000_000_000
@@ -131,7 +135,7 @@ class LoadSpec:
     timeout: float = 10.0
     loop: str = "uvloop"
     reseed: str | None = None  # Maildir template (%u) for download-delete
-    reseed_size: object = None  # SizeDistribution
+    reseed_size: SizeDistribution | None = None
     seed: int = 1
     idle_noop: float = 0.0
     idle_ramp: int = 64  # logins in flight at once while opening idle sessions
@@ -214,8 +218,8 @@ class Worker:
         self.hists = [new_histogram() for _ in C.LABELS]
         self.sec_lat = array("q")
         # all-time counters (the timeline) and in-window counters (the totals)
-        self.all = Counter()
-        self.win = Counter()
+        self.all: Counter[str] = Counter()
+        self.win: Counter[str] = Counter()
         # commands answered: plain ints, bumped by Session._reply on every reply (folded into
         # all/win by _sync_commands)
         self.commands = 0
@@ -244,7 +248,7 @@ class Worker:
         mix = spec.mix or S.DEFAULT_MIX
         self._mix_names = list(mix)
         self._mix_weights = list(mix.values())
-        self._reseed_factory = None
+        self._reseed_factory: MessageFactory | None = None
         self._reseed_cache: list[bytes] = []
         self._owners: dict[str, tuple[int, int] | None] = {}
 
@@ -432,13 +436,12 @@ class Worker:
         from fastpop.bench.spawn import MessageFactory, SizeDistribution, deliver
 
         spec = self.spec
+        assert spec.reseed is not None, "called only when the run re-seeds"
         if self._reseed_factory is None:
-            self._reseed_factory = MessageFactory(spec.seed * 7919 + spec.index)
+            factory = self._reseed_factory = MessageFactory(spec.seed * 7919 + spec.index)
             size = spec.reseed_size or SizeDistribution("fixed", 3700)
             rng = random.Random(spec.seed + spec.index)
-            self._reseed_cache = [
-                self._reseed_factory.message("reseed", i, size.sample(rng)) for i in range(64)
-            ]
+            self._reseed_cache = [factory.message("reseed", i, size.sample(rng)) for i in range(64)]
         maildir = spec.reseed.replace("%u", user.name)
         owner = self._owners.get(maildir, False)
         if owner is False:
@@ -486,7 +489,8 @@ class Worker:
         hist = new_histogram()
         record_counts(hist, self.sec_lat)
         del self.sec_lat[:]
-        delta = {k: self.all[k] - self._last_sent[k] for k in ("sessions", "commands", "messages", "octets", "failed", "started")}
+        delta = {k: self.all[k] - self._last_sent[k] for k in ("sessions", "commands", "messages", "octets", "failed",
+                                                               "started")}
         self._last_sent = Counter(self.all)
         errors = sum(self.errors.values())
         self._send({
@@ -617,6 +621,11 @@ class RunOutput:
     machine: dict = field(default_factory=dict)
 
 
+def _wait(conns: list[Connection], timeout: float) -> list[Connection]:
+    """``multiprocessing.connection.wait``: those of ``conns`` that are ready (typed as such)."""
+    return cast("list[Connection]", wait(conns, timeout=timeout))
+
+
 def run(spec: LoadSpec, monitor=None, on_tick: Callable[[dict], None] | None = None,
         start_delay: float = 0.2) -> RunOutput:
     """Fork the client processes, run the load, collect and merge their reports."""
@@ -643,7 +652,7 @@ def run(spec: LoadSpec, monitor=None, on_tick: Callable[[dict], None] | None = N
         # everyone ready, then one start instant for all
         ready = 0
         while ready < len(conns):
-            for c in wait(conns, timeout=30):
+            for c in _wait(conns, 30):
                 msg = c.recv()
                 if msg["type"] == "ready":
                     ready += 1
@@ -671,7 +680,7 @@ def run(spec: LoadSpec, monitor=None, on_tick: Callable[[dict], None] | None = N
                         monitor.mark(name)
                         del marks[name]
                 monitor.sample_rss()
-            for c in wait(open_conns, timeout=0.1):
+            for c in _wait(open_conns, 0.1):
                 try:
                     msg = c.recv()
                 except EOFError:

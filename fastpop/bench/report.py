@@ -49,7 +49,8 @@ RESULT_SCHEMA: dict[str, Any] = {
         "mix": {"type": ["object", "null"]},
         "mailboxes": {"type": ["object", "null"]},
         "load": {"type": "object",
-                 "required": ["model", "connections", "rate", "duration", "sessions", "warmup", "procs", "loop", "timeout"],
+                 "required": ["model", "connections", "rate", "duration", "sessions", "warmup", "procs", "loop",
+                              "timeout"],
                  "properties": {"model": {"enum": ["closed", "open", "idle"]}, "connections": _INT,
                                 "rate": {"type": ["number", "null"]}, "duration": {"type": ["number", "null"]},
                                 "sessions": {"type": ["integer", "null"]}, "warmup": _NUM, "procs": _INT,
@@ -74,8 +75,10 @@ RESULT_SCHEMA: dict[str, Any] = {
                                   "cpu_s_per_1000_sessions": {"type": ["number", "null"]},
                                   "peak_rss_bytes": _INT, "processes": _INT}},
         "machine": {"type": "object", "properties": {"cpus": _INT, "usable_cpus": _INT,
-                                                     "loadavg_before": {"type": "array"}, "loadavg_after": {"type": "array"}}},
-        "timeline": {"type": "array", "items": {"type": "object", "required": ["second", "sessions", "commands", "errors"]}},
+                                                     "loadavg_before": {"type": "array"},
+                                                     "loadavg_after": {"type": "array"}}},
+        "timeline": {"type": "array",
+                     "items": {"type": "object", "required": ["second", "sessions", "commands", "errors"]}},
     },
 }
 
@@ -153,7 +156,8 @@ def build_result(out, target: dict, mailboxes: dict | None, server_pid: int | No
     else:
         starts = [f["window_start"] for f in finals if f["first_start"]]
         ends = [f["last_end"] for f in finals if f["last_end"]]
-        seconds = (max(ends) - max(min(starts), min(f["window_start"] for f in finals))) / 1e9 if starts and ends else 0.0
+        seconds = (max(ends) - max(min(starts),
+                                   min(f["window_start"] for f in finals))) / 1e9 if starts and ends else 0.0
     seconds = max(seconds, 1e-9)
     sessions = window.get("sessions", 0)
     client_cpu = sum(
@@ -374,7 +378,8 @@ def summary_renderables(result: dict) -> list:
                      f"peak RSS {mib(srv['peak_rss_bytes'])} over {srv['processes']} process(es)")
         if "idle_sessions" in srv:
             notes.append(f"idle: {srv['idle_sessions']:,} sessions held; server memory per session "
-                         f"RSS {srv['rss_per_session_bytes'] / 1024:,.1f} KiB, PSS {srv['pss_per_session_bytes'] / 1024:,.1f} KiB")
+                         f"RSS {srv['rss_per_session_bytes'] / 1024:,.1f} KiB, "
+                         f"PSS {srv['pss_per_session_bytes'] / 1024:,.1f} KiB")
     if "opened" in t:
         notes.append(f"idle: {t['opened']:,} sessions opened in {t['ramp_ms']:,} ms")
     if t["backlog"]:
@@ -395,7 +400,8 @@ def summary_renderables(result: dict) -> list:
         for kind, count in sorted(e["by_kind"].items(), key=lambda kv: -kv[1]):
             table.add_row(kind, num(count), "\n".join(e["samples"].get(kind, [])[:3]))
         out.append(table)
-        out.append(Text.from_markup("[bold red]THE RUN HAD ERRORS: its numbers do not describe a healthy server.[/bold red]"))
+        out.append(Text.from_markup(
+            "[bold red]THE RUN HAD ERRORS: its numbers do not describe a healthy server.[/bold red]"))
     else:
         out.append(Text.from_markup("[green]no errors[/green]"))
     return out

@@ -38,6 +38,7 @@ def probe(spec: LoadSpec, user: tuple[str, str]) -> str:
     what --tls/--auth need, and takes the first user's password.  Returns the
     greeting.  Any failure is a BenchError that says what to do."""
     host, port, timeout = spec.host, spec.port, min(spec.timeout, 10.0)
+    pop: poplib.POP3
     try:
         if spec.tls == "implicit":
             ctx = make_ssl_context(spec.cafile)
@@ -80,12 +81,14 @@ def probe(spec: LoadSpec, user: tuple[str, str]) -> str:
                     raise BenchError(f"{host}:{port} does not offer AUTH PLAIN (CAPA has no 'SASL ... PLAIN'); "
                                      f"fastpop offers it over TLS or from trusted networks; else use --auth user")
                 token = base64.b64encode(b"\0" + name.encode() + b"\0" + password.encode()).decode()
-                pop._shortcmd("AUTH PLAIN " + token)
+                # poplib has no AUTH command: its private one-line exchange (not in its stubs)
+                pop._shortcmd("AUTH PLAIN " + token)  # type: ignore[attr-defined]
             else:
                 pop.user(name)
                 pop.pass_(password)
         except poplib.error_proto as exc:
-            raise BenchError(f"login as {name!r} failed: {exc.args[0].decode(errors='replace') if exc.args and isinstance(exc.args[0], bytes) else exc}") from None
+            said = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            raise BenchError(f"login as {name!r} failed: {said}") from None
         if spec.scenario not in ("login", "idle"):
             pop.stat()
         pop.quit()
@@ -178,7 +181,8 @@ def _print_header(console, spec: LoadSpec, target: Target, mailboxes: dict | Non
     table.add_column(style="bold")
     table.add_column()
     table.add_row("target", target.address + ("  (spawned)" if target.spawned else ""))
-    table.add_row("server", target.server + (f", pid {target.pid}" if target.pid and "pid" not in target.server else ""))
+    table.add_row("server",
+                  target.server + (f", pid {target.pid}" if target.pid and "pid" not in target.server else ""))
     scenario = spec.scenario
     if scenario == "mixed":
         scenario += " " + ",".join(f"{k}={v:g}" for k, v in spec.mix.items())
@@ -189,7 +193,8 @@ def _print_header(console, spec: LoadSpec, target: Target, mailboxes: dict | Non
                   + ("; certificate not verified" if spec.tls != "none" and not spec.cafile else ""))
     if mailboxes:
         table.add_row("mailboxes", f"{mailboxes['users']:,} x {mailboxes['messages']} messages of {mailboxes['size']}"
-                      + (f"; {mailboxes['large_users']} x 1 of {mailboxes['large_size']:,} B" if mailboxes.get("large_users") else ""))
+                      + (f"; {mailboxes['large_users']} x 1 of {mailboxes['large_size']:,} B"
+                         if mailboxes.get("large_users") else ""))
     console.print(table)
 
 
@@ -232,7 +237,8 @@ def run_cli(args) -> int:
         raise BenchError("--server-pid is for an external server; with --spawn the server is measured anyway")
     connections = args.connections if args.connections is not None else 16
     duration = args.duration if args.duration is not None else (None if args.sessions is not None else 5.0)
-    mix = scenarios.parse_mix(args.mix) if args.mix else (dict(scenarios.DEFAULT_MIX) if args.scenario == "mixed" else {})
+    mix = (scenarios.parse_mix(args.mix) if args.mix
+           else dict(scenarios.DEFAULT_MIX) if args.scenario == "mixed" else {})
     procs = args.procs
     if args.rate is None and procs > connections:
         procs = connections  # a process with no connection would only idle

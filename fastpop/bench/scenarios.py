@@ -94,7 +94,8 @@ def _login(user: User, opts: Options):
     if opts.starttls:
         yield STLS
         yield TLS_UPGRADE
-    for command in user.login:
+    # (not yield from: the replies sent in would go to the tuple's iterator, which takes none)
+    for command in user.login:  # noqa: UP028
         yield command
 
 
@@ -184,7 +185,8 @@ def parse_mix(text: str) -> dict[str, float]:
     for item in text.split(","):
         name, sep, weight = item.strip().partition("=")
         if name not in FUNCTIONS or name == "idle":
-            raise ValueError(f"--mix: unknown scenario {name!r} (one of {', '.join(s for s in FUNCTIONS if s != 'idle')})")
+            known = ", ".join(s for s in FUNCTIONS if s != "idle")
+            raise ValueError(f"--mix: unknown scenario {name!r} (one of {known})")
         try:
             mix[name] = float(weight) if sep else 1.0
         except ValueError:

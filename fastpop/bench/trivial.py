@@ -122,10 +122,16 @@ async def serve(host: str, port: int, state: TrivialState, ready=None) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: TrivialProtocol(state), host, port, backlog=4096, reuse_address=True)
     addr = server.sockets[0].getsockname()
-    print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, asyncio engine)", file=sys.stderr, flush=True)
+    print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, asyncio engine)", file=sys.stderr,
+          flush=True)
     stop = loop.create_future()
+
+    def finish() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, finish)
     await stop
     server.close()
 

@@ -42,6 +42,7 @@ import os
 import pwd
 import signal
 import sys
+from typing import NoReturn
 
 from fastpop.delivery.local import (
     EX_CONFIG,
@@ -84,7 +85,7 @@ def _strict(parser: argparse.ArgumentParser) -> None:
     """Every command-line error, unknown arguments too, exits EX_USAGE (argparse: 2)
     with one line: an MTA reads sysexits codes."""
 
-    def error(message: str) -> None:
+    def error(message: str) -> NoReturn:
         print(f"{PROG}: {message}", file=sys.stderr)
         sys.exit(EX_USAGE)
 
@@ -228,7 +229,8 @@ def _become(user, config, args_allow_root: bool = False) -> None:
             entry = pwd.getpwnam(config.user)
             gid = grp.getgrnam(config.group).gr_gid if config.group else entry.pw_gid
         except KeyError:
-            raise DeliveryError(EX_CONFIG, f"no such system user or group: {config.user}:{config.group or ''}") from None
+            raise DeliveryError(EX_CONFIG,
+                                f"no such system user or group: {config.user}:{config.group or ''}") from None
         _switch(entry.pw_uid, gid)
         return
     if euid == user.uid:

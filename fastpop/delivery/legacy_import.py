@@ -205,6 +205,7 @@ def scan(root: str, mail_root: str, passwd_file: str) -> list[LegacyUser]:
         root_fd = None
     try:
         for domain in _entries(root, root_fd, problems) if root_fd is not None else ():
+            assert root_fd is not None, "entries are listed only when ROOT opened"
             dpath = os.path.join(root, domain)
             domain_fd = _real_dir(root_fd, domain, dpath, problems)
             if domain_fd is None:

@@ -37,7 +37,7 @@ import logging
 import os
 import socket
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 from fastpop import __version__
 from fastpop.auth.authenticator import Authenticator, AuthUnavailable
@@ -538,7 +538,8 @@ class LMTPSession(asyncio.Protocol):
         self._delivering = True
         try:
             if reader.parts is None:
-                log.info("lmtp rip=%s: message of %d octets refused (over %d)", self.peer, reader.size, MAX_MESSAGE_SIZE)
+                log.info("lmtp rip=%s: message of %d octets refused (over %d)", self.peer, reader.size,
+                         MAX_MESSAGE_SIZE)
                 replies = [f"552 5.3.4 <{t.address}> Message too big for system" for t in targets]
             else:
                 try:
@@ -690,7 +691,7 @@ class LMTPService:
             if t.maildir not in by_maildir:
                 by_maildir[t.maildir] = asyncio.ensure_future(self.pool.store(t, content))
         results = await asyncio.gather(*by_maildir.values())
-        reply_for = dict(zip(by_maildir, results))
+        reply_for = dict(zip(by_maildir, results, strict=True))
         return [f"{reply_for[t.maildir][0]} <{t.address}> {reply_for[t.maildir][1]}" for t in targets]
 
     # -- listeners

@@ -181,7 +181,8 @@ def _store(maildir: str, dirs: tuple[int, int, int], data: bytes, when: float | 
     for _attempt in range(10):
         name = f"{unique_name(when)},S={size},W={size}"
         try:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp_dir)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=tmp_dir)
         except FileExistsError:
             continue  # another deliverer took this name: take the next counter
         except OSError as exc:

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastpop.config import Config
@@ -102,14 +102,14 @@ def record_fields(record: logging.LogRecord) -> dict:
     }
     msg, args = record.msg, record.args
     template = _template(msg) if isinstance(msg, str) and isinstance(args, tuple) else None
-    if template is not None and template.pairs and template.nargs == len(args):
+    if template is not None and isinstance(args, tuple) and template.pairs and template.nargs == len(args):
         if template.complete:
             out["event"] = template.event
         else:
             out["event"] = template.event
             out["msg"] = record.getMessage()
         for index, key, spec in template.pairs:
-            value = args[index]
+            value: Any = args[index]  # whatever the caller logged
             if spec == "%d":
                 try:
                     value = int(value)
@@ -183,7 +183,9 @@ class TextFormatter(logging.Formatter):
         if second != self._second:
             self._stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = second
-        return self.default_msec_format % (self._stamp, record.msecs)
+        msec_format = self.default_msec_format
+        assert msec_format is not None, "logging's own, which this formatter keeps"
+        return msec_format % (self._stamp, record.msecs)
 
 
 def formatter(kind: str) -> logging.Formatter:

@@ -6,9 +6,10 @@ module's exporter, so the cost of metrics off is nil.
 
 With metrics on, the server's sessions are ``MeteredProtocol``
 (fastpop.session.metered), counting into plain ints and lists on a ``Counters``
-object, one per process; prometheus-client is never called per command.  ``Exporter.flush`` moves what accumulated since the last flush into
-the prometheus-client metrics about once a second (``[metrics]
-flush_interval``), at a scrape (single process) and at shutdown.
+object, one per process; prometheus-client is never called per command.
+``Exporter.flush`` moves what accumulated since the last flush into the
+prometheus-client metrics about once a second (``[metrics] flush_interval``),
+at a scrape (single process) and at shutdown.
 
 prometheus-client runs in multiprocess mode, always: ``prepare_environment``
 makes a private directory for its mmap files and sets
@@ -51,10 +52,14 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastpop.session.metered import BUCKETS, COMMAND_NAMES, NBUCKETS, Counters
 from fastpop.wire.commands import NUM_CODES
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("fastpop.metrics")
 
@@ -120,7 +125,8 @@ class Exporter:
         self.message_bytes = Counter("fastpop_message_bytes", "Message bytes sent by RETR and TOP (dot-stuffed).",
                                      ["command"], registry=reg)
         self._lock = threading.Lock()
-        self._last_open = self._last_logged_in = None
+        self._last_open: int | None = None
+        self._last_logged_in: int | None = None
         # touch every metric once so that a scrape lists them from the start
         self.connections_total.inc(0)
         self.connections.set(0)
@@ -172,13 +178,13 @@ def _add_to_histogram(child, counts: list[int], total: float) -> None:
     buckets = getattr(child, "_buckets", None)
     total_value = getattr(child, "_sum", None)
     if buckets is not None and total_value is not None and len(buckets) == len(counts):
-        for value, n in zip(buckets, counts):
+        for value, n in zip(buckets, counts, strict=True):
             if n:
                 value.inc(n)
         total_value.inc(total)
         return
     bounds = BUCKETS + (BUCKETS[-1] * 2,)  # pragma: no cover - older or newer prometheus-client
-    for bound, n in zip(bounds, counts):  # pragma: no cover
+    for bound, n in zip(bounds, counts, strict=False):  # pragma: no cover
         for _ in range(n):
             child.observe(bound)
 
@@ -330,7 +336,7 @@ class _ScrapeServer:
                 if conns:
                     timeout = max(0.0, min(c.deadline for c in conns.values()) - time.monotonic())
                 ready: list[tuple[_Connection, str]] = []
-                for key, mask in sel.select(timeout):
+                for key, _mask in sel.select(timeout):
                     conn = key.data
                     if conn is None:
                         if key.fileobj is self.socket:
@@ -403,20 +409,24 @@ class _ScrapeServer:
                 if failed:
                     kind = "500"
             conn.buf = b""
-            conn.out = memoryview(_response(kind, body if kind in ("GET", "HEAD") else b""))
+            payload = body if kind in ("GET", "HEAD") else b""
+            assert payload is not None, "rendered, or the request is answered 500"
+            conn.out = memoryview(_response(kind, payload))
             conn.deadline = time.monotonic() + REPLY_TIMEOUT
             self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
             self._write(conn)
 
     def _write(self, conn: _Connection) -> None:
+        out = conn.out
+        assert out is not None, "written only once its reply is made"
         try:
-            sent = conn.sock.send(conn.out)
+            sent = conn.sock.send(out)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(conn)
             return
-        conn.out = conn.out[sent:]
+        conn.out = out[sent:]
         if not conn.out:
             self._drain(conn.sock)  # unread input would turn the close into a reset
             self._close(conn)
@@ -472,8 +482,9 @@ class _HTTPRequest(asyncio.Protocol):
         self.endpoint = endpoint
         self.buf = b""
         self.kind: str | None = None  # what the request asks, once it is in
-        self.transport = None
-        self.timer = None
+        # both set by connection_made, before the loop makes any other call
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.timer: asyncio.TimerHandle = None  # type: ignore[assignment]
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -497,8 +508,10 @@ class _HTTPRequest(asyncio.Protocol):
 
     def rendered(self, body: bytes | None) -> None:
         """The render this scrape waited for is done (None: it failed)."""
+        kind = self.kind
+        assert kind is not None, "a scrape waits for a render only once its request is in"
         if not self.transport.is_closing():
-            self.reply(_response("500") if body is None else _response(self.kind, body))
+            self.reply(_response("500") if body is None else _response(kind, body))
 
     def reply(self, data: bytes) -> None:
         self.transport.write(data)
@@ -520,12 +533,12 @@ class LoopEndpoint:
     def __init__(self, registry, before: Callable[[], None]) -> None:
         self.registry = registry
         self.before = before
-        self.server = None
+        self.server: asyncio.Server | None = None
         self.address = ""
         self._open: dict[_HTTPRequest, None] = {}  # in the order accepted
         self._waiting: list[_HTTPRequest] | None = None  # the scrapes of the render in flight
         self._render: asyncio.Future | None = None
-        self._executor = None
+        self._executor: ThreadPoolExecutor | None = None
 
     async def start(self, loop, address: str) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -534,8 +547,8 @@ class LoopEndpoint:
 
         host, port = parse_address(address)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastpop-metrics")
-        self.server = await loop.create_server(lambda: _HTTPRequest(self), host, port, reuse_address=True)
-        sock = self.server.sockets[0]
+        server = self.server = await loop.create_server(lambda: _HTTPRequest(self), host, port, reuse_address=True)
+        sock = server.sockets[0]
         bound_host, bound_port = sock.getsockname()[:2]
         self.address = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
 

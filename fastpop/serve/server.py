@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import grp
 import itertools
 import logging
@@ -12,8 +13,9 @@ import random
 import resource
 import signal
 import socket
+from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastpop import __version__
 from fastpop.auth.authenticator import Authenticator, server_secret
@@ -28,7 +30,21 @@ from fastpop.session.protocol import POP3Protocol
 from fastpop.store.locking import mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
+if TYPE_CHECKING:
+    from fastpop.session.metered import Counters
+
 log = logging.getLogger("fastpop")
+
+
+class Listener(Protocol):
+    """What the server uses of a listener: an asyncio.Server, or a PROXY TLS
+    listener (fastpop.session.proxied.ProxyTLSListener)."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+    async def start_serving(self) -> None: ...
+    def close(self) -> None: ...
+    async def wait_closed(self) -> None: ...
 
 
 class ServerContext:
@@ -46,13 +62,13 @@ class ServerContext:
         # opened here, before privileges are dropped, once per process (fastpop.store.locking)
         self.mailbox_locks = mailbox_locks(config.mail_lock, config.mail_lock_table)
         self._full_logged = 0.0
-        self.tls_servers: list[asyncio.AbstractServer] = []  # implicit-TLS listeners
-        self.proxy_servers: list[asyncio.AbstractServer] = []  # PROXY protocol listeners (fastpop.session.proxied)
+        self.tls_servers: list[asyncio.Server] = []  # implicit-TLS listeners
+        self.proxy_servers: list[Listener] = []  # PROXY protocol listeners (fastpop.session.proxied)
         self._counter = itertools.count(1)
         self._stamp_prefix = f"<{os.getpid()}."
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
-        self.metrics = None  # a fastpop.session.metered.Counters when metrics are on
+        self.metrics: Counters | None = None  # when metrics are on
         self._shared_failures = failures  # a worker's: the penalty counts of all workers
         # made-up SCRAM salts: read before privileges are dropped, kept across SIGHUP
         self.secret = server_secret(config)
@@ -93,7 +109,8 @@ class ServerContext:
             names = [n for n, m in self.mechanisms.items() if plaintext_ok or not m.plaintext]
             self._auth_lists[plaintext_ok] = ("".join(f"{n}\r\n" for n in ["+OK", *names]) + ".\r\n").encode("ascii")
             for stls in (False, True):
-                self._capa_auth[stls, plaintext_ok] = self._capa(False, stls=stls, plaintext_ok=plaintext_ok, sasl=names)
+                self._capa_auth[stls, plaintext_ok] = self._capa(False, stls=stls, plaintext_ok=plaintext_ok,
+                                                                 sasl=names)
         self.capa_authorization = self._capa_auth[self.tls is not None, True]
 
     def capa_for(self, stls: bool, plaintext_ok: bool) -> bytes:
@@ -117,6 +134,7 @@ class ServerContext:
             tls, penalty = self.tls, self.penalty
             self._init_security(config, self.last_logins)  # the logins so far, and the workers' shared rows
             if tls is not None and self.tls is not None:
+                assert config.tls_cert is not None, "a TLS manager is made only with a certificate"
                 # Keep the manager the implicit-TLS listeners' SNI callback asks.
                 tls.cert, tls.key, tls.min_version = config.tls_cert, config.tls_key, config.tls_min_version
                 tls.handshake_timeout = config.tls_handshake_timeout
@@ -236,7 +254,7 @@ async def start(
     connections: ConnectionTable | None = None,
     last_logins: LastLogins | None = None,
     failures: SharedFailures | None = None,
-) -> tuple[ServerContext, list[asyncio.AbstractServer]]:
+) -> tuple[ServerContext, list[asyncio.Server]]:
     """Open every listener (or serve the given listening sockets, one per
     configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
@@ -258,6 +276,7 @@ async def start(
         server = await loop.create_server(lambda: protocol(ctx), backlog=4096, start_serving=False, **where)
         servers.append(server)
     for where in _where(config.listen_tls, tls_sockets):
+        assert ctx.tls is not None, "TLS listeners need a certificate (Config.validate, socket activation)"
         server = await loop.create_server(
             lambda: protocol(ctx, implicit_tls=True), backlog=4096, start_serving=False,
             ssl=ctx.tls.listener_context, ssl_handshake_timeout=config.tls_handshake_timeout, **where,
@@ -273,10 +292,10 @@ def _where(addresses: list[str], sockets: list[socket.socket] | None) -> list[di
     """create_server arguments: the given sockets (a worker's, or systemd's), else the addresses."""
     if sockets is not None:
         return [{"sock": sock} for sock in sockets]
-    return [dict(zip(("host", "port"), parse_address(addr)), reuse_address=True) for addr in addresses]
+    return [dict(zip(("host", "port"), parse_address(addr), strict=True), reuse_address=True) for addr in addresses]
 
 
-def bound_addresses(servers: list[asyncio.AbstractServer]) -> list[str]:
+def bound_addresses(servers: Sequence[Listener]) -> list[str]:
     out = []
     for server in servers:
         for sock in server.sockets:
@@ -365,9 +384,10 @@ async def serve(
         process_metrics = await ProcessMetrics.start(ctx, loop, serve_http=single)
     lmtp_service = None
     if config.lmtp_listen and lmtp:
-        from fastpop.delivery import lmtp
+        from fastpop.delivery import lmtp as lmtp_server
 
-        lmtp_service = await lmtp.start(config, ctx.auth, ctx.connections, lambda: ctx.config)  # counted in max_connections
+        lmtp_service = await lmtp_server.start(config, ctx.auth, ctx.connections,
+                                               lambda: ctx.config)  # counted in max_connections
     drop_privileges(config.user, config.group)
     for server in servers + ctx.tls_servers + ctx.proxy_servers:
         await server.start_serving()
@@ -489,7 +509,7 @@ def listening_socket(addr: str, port: int | None = None) -> socket.socket:
     return sock
 
 
-async def start_proxy_listeners(ctx: ServerContext, sockets: list[socket.socket] | None = None) -> list[asyncio.AbstractServer]:
+async def start_proxy_listeners(ctx: ServerContext, sockets: list[socket.socket] | None = None) -> list[Listener]:
     """The listeners of ``[proxy] listen`` and ``[proxy] listen_tls`` (or the
     given listening sockets, one per address, in that order): fastpop.session.proxied."""
     from fastpop.session.proxied import (
@@ -500,25 +520,27 @@ async def start_proxy_listeners(ctx: ServerContext, sockets: list[socket.socket]
 
     config = ctx.config
     settings = ProxySettings(config)
-    servers = []
+    servers: list[Listener] = []
     for i, addr in enumerate(config.proxy_listen):
+        where: dict[str, Any]
         if sockets is not None:
             where = {"sock": sockets[i]}
         else:
             host, port = parse_address(addr)
             where = {"host": host, "port": port, "reuse_address": True}
         session = ctx.session_class(ProxiedPOP3Protocol)  # metrics on: a counting subclass
-        servers.append(await ctx.loop.create_server(lambda: session(ctx, settings), backlog=4096,
+        servers.append(await ctx.loop.create_server(functools.partial(session, ctx, settings), backlog=4096,
                                                     start_serving=False, **where))  # (server.serve starts them)
     for i, addr in enumerate(config.proxy_listen_tls, len(config.proxy_listen)):
         sock = sockets[i] if sockets is not None else _proxy_listening_socket(addr)
-        servers.append(ProxyTLSListener(ctx, settings, sock))  # type: ignore[arg-type]
+        servers.append(ProxyTLSListener(ctx, settings, sock))
     return servers
 
 
 def _proxy_listening_socket(addr: str) -> socket.socket:
     host, port = parse_address(addr)
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -537,7 +559,8 @@ def log_proxy_listening(ctx: ServerContext) -> None:
     plain = len(config.proxy_listen)
     proxies = ", ".join(config.proxy_trusted_networks)
     if plain:
-        log.info("PROXY protocol listening on %s (proxies: %s)", ", ".join(bound_addresses(ctx.proxy_servers[:plain])), proxies)
+        log.info("PROXY protocol listening on %s (proxies: %s)", ", ".join(bound_addresses(ctx.proxy_servers[:plain])),
+                 proxies)
     if ctx.proxy_servers[plain:]:
         log.info("PROXY protocol listening on %s (implicit TLS; proxies: %s)",
                  ", ".join(bound_addresses(ctx.proxy_servers[plain:])), proxies)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("fastpop.systemd")
 

@@ -24,7 +24,8 @@ import signal
 import socket
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastpop.auth.authenticator import server_secret
 from fastpop.auth.penalty import LastLogins, SharedFailures
@@ -33,6 +34,9 @@ from fastpop.limits import connections_per_worker, raise_descriptor_limit
 from fastpop.serve import server
 from fastpop.serve.server import connection_table, listening_socket, refuse_mail_as_root
 from fastpop.serve.validation import validate_all
+
+if TYPE_CHECKING:
+    from fastpop.serve.metrics import HTTPEndpoint
 
 log = logging.getLogger("fastpop.workers")
 
@@ -66,7 +70,7 @@ class Supervisor:
         if self.activated is not None and self.activated.tls and config.tls_cert is None:
             raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
         self.metrics_dir: str | None = None
-        self.metrics_endpoint = None
+        self.metrics_endpoint: HTTPEndpoint | None = None
 
     def _sockets(self) -> tuple[list[socket.socket], list[socket.socket]]:
         """One worker's listening sockets: POP3 (then the PROXY listeners') and
@@ -170,7 +174,7 @@ class Supervisor:
 
         inherited = self.activated.pop3 + self.activated.tls if self.activated is not None else []
         addresses = [f"{a.rpartition(':')[0]}:{port}" for a, port in self.ports.items()]
-        addresses += ["%s:%s" % s.getsockname()[:2] for s in inherited if s.family != socket.AF_UNIX]
+        addresses += ["{}:{}".format(*s.getsockname()[:2]) for s in inherited if s.family != socket.AF_UNIX]
         self.notifier.ready(f"Listening on {', '.join(addresses)} with {self.config.workers} workers")
         interval = self.notifier.watchdog_interval
         if interval is None:

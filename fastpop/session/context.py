@@ -9,7 +9,8 @@ above it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from fastpop.auth.authenticator import Authenticator
 from fastpop.auth.penalty import LastLogins, PenaltyBox

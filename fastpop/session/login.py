@@ -120,14 +120,13 @@ class Login(SessionParts):
                 self._auth_resume()
                 return
             value = exc = None
-            kind = type(step)
-            if kind is sasl.Challenge:
+            if type(step) is sasl.Challenge:
                 self._auth_failure = step.failed
                 self._out.append(sasl.encode_challenge(step.data))
                 self._auth_wants_line = True
                 self._auth_resume()  # the pull reads the answer
                 return
-            if kind is sasl.Gate:
+            if type(step) is sasl.Gate:
                 # Credentials are about to be checked: the failure penalty
                 # waits here, on a timer, before anything is looked at.
                 delay = 0.0 if self._trusted else self._ctx.penalty.delay(self._addr_key, step.user)
@@ -136,7 +135,7 @@ class Login(SessionParts):
                     self.loop.call_later(delay, self._auth_step, None, None)
                     return
                 continue
-            if kind is sasl.Hold:
+            if type(step) is sasl.Hold:
                 delay = self._auth_started + step.seconds - self.loop.time()
                 if delay > 0:
                     self.loop.call_later(delay, self._auth_step, None, None)
@@ -301,7 +300,9 @@ class Login(SessionParts):
         if refused:
             self._on_login_refused(refused)
         else:  # LOGIN-DELAY counts from here
-            self._ctx.last_logins.record(self._user.name, login_delay(self._user, self._ctx.config.login_delay))
+            user = self._user
+            assert user is not None, "a login succeeds in _enter_transaction, which sets it"
+            self._ctx.last_logins.record(user.name, login_delay(user, self._ctx.config.login_delay))
             self._on_logged_in()
         self._out.append(reply)
         self._flush()

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_left
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastpop.session.protocol import POP3Protocol
 from fastpop.session.state import BUSY_AUTH, BUSY_SENDING, BUSY_TLS, CLOSED
@@ -59,6 +60,16 @@ class Counters:
 
 # ------------------------------------------------------------------ the session
 
+if TYPE_CHECKING:
+
+    class _Session(POP3Protocol):
+        """What the table entries see: a session of a ``metered_class`` (made at run time)."""
+
+        _metrics: Counters
+        _command: int
+        _command_start: float
+        _mechanism: str
+
 
 def _metered(code: int, handler: Callable) -> Callable:
     """The table entry for one command: count it, time it (a perf_counter
@@ -68,7 +79,7 @@ def _metered(code: int, handler: Callable) -> Callable:
     first = FIRST_BUCKET
     mechanism = {Command.PASS: "USER", Command.APOP: "APOP"}.get(Command(code))
 
-    def metered(self: MeteredProtocol, args: tuple[str, ...]) -> None:
+    def metered(self: _Session, args: tuple[str, ...]) -> None:
         self._command = code
         self._command_start = start = clock()
         handler(self, args)
@@ -80,7 +91,7 @@ def _metered(code: int, handler: Callable) -> Callable:
             counters.sums[code] += elapsed
 
     if code == Command.AUTH:
-        def metered_auth(self: MeteredProtocol, args: tuple[str, ...]) -> None:
+        def metered_auth(self: _Session, args: tuple[str, ...]) -> None:
             if args:
                 name = args[0].upper()  # only offered mechanisms become label values
                 self._mechanism = name if name in self._ctx.mechanisms else "-"
@@ -88,7 +99,7 @@ def _metered(code: int, handler: Callable) -> Callable:
 
         return metered_auth
     if mechanism is not None:
-        def metered_login(self: MeteredProtocol, args: tuple[str, ...]) -> None:
+        def metered_login(self: _Session, args: tuple[str, ...]) -> None:
             self._mechanism = mechanism
             metered(self, args)
 

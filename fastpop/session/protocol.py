@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastpop import faults
 from fastpop.net import address_key
@@ -195,7 +196,8 @@ class POP3Protocol(Login, Retrieval, asyncio.Protocol):
         refused = ctx.connections.acquire(self._addr_key or None)
         if refused is not None:
             if refused == "address":
-                log.info("refused rip=%s: %d connections open from it", self._peer, ctx.connections.count(self._addr_key))
+                log.info("refused rip=%s: %d connections open from it", self._peer,
+                         ctx.connections.count(self._addr_key))
                 self._out.append(R.ERR_TOO_MANY_CONNECTIONS)
             else:
                 ctx.log_full(refused)
@@ -204,9 +206,9 @@ class POP3Protocol(Login, Retrieval, asyncio.Protocol):
             return
         self._counted = True
         if self._timestamp:
-            transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))  # type: ignore[attr-defined]
+            transport.write(b"+OK fastpop ready. %s\r\n" % self._timestamp.encode("ascii"))
         else:
-            transport.write(b"+OK fastpop ready.\r\n")  # type: ignore[attr-defined]
+            transport.write(b"+OK fastpop ready.\r\n")
 
     def data_received(self, data: bytes) -> None:
         # Idle means no complete line, not no byte: a client trickling one
@@ -555,7 +557,8 @@ class POP3Protocol(Login, Retrieval, asyncio.Protocol):
     def _log_end(self) -> None:
         if self._user is None:
             if self._auth_failures:
-                log.info("disconnected rip=%s auth_failures=%d reason=%s", self._peer, self._auth_failures, self._end_reason)
+                log.info("disconnected rip=%s auth_failures=%d reason=%s", self._peer, self._auth_failures,
+                         self._end_reason)
             return
         if not log.isEnabledFor(logging.INFO):
             return

@@ -273,7 +273,7 @@ class _PendingHeader:
         self._seen = b""
         self._retry: asyncio.TimerHandle | None = None
         loop = listener._loop
-        self._timer = loop.call_later(listener._settings.timeout, self._timeout)
+        self._timer: asyncio.TimerHandle | None = loop.call_later(listener._settings.timeout, self._timeout)
         listener._pending.add(self)
         loop.add_reader(sock.fileno(), self._peek)
 

@@ -61,7 +61,7 @@ class Retrieval(SessionParts):
             except FileNotFoundError:
                 renamed = mailbox.find_renamed(index)
                 if renamed is None:
-                    log.warning("message vanished user=%s file=%s", self._user.name, path)
+                    log.warning("message vanished user=%s file=%s", self._user_of_mailbox(), path)
                     self._out.append(R.ERR_MESSAGE_GONE)
                     return
                 fd = mailbox.open_message(renamed)
@@ -103,7 +103,8 @@ class Retrieval(SessionParts):
             return
         try:
             stream = open_stream(
-                self, fd, size, top_lines, size == pop3_size and self._can_sendfile()
+                # POP3Protocol, whose transport is set for as long as a stream runs (the checker sees Optional)
+                self, fd, size, top_lines, size == pop3_size and self._can_sendfile()  # type: ignore[arg-type]
             )
         except (OSError, ValueError) as exc:
             os.close(fd)
@@ -125,13 +126,19 @@ class Retrieval(SessionParts):
             self._unreadable("read", path, exc)
             return -1
         log.warning("message changed since it was indexed user=%s file=%s indexed_size=%d size=%d",
-                    self._user.name, path, indexed_size, size)
+                    self._user_of_mailbox(), path, indexed_size, size)
         return sent
+
+    def _user_of_mailbox(self) -> str:
+        """The name of the user whose mailbox is open (for the logs)."""
+        user = self._user
+        assert user is not None, "a mailbox is open only once a user logged in"
+        return user.name
 
     def _unreadable(self, what: str, path: str, exc: Exception) -> None:
         """A message that cannot be opened or read: logged, and [SYS/PERM] when only an
         administrator can mend it (permissions), as at login; else [SYS/TEMP]."""
-        log.error("cannot %s message user=%s file=%s: %s", what, self._user.name, path, exc)
+        log.error("cannot %s message user=%s file=%s: %s", what, self._user_of_mailbox(), path, exc)
         self._out.append(R.ERR_MESSAGE_PERM if is_permanent(exc) else R.ERR_MESSAGE_TEMP)
 
     def _can_sendfile(self) -> bool:

@@ -5,7 +5,8 @@ pull is suspended, and (for the type checker) the fields and methods that
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from fastpop.auth import sasl
@@ -81,6 +82,9 @@ class SessionParts:
         _auth_started: float
         _auth_failure: sasl.Outcome | None
 
+        @property
+        def writing_paused(self) -> bool: ...
+        def touch(self) -> None: ...
         def _bad(self, reply: bytes) -> None: ...
         def _message_index(self, arg: str) -> int: ...
         def _flush(self) -> None: ...

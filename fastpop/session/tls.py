@@ -96,14 +96,15 @@ class TLSManager:
         log.info("TLS certificate reloaded from %s (generation %d)", self.cert, self.generation)
         return True
 
-    async def upgrade(self, session: Session, transport: asyncio.BaseTransport) -> None:
+    async def upgrade(self, session: Session, transport: asyncio.Transport) -> None:
         """Run the server side of a handshake on ``transport``, then hand the
         session its TLS transport (or the reason it failed)."""
         loop = session.loop
         started = loop.time()
         try:
             tls_transport = await loop.start_tls(
-                transport, session, self.context, server_side=True,
+                # the session is an asyncio.Protocol (POP3Protocol); Session names only what is used here
+                transport, session, self.context, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=self.handshake_timeout,
             )
         except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError, RuntimeError, ValueError) as exc:
@@ -114,10 +115,11 @@ class TLSManager:
             # The connection went away during the handshake, or the loop
             # gave up on it: the timeout ends up here too, without an error.
             transport.abort()
+            reason: OSError
             if loop.time() - started >= self.handshake_timeout * 0.99:
-                exc = TimeoutError(f"no TLS handshake within {self.handshake_timeout:g} seconds")
+                reason = TimeoutError(f"no TLS handshake within {self.handshake_timeout:g} seconds")
             else:
-                exc = ConnectionResetError("connection lost during the TLS handshake")
-            session.tls_failed(exc)
+                reason = ConnectionResetError("connection lost during the TLS handshake")
+            session.tls_failed(reason)
             return
         session.tls_established(tls_transport)

@@ -89,7 +89,7 @@ FLAG_STORED_AS_SENT = 1
 MAX_INDEX_BYTES = 256 * 1024 * 1024
 _CACHE_MAX = 4096
 _CACHE_MAX_BYTES = 256 * 1024 * 1024
-_cache: OrderedDict[str, tuple[tuple[int, int, int], "MailboxIndex"]] = OrderedDict()
+_cache: OrderedDict[str, tuple[tuple[int, int, int], MailboxIndex]] = OrderedDict()
 _cache_bytes = 0
 _cache_lock = threading.Lock()  # indexes are rebuilt in worker threads too
 
@@ -121,7 +121,8 @@ class MailboxIndex:
     def __init__(self, buf) -> None:
         if len(buf) < HEADER.size:
             raise IndexCorrupt("truncated header")
-        magic, version, count, total, cur_mtime, names_off, names_size, uidvalidity, _flags, _sum = HEADER.unpack_from(buf)
+        (magic, version, count, total, cur_mtime, names_off, names_size, uidvalidity,
+         _flags, _sum) = HEADER.unpack_from(buf)
         if magic != MAGIC:
             raise IndexCorrupt("not a fastpop index")
         if version != VERSION:
@@ -291,7 +292,8 @@ def load(maildir: str, dir_fd: int | None = None) -> MailboxIndex | None:
     try:
         st = os.fstat(fd)  # of the file actually read
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:
-            log.warning("ignoring index %s (not a regular file, or over %d bytes); rebuilding it", path, MAX_INDEX_BYTES)
+            log.warning("ignoring index %s (not a regular file, or over %d bytes); rebuilding it", path,
+                        MAX_INDEX_BYTES)
             return None
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         try:

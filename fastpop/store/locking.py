@@ -258,7 +258,7 @@ class TableLock:
     __slots__ = ("_table", "_slot")
 
     def __init__(self, table: LockTable, slot: int) -> None:
-        self._table = table
+        self._table: LockTable | None = table
         self._slot = slot
 
     def release(self) -> None:
@@ -278,8 +278,10 @@ class LockTable:
     method = "table"
 
     def __init__(self, path: str | None = None) -> None:
-        if _OFD_SETLK is None:
+        if _OFD_SETLK is None or _OFD_GETLK is None:
             raise OSError("the lock table needs OFD locks (Linux); use [mail] lock = \"symlink\"")
+        self._setlk: int = _OFD_SETLK
+        self._getlk: int = _OFD_GETLK
         self.path = path or default_table_path()
         self._fd = _open_table(self.path)
         self._forked = False  # set in a forked child (not asked per login: getpid is a system call)
@@ -295,7 +297,7 @@ class LockTable:
         if offset in self._held:
             raise MailboxLocked(maildir)
         try:
-            fcntl.fcntl(self._fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+            fcntl.fcntl(self._fd, self._setlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
         except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
             raise MailboxLocked(maildir) from None
         self._held.add(offset)
@@ -306,7 +308,7 @@ class LockTable:
     def _release(self, offset: int) -> None:
         if offset in self._held and not self._forked:
             self._held.discard(offset)
-            fcntl.fcntl(self._fd, _OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+            fcntl.fcntl(self._fd, self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
 
     def _reopen(self) -> None:
         os.close(self._fd)  # only this process's reference: the parent's locks stay
@@ -320,7 +322,7 @@ class LockTable:
         offset = slot(st.st_dev, st.st_ino)
         if offset in self._held and not self._forked:
             return True
-        got = fcntl.fcntl(self._fd, _OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        got = fcntl.fcntl(self._fd, self._getlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
         return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
 
     def close(self) -> None:

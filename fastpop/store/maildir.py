@@ -76,16 +76,17 @@ def ensure_maildir(path: str, owner: int | None = None) -> None:
             pass
     fd = safefs.open_nofollow(safefs.canonical_maildir(path), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        give = owner is not None and owner >= 0 and owner != os.geteuid()
-        if created and give:
-            os.fchown(fd, owner, -1)
+        # the uid to give what is created, or None to keep this process's
+        give = owner if owner is not None and owner >= 0 and owner != os.geteuid() else None
+        if created and give is not None:
+            os.fchown(fd, give, -1)
         for sub in SUBDIRS:
             try:
                 os.mkdir(sub, 0o700, dir_fd=fd)
             except FileExistsError:
                 continue
-            if give:
-                os.chown(sub, owner, -1, dir_fd=fd, follow_symlinks=False)
+            if give is not None:
+                os.chown(sub, give, -1, dir_fd=fd, follow_symlinks=False)
     finally:
         os.close(fd)
 
@@ -308,7 +309,8 @@ def _remove_leftovers(path: str, fd: int, tmp: int) -> None:
         with os.scandir(tmp) as it:
             for entry in it:
                 try:
-                    stale = entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < too_old
+                    stale = (entry.is_file(follow_symlinks=False)
+                             and entry.stat(follow_symlinks=False).st_mtime < too_old)
                 except FileNotFoundError:
                     continue  # a delivery in progress renamed it into new/ meanwhile
                 if stale:

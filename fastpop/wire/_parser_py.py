@@ -8,6 +8,7 @@ at the same points, and require identical output.
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from fastpop.wire.commands import (
     KEYWORDS,
@@ -72,7 +73,7 @@ class CommandParser:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def _take_line(self, limit: int) -> tuple[int, int] | int | None:
+    def _take_line(self, limit: int) -> tuple[int, int] | Literal[Command.TOO_LONG] | None:
         """(start, end) of the next line without terminator; TOO_LONG; or None."""
         buf, pos = self._buf, self._pos
         if pos >= len(buf):

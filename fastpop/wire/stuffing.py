@@ -10,7 +10,8 @@ which STAT and LIST must report.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from fastpop import _compiled
 
@@ -28,7 +29,8 @@ else:
     DotStuffer, line_dots = _impl.DotStuffer, _impl.line_dots
     pop3_size_of, stuff_message = _impl.pop3_size_of, _impl.stuff_message
 
-__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "line_dots", "pop3_size", "pop3_size_of", "stuff_message"]
+__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "line_dots", "pop3_size", "pop3_size_of",
+           "stuff_message"]
 
 CHUNK = 256 * 1024
 
