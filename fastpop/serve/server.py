@@ -14,7 +14,7 @@ import resource
 import signal
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastpop import __version__
@@ -51,14 +51,13 @@ class ServerContext:
     """What every session of one server shares."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
-                 connections: ConnectionTable | None = None, last_logins: LastLogins | None = None,
-                 failures: SharedFailures | None = None) -> None:
+                 shared: WorkerTables | None = None) -> None:
         assert config.passwd_file is not None
         self.config = config
         self.loop = loop
         self.auth = Authenticator.from_config(config)
         self.sessions: set[POP3Protocol] = set()
-        self.connections = connections or connection_table(config)
+        self.connections = shared.connections if shared is not None else connection_table(config)
         # opened here, before privileges are dropped, once per process (fastpop.store.locking)
         self.mailbox_locks = mailbox_locks(config.mail_lock, config.mail_lock_table)
         self._full_logged = 0.0
@@ -69,10 +68,10 @@ class ServerContext:
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
         self.metrics: Counters | None = None  # when metrics are on
-        self._shared_failures = failures  # a worker's: the penalty counts of all workers
+        self._shared_failures = shared.failures if shared is not None else None  # the penalty counts of all workers
         # made-up SCRAM salts: read before privileges are dropped, kept across SIGHUP
         self.secret = server_secret(config)
-        self._init_security(config, last_logins)
+        self._init_security(config, shared.last_logins if shared is not None else None)
 
     def _init_security(self, config: Config, last_logins: LastLogins | None = None) -> None:
         """TLS, SASL, penalties and limits (fastpop.session.tls, .sasl, .penalty, .oauth)."""
@@ -210,6 +209,28 @@ RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user"
                                                  if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
 
 
+@dataclass
+class WorkerTables:
+    """What the workers of one server share, in memory made before the fork
+    (fastpop.serve.workers): connection counts, LOGIN-DELAY's last logins and
+    the password-guessing penalties; each worker writes its own row."""
+
+    connections: ConnectionTable
+    last_logins: LastLogins
+    failures: SharedFailures
+
+    @classmethod
+    def create(cls, config: Config) -> WorkerTables:
+        return cls(connection_table(config, config.workers), LastLogins(workers=config.workers),
+                   SharedFailures(config.workers))
+
+    def use_row(self, worker: int) -> None:
+        """In worker ``worker``: write into its rows."""
+        self.connections.use_row(worker)
+        self.last_logins.use_row(worker)
+        self.failures.use_row(worker)
+
+
 def connection_table(config: Config, workers: int = 1) -> ConnectionTable:
     per_worker = connections_per_worker(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     return ConnectionTable(config.max_connections_per_ip, config.max_connections, per_worker, workers)
@@ -251,14 +272,12 @@ async def start(
     config: Config,
     sockets: list[socket.socket] | None = None,
     tls_sockets: list[socket.socket] | None = None,
-    connections: ConnectionTable | None = None,
-    last_logins: LastLogins | None = None,
-    failures: SharedFailures | None = None,
+    shared: WorkerTables | None = None,
 ) -> tuple[ServerContext, list[asyncio.Server]]:
     """Open every listener (or serve the given listening sockets, one per
     configured address, as a worker does); returns the context and the servers."""
     loop = asyncio.get_running_loop()
-    ctx = ServerContext(config, loop, connections, last_logins, failures)
+    ctx = ServerContext(config, loop, shared)
     if config.metrics_listen:  # metrics off: the plain protocol, nothing counted
         from fastpop.session.metered import Counters
 
@@ -354,9 +373,7 @@ async def serve(
     tls_sockets: list[socket.socket] | None = None,
     lmtp: bool = True,
     reload: Callable[[], Config] | None = None,
-    connections: ConnectionTable | None = None,
-    last_logins: LastLogins | None = None,
-    failures: SharedFailures | None = None,
+    shared: WorkerTables | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
     ``reload()``'s configuration (the config file read again)."""
@@ -376,7 +393,7 @@ async def serve(
                 raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
             if sockets is not None:  # the PROXY listeners are never inherited: bound here, after them
                 sockets = sockets + [listening_socket(a) for a in config.proxy_listen + config.proxy_listen_tls]
-    ctx, servers = await start(config, sockets, tls_sockets, connections, last_logins, failures)
+    ctx, servers = await start(config, sockets, tls_sockets, shared)
     process_metrics = None
     if ctx.metrics is not None:
         from fastpop.serve.metrics import ProcessMetrics
@@ -477,19 +494,18 @@ def run_worker(
     tls_sockets: list[socket.socket] | None = None,
     lmtp: bool = True,
     reload: Callable[[], Config] | None = None,
-    connections: ConnectionTable | None = None,
-    last_logins: LastLogins | None = None,
-    failures: SharedFailures | None = None,
+    shared: WorkerTables | None = None,
 ) -> None:
     loop = new_event_loop(config.loop)
     try:
-        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, connections, last_logins, failures))
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, shared))
     finally:
         loop.close()
 
 
-def listening_socket(addr: str, port: int | None = None) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT for ``addr`` (port override for port 0)."""
+def listening_socket(addr: str, port: int | None = None, reuse_port: bool = True) -> socket.socket:
+    """A listening TCP socket for ``addr`` (``port`` overrides its port 0), with
+    SO_REUSEPORT for the workers' sockets (without it a port in use is an error)."""
     host, addr_port = parse_address(addr)
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
         host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -497,7 +513,8 @@ def listening_socket(addr: str, port: int | None = None) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
@@ -532,26 +549,9 @@ async def start_proxy_listeners(ctx: ServerContext, sockets: list[socket.socket]
         servers.append(await ctx.loop.create_server(functools.partial(session, ctx, settings), backlog=4096,
                                                     start_serving=False, **where))  # (server.serve starts them)
     for i, addr in enumerate(config.proxy_listen_tls, len(config.proxy_listen)):
-        sock = sockets[i] if sockets is not None else _proxy_listening_socket(addr)
+        sock = sockets[i] if sockets is not None else listening_socket(addr, reuse_port=False)
         servers.append(ProxyTLSListener(ctx, settings, sock))
     return servers
-
-
-def _proxy_listening_socket(addr: str) -> socket.socket:
-    host, port = parse_address(addr)
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(4096)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def log_proxy_listening(ctx: ServerContext) -> None:

@@ -28,11 +28,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastpop.auth.authenticator import server_secret
-from fastpop.auth.penalty import LastLogins, SharedFailures
 from fastpop.config import Config
 from fastpop.limits import connections_per_worker, raise_descriptor_limit
 from fastpop.serve import server
-from fastpop.serve.server import connection_table, listening_socket, refuse_mail_as_root
+from fastpop.serve.server import WorkerTables, listening_socket, refuse_mail_as_root
 from fastpop.serve.validation import validate_all
 
 if TYPE_CHECKING:
@@ -49,10 +48,8 @@ class Supervisor:
     def __init__(self, config: Config, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.reload = reload
-        # Shared before forking: every worker counts its connections in its row.
-        self.connections = connection_table(config, config.workers)
-        self.last_logins = LastLogins(workers=config.workers)  # LOGIN-DELAY across workers
-        self.failures = SharedFailures(config.workers)  # password-guessing penalties across workers
+        # Made before forking: each worker writes its own rows, reads all of them.
+        self.shared = WorkerTables.create(config)  # connections, LOGIN-DELAY, penalties across workers
         self.stop_deadline: float | None = None
         self.addresses = config.listen + config.proxy_listen + config.proxy_listen_tls  # server.start splits them
         self.tls_addresses = list(config.listen_tls)
@@ -105,12 +102,8 @@ class Supervisor:
                 signal.signal(signal.SIGALRM, signal.SIG_DFL)
                 if self.metrics_endpoint is not None:
                     self.metrics_endpoint.server.socket.close()  # the supervisor's, not the worker's
-                self.connections.use_row(index)
-                self.last_logins.use_row(index)
-                self.failures.use_row(index)
-                server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload,
-                                  connections=self.connections, last_logins=self.last_logins,
-                                  failures=self.failures)
+                self.shared.use_row(index)
+                server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload, shared=self.shared)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -209,7 +202,7 @@ class Supervisor:
             if pid not in self.workers:
                 continue
             index, started = self.workers.pop(pid)
-            self.connections.clear_row(index)  # its connections died with it
+            self.shared.connections.clear_row(index)  # its connections died with it
             if self.metrics_dir is not None:
                 from fastpop.serve.metrics import mark_process_dead
 
