@@ -1,0 +1,1 @@
+"""Helpers the tests import (``from support.inprocess import Harness``); not tests themselves."""
