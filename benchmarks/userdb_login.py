@@ -7,7 +7,7 @@
 Generates one set of Maildirs (200 users x 20 messages), puts the same users
 ({PLAIN} passwords, as the bench's passwd-file has them) in a passwd-file,
 an SQLite file, PostgreSQL, MariaDB and OpenLDAP (the servers started as the
-tests start them, tests/userdb_servers.py: fresh directories, free loopback
+tests start them, tests/support/userdb_servers.py: fresh directories, free loopback
 ports; needs root and the Debian packages scripts/test installs), and for
 each runs ``fastpop bench``'s load against a fastpop that reads them, one
 after the other with the same client settings:
@@ -43,7 +43,7 @@ def start_databases(kinds: set[str], workdir: Path, users: list[tuple[str, str]]
     """Each database with the users in it -> (kind -> [userdb] TOML lines), servers to close."""
     import sqlite3
 
-    from userdb_servers import (
+    from support.userdb_servers import (
         USERS_TABLE,
         MariaDBServer,
         PostgresServer,

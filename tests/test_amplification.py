@@ -27,7 +27,7 @@ import ssl
 import time
 
 import pytest
-from conftest import PARSERS, ServerProcess, message, serving
+from support.server import PARSERS, ServerProcess, message, serving
 from test_hostile_clients import rss
 
 pytestmark = pytest.mark.timeout(120)
@@ -255,7 +255,7 @@ def test_pipelined_commands_after_login(server, command):
 
 @pytest.fixture(params=VARIANTS, ids=[f"{p}-{loop}" for p, loop in VARIANTS])
 def tls_server(request, tmp_path):
-    from tls_helpers import Certs, TLSServer
+    from support.tls import Certs, TLSServer
 
     parser, loop = request.param
     certs = Certs(tmp_path / "certs")

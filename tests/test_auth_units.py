@@ -25,6 +25,8 @@ from fastpop.net import parse_address
 from fastpop.serve.validation import validate_all
 from fastpop.store.maildir import parse_name, uidl_of
 
+pytestmark = pytest.mark.unit
+
 PW = "correct hörse bättery ✓"
 
 # ---------------------------------------------------------------- passwords: creatable schemes

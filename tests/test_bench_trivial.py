@@ -22,7 +22,7 @@ import threading
 import time
 
 import pytest
-from conftest import NO_EXTENSIONS
+from support.server import NO_EXTENSIONS
 
 from fastpop.bench import trivial
 

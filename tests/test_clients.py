@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PARSERS, ServerProcess, message, serving
+from support.server import PARSERS, ServerProcess, message, serving
 
 pytestmark = pytest.mark.external
 

@@ -15,7 +15,7 @@ import re
 import time
 
 import pytest
-from conftest import PARSERS, Raw, ServerProcess, message, serving
+from support.server import PARSERS, Raw, ServerProcess, message, serving
 
 from fastpop import __version__
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AS_ROOT, ServerProcess, message
+from support.server import AS_ROOT, ServerProcess, message
 
 from fastpop.store import index as mindex
 

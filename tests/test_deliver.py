@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AS_ROOT, message
+from support.server import AS_ROOT, message
 
 from fastpop.wire.stuffing import pop3_size
 

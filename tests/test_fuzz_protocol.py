@@ -143,7 +143,7 @@ BATCH = st.lists(st.one_of(
 
 class POP3Machine(RuleBasedStateMachine):
     """One mailbox, one connection at a time.  Subclassed per test with the
-    ``server`` (conftest.ServerProcess) to drive."""
+    ``server`` (support.server.ServerProcess) to drive."""
 
     server = None  # set by the test
 

@@ -30,8 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 import pytest
-from conftest import PARSERS, ServerProcess
-from tls_helpers import Conn, b64, stop_clean, unb64, wait_for_log
+from support.server import PARSERS, ServerProcess
+from support.tls import Conn, b64, stop_clean, unb64, wait_for_log
 
 from fastpop.auth.sasl import make_scram_keys
 

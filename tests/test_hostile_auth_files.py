@@ -27,7 +27,7 @@ import sys
 import time
 
 import pytest
-from conftest import Raw, ServerProcess, message
+from support.server import Raw, ServerProcess, message
 
 from fastpop.auth.oauth import make_token
 from fastpop.auth.passwd_file import (

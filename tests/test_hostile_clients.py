@@ -1,7 +1,7 @@
 """One bad client cannot hurt the others.
 
 A fastpop with short idle timeouts is attacked by thousands of hostile
-connections from one uvloop process (``tests/hostile.py``), spread over
+connections from one uvloop process (``tests/support/hostile.py``), spread over
 source addresses in 127.1.0.0/16 (not trusted: per-address limits and
 penalties apply) and 127.2.0.0/16 (trusted, for the attacks that log in):
 
@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, message
+from support.server import ServerProcess, message
 
 from fastpop.wire._stuffing_py import stuff_message
 
-HOSTILE = Path(__file__).with_name("hostile.py")
+HOSTILE = Path(__file__).parent / "support" / "hostile.py"
 TIMEOUT_AUTHORIZATION = 5.0
 TIMEOUT_TRANSACTION = 4.0
 REAP_MARGIN = 3.0  # seconds past the timeout by which every attacker must be gone
@@ -327,7 +327,7 @@ def test_trickled_bytes_are_not_activity(fresh_server):
     """A client that sends one byte at a time and never ends a line is idle:
     it is disconnected at the timeout (it used to be kept alive by every
     byte, so 5,000 slowloris connections stayed open for hours)."""
-    from conftest import Raw
+    from support.server import Raw
 
     fresh_server.extra_args = ["--timeout-authorization", "1"]
     fresh_server.start()
@@ -398,7 +398,7 @@ def test_pipelined_replies_stay_in_order(fresh_server):
     fresh_server.start()
     small, big = message("small", size=100_000), message("big", size=300_000)
     user = fresh_server.add_user([small, big])
-    from conftest import Raw
+    from support.server import Raw
 
     c = Raw(fresh_server.port)
     c.send(f"USER {user.name}\r\nPASS {user.password}\r\n".encode())

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Raw, ServerProcess, message
+from support.server import Raw, ServerProcess, message
 
 from fastpop.store.index import Entry, encode
 

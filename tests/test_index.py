@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import PARSERS, ServerProcess, User, message, tracer_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.server import PARSERS, ServerProcess, User, message, tracer_of
 
 from fastpop.store import index as mindex
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from support.server import ServerProcess
 
 from fastpop.auth.passwd_file import read_records
 from fastpop.auth.passwords import verify

@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from conftest import Raw, ServerProcess, mailbox_held, message
+from support.server import Raw, ServerProcess, mailbox_held, message
 
 SERVER_FULL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 FROM_ADDRESS = b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"

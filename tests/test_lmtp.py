@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, message, serving
+from support.server import ServerProcess, message, serving
 
 from fastpop.wire.stuffing import pop3_size
 

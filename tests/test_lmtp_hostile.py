@@ -15,9 +15,9 @@ import threading
 import time
 
 import pytest
-from conftest import ServerProcess, message, serving
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.server import ServerProcess, message, serving
 from test_lmtp import LMTPServer, RawLMTP
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

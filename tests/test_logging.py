@@ -9,7 +9,7 @@ import poplib
 import re
 
 import pytest
-from conftest import ServerProcess, message
+from support.server import ServerProcess, message
 
 from fastpop.serve.validation import validate_all
 

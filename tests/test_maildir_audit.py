@@ -1,6 +1,6 @@
 """Issue 16, item 5: random hostile Maildirs, and strace watching every path fastpop touches.
 
-One real fastpop (tests/conftest.py ServerProcess, --workers 1) runs for the
+One real fastpop (tests/support/server.py ServerProcess, --workers 1) runs for the
 module with ``strace -f -y -xx`` attached to all its threads, tracing the
 system calls that open, create, remove, rename, link or change a file (not the
 stat family).  Hypothesis builds a Maildir for a fresh user per example out of
@@ -79,7 +79,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, message, tracer_of
+from support.server import ServerProcess, message, tracer_of
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402

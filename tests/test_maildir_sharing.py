@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import message
+from support.server import message
 
 
 def _rename_with_flags(user, flags: str = "S") -> None:

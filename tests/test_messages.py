@@ -16,9 +16,9 @@ import os
 import re
 import time
 
-import conftest
 import pytest
-from conftest import message
+from support import server as support_server
+from support.server import message
 
 CRLF = b"\r\n"
 KiB = 1024
@@ -206,7 +206,7 @@ NEXT = b"Subject: next\r\n\r\n.after\r\n"
 # --------------------------------------------------------------------------- raw client
 
 
-class Raw(conftest.Raw):
+class Raw(support_server.Raw):
     def __init__(self, port: int, timeout: float = 10):
         super().__init__(port, timeout)
         assert self.greeting.startswith(b"+OK ")

@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 
 prometheus_client = pytest.importorskip("prometheus_client")
-from conftest import ServerProcess, message  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from support.server import ServerProcess, message  # noqa: E402
 
 from fastpop.serve.validation import validate_all  # noqa: E402
 
@@ -267,7 +267,7 @@ def test_overhead_benchmark_runs():
 
 def test_sessions_behind_a_proxy_are_counted(tmp_path):
     """[proxy] listeners make their own session class: metered as well."""
-    from conftest import Raw
+    from support.server import Raw
 
     proxy_port = free_port()
     srv, port = metered_server(tmp_path, "--proxy-listen", f"127.0.0.1:{proxy_port}",

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("prometheus_client")
 
-from conftest import message
+from support.server import message
 from test_metrics import metered_server, scrape, value
 
 from fastpop.serve.metrics import MAX_CONNECTIONS, REQUEST_TIMEOUT

@@ -26,6 +26,8 @@ from fastpop.wire.commands import (
     Command,
 )
 
+pytestmark = pytest.mark.unit
+
 PARSER = "fastpop.wire._parser"
 # P is function-scoped but stateless: hypothesis may reuse it across examples
 TWIN_SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

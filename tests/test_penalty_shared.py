@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from conftest import ServerProcess
+from support.server import ServerProcess
 
 from fastpop.auth.penalty import PenaltyBox, SharedFailures
 

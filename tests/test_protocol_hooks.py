@@ -12,6 +12,8 @@ from fastpop.session.metered import MeteredProtocol, metered
 from fastpop.session.protocol import POP3Protocol
 from fastpop.session.proxied import ProxiedPOP3Protocol
 
+pytestmark = pytest.mark.unit
+
 SUBCLASSES = [MeteredProtocol, ProxiedPOP3Protocol, metered(ProxiedPOP3Protocol)]
 
 

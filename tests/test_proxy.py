@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PARSERS, Raw, ServerProcess, message
-from tls_helpers import Certs, stop_clean
+from support.server import PARSERS, Raw, ServerProcess, message
+from support.tls import Certs, stop_clean
 
 from fastpop.wire.proxy_protocol import build_v1, build_v2
 

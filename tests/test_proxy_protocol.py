@@ -18,6 +18,8 @@ from fastpop.wire.proxy_protocol import (
     tlv,
 )
 
+pytestmark = pytest.mark.unit
+
 COMMAND = b"CAPA\r\n"
 
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import AS_ROOT, Raw, ServerProcess, message
+from support.server import AS_ROOT, Raw, ServerProcess, message
 
 from fastpop.store import index as mindex
 

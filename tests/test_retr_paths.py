@@ -13,9 +13,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.server import ServerProcess
 
 LINE = b"filler line of an ordinary message body, stored with CRLF.........\r\n"
 BIG = 200 * 1024  # above sending.SENDFILE_MIN, so the sendfile path applies

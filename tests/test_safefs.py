@@ -14,6 +14,8 @@ import pytest
 from fastpop import _compiled
 from fastpop.store import safefs
 
+pytestmark = pytest.mark.unit
+
 SAFEFS = "fastpop.store._safefs"
 
 

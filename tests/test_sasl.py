@@ -17,9 +17,9 @@ import sys
 import time
 
 import pytest
-from conftest import PARSERS, ServerProcess, message
 from scramp import ScramClient, ScramMechanism
-from tls_helpers import Conn, b64, stop_clean, unb64
+from support.server import PARSERS, ServerProcess, message
+from support.tls import Conn, b64, stop_clean, unb64
 
 from fastpop.auth.oauth import make_token
 from fastpop.auth.sasl import format_scram_keys, make_scram_keys

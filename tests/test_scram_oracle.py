@@ -20,9 +20,9 @@ import sys
 import time
 
 import pytest
-from conftest import AS_ROOT, PARSERS, ServerProcess
 from scramp import ScramClient
-from tls_helpers import Conn, b64, stop_clean, unb64, wait_for_log
+from support.server import AS_ROOT, PARSERS, ServerProcess
+from support.tls import Conn, b64, stop_clean, unb64, wait_for_log
 
 from fastpop.auth import sasl
 

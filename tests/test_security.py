@@ -18,8 +18,8 @@ import statistics
 import time
 
 import pytest
-from conftest import ServerProcess, message
-from tls_helpers import Conn, b64, stop_clean, unb64
+from support.server import ServerProcess, message
+from support.tls import Conn, b64, stop_clean, unb64
 
 from fastpop.auth.penalty import LastLogins, PenaltyBox
 from fastpop.limits import ConnectionTable

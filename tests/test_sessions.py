@@ -20,9 +20,9 @@ import subprocess
 import sys
 import time
 
-import conftest
 import pytest
-from conftest import ServerProcess, User, mailbox_held, message
+from support import server as support_server
+from support.server import ServerProcess, User, mailbox_held, message
 
 from fastpop import __version__
 
@@ -35,7 +35,7 @@ PARSER_NAMES = ["cython", "python"]
 # --------------------------------------------------------------------------- helpers
 
 
-class Raw(conftest.Raw):
+class Raw(support_server.Raw):
     def __init__(self, port: int, timeout: float = 10):
         super().__init__(port, timeout)
         assert self.greeting == b"+OK fastpop ready.\r\n"  # no APOP timestamp: APOP is off by default

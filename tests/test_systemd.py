@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AS_ROOT, ServerProcess, message
+from support.server import AS_ROOT, ServerProcess, message
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
 needs_activate = pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="systemd-socket-activate not installed")

@@ -20,8 +20,8 @@ import time
 import warnings
 
 import pytest
-from conftest import PARSERS, message
-from tls_helpers import (
+from support.server import PARSERS, message
+from support.tls import (
     Certs,
     Conn,
     TLSServer,

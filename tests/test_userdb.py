@@ -1,6 +1,6 @@
 """User databases (fastpop.auth.userdb): SQLite, PostgreSQL, MariaDB and OpenLDAP
 (fetching the password, and binding as the user), each a real server started
-by a session fixture (tests/userdb_servers.py), behind a real fastpop, with
+by a session fixture (tests/support/userdb_servers.py), behind a real fastpop, with
 the auth cache in front; plus the pieces on their own (variables, rows, the
 cache, the Authenticator's cache rules, the configuration).
 
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import AS_ROOT, ServerProcess, User, message
-from tls_helpers import Conn, b64, unb64
-from userdb_servers import (
+from support.server import AS_ROOT, ServerProcess, User, message
+from support.tls import Conn, b64, unb64
+from support.userdb_servers import (
     PASSWORD_QUERY,
     USERS_TABLE,
     MariaDBServer,

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from conftest import ServerProcess, message
+from support.server import ServerProcess, message
 
 
 def _worker_pid(pop) -> int:

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PARSERS, Raw, ServerProcess
+
+from support.server import PARSERS, Raw, ServerProcess
 
 trustme = pytest.importorskip("trustme")
 

@@ -1,11 +1,11 @@
 """Hostile POP3 clients, thousands from one process (uvloop, non-blocking).
 
-    python tests/hostile.py silent    --port P --count 5000 --hold 10
-    python tests/hostile.py slowloris --port P --count 5000 --interval 2 --hold 10
-    python tests/hostile.py noread    --port P --users FILE --hold 10
-    python tests/hostile.py greedy    --port P --users FILE --hold 10
-    python tests/hostile.py garbage   --port P --count 50 --hold 10
-    python tests/hostile.py badlogin  --port P --count 50 --hold 10
+    python tests/support/hostile.py silent    --port P --count 5000 --hold 10
+    python tests/support/hostile.py slowloris --port P --count 5000 --interval 2 --hold 10
+    python tests/support/hostile.py noread    --port P --users FILE --hold 10
+    python tests/support/hostile.py greedy    --port P --users FILE --hold 10
+    python tests/support/hostile.py garbage   --port P --count 50 --hold 10
+    python tests/support/hostile.py badlogin  --port P --count 50 --hold 10
 
 Connections come from many source addresses (``--addresses``, bound before
 connect, at most ``--per-address`` each) so a per-address connection limit
