@@ -4,8 +4,10 @@ records which one was loaded.
 
 The compiled module is used unless it is not built or ``FASTPOP_NO_EXTENSIONS``
 is set (then every twin is pure Python).  setup.py compiles every
-``fastpop/**/*.pyx``; each must be listed in ``TWINS`` with its twin, which
-the tests run against the same cases (tests/conftest.py's ``twin`` fixture).
+``fastpop/**/*.pyx`` (a module written once, in Cython's pure Python mode, has
+a .pyx that only names its source: the twin itself); each must be listed in
+``TWINS`` with its twin, which the tests run against the same cases
+(tests/conftest.py's ``twin`` fixture).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ TWINS = {
     "fastpop.store._safefs": "fastpop.store._safefs_py",
     "fastpop.bench._wire": "fastpop.bench._wire_py",
     "fastpop.bench._trivial": "fastpop.bench._trivial_py",
+    "fastpop.session._core": "fastpop.session._core_py",  # one source: _core_py.py, typed by _core.pxd
 }
 
 LOADED: dict[str, str] = {}  # compiled module -> "cython" or "python", as loaded so far

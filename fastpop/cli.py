@@ -367,6 +367,9 @@ def cmd_user(args: argparse.Namespace) -> int:
     except ValueError as exc:  # check_record: never a line that would read back otherwise
         print(f"fastpop: {exc}; {path} left unchanged", file=sys.stderr)
         return 2
+    except OSError as exc:  # (it names the passwd-file, never the temporary file written first)
+        print(f"fastpop: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

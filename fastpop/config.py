@@ -39,6 +39,7 @@ class Config:
     mail_location: str = "%h/Maildir"
     mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.store.locking
     mail_lock_table: str | None = None  # None: fastpop.store.locking.default_table_path()
+    mail_index: str | None = None  # a directory of fastpop's own for the indexes (fastpop.store.index); None: Maildirs
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
@@ -107,6 +108,8 @@ class Config:
         their sections in fastpop.serve.validation.validate_all, which calls this."""
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
+        if self.mail_index is not None and not os.path.isabs(self.mail_index):
+            raise ValueError(f"mail index must be an absolute path, not {self.mail_index!r}")
         if self.loop not in ("uvloop", "asyncio"):
             raise ValueError(f"loop must be 'uvloop' or 'asyncio', not {self.loop!r}")
         for name in ("timeout_authorization", "timeout_transaction", "auth_failure_delay"):
@@ -230,6 +233,7 @@ _TOML_KEYS = {
     ("mail", "location"): "mail_location",
     ("mail", "lock"): "mail_lock",
     ("mail", "lock_table"): "mail_lock_table",
+    ("mail", "index"): "mail_index",
     ("timeouts", "authorization"): "timeout_authorization",
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",

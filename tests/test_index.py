@@ -423,7 +423,7 @@ def test_warm_login_opens_no_message_file_and_does_not_list_cur(server, tmp_path
     opened = [p for p in added.opened(box.cur) if p != str(box.cur)]
     assert opened and all(os.path.basename(p).startswith(new.name) for p in opened), opened
 
-    # one sized message delivered: opened only to check its last byte
+    # one sized message delivered: only that one is opened (its size from W=, read for lines starting with ".")
     trusted(box)
     new = box.put(message("newcomer2", "m\r\n" * 7), sizes=True)
     with strace(pid, tmp_path / "new2.trace") as added:

@@ -314,7 +314,7 @@ def test_penalty_follows_the_client_address(hosts, haproxy):
         return ok, elapsed
 
     assert apop("127.0.0.21", victim, "wrong")[0] is False
-    wait_for(rf"auth failed user={victim.name} rip=127\.0\.0\.21 ", hosts.a)
+    wait_for(rf"auth failed rip=127\.0\.0\.21 user={victim.name} ", hosts.a)
     ok, elapsed = apop("127.0.0.21", victim, "wrong again")
     assert not ok and elapsed >= PENALTY * 0.9, elapsed
     ok, elapsed = apop("127.0.0.22", other, other.password)
@@ -594,7 +594,7 @@ def test_workers_serve_proxy_listeners(tmp_path):
                 data += chunk
             sock.close()
             assert data.startswith(b"+OK fastpop ready.") and data.endswith(b"+OK Logging out.\r\n"), data
-        wait_for(rf"auth failed user={user.name} rip=192\.0\.2\.7 ", srv)
+        wait_for(rf"auth failed rip=192\.0\.2\.7 user={user.name} ", srv)
     finally:
         stop_clean(srv)
 

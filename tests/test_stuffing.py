@@ -51,6 +51,7 @@ def test_public_module_uses_the_chosen_implementation():
     assert stuffing.stuff_message is mod.stuff_message
     assert stuffing.pop3_size_of is mod.pop3_size_of
     assert stuffing.line_dots is mod.line_dots
+    assert stuffing.first_dot_line is mod.first_dot_line
 
 
 # ---------------------------------------------------------------- reference
@@ -428,3 +429,72 @@ def test_prop_top_is_prefix_of_retr(S, data, n):
     full = S.stuff_message(data)
     assert full.startswith(top)
     assert top_chunks(S, [data], n + 1).startswith(top)
+
+
+# ---------------------------------------------------------------- dot lines: the RETR scan and the index's bit
+
+
+def ref_dot_lines(data: bytes, after_lf: bool = True) -> list[int]:
+    """Offsets of the "." that start a line (a line starts after a LF, and at 0 if after_lf)."""
+    return [i for i in range(len(data)) if data[i] == 46 and (data[i - 1] == 10 if i else after_lf)]
+
+
+# long runs, so the compiled scan's 64-octet turns and their edges are crossed
+dotted = st.lists(st.one_of(st.sampled_from([b"\n", b".", b"\r\n", b"\n.", b"x", b"."]),
+                            st.integers(1, 140).map(lambda n: b"y" * n)), max_size=60).map(b"".join)
+
+
+@settings(TWIN_SETTINGS, max_examples=400)
+@given(dotted, st.booleans(), st.integers(0, 1000))
+def test_prop_dot_line_search(S, data, after_lf, base):
+    for buf in (data, bytearray(data), memoryview(data)):
+        found: list[int] = []
+        ends_lf = S.line_dots(buf, base, after_lf, found)
+        want = ref_dot_lines(data, after_lf)
+        assert found == [base + i for i in want]
+        assert ends_lf == (data.endswith(b"\n") if data else after_lf)
+        assert S.first_dot_line(buf, after_lf) == (want[0] if want else -1)
+
+
+@pytest.mark.parametrize("at", [0, 1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 4095, 4096])
+def test_dot_line_at_every_vector_edge(S, at):
+    data = bytearray(b"z" * (at + 200))
+    if at:
+        data[at - 1] = 10
+    data[at] = 46
+    found: list[int] = []
+    S.line_dots(bytes(data), 0, False, found)
+    assert found == ref_dot_lines(bytes(data), False) == ([at] if at else [])
+    assert S.first_dot_line(bytes(data), True) == at
+
+
+@settings(TWIN_SETTINGS, max_examples=300)
+@given(dotted, st.integers(1, 9), st.booleans())
+def test_prop_scan_file(S, data, chunk, count_size):
+    """scan_file reads a file in chunks (here tiny ones): the POP3 size, whether a
+    line starts with ".", and the last octet, as the reference says."""
+    with tempfile.TemporaryDirectory() as d:
+        fd = os.open(write(os.path.join(d, "m"), data), os.O_RDONLY)
+        try:
+            with mock.patch.object(stuffing, "CHUNK", chunk), \
+                    mock.patch.object(stuffing, "first_dot_line", S.first_dot_line):
+                size, dots, last = stuffing.scan_file(fd, len(data), count_size)
+        finally:
+            os.close(fd)
+    has_dots = bool(ref_dot_lines(data))
+    assert dots == has_dots
+    if count_size:
+        assert size == len(ref_unstuffed(data)) == S.pop3_size_of(data)
+        assert last == (data[-1] if data else -1)
+    elif not has_dots:
+        assert last == (data[-1] if data else -1)
+
+
+def test_scan_file_of_a_file_that_shrank(tmp_path):
+    path = write(str(tmp_path / "m"), b"abc\r\n.d\r\n")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert stuffing.scan_file(fd, 100) == (len(b"abc\r\n.d\r\n"), True, -1)
+        assert stuffing.scan_file(fd, 5, count_size=False) == (0, False, 10)
+    finally:
+        os.close(fd)

@@ -289,7 +289,10 @@ def write_records(path: str, records: list[UserRecord]) -> None:
     data = b"".join(line + b"\n" for line in out)
 
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".passwd.", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".passwd.", dir=directory)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -297,7 +300,16 @@ def write_records(path: str, records: list[UserRecord]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """``exc`` about the file the user named, not the temporary one written first."""
+    if exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, path)

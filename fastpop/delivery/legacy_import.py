@@ -378,6 +378,10 @@ def _check_passwd_file(users: list[LegacyUser], passwd_file: str, problems: list
     from fastpop.auth.passwd_file import read_records
     from fastpop.auth.passwords import verify
 
+    directory = os.path.dirname(os.path.abspath(passwd_file))
+    if not os.path.isdir(directory):  # (the file is made there, next to its temporary copy)
+        problems.append(f"--passwd-file {passwd_file}: no directory {directory} to create it in")
+        return
     try:
         records = {r.name: r for r in read_records(passwd_file)}
     except (OSError, ValueError) as exc:

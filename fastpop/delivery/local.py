@@ -266,11 +266,14 @@ def _create(maildir: str, owner: int) -> None:
 def _after_store(maildir: str, root: int, size: int, owner: int) -> None:
     """Bookkeeping about the Maildir.
 
-    fastpop's own index (``fastpop.index``) describes cur/ and is written by
-    the server under the session lock; a message waiting in new/ is what
-    tells the next login to bring it up to date, which it does from the W=
-    in the name (and one byte of the file), so it is left alone here: a
-    second writer would race with sessions.  A Maildir++ quota file, as
+    fastpop's own index (``fastpop.index``, or its file in the ``[mail]
+    index`` directory) describes cur/ and is written by the server under the
+    session lock; a message waiting in new/ is what tells the next login to
+    bring it up to date, which it does from the W= in the name and one read
+    of the file (whether a line starts with ".", which RETR then need not
+    look for: fastpop.store.maildir.measure), so it is left alone here: a
+    second writer would race with sessions, and what delivery knows could
+    reach the index only through the file's name, which its user may change.  A Maildir++ quota file, as
     Dovecot and Courier keep it, gets the line for one more message."""
     path = os.path.join(maildir, "maildirsize")
     try:

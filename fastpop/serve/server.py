@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import grp
+import ipaddress
 import itertools
 import logging
 import os
@@ -13,6 +15,8 @@ import random
 import resource
 import signal
 import socket
+import stat
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,8 +30,10 @@ from fastpop.limits import (
     connections_per_worker,
 )
 from fastpop.net import parse_address
+from fastpop.serve.preload import preload
 from fastpop.session.protocol import POP3Protocol
-from fastpop.store.locking import mailbox_locks
+from fastpop.store import index
+from fastpop.store.locking import default_table_path, mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
@@ -205,7 +211,9 @@ RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user"
                 "proxy_listen", "proxy_listen_tls",
                 "auth_secret_file",  # read once, before privileges are dropped and workers forked
                 # the user database: LMTP and open pools hold the one built at start
-                "passwd_file", "mail_location", "mail_lock", "mail_lock_table", *(f.name for f in fields(Config)
+                "passwd_file", "mail_location", "mail_lock", "mail_lock_table",
+                "mail_index",  # checked and opened once, as the serving uid
+                *(f.name for f in fields(Config)
                                                  if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
 
 
@@ -365,6 +373,9 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgid(gid)
     if entry is not None:
         os.setuid(entry.pw_uid)
+        # as su(1) does: files a library looks for in $HOME (asyncpg's ~/.postgresql/
+        # and ~/.pgpass) are the user's, not root's, which it could not read
+        os.environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
 
 
 async def serve(
@@ -374,10 +385,16 @@ async def serve(
     lmtp: bool = True,
     reload: Callable[[], Config] | None = None,
     shared: WorkerTables | None = None,
+    alive_fd: int | None = None,
+    ready_fd: int | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
-    ``reload()``'s configuration (the config file read again)."""
-    loop = asyncio.get_running_loop()
+    ``reload()``'s configuration (the config file read again).
+
+    A worker gets ``alive_fd``, the read end of a pipe only its supervisor
+    can write to: end of file there (the supervisor gone, however it ended)
+    stops the worker as SIGTERM does.  It writes a byte to ``ready_fd`` once
+    every one of its listeners accepts."""
     # systemd (fastpop.serve.systemd) and metrics (fastpop.serve.metrics): a single process
     # takes systemd's sockets and serves the metrics endpoint itself; a worker
     # leaves both to its supervisor.
@@ -385,15 +402,47 @@ async def serve(
 
     single = sockets is None
     notifier = systemd.take_notifier()
-    if single:
-        activated = systemd.activated_sockets()
-        if activated is not None:
-            sockets, tls_sockets = activated.pop3 or None, activated.tls or None
-            if tls_sockets and config.tls_cert is None:
-                raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
-            if sockets is not None:  # the PROXY listeners are never inherited: bound here, after them
-                sockets = sockets + [listening_socket(a) for a in config.proxy_listen + config.proxy_listen_tls]
+    # One generation per port: a single process claims what it binds itself; a
+    # worker's claims are its supervisor's, inherited with its sockets.
+    locks = ListenerLocks(config) if single else None
+    try:
+        inherited: list[socket.socket] = []
+        if single:
+            assert locks is not None
+            activated = systemd.activated_sockets()
+            if activated is not None:
+                sockets, tls_sockets = activated.pop3 or None, activated.tls or None
+                inherited = activated.pop3 + activated.tls
+                if tls_sockets and config.tls_cert is None:
+                    raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
+                if sockets is not None:  # the PROXY listeners are never inherited: bound here, after them
+                    sockets = sockets + [bind_listener(locks, a) for a in config.proxy_listen + config.proxy_listen_tls]
+            for addresses, given in ((config.listen, sockets), (config.listen_tls, tls_sockets),
+                                     (config.proxy_listen + config.proxy_listen_tls, sockets)):
+                if given is None:
+                    locks.claim_addresses(addresses)  # a fixed port: before it is bound
+        await _serve(config, sockets, tls_sockets, lmtp, reload, shared, notifier, locks, inherited,
+                     alive_fd, ready_fd)
+    finally:
+        if locks is not None:
+            locks.release()
+
+
+async def _serve(config: Config, sockets: list[socket.socket] | None, tls_sockets: list[socket.socket] | None,
+                 lmtp: bool, reload: Callable[[], Config] | None, shared: WorkerTables | None, notifier: Any,
+                 locks: ListenerLocks | None, inherited: list[socket.socket], alive_fd: int | None,
+                 ready_fd: int | None) -> None:
+    from fastpop.serve import systemd
+
+    loop = asyncio.get_running_loop()
+    single = locks is not None
     ctx, servers = await start(config, sockets, tls_sockets, shared)
+    if locks is not None:  # port 0 (and names that resolve to more): the addresses bound, before they accept
+        own = {s.fileno() for s in inherited}
+        for server in servers + ctx.tls_servers + ctx.proxy_servers:
+            for sock in server.sockets:
+                if sock.fileno() not in own:
+                    locks.claim(sock.family, sock.getsockname(), _shown(sock))
     process_metrics = None
     if ctx.metrics is not None:
         from fastpop.serve.metrics import ProcessMetrics
@@ -405,45 +454,93 @@ async def serve(
 
         lmtp_service = await lmtp_server.start(config, ctx.auth, ctx.connections,
                                                lambda: ctx.config)  # counted in max_connections
+    preload(config)  # whatever a login, a reload or a delivery may need: the files may be unreadable in a moment
     drop_privileges(config.user, config.group)
-    for server in servers + ctx.tls_servers + ctx.proxy_servers:
-        await server.start_serving()
-    if lmtp_service is not None:
-        await lmtp_service.start_serving()
-    signals: asyncio.Queue[int] = asyncio.Queue()
+    index.configure(config.mail_index)  # as the serving uid: the directory must be its own
+    stop: asyncio.Queue[str] = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, signals.put_nowait, sig)
+        loop.add_signal_handler(sig, stop.put_nowait, signal.Signals(sig).name)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(ctx, reload))
-    if ctx.tls_servers:
-        log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
-    if ctx.proxy_servers:
-
-        log_proxy_listening(ctx)
-    if lmtp_service is not None:
-        log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
-    log.info(
-        "fastpop %s listening on %s (parser: %s, loop: %s, pid %d)",
-        __version__,
-        ", ".join(bound_addresses(servers)),
-        PARSER_IMPL,
-        config.loop,
-        os.getpid(),
-    )
+    if alive_fd is not None:
+        watch_supervisor(loop, alive_fd, stop)
+    if stop.empty():  # (a worker whose supervisor died while it started never serves)
+        # LMTP first: a client that reached POP3 finds LMTP open too
+        if lmtp_service is not None:
+            await lmtp_service.start_serving()
+        for listener in ctx.proxy_servers[len(config.proxy_listen):]:  # the PROXY TLS ones accept by hand
+            for sock in listener.sockets:
+                sock.listen(4096)
+        for server in servers + ctx.tls_servers + ctx.proxy_servers:
+            await server.start_serving()  # (an event loop's server listens now)
+        _log_listening(ctx, servers, lmtp_service, single)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"1")
+        except OSError:
+            pass  # the supervisor is gone: alive_fd says so too
+        os.close(ready_fd)
     listening = f"Listening on {', '.join(bound_addresses(servers))}"
     notifier.ready(listening)
     watchdog = systemd.LoopWatchdog(notifier, loop, lambda: f"{listening}; connections: {len(ctx.sessions)}")
-    signum = await signals.get()
-    notifier.stopping(f"Stopping ({signal.Signals(signum).name})")
+    why = await stop.get()  # a signal's name, or SUPERVISOR_GONE
+    if alive_fd is not None:
+        loop.remove_reader(alive_fd)  # draining now: the supervisor's end must not cut it short
+    notifier.stopping(f"Stopping ({why})")
     for server in servers + ctx.tls_servers + ctx.proxy_servers:
         server.close()  # no new connections from here on
-    if lmtp_service is not None:
-        await lmtp_service.close()
-    await drain(ctx, ctx.config.shutdown_timeout, signals, signal.Signals(signum).name)
+    deadline = ctx.config.shutdown_timeout
+    if lmtp_service is not None:  # deliveries under way are answered, within the same deadline
+        await asyncio.gather(lmtp_service.close(deadline), drain(ctx, deadline, stop, _event(why)))
+    else:
+        await drain(ctx, deadline, stop, _event(why))
     watchdog.close()
     if process_metrics is not None:
         process_metrics.close()  # the last counts, then the endpoint
     await ctx.auth.close()  # the user database's connections
     log.info("stopped")
+
+
+def _log_listening(ctx: ServerContext, servers: list[asyncio.Server], lmtp_service: Any, single: bool) -> None:
+    if ctx.tls_servers:
+        log.info("TLS listening on %s (implicit TLS)", ", ".join(bound_addresses(ctx.tls_servers)))
+    if ctx.proxy_servers:
+        log_proxy_listening(ctx)
+    if lmtp_service is not None:
+        log.info("LMTP listening on %s", ", ".join(lmtp_service.addresses))
+    if single:
+        log.info("fastpop %s listening on %s (parser: %s, loop: %s, pid %d)", __version__,
+                 ", ".join(bound_addresses(servers)), PARSER_IMPL, ctx.config.loop, os.getpid())
+    else:  # the supervisor says "listening" once every worker is
+        log.info("worker serving on %s (pid %d)", ", ".join(bound_addresses(servers)), os.getpid())
+
+
+SUPERVISOR_GONE = "supervisor gone"
+
+
+def _event(why: str) -> str:
+    return f"received {why}" if why.startswith("SIG") else why
+
+
+def watch_supervisor(loop: asyncio.AbstractEventLoop, alive_fd: int, stop: asyncio.Queue[str]) -> None:
+    """End of file on ``alive_fd`` (its one writer, the supervisor, is gone): put
+    SUPERVISOR_GONE in ``stop``, once.  Nothing else is ever written there."""
+
+    def readable() -> None:
+        try:
+            data = os.read(alive_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            return
+        loop.remove_reader(alive_fd)
+        log.warning("the supervisor is gone: stopping as on SIGTERM")
+        stop.put_nowait(SUPERVISOR_GONE)
+
+    os.set_blocking(alive_fd, False)
+    loop.add_reader(alive_fd, readable)
+    readable()  # gone already?
 
 
 def _reload(ctx: ServerContext, reload: Callable[[], Config] | None) -> None:
@@ -456,13 +553,13 @@ def _reload(ctx: ServerContext, reload: Callable[[], Config] | None) -> None:
 
 
 async def drain(ctx: ServerContext, deadline: float, signals: asyncio.Queue, why: str) -> None:
-    """Graceful stop: sessions not logged in end now; logged-in ones may finish
-    (QUIT applies their deletions) for up to ``deadline`` seconds or until a
-    second signal; then the rest are closed with [SYS/TEMP] and nothing
-    deleted, which releases every mailbox lock."""
+    """Graceful stop (``why``: "received SIGTERM", ...): sessions not logged
+    in end now; logged-in ones may finish (QUIT applies their deletions) for
+    up to ``deadline`` seconds or until a second signal; then the rest are
+    closed with [SYS/TEMP] and nothing deleted, which releases every mailbox lock."""
     going_on = sum(session.drain() for session in list(ctx.sessions))
     if going_on and deadline > 0:
-        log.info("received %s: %d sessions have up to %g s to finish", why, going_on, deadline)
+        log.info("%s: %d sessions have up to %g s to finish", why, going_on, deadline)
         loop = asyncio.get_running_loop()
         end = loop.time() + deadline
         second = asyncio.ensure_future(signals.get())
@@ -472,7 +569,7 @@ async def drain(ctx: ServerContext, deadline: float, signals: asyncio.Queue, why
         finally:
             second.cancel()
     else:
-        log.info("received %s, shutting down", why)
+        log.info("%s, shutting down", why)
     if ctx.sessions:
         log.info("closing %d sessions that did not finish (nothing deleted)", len(ctx.sessions))
     for session in list(ctx.sessions):
@@ -495,21 +592,30 @@ def run_worker(
     lmtp: bool = True,
     reload: Callable[[], Config] | None = None,
     shared: WorkerTables | None = None,
+    alive_fd: int | None = None,
+    ready_fd: int | None = None,
 ) -> None:
     loop = new_event_loop(config.loop)
     try:
-        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, shared))
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, shared, alive_fd, ready_fd))
     finally:
         loop.close()
 
 
-def listening_socket(addr: str, port: int | None = None, reuse_port: bool = True) -> socket.socket:
-    """A listening TCP socket for ``addr`` (``port`` overrides its port 0), with
-    SO_REUSEPORT for the workers' sockets (without it a port in use is an error)."""
+def _resolve(addr: str, port: int | None = None) -> tuple[int, int, int, Any]:
+    """(family, type, proto, sockaddr) that ``listening_socket`` binds for ``addr``."""
     host, addr_port = parse_address(addr)
     family, kind, proto, _, sockaddr = socket.getaddrinfo(
         host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    return family, kind, proto, sockaddr
+
+
+def listening_socket(addr: str, port: int | None = None, reuse_port: bool = True, listen: bool = True) -> socket.socket:
+    """A listening TCP socket for ``addr`` (``port`` overrides its port 0), with
+    SO_REUSEPORT for the workers' sockets (without it a port in use is an error);
+    ``listen=False``: bound only, listening once its server starts serving."""
+    family, kind, proto, sockaddr = _resolve(addr, port)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -518,12 +624,185 @@ def listening_socket(addr: str, port: int | None = None, reuse_port: bool = True
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(4096)
+        if listen:
+            sock.listen(4096)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def bind_listener(locks: ListenerLocks, addr: str, port: int | None = None) -> socket.socket:
+    """A socket for ``addr`` as ``listening_socket`` makes one, bound but not
+    listening: it accepts once the process that serves it starts serving
+    (after its switch of user), not in the kernel's queue before.  Its address
+    is claimed in ``locks`` first (port 0: the port the kernel chose, once bound)."""
+    family, _, _, sockaddr = _resolve(addr, port)
+    if sockaddr[1]:
+        locks.claim(family, sockaddr, addr)
+    sock = listening_socket(addr, port, listen=False)
+    if not sockaddr[1]:
+        try:
+            locks.claim(family, sock.getsockname(), addr)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+def _shown(sock: Any) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+class ListenerInUse(OSError):
+    """Another fastpop (or the workers it left) serves an address this one would listen on."""
+
+
+class ListenerLocks:
+    """One generation per port.  The listening sockets have SO_REUSEPORT, so
+    the kernel lets a second fastpop bind beside a running one (or beside the
+    workers of one whose supervisor died) and splits the connections between
+    them.  Instead, each TCP address fastpop binds is claimed with flock(2) on
+    files in the runtime directory (the lock table's: /run/fastpop as root):
+    a specific address takes its own file exclusively and its port's file
+    shared, a wildcard one (0.0.0.0, ::) its port's file exclusively, as the
+    kernel would refuse the same binds without SO_REUSEPORT.  The descriptors
+    are opened by the process that binds (the supervisor, or the single
+    process) and inherited by every worker it forks, so the claim holds as
+    long as any process of the generation lives, whatever ended the others;
+    close-on-exec keeps programs they run out of it."""
+
+    def __init__(self, config: Config) -> None:
+        self.directory = os.path.dirname(os.path.abspath(config.mail_lock_table or default_table_path()))
+        self.owner = os.getpid()
+        self._held: dict[str, tuple[int, int]] = {}  # file name -> (descriptor, LOCK_SH or LOCK_EX)
+        self._checked = False
+
+    def claim_addresses(self, addresses: list[str]) -> None:
+        """Every address each of ``addresses`` with a fixed port resolves to (as
+        the event loop binds a name: all of them); port 0 is claimed once bound."""
+        for addr in addresses:
+            host, port = parse_address(addr)
+            if not port:
+                continue
+            for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE):
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    self.claim(family, sockaddr, addr)
+
+    def claim(self, family: int, sockaddr: tuple, shown: str) -> None:
+        """Claim one bound (or about to be bound) TCP address; ListenerInUse if
+        another generation holds it."""
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        host, port = sockaddr[0], sockaddr[1]
+        kind = "tcp6" if family == socket.AF_INET6 else "tcp4"
+        port_file = f"listen-{kind}-{port}.lock"
+        if ipaddress.ip_address(host.partition("%")[0]).is_unspecified:
+            self._lock(port_file, fcntl.LOCK_EX, shown)
+        else:
+            self._lock(port_file, fcntl.LOCK_SH, shown)
+            self._lock(f"listen-{kind}-{host}-{port}.lock", fcntl.LOCK_EX, shown)
+
+    def _directory(self) -> str:
+        if not self._checked:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            st = os.lstat(self.directory)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+                # whoever may write there may take every port's claim
+                raise PermissionError(f"runtime directory {self.directory} must be a directory of uid "
+                                      f"{os.geteuid()} (or root) that nobody else may write")
+            self._checked = True
+            self._sweep()
+        return self.directory
+
+    def _sweep(self) -> None:
+        """Remove the claims of generations that were killed (nobody holds them)."""
+        for name in os.listdir(self.directory):
+            if not (name.startswith("listen-") and name.endswith(".lock")):
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(fd, path):
+                    os.unlink(path)
+            except OSError:
+                pass  # held: a generation serves it
+            finally:
+                os.close(fd)
+
+    def _lock(self, name: str, mode: int, shown: str) -> None:
+        held = self._held.get(name)
+        if held is not None and (held[1] == fcntl.LOCK_EX or mode == fcntl.LOCK_SH):
+            return  # this generation has it already
+        path = os.path.join(self._directory(), name)
+        pid = None
+        # A few tries: a generation removing the file of one that ended holds it for an instant
+        # (then it is gone: open it again); a generation that serves holds it for good.
+        for _ in range(5):
+            fd = held[0] if held is not None else os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                                                          0o600)
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _read_pid(fd)
+                if held is None:
+                    os.close(fd)
+                time.sleep(0.02)
+                continue
+            if held is None and not _same_file(fd, path):
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)  # what it says is an earlier holder's
+            if mode == fcntl.LOCK_EX:
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._held[name] = (fd, mode)
+            return
+        raise ListenerInUse(
+            f"{shown} is served by another fastpop{f' (pid {pid}, or the workers it started)' if pid else ''}:"
+            " stop it first (its workers finish their sessions within its shutdown_timeout); "
+            f"claimed in {path}")
+
+    def release(self) -> None:
+        """At the end of the generation (its creator, every worker gone):
+        remove the files nobody else holds, close the rest."""
+        if os.getpid() != self.owner:
+            return
+        for name, (fd, mode) in self._held.items():
+            path = os.path.join(self.directory, name)
+            try:
+                if mode == fcntl.LOCK_EX:
+                    os.ftruncate(fd, 0)  # no pid of a process that is gone, if it cannot be removed
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(fd, path):
+                    os.unlink(path)
+            except OSError:
+                pass  # shared with another generation's address, or no longer ours to remove (privileges dropped)
+            os.close(fd)
+        self._held.clear()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 async def start_proxy_listeners(ctx: ServerContext, sockets: list[socket.socket] | None = None) -> list[Listener]:

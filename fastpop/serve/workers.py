@@ -14,12 +14,25 @@ on and waited for (a worker still running ``shutdown_timeout`` + 10 s later is
 killed); SIGHUP is passed on (each worker re-reads the configuration, the
 passwd-file and certificates).  LMTP listeners run in worker 0 only: a Unix
 socket cannot be bound twice.
+
+Lifecycle.  Each address is claimed before it is bound
+(fastpop.serve.server.ListenerLocks), and the claim is inherited by every
+worker: a second fastpop on a port this generation (or what is left of it)
+serves refuses to start.  Worker 0 (LMTP's) starts first, the others once
+it serves; each writes a byte to its readiness pipe once all its listeners
+accept, and only when every worker has does the supervisor log that it
+listens and tell systemd READY=1 (a worker that dies or hangs before that
+stops the start, exit status 1).  Workers never outlive the supervisor: each
+watches a pipe whose write end only the supervisor holds, and its end of file
+(the supervisor gone, SIGKILL included) stops the worker as SIGTERM would:
+no new connections, logged-in sessions get ``shutdown_timeout`` to finish.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -27,12 +40,15 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from fastpop import __version__
 from fastpop.auth.authenticator import server_secret
 from fastpop.config import Config
 from fastpop.limits import connections_per_worker, raise_descriptor_limit
 from fastpop.serve import server
-from fastpop.serve.server import WorkerTables, listening_socket, refuse_mail_as_root
+from fastpop.serve.preload import preload
+from fastpop.serve.server import ListenerLocks, WorkerTables, bind_listener, refuse_mail_as_root
 from fastpop.serve.validation import validate_all
+from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
     from fastpop.serve.metrics import HTTPEndpoint
@@ -42,6 +58,12 @@ log = logging.getLogger("fastpop.workers")
 RESTART_BACKOFF = 1.0  # seconds to wait before restarting a worker that died young
 YOUNG = 5.0  # a worker that dies within this many seconds of its start died young
 STOP_GRACE = 10.0  # seconds past shutdown_timeout before a worker that has not stopped is killed
+START_TIMEOUT = 60.0  # seconds a starting worker has to open its listeners
+FORWARDED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # passed on to the workers
+
+
+class StartFailed(OSError):
+    """A worker died, or did not open its listeners, while the server started."""
 
 
 class Supervisor:
@@ -53,8 +75,12 @@ class Supervisor:
         self.stop_deadline: float | None = None
         self.addresses = config.listen + config.proxy_listen + config.proxy_listen_tls  # server.start splits them
         self.tls_addresses = list(config.listen_tls)
-        self.ports: dict[str, int] = {}  # address -> port actually bound (for port 0)
+        self.ports: dict[tuple[str, int], int] = {}  # (kind, index) -> port actually bound (for port 0)
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
+        self.locks = ListenerLocks(config)  # inherited by every worker: see fastpop.serve.server
+        # Only the supervisor holds the write end: its end of file tells the workers it is gone.
+        self.alive_r, self.alive_w = -1, -1
+        self.starting: dict[int, int] = {}  # pid -> read end of its readiness pipe, until it is ready
         self.stopping = False
         self.exit_code = 0
         # systemd (fastpop.serve.systemd): the supervisor notifies, and hands
@@ -75,35 +101,62 @@ class Supervisor:
         open here; the others are bound anew for each worker (SO_REUSEPORT)."""
         activated = self.activated
         if activated is not None and activated.pop3:
-            proxies = self.addresses[len(self.addresses) - len(self.proxy_addresses):]
-            pop3 = activated.pop3 + self._bind(proxies)
+            pop3 = activated.pop3 + self._bind("pop3", self.addresses, len(self.addresses) - len(self.proxy_addresses))
         else:
-            pop3 = self._bind(self.addresses)
-        tls = activated.tls if activated is not None and activated.tls else self._bind(self.tls_addresses)
+            pop3 = self._bind("pop3", self.addresses)
+        tls = activated.tls if activated is not None and activated.tls else self._bind("tls", self.tls_addresses)
         return pop3, tls
 
-    def _bind(self, addresses: list[str]) -> list[socket.socket]:
+    def _bind(self, kind: str, addresses: list[str], first: int = 0) -> list[socket.socket]:
         socks = []
-        for addr in addresses:
-            sock = listening_socket(addr, self.ports.get(addr))
-            self.ports.setdefault(addr, sock.getsockname()[1])
-            socks.append(sock)
+        try:
+            for i in range(first, len(addresses)):
+                sock = bind_listener(self.locks, addresses[i], self.ports.get((kind, i)))
+                self.ports.setdefault((kind, i), sock.getsockname()[1])
+                socks.append(sock)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
         return socks
 
-    def _spawn(self, index: int) -> None:
+    def _spawn(self, index: int, wait_ready: bool = False) -> None:
+        """Start worker ``index`` (unless the server is stopping).  SIGTERM, SIGINT
+        and SIGHUP wait until it is in ``workers``: else one arriving during the
+        fork would be passed on to every worker but this one."""
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            if self.stopping:
+                return
+            self._fork(index, wait_ready)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _fork(self, index: int, wait_ready: bool) -> None:
         pop3, tls = self._sockets()
-        pid = os.fork()
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC) if wait_ready else (-1, -1)
+        try:
+            pid = os.fork()
+        except BaseException:
+            for fd in (ready_r, ready_w):
+                if fd >= 0:
+                    os.close(fd)
+            raise
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGHUP, signal.SIG_DFL)
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                for sig in (*FORWARDED, signal.SIGALRM):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+                # the supervisor's ends: never the worker's (the alive pipe must see its writer go)
+                for fd in (self.alive_w, ready_r, *self.starting.values()):
+                    if fd >= 0:
+                        os.close(fd)
                 if self.metrics_endpoint is not None:
                     self.metrics_endpoint.server.socket.close()  # the supervisor's, not the worker's
                 self.shared.use_row(index)
-                server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload, shared=self.shared)
+                server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload, shared=self.shared,
+                                  alive_fd=self.alive_r, ready_fd=ready_w if ready_w >= 0 else None)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -113,6 +166,9 @@ class Supervisor:
         for sock in pop3 + tls:
             if not self._inherited(sock):
                 sock.close()  # the worker has them now
+        if ready_w >= 0:
+            os.close(ready_w)
+            self.starting[pid] = ready_r
         self.workers[pid] = (index, time.monotonic())
         log.info("worker %d started (pid %d)", index, pid)
 
@@ -136,18 +192,114 @@ class Supervisor:
     def run(self) -> int:
         # The first worker's sockets fix the ports (port 0 becomes a real one);
         # the supervisor keeps none open, so only workers accept.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in FORWARDED:
             signal.signal(sig, self._signal)
         signal.signal(signal.SIGALRM, self._overdue)
         log.info("supervisor pid %d starting %d workers", os.getpid(), self.config.workers)
-        self._start_metrics()
+        self.alive_r, self.alive_w = os.pipe2(os.O_CLOEXEC)
         try:
-            for index in range(self.config.workers):
-                self._spawn(index)
-            self._ready()
+            self._claim()
+            self._start_metrics()
+            preload(self.config)  # once, before the forks (each worker checks again before its drop)
+            self._spawn(0, wait_ready=True)  # LMTP's: it serves before any POP3 listener accepts
+            self._wait_ready()
+            for index in range(1, self.config.workers):
+                self._spawn(index, wait_ready=True)
+            self._wait_ready()
+            if not self.stopping:
+                self._listening()
+                self._ready()
             return self._wait()
+        except BaseException:
+            self._stop_workers()
+            raise
         finally:
+            for fd in self.starting.values():
+                os.close(fd)
+            self.starting.clear()
             self._stop_ops()
+            self.locks.release()  # (every worker is gone by now)
+            os.close(self.alive_r)
+            os.close(self.alive_w)
+
+    def _claim(self) -> None:
+        """The addresses with a fixed port, before anything else is opened: where
+        another generation serves, that is what the refusal says (port 0 is
+        claimed as it is bound, in _bind)."""
+        activated = self.activated
+        pop3 = self.proxy_addresses if activated is not None and activated.pop3 else self.addresses
+        tls = [] if activated is not None and activated.tls else self.tls_addresses
+        self.locks.claim_addresses(pop3 + tls)
+
+    def _wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every starting worker says it serves; StartFailed if one dies
+        or does not say so in ``timeout`` seconds (unless the server is stopping)."""
+        deadline = time.monotonic() + timeout
+        while self.starting and not self.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                late = ", ".join(f"worker {self.workers[pid][0]} (pid {pid})" for pid in self.starting)
+                raise StartFailed(f"{late} did not open its listeners within {timeout:g} s")
+            readable, _, _ = select.select(list(self.starting.values()), [], [], min(left, 0.5))
+            for pid, fd in list(self.starting.items()):
+                if fd not in readable:
+                    continue
+                got = os.read(fd, 1)
+                os.close(fd)
+                del self.starting[pid]
+                if not got and not self.stopping:
+                    index = self.workers[pid][0]
+                    raise StartFailed(f"worker {index} (pid {pid}) {self._ended(pid)} before its listeners were "
+                                      "open (its log lines say why)")
+
+    def _ended(self, pid: int) -> str:
+        """How a worker that closed its readiness pipe ended (reaped here)."""
+        try:
+            _, status = os.waitpid(pid, 0)
+        except ChildProcessError:
+            return "ended"
+        self.workers.pop(pid, None)
+        return self._how(status)
+
+    @staticmethod
+    def _how(status: int) -> str:
+        return (f"killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
+                else f"exited with status {os.WEXITSTATUS(status)}")
+
+    def _stop_workers(self) -> None:
+        """A start that failed: SIGTERM every worker, wait for them (killed if overdue)."""
+        self.stopping = True
+        self.exit_code = 1
+        if not self.workers:
+            return
+        if self.stop_deadline is None:
+            self.stop_deadline = time.monotonic() + self.config.shutdown_timeout + STOP_GRACE
+            signal.setitimer(signal.ITIMER_REAL, self.config.shutdown_timeout + STOP_GRACE)
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        self._wait()
+
+    def _listening(self) -> None:
+        """The log line that says the server listens: every worker does now."""
+        log.info("fastpop %s listening on %s (parser: %s, loop: %s, %d workers, supervisor pid %d)",
+                 __version__, ", ".join(self._addresses("pop3")), PARSER_IMPL, self.config.loop,
+                 self.config.workers, os.getpid())
+
+    def _addresses(self, kind: str) -> list[str]:
+        """The addresses of ``kind`` (pop3, proxy, tls) listened on: configured
+        ones with the ports bound, and inherited ones."""
+        plain = len(self.config.listen)
+        configured = self.tls_addresses if kind == "tls" else self.addresses
+        out = [f"{configured[i].rpartition(':')[0]}:{port}" for (k, i), port in sorted(self.ports.items())
+               if k == ("tls" if kind == "tls" else "pop3") and (kind == "tls" or (i < plain) == (kind == "pop3"))]
+        activated = self.activated
+        if activated is not None and kind != "proxy":
+            out += ["{}:{}".format(*s.getsockname()[:2]) for s in (activated.pop3 if kind == "pop3" else activated.tls)
+                    if s.family != socket.AF_UNIX]
+        return out
 
     def _start_metrics(self) -> None:
         """fastpop.serve.metrics: the workers write their counts into a private
@@ -161,13 +313,11 @@ class Supervisor:
         log.info("metrics on http://%s/metrics", self.metrics_endpoint.address)
 
     def _ready(self) -> None:
-        """systemd: READY=1 (the listeners are open: the supervisor opened or
-        inherited them) and WATCHDOG=1 pings while every worker runs."""
+        """systemd: READY=1 (every worker's listeners accept) and WATCHDOG=1
+        pings while every worker runs."""
         import threading
 
-        inherited = self.activated.pop3 + self.activated.tls if self.activated is not None else []
-        addresses = [f"{a.rpartition(':')[0]}:{port}" for a, port in self.ports.items()]
-        addresses += ["{}:{}".format(*s.getsockname()[:2]) for s in inherited if s.family != socket.AF_UNIX]
+        addresses = self._addresses("pop3") + self._addresses("proxy") + self._addresses("tls")
         self.notifier.ready(f"Listening on {', '.join(addresses)} with {self.config.workers} workers")
         interval = self.notifier.watchdog_interval
         if interval is None:
@@ -209,8 +359,7 @@ class Supervisor:
                 mark_process_dead(pid)  # its live gauges go; its counters stay in the totals
             if self.stopping:
                 continue
-            why = (f"killed by {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
-                   else f"exited with status {os.WEXITSTATUS(status)}")
+            why = self._how(status)
             log.error("worker %d (pid %d) %s; starting a new one", index, pid, why)
             if time.monotonic() - started < YOUNG:
                 time.sleep(RESTART_BACKOFF)  # do not spin on a worker that cannot start
@@ -222,7 +371,6 @@ class Supervisor:
                     self.exit_code = 1
         log.info("all workers stopped")
         return self.exit_code
-
 
     def _overdue(self, signum: int, frame) -> None:
         for pid, (index, _) in list(self.workers.items()):

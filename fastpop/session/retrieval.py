@@ -104,7 +104,9 @@ class Retrieval(SessionParts):
         try:
             stream = open_stream(
                 # POP3Protocol, whose transport is set for as long as a stream runs (the checker sees Optional)
-                self, fd, size, top_lines, size == pop3_size and self._can_sendfile()  # type: ignore[arg-type]
+                self, fd, size, top_lines, size == pop3_size and self._can_sendfile(),  # type: ignore[arg-type]
+                # what the index knows of dot lines holds for the file it measured, not one changed since
+                size == indexed_size and mailbox.no_dot_lines(index),
             )
         except (OSError, ValueError) as exc:
             os.close(fd)

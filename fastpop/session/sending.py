@@ -5,8 +5,9 @@ Three paths, chosen by the protocol:
 - small messages are read whole, transformed and queued as one write
   together with the status line and terminator;
 - larger messages stored with CRLF line ends go out with sendfile(2)
-  (``SendfileStream``), split at lines that start with "." so the stuffing
-  dot can be written between segments;
+  (``SendfileStream``): in one piece when the index says no line starts
+  with "." (fastpop.store.index.FLAG_NO_DOT_LINES), else split at such lines
+  so the stuffing dot can be written between segments;
 - everything else (TOP, messages not stored CRLF-clean, TLS) streams through
   the transform in bounded chunks (``MessageStream``).
 
@@ -137,15 +138,23 @@ class MessageStream:
 # to SCAN_AHEAD bytes.
 SCAN_WINDOW = 1024 * 1024
 SCAN_AHEAD = 8 * SCAN_WINDOW
+# At most this much per sendfile call: measured on loopback, asking for the
+# whole rest of a 100 MB message at once (the non-blocking socket takes what
+# fits) was slower than asking a MiB at a time (median of each round's ratio
+# to a bare blocking sendfile, six runs of 60 rounds: 0.87 against 0.95).
+SENDFILE_CHUNK = 1024 * 1024
 
 
-def open_stream(proto: Session, fd: int, size: int, top_lines: int | None, stored_as_sent: bool):
+def open_stream(proto: Session, fd: int, size: int, top_lines: int | None, stored_as_sent: bool,
+                no_dot_lines: bool = False):
     """The stream for a large message: sendfile(2) when the file is stored
     exactly as RETR sends it (CRLF line ends and a final CRLF) and the
-    connection allows it; else the transform.  Takes ownership of ``fd``."""
+    connection allows it; else the transform.  ``no_dot_lines``: the index
+    says no line of the file starts with "." (then nothing is scanned).
+    Takes ownership of ``fd``."""
     if top_lines is None and stored_as_sent and size >= SENDFILE_MIN and crlf_terminated(fd, size):
-        stream = SendfileStream(proto, fd, size)
-        if stream.dots_are_sparse():
+        stream = SendfileStream(proto, fd, size, no_dot_lines)
+        if no_dot_lines or stream.dots_are_sparse():
             return stream
         stream.release_file()
     return MessageStream(proto, open(fd, "rb", buffering=0), top_lines)
@@ -159,10 +168,16 @@ def crlf_terminated(fd: int, size: int) -> bool:
 class SendfileStream:
     """Sends a CRLF-clean message file with sendfile(2), dot-stuffing as it goes.
 
-    Lines that start with "." are found a window at a time, read into one
-    buffer per stream (RSS does not grow with file size), just ahead of the
-    send offset; sendfile sends the segments between them and a
-    "." is written before each.
+    A message the index knows has no line starting with "." goes out by
+    sendfile alone, no byte of it read here.  Otherwise such lines are found a
+    window at a time, read with pread into one buffer per stream (RSS does not
+    grow with file size) and searched by the compiled ``line_dots`` (SSE2, 64
+    octets a turn), just ahead of the send offset, or further ahead while the
+    socket is full; sendfile sends the segments between them and a "." is written
+    before each.  Read, not mapped: the message file belongs to its user, who
+    could truncate it under a mapping, and SIGBUS would end every session of
+    the worker; the copy into a buffer that stays in cache costs about
+    4 ms per 100 MB here.
 
     Bytes must reach the socket in order, and the transport owns the socket:
     so the stream first waits until the transport's buffer is empty (write
@@ -177,7 +192,7 @@ class SendfileStream:
     __slots__ = ("_proto", "_loop", "_fd", "_size", "_dots", "_next_dot", "_need_dot", "_scanned",
                  "_after_lf", "_offset", "_sock", "_limits", "_waiting", "_buf", "sent")
 
-    def __init__(self, proto: Session, fd: int, size: int) -> None:
+    def __init__(self, proto: Session, fd: int, size: int, no_dot_lines: bool = False) -> None:
         self._proto = proto
         self._loop = proto.loop
         self._fd = fd
@@ -185,7 +200,7 @@ class SendfileStream:
         self._dots: list[int] = []
         self._next_dot = 0
         self._need_dot = False
-        self._scanned = 0
+        self._scanned = size if no_dot_lines else 0  # (nothing to look for)
         self._after_lf = True  # the start of the file is the start of a line
         self._offset = 0
         self._sock: socket.socket | None = None
@@ -227,8 +242,6 @@ class SendfileStream:
         return True
 
     def _scan_next_window(self) -> None:
-        # Read, not mapped: another program truncating the file under a
-        # mapping would kill the whole server with SIGBUS on the next access.
         pos = self._scanned
         length = min(SCAN_WINDOW, self._size - pos)
         if self._next_dot:
@@ -266,7 +279,7 @@ class SendfileStream:
                     end = self._scanned
                 if self._offset >= end:
                     break
-                n = os.sendfile(out, fd, self._offset, end - self._offset)
+                n = os.sendfile(out, fd, self._offset, min(end - self._offset, SENDFILE_CHUNK))
                 if n == 0:
                     raise OSError("message file shrank during RETR")
                 self._offset += n

@@ -1,6 +1,7 @@
 """What the parts of a session share: its states, the reasons its command
-pull is suspended, and (for the type checker) the fields and methods that
-``POP3Protocol`` (fastpop.session.protocol) gives ``Login`` and ``Retrieval``."""
+pull is suspended, the bounds of its reply buffer, and (for the type
+checker) the fields and methods that ``SessionCore`` (fastpop.session._core,
+the base of ``POP3Protocol``) gives ``Login`` and ``Retrieval``."""
 
 from __future__ import annotations
 
@@ -27,12 +28,30 @@ BUSY_CLOSING = 8  # the connection is ending
 BUSY_TLS = 16  # the STLS handshake is running
 BUSY_YIELD = 32  # a burst of pipelined commands gives other sessions a turn
 
+# Replies of pipelined commands are gathered and written together, but every
+# reply counts: once FLUSH_BYTES octets of messages and listings, or
+# FLUSH_REPLIES pieces of replies of any kind (a status line, a body, a
+# terminator), are gathered, they are written out and the pull waits: for the
+# client to read if the transport's buffer passed its high-water mark (64 KiB:
+# pause_writing, and reading is paused too), else for the next loop iteration.
+# 20,000 pipelined "RETR 1" must not build gigabytes of replies, nor 50,000
+# pipelined "CAPA" (6 octets each, 186 back) megabytes, nor hold the event
+# loop.  A piece that is not a message or a listing is short (CAPA, the
+# longest, is under 300 octets), so counting pieces bounds them without
+# measuring each: under 150 KiB between two writes.  (A batch of 100
+# pipelined commands still gets its replies in one write.)
+FLUSH_BYTES = 256 * 1024
+FLUSH_REPLIES = 512
+# A TLS transport's high-water marks, for what it has to send and what it
+# has read (the low ones are a quarter): those of a plain transport.
+TLS_HIGH_WATER = 64 * 1024
+
 Handler = Callable[[Any, tuple[str, ...]], None]  # a command's entry in a dispatch table
 
 
 class SessionParts:
     """The base of the session's parts.  Empty at run time; for the type
-    checker it declares what POP3Protocol's slots and methods provide."""
+    checker it declares what SessionCore's fields and methods provide."""
 
     if not TYPE_CHECKING:  # slots at run time (no __dict__ per session); the checker reads the declarations
         __slots__ = ()
@@ -90,7 +109,11 @@ class SessionParts:
         def _flush(self) -> None: ...
         def _unbusy(self, flag: int) -> None: ...
         def _close(self, reason: str) -> None: ...
-        def _rearm_timer(self) -> None: ...
+        def _run_auth(self, exchange: sasl.Step) -> None: ...
+        def _auth_step(self, value: Any, exc: BaseException | None) -> None: ...
+        def _auth_finished(self, outcome: sasl.Outcome) -> None: ...
+        def _enter_transaction(self, user: UserRecord, lock: MailboxLock | TableLock, mailbox: Mailbox) -> None: ...
+        def _finish_login(self, reply: bytes, refused: str = "") -> None: ...
         def _on_logged_in(self) -> None: ...
         def _on_login_refused(self, kind: str) -> None: ...
         def _count_sent(self, is_top: bool, size: int) -> None: ...

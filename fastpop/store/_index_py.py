@@ -41,19 +41,20 @@ def check_records(buf, count: int, names_off: int) -> int:
     if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or names_off > len(buf):
         raise ValueError("index buffer too short")
     total = 0
-    data = bytes(buf)
-    view = memoryview(buf)[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
-    for size, _, name_off, name_len, uidl_len, _ in _RECORD.iter_unpack(view):
-        start = names_off + name_off
-        if start + name_len + uidl_len > len(buf):
-            raise ValueError("index record points outside the name table")
-        if size > 1 << 62:
-            raise ValueError("index record size out of range")
-        name = data[start : start + name_len]
-        if not 0 < name_len <= 255 or name[0] == 0x2E or b"/" in name or b"\0" in name:
-            raise ValueError("index record holds an invalid file name")
-        uidl = data[start + name_len : start + name_len + uidl_len]
-        if not 0 < uidl_len <= 70 or any(c < 0x21 or c > 0x7E for c in uidl):
-            raise ValueError("index record holds an invalid UIDL")
-        total += size
+    with memoryview(buf) as data:  # (no copy of a mapped file; released at once)
+        for size, _, name_off, name_len, uidl_len, _ in _RECORD.iter_unpack(
+            data[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
+        ):
+            start = names_off + name_off
+            if start + name_len + uidl_len > len(buf):
+                raise ValueError("index record points outside the name table")
+            if size > 1 << 62:
+                raise ValueError("index record size out of range")
+            name = bytes(data[start : start + name_len])
+            if not 0 < name_len <= 255 or name[0] == 0x2E or b"/" in name or b"\0" in name:
+                raise ValueError("index record holds an invalid file name")
+            uidl = bytes(data[start + name_len : start + name_len + uidl_len])
+            if not 0 < uidl_len <= 70 or any(c < 0x21 or c > 0x7E for c in uidl):
+                raise ValueError("index record holds an invalid UIDL")
+            total += size
     return total

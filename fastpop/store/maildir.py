@@ -2,11 +2,13 @@
 
 At login (under the session lock) messages in new/ move to cur/ with
 ``:2,`` info, as Dovecot does, and the mailbox index (``fastpop.index``)
+(in the Maildir, or in the ``[mail] index`` directory: fastpop.store.index)
 is brought up to date.  When nothing changed — cur/'s mtime is the one the
 index recorded and new/ is empty — that costs a stat, a listdir of the empty
 new/ and the index header: nothing grows with the mailbox.  When something
 changed, cur/ is listed once and only messages the index does not know are
-measured (W= in the name, else the file is read).
+measured (read once: the size from W= in the name or counted, and whether a
+line starts with ".").
 
 UIDLs come from the Maildir unique name, or from Dovecot's dovecot-uidlist
 for messages Dovecot had seen, so clients migrating from Dovecot do not fetch
@@ -33,9 +35,9 @@ import time
 from fastpop import faults
 from fastpop.store import index as mindex
 from fastpop.store import safefs
-from fastpop.store.index import FLAG_STORED_AS_SENT, Entry, MailboxIndex
+from fastpop.store.index import FLAG_NO_DOT_LINES, FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.store.safefs import O_MESSAGE, open_nofollow
-from fastpop.wire.stuffing import pop3_size
+from fastpop.wire.stuffing import scan_file
 
 log = logging.getLogger("fastpop.maildir")
 SUBDIRS = ("cur", "new", "tmp")
@@ -132,7 +134,10 @@ def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int
 
     W= in the name is the CRLF size, but writers (Dovecot among them) do not
     count the CRLF that RETR adds to a message lacking a final newline, so
-    the last byte is checked; without W= the file is read.
+    the last byte is checked; without W= the size is counted.  Either way the
+    file is read once, through one bounded buffer, up to its first line
+    starting with "." (to the end if it has none, or without W=): a message
+    without one goes out with no scan at RETR (index.FLAG_NO_DOT_LINES).
     """
     try:
         fd, st = safefs.open_regular(cur_fd, name)
@@ -149,17 +154,23 @@ def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int
         colon = name.find(":")
         if m is not None and (colon < 0 or m.start() < colon):  # W= of the name, not of the flags
             size = int(m.group(1))
-            if size > 0 and os.pread(fd, 1, file_size - 1) != b"\n":
-                size += 2
+            _, dots, last = scan_file(fd, file_size, count_size=False)
+            if size > 0:
+                if last < 0:  # the scan stopped at a dot line: the last byte is read by itself
+                    tail = os.pread(fd, 1, file_size - 1)
+                    last = tail[0] if tail else -1
+                if last != 10:
+                    size += 2
         else:
-            size = pop3_size(fd)
+            size, dots, _ = scan_file(fd, file_size)
     except OSError as exc:
         log.warning("skipping unreadable message %s/%s: %s", where, name, exc.strerror)
         return None
     finally:
         os.close(fd)
     # Equal sizes mean no bare LF and a final CRLF: the file is what RETR sends.
-    return size, file_size, FLAG_STORED_AS_SENT if size == file_size else 0
+    flags = FLAG_STORED_AS_SENT if size == file_size else 0
+    return size, file_size, flags if dots else flags | FLAG_NO_DOT_LINES
 
 
 def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, int]]:
@@ -244,8 +255,8 @@ def current_index(path: str, owner: int) -> MailboxIndex | None:
         return None
     if not stat.S_ISDIR(st.st_mode):
         return None  # the full open refuses it
-    safefs.check_directory(st, owner, path + "/cur")
-    current = mindex.load(path)
+    cur_owner = safefs.check_directory(st, owner, path + "/cur")
+    current = mindex.load(path, owner=cur_owner)
     if current is not None and current.cur_mtime_ns == st.st_mtime_ns != 0:
         return current
     return None
@@ -287,7 +298,7 @@ def _sync(path: str, fd: int, cur: int, new: int, tmp: int, owner: int) -> Mailb
         if faults.ACTIVE:
             faults.hit("sync.after_move")
     st = os.fstat(cur)
-    current = mindex.load(path, fd)
+    current = mindex.load(path, fd, owner)
     if current is not None and not arrived and current.cur_mtime_ns == st.st_mtime_ns != 0:
         return current
     _remove_leftovers(path, fd, tmp)
@@ -358,7 +369,7 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
     except OSError as exc:  # a read-only or full disk must not stop POP3: serve from memory
         log.warning("cannot write index in %s: %s", path, exc)
         return MailboxIndex(mindex.encode(kept, 0, uidvalidity))
-    loaded = mindex.load(path, fd)
+    loaded = mindex.load(path, fd, owner)
     return loaded if loaded is not None else MailboxIndex(mindex.encode(kept, trusted, uidvalidity))
 
 
@@ -395,6 +406,11 @@ class Mailbox:
     def __len__(self) -> int:
         return self.index.count
 
+    def close(self) -> None:
+        """At the session's end: unmap its index now (fastpop.store.index), not
+        whenever the session object is collected.  Nothing may use it after."""
+        self.index.close()
+
     @property
     def total_size(self) -> int:
         return self.index.total_size
@@ -404,6 +420,11 @@ class Mailbox:
 
     def uidl(self, index: int) -> str:
         return self.index.uidl(index)
+
+    def no_dot_lines(self, index: int) -> bool:
+        """Whether message ``index`` was measured and has no line starting
+        with "." (as its file was then: see fastpop.store.index)."""
+        return bool(self.index.flags(index) & FLAG_NO_DOT_LINES)
 
     def name(self, index: int) -> str:
         if self._renamed is not None and index in self._renamed:

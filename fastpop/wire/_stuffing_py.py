@@ -70,6 +70,8 @@ def line_dots(buf, base: int, after_lf: bool, out: list) -> bool:
     starts at buf[0] if after_lf.  Returns whether buf ends with LF."""
     if len(buf) == 0:
         return after_lf
+    if not isinstance(buf, (bytes, bytearray)):
+        buf = bytes(buf)  # (a memoryview has no find)
     if after_lf and buf[0] == 46:
         out.append(base)
     i = buf.find(b"\n.")
@@ -77,3 +79,16 @@ def line_dots(buf, base: int, after_lf: bool, out: list) -> bool:
         out.append(base + i + 1)
         i = buf.find(b"\n.", i + 2)
     return buf[len(buf) - 1] == 10
+
+
+def first_dot_line(buf, after_lf: bool) -> int:
+    """The offset of the first "." that starts a line in buf (a line starts at
+    buf[0] if after_lf), or -1 if no line of buf starts with one."""
+    if len(buf) == 0:
+        return -1
+    if after_lf and buf[0] == 46:
+        return 0
+    if not isinstance(buf, (bytes, bytearray)):
+        buf = bytes(buf)  # (a memoryview has no find)
+    i = buf.find(b"\n.")
+    return i + 1 if i >= 0 else -1

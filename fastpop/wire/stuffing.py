@@ -3,8 +3,10 @@
 ``DotStuffer``, ``stuff_message`` and ``pop3_size_of`` come from the compiled
 ``fastpop.wire._stuffing`` or its pure-Python twin (fastpop._compiled
 chooses).  This module adds what works on their output or on files: TOP's
-cut, and ``pop3_size`` of a file, the size RETR sends before stuffing,
-which STAT and LIST must report.
+cut, ``pop3_size`` of a file, the size RETR sends before stuffing,
+which STAT and LIST must report, and ``scan_file``, which also tells whether
+any line of the file starts with "." (the index keeps it: RETR of a file
+without such a line needs no scan).
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ STUFFING_IMPL = _compiled.LOADED["fastpop.wire._stuffing"]  # "cython" or "pytho
 if TYPE_CHECKING:
     from fastpop.wire._stuffing_py import (
         DotStuffer,
+        first_dot_line,
         line_dots,
         pop3_size_of,
         stuff_message,
     )
 else:
-    DotStuffer, line_dots = _impl.DotStuffer, _impl.line_dots
+    DotStuffer, line_dots, first_dot_line = _impl.DotStuffer, _impl.line_dots, _impl.first_dot_line
     pop3_size_of, stuff_message = _impl.pop3_size_of, _impl.stuff_message
 
-__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "line_dots", "pop3_size", "pop3_size_of",
-           "stuff_message"]
+__all__ = ["CHUNK", "DotStuffer", "STUFFING_IMPL", "TopLimiter", "first_dot_line", "line_dots", "pop3_size",
+           "pop3_size_of", "scan_file", "stuff_message"]
 
 CHUNK = 256 * 1024
 
@@ -94,6 +97,40 @@ def pop3_size(file: str | int) -> int:
     if total == 0:
         return 0
     return total + bare_lf + (0 if last == 10 else 2)
+
+
+def scan_file(fd: int, size: int, count_size: bool = True) -> tuple[int, bool, int]:
+    """Reads the first ``size`` octets of an open file with pread (its offset
+    is left where it was), through one bounded buffer.  Returns the
+    pop3_size of what it read (0 unless ``count_size``), whether a line of it
+    starts with ".", and its last octet (-1 if the file ended before ``size``
+    or the scan stopped early).  Without ``count_size`` it stops at the
+    first line that starts with "."."""
+    buf = bytearray(min(CHUNK, max(size, 1)))
+    view = memoryview(buf)
+    offset = bare_lf = 0
+    prev_cr = False
+    after_lf = True  # the start of the file is the start of a line
+    dots = False
+    last = -1
+    while offset < size:
+        n = os.preadv(fd, [view[: min(len(buf), size - offset)]], offset)
+        if n == 0:  # shorter than it was: measured as it is
+            break
+        if not dots and first_dot_line(view[:n], after_lf) >= 0:
+            dots = True
+            if not count_size:
+                return 0, True, -1
+        if count_size:
+            bare_lf += buf.count(b"\n", 0, n) - buf.count(b"\r\n", 0, n)
+            if prev_cr and buf[0] == 10:
+                bare_lf -= 1
+            prev_cr = buf[n - 1] == 13
+        last = buf[n - 1]
+        after_lf = last == 10
+        offset += n
+    total = offset + bare_lf + (0 if last == 10 else 2) if count_size and offset else 0
+    return total, dots, last if offset == size else -1
 
 
 def _chunks(file: str | int) -> Iterator[bytes]:

@@ -1,0 +1,6 @@
+# The compiled module is _core_py.py built by Cython: its interface is the twin's.
+from fastpop.session import _core_py
+
+SessionCore = _core_py.SessionCore
+bound_tls_buffers = _core_py.bound_tls_buffers
+marked = _core_py.marked
