@@ -130,11 +130,10 @@ def describe_load(spec: LoadSpec) -> str:
 def execute(spec: LoadSpec, target: Target, mailboxes: dict | None = None, quiet: bool = False,
             console=None, header: bool = True) -> dict:
     """Run the load and return the result document (report.RESULT_SCHEMA)."""
-    from rich.console import Console
-
+    from fastpop.bench import text
     from fastpop.bench.procstat import ServerMonitor
 
-    console = console or Console(stderr=False, highlight=False)
+    console = console or text.console(stderr=False, highlight=False)
     monitor = None
     if target.pid is not None:
         try:
@@ -175,9 +174,9 @@ def execute(spec: LoadSpec, target: Target, mailboxes: dict | None = None, quiet
 
 
 def _print_header(console, spec: LoadSpec, target: Target, mailboxes: dict | None) -> None:
-    from rich.table import Table
+    from fastpop.bench.text import grid
 
-    table = Table.grid(padding=(0, 2))
+    table = grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
     table.add_row("target", target.address + ("  (spawned)" if target.spawned else ""))
@@ -207,13 +206,11 @@ def print_summary(console, result: dict) -> None:
 
 
 def run_cli(args) -> int:
-    from rich.console import Console
-
-    from fastpop.bench import scenarios, spawn
+    from fastpop.bench import scenarios, spawn, text
     from fastpop.net import parse_address
 
     # wide enough for the notes and tables when the output goes to a file or a CI log
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    console = text.console(highlight=False, width=None if sys.stdout.isatty() else 120)
     spawn_mode = args.spawn or args.target is None
     if args.spawn and args.target:
         raise BenchError("give a target or --spawn, not both")
