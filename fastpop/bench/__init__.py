@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=10.0, metavar="S",
                    help="a reply slower than this is an error (default 10)")
     g.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="the clients' event loop")
+    g.add_argument("--source", metavar="ADDRS",
+                   help="connect from these addresses in turn, e.g. 127.0.0.2-127.0.0.9 (a range, or a comma list): "
+                        "each gives its own ephemeral ports (net.ipv4.ip_local_port_range) toward the server")
     g.add_argument("--idle-noop", type=float, default=0.0, metavar="S",
                    help="idle: each held session sends NOOP every S seconds")
     g.add_argument("--reseed", metavar="TEMPLATE",

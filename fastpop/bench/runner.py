@@ -239,6 +239,20 @@ def run_cli(args) -> int:
     procs = args.procs
     if args.rate is None and procs > connections:
         procs = connections  # a process with no connection would only idle
+    from fastpop.bench import capacity
+
+    try:
+        sources = capacity.parse_sources(args.source) if args.source else []
+        limit = capacity.raise_descriptor_limit()  # the client processes inherit it
+        if args.rate is None:  # closed loop and idle: this many open at once
+            wanted = procs
+            procs = capacity.procs_for(connections, procs, limit)
+            if procs > wanted:
+                console.print(f"[yellow]{connections:,} connections at {limit:,} descriptors per process "
+                              f"(RLIMIT_NOFILE): {procs} client processes instead of {wanted}[/yellow]")
+            capacity.check(connections, sources, spawn_mode)
+    except capacity.CapacityError as exc:
+        raise BenchError(str(exc)) from None
     try:
         size = spawn.SizeDistribution.parse(args.message_size)
         large_size = spawn.parse_size(args.large_size)
@@ -296,7 +310,7 @@ def run_cli(args) -> int:
             tls=args.tls, cafile=args.cafile, server_hostname=args.server_name, auth=args.auth,
             connections=connections, rate=args.rate, duration=duration, sessions=args.sessions,
             warmup=args.warmup, procs=procs, timeout=args.timeout, loop=args.loop, reseed=reseed,
-            reseed_size=size, seed=args.seed, idle_noop=args.idle_noop,
+            reseed_size=size, seed=args.seed, idle_noop=args.idle_noop, sources=sources,
         )
         if args.scenario == "idle" and len(users) < connections:
             raise BenchError(f"idle needs a mailbox per held session: {len(users)} users for {connections} connections")
