@@ -6,12 +6,15 @@
     fastpop bench compare a.json b.json
     fastpop bench seed DIR                         # mailboxes, passwd-file and users file for another server
     fastpop bench trivial-server                   # a canned responder: the generator's own ceiling
+    fastpop bench -s idle -c 30000 --source 127.0.0.2-127.0.0.9   # hold many sessions
 
 Modules: ``client`` (the POP3 client protocol), ``scenarios``, ``load``
 (closed/open loop, client processes), ``report`` (HdrHistogram summaries,
 JSON, compare, plot), ``spawn`` (mailboxes, a local fastpop), ``dovecot``
 (a local Dovecot for comparisons), ``procstat`` (server CPU and memory),
-``trivial`` (the canned responder).
+``trivial`` (the canned responder), ``capacity`` (connections over client
+processes and source addresses, and the limits in the way), ``text`` (rich
+or plain-text output).
 """
 
 from __future__ import annotations
