@@ -55,3 +55,13 @@ def test_connect_errors_are_explained():
     assert "fs.file-max" in capacity.explain(errno.ENFILE)
     assert "somaxconn" in capacity.explain(errno.ECONNREFUSED)
     assert capacity.explain(errno.EPIPE) == ""
+
+
+def test_a_spawned_server_too_small_for_the_connections_is_named():
+    assert capacity.spawned_workers([]) == 1
+    assert capacity.spawned_workers(["--workers", "4"]) == 4
+    assert capacity.spawned_workers(["--log-level=debug", "--workers=6"]) == 6
+    capacity.check_spawned(19_000, [], 20000)
+    with pytest.raises(capacity.CapacityError, match="--server-arg=--workers=2"):
+        capacity.check_spawned(30_000, [], 20000)
+    capacity.check_spawned(30_000, ["--workers=2"], 20000)

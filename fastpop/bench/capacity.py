@@ -125,6 +125,32 @@ def check(connections: int, sources: list[str], spawned: bool) -> None:
             f"raise it (sysctl -w fs.file-max=...)")
 
 
+def spawned_workers(server_args: list[str]) -> int:
+    """The ``--workers`` among the spawned fastpop's extra arguments (1 without)."""
+    workers = 1
+    for i, arg in enumerate(server_args):
+        value = arg.split("=", 1)[1] if arg.startswith("--workers=") else (
+            server_args[i + 1] if arg == "--workers" and i + 1 < len(server_args) else None)
+        if value is not None and value.isdigit():
+            workers = int(value)
+    return workers
+
+
+def check_spawned(connections: int, server_args: list[str], limit: int) -> None:
+    """CapacityError if the fastpop that bench starts (inheriting ``limit``
+    descriptors) cannot hold ``connections`` with its workers."""
+    from fastpop.limits import connections_per_worker
+
+    workers = spawned_workers(server_args)
+    per_worker = connections_per_worker(limit)
+    if connections > workers * per_worker:
+        needed = -(-connections // per_worker)
+        raise CapacityError(
+            f"the spawned fastpop holds at most {per_worker:,} connections per worker at {limit:,} descriptors "
+            f"(RLIMIT_NOFILE), {workers * per_worker:,} with {workers} worker(s): add "
+            f"--server-arg=--workers={needed}, or raise the limit")
+
+
 def explain(err: int) -> str:
     """What a connect failure with errno ``err`` says about the limits, or ''."""
     if err == errno.EADDRNOTAVAIL:

@@ -251,6 +251,8 @@ def run_cli(args) -> int:
                 console.print(f"[yellow]{connections:,} connections at {limit:,} descriptors per process "
                               f"(RLIMIT_NOFILE): {procs} client processes instead of {wanted}[/yellow]")
             capacity.check(connections, sources, spawn_mode)
+            if spawn_mode:
+                capacity.check_spawned(connections, list(getattr(args, "server_arg", None) or []), limit)
     except capacity.CapacityError as exc:
         raise BenchError(str(exc)) from None
     try:
