@@ -315,7 +315,9 @@ class Worker:
             self.ramping.discard(s)
             assert self._ramp_sem is not None
             self._ramp_sem.release()
-        if self.spec.idle_noop > 0 and not self.opts.releasing:
+        if self.opts.releasing:  # its NOOP was in flight when the hold ended: it ends now too
+            self.loop.call_soon(s.resume)
+        elif self.spec.idle_noop > 0:
             self.loop.call_later(self.spec.idle_noop, s.resume)
 
     # ------------------------------------------------------------ sessions
