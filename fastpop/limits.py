@@ -22,9 +22,9 @@ log = logging.getLogger("fastpop.limits")
 SLOTS = 1 << 16  # address slots per row (256 KiB per worker)
 _TOTAL = SLOTS  # the last counter of a row: the worker's connections in total
 DESCRIPTOR_RESERVE = 64  # for listeners, logs, index and message files, sendfile dups
-# The mailbox lock table's shard files (fastpop.store.locking), each opened by a
-# process when one of its sessions first locks a mailbox there: at most one
-# more descriptor per logged-in session, and never more than this many.
+# The mailbox lock table's shard files (fastpop.store.locking), kept open by each
+# process: all from its start, or under a small descriptor limit each when a
+# session first needs it (at most one more descriptor per session then).
 MAILBOX_LOCK_SHARDS = 256
 
 
@@ -120,6 +120,6 @@ def connections_per_worker(descriptor_limit: int) -> int:
 def lock_shards_up_front(descriptor_limit: int) -> bool:
     """Whether a process opens all the lock table's shards when it starts
     (before it drops privileges) rather than each when first needed: when its
-    descriptor limit leaves room for them and as many sessions (from 1,024)."""
+    descriptor limit leaves room for them and as many sessions (from 578)."""
     left = descriptor_limit - max(DESCRIPTOR_RESERVE, descriptor_limit // 50)
     return left >= 2 * (MAILBOX_LOCK_SHARDS + 1)

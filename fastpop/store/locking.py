@@ -310,7 +310,7 @@ class LockTable:
     the one its slot picks (``shard_of``), and each list holds ~1/256 of
     the sessions (benchmarks/lock_table.py).  Each process keeps the shards
     open: all 256 from the start (before a server drops privileges) when its
-    descriptor limit is 1,024 or more, else each from the first time one of
+    descriptor limit is 578 or more, else each from the first time one of
     its sessions locks a mailbox there (a server under a tiny limit); with
     the old file below, at most 257 descriptors whatever the sessions.
 
