@@ -1,7 +1,7 @@
 """Client workarounds ([pop3] client_workarounds, Dovecot's names), the
 trailing blanks clients send, and RFC 1460's LAST ([pop3] last), end to end:
 real fastpop servers on 127.0.0.1 and POP3 clients on raw sockets (the bytes
-exactly) and poplib.
+exactly) and poplib; the compiled session core and its pure-Python twin.
 
 - ``outlook-no-nuls``: every NUL of RETR and TOP goes out as 0x80, on every
   path (one write for a small message, sendfile(2), the transform); a large
@@ -23,6 +23,9 @@ from support.server import PARSERS, Raw, ServerProcess, message, serving
 from support.tls import b64
 
 PARSER = PARSERS[next(iter(PARSERS))]
+# The compiled session core on one path, its pure-Python twin on the other
+# (FASTPOP_NO_EXTENSIONS: the twin on both).
+PARSER_OF = {"sendfile": PARSER, "transform": PARSERS[list(PARSERS)[-1]]}
 WORKAROUNDS = ["--client-workarounds", "outlook-no-nuls,oe-ns-eoh", "--pop3-last"]
 LINE = b"an ordinary line of a message body, stored with CRLF line ends.....\r\n"
 BIG = 1536 * 1024  # above sending.SENDFILE_MIN, and past the first 1 MiB a scan reads at once
@@ -56,14 +59,15 @@ def mode_args(mode: str) -> list[str]:
 @pytest.fixture(scope="module", params=["sendfile", "transform"])
 def on(request, tmp_path_factory):
     """A server with both workarounds and LAST on."""
-    yield from serving(ServerProcess(tmp_path_factory.mktemp("on"), PARSER,
+    yield from serving(ServerProcess(tmp_path_factory.mktemp("on"), PARSER_OF[request.param],
                                      extra_args=WORKAROUNDS + mode_args(request.param)))
 
 
 @pytest.fixture(scope="module", params=["sendfile", "transform"])
 def off(request, tmp_path_factory):
     """A server as configured by default: no workaround, no LAST."""
-    yield from serving(ServerProcess(tmp_path_factory.mktemp("off"), PARSER, extra_args=mode_args(request.param)))
+    yield from serving(ServerProcess(tmp_path_factory.mktemp("off"), PARSER_OF[request.param],
+                                     extra_args=mode_args(request.param)))
 
 
 def login(srv: ServerProcess, user) -> Raw:
