@@ -32,7 +32,7 @@ from fastpop.limits import (
 from fastpop.net import parse_address
 from fastpop.serve.preload import preload
 from fastpop.session.protocol import POP3Protocol
-from fastpop.store import index
+from fastpop.store import index, safefs
 from fastpop.store.locking import default_table_path, mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
@@ -373,6 +373,7 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgid(gid)
     if entry is not None:
         os.setuid(entry.pw_uid)
+        safefs.forget_euid()
         # as su(1) does: files a library looks for in $HOME (asyncpg's ~/.postgresql/
         # and ~/.pgpass) are the user's, not root's, which it could not read
         os.environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
