@@ -456,6 +456,7 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
         lmtp_service = await lmtp_server.start(config, ctx.auth, ctx.connections,
                                                lambda: ctx.config)  # counted in max_connections
     preload(config)  # whatever a login, a reload or a delivery may need: the files may be unreadable in a moment
+    ctx.auth.watch(loop)  # the passwd-file, by inotify: no stat per login (before the uid changes)
     drop_privileges(config.user, config.group)
     index.configure(config.mail_index)  # as the serving uid: the directory must be its own
     stop: asyncio.Queue[str] = asyncio.Queue()
