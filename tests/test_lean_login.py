@@ -11,6 +11,7 @@ tests/test_session_inprocess.py.)
 
 from __future__ import annotations
 
+import mmap
 import os
 import poplib
 import re
@@ -152,6 +153,59 @@ def test_passwd_file_through_a_link_is_checked_at_every_login(tmp_path):
         os.replace(tmp, link)
         assert stat_after_login(srv, "carol", "two") == b"+OK 0 0"
         login_fails(srv, "carol", "uno")
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()
+
+
+def test_an_edit_inotify_does_not_report_is_seen_within_a_second(srv):
+    """An edit written through a shared mapping raises no inotify event
+    until the mapping goes (as an edit made by another host of an NFS mount
+    raises none at all) but changes the mtime: the once-a-second stat sees it."""
+    srv.start()
+    alice = srv.add_user(stored="{PLAIN}secret1")
+    data = srv.passwd.read_bytes()
+    at = data.index(b"secret1")
+    fd = os.open(srv.passwd, os.O_RDWR)
+    mapped = mmap.mmap(fd, len(data))
+    os.close(fd)  # (the file stays open, and evented, until the mapping is closed)
+    try:
+        assert stat_after_login(srv, alice.name, "secret1") == b"+OK 0 0"  # the file read since the open
+        mapped[at : at + 7] = b"secret2"
+        mapped.flush()
+        deadline = time.monotonic() + 1.0 + 1.0  # CHECK_INTERVAL, and a second of slack for a busy machine
+        while True:
+            p = srv.connect()
+            try:
+                p.user(alice.name)
+                try:
+                    p.pass_("secret2")
+                    break
+                except poplib.error_proto:
+                    assert time.monotonic() < deadline, "the edit was not seen within a second"
+            finally:
+                p.close()
+            time.sleep(0.05)
+        login_fails(srv, alice.name, "secret1")
+    finally:
+        mapped.close()
+
+
+def test_every_worker_sees_an_edit_at_its_next_login(tmp_path):
+    """Each worker watches the file with its own inotify instance: with two
+    workers, every login after a rename-replace sees the new file."""
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--workers", "2"])
+    srv.start()
+    try:
+        user = srv.add_user()
+        for _ in range(6):  # both workers have read the file (connections go to either)
+            assert stat_after_login(srv, user.name, "secret") == b"+OK 0 0"
+        new = srv.passwd.with_name("passwd.new")
+        new.write_text(f"{user.name}:{{PLAIN}}changed\n")
+        os.replace(new, srv.passwd)
+        for _ in range(8):
+            login_fails(srv, user.name, "secret")
+            assert stat_after_login(srv, user.name, "changed") == b"+OK 0 0"
     finally:
         srv.stop()
     assert "Traceback" not in srv.log(), srv.log()
