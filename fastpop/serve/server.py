@@ -32,7 +32,7 @@ from fastpop.limits import (
 from fastpop.net import parse_address
 from fastpop.serve.preload import preload
 from fastpop.session.protocol import POP3Protocol
-from fastpop.store import index
+from fastpop.store import index, safefs
 from fastpop.store.locking import default_table_path, mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
@@ -373,6 +373,7 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgid(gid)
     if entry is not None:
         os.setuid(entry.pw_uid)
+        safefs.forget_euid()
         # as su(1) does: files a library looks for in $HOME (asyncpg's ~/.postgresql/
         # and ~/.pgpass) are the user's, not root's, which it could not read
         os.environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
@@ -455,6 +456,7 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
         lmtp_service = await lmtp_server.start(config, ctx.auth, ctx.connections,
                                                lambda: ctx.config)  # counted in max_connections
     preload(config)  # whatever a login, a reload or a delivery may need: the files may be unreadable in a moment
+    ctx.auth.watch(loop)  # the passwd-file, by inotify: no stat per login (before the uid changes)
     drop_privileges(config.user, config.group)
     index.configure(config.mail_index)  # as the serving uid: the directory must be its own
     stop: asyncio.Queue[str] = asyncio.Queue()

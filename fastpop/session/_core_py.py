@@ -659,9 +659,14 @@ class SessionCore:
         self._close("quit")
 
     def _release_mailbox(self) -> None:
+        """At the session's end (QUIT, or the connection lost): the lock
+        released and the index unmapped now, not when the session is collected.
+        The lock and the mailbox are set together, so this runs once."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+            if self._mailbox is not None:
+                self._mailbox.close()  # (its total_size stays readable for the log line)
 
     def _log_end(self) -> None:
         user = self._user

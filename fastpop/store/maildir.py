@@ -226,27 +226,61 @@ def _listing(dir_fd: int, where: str) -> list[str]:
     return names
 
 
-def current_index(path: str, owner: int) -> MailboxIndex | None:
-    """The index if it is up to date and nothing waits in new/, else None.
+# new/ of a Maildir last seen empty, by canonical path: its (device, inode,
+# mtime, ctime) then and the uid it was served as.  Kept only when that mtime
+# was settled (older than MTIME_SETTLE_NS) when the listing began: any entry
+# added to or removed from new/ since gives it a later mtime and ctime, so the
+# same stamp means it is still empty, and a login checks it with one lstat
+# instead of an open, a listing and a close (Dovecot's maildir-sync trusts
+# new/'s mtime the same way, outside its "dirty" window).  Per process, bounded.
+_empty_new: dict[str, tuple[int, int, int, int, int]] = {}
+EMPTY_NEW_MAX = 4096
 
-    This is the whole cost of a login to an unchanged mailbox: an open of
-    new/ (no link followed: neither the Maildir nor new/ may be one), its
-    listing, a stat of cur/ and of the index file, whatever their size.
-    Raises OSError for a new/ or cur/ that must be refused; the Maildir
-    itself was checked when the index was built (sync_index), and only root
-    can give it to another owner since.
-    """
-    canonical = safefs.canonical_maildir(path)
+
+def _new_is_empty(canonical: str, path: str, owner: int) -> bool | None:
+    """Whether new/ holds no message; None if it is missing.  Raises OSError
+    for a new/ that must be refused (a link, not a directory, another owner's)."""
+    known = _empty_new.get(canonical)
+    if known is not None:
+        try:  # (a Maildir swapped for a link makes this another inode: then listed below, refused)
+            st = os.stat(canonical + "/new", follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, owner) == known:
+            return True
+        del _empty_new[canonical]
     try:
         new = safefs.open_nofollow(canonical + "/new", os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return None
     try:
-        safefs.check_directory(os.fstat(new), owner, path + "/new")
+        st = os.fstat(new)  # before the listing: a change during it gives a later stamp
+        safefs.check_directory(st, owner, path + "/new")
         if safefs.has_entries(new):
-            return None
+            return False
     finally:
         os.close(new)
+    if time.time_ns() - st.st_mtime_ns > MTIME_SETTLE_NS:
+        if len(_empty_new) >= EMPTY_NEW_MAX:
+            del _empty_new[next(iter(_empty_new))]  # the oldest entry
+        _empty_new[canonical] = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, owner)
+    return True
+
+
+def current_index(path: str, owner: int) -> MailboxIndex | None:
+    """The index if it is up to date and nothing waits in new/, else None.
+
+    This is the whole cost of a login to an unchanged mailbox: a stat of
+    new/ (when it was seen empty before with the same stamp, see _empty_new;
+    else an open of it, no link followed, and its listing), a stat of cur/
+    and of the index file, whatever their size.
+    Raises OSError for a new/ or cur/ that must be refused; the Maildir
+    itself was checked when the index was built (sync_index), and only root
+    can give it to another owner since.
+    """
+    canonical = safefs.canonical_maildir(path)
+    if not _new_is_empty(canonical, path, owner):
+        return None
     try:
         # (a Maildir swapped for a link since the open above only makes this mtime
         # differ, or the index unreadable: the full open then refuses it)
@@ -390,7 +424,7 @@ class Mailbox:
         if owner == safefs.ANY_OWNER:  # (as root, for a user without a uid: see safefs.served_uid)
             owner = os.lstat(self._cur[:-5]).st_uid
         self.owner = owner
-        self._as_root = os.geteuid() == 0  # (root reads anything: the owner decides)
+        self._as_root = safefs.euid() == 0  # (root reads anything: the owner decides)
 
     @classmethod
     def open(cls, path: str, owner: int) -> Mailbox:
