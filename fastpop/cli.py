@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "fastpop.lock symlink in each Maildir (several hosts on one NFS store)")
     serve.add_argument("--mail-lock-table", metavar="PATH",
                        help="the lock table file (default /run/fastpop/mailbox.locks as root)")
+    serve.add_argument("--mail-uidl", choices=["maildir", "dovecot"],
+                       help="UIDLs from the Maildir names, reading dovecot-uidlist (default), or given "
+                            "as Dovecot does: UIDs assigned in dovecot-uidlist under its lock")
     serve.add_argument("--hostname", help="host name in the APOP greeting")
     serve.add_argument("--user", help="switch to this user after binding (start as root)")
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
@@ -168,6 +171,7 @@ _FLAG_FIELDS = (
     "mail_location",
     "mail_lock",
     "mail_lock_table",
+    "mail_uidl",
     "hostname",
     "user",
     "group",

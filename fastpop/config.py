@@ -39,6 +39,7 @@ class Config:
     mail_location: str = "%h/Maildir"
     mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.store.locking
     mail_lock_table: str | None = None  # None: fastpop.store.locking.default_table_path()
+    mail_uidl: str = "maildir"  # "dovecot": UIDs given in dovecot-uidlist (fastpop.store.dovecot_uidlist)
     mail_index: str | None = None  # a directory of fastpop's own for the indexes (fastpop.store.index); None: Maildirs
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
@@ -108,6 +109,8 @@ class Config:
         their sections in fastpop.serve.validation.validate_all, which calls this."""
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
+        if self.mail_uidl not in ("maildir", "dovecot"):
+            raise ValueError(f"mail uidl must be 'maildir' or 'dovecot', not {self.mail_uidl!r}")
         if self.mail_index is not None and not os.path.isabs(self.mail_index):
             raise ValueError(f"mail index must be an absolute path, not {self.mail_index!r}")
         if self.loop not in ("uvloop", "asyncio"):
@@ -234,6 +237,7 @@ _TOML_KEYS = {
     ("mail", "lock"): "mail_lock",
     ("mail", "lock_table"): "mail_lock_table",
     ("mail", "index"): "mail_index",
+    ("mail", "uidl"): "mail_uidl",
     ("timeouts", "authorization"): "timeout_authorization",
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",

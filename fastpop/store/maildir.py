@@ -33,8 +33,8 @@ import stat
 import time
 
 from fastpop import faults
+from fastpop.store import dovecot_uidlist, safefs
 from fastpop.store import index as mindex
-from fastpop.store import safefs
 from fastpop.store.index import FLAG_NO_DOT_LINES, FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.store.safefs import O_MESSAGE, open_nofollow
 from fastpop.wire.stuffing import scan_file
@@ -56,6 +56,8 @@ _PERMANENT = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOO
 
 def is_permanent(exc: BaseException) -> bool:
     """Whether a storage error calls for [SYS/PERM] rather than [SYS/TEMP]."""
+    if isinstance(exc, dovecot_uidlist.UidlistCorrupt):
+        return True  # [mail] uidl = "dovecot" cannot give a UIDL that is sure to last
     return isinstance(exc, OSError) and exc.errno in _PERMANENT
 
 
@@ -173,31 +175,32 @@ def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int
     return size, file_size, flags if dots else flags | FLAG_NO_DOT_LINES
 
 
-def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, int]]:
-    """(UIDVALIDITY, {base name: UID}) from Dovecot's dovecot-uidlist in the
-    Maildir open as ``dir_fd`` (a regular file, not through a link), or (0, {})."""
+def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, str]]:
+    """(UIDVALIDITY, {base name: UIDL}) from Dovecot's dovecot-uidlist in the
+    Maildir open as ``dir_fd`` (a regular file, not through a link): the
+    UIDLs Dovecot's POP3 serves (fastpop.store.dovecot_uidlist), or (0, {})
+    if there is none or it cannot be parsed."""
     try:
-        fd, _ = safefs.open_regular(dir_fd, "dovecot-uidlist")
-        with open(fd, encoding="utf-8", errors="surrogateescape") as f:
-            header = f.readline().split()
-            if not header:
-                return 0, {}
-            if header[0] == "3":  # "3 V<uidvalidity> N<next uid> G<guid>"
-                validity = next((int(h[1:]) for h in header[1:] if h.startswith("V") and h[1:].isdigit()), 0)
-            elif header[0] == "1" and len(header) > 1 and header[1].isdigit():  # "1 <uidvalidity> <next uid>"
-                validity = int(header[1])
-            else:
-                return 0, {}
-            uids: dict[str, int] = {}
-            for line in f:
-                line = line.rstrip("\n")
-                head, sep, name = line.partition(":") if header[0] == "3" else line.partition(" ")
-                uid = head.split(" ", 1)[0]
-                if sep and uid.isdigit():
-                    uids[_base(name)] = int(uid)
-            return validity, uids
-    except (OSError, ValueError):
+        uidlist = dovecot_uidlist.read(dir_fd)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring dovecot-uidlist of the Maildir: %s", exc)
         return 0, {}
+    if uidlist is None:
+        return 0, {}
+    return uidlist.validity, {base: uidlist.uidl(base) or "" for base in uidlist.records}
+
+
+# [mail] uidl: "maildir" (fastpop never writes dovecot-uidlist) or "dovecot"
+_uidl_mode = "maildir"
+
+
+def configure_uidl(mode: str) -> None:
+    """``[mail] uidl``: "dovecot" gives every message a UID in dovecot-uidlist
+    before it is served (fastpop.store.dovecot_uidlist); "maildir" only reads it."""
+    global _uidl_mode
+    if mode not in ("maildir", "dovecot"):
+        raise ValueError(f"mail uidl must be 'maildir' or 'dovecot', not {mode!r}")
+    _uidl_mode = mode
 
 
 def _listing(dir_fd: int, where: str) -> list[str]:
@@ -352,16 +355,24 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
             entry.name = name  # flags may have changed the info suffix
     present = {_base(n) for n in names}
     kept = [e for base, e in known.items() if base in present]
-    uidvalidity, dovecot_uids = read_dovecot_uidlist(fd) if added or old is None else (0, {})
+    added.sort(key=_delivery_order)
+    if _uidl_mode == "dovecot":
+        # every message gets its UID in dovecot-uidlist before it is served, and one
+        # already served keeps its UIDL there too: the UIDL never depends on this index
+        kept_uidls = {_base(e.name): e.uidl for e in kept}
+        uidlist = dovecot_uidlist.assign(fd, [*kept_uidls, *(_base(n) for n in added)], kept_uidls, owner)
+        uidvalidity = uidlist.validity
+        dovecot_uidls = {_base(n): uidlist.uidl(_base(n)) or "" for n in added}
+    else:
+        uidvalidity, dovecot_uidls = read_dovecot_uidlist(fd) if added or old is None else (0, {})
     if old is not None and not uidvalidity:
         uidvalidity = old.uidvalidity
-    for name in sorted(added, key=_delivery_order):
+    for name in added:
         measured = measure(cur, name, owner, path + "/cur")
         if measured is None:
             continue
         size, file_size, flags = measured
-        uid = dovecot_uids.get(_base(name))
-        uidl = f"{uid:08x}{uidvalidity:08x}" if uid is not None else uidl_of(name)
+        uidl = dovecot_uidls.get(_base(name)) or uidl_of(name)
         kept.append(Entry(name, size, file_size, flags, uidl))
     trusted = cur_mtime_ns if time.time_ns() - cur_mtime_ns > MTIME_SETTLE_NS else 0
     try:
