@@ -44,6 +44,7 @@ class Config:
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
+    seen_on_retr: bool = False  # RETR'd messages get the Maildir S flag at QUIT (Dovecot POP3's default)
     login_delay: int = 0
     max_bad_commands: int = 20
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes sharing the listeners
@@ -242,6 +243,7 @@ _TOML_KEYS = {
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
+    ("pop3", "seen_on_retr"): "seen_on_retr",
     ("lmtp", "listen"): "lmtp_listen",
     ("lmtp", "max_connections"): "lmtp_max_connections",
     ("lmtp", "max_recipients"): "lmtp_max_recipients",

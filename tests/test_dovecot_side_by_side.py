@@ -272,3 +272,71 @@ def test_hostile_uidlist_refused_for_its_own_user_only(pair):
     os.unlink(victim.maildir / "dovecot-uidlist")  # the operator's fix (Dovecot would renumber too)
     assert len(pair.fastpop_uidls(victim)) == 2
     assert "Traceback" not in pair.fastpop.log()
+
+
+def _flags_by_subject(pair: Pair, user: User) -> dict[str, str]:
+    """{Subject: IMAP flags} as Dovecot IMAP reports them."""
+    m = pair.dovecot.imap(user.name, user.password)
+    try:
+        typ, data = m.fetch("1:*", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert typ == "OK", data
+        out = {}
+        for item in data:
+            if isinstance(item, tuple):
+                subject = item[1].decode().split(":", 1)[1].strip()
+                out[subject] = item[0].decode().split("FLAGS (", 1)[1].split(")", 1)[0]
+        return out
+    finally:
+        m.logout()
+
+
+def test_seen_on_retr_as_dovecot_pop3(pair):
+    """``[pop3] seen_on_retr``: RETR'd messages are \\Seen for IMAP after QUIT,
+    merged with flags IMAP set during the session; TOP, deleted messages and
+    an RSET flag nothing; no UIDL changes; the same as Dovecot's POP3 does."""
+    pair.fastpop.stop()
+    pair.fastpop.extra_args += ["--seen-on-retr"]
+    pair.fastpop.start()
+    u = pair.user(5)
+    v = pair.user(2)  # (made before Dovecot reads the passwd-file: it may not see a change within a second)
+    uidls = pair.fastpop_uidls(u)
+    p = u.login_when_free()
+    try:
+        m = pair.dovecot.imap(u.name, u.password)
+        m.store("2", "+FLAGS.SILENT", r"(\Flagged)")  # renamed under the open POP3 session
+        m.logout()
+        p.retr(1)
+        p.retr(5)
+        p.dele(4)
+        p.rset()  # forgets every RETR and DELE so far, as Dovecot's POP3
+        p.retr(2)
+        p.top(3, 0)
+        p.retr(4)
+        p.dele(4)
+        p.retr(1)
+    finally:
+        p.quit()
+    flags = _flags_by_subject(pair, u)
+    assert set(flags) == {"message 0", "message 1", "message 2", "message 4"}
+    assert flags["message 0"] == r"\Seen"
+    assert set(flags["message 1"].split()) == {r"\Seen", r"\Flagged"}
+    assert flags["message 2"] == flags["message 4"] == ""
+    names = sorted(f.name.split(":", 1)[1] for f in (u.maildir / "cur").iterdir())
+    assert names == ["2,", "2,", "2,FS", "2,S"], names
+    assert pair.fastpop_uidls(u) == uidls[:3] + uidls[4:]
+    assert pair.dovecot_uidls(u) == uidls[:3] + uidls[4:]
+
+    # Dovecot's own POP3 gives the same flags for the same commands (the behaviour copied)
+    d = pair.dovecot.pop3(v.name, v.password)
+    d.retr(1)
+    d.top(2, 0)
+    d.quit()
+    assert _flags_by_subject(pair, v) == {"message 0": r"\Seen", "message 1": ""}
+
+
+def test_no_seen_flags_by_default(pair):
+    u = pair.user(2)
+    p = u.login_when_free()
+    p.retr(1)
+    p.quit()
+    assert _flags_by_subject(pair, u) == {"message 0": "", "message 1": ""}

@@ -182,3 +182,16 @@ def test_unlock_leaves_a_lock_that_is_no_longer_ours(box):
     (path / du.LOCK).write_text("999:elsewhere")  # ...which holds it now
     du.unlock(fd, held)
     assert (path / du.LOCK).read_text() == "999:elsewhere"
+
+
+@pytest.mark.parametrize("name, want", [
+    ("1.M1.host", "1.M1.host:2,S"),
+    ("1.M1.host:2,", "1.M1.host:2,S"),
+    ("1.M1.host,S=10:2,FR", "1.M1.host,S=10:2,FRS"),
+    ("1.M1.host:2,Tab", "1.M1.host:2,STab"),  # ASCII order: capitals, then Dovecot's keyword letters
+    ("1.M1.host:2,S", None),
+    ("1.M1.host:2,FS", None),
+    ("1.M1.host:1,experimental", None),
+])
+def test_with_flag_merges_in_ascii_order(name, want):
+    assert maildir.with_flag(name, "S") == want

@@ -37,6 +37,9 @@ class Retrieval(SessionParts):
             return self._bad(R.ERR_ARGS)
         i = self._message_index(args[0])
         if i >= 0:
+            if self._ctx.config.seen_on_retr:  # flagged at QUIT (fastpop.store.maildir.Mailbox.apply_seen)
+                assert self._mailbox is not None
+                self._mailbox.mark_seen(i)
             self._send_message(i, None)
 
     def cmd_top(self, args: tuple[str, ...]) -> None:

@@ -121,6 +121,21 @@ def uidl_of(name: str) -> str:
     return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def with_flag(name: str, flag: str) -> str | None:
+    """The Maildir name of this message with ``flag`` added to its ``:2,``
+    info (flags kept in ASCII order, as the specification asks), or None if
+    it has it already or its info is not of the ``:2,`` kind."""
+    base, sep, info = name.partition(":")
+    if not sep:
+        return f"{base}:2,{flag}"
+    if not info.startswith("2,"):
+        return None  # experimental ":1," info: left alone
+    flags = info[2:]
+    if flag in flags:
+        return None
+    return f"{base}:2,{''.join(sorted(flags + flag))}"
+
+
 def _base(name: str) -> str:
     return name.split(":", 1)[0]
 
@@ -391,13 +406,14 @@ class Mailbox:
     It holds no descriptor: message files are opened by their canonical path
     (fastpop.store.safefs: no link in any component), names checked by the index."""
 
-    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root")
+    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root", "_seen")
 
     def __init__(self, path: str, index: MailboxIndex, owner: int) -> None:
         self.path = path
         self._cur = safefs.canonical_maildir(path) + "/cur/"
         self.index = index
         self._renamed: dict[int, str] | None = None
+        self._seen: set[int] | None = None  # RETR'd messages to mark \Seen at QUIT ([pop3] seen_on_retr)
         if owner == safefs.ANY_OWNER:  # (as root, for a user without a uid: see safefs.served_uid)
             owner = os.lstat(self._cur[:-5]).st_uid
         self.owner = owner
@@ -490,6 +506,56 @@ class Mailbox:
                 self._renamed[index] = name
                 return self._cur + name
         return None
+
+    def mark_seen(self, index: int) -> None:
+        """Remember that message ``index`` was retrieved (RETR, not TOP), to be
+        flagged \\Seen by apply_seen() at QUIT, as Dovecot's POP3 does."""
+        if self._seen is None:
+            self._seen = set()
+        self._seen.add(index)
+
+    def forget_seen(self) -> None:
+        """RSET: nothing retrieved so far is flagged (as Dovecot)."""
+        self._seen = None
+
+    def apply_seen(self, deleted: bytearray) -> None:
+        """Add the S flag to the retrieved messages that are not deleted: a
+        rename within cur/ (by its descriptor) to ``:2,`` plus the flags in
+        ASCII order, merged with those the file has (another program, an IMAP
+        server, may have set some since login: then the file is found by its
+        unique name).  The unique name, so the UIDL, never changes.  Failures
+        are logged: a flag is not worth failing a QUIT for."""
+        if not self._seen:
+            return
+        try:
+            cur = self._open_cur()
+        except OSError as exc:
+            log.warning("cannot flag messages seen in %s: %s", self._cur, exc.strerror)
+            return
+        try:
+            for i in sorted(self._seen):
+                if i < len(deleted) and deleted[i]:
+                    continue  # as Dovecot: a deleted message is not flagged
+                for attempt in (0, 1):
+                    name = self.name(i)
+                    target = with_flag(name, "S")
+                    if target is None:
+                        break
+                    try:
+                        os.rename(name, target, src_dir_fd=cur, dst_dir_fd=cur)
+                        if self._renamed is None:
+                            self._renamed = {}
+                        self._renamed[i] = target
+                        break
+                    except FileNotFoundError:
+                        if attempt or self.find_renamed(i) is None:
+                            break  # expunged by another program meanwhile
+                    except OSError as exc:
+                        log.warning("cannot flag message %s%s seen: %s", self._cur, name, exc.strerror)
+                        break
+        finally:
+            os.close(cur)
+        self._seen = None
 
     def delete(self, indices: list[int]) -> int:
         """Unlink these messages; returns how many could not be removed.
