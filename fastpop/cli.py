@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
     serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
+    serve.add_argument("--deleted-flag", metavar="KEYWORD",
+                       help="POP3 deletion adds this IMAP keyword instead of deleting (Dovecot's pop3_deleted_flag)")
     serve.add_argument("--seen-on-retr", action=argparse.BooleanOptionalAction, default=None,
                        help="flag retrieved messages \\Seen at QUIT, as Dovecot's POP3 does")
     tls = serve.add_argument_group("TLS and authentication")
@@ -192,6 +194,7 @@ _FLAG_FIELDS = (
     "auth_secret_file",
     "expire",
     "seen_on_retr",
+    "deleted_flag",
     "login_delay",
     "tls_cert",
     "tls_key",

@@ -10,6 +10,7 @@ against this module and the flags of fastpop/cli.py.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field, fields
@@ -44,6 +45,7 @@ class Config:
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
+    deleted_flag: str = ""  # an IMAP keyword POP3 deletion adds instead of deleting (fastpop.store.dovecot_keywords)
     seen_on_retr: bool = False  # RETR'd messages get the Maildir S flag at QUIT (Dovecot POP3's default)
     login_delay: int = 0
     max_bad_commands: int = 20
@@ -110,6 +112,8 @@ class Config:
         their sections in fastpop.serve.validation.validate_all, which calls this."""
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
+        if self.deleted_flag and not re.fullmatch(r"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,64}", self.deleted_flag):
+            raise ValueError(f"pop3 deleted_flag must be an IMAP keyword (an atom, no \\), not {self.deleted_flag!r}")
         if self.mail_uidl not in ("maildir", "dovecot"):
             raise ValueError(f"mail uidl must be 'maildir' or 'dovecot', not {self.mail_uidl!r}")
         if self.mail_index is not None and not os.path.isabs(self.mail_index):
@@ -244,6 +248,7 @@ _TOML_KEYS = {
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
     ("pop3", "seen_on_retr"): "seen_on_retr",
+    ("pop3", "deleted_flag"): "deleted_flag",
     ("lmtp", "listen"): "lmtp_listen",
     ("lmtp", "max_connections"): "lmtp_max_connections",
     ("lmtp", "max_recipients"): "lmtp_max_recipients",

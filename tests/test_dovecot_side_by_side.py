@@ -340,3 +340,45 @@ def test_no_seen_flags_by_default(pair):
     p.retr(1)
     p.quit()
     assert _flags_by_subject(pair, u) == {"message 0": "", "message 1": ""}
+
+
+def test_deleted_flag_keeps_pop3_deletions_for_imap(tmp_path):
+    """``[pop3] deleted_flag`` = Dovecot's ``pop3_deleted_flag``: a POP3
+    deletion (in either server) adds the keyword instead of removing the
+    file; neither POP3 shows the message again, IMAP keeps it with the
+    keyword, and the other messages keep their UIDLs."""
+    root = Path(tempfile.mkdtemp(prefix="fastpop-side-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    p = Pair(root)
+    p.fastpop.extra_args += ["--deleted-flag", "$POP3Deleted"]
+    p.dovecot.extra = "pop3_deleted_flag = \"$POP3Deleted\"\n"
+    os.chmod(p.fastpop.mail, 0o755)
+    try:
+        u = p.user(4)
+        dv.chown_tree(p.fastpop.mail)
+        p.dovecot.start()
+        p.fastpop.start()
+        m = p.dovecot.imap(u.name, u.password)  # Dovecot knows a keyword first (dovecot-keywords exists)
+        m.store("1", "+FLAGS.SILENT", "(Junk)")
+        m.logout()
+        uidls = p.fastpop_uidls(u)
+        s = u.login_when_free()
+        s.dele(2)
+        s.quit()
+        assert len(list((u.maildir / "cur").iterdir())) == 4  # nothing removed
+        assert p.fastpop_uidls(u) == [uidls[0], *uidls[2:]]
+        assert p.dovecot_uidls(u) == [uidls[0], *uidls[2:]]
+        flags = _flags_by_subject(p, u)
+        assert "$POP3Deleted" in flags["message 1"].split() and "Junk" in flags["message 0"].split()
+        assert "$POP3Deleted" not in flags["message 0"] + flags["message 2"] + flags["message 3"]
+        # Dovecot's POP3 deletes one the same way: fastpop hides it too
+        d = p.dovecot.pop3(u.name, u.password)
+        d.dele(1)
+        d.quit()
+        assert p.fastpop_uidls(u) == uidls[2:]
+        assert "$POP3Deleted" in _flags_by_subject(p, u)["message 0"].split()
+        p.check_logs()
+    finally:
+        p.fastpop.stop()
+        p.dovecot.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from fastpop.store import dovecot_keywords as dk
 from fastpop.store import dovecot_uidlist as du
 from fastpop.store import maildir
 
@@ -195,3 +196,48 @@ def test_unlock_leaves_a_lock_that_is_no_longer_ours(box):
 ])
 def test_with_flag_merges_in_ascii_order(name, want):
     assert maildir.with_flag(name, "S") == want
+
+
+# ---------------------------------------------------------------- dovecot-keywords ([pop3] deleted_flag)
+
+def test_keywords_letter_assigned_under_the_lock_and_kept(box):
+    path, fd = box
+    (path / dk.KEYWORDS).write_text("0 Junk\n2 NonJunk\n")
+    assert dk.letter_for(fd, "$POP3Deleted") == "b"  # the lowest free index
+    assert (path / dk.KEYWORDS).read_text() == "0 Junk\n1 $POP3Deleted\n2 NonJunk\n"
+    assert not (path / dk.LOCK).exists()
+    assert dk.letter_for(fd, "$POP3Deleted") == "b" and dk.letter_for(fd, "NonJunk") == "c"
+
+
+def test_keywords_hostile_files(box, tmp_path):
+    path, fd = box
+    (path / dk.KEYWORDS).write_bytes(b"x Junk\n99 Far\n0\n1 \n3 Dup\n4 Dup\n\xff\xfe\n5 Ok\n")
+    assert dk.read(fd) == {"Dup": 3, "Ok": 5}  # what Dovecot would keep
+    (path / dk.KEYWORDS).unlink()
+    (tmp_path / "other").write_text("0 Secret\n")
+    os.symlink(tmp_path / "other", path / dk.KEYWORDS)
+    with pytest.raises(OSError):
+        dk.read(fd)
+    os.unlink(path / dk.KEYWORDS)
+    (path / dk.KEYWORDS).write_bytes(b"0 k\n" * 20000)
+    with pytest.raises(OSError):
+        dk.read(fd)
+    (path / dk.KEYWORDS).write_text("".join(f"{i} k{i}\n" for i in range(26)))
+    assert dk.letter_for(fd, "$POP3Deleted") is None  # all 26 letters taken: nothing rewritten
+    assert not (path / dk.LOCK).exists()
+
+
+def test_keywords_lock_held_then_stale(box):
+    path, fd = box
+    (path / dk.LOCK).write_text("")
+    with pytest.raises(dk.KeywordsLocked):
+        dk.letter_for(fd, "$POP3Deleted", wait=0.2)
+    old = time.time() - dk.STALE_SECONDS - 5
+    os.utime(path / dk.LOCK, (old, old))
+    assert dk.letter_for(fd, "$POP3Deleted", wait=0.2) == "a"
+
+
+def test_has_flag_reads_only_the_info():
+    assert maildir.has_flag("1.a,S=5:2,Sb", "b")
+    assert not maildir.has_flag("1.b:2,S", "b") and not maildir.has_flag("1.bcd", "b")
+    assert not maildir.has_flag("1.x:1,b", "b")

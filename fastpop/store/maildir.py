@@ -33,7 +33,7 @@ import stat
 import time
 
 from fastpop import faults
-from fastpop.store import dovecot_uidlist, safefs
+from fastpop.store import dovecot_keywords, dovecot_uidlist, safefs
 from fastpop.store import index as mindex
 from fastpop.store.index import FLAG_NO_DOT_LINES, FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.store.safefs import O_MESSAGE, open_nofollow
@@ -218,6 +218,25 @@ def configure_uidl(mode: str) -> None:
     _uidl_mode = mode
 
 
+# [pop3] deleted_flag: an IMAP keyword that hides a message from POP3 instead of deleting it
+_deleted_flag = ""
+
+
+def configure_deleted_flag(keyword: str) -> None:
+    """``[pop3] deleted_flag``: POP3 deletion adds this keyword (Dovecot's
+    ``pop3_deleted_flag``) and messages with it are not shown; "" deletes."""
+    global _deleted_flag
+    if keyword and not dovecot_keywords.VALID_KEYWORD.fullmatch(keyword):
+        raise ValueError(f"not an IMAP keyword: {keyword!r}")
+    _deleted_flag = keyword
+
+
+def has_flag(name: str, flag: str) -> bool:
+    """Whether the ``:2,`` info of this Maildir name holds ``flag``."""
+    _, sep, info = name.partition(":")
+    return bool(sep) and info.startswith("2,") and flag in info[2:]
+
+
 def _listing(dir_fd: int, where: str) -> list[str]:
     """The message names in cur/ or new/: regular files with valid names.
     Anything else is skipped with a log line and never touched."""
@@ -359,6 +378,11 @@ def _unlink_leftover(dir_fd: int, name: str, where: str) -> None:
 def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex | None, owner: int) -> MailboxIndex:
     """List cur/ and write a new index, reusing what the old one knew."""
     names = _listing(cur, path + "/cur")
+    if _deleted_flag:  # messages POP3 deleted with [pop3] deleted_flag: kept for IMAP, not shown
+        letter = dovecot_keywords.read(fd).get(_deleted_flag)
+        if letter is not None:
+            flag = dovecot_keywords.letter(letter)
+            names = [n for n in names if not has_flag(n, flag)]
     # by base name, in the old index's order (dicts keep insertion order)
     known = {_base(e.name): e for e in old.entries()} if old is not None else {}
     added: list[str] = []
@@ -557,6 +581,45 @@ class Mailbox:
             os.close(cur)
         self._seen = None
 
+    def _flag_deleted(self, cur: int, indices: list[int]) -> int:
+        """[pop3] deleted_flag: add the keyword's letter (dovecot-keywords)
+        to each message's info by a rename within cur/; returns how many
+        could not be flagged (they stay visible to POP3)."""
+        try:
+            top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                letter = dovecot_keywords.letter_for(top, _deleted_flag, self.owner)
+            finally:
+                os.close(top)
+        except OSError as exc:
+            log.error("cannot flag messages deleted in %s: %s", self._cur, exc.strerror)
+            return len(indices)
+        if letter is None:
+            log.error("cannot flag messages deleted in %s: all 26 Maildir keywords are taken", self._cur)
+            return len(indices)
+        failed = 0
+        for i in indices:
+            for attempt in (0, 1):
+                name = self.name(i)
+                target = with_flag(name, letter)
+                if target is None:
+                    break  # flagged already
+                try:
+                    os.rename(name, target, src_dir_fd=cur, dst_dir_fd=cur)
+                    break
+                except FileNotFoundError:
+                    if attempt or self.find_renamed(i) is None:
+                        break  # expunged by another program meanwhile
+                except OSError as exc:
+                    failed += 1
+                    log.error("cannot flag message %s%s deleted: %s", self._cur, name, exc.strerror)
+                    break
+        try:
+            os.fsync(cur)
+        except OSError as exc:
+            log.warning("cannot fsync %s after flagging: %s", self._cur, exc)
+        return failed
+
     def delete(self, indices: list[int]) -> int:
         """Unlink these messages; returns how many could not be removed.
         unlinkat in cur/'s descriptor: a name never reaches outside cur/."""
@@ -573,6 +636,8 @@ class Mailbox:
             os.close(cur)
 
     def _delete(self, cur: int, indices: list[int]) -> int:
+        if _deleted_flag:
+            return self._flag_deleted(cur, indices)
         failed = 0
         for i in indices:
             if faults.ACTIVE:
