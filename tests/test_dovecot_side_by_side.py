@@ -382,3 +382,83 @@ def test_deleted_flag_keeps_pop3_deletions_for_imap(tmp_path):
         p.fastpop.stop()
         p.dovecot.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+QUOTA_CONF = """\
+mail_plugins = $mail_plugins quota
+protocol imap {
+  mail_plugins = $mail_plugins imap_quota
+}
+plugin {
+  quota = maildir:User quota
+  quota_rule = *:storage=100M
+  quota_rule2 = *:messages=1000
+}
+"""
+
+
+def _maildirsize_totals(user: User) -> tuple[int, int]:
+    lines = (user.maildir / "maildirsize").read_text().splitlines()[1:]
+    return sum(int(line.split()[0]) for line in lines), sum(int(line.split()[1]) for line in lines)
+
+
+def _imap_message_usage(p: Pair, user: User) -> int:
+    m = p.dovecot.imap(user.name, user.password)
+    try:
+        typ, data = m.getquotaroot("INBOX")
+        assert typ == "OK", data
+        text = " ".join(d.decode() if isinstance(d, bytes) else str(d) for part in data for d in part)
+        return int(re.search(r"MESSAGE (\d+) 1000", text).group(1))
+    finally:
+        m.logout()
+
+
+def test_maildirsize_follows_pop3_deletions(tmp_path):
+    """Maildir++ quota: after fastpop's DELE + QUIT, Dovecot's quota (read
+    from maildirsize, not recalculated) counts what is left, and the file's
+    totals equal what Dovecot computes when it recalculates from scratch."""
+    root = Path(tempfile.mkdtemp(prefix="fastpop-side-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    p = Pair(root)
+    p.dovecot.extra = QUOTA_CONF
+    os.chmod(p.fastpop.mail, 0o755)
+    try:
+        u = p.user(5)
+        dv.chown_tree(p.fastpop.mail)
+        p.dovecot.start()
+        p.fastpop.start()
+        assert _imap_message_usage(p, u) == 5  # Dovecot wrote maildirsize
+        assert _maildirsize_totals(u)[1] == 5
+        s = u.login_when_free()
+        s.dele(1)  # (an S= in its name: counted by S=)
+        s.dele(4)
+        s.quit()
+        assert _imap_message_usage(p, u) == 3
+        ours = _maildirsize_totals(u)
+        (u.maildir / "maildirsize").unlink()  # Dovecot recalculates from the files
+        assert _imap_message_usage(p, u) == 3
+        assert _maildirsize_totals(u) == ours
+        p.check_logs()
+    finally:
+        p.fastpop.stop()
+        p.dovecot.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_maildirsize_hostile_is_not_followed(pair):
+    """maildirsize as a link or a FIFO: not written through, no hang, the deletion happens."""
+    u = pair.user(2)
+    outside = pair.root / "outside"
+    outside.write_text("100M\n0 0\n")
+    os.symlink(outside, u.maildir / "maildirsize")
+    s = u.login_when_free()
+    s.dele(1)
+    s.quit()
+    assert outside.read_text() == "100M\n0 0\n"
+    os.unlink(u.maildir / "maildirsize")
+    os.mkfifo(u.maildir / "maildirsize")
+    s = u.login_when_free()
+    s.dele(1)
+    s.quit()
+    assert pair.fastpop_uidls(u) == []
+    os.unlink(u.maildir / "maildirsize")

@@ -33,7 +33,7 @@ import stat
 import time
 
 from fastpop import faults
-from fastpop.store import dovecot_keywords, dovecot_uidlist, safefs
+from fastpop.store import dovecot_keywords, dovecot_uidlist, maildirsize, safefs
 from fastpop.store import index as mindex
 from fastpop.store.index import FLAG_NO_DOT_LINES, FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.store.safefs import O_MESSAGE, open_nofollow
@@ -639,17 +639,22 @@ class Mailbox:
         if _deleted_flag:
             return self._flag_deleted(cur, indices)
         failed = 0
+        removed = removed_size = 0  # for maildirsize: what this unlinked, not what others removed
         for i in indices:
             if faults.ACTIVE:
                 faults.hit("update.before_unlink")
             name = self.name(i)
             try:
                 os.unlink(name, dir_fd=cur)
+                removed += 1
+                removed_size += maildirsize.quota_size(name, self.index.message(i)[2])
             except FileNotFoundError:
                 renamed = self.find_renamed(i)
                 if renamed is not None:
                     try:
                         os.unlink(self.name(i), dir_fd=cur)
+                        removed += 1
+                        removed_size += maildirsize.quota_size(self.name(i), self.index.message(i)[2])
                     except FileNotFoundError:
                         pass
                     except OSError as exc:
@@ -665,4 +670,14 @@ class Mailbox:
             os.fsync(cur)
         except OSError as exc:  # the unlinks happened; only their durability is in doubt
             log.warning("cannot fsync %s after deletions: %s", self._cur, exc)
+        if removed:
+            try:
+                top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                log.warning("cannot update the quota of %s: %s", self._cur[:-5], exc.strerror)
+            else:
+                try:
+                    maildirsize.record_removed(top, removed_size, removed, self.owner, self._cur[:-5])
+                finally:
+                    os.close(top)
         return failed
