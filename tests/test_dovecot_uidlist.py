@@ -241,3 +241,14 @@ def test_has_flag_reads_only_the_info():
     assert maildir.has_flag("1.a,S=5:2,Sb", "b")
     assert not maildir.has_flag("1.b:2,S", "b") and not maildir.has_flag("1.bcd", "b")
     assert not maildir.has_flag("1.x:1,b", "b")
+
+
+def test_a_record_being_appended_is_not_read_yet():
+    # Dovecot appends records in place under its lock: a reader without the lock may
+    # see half a line; as Dovecot's reader, fastpop reads only complete lines
+    u = du.parse(b"3 V1 N3\n1 :a\n2 :b")
+    assert list(u.records) == ["a"] and u.next_uid == 3
+    u = du.parse(b"3 V1 N3\n1 :a\n2 W1")
+    assert list(u.records) == ["a"]
+    with pytest.raises(du.UidlistCorrupt):
+        du.parse(b"3 V1 N")  # not even a header

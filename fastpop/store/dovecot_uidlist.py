@@ -114,8 +114,9 @@ def parse(data: bytes) -> Uidlist:
         raise UidlistCorrupt("NUL byte")
     text = data.decode("utf-8", "surrogateescape")
     lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    # the last element is "" after a final newline, else a line Dovecot is still
+    # appending (it appends records in place under its lock): not read yet, as Dovecot
+    lines.pop()
     if not lines:
         raise UidlistCorrupt("empty")
     header = lines[0]
@@ -331,7 +332,10 @@ def assign(dir_fd: int, bases: list[str], keep: dict[str, str], owner: int | Non
     ``P<uidl>`` in its record, so it never changes, in fastpop or in
     Dovecot's POP3.  Returns the list as written, or as read if it needed
     nothing (then no lock is taken)."""
-    current = read(dir_fd)
+    try:
+        current = read(dir_fd)
+    except UidlistCorrupt:
+        current = None  # judged again under the lock, where no writer is midway
     if current is not None and not _needs_work(current, bases, keep):
         return current
     held = lock(dir_fd, owner)
