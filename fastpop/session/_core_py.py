@@ -644,6 +644,7 @@ class SessionCore:
         self._deleted = bytearray(len(mailbox))
         self._deleted_count = self._deleted_size = 0
         self._last_retr = 0  # RFC 1460
+        mailbox.forget_seen()
         self._out.append(b"+OK %d messages (%d octets)\r\n" % (len(mailbox), mailbox.total_size))
 
     def cmd_quit_transaction(self, args: tuple[str, ...]) -> None:
@@ -652,6 +653,7 @@ class SessionCore:
         self._state = UPDATE
         deleted = marked(self._deleted, self._deleted_count)
         failed = mailbox.delete(deleted) if deleted else 0
+        mailbox.apply_seen(self._deleted)  # [pop3] seen_on_retr: renames in cur/, never a deletion
         if faults.ACTIVE and deleted:
             faults.hit("update.before_reply")
         self._release_mailbox()
