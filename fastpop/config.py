@@ -341,6 +341,9 @@ def _typed(value: object, type_name: str, where: str) -> object:
             raise ValueError(f"{where} must be a table")
         table = {}
         for key, item in value.items():
+            if isinstance(item, dict):  # mail.example.com = ... is a table of tables in TOML
+                raise ValueError(f"{where}: quote each host name (\"mail.example.com\" = ...), else TOML"
+                                 f" reads its dots as tables ({key!r})")
             table[key] = _typed(item, "list[str]", f"{where}.{key}")
         return table
     if type_name.startswith("list"):

@@ -287,9 +287,32 @@ def test_broken_replacements_keep_the_old_certificate(tmp_path, hosting):
         issuer.write(["*.wild.test"], "wild-2", certs / "wild.pem")
         assert wait_until(lambda: presented(port, "x.wild.test", issuer)[1], "wild-2",
                           timeout=INTERVAL * 10) == "wild-2"
-        # A failure is logged once, not at every check
+        # A failure is logged once, not at every check (nor while the files were still changing)
         time.sleep(INTERVAL * 4)
         assert len(re.findall(r"previous certificate of \S*default\.pem", srv.log())) == 1, srv.log()
+    finally:
+        stop_clean(srv)
+
+
+def test_a_renewal_caught_halfway_is_no_error(tmp_path, hosting):
+    """certbot swaps the chain's link, then the key's: a check in between sees a
+    key that does not match, which is tried again, not reported."""
+    issuer, _, letsencrypt, args = hosting
+    srv = SNIServer(tmp_path, args)
+    srv.start()
+    try:
+        archive, live = letsencrypt / "archive" / "beta.test", letsencrypt / "live" / "beta.test"
+        issuer.write(["beta.test"], "beta-2", archive / "fullchain2.pem", archive / "privkey2.pem")
+        os.symlink("../../archive/beta.test/fullchain2.pem", live / "new")
+        os.replace(live / "new", live / "fullchain.pem")
+        wait_for_log(srv, r"DEBUG .*TLS certificate .*beta\.test/fullchain\.pem .* does not load yet \(its files are "
+                          r"changing\): .*(KEY_VALUES_MISMATCH|key values mismatch)")
+        assert presented(srv.tls_port, "beta.test", issuer) == ("beta.test", "beta-1")
+        os.symlink("../../archive/beta.test/privkey2.pem", live / "new")
+        os.replace(live / "new", live / "privkey.pem")
+        wait_for_log(srv, r"TLS certificate for beta\.test reloaded .*\(generation 2\) on a change of its files")
+        assert presented(srv.tls_port, "beta.test", issuer) == ("beta.test", "beta-2")
+        assert " ERROR " not in srv.log(), srv.log()
     finally:
         stop_clean(srv)
 
@@ -401,6 +424,35 @@ def test_names_read_from_certificates(tmp_path):
         names_in_file(str(tmp_path / "none.pem"))
 
 
+def test_malformed_certificates_are_a_clear_error(tmp_path):
+    """Whatever a PEM file holds, reading its names fails with ValueError (logged,
+    the old certificate kept), never another exception in the server's loop."""
+    import base64
+
+    issuer = Issuer()
+    issuer.write(["mail.example.com"], "x", tmp_path / "good.crt", tmp_path / "good.key")
+    leaf = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", (tmp_path / "good.crt").read_text(),
+                     re.DOTALL)
+    assert leaf
+    der = ssl.PEM_cert_to_DER_cert(leaf.group(0))
+    variants = [der[:cut] for cut in range(0, len(der), 5)]
+    variants += [der[:i] + bytes([der[i] ^ 0xFF]) + der[i + 1:] for i in range(0, len(der), 3)]
+    outcomes = set()
+    for data in variants:
+        path = tmp_path / "bad.pem"
+        path.write_text("-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(data).decode() +
+                        "-----END CERTIFICATE-----\n")
+        try:
+            names = names_in_file(str(path))
+        except ValueError as exc:
+            assert "malformed certificate" in str(exc) or "no certificate" in str(exc), exc
+            outcomes.add("refused")
+        else:
+            assert isinstance(names, list)
+            outcomes.add("read")
+    assert outcomes == {"refused", "read"}  # (a flipped byte in a signature changes no name)
+
+
 def test_sni_settings_from_toml_and_their_errors(tmp_path):
     issuer = Issuer()
     issuer.write(["default.test"], "d", tmp_path / "default.pem")
@@ -445,6 +497,9 @@ reload_interval = 2
     bad = tmp_path / "bad.toml"
     bad.write_text('[tls.sni]\n"a.test" = 3\n')
     with pytest.raises(ValueError, match=r"\[tls\] sni.a.test must be a string or a list"):
+        load_toml(str(bad))
+    bad.write_text('[tls.sni]\nmail.a.test = "x.pem"\n')
+    with pytest.raises(ValueError, match="quote each host name"):
         load_toml(str(bad))
     bad.write_text('[tls]\nsni = "a.test"\n')
     with pytest.raises(ValueError, match=r"\[tls\] sni must be a table"):

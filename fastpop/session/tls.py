@@ -42,6 +42,7 @@ import logging
 import os
 import re
 import ssl
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -158,7 +159,7 @@ def certificate_names(der: bytes) -> list[str]:
         _, start, end = _element(der, start)
         for _, ext_start, ext_end in _children(der, start, end):
             parts = list(_children(der, ext_start, ext_end))  # OID, critical?, OCTET STRING
-            if der[parts[0][1]:parts[0][2]] != _SAN_OID:
+            if len(parts) < 2 or der[parts[0][1]:parts[0][2]] != _SAN_OID:
                 continue
             _, start, end = _element(der, parts[-1][1])  # GeneralNames
             dns += [der[s:e].decode("ascii") for tag, s, e in _children(der, start, end) if tag == 0x82]
@@ -175,15 +176,33 @@ def certificate_names(der: bytes) -> list[str]:
 
 
 def names_in_file(path: str) -> list[str]:
-    """``certificate_names`` of the first certificate in a PEM file (the leaf)."""
+    """``certificate_names`` of the first certificate in a PEM file (the leaf);
+    ValueError if there is none or it cannot be read."""
     with open(path, "rb") as f:
         found = _PEM_CERT.search(f.read())
     if found is None:
         raise ValueError(f"no certificate in {path}")
-    return certificate_names(base64.b64decode(found.group(1)))
+    try:
+        return certificate_names(base64.b64decode(found.group(1)))
+    except (ValueError, IndexError) as exc:  # (binascii.Error and UnicodeDecodeError are ValueErrors)
+        raise ValueError(f"{path}: malformed certificate ({exc})") from None
+
+
+def host_names(names: list[str]) -> list[str]:
+    """The names of ``names`` that are host names (a common name may be anything), normalized."""
+    out = []
+    for name in names:
+        try:
+            out.append(normal_name(name))
+        except ValueError:
+            log.debug("TLS: %r in a certificate is no host name: not served by SNI", name)
+    return out
 
 
 # ----------------------------------------------------------------- certificates and their files
+
+
+SETTLING = 2.0  # seconds: a failed load of files this recent is retried quietly (a renewal under way)
 
 
 def _stamp(path: str) -> tuple:
@@ -217,14 +236,32 @@ class Certificate:
     def describe(self) -> str:
         return self.cert if self.key is None else f"{self.cert} (key {self.key})"
 
-    def load(self, min_version: str, why: str) -> bool:
-        """Read the files again; keep the old context (and log why) if they do not load."""
+    def settling(self) -> bool:
+        """Whether a file (or a link to it) changed in the last SETTLING seconds:
+        certbot swaps the chain's link, then the key's; a copy takes a moment."""
+        now = time.time()
+        for path in self.files():
+            for follow in (True, False):
+                try:
+                    if now - os.stat(path, follow_symlinks=follow).st_ctime < SETTLING:
+                        return True
+                except OSError:
+                    continue
+        return False
+
+    def load(self, min_version: str, patient: bool = False) -> bool:
+        """Read the files again; keep the old context (and log why) if they do not
+        load.  ``patient``: files that changed a moment ago and do not load yet are
+        tried again at the next check before that is called an error."""
         self.stamp = self.stamps()
         try:
             context = build_context(self.cert, self.key, min_version)
-            names = self.fixed_names if self.fixed_names is not None else [normal_name(n)
-                                                                           for n in names_in_file(self.cert)]
+            names = self.fixed_names if self.fixed_names is not None else host_names(names_in_file(self.cert))
         except LOAD_ERRORS as exc:
+            if patient and self.settling():
+                log.debug("TLS certificate %s does not load yet (its files are changing): %s", self.describe(), exc)
+                self.stamp = None  # tried again at the next check
+                return False
             if self.context is None:
                 log.error("TLS certificate %s not loaded (its names get the default certificate): %s%s",
                           self.describe(), exc, _unreadable_hint(exc))
@@ -342,11 +379,11 @@ class TLSManager:
             cert = self.sni.get(files)
             if cert is None:
                 cert = self.sni[files] = Certificate(files[0], files[1], names)
-                if cert.load(self.min_version, why) and not initial:
+                if cert.load(self.min_version, patient=not initial and not force) and not initial:
                     log.info("TLS certificate for %s loaded from %s (%s)", ", ".join(cert.names), cert.describe(),
                              why or "new")
             elif force or cert.stamps() != cert.stamp:
-                if cert.load(self.min_version, why):
+                if cert.load(self.min_version, patient=not force):
                     log.info("TLS certificate for %s reloaded from %s (generation %d) on %s",
                              ", ".join(cert.names), cert.describe(), cert.generation, why)
         exact: dict[str, ssl.SSLContext] = {}
@@ -376,7 +413,7 @@ class TLSManager:
     def _reload_default(self, force: bool, why: str) -> bool:
         if not force and self.default.stamps() == self.default.stamp:
             return True
-        if not self.default.load(self.min_version, why):
+        if not self.default.load(self.min_version, patient=not force):
             return False
         log.info("TLS certificate reloaded from %s (generation %d) on %s", self.default.describe(),
                  self.default.generation, why)
