@@ -343,6 +343,42 @@ def test_sighup_reloads_every_certificate(tmp_path, hosting):
         stop_clean(srv)
 
 
+def test_sighup_changes_the_minimum_version_of_both_listeners(tmp_path, hosting):
+    """Every handshake starts on one context, whose version range the chosen one
+    does not replace: a re-read min_version must reach it."""
+    issuer, _, _, args = hosting
+    config = tmp_path / "fastpop.toml"
+    config.write_text('[tls]\nmin_version = "TLSv1.2"\n')
+    srv = SNIServer(tmp_path, [*args, "--config", str(config)])
+    srv.start()
+
+    def tls12(port: int, starttls: bool) -> str:
+        ctx = issuer.client()
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            if starttls:
+                f = sock.makefile("rb")
+                f.readline()
+                sock.sendall(b"STLS\r\n")
+                assert f.readline().startswith(b"+OK")
+            try:
+                with ctx.wrap_socket(sock, server_hostname="beta.test") as tls:
+                    return tls.version() or ""
+            except ssl.SSLError as exc:
+                return exc.reason or str(exc)
+
+    try:
+        assert tls12(srv.tls_port, False) == "TLSv1.2" and tls12(srv.port, True) == "TLSv1.2"
+        config.write_text('[tls]\nmin_version = "TLSv1.3"\n')
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for_log(srv, r"SIGHUP: configuration, passwd-file and certificate reloaded")
+        for port, starttls in ((srv.tls_port, False), (srv.port, True)):
+            assert tls12(port, starttls) != "TLSv1.2", starttls  # refused (an alert, or the connection closed)
+            assert presented(port, "beta.test", issuer, starttls) == ("beta.test", "beta-1")  # TLS 1.3
+    finally:
+        stop_clean(srv)
+
+
 def test_two_workers_each_pick_up_a_renewal(tmp_path, hosting):
     issuer, _, letsencrypt, args = hosting
     srv = SNIServer(tmp_path, args, workers=2)

@@ -333,6 +333,10 @@ class TLSManager:
         if (config.tls_cert, config.tls_key) != (self.default.cert, self.default.key):
             self.default.cert, self.default.key = config.tls_cert, config.tls_key
         self.min_version = config.tls_min_version
+        listener = getattr(self, "listener_context", None)
+        if listener is not None:
+            # A connection's version range is its first context's (a swap by SNI keeps it): set it here
+            listener.minimum_version = MIN_VERSIONS[config.tls_min_version]
         self.handshake_timeout = config.tls_handshake_timeout
         self.interval = config.tls_reload_interval
         self.cert_dir = config.tls_cert_dir
