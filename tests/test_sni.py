@@ -287,9 +287,16 @@ def test_broken_replacements_keep_the_old_certificate(tmp_path, hosting):
         issuer.write(["*.wild.test"], "wild-2", certs / "wild.pem")
         assert wait_until(lambda: presented(port, "x.wild.test", issuer)[1], "wild-2",
                           timeout=INTERVAL * 10) == "wild-2"
+        # The directory itself gone for a while (moved, unmounted): its certificates stay
+        os.rename(letsencrypt / "live", letsencrypt / "live.moved")
+        wait_for_log(srv, r"ERROR .*TLS cert_dir .*live not read, keeping its certificates as they are")
+        assert presented(port, "beta.test", issuer) == ("beta.test", "beta-2")
         # A failure is logged once, not at every check (nor while the files were still changing)
         time.sleep(INTERVAL * 4)
         assert len(re.findall(r"previous certificate of \S*default\.pem", srv.log())) == 1, srv.log()
+        assert len(re.findall(r"TLS cert_dir .* not read", srv.log())) == 1, srv.log()
+        os.rename(letsencrypt / "live.moved", letsencrypt / "live")
+        assert presented(port, "mail.beta.test", issuer)[0] == "default.test"  # (beta-2 holds beta.test alone)
     finally:
         stop_clean(srv)
 

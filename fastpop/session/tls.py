@@ -269,6 +269,9 @@ class Certificate:
                 log.error("TLS reload failed, still serving the previous certificate of %s: %s%s",
                           self.describe(), exc, _unreadable_hint(exc))
             return False
+        if not names and self.fixed_names is None:
+            log.warning("TLS certificate %s holds no host name (subjectAltName DNS, common name): no client gets it",
+                        self.describe())
         self.context, self.names = context, list(names)
         self.generation += 1
         return True
@@ -286,11 +289,8 @@ def scan_directory(directory: str) -> list[tuple[str, str | None]]:
     subdirectory with fullchain.pem and privkey.pem (certbot's live/DOMAIN/),
     each NAME.pem file (key and chain in one file)."""
     found: list[tuple[str, str | None]] = []
-    try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError as exc:
-        log.error("TLS cert_dir %s not read: %s%s", directory, exc, _unreadable_hint(exc))
-        return found
+    with os.scandir(directory) as listing:  # (OSError: the caller keeps what it had)
+        entries = sorted(listing, key=lambda e: e.name)
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -318,6 +318,7 @@ class TLSManager:
         self.exact: dict[str, ssl.SSLContext] = {}
         self.wildcard: dict[str, ssl.SSLContext] = {}  # "*.example.com" as "example.com"
         self._timer: asyncio.TimerHandle | None = None
+        self._dir_error: str | None = None
         self.configure(config)
         self.default.stamp = self.default.stamps()
         self.default.context = build_context(self.default.cert, self.default.key, self.min_version)
@@ -374,7 +375,17 @@ class TLSManager:
             assert names is not None
             names.append(name)
         if self.cert_dir is not None:
-            for files in scan_directory(self.cert_dir):
+            try:
+                listed = scan_directory(self.cert_dir)
+                self._dir_error = None
+            except OSError as exc:
+                # keep serving what the directory held; say so once, not at every check
+                if str(exc) != self._dir_error:
+                    log.error("TLS cert_dir %s not read, keeping its certificates as they are: %s%s",
+                              self.cert_dir, exc, _unreadable_hint(exc))
+                    self._dir_error = str(exc)
+                listed = [files for files, cert in self.sni.items() if cert.fixed_names is None]
+            for files in listed:
                 wanted.setdefault(files, None)
         for files in list(self.sni):
             if files not in wanted or self.sni[files].fixed_names != wanted[files]:
