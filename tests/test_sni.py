@@ -350,10 +350,12 @@ def test_sighup_reloads_every_certificate(tmp_path, hosting):
         stop_clean(srv)
 
 
-def test_sighup_changes_the_minimum_version_of_both_listeners(tmp_path, hosting):
-    """Every handshake starts on one context, whose version range the chosen one
-    does not replace: a re-read min_version must reach it."""
-    issuer, _, _, args = hosting
+def test_sighup_applies_the_tls_section_to_both_listeners(tmp_path, hosting):
+    """A re-read [tls] section: a new [tls.sni] entry is served; and every handshake
+    starts on one context, whose version range the chosen one does not replace:
+    a re-read min_version must reach it."""
+    issuer, certs, _, args = hosting
+    issuer.write(["extra.test"], "extra-1", certs / "extra.pem")
     config = tmp_path / "fastpop.toml"
     config.write_text('[tls]\nmin_version = "TLSv1.2"\n')
     srv = SNIServer(tmp_path, [*args, "--config", str(config)])
@@ -376,9 +378,13 @@ def test_sighup_changes_the_minimum_version_of_both_listeners(tmp_path, hosting)
 
     try:
         assert tls12(srv.tls_port, False) == "TLSv1.2" and tls12(srv.port, True) == "TLSv1.2"
-        config.write_text('[tls]\nmin_version = "TLSv1.3"\n')
+        assert presented(srv.tls_port, "extra.test", issuer)[0] == "default.test"
+        config.write_text(f'[tls]\nmin_version = "TLSv1.3"\n[tls.sni]\n"extra.test" = "{certs / "extra.pem"}"\n')
         srv.proc.send_signal(signal.SIGHUP)
         wait_for_log(srv, r"SIGHUP: configuration, passwd-file and certificate reloaded")
+        wait_for_log(srv, r"TLS certificate for extra\.test loaded from .*extra\.pem \(SIGHUP\)")
+        assert presented(srv.tls_port, "extra.test", issuer) == ("extra.test", "extra-1")
+        assert presented(srv.port, "x.wild.test", issuer, starttls=True)[0] == "*.wild.test"  # the flags' still
         for port, starttls in ((srv.tls_port, False), (srv.port, True)):
             assert tls12(port, starttls) != "TLSv1.2", starttls  # refused (an alert, or the connection closed)
             assert presented(port, "beta.test", issuer, starttls) == ("beta.test", "beta-1")  # TLS 1.3
@@ -405,7 +411,7 @@ def test_two_workers_each_pick_up_a_renewal(tmp_path, hosting):
         assert got == {("beta.test", "beta-2")}
         srv.proc.send_signal(signal.SIGHUP)  # the supervisor passes it on
         deadline = time.monotonic() + 10
-        while srv.log().count("reloaded from") - srv.log().count("change of its files") < 2 * 4:
+        while len(re.findall(r"reloaded from .* on SIGHUP", srv.log())) < 2 * 4:
             assert time.monotonic() < deadline, srv.log()  # each worker: the default and three SNI certificates
             time.sleep(0.05)
     finally:
