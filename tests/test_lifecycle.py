@@ -77,6 +77,10 @@ def refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # the listener closed with this connection in its queue: it is going
+        # away, but only a refusal shows it gone; ask again
+        return False
     return False
 
 
