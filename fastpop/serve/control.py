@@ -344,7 +344,7 @@ def _bind(path: str, group: str | None) -> tuple[socket.socket, int]:
             if group is not None:
                 os.chown(path, -1, grp.getgrnam(group).gr_gid)
             os.chmod(path, 0o660 if group is not None else 0o600)
-            sock.listen(16)
+            # bound now, listening once the process that serves it has dropped privileges (as POP3's)
         except BaseException:
             sock.close()
             raise
@@ -379,7 +379,7 @@ async def serve_socket(ctx: Any, control: ControlSocket, path: str) -> asyncio.A
             clients -= 1
             writer.close()
 
-    return await asyncio.start_unix_server(handle, sock=control.sock, limit=MAX_REQUEST + 2)
+    return await asyncio.start_unix_server(handle, sock=control.sock, limit=MAX_REQUEST + 2)  # (it listens)
 
 
 async def _answer(reader: asyncio.StreamReader, handler) -> dict[str, Any]:
@@ -466,6 +466,7 @@ class SupervisorControl:
         os.close(self.control._lock_fd)
 
     def start(self) -> None:
+        self.control.sock.listen(16)
         self._thread = threading.Thread(target=self._run, name="fastpop-control", daemon=True)
         self._thread.start()
 
