@@ -180,6 +180,7 @@ def test_deny_fails_like_a_wrong_password_and_survives_a_restart(srv):
     assert _login_reply(srv, user.name, user.password) == wrong  # the reply of any failed login
     log = srv.wait_log(f"user={user.name} reason=denied")
     assert f"auth failed rip=127.0.0.1 user={user.name} reason=denied" in log
+    assert f"control: deny user={user.name} uid={os.geteuid()}" in log  # who did it
     assert user.name in srv.deny_file.read_text().split()
     assert stat.S_IMODE(srv.deny_file.stat().st_mode) == 0o600
     assert srv.ctl("deny").stdout.split() == [user.name]  # deny without a user lists them
@@ -337,6 +338,7 @@ def test_hostile_clients_do_not_stop_the_server(srv):
     silent.connect(str(srv.socket))
     silent.settimeout(15)
     started = time.monotonic()
+    assert srv.ctl_json("who")["ok"] is True and time.monotonic() - started < 3, "a silent client held up others"
     reply = json.loads(silent.recv(65536))
     silent.close()
     assert reply["ok"] is False and "within" in reply["error"] and time.monotonic() - started < 10

@@ -42,6 +42,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -222,13 +223,30 @@ def change_state(state: Any, request: dict[str, Any], path: str) -> dict[str, An
             except OSError as exc:
                 log.error("deny list not saved in %s: %s (applied until the server stops)", path, exc)
                 reply["warning"] = f"not saved in {path}: {exc.strerror or exc}; applies until the server stops"
-        log.info("control: %s user=%s", command, request["user"])
     elif command == "maintenance":
-        if state.maintenance != request["on"]:
-            log.info("control: maintenance %s", "on: new logins refused" if request["on"] else "off")
         state.maintenance = request["on"]
     reply.update(maintenance=state.maintenance, denied=sorted(state.denied))
     return reply
+
+
+def audit(request: dict[str, Any], reply: dict[str, Any], uid: int | None) -> None:
+    """Log what changed the server, and who (the client's uid, from the socket)."""
+    command, by = request["cmd"], "-" if uid is None else uid
+    if command == "kick":
+        log.info("control: kick target=%s kicked=%s uid=%s", request["target"], reply.get("kicked"), by)
+    elif command in ("deny", "allow"):
+        log.info("control: %s user=%s uid=%s", command, request["user"], by)
+    elif command == "maintenance":
+        log.info("control: maintenance %s uid=%s", "on (new logins refused)" if request["on"] else "off", by)
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return int(struct.unpack("3i", creds)[1])
+    except (OSError, AttributeError, struct.error):
+        return None
 
 
 # ------------------------------------------------------------------ the deny list file
@@ -368,7 +386,8 @@ async def serve_socket(ctx: Any, control: ControlSocket, path: str) -> asyncio.A
             if clients > MAX_CLIENTS:
                 reply: dict[str, Any] = {"ok": False, "error": "too many control connections"}
             else:
-                reply = await _answer(reader, lambda req: _single(ctx, req, path))
+                uid = peer_uid(writer.get_extra_info("socket"))
+                reply = await _answer(reader, lambda req: _single(ctx, req, path, uid))
             writer.write(json.dumps(reply).encode() + b"\n")
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (OSError, asyncio.TimeoutError):
@@ -396,12 +415,14 @@ async def _answer(reader: asyncio.StreamReader, handler) -> dict[str, Any]:
         return {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
 
 
-def _single(ctx: Any, request: dict[str, Any], path: str) -> dict[str, Any]:
+def _single(ctx: Any, request: dict[str, Any], path: str, uid: int | None) -> dict[str, Any]:
     if request["cmd"] in ("deny", "allow", "maintenance"):
-        return change_state(ctx, request, path)
-    reply = apply(ctx, request)
+        reply = change_state(ctx, request, path)
+    else:
+        reply = apply(ctx, request)
     if request["cmd"] == "status":
         reply["workers"] = 1
+    audit(request, reply, uid)
     return reply
 
 
@@ -435,8 +456,10 @@ async def serve_channel(ctx: Any, channel: socket.socket, worker: int) -> None:
 
 
 class SupervisorControl:
-    """The control socket of a supervisor, served by a thread: requests one
-    at a time, each bounded in time, fanned out to the workers."""
+    """The control socket of a supervisor, served by a thread that accepts
+    and a thread per client (at most MAX_CLIENTS, each bounded in time): a
+    client that says nothing holds only its own thread; the requests reach
+    the workers one at a time."""
 
     def __init__(self, control: ControlSocket, path: str, state: ControlState) -> None:
         self.control = control
@@ -445,6 +468,8 @@ class SupervisorControl:
         self.lock = threading.Lock()  # state and channels: the main thread forks, this one serves
         self.channels: dict[int, socket.socket] = {}  # worker index -> the supervisor's end
         self._ids = itertools.count(1)
+        self._fan_out_lock = threading.Lock()  # one request at a time on the channels
+        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -496,18 +521,36 @@ class SupervisorControl:
                     return
                 time.sleep(0.1)  # out of descriptors, say: try again
                 continue
-            try:
-                self._serve(conn)
-            except Exception:
-                log.exception("control request failed")
-            finally:
+            if not self._clients.acquire(blocking=False):
+                with contextlib.suppress(OSError):
+                    conn.settimeout(1.0)
+                    conn.sendall(b'{"ok": false, "error": "too many control connections"}\n')
                 conn.close()
+                continue
+            try:
+                threading.Thread(target=self._client, args=(conn,), name="fastpop-control-client",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread to be had
+                self._clients.release()
+                conn.close()
+
+    def _client(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        except Exception:
+            log.exception("control request failed")
+        finally:
+            conn.close()
+            self._clients.release()
 
     def _serve(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + REQUEST_TIMEOUT
         try:
             line = _read_line(conn, MAX_REQUEST, deadline)
-            reply = self._handle(parse_request(line))
+            request = parse_request(line)
+            with self._fan_out_lock:
+                reply = self._handle(request)
+            audit(request, reply, peer_uid(conn))
         except RequestError as exc:
             reply = {"ok": False, "error": str(exc)}
         except TimeoutError:
