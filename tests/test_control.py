@@ -344,3 +344,43 @@ def test_hostile_clients_do_not_stop_the_server(srv):
     assert reply["ok"] is False and "within" in reply["error"] and time.monotonic() - started < 10
     assert srv.ctl_json("who")["ok"] is True
     assert srv.proc.poll() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_made_as_root_before_the_switch_of_user(workers):
+    """Started as root with --user: the socket is root's (0600) though the
+    sessions run as nobody.  The supervisor, still root, saves the deny list;
+    a single process, once nobody, cannot write root's directory: the deny
+    holds and the command says it was not saved."""
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    root = Path(tempfile.mkdtemp(prefix="fastpop-ctl-"))  # (pytest's tmp_path: nobody cannot enter it)
+    root.chmod(0o755)
+    try:
+        srv = Controlled(root, workers=workers, extra=["--user", "nobody"])
+        user = srv.add_user()
+        for path in [srv.mail, *srv.mail.rglob("*"), srv.passwd]:
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        with _started(srv):
+            st = srv.socket.stat()
+            assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+            served_by = _children(srv.proc.pid) if workers == 2 else {srv.proc.pid}
+            for pid in served_by:
+                with open(f"/proc/{pid}/status") as f:
+                    uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+                assert set(map(int, uids)) == {nobody.pw_uid}
+            done = srv.ctl("deny", user.name)
+            assert done.returncode == 0, done.stderr
+            if workers == 1:
+                assert "not saved" in done.stderr and not srv.deny_file.exists()
+            else:
+                assert done.stderr == "" and srv.deny_file.read_text().split()[-1] == user.name
+                assert srv.deny_file.stat().st_uid == 0
+            assert _login_reply(srv, user.name, user.password).startswith(b"-ERR [AUTH]")
+            assert srv.ctl_json("who")["ok"] is True
+    finally:
+        shutil.rmtree(root)
