@@ -10,6 +10,7 @@ import grp
 import json
 import os
 import poplib
+import re
 import socket
 import stat
 import subprocess
@@ -178,8 +179,8 @@ def test_deny_fails_like_a_wrong_password_and_survives_a_restart(srv):
     done = srv.ctl("deny", user.name)
     assert done.returncode == 0, done.stderr
     assert _login_reply(srv, user.name, user.password) == wrong  # the reply of any failed login
-    log = srv.wait_log(f"user={user.name} reason=denied")
-    assert f"auth failed rip=127.0.0.1 user={user.name} reason=denied" in log
+    log = srv.wait_log("reason=denied")
+    assert re.search(rf"auth failed rip=127\.0\.0\.1 user={user.name} mech=USER reason=denied$", log, re.M), log
     assert f"control: deny user={user.name} uid={os.geteuid()}" in log  # who did it
     assert user.name in srv.deny_file.read_text().split()
     assert stat.S_IMODE(srv.deny_file.stat().st_mode) == 0o600
