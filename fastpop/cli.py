@@ -18,7 +18,7 @@ from fastpop import __version__
 from fastpop.config import Config, load_toml
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery.legacy_import", "fastpop.bench",
-                                       "fastpop.auth.oauth")
+                                       "fastpop.auth.oauth", "fastpop.serve.control_cli")
 
 
 def _version() -> str:
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log lines as text (default), key=value pairs (logfmt) or JSON objects")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT",
                        help="serve Prometheus metrics over HTTP here (default: metrics off)")
+    serve.add_argument("--control-socket", metavar="PATH",
+                       help="the control socket of fastpop who/kick/deny/maintenance ('none': off; default "
+                            "control.sock in the lock table's runtime directory)")
+    serve.add_argument("--control-group", metavar="GROUP", help="this group may use the control socket too (0660)")
+    serve.add_argument("--control-deny-file", metavar="PATH",
+                       help="where fastpop deny keeps its list (default: denied-users beside the auth secret)")
     serve.add_argument("--timeout-authorization", type=float, metavar="SECONDS", help="idle time allowed before login")
     serve.add_argument("--timeout-transaction", type=float, metavar="SECONDS", help="idle time allowed after login")
     serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS",
@@ -227,6 +233,9 @@ _FLAG_FIELDS = (
     "proxy_timeout",
     "log_format",
     "metrics_listen",
+    "control_socket",
+    "control_group",
+    "control_deny_file",
 )
 
 

@@ -115,6 +115,10 @@ class Config:
     log_format: str = "text"  # "text", "keyvalue" or "json"
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None: metrics off
     metrics_flush_interval: float = 1.0  # seconds between moves of the counts into the metrics
+    # the control socket (fastpop.serve.control): fastpop who, kick, deny, allow, maintenance
+    control_socket: str | None = None  # None: control.sock in the lock table's runtime directory; "none": off
+    control_group: str | None = None  # this group may use it too (mode 0660)
+    control_deny_file: str | None = None  # None: denied-users beside the auth secret
 
     def validate(self) -> None:
         """This file's own checks (raises ValueError); the subsystems check
@@ -228,6 +232,19 @@ class Config:
                 raise ValueError("metrics need prometheus-client: pip install 'fastpop[metrics]'")
         if not 0.05 <= self.metrics_flush_interval <= 3600:
             raise ValueError("metrics flush_interval must be between 0.05 and 3600 seconds")
+        if self.control_socket not in (None, "none") and not os.path.isabs(self.control_socket):
+            raise ValueError(f"control socket must be an absolute path or 'none', not {self.control_socket!r}")
+        if self.control_socket is not None and len(os.fsencode(self.control_socket)) > 107:
+            raise ValueError("control socket path longer than a Unix socket's 107 bytes")
+        if self.control_deny_file is not None and not os.path.isabs(self.control_deny_file):
+            raise ValueError(f"control deny_file must be an absolute path, not {self.control_deny_file!r}")
+        if self.control_group is not None:
+            import grp
+
+            try:
+                grp.getgrnam(self.control_group)
+            except KeyError:
+                raise ValueError(f"no such system group {self.control_group!r} (control group)") from None
 
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms offered, in CAPA order."""
@@ -310,6 +327,9 @@ _TOML_KEYS = {
     ("server", "log_format"): "log_format",
     ("metrics", "listen"): "metrics_listen",
     ("metrics", "flush_interval"): "metrics_flush_interval",
+    ("control", "socket"): "control_socket",
+    ("control", "group"): "control_group",
+    ("control", "deny_file"): "control_deny_file",
 }
 
 

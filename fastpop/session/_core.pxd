@@ -57,6 +57,7 @@ cdef class SessionCore:
     cdef public object _auth_failure
     cdef public object _auth_mech
     cdef public Py_ssize_t _last_retr
+    cdef public double _since
 
     @cython.locals(out=list, cmd=tuple)
     cdef _process(self)

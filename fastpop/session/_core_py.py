@@ -117,6 +117,8 @@ class SessionCore:
         "_auth_mech",
         # RFC 1460's LAST
         "_last_retr",
+        # fastpop who (fastpop.serve.control): loop time of the connection, then of the login
+        "_since",
     )
 
     # What the paths below use of POP3Protocol (its dispatch tables, Login's
@@ -161,6 +163,7 @@ class SessionCore:
         self._auth: sasl.Step | None = None  # the running login exchange (a fastpop.auth.sasl generator)
         self._auth_wants_line = False  # it waits for a SASL continuation line
         self._auth_started = 0.0
+        self._since = 0.0
         self._auth_failure: sasl.Outcome | None = None  # an error challenge is out: the attempt already failed
         self._auth_mech = "-"  # the running or last login's mechanism, for the auth failure log line
         self._last_retr = 0  # the highest message number RETR sent since login or RSET (LAST)
@@ -183,7 +186,7 @@ class SessionCore:
         ctx.sessions.add(self)
         if ctx.apop:  # RFC 1939: the greeting's timestamp is what offers APOP
             self._timestamp = ctx.new_timestamp()
-        self._last_activity = now = self.loop.time()
+        self._last_activity = self._since = now = self.loop.time()
         self._timer = self.loop.call_at(now + ctx.config.timeout_authorization, self._on_timer)
         self._trusted = self._peer in ctx.trusted
         self._secure = self._implicit_tls  # the listener did the handshake before connection_made
@@ -344,16 +347,17 @@ class SessionCore:
             return False
         return self.transport is not None
 
-    def shutdown(self) -> None:
-        """Server stopping: end the session without applying deletions."""
+    def shutdown(self, reason: str = "shutdown") -> None:
+        """Server stopping (or ``fastpop kick``: reason "kicked"): end the
+        session without applying deletions."""
         if self.transport is None:
             return
-        self._end_reason = "shutdown"
+        self._end_reason = reason
         if self._busy & (BUSY_WRITE_PAUSED | BUSY_SENDING | BUSY_TLS):
             self.transport.abort()
         else:
-            self._out.append(R.ERR_SHUTDOWN)
-            self._close("shutdown")
+            self._out.append(R.ERR_SHUTDOWN if reason == "shutdown" else R.ERR_KICKED)
+            self._close(reason)
 
     # ----------------------------------------------------------- hooks (see POP3Protocol's docstring)
 
@@ -442,6 +446,12 @@ class SessionCore:
     # The login exchange: a generator from fastpop.auth.sasl, driven here.
 
     def _run_auth(self, exchange: sasl.Step) -> None:
+        if self._ctx.maintenance:  # fastpop maintenance on: sessions finish, nobody new logs in
+            exchange.close()
+            log.info("login refused rip=%s reason=maintenance", self._peer)
+            self._on_login_refused("unavailable")
+            self._out.append(R.ERR_MAINTENANCE)
+            return
         self._auth = exchange
         self._auth_started = self.loop.time()
         self._busy |= BUSY_AUTH
@@ -506,12 +516,19 @@ class SessionCore:
         self._unbusy(BUSY_AUTH)
 
     def _auth_finished(self, outcome: sasl.Outcome) -> None:
-        if outcome.record is None:
+        record = outcome.record
+        if record is not None and self._ctx.denied and record.name in self._ctx.denied:
+            # fastpop deny: to the client, a failure like any other (same reply, delay, penalty)
+            self._auth_failed(  # type: ignore[attr-defined]  # (POP3Protocol's)
+                R.ERR_AUTH_FAILED, record.name, outcome.credentials, True, "denied"
+            )
+            return
+        if record is None:
             self._auth_failed(  # type: ignore[attr-defined]  # (POP3Protocol's)
                 R.ERR_AUTH_FAILED, outcome.user, outcome.credentials, not outcome.malformed, outcome.reason
             )
             return
-        self._login_succeeded(outcome.record)
+        self._login_succeeded(record)
 
     def _login_succeeded(self, user: UserRecord) -> None:
         ctx = self._ctx
@@ -565,6 +582,7 @@ class SessionCore:
         self._deleted = bytearray(len(mailbox))
         self._state = TRANSACTION
         self._table = self._transaction_table  # type: ignore[attr-defined]  # (POP3Protocol's)
+        self._since = self.loop.time()
         config = self._ctx.config
         if config.timeout_transaction < config.timeout_authorization:
             self._rearm_timer()  # else the running timer, firing early, re-arms itself (_on_timer)

@@ -42,6 +42,8 @@ class SessionContext(Protocol):
     capa_transaction: bytes  # the CAPA reply after login
     metrics: Any  # a fastpop.session.metered.Counters when metrics are on, else None
     proxy_servers: list[Any]  # the PROXY listeners (fastpop.session.proxied)
+    maintenance: bool  # fastpop maintenance on: logins refused with [SYS/TEMP]
+    denied: frozenset[str]  # fastpop deny: these users' logins fail
 
     def capa_for(self, stls: bool, plaintext_ok: bool) -> bytes: ...
     def auth_list(self, plaintext_ok: bool) -> bytes: ...

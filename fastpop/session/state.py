@@ -102,6 +102,7 @@ class SessionParts:
         _auth_failure: sasl.Outcome | None
         _auth_mech: str
         _last_retr: int
+        _since: float
 
         @property
         def writing_paused(self) -> bool: ...
