@@ -363,9 +363,39 @@ def test_a_mailbox_an_older_fastpop_holds_in_the_single_file_is_refused(table, m
     table.acquire(str(maildir)).release()
 
 
+def test_a_frugal_process_and_an_up_front_one_exclude_each_other(table, tmp_path):
+    """A process under a small limit (shards opened as needed) and one with every
+    shard open meet in the same files."""
+    held, other = tmp_path / "held", tmp_path / "other"
+    held.mkdir()
+    other.mkdir()
+    lock = table.acquire(str(held))
+    code = (
+        "import resource, sys, time\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "from fastpop.store.locking import LockTable, MailboxLocked\n"
+        "t = LockTable(sys.argv[1])\n"
+        "try:\n    t.acquire(sys.argv[2]); print('won', flush=True)\n"
+        "except MailboxLocked:\n    print('lost', flush=True)\n"
+        "t.acquire(sys.argv[3]); print('locked', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, table.path, str(held), str(other)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"lost\n"
+        assert proc.stdout.readline() == b"locked\n"
+        with pytest.raises(MailboxLocked):
+            table.acquire(str(other))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        lock.release()
+    table.acquire(str(other)).release()
+
+
 def test_under_a_small_descriptor_limit_shards_open_as_needed(tmp_path, maildir):
     """A server under a tiny descriptor limit (24 in tests/test_limits.py) cannot
-    keep 256 shard files open: it opens one when a session first needs it."""
+    keep 256 shard files open: it keeps one open only while it holds a lock there,
+    and opens the old single file only to ask it."""
     code = (
         "import os, resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
@@ -373,11 +403,12 @@ def test_under_a_small_descriptor_limit_shards_open_as_needed(tmp_path, maildir)
         "before = len(os.listdir('/proc/self/fd'))\n"
         "t = LockTable(sys.argv[1]); lock = t.acquire(sys.argv[2])\n"
         "print(len(os.listdir('/proc/self/fd')) - before, t.holder(sys.argv[2]))\n"
+        "lock.release(); print(len(os.listdir('/proc/self/fd')) - before, t.holder(sys.argv[2]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run" / "mailbox.locks"), str(maildir)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["2", "True"]  # the single file and one shard
+    assert out.stdout.split() == ["1", "True", "0", "False"]  # one shard while it holds a lock there
 
 
 def test_connections_per_worker_leaves_room_for_the_shards():

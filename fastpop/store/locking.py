@@ -310,9 +310,11 @@ class LockTable:
     the one its slot picks (``shard_of``), and each list holds ~1/256 of
     the sessions (benchmarks/lock_table.py).  Each process keeps the shards
     open: all 256 from the start (before a server drops privileges) when its
-    descriptor limit is 578 or more, else each from the first time one of
-    its sessions locks a mailbox there (a server under a tiny limit); with
-    the old file below, at most 257 descriptors whatever the sessions.
+    descriptor limit is 578 or more, with the old file below 257 descriptors
+    whatever the sessions.  Under a smaller limit it is frugal: a shard is
+    open only while one of its sessions holds a lock there, and the old file
+    only while it is asked, so it never needs more descriptors than it has
+    sessions.
 
     The single file of older versions (``path`` itself) is still opened and
     asked (F_OFD_GETLK, never locked) at each login, so a mailbox that an
@@ -332,11 +334,13 @@ class LockTable:
         self._setlk: int = _OFD_SETLK
         self._getlk: int = _OFD_GETLK
         self.path = path or default_table_path()
-        self._legacy = _open_table(self.path)
-        self._shards: list[int] = [-1] * SHARDS  # -1: not open yet
-        self._open_shards()
+        self._legacy = -1
+        self._shards: list[int] = [-1] * SHARDS  # -1: not open
+        self._counts: list[int] = [0] * SHARDS  # this process's locks per shard (frugal: to close idle ones)
+        self._open_files()
         self._forked = False  # set in a forked child (not asked per login: getpid is a system call)
         self._held: set[int] = set()  # this process's slots
+        self._closed = False
         _tables.add(self)
 
     def acquire(self, maildir: str) -> TableLock:
@@ -347,15 +351,26 @@ class LockTable:
         offset = slot(st.st_dev, st.st_ino)
         if offset in self._held:
             raise MailboxLocked(maildir)
-        shard = self._shard(shard_of(offset))
+        index = shard_of(offset)
+        shard = self._shard(index)
         try:
-            fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
-            raise MailboxLocked(maildir) from None
-        if self._held_in(self._legacy, offset):  # by a fastpop of an older version
-            fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
-            raise MailboxLocked(maildir)
+            try:
+                fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+            except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+                raise MailboxLocked(maildir) from None
+            try:
+                older = self._held_by_older(offset)
+            except BaseException:
+                fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+                raise
+            if older:  # by a fastpop of an older version
+                fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+                raise MailboxLocked(maildir)
+        except BaseException:
+            self._maybe_close(index)
+            raise
         self._held.add(offset)
+        self._counts[index] += 1
         if faults.ACTIVE:
             faults.hit("lock.after_create")
         return TableLock(self, offset)
@@ -363,12 +378,20 @@ class LockTable:
     def _release(self, offset: int) -> None:
         if offset in self._held and not self._forked:
             self._held.discard(offset)
-            fcntl.fcntl(self._shards[shard_of(offset)], self._setlk,
-                        _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+            index = shard_of(offset)
+            self._counts[index] -= 1
+            fcntl.fcntl(self._shards[index], self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+            self._maybe_close(index)
 
-    def _open_shards(self) -> None:
-        if not lock_shards_up_front(resource.getrlimit(resource.RLIMIT_NOFILE)[0]):
-            return  # each when first needed
+    def _open_files(self) -> None:
+        """Up front: the old single file and every shard.  Frugal (a descriptor
+        limit under 578): only the checks, then each file when needed."""
+        self._frugal = not lock_shards_up_front(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self._legacy = _open_table(self.path)
+        if self._frugal:
+            os.close(self._legacy)  # opened for each question instead
+            self._legacy = -1
+            return
         try:
             for i in range(SHARDS):
                 self._shard(i)
@@ -382,20 +405,35 @@ class LockTable:
             fd = self._shards[index] = _open_file(os.path.join(shard_directory(self.path), f"{index:02x}"))
         return fd
 
+    def _maybe_close(self, index: int) -> None:
+        """Frugal: a shard in which this process holds no lock is closed (closing
+        it drops nothing), so its descriptors never outnumber its sessions."""
+        if self._frugal and not self._counts[index] and self._shards[index] >= 0:
+            os.close(self._shards[index])
+            self._shards[index] = -1
+
     def _held_in(self, fd: int, offset: int) -> bool:
         got = fcntl.fcntl(fd, self._getlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
         return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+
+    def _held_by_older(self, offset: int) -> bool:
+        if self._legacy >= 0:
+            return self._held_in(self._legacy, offset)
+        fd = _open_file(self.path)
+        try:
+            return self._held_in(fd, offset)
+        finally:
+            os.close(fd)
 
     def _close_files(self) -> None:
         for fd in (self._legacy, *self._shards):
             if fd >= 0:
                 os.close(fd)  # only this process's reference: a parent's locks stay
-        self._legacy, self._shards = -1, [-1] * SHARDS
+        self._legacy, self._shards, self._counts = -1, [-1] * SHARDS, [0] * SHARDS
 
     def _reopen(self) -> None:
         self._close_files()
-        self._legacy = _open_table(self.path)
-        self._open_shards()
+        self._open_files()
         self._forked = False
         self._held = set()
 
@@ -405,10 +443,15 @@ class LockTable:
         offset = slot(st.st_dev, st.st_ino)
         if offset in self._held and not self._forked:
             return True
-        return self._held_in(self._shard(shard_of(offset)), offset) or self._held_in(self._legacy, offset)
+        index = shard_of(offset)
+        try:
+            return self._held_in(self._shard(index), offset) or self._held_by_older(offset)
+        finally:
+            self._maybe_close(index)
 
     def close(self) -> None:
-        if self._legacy >= 0:
+        if not self._closed:
+            self._closed = True
             self._close_files()  # drops every lock this process holds
             self._held.clear()
 
