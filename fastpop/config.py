@@ -102,6 +102,15 @@ class Config:
     log_format: str = "text"  # "text", "keyvalue" or "json"
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None: metrics off
     metrics_flush_interval: float = 1.0  # seconds between moves of the counts into the metrics
+    # fastpop proxy (fastpop.proxy): each user's session relayed to their backend
+    backend_route: bool = False  # set by ``fastpop proxy``: logins go to backends, no Maildir here
+    backend_servers: list[str] = field(default_factory=list)  # HOST:PORT, for users without a host field
+    backend_port: int = 110  # the port of a host field without a port field
+    backend_login: str = "plain"  # "plain" (AUTH PLAIN) or "user" (USER/PASS) at the backend
+    backend_proxy_header: bool = True  # a PROXY v2 header naming the client first
+    backend_connect_timeout: float = 5.0  # connect, greeting and login at a backend
+    backend_health_interval: float = 5.0  # seconds between health checks; 0: none
+    backend_rehash: bool = False  # a down backend's users to the next one (shared store only)
 
     def validate(self) -> None:
         """This file's own checks (raises ValueError); the subsystems check
@@ -143,6 +152,7 @@ class Config:
         self._validate_security()
         self._validate_proxy()
         self._validate_operations()
+        self._validate_backends()
         if self.group is not None:
             import grp
 
@@ -200,6 +210,25 @@ class Config:
                 raise ValueError("metrics need prometheus-client: pip install 'fastpop[metrics]'")
         if not 0.05 <= self.metrics_flush_interval <= 3600:
             raise ValueError("metrics flush_interval must be between 0.05 and 3600 seconds")
+
+    def _validate_backends(self) -> None:
+        for addr in self.backend_servers:
+            parse_address(addr)
+        if len(set(self.backend_servers)) != len(self.backend_servers):
+            raise ValueError("backends servers: an address is given twice")
+        if not 1 <= self.backend_port <= 65535:
+            raise ValueError("backends port must be between 1 and 65535")
+        if self.backend_login not in ("plain", "user"):
+            raise ValueError(f"backends login must be 'plain' or 'user', not {self.backend_login!r}")
+        if not self.backend_connect_timeout > 0:
+            raise ValueError("backends connect_timeout must be positive")
+        if self.backend_health_interval < 0:
+            raise ValueError("backends health_interval must not be negative")
+        if self.backend_route:
+            relayable = {"PLAIN", "LOGIN"}  # the mechanisms that give the proxy the password
+            if self.auth_apop or not set(self.mechanisms()) <= relayable:
+                raise ValueError("fastpop proxy logs in to the backends with the user's password: "
+                                 "[auth] mechanisms may only hold PLAIN and LOGIN, and apop must be off")
 
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms offered, in CAPA order."""
@@ -274,6 +303,8 @@ _TOML_KEYS = {
     ("server", "log_format"): "log_format",
     ("metrics", "listen"): "metrics_listen",
     ("metrics", "flush_interval"): "metrics_flush_interval",
+    **{("backends", k): f"backend_{k}" for k in (
+        "route", "servers", "port", "login", "proxy_header", "connect_timeout", "health_interval", "rehash")},
 }
 
 

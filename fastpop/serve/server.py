@@ -37,6 +37,7 @@ from fastpop.store.locking import default_table_path, mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
+    from fastpop.proxy.routing import Router
     from fastpop.session.metered import Counters
 
 log = logging.getLogger("fastpop")
@@ -74,6 +75,12 @@ class ServerContext:
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
         self.metrics: Counters | None = None  # when metrics are on
+        self.router: Router | None = None  # fastpop proxy (fastpop.proxy.routing)
+        if config.backend_route:
+            from fastpop.proxy.routing import Router
+
+            self.router = Router(config)
+            self.router.start(loop)
         self._shared_failures = shared.failures if shared is not None else None  # the penalty counts of all workers
         # made-up SCRAM salts: read before privileges are dropped, kept across SIGHUP
         self.secret = server_secret(config)
@@ -150,6 +157,12 @@ class ServerContext:
             self.capa_transaction = self._capa(authorized=True)
             self.connections.per_address = config.max_connections_per_ip
             self.connections.total = config.max_connections
+            if self.router is not None:  # fastpop proxy: the backends as now configured, all thought up
+                from fastpop.proxy.routing import Router
+
+                self.router.close()
+                self.router = Router(config)
+                self.router.start(self.loop)
         try:
             self.auth.reload()  # the passwd-file re-read now; SQL/LDAP: the auth cache emptied
         except (OSError, ValueError) as exc:
@@ -169,6 +182,10 @@ class ServerContext:
     def session_class(self, base: type) -> type:
         """The class of the sessions a listener makes: ``base`` itself, or with
         metrics on its counting subclass (fastpop.serve.metrics)."""
+        if self.router is not None:  # fastpop proxy: logins relayed to backends
+            from fastpop.proxy.relay import routed
+
+            base = routed(base)
         if self.metrics is None:
             return base
         from fastpop.session.metered import metered
@@ -209,6 +226,7 @@ class ServerContext:
 # Settings a running server cannot change (SIGHUP keeps the old value and says so).
 RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group",
                 "proxy_listen", "proxy_listen_tls",
+                "backend_route",  # the listeners' session class (fastpop proxy)
                 "auth_secret_file",  # read once, before privileges are dropped and workers forked
                 # the user database: LMTP and open pools hold the one built at start
                 "passwd_file", "mail_location", "mail_lock", "mail_lock_table",
@@ -497,6 +515,8 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
     if process_metrics is not None:
         process_metrics.close()  # the last counts, then the endpoint
     await ctx.auth.close()  # the user database's connections
+    if ctx.router is not None:
+        ctx.router.close()  # its health checks
     log.info("stopped")
 
 

@@ -1,0 +1,267 @@
+"""``fastpop proxy``: each user routed to their own backend (fastpop.proxy).
+
+Three real fastpop backends with their own passwd-files and Maildirs, each
+with a PROXY listener on its own address (127.0.0.2, 127.0.0.3, 127.0.0.4)
+trusting the proxy, and one ``fastpop proxy`` in front of them (plain, STLS
+and implicit TLS).  Users are pinned by a ``host``/``port`` field or placed by
+the rendezvous hash over ``[backends] servers``; each has mail only on its
+own backend, so reading the right mail proves the route.  Clients connect
+from addresses of their own (127.0.0.9, ...), which the backends must log.
+The last test stops a backend: only its users get ``-ERR [SYS/TEMP]``, and
+the health check brings it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import poplib
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from support.server import Raw, ServerProcess, message
+from support.tls import Certs, TLSServer, stop_clean
+
+from fastpop.auth.passwd_file import UserRecord
+from fastpop.config import Config
+from fastpop.proxy.routing import Router
+
+BACKEND_ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+SYS_TEMP = b"-ERR [SYS/TEMP]"
+HEALTH_INTERVAL = 0.3
+
+
+class ProxyServer(TLSServer):
+    command = "proxy"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class POP3From(poplib.POP3):
+    """poplib from a source address of our choosing."""
+
+    def __init__(self, source: str, port: int, timeout: float = 10):
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
+def wait_for(pattern: str, srv: ServerProcess, timeout: float = 10.0) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, srv.log())
+        if m:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pattern!r} not logged:\n{srv.log()[-3000:]}")
+        time.sleep(0.05)
+
+
+class Farm:
+    def __init__(self, root: Path):
+        self.root = root
+        self.certs = Certs(root / "certs")
+        self.ports = [free_port(a) for a in BACKEND_ADDRESSES]  # fixed: a backend restarts on its own port
+        self.backends = [
+            ServerProcess(root / f"backend{i}", "cython", extra_args=[
+                "--proxy-listen", f"{addr}:{port}", "--proxy-trusted-networks", "127.0.0.1/32"])
+            for i, (addr, port) in enumerate(zip(BACKEND_ADDRESSES, self.ports, strict=True))]
+        self.servers = [f"{a}:{p}" for a, p in zip(BACKEND_ADDRESSES, self.ports, strict=True)]
+        config = root / "proxy.toml"
+        config.write_text(
+            "[backends]\n"
+            f"servers = {self.servers!r}\n".replace("'", '"') +
+            f"health_interval = {HEALTH_INTERVAL}\nconnect_timeout = 2.0\n")
+        self.proxy = ProxyServer(root / "proxy", "cython", self.certs, extra_args=["--config", str(config)])
+        self.users: dict[str, tuple[int, str]] = {}  # name -> (backend index, subject of its mail)
+
+    def add_user(self, name: str, backend: int | None, password: str = "secret", size: int | None = None) -> int:
+        """A user on a backend: pinned there by a host field, or (None) where the hash puts it."""
+        if backend is None:
+            router = Router(Config(backend_servers=self.servers))
+            chosen = router.pick(name, UserRecord(name, ""))
+            backend = self.servers.index(f"{chosen.host}:{chosen.port}")
+            extra = ""
+        else:
+            extra = f"host={BACKEND_ADDRESSES[backend]} port={self.ports[backend]}"
+        with open(self.proxy.passwd, "a") as f:
+            f.write(f"{name}:{{PLAIN}}{password}::::::{extra}\n")
+        user = self.backends[backend].add_user(name=name, password=password)
+        subject = f"mail of {name} on backend {backend}"
+        user.deliver(message(subject, size=size))
+        self.users[name] = (backend, subject)
+        return backend
+
+    def start(self) -> None:
+        for srv in self.backends:
+            srv.start()
+        self.proxy.start()
+
+    def stop(self) -> None:
+        for srv in [self.proxy, *self.backends]:
+            if srv.proc is not None:
+                stop_clean(srv)
+
+
+PINNED = [f"pinned{i}" for i in range(3)]
+HASHED = [f"hashed{i}" for i in range(9)]
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    farm = Farm(tmp_path_factory.mktemp("pop3proxy"))
+    for i, name in enumerate(PINNED):
+        farm.add_user(name, i)
+    placed = {farm.add_user(name, None) for name in HASHED}
+    assert len(placed) >= 2, "the hash should spread nine users over more than one backend"
+    farm.add_user("big", None, size=20 * 1024 * 1024)
+    farm.start()
+    try:
+        yield farm
+    finally:
+        farm.stop()
+
+
+def read_mail(p: poplib.POP3, name: str, password: str = "secret") -> bytes:
+    p.user(name)
+    p.pass_(password)
+    count, _ = p.stat()
+    assert count == 1
+    body = b"\r\n".join(p.retr(1)[1])
+    assert p.quit().startswith(b"+OK")
+    return body
+
+
+def test_each_user_reaches_their_own_backend(farm):
+    for _ in range(2):  # and again: the route does not change
+        for name, (backend, subject) in farm.users.items():
+            if name == "big":
+                continue
+            body = read_mail(POP3From("127.0.0.9", farm.proxy.port), name)
+            assert f"Subject: {subject}".encode() in body, (name, backend)
+
+
+def test_the_backend_logs_the_client_address(farm):
+    read_mail(POP3From("127.0.0.11", farm.proxy.port), "pinned1")
+    wait_for(r"session user=pinned1 rip=127\.0\.0\.11 .* end=quit", farm.backends[1])
+    m = wait_for(r"proxy login user=pinned1 rip=127\.0\.0\.11 backend=(\S+)", farm.proxy)
+    assert m.group(1) == farm.servers[1]
+
+
+def test_sasl_plain_and_tls(farm):
+    """AUTH PLAIN over STLS and over implicit TLS: the backend sees the client, the mail is the user's."""
+    name = HASHED[0]
+    backend, subject = farm.users[name]
+    context = farm.certs.client_context()
+    p = poplib.POP3("127.0.0.1", farm.proxy.port, timeout=10)
+    p.stls(context)
+    assert p._shortcmd("AUTH PLAIN " + __import__("base64").b64encode(f"\0{name}\0secret".encode()).decode()
+                       ).startswith(b"+OK")
+    assert p.stat()[0] == 1
+    assert f"Subject: {subject}".encode() in b"\r\n".join(p.retr(1)[1])
+    p.quit()
+    s = poplib.POP3_SSL("127.0.0.1", farm.proxy.tls_port, context=context, timeout=10)
+    assert f"Subject: {subject}".encode() in read_mail(s, name)
+
+
+def test_pipelined_commands_after_the_login_reach_the_backend(farm):
+    name = PINNED[2]
+    raw = Raw(farm.proxy.port)
+    raw.send(f"USER {name}\r\nPASS secret\r\nSTAT\r\nQUIT\r\n".encode())
+    assert raw.line().startswith(b"+OK")  # USER
+    assert raw.line().startswith(b"+OK")  # PASS: the backend's answer
+    assert raw.line().startswith(b"+OK 1 ")  # STAT, answered by the backend
+    assert raw.line().startswith(b"+OK")  # QUIT
+    raw.assert_closed()
+
+
+def test_a_wrong_password_fails_at_the_proxy(farm):
+    before = [srv.log() for srv in farm.backends]
+    p = POP3From("127.0.0.12", farm.proxy.port)
+    p.user(PINNED[0])
+    with pytest.raises(poplib.error_proto) as failed:
+        p.pass_("wrong")
+    assert failed.value.args[0] == b"-ERR [AUTH] Authentication failed."
+    p.close()
+    # the server's own line, the one contrib/fail2ban reads
+    wait_for(rf"auth failed rip=127\.0\.0\.12 user={PINNED[0]} reason=", farm.proxy)
+    time.sleep(0.2)
+    for srv, log in zip(farm.backends, before, strict=True):
+        assert "127.0.0.12" not in srv.log()[len(log):], "a wrong password reached a backend"
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_large_retr_to_a_slow_reader_is_intact_and_bounded(farm):
+    """20 MB through the proxy to a client that stops reading, then reads slowly:
+    the message arrives intact and the proxy never holds more than its buffers."""
+    backend, _ = farm.users["big"]
+    expected = farm.backends[backend].mail.joinpath("big")
+    files = sorted((expected / "new").iterdir()) + sorted((expected / "cur").iterdir())
+    original = files[0].read_bytes()
+    pid = farm.proxy.proc.pid
+    base = rss_kib(pid)
+    raw = Raw(farm.proxy.port, timeout=30)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    assert raw.cmd("USER big").startswith(b"+OK")
+    assert raw.cmd("PASS secret").startswith(b"+OK")
+    raw.send(b"RETR 1\r\n")
+    time.sleep(1.0)  # not reading: without flow control the proxy would take the whole message meanwhile
+    peak = rss_kib(pid)
+    received = bytearray()
+    chunks = 0
+    while not received.endswith(b"\r\n.\r\n"):
+        chunk = raw.sock.recv(256 * 1024)
+        assert chunk, "connection closed during RETR"
+        received += chunk
+        chunks += 1
+        if chunks % 64 == 0:
+            peak = max(peak, rss_kib(pid))
+            time.sleep(0.005)  # a slow reader
+    status, _, body = bytes(received).partition(b"\r\n")
+    assert status.startswith(b"+OK")
+    body = body[: -len(b".\r\n")]
+    unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n"))
+    assert len(unstuffed) >= len(original)
+    # (a message not ending in CRLF gets one before the terminator)
+    assert hashlib.sha256(unstuffed.rstrip(b"\r\n")).digest() == hashlib.sha256(original.rstrip(b"\r\n")).digest()
+    assert raw.cmd("QUIT").startswith(b"+OK")
+    print(f"proxy RSS {base} KiB, peak {peak} KiB relaying 20 MB")
+    assert peak - base < 8 * 1024, f"proxy RSS grew by {peak - base} KiB relaying 20 MB"
+
+
+def test_a_stopped_backend_affects_only_its_users(farm):
+    down = 2
+    srv = farm.backends[down]
+    stop_clean(srv)
+    mine = [n for n, (b, _) in farm.users.items() if b == down and n != "big"]
+    others = [n for n, (b, _) in farm.users.items() if b != down and n != "big"]
+    assert mine and others
+    for name in mine:
+        p = POP3From("127.0.0.13", farm.proxy.port)
+        p.user(name)
+        with pytest.raises(poplib.error_proto) as failed:
+            p.pass_("secret")
+        assert failed.value.args[0].startswith(SYS_TEMP), failed.value.args[0]
+        p.close()
+    wait_for(rf"backend {re.escape(farm.servers[down])} (unavailable|down)", farm.proxy)
+    for name in others:
+        assert farm.users[name][1].encode() in read_mail(POP3From("127.0.0.13", farm.proxy.port), name)
+    srv.start()  # on its own address again: the health check marks it up
+    wait_for(rf"backend {re.escape(farm.servers[down])} up", farm.proxy)
+    for name in mine:
+        assert farm.users[name][1].encode() in read_mail(POP3From("127.0.0.13", farm.proxy.port), name)
