@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.server import Raw, ServerProcess, message
+from support.server import PARSERS, Raw, ServerProcess, message
 from support.tls import Certs, TLSServer, stop_clean
 
 from fastpop.auth.passwd_file import UserRecord
@@ -66,7 +66,7 @@ def wait_for(pattern: str, srv: ServerProcess, timeout: float = 10.0) -> re.Matc
 
 
 class Farm:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, parser: str):
         self.root = root
         self.certs = Certs(root / "certs")
         self.ports = [free_port(a) for a in BACKEND_ADDRESSES]  # fixed: a backend restarts on its own port
@@ -80,7 +80,11 @@ class Farm:
             "[backends]\n"
             f"servers = {self.servers!r}\n".replace("'", '"') +
             f"health_interval = {HEALTH_INTERVAL}\nconnect_timeout = 2.0\n")
-        self.proxy = ProxyServer(root / "proxy", "cython", self.certs, extra_args=["--config", str(config)])
+        self.proxy = ProxyServer(root / "proxy", parser, self.certs, extra_args=["--config", str(config)])
+        # a backend that accepts and never answers, for the users pinned to it
+        self.silent = socket.socket()
+        self.silent.bind(("127.0.0.5", 0))
+        self.silent.listen(16)
         self.users: dict[str, tuple[int, str]] = {}  # name -> (backend index, subject of its mail)
 
     def add_user(self, name: str, backend: int | None, password: str = "secret", size: int | None = None) -> int:
@@ -90,6 +94,10 @@ class Farm:
             chosen = router.pick(name, UserRecord(name, ""))
             backend = self.servers.index(f"{chosen.host}:{chosen.port}")
             extra = ""
+        elif backend < 0:  # the silent one: no mail anywhere
+            with open(self.proxy.passwd, "a") as f:
+                f.write(f"{name}:{{PLAIN}}{password}::::::host=127.0.0.5 port={self.silent.getsockname()[1]}\n")
+            return backend
         else:
             extra = f"host={BACKEND_ADDRESSES[backend]} port={self.ports[backend]}"
         with open(self.proxy.passwd, "a") as f:
@@ -109,20 +117,23 @@ class Farm:
         for srv in [self.proxy, *self.backends]:
             if srv.proc is not None:
                 stop_clean(srv)
+        self.silent.close()
 
 
 PINNED = [f"pinned{i}" for i in range(3)]
 HASHED = [f"hashed{i}" for i in range(9)]
 
 
-@pytest.fixture(scope="module")
-def farm(tmp_path_factory):
-    farm = Farm(tmp_path_factory.mktemp("pop3proxy"))
+@pytest.fixture(scope="module", params=list(PARSERS))
+def farm(request, tmp_path_factory):
+    """Three backends and a proxy (the proxy with each parser and session core)."""
+    farm = Farm(tmp_path_factory.mktemp("pop3proxy"), PARSERS[request.param])
     for i, name in enumerate(PINNED):
         farm.add_user(name, i)
     placed = {farm.add_user(name, None) for name in HASHED}
     assert len(placed) >= 2, "the hash should spread nine users over more than one backend"
     farm.add_user("big", None, size=20 * 1024 * 1024)
+    farm.add_user("silent", -1)
     farm.start()
     try:
         yield farm
@@ -143,7 +154,7 @@ def read_mail(p: poplib.POP3, name: str, password: str = "secret") -> bytes:
 def test_each_user_reaches_their_own_backend(farm):
     for _ in range(2):  # and again: the route does not change
         for name, (backend, subject) in farm.users.items():
-            if name == "big":
+            if name in ("big", "silent"):
                 continue
             body = read_mail(POP3From("127.0.0.9", farm.proxy.port), name)
             assert f"Subject: {subject}".encode() in body, (name, backend)
@@ -198,6 +209,37 @@ def test_a_wrong_password_fails_at_the_proxy(farm):
         assert "127.0.0.12" not in srv.log()[len(log):], "a wrong password reached a backend"
 
 
+def test_a_backend_that_does_not_answer(farm):
+    """Connected, never greeted: [SYS/TEMP] after [backends] connect_timeout (2 s), logged."""
+    p = POP3From("127.0.0.14", farm.proxy.port)
+    p.user("silent")
+    started = time.monotonic()
+    with pytest.raises(poplib.error_proto) as failed:
+        p.pass_("secret")
+    took = time.monotonic() - started
+    assert failed.value.args[0].startswith(SYS_TEMP), failed.value.args[0]
+    assert 1.8 < took < 5, took
+    assert p.user("silent").startswith(b"+OK")  # the session goes on at the proxy: the client may retry
+    p.quit()
+    wait_for(r"backend 127\.0\.0\.5:\d+ unavailable user=silent rip=127\.0\.0\.14: no answer within 2 s", farm.proxy)
+
+
+def test_the_backends_refusal_reaches_the_client(farm):
+    """The mailbox is in use on the backend: its -ERR [IN-USE] is what the client gets."""
+    name = PINNED[0]
+    first = POP3From("127.0.0.15", farm.proxy.port)
+    first.user(name)
+    first.pass_("secret")
+    second = POP3From("127.0.0.15", farm.proxy.port)
+    second.user(name)
+    with pytest.raises(poplib.error_proto) as failed:
+        second.pass_("secret")
+    assert failed.value.args[0].startswith(b"-ERR [IN-USE]"), failed.value.args[0]
+    second.quit()
+    first.quit()
+    wait_for(rf"backend \S+ refused login user={name} rip=127\.0\.0\.15", farm.proxy)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -248,8 +290,8 @@ def test_a_stopped_backend_affects_only_its_users(farm):
     down = 2
     srv = farm.backends[down]
     stop_clean(srv)
-    mine = [n for n, (b, _) in farm.users.items() if b == down and n != "big"]
-    others = [n for n, (b, _) in farm.users.items() if b != down and n != "big"]
+    mine = [n for n, (b, _) in farm.users.items() if b == down and n not in ("big", "silent")]
+    others = [n for n, (b, _) in farm.users.items() if b != down and n not in ("big", "silent")]
     assert mine and others
     for name in mine:
         p = POP3From("127.0.0.13", farm.proxy.port)
