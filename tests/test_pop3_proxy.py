@@ -14,9 +14,12 @@ the health check brings it back.
 from __future__ import annotations
 
 import hashlib
+import os
 import poplib
 import re
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from fastpop.config import Config
 from fastpop.proxy.routing import Router
 
 BACKEND_ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+PROXY_ADDRESSES = ("127.0.0.6", "127.0.0.7")  # the proxies' PROXY listeners, for HAProxy
 SYS_TEMP = b"-ERR [SYS/TEMP]"
 HEALTH_INTERVAL = 0.3
 
@@ -80,7 +84,14 @@ class Farm:
             "[backends]\n"
             f"servers = {self.servers!r}\n".replace("'", '"') +
             f"health_interval = {HEALTH_INTERVAL}\nconnect_timeout = 2.0\n")
-        self.proxy = ProxyServer(root / "proxy", parser, self.certs, extra_args=["--config", str(config)])
+        # two proxies, each also behind HAProxy on a PROXY listener of its own
+        self.proxy_listen = [f"{a}:{free_port(a)}" for a in PROXY_ADDRESSES]
+        self.proxies = [
+            ProxyServer(root / f"proxy{i}", parser, self.certs, extra_args=[
+                "--config", str(config), "--proxy-listen", listen, "--proxy-trusted-networks", "127.0.0.1/32"])
+            for i, listen in enumerate(self.proxy_listen)]
+        self.proxy = self.proxies[0]
+        self.proxies[1].passwd = self.proxy.passwd  # one user database
         # a backend that accepts and never answers, for the users pinned to it
         self.silent = socket.socket()
         self.silent.bind(("127.0.0.5", 0))
@@ -109,12 +120,11 @@ class Farm:
         return backend
 
     def start(self) -> None:
-        for srv in self.backends:
+        for srv in [*self.backends, *self.proxies]:
             srv.start()
-        self.proxy.start()
 
     def stop(self) -> None:
-        for srv in [self.proxy, *self.backends]:
+        for srv in [*self.proxies, *self.backends]:
             if srv.proc is not None:
                 stop_clean(srv)
         self.silent.close()
@@ -284,6 +294,61 @@ def test_a_large_retr_to_a_slow_reader_is_intact_and_bounded(farm):
     assert raw.cmd("QUIT").startswith(b"+OK")
     print(f"proxy RSS {base} KiB, peak {peak} KiB relaying 20 MB")
     assert peak - base < 8 * 1024, f"proxy RSS grew by {peak - base} KiB relaying 20 MB"
+
+
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+HAPROXY_CFG = Path(__file__).resolve().parent.parent / "docs" / "haproxy.cfg"
+
+
+@pytest.fixture(scope="module")
+def haproxy(farm, tmp_path_factory):
+    """HAProxy running docs/haproxy.cfg as it is, its two servers the two proxies."""
+    if HAPROXY is None:
+        pytest.skip("haproxy is not installed (apt-get install -y haproxy)")
+    directory = tmp_path_factory.mktemp("haproxy")
+    ports = {name: free_port("127.0.0.1") for name in ("POP3", "POP3S")}
+    env = dict(os.environ, POP3S_CERT=str(farm.certs.server_pem), FASTPOP1=farm.proxy_listen[0],
+               FASTPOP2=farm.proxy_listen[1], **{f"{k}_BIND": f"127.0.0.1:{p}" for k, p in ports.items()})
+    log_path = directory / "haproxy.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([HAPROXY, "-db", "-f", str(HAPROXY_CFG)], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=directory)
+    try:
+        deadline = time.monotonic() + 20
+        for port in ports.values():
+            while True:
+                assert proc.poll() is None, log_path.read_text()
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, log_path.read_text()
+                    time.sleep(0.05)
+        yield ports
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.external
+def test_haproxy_in_front_of_two_proxies(farm, haproxy):
+    """Clients from many addresses through HAProxy (PROXY v2) to either proxy
+    (PROXY v2 again) to the user's backend: each gets their own mail, both
+    proxies take some, and the backend logs the client's own address."""
+    names = [n for n in farm.users if n not in ("big", "silent")]
+    for i in range(12):
+        source = f"127.0.0.{30 + i}"
+        name = names[i % len(names)]
+        backend, subject = farm.users[name]
+        assert subject.encode() in read_mail(POP3From(source, haproxy["POP3"]), name)
+        wait_for(rf"session user={name} rip={re.escape(source)} .* end=quit", farm.backends[backend])
+    for proxy in farm.proxies:
+        wait_for(r"proxy login user=\S+ rip=127\.0\.0\.(3\d|4[01]) ", proxy)
+    # TLS ended at HAProxy (send-proxy-v2-ssl): secure at the proxy, which vouches for it
+    context = farm.certs.client_context()
+    name = PINNED[1]
+    s = poplib.POP3_SSL("127.0.0.1", haproxy["POP3S"], context=context, timeout=10)
+    assert farm.users[name][1].encode() in read_mail(s, name)
 
 
 def test_a_stopped_backend_affects_only_its_users(farm):
