@@ -234,6 +234,35 @@ def test_a_backend_that_does_not_answer(farm):
     wait_for(r"backend 127\.0\.0\.5:\d+ unavailable user=silent rip=127\.0\.0\.14: no answer within 2 s", farm.proxy)
 
 
+def test_a_client_that_leaves_during_the_backend_login(farm):
+    """Gone while the backend has not answered: the proxy drops its backend
+    connection at once (not after connect_timeout), and logs no error."""
+    raw = Raw(farm.proxy.port)
+    assert raw.cmd("USER silent").startswith(b"+OK")
+    raw.send(b"PASS secret\r\n")
+    farm.silent.settimeout(5)
+    conn, _ = farm.silent.accept()
+    with conn:
+        conn.settimeout(1.5)  # under the 2 s connect_timeout
+        header = conn.recv(4096)
+        assert header.startswith(b"\r\n\r\n\x00\r\nQUIT\n")  # the PROXY v2 header, then nothing
+        raw.close()
+        assert conn.recv(4096) == b""  # closed by the proxy
+    time.sleep(0.1)
+    assert "Traceback" not in farm.proxy.log()
+
+
+def test_a_login_after_utf8(farm):
+    """UTF8 (RFC 6856) at the proxy is said to the backend too, before the login."""
+    name = PINNED[1]
+    raw = Raw(farm.proxy.port)
+    assert raw.cmd("UTF8").startswith(b"+OK")
+    assert raw.cmd(f"USER {name}").startswith(b"+OK")
+    assert raw.cmd("PASS secret") == b"+OK Logged in.\r\n"  # the login's reply, not UTF8's
+    assert raw.cmd("STAT").startswith(b"+OK 1 ")
+    assert raw.cmd("QUIT").startswith(b"+OK")
+
+
 def test_the_backends_refusal_reaches_the_client(farm):
     """The mailbox is in use on the backend: its -ERR [IN-USE] is what the client gets."""
     name = PINNED[0]

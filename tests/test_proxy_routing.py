@@ -73,3 +73,31 @@ def test_settings_are_checked():
         with pytest.raises(ValueError):
             Config(**bad).validate()  # type: ignore[arg-type]
     Config(backend_route=True, auth_mechanisms=["PLAIN", "LOGIN"], backend_servers=SERVERS).validate()
+
+
+class _Transport:
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+
+    def get_extra_info(self, name: str) -> object:
+        return self.peer if name == "peername" else None
+
+
+class _Session:
+    def __init__(self, peer: str, port: int, secure: bool = False, trusted: bool = False) -> None:
+        self._peer, self._secure, self._trusted = peer, secure, trusted
+        self.transport = _Transport((peer, port))
+
+
+@pytest.mark.parametrize("peer", ["192.0.2.7", "2001:db8::7"])
+def test_the_header_to_the_backend_parses_back(peer):
+    """The relay's own PROXY v2 builder reads back as the client's address (and TLS when vouched)."""
+    from fastpop.proxy.relay import _header
+    from fastpop.wire.proxy_protocol import build_v2, parse
+
+    plain = parse(_header(_Session(peer, 40000)))
+    assert plain is not None and plain.source == (peer, 40000) and not plain.tls
+    vouched = parse(_header(_Session(peer, 40001, trusted=True)))
+    assert vouched is not None and vouched.source == (peer, 40001) and vouched.tls
+    zero = "::" if ":" in peer else "0.0.0.0"
+    assert _header(_Session(peer, 40000)) == build_v2((peer, 40000), (zero, 0))

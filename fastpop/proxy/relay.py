@@ -28,11 +28,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 from typing import TYPE_CHECKING, Any
 
 from fastpop.proxy.routing import Backend, NoBackend, Router
 from fastpop.session.state import BUSY_AUTH, BUSY_CLOSING, TRANSACTION
-from fastpop.wire.proxy_protocol import PP2_CLIENT_SSL, PP2_SUBTYPE_SSL_VERSION, PP2_TYPE_SSL, build_v2, tlv
+from fastpop.wire.proxy_protocol import (
+    PP2_CLIENT_SSL,
+    PP2_SUBTYPE_SSL_VERSION,
+    PP2_TYPE_SSL,
+    PROXY,
+    V2_SIGNATURE,
+    build_v2,
+    tlv,
+)
 
 if TYPE_CHECKING:
     from fastpop.auth import sasl
@@ -134,22 +143,29 @@ class BackendRefused(Exception):
 
 def _header(session: Any) -> bytes:
     """PROXY v2 naming the client; the SSL TLV when the proxy allowed its
-    plaintext login (TLS, or a trusted network), so the backend allows it too."""
+    plaintext login (TLS, or a trusted network), so the backend allows it too.
+    (fastpop.wire.proxy_protocol.build_v2's format, with inet_pton instead of
+    ipaddress: this runs on every login.)"""
     peer = session._peer
-    sockname = session.transport.get_extra_info("peername") if session.transport is not None else None
-    port = sockname[1] if sockname and len(sockname) >= 2 and isinstance(sockname[1], int) else 0
-    zero = "::" if ":" in peer else "0.0.0.0"
+    transport = session.transport
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    port = peername[1] if peername and len(peername) >= 2 and isinstance(peername[1], int) else 0
     tlvs = b""
     if session._secure or session._trusted:
         sub = b""
-        ssl_object = session.transport.get_extra_info("ssl_object") if session.transport is not None else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         if ssl_object is not None and ssl_object.version():
             sub = tlv(PP2_SUBTYPE_SSL_VERSION, ssl_object.version().encode("ascii"))
-        tlvs = tlv(PP2_TYPE_SSL, bytes((PP2_CLIENT_SSL,)) + (0).to_bytes(4, "big") + sub)
+        tlvs = tlv(PP2_TYPE_SSL, bytes((PP2_CLIENT_SSL,)) + bytes(4) + sub)
     try:
-        return build_v2((peer, port), (zero, 0), tlvs=tlvs)
-    except ValueError:  # not an IP address (a Unix socket?): the proxy's own
+        if ":" in peer:
+            family, address = 0x21, socket.inet_pton(socket.AF_INET6, peer) + bytes(16)
+        else:
+            family, address = 0x11, socket.inet_pton(socket.AF_INET, peer) + bytes(4)
+    except OSError:  # not an IP address: the proxy's own
         return build_v2(None, None, local=True)
+    body = address + port.to_bytes(2, "big") + bytes(2) + tlvs  # destination: the unspecified address, port 0
+    return V2_SIGNATURE + bytes((0x20 | PROXY, family)) + len(body).to_bytes(2, "big") + body
 
 
 def _login_lines(how: str, name: str, password: str) -> tuple[bytes, int]:
@@ -218,6 +234,8 @@ def routed(base: Any) -> Any:
         async def _connect(self, router: Router, backend: Backend, name: str, password: str,
                            record: UserRecord) -> None:
             login, replies = _login_lines(self._ctx.config.backend_login, name, password)
+            if self._parser.utf8:  # the client said UTF8 (RFC 6856): the backend's session must too
+                login, replies = b"UTF8\r\n" + login, replies + 1
             header = _header(self) if router.proxy_header else b""
             link = BackendLink(self, backend, header, login, replies)
             started = self.loop.time()
