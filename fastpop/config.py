@@ -224,6 +224,8 @@ class Config:
             raise ValueError("backends connect_timeout must be positive")
         if self.backend_health_interval < 0:
             raise ValueError("backends health_interval must not be negative")
+        if self.backend_route and self.lmtp_listen:
+            raise ValueError("fastpop proxy stores no mail: [lmtp] listen belongs on the backends")
         if self.backend_route:
             relayable = {"PLAIN", "LOGIN"}  # the mechanisms that give the proxy the password
             if self.auth_apop or not set(self.mechanisms()) <= relayable:

@@ -279,6 +279,35 @@ def test_the_backends_refusal_reaches_the_client(farm):
     wait_for(rf"backend \S+ refused login user={name} rip=127\.0\.0\.15", farm.proxy)
 
 
+def test_metrics_count_relayed_sessions(farm, tmp_path):
+    """A proxy with metrics on: a relayed session is a logged-in session while it lasts."""
+    pytest.importorskip("prometheus_client")
+    from test_metrics import scrape, value
+    from test_metrics import wait_for as wait_scrape
+
+    port = free_port("127.0.0.1")
+    config = farm.root / "proxy.toml"
+    metered = ProxyServer(tmp_path, "cython", farm.certs,
+                          extra_args=["--config", str(config), "--metrics-listen", f"127.0.0.1:{port}"])
+    metered.passwd = farm.proxy.passwd
+    metered.start()
+    try:
+        p = POP3From("127.0.0.16", metered.port)
+        p.user(PINNED[0])
+        p.pass_("secret")
+        samples = wait_scrape(port, lambda s: value(s, "fastpop_sessions_open") == 1)
+        assert value(samples, "fastpop_sessions_open") == 1
+        assert sum(v for (name, _), v in samples.items() if name == "fastpop_logins_total") == 1
+        p.quit()
+        samples = wait_scrape(port, lambda s: value(s, "fastpop_sessions_open") == 0)
+        assert value(samples, "fastpop_sessions_open") == 0
+        assert scrape(port)
+    finally:
+        stop_clean(metered)
+    assert "fastpop.session: session user=" not in metered.log()  # the proxy's own line, not a mailbox's
+    assert f"proxy session user={PINNED[0]} rip=127.0.0.16" in metered.log()
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

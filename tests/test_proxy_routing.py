@@ -69,7 +69,8 @@ def test_a_pinned_user_of_a_down_backend_is_refused():
 def test_settings_are_checked():
     for bad in ({"backend_servers": ["nowhere"]}, {"backend_login": "apop"}, {"backend_connect_timeout": 0.0},
                 {"backend_route": True, "auth_mechanisms": ["SCRAM-SHA-256"]},
-                {"backend_route": True, "auth_mechanisms": ["PLAIN"], "auth_apop": True}):
+                {"backend_route": True, "auth_mechanisms": ["PLAIN"], "auth_apop": True},
+                {"backend_route": True, "auth_mechanisms": ["PLAIN"], "lmtp_listen": ["127.0.0.1:24"]}):
         with pytest.raises(ValueError):
             Config(**bad).validate()  # type: ignore[arg-type]
     Config(backend_route=True, auth_mechanisms=["PLAIN", "LOGIN"], backend_servers=SERVERS).validate()

@@ -191,6 +191,7 @@ def routed(base: Any) -> Any:
         else:  # the core's fields this class sets
             _timer: asyncio.TimerHandle | None
             _reading_paused: bool
+            _user: UserRecord | None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -263,7 +264,7 @@ def routed(base: Any) -> Any:
                 raise
             finally:
                 self._connecting = None
-            self._relay(link, reply, name, backend)
+            self._relay(link, reply, name, backend, record)
 
         def _answer(self, reply: bytes, refused: str) -> None:
             if self.transport is None or self._busy & BUSY_CLOSING:
@@ -273,7 +274,7 @@ def routed(base: Any) -> Any:
             self._flush()
             self._unbusy(BUSY_AUTH)
 
-        def _relay(self, link: BackendLink, reply: bytes, name: str, backend: Backend) -> None:
+        def _relay(self, link: BackendLink, reply: bytes, name: str, backend: Backend, record: UserRecord) -> None:
             client = self.transport
             if client is None or self._busy & BUSY_CLOSING or link.transport is None:
                 if link.transport is not None:
@@ -303,6 +304,8 @@ def routed(base: Any) -> Any:
             if pipelined:
                 link.transport.write(pipelined)
             log.info("proxy login %s", self._route)
+            self._user = record  # logged in, for the metrics (fastpop.session.metered); cleared before the end
+            self._on_logged_in()
             if self._reading_paused:
                 self._reading_paused = False
                 client.resume_reading()
@@ -347,6 +350,7 @@ def routed(base: Any) -> Any:
                 if link.transport is not None:
                     link.transport.close()  # after what the client sent (its QUIT)
                 log.info("proxy session %s end=%s", self._route, self._end_reason)
+                self._user = None  # the core's session line is a mailbox's: this one is said above
             base.connection_lost(self, exc)
 
     Routed.__name__ = Routed.__qualname__ = f"Routed{base.__name__}"
