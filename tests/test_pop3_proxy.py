@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from support.server import PARSERS, Raw, ServerProcess, message
-from support.tls import Certs, TLSServer, stop_clean
+from support.tls import Certs, Conn, TLSServer, stop_clean
 
 from fastpop.auth.passwd_file import UserRecord
 from fastpop.config import Config
@@ -316,23 +316,28 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_a_large_retr_to_a_slow_reader_is_intact_and_bounded(farm):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "implicit-tls"])
+def test_a_large_retr_to_a_slow_reader_is_intact_and_bounded(farm, tls):
     """20 MB through the proxy to a client that stops reading, then reads slowly:
-    the message arrives intact and the proxy never holds more than its buffers."""
+    the message arrives intact and the proxy never holds more than its buffers
+    (over TLS too, where the proxy decrypts and the backend's side is plain)."""
     backend, _ = farm.users["big"]
     expected = farm.backends[backend].mail.joinpath("big")
     files = sorted((expected / "new").iterdir()) + sorted((expected / "cur").iterdir())
     original = files[0].read_bytes()
     pid = farm.proxy.proc.pid
     base = rss_kib(pid)
-    raw = Raw(farm.proxy.port, timeout=30)
+    if tls:
+        raw = Conn(farm.proxy.tls_port, timeout=30, tls=farm.certs.client_context())
+    else:
+        raw = Raw(farm.proxy.port, timeout=30)
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     assert raw.cmd("USER big").startswith(b"+OK")
     assert raw.cmd("PASS secret").startswith(b"+OK")
     raw.send(b"RETR 1\r\n")
     time.sleep(1.0)  # not reading: without flow control the proxy would take the whole message meanwhile
     peak = rss_kib(pid)
-    received = bytearray()
+    received = raw.buf  # (what came with the PASS reply)
     chunks = 0
     while not received.endswith(b"\r\n.\r\n"):
         chunk = raw.sock.recv(256 * 1024)
@@ -343,6 +348,7 @@ def test_a_large_retr_to_a_slow_reader_is_intact_and_bounded(farm):
             peak = max(peak, rss_kib(pid))
             time.sleep(0.005)  # a slow reader
     status, _, body = bytes(received).partition(b"\r\n")
+    raw.buf.clear()
     assert status.startswith(b"+OK")
     body = body[: -len(b".\r\n")]
     unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n"))
