@@ -204,6 +204,22 @@ def test_pipelined_commands_after_the_login_reach_the_backend(farm):
     raw.assert_closed()
 
 
+def test_a_long_burst_pipelined_behind_the_login(farm):
+    """360 KB of commands sent with the login, before any reply: every one reaches
+    the backend, in order, after the login (none lost, none run at the proxy)."""
+    name = PINNED[2]
+    raw = Raw(farm.proxy.port)
+    count = 60000
+    raw.send(f"USER {name}\r\nPASS secret\r\n".encode() + b"NOOP\r\n" * count + b"STAT\r\nQUIT\r\n")
+    assert raw.line().startswith(b"+OK")
+    assert raw.line() == b"+OK Logged in.\r\n"
+    for _ in range(count):
+        assert raw.line() == b"+OK\r\n"
+    assert raw.line().startswith(b"+OK 1 ")
+    assert raw.line().startswith(b"+OK")
+    raw.assert_closed()
+
+
 def test_a_wrong_password_fails_at_the_proxy(farm):
     before = [srv.log() for srv in farm.backends]
     p = POP3From("127.0.0.12", farm.proxy.port)

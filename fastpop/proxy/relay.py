@@ -52,7 +52,6 @@ log = logging.getLogger("fastpop.proxy")
 ERR_BACKEND = b"-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later.\r\n"
 ERR_NOT_RELAYABLE = b"-ERR [SYS/PERM] This login method cannot be used here; use USER/PASS or AUTH PLAIN.\r\n"
 MAX_BACKEND_LINE = 1024  # a greeting or a login reply longer than this is no POP3 server's
-TAIL = 64 * 1024  # bytes received before login kept to hand pipelined commands to the backend
 
 
 class BackendLink(asyncio.Protocol):
@@ -208,8 +207,12 @@ def routed(base: Any) -> Any:
                 if link.transport is not None:
                     link.transport.write(data)
                 return
-            self._tail = (self._tail + data)[-TAIL:]
+            tail = self._tail + data
             base.data_received(self, data)
+            # what the parser still holds is always the end of what came: keep exactly that,
+            # to hand commands pipelined behind the login to the backend (bounded as the parser is)
+            held = self._parser.buffered
+            self._tail = tail[len(tail) - held:] if held else b""
 
         def _auth_finished(self, outcome: sasl.Outcome) -> None:
             record = outcome.record
@@ -276,9 +279,23 @@ def routed(base: Any) -> Any:
 
         def _relay(self, link: BackendLink, reply: bytes, name: str, backend: Backend, record: UserRecord) -> None:
             client = self.transport
-            if client is None or self._busy & BUSY_CLOSING or link.transport is None:
+            if client is None or self._busy & BUSY_CLOSING:
                 if link.transport is not None:
                     link.transport.abort()
+                return
+            if link.transport is None:  # closed right after its +OK
+                log.warning("backend %s closed after the login user=%s rip=%s", backend, name, self._peer)
+                self._answer(ERR_BACKEND, "unavailable")
+                return
+            buffered = self._parser.buffered
+            pipelined = self._tail[len(self._tail) - buffered:] if buffered else b""
+            self._tail = b""
+            self._parser.discard()
+            if len(pipelined) != buffered:  # (cannot happen: data_received keeps what the parser holds)
+                link.transport.abort()
+                log.error("pipelined commands lost user=%s rip=%s", name, self._peer)
+                self._out.append(ERR_BACKEND)
+                self._close("pipelined commands lost")
                 return
             # the session's own machinery stops here: no more commands, no idle timer
             # (the backend has its own), BUSY_AUTH kept so nothing resumes the pull
@@ -287,14 +304,6 @@ def routed(base: Any) -> Any:
                 self._timer = None
             self._state = TRANSACTION  # a draining server lets it finish, as a logged-in session
             self._route = f"user={name} rip={self._peer} backend={backend}"
-            buffered = self._parser.buffered
-            pipelined = self._tail[len(self._tail) - buffered:] if buffered else b""
-            self._tail = b""
-            self._parser.discard()
-            if len(pipelined) != buffered:  # more pipelined than kept: cannot be passed on faithfully
-                link.transport.abort()
-                self._answer(ERR_BACKEND, "unavailable")
-                return
             self._link = link
             link.relaying = True
             client.write(reply)
