@@ -18,6 +18,7 @@ import os
 import poplib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -322,6 +323,39 @@ def test_metrics_count_relayed_sessions(farm, tmp_path):
         stop_clean(metered)
     assert "fastpop.session: session user=" not in metered.log()  # the proxy's own line, not a mailbox's
     assert f"proxy session user={PINNED[0]} rip=127.0.0.16" in metered.log()
+
+
+def test_sigterm_lets_relayed_sessions_finish_then_cuts_them(farm, tmp_path):
+    """SIGTERM at the proxy: a relayed session may still finish (its QUIT
+    deletes); one that does not within shutdown_timeout (2 s) is cut at both
+    ends, and its backend deletes nothing."""
+    config = farm.root / "proxy.toml"
+    proxy = ProxyServer(tmp_path, "cython", farm.certs, extra_args=["--config", str(config)])
+    proxy.passwd = farm.proxy.passwd
+    proxy.start()
+    finishing = POP3From("127.0.0.17", proxy.port)
+    finishing.user(PINNED[0])
+    finishing.pass_("secret")
+    lingering = POP3From("127.0.0.18", proxy.port)
+    lingering.user(PINNED[1])
+    lingering.pass_("secret")
+    assert lingering.dele(1).startswith(b"+OK")
+    mail = farm.backends[1].mail / PINNED[1]
+    before = sorted(p.name for p in (mail / "new").iterdir()) + sorted(p.name for p in (mail / "cur").iterdir())
+    started = time.monotonic()
+    assert proxy.proc is not None
+    proxy.proc.send_signal(signal.SIGTERM)
+    wait_for(r"sessions have up to 2 s to finish", proxy)
+    assert finishing.stat()[0] == 1  # still relayed
+    assert finishing.quit().startswith(b"+OK")
+    assert proxy.proc.wait(10) == 0
+    assert 1.5 < time.monotonic() - started < 8
+    with pytest.raises((poplib.error_proto, OSError, EOFError)):
+        lingering.stat()  # cut
+    stop_clean(proxy)
+    wait_for(rf"session user={PINNED[1]} rip=127\.0\.0\.18 .* end=disconnected", farm.backends[1])
+    after = sorted(p.name for p in (mail / "new").iterdir()) + sorted(p.name for p in (mail / "cur").iterdir())
+    assert len(after) == len(before) == 1  # the DELE was not applied
 
 
 def rss_kib(pid: int) -> int:
