@@ -25,6 +25,8 @@ def test_the_host_field_wins():
     record = UserRecord("alice", "", extra={"host": "10.0.0.9", "port": "2110"})
     assert str(router.pick("alice", record)) == "10.0.0.9:2110"
     assert str(router.pick("alice", UserRecord("alice", "", extra={"host": "10.0.0.9"}))) == "10.0.0.9:110"
+    prefixed = UserRecord("alice", "", extra={"userdb_host": "10.0.0.8", "userdb_port": "3110"})
+    assert str(router.pick("alice", prefixed)) == "10.0.0.8:3110"
 
 
 def test_the_hash_spreads_users_and_moves_few_when_a_backend_is_added():

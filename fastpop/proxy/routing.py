@@ -80,9 +80,9 @@ class Router:
     def pick(self, name: str, record: UserRecord) -> Backend:
         """The backend of a user (raises NoBackend)."""
         extra = record.extra or {}
-        host = extra.get("host")
+        host = extra.get("host") or extra.get("userdb_host")  # (a passwd-file keeps the prefix)
         if host:
-            port_text = extra.get("port", "")
+            port_text = extra.get("port") or extra.get("userdb_port") or ""
             port = int(port_text) if port_text.isascii() and port_text.isdigit() else self.port
             backend = self._by_key.get(f"{host}:{port}".encode())
             if backend is None:  # not one of [backends] servers: not health-checked, always tried
