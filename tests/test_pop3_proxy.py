@@ -358,6 +358,41 @@ def test_sigterm_lets_relayed_sessions_finish_then_cuts_them(farm, tmp_path):
     assert len(after) == len(before) == 1  # the DELE was not applied
 
 
+def test_users_from_an_sql_database(farm, tmp_path):
+    """The proxy's users in SQLite (a network user database's path: lookups on a
+    task): a host column pins, a NULL one leaves the user to the hash."""
+    import sqlite3
+
+    db = tmp_path / "users.sqlite"
+    pinned, hashed = PINNED[2], HASHED[1]
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE users (userid TEXT PRIMARY KEY, password TEXT, host TEXT, port TEXT)")
+        conn.execute("INSERT INTO users VALUES (?, ?, ?, ?)",
+                     (pinned, "{PLAIN}secret", BACKEND_ADDRESSES[2], str(farm.ports[2])))
+        conn.execute("INSERT INTO users VALUES (?, ?, NULL, NULL)", (hashed, "{PLAIN}secret"))
+    config = tmp_path / "proxy.toml"
+    config.write_text((farm.root / "proxy.toml").read_text() + f"""
+[userdb]
+driver = "sqlite"
+connect = "{db}"
+password_query = "SELECT password, host, port FROM users WHERE userid = %u"
+""")
+    proxy = ProxyServer(tmp_path, "cython", farm.certs, extra_args=["--config", str(config)])
+    proxy.start()
+    try:
+        for name in (pinned, hashed):
+            assert farm.users[name][1].encode() in read_mail(POP3From("127.0.0.19", proxy.port), name)
+        p = POP3From("127.0.0.19", proxy.port)
+        p.user(pinned)
+        with pytest.raises(poplib.error_proto, match="AUTH"):
+            p.pass_("wrong")
+        p.close()
+        wait_for(rf"auth failed rip=127\.0\.0\.19 user={pinned} ", proxy)
+        wait_for(rf"proxy login user={pinned} rip=127\.0\.0\.19 backend={re.escape(farm.servers[2])}", proxy)
+    finally:
+        stop_clean(proxy)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
