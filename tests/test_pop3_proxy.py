@@ -91,6 +91,8 @@ class Farm:
             ProxyServer(root / f"proxy{i}", parser, self.certs, extra_args=[
                 "--config", str(config), "--proxy-listen", listen, "--proxy-trusted-networks", "127.0.0.1/32"])
             for i, listen in enumerate(self.proxy_listen)]
+        for proxy in self.proxies:  # the pure-Python session core on asyncio's own loop, the other on uvloop
+            proxy.loop = "asyncio" if parser == "python" else "uvloop"
         self.proxy = self.proxies[0]
         self.proxies[1].passwd = self.proxy.passwd  # one user database
         # a backend that accepts and never answers, for the users pinned to it
@@ -137,7 +139,7 @@ HASHED = [f"hashed{i}" for i in range(9)]
 
 @pytest.fixture(scope="module", params=list(PARSERS))
 def farm(request, tmp_path_factory):
-    """Three backends and a proxy (the proxy with each parser and session core)."""
+    """Three backends and two proxies (the proxies compiled on uvloop, or pure Python on asyncio)."""
     farm = Farm(tmp_path_factory.mktemp("pop3proxy"), PARSERS[request.param])
     for i, name in enumerate(PINNED):
         farm.add_user(name, i)
