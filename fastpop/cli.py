@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "fastpop.lock symlink in each Maildir (several hosts on one NFS store)")
     serve.add_argument("--mail-lock-table", metavar="PATH",
                        help="the lock table file (default /run/fastpop/mailbox.locks as root)")
+    serve.add_argument("--mail-uidl", choices=["maildir", "dovecot"],
+                       help="UIDLs from the Maildir names, reading dovecot-uidlist (default), or given "
+                            "as Dovecot does: UIDs assigned in dovecot-uidlist under its lock")
     serve.add_argument("--hostname", help="host name in the APOP greeting")
     serve.add_argument("--user", help="switch to this user after binding (start as root)")
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
@@ -90,11 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
     serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
+    serve.add_argument("--client-workarounds", metavar="NAME,...",
+                       help="Dovecot's POP3 client workarounds: outlook-no-nuls, oe-ns-eoh (comma-separated)")
+    serve.add_argument("--pop3-last", dest="pop3_last", action="store_true", default=None,
+                       help="answer RFC 1460's obsolete LAST command")
+    serve.add_argument("--deleted-flag", metavar="KEYWORD",
+                       help="POP3 deletion adds this IMAP keyword instead of deleting (Dovecot's pop3_deleted_flag)")
+    serve.add_argument("--seen-on-retr", action=argparse.BooleanOptionalAction, default=None,
+                       help="flag retrieved messages \\Seen at QUIT, as Dovecot's POP3 does")
     tls = serve.add_argument_group("TLS and authentication")
     tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain: enables STLS (reloaded on SIGHUP)")
     tls.add_argument("--tls-key", metavar="PEM", help="private key (default: in the certificate file)")
     tls.add_argument("--tls-min-version", choices=["TLSv1.2", "TLSv1.3"])
     tls.add_argument("--tls-handshake-timeout", type=float, metavar="SECONDS")
+    tls.add_argument("--tls-sni", action="append", metavar="NAME=PEM[,KEY]",
+                     help="a certificate for clients asking for NAME (or *.DOMAIN) by SNI (repeatable)")
+    tls.add_argument("--tls-cert-dir", metavar="DIR",
+                     help="certificates chosen by SNI: DIR/NAME/fullchain.pem+privkey.pem (certbot's live/) or"
+                          " DIR/NAME.pem, served for the names they hold")
+    tls.add_argument("--tls-reload-interval", type=float, metavar="SECONDS",
+                     help="check the certificate files for changes this often (default 5; 0: SIGHUP only)")
     tls.add_argument("--listen-tls", action="append", metavar="HOST:PORT",
                      help="implicit-TLS listener, e.g. :995 (repeatable)")
     tls.add_argument("--trusted-networks", metavar="CIDR,...",
@@ -175,6 +193,7 @@ _FLAG_FIELDS = (
     "mail_location",
     "mail_lock",
     "mail_lock_table",
+    "mail_uidl",
     "hostname",
     "user",
     "group",
@@ -192,11 +211,16 @@ _FLAG_FIELDS = (
     "auth_apop",
     "auth_secret_file",
     "expire",
+    "seen_on_retr",
+    "deleted_flag",
     "login_delay",
+    "pop3_last",
     "tls_cert",
     "tls_key",
     "tls_min_version",
     "tls_handshake_timeout",
+    "tls_cert_dir",
+    "tls_reload_interval",
     "listen_tls",
     "auth_penalty_initial",
     "auth_penalty_max",
@@ -238,8 +262,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.trusted_networks = [] if nets == ["none"] else nets
     if args.proxy_trusted_networks is not None:
         config.proxy_trusted_networks = [n.strip() for n in args.proxy_trusted_networks.split(",") if n.strip()]
+    for given in args.tls_sni or ():
+        name, eq, files = given.partition("=")
+        if not eq or not name or not files:
+            raise ValueError(f"--tls-sni {given!r}: expected NAME=CHAIN.pem or NAME=CHAIN.pem,KEY.pem")
+        config.tls_sni[name] = files.split(",")
     if args.auth_mechanisms is not None:
         config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
+    if args.client_workarounds is not None:
+        config.client_workarounds = [w.strip().lower() for w in args.client_workarounds.split(",") if w.strip()]
     if getattr(args, "route", False):  # fastpop proxy: only mechanisms that give it the password
         config.backend_route = True
         if config.auth_mechanisms is None:

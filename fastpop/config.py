@@ -10,6 +10,7 @@ against this module and the flags of fastpop/cli.py.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,10 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+# Dovecot's pop3_client_workarounds (fastpop.session.retrieval applies them).
+CLIENT_WORKAROUNDS = ("outlook-no-nuls", "oe-ns-eoh")
 
 
 @dataclass
@@ -39,11 +44,16 @@ class Config:
     mail_location: str = "%h/Maildir"
     mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.store.locking
     mail_lock_table: str | None = None  # None: fastpop.store.locking.default_table_path()
+    mail_uidl: str = "maildir"  # "dovecot": UIDs given in dovecot-uidlist (fastpop.store.dovecot_uidlist)
     mail_index: str | None = None  # a directory of fastpop's own for the indexes (fastpop.store.index); None: Maildirs
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
+    deleted_flag: str = ""  # an IMAP keyword POP3 deletion adds instead of deleting (fastpop.store.dovecot_keywords)
+    seen_on_retr: bool = False  # RETR'd messages get the Maildir S flag at QUIT (Dovecot POP3's default)
     login_delay: int = 0
+    client_workarounds: list[str] = field(default_factory=list)  # of CLIENT_WORKAROUNDS; none by default, as Dovecot
+    pop3_last: bool = False  # RFC 1460's obsolete LAST command, for old clients
     max_bad_commands: int = 20
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes sharing the listeners
     max_connections: int = 0  # server-wide, over all workers; 0: only what descriptors allow
@@ -57,6 +67,9 @@ class Config:
     tls_key: str | None = None  # private key (PEM); None: in the cert file
     tls_min_version: str = "TLSv1.2"
     tls_handshake_timeout: float = 30.0
+    tls_sni: dict[str, list[str]] = field(default_factory=dict)  # host name (or *.domain) -> [chain, key?]
+    tls_cert_dir: str | None = None  # certificates chosen by SNI, named by their own subjectAltNames
+    tls_reload_interval: float = 5.0  # seconds between checks of the certificate files; 0: SIGHUP only
     listen_tls: list[str] = field(default_factory=list)  # implicit-TLS listeners
     trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     auth_mechanisms: list[str] | None = None  # None: PLAIN LOGIN SCRAM-SHA-256 (+ OAuth with a validator)
@@ -117,6 +130,10 @@ class Config:
         their sections in fastpop.serve.validation.validate_all, which calls this."""
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
+        if self.deleted_flag and not re.fullmatch(r"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,64}", self.deleted_flag):
+            raise ValueError(f"pop3 deleted_flag must be an IMAP keyword (an atom, no \\), not {self.deleted_flag!r}")
+        if self.mail_uidl not in ("maildir", "dovecot"):
+            raise ValueError(f"mail uidl must be 'maildir' or 'dovecot', not {self.mail_uidl!r}")
         if self.mail_index is not None and not os.path.isabs(self.mail_index):
             raise ValueError(f"mail index must be an absolute path, not {self.mail_index!r}")
         if self.loop not in ("uvloop", "asyncio"):
@@ -129,6 +146,10 @@ class Config:
         expire = self.expire.upper()
         if expire != "NEVER" and not expire.isdigit():
             raise ValueError("pop3 expire must be NEVER or a number of days")
+        for name in self.client_workarounds:
+            if name not in CLIENT_WORKAROUNDS:
+                raise ValueError(f"pop3 client_workarounds: unknown workaround {name!r}"
+                                 f" (known: {', '.join(CLIENT_WORKAROUNDS)})")
         for addr in self.listen:
             parse_address(addr)
         if not 1 <= self.workers <= 1024:
@@ -166,6 +187,13 @@ class Config:
             raise ValueError("tls key given without a certificate")
         if self.listen_tls and self.tls_cert is None:
             raise ValueError("implicit-TLS listeners need a certificate (--tls-cert, [tls] cert)")
+        if (self.tls_sni or self.tls_cert_dir) and self.tls_cert is None:
+            raise ValueError("certificates chosen by SNI need a default one too (--tls-cert, [tls] cert)")
+        for name, files in self.tls_sni.items():
+            if not 1 <= len(files) <= 2 or not all(files):
+                raise ValueError(f"tls sni {name!r}: give the certificate chain, and the key unless it is in that file")
+        if not 0 <= self.tls_reload_interval <= 86400:
+            raise ValueError("tls reload_interval must be between 0 (SIGHUP only) and 86400 seconds")
         for addr in self.listen_tls:
             parse_address(addr)
         try:
@@ -265,10 +293,15 @@ _TOML_KEYS = {
     ("mail", "lock"): "mail_lock",
     ("mail", "lock_table"): "mail_lock_table",
     ("mail", "index"): "mail_index",
+    ("mail", "uidl"): "mail_uidl",
     ("timeouts", "authorization"): "timeout_authorization",
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
+    ("pop3", "client_workarounds"): "client_workarounds",
+    ("pop3", "last"): "pop3_last",
+    ("pop3", "seen_on_retr"): "seen_on_retr",
+    ("pop3", "deleted_flag"): "deleted_flag",
     ("lmtp", "listen"): "lmtp_listen",
     ("lmtp", "max_connections"): "lmtp_max_connections",
     ("lmtp", "max_recipients"): "lmtp_max_recipients",
@@ -278,6 +311,9 @@ _TOML_KEYS = {
     ("tls", "min_version"): "tls_min_version",
     ("tls", "handshake_timeout"): "tls_handshake_timeout",
     ("tls", "listen"): "listen_tls",
+    ("tls", "sni"): "tls_sni",
+    ("tls", "cert_dir"): "tls_cert_dir",
+    ("tls", "reload_interval"): "tls_reload_interval",
     ("auth", "trusted_networks"): "trusted_networks",
     ("auth", "mechanisms"): "auth_mechanisms",
     ("auth", "penalty_initial"): "auth_penalty_initial",
@@ -333,6 +369,16 @@ def _typed(value: object, type_name: str, where: str) -> object:
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false")
         return value
+    if type_name.startswith("dict"):  # [tls] sni: a table of name = "chain" or ["chain", "key"]
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a table")
+        table = {}
+        for key, item in value.items():
+            if isinstance(item, dict):  # mail.example.com = ... is a table of tables in TOML
+                raise ValueError(f"{where}: quote each host name (\"mail.example.com\" = ...), else TOML"
+                                 f" reads its dots as tables ({key!r})")
+            table[key] = _typed(item, "list[str]", f"{where}.{key}")
+        return table
     if type_name.startswith("list"):
         if isinstance(value, str):
             value = [value]

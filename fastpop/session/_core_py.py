@@ -114,6 +114,9 @@ class SessionCore:
         "_auth_wants_line",
         "_auth_started",
         "_auth_failure",
+        "_auth_mech",
+        # RFC 1460's LAST
+        "_last_retr",
     )
 
     # What the paths below use of POP3Protocol (its dispatch tables, Login's
@@ -159,6 +162,8 @@ class SessionCore:
         self._auth_wants_line = False  # it waits for a SASL continuation line
         self._auth_started = 0.0
         self._auth_failure: sasl.Outcome | None = None  # an error challenge is out: the attempt already failed
+        self._auth_mech = "-"  # the running or last login's mechanism, for the auth failure log line
+        self._last_retr = 0  # the highest message number RETR sent since login or RSET (LAST)
 
     # ----------------------------------------------------------- asyncio callbacks
 
@@ -431,6 +436,7 @@ class SessionCore:
             self._out.append(R.ERR_PLAINTEXT_DISALLOWED)
             return
         self._user_name = None
+        self._auth_mech = "USER"
         self._run_auth(password_login(Services(self), name, args[0]))
 
     # The login exchange: a generator from fastpop.auth.sasl, driven here.
@@ -637,6 +643,8 @@ class SessionCore:
         assert mailbox is not None
         self._deleted = bytearray(len(mailbox))
         self._deleted_count = self._deleted_size = 0
+        self._last_retr = 0  # RFC 1460
+        mailbox.forget_seen()
         self._out.append(b"+OK %d messages (%d octets)\r\n" % (len(mailbox), mailbox.total_size))
 
     def cmd_quit_transaction(self, args: tuple[str, ...]) -> None:
@@ -645,6 +653,7 @@ class SessionCore:
         self._state = UPDATE
         deleted = marked(self._deleted, self._deleted_count)
         failed = mailbox.delete(deleted) if deleted else 0
+        mailbox.apply_seen(self._deleted)  # [pop3] seen_on_retr: renames in cur/, never a deletion
         if faults.ACTIVE and deleted:
             faults.hit("update.before_reply")
         self._release_mailbox()
@@ -652,9 +661,14 @@ class SessionCore:
         self._close("quit")
 
     def _release_mailbox(self) -> None:
+        """At the session's end (QUIT, or the connection lost): the lock
+        released and the index unmapped now, not when the session is collected.
+        The lock and the mailbox are set together, so this runs once."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+            if self._mailbox is not None:
+                self._mailbox.close()  # (its total_size stays readable for the log line)
 
     def _log_end(self) -> None:
         user = self._user
