@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from support.server import PARSERS, Raw, ServerProcess, message
-from support.tls import Certs, Conn, TLSServer, stop_clean
+from support.tls import Certs, Conn, TLSServer, b64, stop_clean
 
 from fastpop.auth.passwd_file import UserRecord
 from fastpop.config import Config
@@ -205,6 +205,34 @@ def test_pipelined_commands_after_the_login_reach_the_backend(farm):
     assert raw.line().startswith(b"+OK 1 ")  # STAT, answered by the backend
     assert raw.line().startswith(b"+OK")  # QUIT
     raw.assert_closed()
+
+
+def test_fail2ban_reads_the_proxys_failed_logins(farm):
+    """contrib/fail2ban's filter, as shipped, on the proxy's log: the addresses of
+    wrong passwords (USER/PASS and AUTH PLAIN), never one that logged in."""
+    import test_fail2ban
+
+    if test_fail2ban.FAIL2BAN_REGEX is None or not test_fail2ban.SYSTEM_CONFIG.is_dir():
+        pytest.skip("fail2ban is not installed (scripts/test installs it)")
+    root = farm.root / "fail2ban"
+    if not root.exists():
+        shutil.copytree(test_fail2ban.SYSTEM_CONFIG, root)
+        for sub in ("filter.d", "jail.d"):
+            shutil.copy(test_fail2ban.CONTRIB / sub / "fastpop.conf", root / sub / "fastpop.conf")
+    p = POP3From("127.0.0.21", farm.proxy.port)
+    p.user(PINNED[0])
+    with pytest.raises(poplib.error_proto):
+        p.pass_("wrong")
+    p.close()
+    raw = Conn(farm.proxy.port, source="127.0.0.22")
+    assert raw.cmd("AUTH PLAIN " + b64(f"\0{PINNED[1]}\0wrong")).startswith(b"-ERR [AUTH]")
+    raw.close()
+    assert farm.users[PINNED[2]][1].encode() in read_mail(POP3From("127.0.0.23", farm.proxy.port), PINNED[2])
+    wait_for(r"auth failed rip=127\.0\.0\.22 ", farm.proxy)
+    wait_for(r"proxy session user=\S+ rip=127\.0\.0\.23 ", farm.proxy)
+    matched = test_fail2ban.matched_addresses(root, farm.proxy.log_path)
+    assert "127.0.0.21" in matched and "127.0.0.22" in matched, matched
+    assert "127.0.0.23" not in matched and "127.0.0.9" not in matched, matched
 
 
 def test_a_long_burst_pipelined_behind_the_login(farm):
