@@ -55,6 +55,8 @@ cdef class SessionCore:
     cdef public bint _auth_wants_line
     cdef public double _auth_started
     cdef public object _auth_failure
+    cdef public bint _cap_exempt
+    cdef public object _master
 
     @cython.locals(out=list, cmd=tuple)
     cdef _process(self)

@@ -114,6 +114,9 @@ class SessionCore:
         "_auth_wants_line",
         "_auth_started",
         "_auth_failure",
+        # ISP limits and master users
+        "_cap_exempt",
+        "_master",
     )
 
     # What the paths below use of POP3Protocol (its dispatch tables, Login's
@@ -159,6 +162,8 @@ class SessionCore:
         self._auth_wants_line = False  # it waits for a SASL continuation line
         self._auth_started = 0.0
         self._auth_failure: sasl.Outcome | None = None  # an error challenge is out: the attempt already failed
+        self._cap_exempt = False  # counted without the per-address cap (max_connections_per_ip_exempt)
+        self._master: str | None = None  # the master user who logged in as the user
 
     # ----------------------------------------------------------- asyncio callbacks
 
@@ -186,7 +191,9 @@ class SessionCore:
             bound_tls_buffers(transport)
         if not self._trusted:  # trusted networks: no per-address limit, no penalties
             self._addr_key = address_key(self._peer)
-        refused = ctx.connections.acquire(self._addr_key or None)
+            # exempt networks (carrier-grade NAT, webmail): no cap, still penalties
+            self._cap_exempt = self._peer in ctx.cap_exempt
+        refused = ctx.connections.acquire(None if self._cap_exempt else self._addr_key or None)
         if refused is not None:
             if refused == "address":
                 log.info("refused rip=%s: %d connections open from it", self._peer,
@@ -242,7 +249,7 @@ class SessionCore:
             self._auth = None
         if self._counted:
             self._counted = False
-            self._ctx.connections.release(self._addr_key or None)
+            self._ctx.connections.release(None if self._cap_exempt else self._addr_key or None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -505,6 +512,8 @@ class SessionCore:
                 R.ERR_AUTH_FAILED, outcome.user, outcome.credentials, not outcome.malformed, outcome.reason
             )
             return
+        if self._restricted(outcome):  # type: ignore[attr-defined]  # (POP3Protocol's): allow_nets, nopop3...
+            return
         self._login_succeeded(outcome.record)
 
     def _login_succeeded(self, user: UserRecord) -> None:
@@ -562,7 +571,10 @@ class SessionCore:
         config = self._ctx.config
         if config.timeout_transaction < config.timeout_authorization:
             self._rearm_timer()  # else the running timer, firing early, re-arms itself (_on_timer)
-        log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox))
+        if self._master is not None:  # an administrator in a user's mailbox: always on the record
+            log.info("login user=%s master=%s rip=%s messages=%d", user.name, self._master, self._peer, len(mailbox))
+        else:
+            log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox))
         self._finish_login(R.OK_LOGGED_IN)
 
     def _finish_login(self, reply: bytes, refused: str = "") -> None:
@@ -668,7 +680,7 @@ class SessionCore:
         applied = self._state == UPDATE
         log.info(
             "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
-            user.name,
+            user.name if self._master is None else f"{user.name} master={self._master}",
             self._peer,
             self._top_count,
             self._top_bytes,
