@@ -270,3 +270,26 @@ def test_separator_without_a_master_file_is_just_a_name(tmp_path):
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
+
+
+def test_master_lines_in_json_logs(tmp_path):
+    """The structured formats read key=value pairs from the format strings: master is a field of its own."""
+    import json
+
+    (tmp_path / "masters").write_text(f"admin:{{PLAIN}}{MASTER_PW}\n")
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--auth-master-passwd-file", str(tmp_path / "masters"),
+                                                         "--log-format", "json"])
+    srv.start()
+    try:
+        alice = srv.add_user(password="alice pw")
+        assert login(srv, f"{alice.name}*admin", MASTER_PW).startswith(b"+OK")
+        assert login(srv, f"{alice.name}*admin", "wrong") == AUTH_FAILED
+        wait_for_log(srv, r'"event": ?"session"')
+        wait_for_log(srv, r'"event": ?"auth failed"')
+    finally:
+        assert srv.stop() == 0
+    lines = [json.loads(line) for line in srv.log().splitlines() if line.startswith("{")]
+    by_event = {line.get("event"): line for line in lines}
+    assert by_event["login"]["user"] == alice.name and by_event["login"]["master"] == "admin"
+    assert by_event["session"]["user"] == alice.name and by_event["session"]["master"] == "admin"
+    assert by_event["auth failed"]["user"] == f"{alice.name}*admin"

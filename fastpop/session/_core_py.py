@@ -678,10 +678,7 @@ class SessionCore:
         if not log.isEnabledFor(logging.INFO):
             return
         applied = self._state == UPDATE
-        log.info(
-            "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
-            user.name if self._master is None else f"{user.name} master={self._master}",
-            self._peer,
+        counts = (
             self._top_count,
             self._top_bytes,
             self._retr_count,
@@ -691,6 +688,11 @@ class SessionCore:
             self._mailbox.total_size if self._mailbox is not None else 0,
             self._end_reason,
         )
+        if self._master is not None:  # (its own format: the structured logs read pairs from it)
+            log.info("session user=%s master=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
+                     user.name, self._master, self._peer, *counts)
+            return
+        log.info("session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s", user.name, self._peer, *counts)
 
 
 def bound_tls_buffers(transport) -> None:
