@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
     serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
+    serve.add_argument("--client-workarounds", metavar="NAME,...",
+                       help="Dovecot's POP3 client workarounds: outlook-no-nuls, oe-ns-eoh (comma-separated)")
+    serve.add_argument("--pop3-last", dest="pop3_last", action="store_true", default=None,
+                       help="answer RFC 1460's obsolete LAST command")
     tls = serve.add_argument_group("TLS and authentication")
     tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain: enables STLS (reloaded on SIGHUP)")
     tls.add_argument("--tls-key", metavar="PEM", help="private key (default: in the certificate file)")
@@ -190,6 +194,7 @@ _FLAG_FIELDS = (
     "auth_secret_file",
     "expire",
     "login_delay",
+    "pop3_last",
     "tls_cert",
     "tls_key",
     "tls_min_version",
@@ -241,6 +246,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.proxy_trusted_networks = [n.strip() for n in args.proxy_trusted_networks.split(",") if n.strip()]
     if args.auth_mechanisms is not None:
         config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
+    if args.client_workarounds is not None:
+        config.client_workarounds = [w.strip().lower() for w in args.client_workarounds.split(",") if w.strip()]
     return config
 
 

@@ -24,6 +24,9 @@ else:  # pragma: no cover
 
 MASTER_SEPARATORS = "*!#$%&^|~+="
 
+# Dovecot's pop3_client_workarounds (fastpop.session.retrieval applies them).
+CLIENT_WORKAROUNDS = ("outlook-no-nuls", "oe-ns-eoh")
+
 
 @dataclass
 class Config:
@@ -47,6 +50,8 @@ class Config:
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
     login_delay: int = 0
+    client_workarounds: list[str] = field(default_factory=list)  # of CLIENT_WORKAROUNDS; none by default, as Dovecot
+    pop3_last: bool = False  # RFC 1460's obsolete LAST command, for old clients
     max_bad_commands: int = 20
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes sharing the listeners
     max_connections: int = 0  # server-wide, over all workers; 0: only what descriptors allow
@@ -126,6 +131,10 @@ class Config:
         expire = self.expire.upper()
         if expire != "NEVER" and not expire.isdigit():
             raise ValueError("pop3 expire must be NEVER or a number of days")
+        for name in self.client_workarounds:
+            if name not in CLIENT_WORKAROUNDS:
+                raise ValueError(f"pop3 client_workarounds: unknown workaround {name!r}"
+                                 f" (known: {', '.join(CLIENT_WORKAROUNDS)})")
         for addr in self.listen:
             parse_address(addr)
         if not 1 <= self.workers <= 1024:
@@ -252,6 +261,8 @@ _TOML_KEYS = {
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
+    ("pop3", "client_workarounds"): "client_workarounds",
+    ("pop3", "last"): "pop3_last",
     ("lmtp", "listen"): "lmtp_listen",
     ("lmtp", "max_connections"): "lmtp_max_connections",
     ("lmtp", "max_recipients"): "lmtp_max_recipients",

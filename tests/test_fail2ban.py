@@ -7,6 +7,7 @@ address a client wrote into its user name."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -42,6 +43,26 @@ def matched_addresses(config: Path, log: Path, mode: str = "normal") -> list[str
     out = subprocess.run([FAIL2BAN_REGEX, "-c", str(config), "-o", "ip", str(log), spec], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+# The mechanism each kind of failure of fail_every_way logs (mech=), by the address's last number.
+MECHANISMS = {1: "USER", 2: "USER", 3: "APOP", 4: "PLAIN", 5: "LOGIN", 6: "PLAIN", 7: "PLAIN", 8: "USER"}
+
+
+def logged_failures(log: str, log_format: str) -> list[tuple[str, str]]:
+    """(rip, mech) of every failed-login line of a log, read as a program reading that format would."""
+    out = []
+    for line in log.splitlines():
+        if log_format == "json":
+            record = json.loads(line)
+            if record.get("event") == "auth failed":
+                assert list(record)[-4:] == ["rip", "user", "mech", "reason"], record  # the documented order
+                out.append((record["rip"], record["mech"]))
+            continue
+        m = re.search(r'auth failed"? rip=(\S+) user=.* mech=(\S+) reason=', line)
+        if m:
+            out.append((m.group(1), m.group(2)))
+    return out
 
 
 def fail_every_way(port: int, user, prefix: str) -> dict[str, str]:
@@ -99,6 +120,9 @@ def test_the_filter_finds_every_failed_login_and_nothing_else(tmp_path, config, 
     found = matched_addresses(config, srv.log_path)
     assert sorted(found) == sorted(kinds), (found, kinds, srv.log())
     assert not any(a.startswith("192.0.2.") for a in found)
+    # each line names the mechanism the client failed with (docs/operations.md)
+    logged = logged_failures(srv.log(), log_format)
+    assert sorted(logged) == sorted((a, MECHANISMS[int(a.rsplit(".", 1)[1])]) for a in kinds), logged
 
 
 def test_aggressive_mode_also_finds_connections_over_the_per_address_cap(tmp_path, config):

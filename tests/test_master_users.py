@@ -172,7 +172,8 @@ def login(srv: ServerProcess, name: str, password: str) -> bytes:
 
 
 def failure_logged(srv: ServerProcess, name: str) -> str:
-    found = re.findall(rf"auth failed rip=127\.0\.0\.1 user={re.escape(name)} reason=(.*)", srv.log())
+    found = re.findall(rf"auth failed rip=127\.0\.0\.1 user={re.escape(name)} mech=(?:USER|PLAIN) reason=(.*)",
+                       srv.log())
     assert found, srv.log()[-2000:]
     return found[-1]
 

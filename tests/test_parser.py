@@ -100,6 +100,7 @@ def test_keyword_table_is_complete():
     assert set(KEYWORDS) == {
         b"USER", b"PASS", b"APOP", b"QUIT", b"STAT", b"LIST", b"RETR", b"DELE",
         b"NOOP", b"RSET", b"TOP", b"UIDL", b"CAPA", b"AUTH", b"STLS", b"UTF8",
+        b"LAST",  # RFC 1460's, answered only with [pop3] last on
     }
     assert all(KEYWORDS[k] == Command[k.decode()] for k in KEYWORDS)
     assert REST_OF_LINE == {Command.PASS}
@@ -257,11 +258,39 @@ def test_case_insensitive_keywords(P):
     [
         b"USERS a", b"USERX", b"QUITQUIT", b"TOPS 1 2", b"XTND XMIT", b"STATS",
         b"US a", b"U", b"TO 1 2", b"QU", b"AB", b"A",
-        b"LAST", b"XYZ", b"1234", b"TOP1 2", b"US ER", b"@@@@",
+        b"LASTS", b"XYZ", b"1234", b"TOP1 2", b"US ER", b"@@@@",
     ],
 )
 def test_unknown_keywords(P, line):
     assert one(P, line + b"\r\n") == (U, ())
+
+
+@pytest.mark.parametrize(
+    "line, want",
+    [
+        # Forms clients send with a trailing blank (Outlook's "AUTH " asks for
+        # the mechanisms, as a bare AUTH): the same command as without it.
+        (b"AUTH ", (Command.AUTH, ())),
+        (b"AUTH  ", (Command.AUTH, ())),
+        (b"auth ", (Command.AUTH, ())),
+        (b"AUTH PLAIN ", (Command.AUTH, ("PLAIN",))),
+        (b"AUTH PLAIN dGVzdA== ", (Command.AUTH, ("PLAIN", "dGVzdA=="))),
+        (b"CAPA ", (Command.CAPA, ())),
+        (b"STAT ", (Command.STAT, ())),
+        (b"UIDL 1 ", (Command.UIDL, ("1",))),
+        (b"RETR 1 ", (Command.RETR, ("1",))),
+        (b"LAST ", (Command.LAST, ())),
+        (b"QUIT ", (Command.QUIT, ())),
+        (b"USER bob ", (Command.USER, ("bob",))),
+    ],
+)
+def test_trailing_blank_is_harmless(P, line, want):
+    assert one(P, line + b"\r\n") == want
+    assert one(P, line + b"\n") == want
+
+
+def test_last_is_a_keyword(P):
+    assert parse(P, b"LAST\r\nlast\r\nLaSt\r\n") == [(Command.LAST, ())] * 3
 
 
 def test_leading_space_is_unknown(P):

@@ -132,7 +132,7 @@ def test_plain_failures(server):
     assert c.cmd("AUTH PLAIN " + b64(f"\0{user.name}\0")) == AUTH_FAILED  # an empty password
     c.close()
     log = server.log()
-    assert f"auth failed rip=127.0.0.1 user={user.name} reason=wrong password or unknown user" in log
+    assert f"auth failed rip=127.0.0.1 user={user.name} mech=PLAIN reason=wrong password or unknown user" in log
     assert "reason=authorization identity differs" in log
 
 

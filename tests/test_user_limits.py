@@ -162,8 +162,8 @@ def test_allow_nets_from_the_passwd_file(server):
     assert login_from(server, "127.0.0.3", user.name, "pw") == AUTH_FAILED
     assert login_from(server, "127.0.0.3", user.name, "wrong") == AUTH_FAILED
     assert login_from(server, "127.0.0.3", user.name, "pw", plain=True) == AUTH_FAILED
-    wait_for_log(server, rf"auth failed rip=127\.0\.0\.3 user={user.name} reason=network not allowed for the user "
-                         r"\(allow_nets\)")
+    wait_for_log(server, rf"auth failed rip=127\.0\.0\.3 user={user.name} mech=USER "
+                         r"reason=network not allowed for the user \(allow_nets\)")
     assert login_from(server, "127.0.0.2", user.name, "pw", plain=True).startswith(b"+OK")
 
 
@@ -173,7 +173,7 @@ def test_pop3_disabled_for_a_user(server, field):
     assert login_from(server, "127.0.0.1", user.name, "pw") == AUTH_FAILED
     assert login_from(server, "127.0.0.1", user.name, "pw", plain=True) == AUTH_FAILED
     reason = "login disabled for the user (nologin)" if field == "nologin" else "pop3 disabled for the user"
-    wait_for_log(server, rf"auth failed rip=127\.0\.0\.1 user={user.name} reason={re.escape(reason)}")
+    wait_for_log(server, rf"auth failed rip=127\.0\.0\.1 user={user.name} mech=PLAIN reason={re.escape(reason)}")
     assert not any((user.maildir / "cur").iterdir()), "nothing of the mailbox was touched"
 
 
@@ -215,8 +215,8 @@ password_query = "SELECT userid AS user, password, allow_nets, allow_pop3 FROM u
         assert login_from(srv, "127.0.0.2", "office", "pw").startswith(b"+OK")
         assert login_from(srv, "127.0.0.1", "office", "pw") == AUTH_FAILED
         assert login_from(srv, "127.0.0.1", "imaponly", "pw") == AUTH_FAILED
-        log = wait_for_log(srv, r"user=imaponly reason=pop3 disabled for the user").string
-        assert "user=office reason=network not allowed for the user (allow_nets)" in log
+        log = wait_for_log(srv, r"user=imaponly mech=USER reason=pop3 disabled for the user").string
+        assert "user=office mech=USER reason=network not allowed for the user (allow_nets)" in log
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()

@@ -129,7 +129,10 @@ def _utf8(data: bytes) -> str | None:
 
 
 def decode_response(line: bytes) -> bytes | None:
-    """A client's base64 SASL response; None if it is not valid base64."""
+    """A client's base64 SASL response; None if it is not valid base64.
+    Blanks around it are ignored, as Dovecot's decoder does: some clients
+    end the line with a space."""
+    line = line.strip(b" \t")
     if line == b"=":  # RFC 5034: "=" is an empty initial response
         return b""
     try:

@@ -55,6 +55,8 @@ cdef class SessionCore:
     cdef public bint _auth_wants_line
     cdef public double _auth_started
     cdef public object _auth_failure
+    cdef public object _auth_mech
+    cdef public Py_ssize_t _last_retr
     cdef public bint _cap_exempt
     cdef public object _master
 

@@ -114,6 +114,9 @@ class SessionCore:
         "_auth_wants_line",
         "_auth_started",
         "_auth_failure",
+        "_auth_mech",
+        # RFC 1460's LAST
+        "_last_retr",
         # ISP limits and master users
         "_cap_exempt",
         "_master",
@@ -162,6 +165,8 @@ class SessionCore:
         self._auth_wants_line = False  # it waits for a SASL continuation line
         self._auth_started = 0.0
         self._auth_failure: sasl.Outcome | None = None  # an error challenge is out: the attempt already failed
+        self._auth_mech = "-"  # the running or last login's mechanism, for the auth failure log line
+        self._last_retr = 0  # the highest message number RETR sent since login or RSET (LAST)
         self._cap_exempt = False  # counted without the per-address cap (max_connections_per_ip_exempt)
         self._master: str | None = None  # the master user who logged in as the user
 
@@ -438,6 +443,7 @@ class SessionCore:
             self._out.append(R.ERR_PLAINTEXT_DISALLOWED)
             return
         self._user_name = None
+        self._auth_mech = "USER"
         self._run_auth(password_login(Services(self), name, args[0]))
 
     # The login exchange: a generator from fastpop.auth.sasl, driven here.
@@ -649,6 +655,7 @@ class SessionCore:
         assert mailbox is not None
         self._deleted = bytearray(len(mailbox))
         self._deleted_count = self._deleted_size = 0
+        self._last_retr = 0  # RFC 1460
         self._out.append(b"+OK %d messages (%d octets)\r\n" % (len(mailbox), mailbox.total_size))
 
     def cmd_quit_transaction(self, args: tuple[str, ...]) -> None:

@@ -43,6 +43,7 @@ class Login(SessionParts):
             return self._bad(R.ERR_ARGS)
         name, digest = args
         self._user_name = None
+        self._auth_mech = "APOP"
         self._run_auth(sasl.apop_login(Services(self), name, digest))
 
     def cmd_auth(self, args: tuple[str, ...]) -> None:
@@ -61,6 +62,7 @@ class Login(SessionParts):
             self._out.append(R.ERR_PLAINTEXT_DISALLOWED)
             return
         self._user_name = None
+        self._auth_mech = mechanism.name
         initial = None
         if len(args) == 2:
             initial = sasl.decode_response(args[1].encode("utf-8", "surrogatepass"))
@@ -93,7 +95,7 @@ class Login(SessionParts):
             self._auth_abort()
             self._auth_failed(R.ERR_AUTH_RESPONSE_TOO_LONG, None, None, False, "response too long")
             return
-        if data == b"*":
+        if data.rstrip(b" \t") == b"*":  # (a trailing blank, as decode_response allows)
             self._auth_abort()
             self._bad(R.ERR_AUTH_CANCELLED)
             return
@@ -120,8 +122,9 @@ class Login(SessionParts):
                                      if valid else None, credentials)
         # a name from SASL can be anything (16 KiB, newlines): logged as it is only if valid
         shown = name if valid else ("-" if name is None else repr(name[:64]))
-        # the address first, before what the client chose (contrib/fail2ban reads it there)
-        log.info("auth failed rip=%s user=%s reason=%s", self._peer, shown, reason or "-")
+        # the address first, before what the client chose (contrib/fail2ban reads it there);
+        # a stable interface (docs/operations.md)
+        log.info("auth failed rip=%s user=%s mech=%s reason=%s", self._peer, shown, self._auth_mech, reason or "-")
         # Answer every failure at the same moment after the attempt, so
         # timing tells nothing about whether the user exists.
         self._busy |= BUSY_AUTH

@@ -170,6 +170,7 @@ _AUTHORIZATION: dict[Command, Callable] = {
     Command.AUTH: P.cmd_auth,
     Command.STLS: P.cmd_stls,
     Command.UTF8: P.cmd_utf8,
+    Command.LAST: P.cmd_last,  # unknown unless [pop3] last is on, then not valid before login
 }
 _TRANSACTION: dict[Command, Callable] = {
     Command.STAT: P.cmd_stat,
@@ -182,6 +183,7 @@ _TRANSACTION: dict[Command, Callable] = {
     Command.UIDL: P.cmd_uidl,
     Command.CAPA: P.cmd_capa,
     Command.QUIT: P.cmd_quit_transaction,
+    Command.LAST: P.cmd_last,
 }
 _IMPLEMENTED = set(_AUTHORIZATION) | set(_TRANSACTION)
 _AUTHORIZATION_TABLE = _table(_AUTHORIZATION)

@@ -15,7 +15,7 @@ import os
 from stat import S_ISREG
 from typing import TYPE_CHECKING
 
-from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small
+from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small, workaround_flags
 from fastpop.session.state import BUSY_SENDING, SessionParts
 from fastpop.store.maildir import is_permanent
 from fastpop.wire import responses as R
@@ -37,7 +37,21 @@ class Retrieval(SessionParts):
             return self._bad(R.ERR_ARGS)
         i = self._message_index(args[0])
         if i >= 0:
+            if i >= self._last_retr:
+                self._last_retr = i + 1  # (LAST)
             self._send_message(i, None)
+
+    def cmd_last(self, args: tuple[str, ...]) -> None:
+        """RFC 1460's LAST, for old clients ([pop3] last): the highest message
+        number RETR sent in this session since login or RSET (TOP does not
+        count, as in Dovecot's pop3_enable_last).  Off, it is not a command."""
+        if not self._ctx.config.pop3_last:
+            return self._bad(R.ERR_UNKNOWN)
+        if self._mailbox is None:
+            return self._bad(R.ERR_WRONG_STATE)
+        if args:
+            return self._bad(R.ERR_ARGS)
+        self._out.append(b"+OK %d\r\n" % self._last_retr)
 
     def cmd_top(self, args: tuple[str, ...]) -> None:
         if len(args) != 2:
@@ -94,9 +108,11 @@ class Retrieval(SessionParts):
             if pop3_size < 0:
                 return
         status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % pop3_size
+        names = self._ctx.config.client_workarounds
+        workarounds = workaround_flags(names) if names else 0  # (none by default: nothing more to do)
         if small:
             os.close(fd)
-            body = render_small(data, top_lines)
+            body = render_small(data, top_lines, workarounds)
             self._out += (status, body, R.END)
             self._out_size += len(body)
             self._count_sent(top_lines is not None, len(body))  # (metrics override it)
@@ -106,7 +122,7 @@ class Retrieval(SessionParts):
                 # POP3Protocol, whose transport is set for as long as a stream runs (the checker sees Optional)
                 self, fd, size, top_lines, size == pop3_size and self._can_sendfile(),  # type: ignore[arg-type]
                 # what the index knows of dot lines holds for the file it measured, not one changed since
-                size == indexed_size and mailbox.no_dot_lines(index),
+                size == indexed_size and mailbox.no_dot_lines(index), workarounds,
             )
         except (OSError, ValueError) as exc:
             os.close(fd)

@@ -60,27 +60,59 @@ MIN_BYTES_PER_DOT = 32 * 1024
 PUMP_BUDGET = CHUNK
 
 
-def render_small(data: bytes, top_lines: int | None) -> bytes:
+# Client workarounds (Dovecot's pop3_client_workarounds; [pop3] client_workarounds):
+NO_NULS = 1  # outlook-no-nuls: every NUL octet of RETR and TOP goes out as 0x80
+ADD_EOH = 2  # oe-ns-eoh: TOP of a message without an empty line ends its header with one
+
+
+def workaround_flags(names: list[str]) -> int:
+    """The flags of the configured workarounds' names (validated by fastpop.config)."""
+    return (NO_NULS if "outlook-no-nuls" in names else 0) | (ADD_EOH if "oe-ns-eoh" in names else 0)
+
+
+def render_small(data: bytes, top_lines: int | None, workarounds: int = 0) -> bytes:
     """The transformed body of a whole message (no status line, no terminator)."""
     if top_lines is None:
-        return stuff_message(data)
-    stuffer, limiter = DotStuffer(), TopLimiter(top_lines)
-    out = limiter.feed(stuffer.feed(data))
-    if not limiter.done:
-        out += limiter.feed(stuffer.finish())
+        out = stuff_message(data)
+    else:
+        stuffer, limiter = DotStuffer(), TopLimiter(top_lines)
+        out = limiter.feed(stuffer.feed(data))
+        if not limiter.done:
+            out += limiter.feed(stuffer.finish())
+        if workarounds & ADD_EOH and limiter.in_headers:
+            out += b"\r\n"
+    if workarounds & NO_NULS:
+        out = out.replace(b"\0", b"\x80")  # (same length: the RETR size stays right)
     return out
+
+
+def has_nul(fd: int, size: int) -> bool:
+    """Whether the first ``size`` octets of an open file hold a NUL, read with
+    pread through one bounded buffer (the offset is left where it was)."""
+    buf = bytearray(min(SCAN_WINDOW, max(size, 1)))
+    view = memoryview(buf)
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [view[: min(len(buf), size - offset)]], offset)
+        if n == 0:
+            break
+        if buf.find(0, 0, n) >= 0:
+            return True
+        offset += n
+    return False
 
 
 class MessageStream:
     """Streams one large message; the protocol calls pump() when it may write."""
 
-    __slots__ = ("_proto", "_file", "_stuffer", "_limiter", "sent")
+    __slots__ = ("_proto", "_file", "_stuffer", "_limiter", "_workarounds", "sent")
 
-    def __init__(self, proto: Session, file, top_lines: int | None) -> None:
+    def __init__(self, proto: Session, file, top_lines: int | None, workarounds: int = 0) -> None:
         self._proto = proto
         self._file = file
         self._stuffer = DotStuffer()
         self._limiter = None if top_lines is None else TopLimiter(top_lines)
+        self._workarounds = workarounds
         self.sent = 0
 
     def pump(self) -> None:
@@ -118,10 +150,19 @@ class MessageStream:
                 self._finish(out)
                 return
             if out:
+                if self._workarounds & NO_NULS:
+                    out = out.replace(b"\0", b"\x80")
                 self.sent += len(out)
                 transport.write(out)
 
     def _finish(self, tail: bytes) -> None:
+        workarounds = self._workarounds
+        if workarounds:
+            limiter = self._limiter
+            if workarounds & ADD_EOH and limiter is not None and limiter.in_headers:
+                tail += b"\r\n"
+            if workarounds & NO_NULS:
+                tail = tail.replace(b"\0", b"\x80")
         self.sent += len(tail)
         self._proto.transport.write(tail + END)
         self.close()
@@ -146,18 +187,21 @@ SENDFILE_CHUNK = 1024 * 1024
 
 
 def open_stream(proto: Session, fd: int, size: int, top_lines: int | None, stored_as_sent: bool,
-                no_dot_lines: bool = False):
+                no_dot_lines: bool = False, workarounds: int = 0):
     """The stream for a large message: sendfile(2) when the file is stored
     exactly as RETR sends it (CRLF line ends and a final CRLF) and the
     connection allows it; else the transform.  ``no_dot_lines``: the index
     says no line of the file starts with "." (then nothing is scanned).
-    Takes ownership of ``fd``."""
-    if top_lines is None and stored_as_sent and size >= SENDFILE_MIN and crlf_terminated(fd, size):
+    ``workarounds``: NO_NULS and ADD_EOH; a file with a NUL to replace goes
+    through the transform (sendfile cannot change a byte), which costs
+    reading the file first when sendfile would do.  Takes ownership of ``fd``."""
+    if (top_lines is None and stored_as_sent and size >= SENDFILE_MIN and crlf_terminated(fd, size)
+            and not (workarounds & NO_NULS and has_nul(fd, size))):
         stream = SendfileStream(proto, fd, size, no_dot_lines)
         if no_dot_lines or stream.dots_are_sparse():
             return stream
         stream.release_file()
-    return MessageStream(proto, open(fd, "rb", buffering=0), top_lines)
+    return MessageStream(proto, open(fd, "rb", buffering=0), top_lines, workarounds)
 
 
 def crlf_terminated(fd: int, size: int) -> bool:

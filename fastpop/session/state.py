@@ -100,6 +100,10 @@ class SessionParts:
         _auth_wants_line: bool
         _auth_started: float
         _auth_failure: sasl.Outcome | None
+        _auth_mech: str
+        _last_retr: int
+        _cap_exempt: bool
+        _master: str | None
 
         @property
         def writing_paused(self) -> bool: ...

@@ -30,9 +30,10 @@ class Command(enum.IntEnum):
     AUTH = 16
     STLS = 17
     UTF8 = 18
+    LAST = 19  # RFC 1460's, obsolete: answered only with [pop3] last on (fastpop.session.protocol)
 
 
-# Keyword (upper case) -> code.  Every RFC 1939/2449/2595/5034/6856 keyword.
+# Keyword (upper case) -> code.  Every RFC 1939/2449/2595/5034/6856 keyword, and RFC 1460's LAST.
 KEYWORDS: dict[bytes, int] = {
     c.name.encode("ascii"): int(c) for c in Command if c > Command.INVALID
 }

@@ -53,6 +53,11 @@ class TopLimiter:
         self._line_start = True
         self.done = False
 
+    @property
+    def in_headers(self) -> bool:
+        """No empty line (the header's end) has gone through yet."""
+        return self._in_headers
+
     def feed(self, out: bytes) -> bytes:
         if self.done or not out:
             return b""
