@@ -294,3 +294,41 @@ def test_master_lines_in_json_logs(tmp_path):
     assert by_event["login"]["user"] == alice.name and by_event["login"]["master"] == "admin"
     assert by_event["session"]["user"] == alice.name and by_event["session"]["master"] == "admin"
     assert by_event["auth failed"]["user"] == f"{alice.name}*admin"
+
+
+def test_guesses_spread_over_users_are_penalised_against_the_master(tmp_path):
+    """The attack: guess a master's password from many addresses, naming a
+    different user each time.  The per-user penalty counts them all against
+    the master, so a fresh address and a fresh user still wait."""
+    import ssl
+    import time
+
+    from support.tls import Certs, TLSServer
+
+    (tmp_path / "masters").write_text(f"admin:{{PLAIN}}{MASTER_PW}\n")
+    certs = Certs(tmp_path / "certs")
+    srv = TLSServer(tmp_path, "cython", certs, ["--auth-master-passwd-file", str(tmp_path / "masters"),
+                                                "--trusted-networks", "none", "--auth-penalty-initial", "1",
+                                                "--auth-penalty-max", "2"])
+    srv.start()
+    ctx: ssl.SSLContext = certs.client_context()
+
+    def attempt(source: str, name: str, password: str) -> tuple[bytes, float]:
+        c = Conn(srv.tls_port, tls=ctx, source=source)
+        try:
+            c.cmd(f"USER {name}")
+            started = time.monotonic()
+            return c.cmd(f"PASS {password}"), time.monotonic() - started
+        finally:
+            c.close()
+
+    try:
+        users = [srv.add_user(password="pw") for _ in range(3)]
+        assert attempt("127.0.0.21", f"{users[0].name}*admin", "guess 1")[0] == AUTH_FAILED
+        assert attempt("127.0.0.22", f"{users[1].name}*admin", "guess 2")[0] == AUTH_FAILED
+        reply, waited = attempt("127.0.0.23", f"{users[2].name}*admin", MASTER_PW)
+        assert reply.startswith(b"+OK")
+        assert waited >= 1.5, f"a third guess at the master, from a fresh address and user, waited only {waited:.2f} s"
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
