@@ -123,6 +123,41 @@ def test_exempt_networks_have_no_per_address_cap(tmp_path):
     assert "Traceback" not in srv.log()
 
 
+def test_exempt_networks_change_on_sighup(tmp_path):
+    import signal
+
+    conf = tmp_path / "fastpop.toml"
+    conf.write_text('[auth]\nmax_connections_per_ip = 1\ntrusted_networks = []\n')
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--config", str(conf)])
+    srv.start()
+    held = []
+    try:
+        held += [greeting(srv.port, "127.0.0.80") for _ in range(2)]
+        assert [line for _, line in held][1] == FROM_ADDRESS
+        conf.write_text('[auth]\nmax_connections_per_ip = 1\ntrusted_networks = []\n'
+                        'max_connections_per_ip_exempt = ["127.0.0.80/32"]\n')
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for_log(srv, "SIGHUP: configuration")
+        more = [greeting(srv.port, "127.0.0.80") for _ in range(3)]
+        held += more
+        assert all(line.startswith(b"+OK") for _, line in more), [line for _, line in more]
+        for s, _ in held:  # the connection counted before the reload is released as counted
+            s.close()
+        time.sleep(0.3)
+        conf.write_text('[auth]\nmax_connections_per_ip = 1\ntrusted_networks = []\n')
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for_log(srv, "(?s)SIGHUP: configuration.*SIGHUP: configuration")
+        again = [greeting(srv.port, "127.0.0.80") for _ in range(2)]
+        held += again
+        assert [line.startswith(b"+OK") for _, line in again] == [True, False], "the cap is back, and counts right"
+    finally:
+        for s, _ in held:
+            s.close()
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+
+
 class ConnFrom(Conn):
     """A raw POP3 connection from a chosen loopback address."""
 
