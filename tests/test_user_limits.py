@@ -256,3 +256,81 @@ password_query = "SELECT userid AS user, password, allow_nets, allow_pop3 FROM u
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
 
+
+
+# ================================================================ e2e: PostgreSQL and LDAP (tests/support/userdb_servers)
+
+
+def _restricted_logins(srv: ServerProcess, free: str, office: str, disabled: str) -> None:
+    """The same three users in any database: no restriction, allow_nets 127.0.0.2/32, POP3 off."""
+    assert login_from(srv, "127.0.0.1", free, "pw").startswith(b"+OK")
+    assert login_from(srv, "127.0.0.2", office, "pw").startswith(b"+OK")
+    assert login_from(srv, "127.0.0.1", office, "pw") == AUTH_FAILED
+    assert login_from(srv, "127.0.0.1", disabled, "pw") == AUTH_FAILED
+    assert login_from(srv, "127.0.0.1", disabled, "pw", plain=True) == AUTH_FAILED
+    log = wait_for_log(srv, rf"user={disabled} mech=PLAIN reason=pop3 disabled for the user").string
+    assert f"user={office} mech=USER reason=network not allowed for the user (allow_nets)" in log
+
+
+def test_restrictions_from_postgresql(tmp_path):
+    """Boolean columns as flags: a nopop3 column false is no restriction, true is."""
+    from support.userdb_servers import PostgresServer
+
+    why = PostgresServer.available()
+    if why:
+        pytest.skip(why)
+    db = PostgresServer()
+    try:
+        db.sql("CREATE TABLE isp (userid TEXT PRIMARY KEY, password TEXT, allow_nets TEXT, nopop3 BOOLEAN);"
+               "INSERT INTO isp VALUES ('pgfree', '{PLAIN}pw', NULL, false), "
+               "('pgoffice', '{PLAIN}pw', '127.0.0.2/32', false), ('pgoff', '{PLAIN}pw', NULL, true);")
+        (tmp_path / "fastpop.toml").write_text(f"""
+[userdb]
+driver = "postgresql"
+connect = "{db.dsn}"
+password_query = "SELECT userid AS user, password, allow_nets, nopop3 FROM isp WHERE userid = '%u'"
+""")
+        srv = ServerProcess(tmp_path, "cython", extra_args=["--config", str(tmp_path / "fastpop.toml")])
+        srv.start()
+        try:
+            _restricted_logins(srv, "pgfree", "pgoffice", "pgoff")
+        finally:
+            assert srv.stop() == 0
+        assert "Traceback" not in srv.log()
+    finally:
+        db.close()
+
+
+def test_restrictions_from_ldap(tmp_path):
+    """Attributes mapped to the fields with [ldap] attrs."""
+    from support.userdb_servers import SlapdServer
+
+    why = SlapdServer.available()
+    if why:
+        pytest.skip(why)
+    db = SlapdServer()
+    try:
+        db.add_user("ldfree", "pw", stored="{PLAIN}pw")
+        db.add_user("ldoffice", "pw", stored="{PLAIN}pw", attributes={"departmentNumber": "127.0.0.2/32"})
+        db.add_user("ldoff", "pw", stored="{PLAIN}pw", attributes={"employeeType": "no"})
+        (tmp_path / "fastpop.toml").write_text(f"""
+[userdb]
+driver = "ldap"
+[ldap]
+uri = "{db.ldaps_uri}"
+tls_ca_file = "{db.ca_file}"
+bind_dn = "{db.SEARCH_DN}"
+bind_password = "{db.SEARCH_PW}"
+base = "{db.PEOPLE}"
+filter = "(&(objectClass=posixAccount)(uid=%u))"
+attrs = ["home=homeDirectory", "allow_nets=departmentNumber", "allow_pop3=employeeType"]
+""")
+        srv = ServerProcess(tmp_path, "cython", extra_args=["--config", str(tmp_path / "fastpop.toml")])
+        srv.start()
+        try:
+            _restricted_logins(srv, "ldfree", "ldoffice", "ldoff")
+        finally:
+            assert srv.stop() == 0
+        assert "Traceback" not in srv.log()
+    finally:
+        db.close()
