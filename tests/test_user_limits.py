@@ -258,7 +258,7 @@ password_query = "SELECT userid AS user, password, allow_nets, allow_pop3 FROM u
 
 
 
-# ================================================================ e2e: PostgreSQL and LDAP (tests/support/userdb_servers)
+# ================================================================ e2e: PostgreSQL and LDAP (support.userdb_servers)
 
 
 def _restricted_logins(srv: ServerProcess, free: str, office: str, disabled: str) -> None:
