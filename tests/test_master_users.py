@@ -332,3 +332,23 @@ def test_guesses_spread_over_users_are_penalised_against_the_master(tmp_path):
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
+
+
+def test_a_master_file_others_may_write_is_refused(tmp_path):
+    """Whoever can write the masters' file can make a master: fastpop does not start on one."""
+    import os
+    import subprocess
+    import sys
+
+    masters = tmp_path / "masters"
+    masters.write_text(f"admin:{{PLAIN}}{MASTER_PW}\n")
+    (tmp_path / "passwd").write_text("")
+    (tmp_path / "late.toml").write_text('[server]\nlog_format = "nonesuch"\n')  # checked after the masters' file
+    for mode, refused in ((0o666, True), (0o620, True), (0o600, False), (0o644, False)):
+        os.chmod(masters, mode)
+        out = subprocess.run([sys.executable, "-m", "fastpop", "serve", "--passwd-file", str(tmp_path / "passwd"),
+                              "--auth-master-passwd-file", str(masters), "--config", str(tmp_path / "late.toml")],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2, out
+        assert refused or "log_format" in out.stderr, out.stderr
+        assert ("others may write it" in out.stderr) == refused, (oct(mode), out.stderr)

@@ -548,3 +548,7 @@ def validate(config: Config) -> None:
             raise ValueError(f"unknown SASL mechanism {mech!r} (known: {', '.join(MECHANISMS)})")
         if mech in OAUTH_MECHANISMS and not config.oauth_validator:
             raise ValueError(f"SASL mechanism {mech} needs an oauth validator ([oauth] validator)")
+    if config.auth_master_passwd_file:
+        from fastpop.auth.passwd_file import check_master_file
+
+        check_master_file(config.auth_master_passwd_file)
