@@ -352,3 +352,12 @@ def test_a_master_file_others_may_write_is_refused(tmp_path):
         assert out.returncode == 2, out
         assert refused or "log_format" in out.stderr, out.stderr
         assert ("others may write it" in out.stderr) == refused, (oct(mode), out.stderr)
+
+
+def test_login_delay_paces_the_user_not_the_master(server):
+    """A support login neither waits for the user's LOGIN-DELAY nor makes the user's client wait."""
+    user = server.add_user(password="pw", stored="{PLAIN}pw::::::login_delay=3600")
+    assert login(server, f"{user.name}*admin", MASTER_PW).startswith(b"+OK")
+    assert login(server, user.name, "pw").startswith(b"+OK"), "the master's login made the user wait"
+    assert login(server, f"{user.name}*admin", MASTER_PW).startswith(b"+OK"), "the master waited for LOGIN-DELAY"
+    assert login(server, user.name, "pw").startswith(b"-ERR [LOGIN-DELAY]")  # the user's own pace holds

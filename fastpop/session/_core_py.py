@@ -524,10 +524,13 @@ class SessionCore:
 
     def _login_succeeded(self, user: UserRecord) -> None:
         ctx = self._ctx
-        if not self._trusted:
-            ctx.penalty.succeeded(self._addr_key, user.name)
+        master = self._master
+        if not self._trusted:  # (a master's success clears the master's count, not the user's)
+            ctx.penalty.succeeded(self._addr_key, user.name if master is None
+                                  else ctx.config.auth_master_separator + master)
         delay = login_delay(user, ctx.config.login_delay)
-        if ctx.last_logins.too_soon(user.name, delay):
+        # LOGIN-DELAY paces the user's own client: a master's login neither waits for it nor counts
+        if master is None and ctx.last_logins.too_soon(user.name, delay):
             log.info("login refused user=%s rip=%s: LOGIN-DELAY %d", user.name, self._peer, delay)
             self._on_login_refused("login_delay")
             self._out.append(R.ERR_LOGIN_DELAY)
@@ -590,7 +593,8 @@ class SessionCore:
         else:  # LOGIN-DELAY counts from here
             user = self._user
             assert user is not None, "a login succeeds in _enter_transaction, which sets it"
-            self._ctx.last_logins.record(user.name, login_delay(user, self._ctx.config.login_delay))
+            if self._master is None:
+                self._ctx.last_logins.record(user.name, login_delay(user, self._ctx.config.login_delay))
             self._on_logged_in()
         self._out.append(reply)
         self._flush()
