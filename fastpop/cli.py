@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "fastpop.lock symlink in each Maildir (several hosts on one NFS store)")
     serve.add_argument("--mail-lock-table", metavar="PATH",
                        help="the lock table file (default /run/fastpop/mailbox.locks as root)")
+    serve.add_argument("--mail-uidl", choices=["maildir", "dovecot"],
+                       help="UIDLs from the Maildir names, reading dovecot-uidlist (default), or given "
+                            "as Dovecot does: UIDs assigned in dovecot-uidlist under its lock")
     serve.add_argument("--hostname", help="host name in the APOP greeting")
     serve.add_argument("--user", help="switch to this user after binding (start as root)")
     serve.add_argument("--group", help="switch to this group after binding (default: the user's)")
@@ -94,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Dovecot's POP3 client workarounds: outlook-no-nuls, oe-ns-eoh (comma-separated)")
     serve.add_argument("--pop3-last", dest="pop3_last", action="store_true", default=None,
                        help="answer RFC 1460's obsolete LAST command")
+    serve.add_argument("--deleted-flag", metavar="KEYWORD",
+                       help="POP3 deletion adds this IMAP keyword instead of deleting (Dovecot's pop3_deleted_flag)")
+    serve.add_argument("--seen-on-retr", action=argparse.BooleanOptionalAction, default=None,
+                       help="flag retrieved messages \\Seen at QUIT, as Dovecot's POP3 does")
     tls = serve.add_argument_group("TLS and authentication")
     tls.add_argument("--tls-cert", metavar="PEM", help="certificate chain: enables STLS (reloaded on SIGHUP)")
     tls.add_argument("--tls-key", metavar="PEM", help="private key (default: in the certificate file)")
@@ -176,6 +183,7 @@ _FLAG_FIELDS = (
     "mail_location",
     "mail_lock",
     "mail_lock_table",
+    "mail_uidl",
     "hostname",
     "user",
     "group",
@@ -193,6 +201,8 @@ _FLAG_FIELDS = (
     "auth_apop",
     "auth_secret_file",
     "expire",
+    "seen_on_retr",
+    "deleted_flag",
     "login_delay",
     "pop3_last",
     "tls_cert",

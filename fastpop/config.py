@@ -10,6 +10,7 @@ against this module and the flags of fastpop/cli.py.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, field, fields
@@ -45,10 +46,13 @@ class Config:
     mail_location: str = "%h/Maildir"
     mail_lock: str = "table"  # "table" (one host) or "symlink" (several hosts on NFS); fastpop.store.locking
     mail_lock_table: str | None = None  # None: fastpop.store.locking.default_table_path()
+    mail_uidl: str = "maildir"  # "dovecot": UIDs given in dovecot-uidlist (fastpop.store.dovecot_uidlist)
     mail_index: str | None = None  # a directory of fastpop's own for the indexes (fastpop.store.index); None: Maildirs
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
     expire: str = "NEVER"
+    deleted_flag: str = ""  # an IMAP keyword POP3 deletion adds instead of deleting (fastpop.store.dovecot_keywords)
+    seen_on_retr: bool = False  # RETR'd messages get the Maildir S flag at QUIT (Dovecot POP3's default)
     login_delay: int = 0
     client_workarounds: list[str] = field(default_factory=list)  # of CLIENT_WORKAROUNDS; none by default, as Dovecot
     pop3_last: bool = False  # RFC 1460's obsolete LAST command, for old clients
@@ -119,6 +123,10 @@ class Config:
         their sections in fastpop.serve.validation.validate_all, which calls this."""
         if self.mail_lock not in ("table", "symlink"):
             raise ValueError(f"mail lock must be 'table' or 'symlink', not {self.mail_lock!r}")
+        if self.deleted_flag and not re.fullmatch(r"[!#$&'+\-.0-9:;<=>?@A-Z^_`a-z|~]{1,64}", self.deleted_flag):
+            raise ValueError(f"pop3 deleted_flag must be an IMAP keyword (an atom, no \\), not {self.deleted_flag!r}")
+        if self.mail_uidl not in ("maildir", "dovecot"):
+            raise ValueError(f"mail uidl must be 'maildir' or 'dovecot', not {self.mail_uidl!r}")
         if self.mail_index is not None and not os.path.isabs(self.mail_index):
             raise ValueError(f"mail index must be an absolute path, not {self.mail_index!r}")
         if self.loop not in ("uvloop", "asyncio"):
@@ -257,12 +265,15 @@ _TOML_KEYS = {
     ("mail", "lock"): "mail_lock",
     ("mail", "lock_table"): "mail_lock_table",
     ("mail", "index"): "mail_index",
+    ("mail", "uidl"): "mail_uidl",
     ("timeouts", "authorization"): "timeout_authorization",
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",
     ("pop3", "login_delay"): "login_delay",
     ("pop3", "client_workarounds"): "client_workarounds",
     ("pop3", "last"): "pop3_last",
+    ("pop3", "seen_on_retr"): "seen_on_retr",
+    ("pop3", "deleted_flag"): "deleted_flag",
     ("lmtp", "listen"): "lmtp_listen",
     ("lmtp", "max_connections"): "lmtp_max_connections",
     ("lmtp", "max_recipients"): "lmtp_max_recipients",

@@ -521,6 +521,76 @@ def test_change_in_the_same_mtime_tick_is_not_missed(server):
     assert session(box.user) == box.expected()
 
 
+def settle_new(box: Box) -> None:
+    """Give new/ an old mtime, so a login that lists it empty keeps its stamp."""
+    stamp = time.time_ns() - HOUR_NS - next(_old_stamps) * 10**9
+    os.utime(box.maildir / "new", ns=(stamp, stamp))
+
+
+def test_warm_login_checks_new_seen_empty_by_its_stamp(server, tmp_path):
+    """new/ listed empty with a settled mtime is checked at the next login by
+    one lstat (the old code opened and listed it at every login); a message
+    delivered right after that login, within its second, is still seen."""
+    box = new_box(server, [message(f"s{i}") for i in range(3)])
+    session(box.user)
+    trusted(box)
+    settle_new(box)
+    assert session(box.user) == box.expected()  # lists new/: empty, settled: the stamp is kept
+    new = box.maildir / "new"
+    with strace(server.proc.pid, tmp_path / "warm.trace") as warm:
+        assert session(box.user) == box.expected()
+    assert any(f'"{new}"' in line for line in warm.lines), "strace saw no check of new/"
+    assert warm.opened(new) == [] and not warm.listed(new), "a warm login opened or listed new/"
+
+    box.put(message("right after"))  # within the second of the last login
+    with strace(server.proc.pid, tmp_path / "delivered.trace") as delivered:
+        view = session(box.user)
+    assert view == box.expected() and view.uidls[-1][1] == box.msgs[-1].unique
+    assert delivered.listed(new)
+    for i in range(3):  # new/ just emptied: its mtime is recent, so it is listed every time
+        box.put(message(f"same second {i}"))
+        assert session(box.user) == box.expected()
+
+
+def test_delivery_into_new_that_keeps_its_mtime_is_seen(server):
+    """A delivery in the same timestamp tick as the listing that kept the
+    stamp (simulated: new/'s mtime put back as it was) changes new/'s ctime,
+    which the stamp holds too: the message is seen."""
+    box = new_box(server, [message("first")])
+    session(box.user)
+    trusted(box)
+    settle_new(box)
+    assert session(box.user) == box.expected()  # stamp kept
+    new = box.maildir / "new"
+    before = new.stat()
+    box.put(message("in the same tick"))
+    os.utime(new, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert new.stat().st_mtime_ns == before.st_mtime_ns
+    assert session(box.user) == box.expected()
+
+
+def test_new_replaced_by_a_link_after_its_stamp_was_kept(server):
+    """new/ renamed away and a link to it put in its place (the same
+    directory, so the same mtime behind the link): the lstat sees the link's
+    own inode, the login refuses it as before ([SYS/PERM]), nothing behind
+    it is served."""
+    box = new_box(server, [message("mine")])
+    session(box.user)
+    trusted(box)
+    settle_new(box)
+    assert session(box.user) == box.expected()  # stamp kept
+    elsewhere = box.maildir.parent / (box.user.name + "-elsewhere")
+    os.rename(box.maildir / "new", elsewhere)
+    (box.maildir / "new").symlink_to(elsewhere)
+    p = box.user.server.connect()
+    try:
+        p.user(box.user.name)
+        with pytest.raises(poplib.error_proto, match=r"SYS/PERM"):
+            p.pass_(box.user.password)
+    finally:
+        p.close()
+
+
 def test_dele_then_quit_updates_next_login(server):
     box = new_box(server, [message(f"d{i}") for i in range(4)])
     session(box.user)

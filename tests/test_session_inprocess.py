@@ -566,3 +566,41 @@ def test_deletions_applied_only_by_quit_in_transaction(h):
     assert user.contents() == [one]
     assert s.protocol._state == CLOSED
     assert not h.ctx.mailbox_locks.holder(str(user.maildir))
+
+
+# ----------------------------------------------------------------- the mapped index at the session's end
+
+
+@pytest.fixture
+def mapped(make, tmp_path):
+    """A harness whose indexes live in a ``[mail] index`` directory of this
+    uid, so they are mapped (fastpop.store.index.mappable)."""
+    from fastpop.store import index as mindex
+
+    directory = tmp_path / "indexes"
+    mindex.configure(str(directory))
+    try:
+        yield make(mail_index=str(directory))
+    finally:
+        mindex.configure(None)
+
+
+@pytest.mark.parametrize("end", ["quit", "disconnect"])
+def test_mapped_index_is_unmapped_when_the_session_ends(mapped, end):
+    """At QUIT, or when the client goes, the session's mapping is closed then,
+    while the session object is still referenced (the old code left it to
+    whenever the session was collected)."""
+    user = mapped.add_user(messages=[message("one"), message("two")])
+    for _ in range(2):  # the first login builds the index; the second maps it warm
+        s = mapped.connect()
+        s.login(user)
+        assert s.cmd("STAT").startswith(b"+OK 2 ")
+        index = s.protocol._mailbox.index
+        assert index.mapped and not index.buf.closed
+        if end == "quit":
+            assert s.cmd("QUIT") == R.OK_LOGOUT
+            s.wait_closed()
+        else:
+            s.disconnect()
+        assert index.buf.closed, "the index stayed mapped after the session ended"
+        assert s.protocol._mailbox is not None  # (still referenced: unmapped by the session, not by collection)

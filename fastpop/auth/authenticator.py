@@ -412,6 +412,11 @@ class Authenticator:
             self.db.file.reload()
         self.flush_cache()
 
+    def watch(self, loop) -> bool:
+        """Let ``loop`` watch the passwd-file (PasswdFile.watch); False for
+        other user databases, or where it cannot be watched."""
+        return isinstance(self.db, PasswdFileDB) and self.db.watch(loop)
+
     def flush_cache(self) -> int:
         """Forget every cached answer (SIGHUP, ``fastpop user flush``)."""
         n = self.cache.flush()

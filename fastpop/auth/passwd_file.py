@@ -2,8 +2,12 @@
 
 Each line is ``user:{SCHEME}hash:uid:gid:gecos:home:shell:extra_fields``;
 everything after the password is optional, ``#`` starts a comment.  The file
-is re-read when it changes (size or mtime), so ``fastpop user add`` takes
-effect without a restart.
+is re-read when it changes (inode, size or mtime), so ``fastpop user add``
+takes effect without a restart.  A server watches it with inotify(7)
+(``watch``): a login then costs no system call for it, and a change made on
+this host is seen by the next login; a stat at most once a second (every
+login without a watch) also catches what inotify cannot see (an edit on
+another NFS host).
 
 Reading is forgiving the way Dovecot's is: a malformed line (no user name, a
 uid or gid that is not a number, bytes that are not UTF-8, a NUL) is logged
@@ -21,11 +25,15 @@ and lines it cannot parse stay as they were, where they were.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import re
 import stat
+import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -196,6 +204,82 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
+# With a watch: how long a stat of the file stands for it when inotify reports
+# nothing (inotify sees no change made by another host of a network filesystem).
+CHECK_INTERVAL = 1.0
+
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_DELETE_SELF, _IN_MOVE_SELF, _IN_Q_OVERFLOW, _IN_IGNORED = 0x400, 0x800, 0x4000, 0x8000
+_IN_ONLYDIR = 0x01000000
+_WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE
+               | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
+_LOST = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED  # the directory itself is gone or moved
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+
+
+class _Watch:
+    """inotify(7) on the directory of the file (a rename over it, an edit in
+    place, a chmod), read by an asyncio event loop.  ``changed()`` is called
+    when an event names the file, the queue overflowed or the directory
+    itself went (then the watch ends: ``alive`` is False)."""
+
+    def __init__(self, path: str, loop, changed) -> None:
+        self.name = os.fsencode(os.path.basename(path))
+        self.loop = loop
+        self.changed = changed
+        self.alive = False
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        try:
+            if libc.inotify_add_watch(fd, os.fsencode(os.path.dirname(path)), _WATCH_MASK) < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), os.path.dirname(path))
+            loop.add_reader(fd, self._read)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.alive = True
+
+    def _read(self) -> None:
+        hit = lost = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                lost = True
+                break
+            if not data:
+                break
+            at = 0
+            while at + _EVENT.size <= len(data):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(data, at)
+                name = data[at + _EVENT.size : at + _EVENT.size + length].rstrip(b"\0")
+                at += _EVENT.size + length
+                if mask & _LOST:
+                    lost = True
+                elif mask & _IN_Q_OVERFLOW or name == self.name:
+                    hit = True
+        if lost:
+            self.close()
+        if hit or lost:
+            self.changed()
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+
+
 class PasswdFile:
     """Read side: a dict of records, reloaded when the file changes."""
 
@@ -203,13 +287,46 @@ class PasswdFile:
         self.path = path
         self._users: dict[str, UserRecord] = {}
         self._stamp: tuple[int, int, int] | None = None
+        self._watch: _Watch | None = None
+        self._fresh_until = 0.0  # with a watch: the last stat stands for the file until then (monotonic)
         self.reload_if_changed()
+
+    def watch(self, loop) -> bool:
+        """Have ``loop`` watch the file with inotify, so a login need not
+        stat it (see the module's docstring).  False, and a stat per login
+        as before, where it cannot: no inotify, its limit reached, or a link
+        in the file's path (a change of the link's target would go unseen)."""
+        if self._watch is not None:
+            return True
+        path = os.path.abspath(self.path)
+        if os.path.realpath(path) != path:
+            return False
+        try:
+            self._watch = _Watch(path, loop, self._changed)
+        except (OSError, AttributeError) as exc:  # (AttributeError: a libc without inotify)
+            log.info("not watching passwd-file %s (%s): it is checked at every login", path, exc)
+            return False
+        self._fresh_until = 0.0
+        return True
+
+    def unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+    def _changed(self) -> None:
+        self._fresh_until = 0.0  # the next lookup stats the file
+        if self._watch is not None and not self._watch.alive:
+            self._watch = None  # its directory went: a stat at every login from now on
 
     def reload_if_changed(self) -> bool:
         st = os.stat(self.path)
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # a rename-replace changes the inode
+        if self._watch is not None:  # (a failed stat or read above or below leaves it stale: checked again)
+            self._fresh_until = time.monotonic() + CHECK_INTERVAL
         if stamp == self._stamp:
             return False
+        self._fresh_until = 0.0  # until the file is read
         users: dict[str, UserRecord] = {}
         first_line: dict[str, int] = {}
         problems: list[Problem] = []
@@ -228,6 +345,8 @@ class PasswdFile:
         if len(problems) > MAX_LOGGED_PROBLEMS:
             log.error("passwd-file %s: %d more lines skipped", self.path, len(problems) - MAX_LOGGED_PROBLEMS)
         self._users, self._stamp = users, stamp
+        if self._watch is not None:
+            self._fresh_until = time.monotonic() + CHECK_INTERVAL
         return True
 
     def reload(self) -> None:
@@ -235,7 +354,8 @@ class PasswdFile:
         self.reload_if_changed()
 
     def lookup(self, name: str) -> UserRecord | None:
-        self.reload_if_changed()
+        if self._watch is None or time.monotonic() >= self._fresh_until:
+            self.reload_if_changed()
         return self._users.get(name)
 
     def __len__(self) -> int:

@@ -70,6 +70,13 @@ class PasswdFileDB(UserDB):
     def lookup(self, name: str) -> UserRecord | None:
         return self.file.lookup(name)
 
+    def watch(self, loop) -> bool:
+        """Watch the file on ``loop`` (PasswdFile.watch)."""
+        return self.file.watch(loop)
+
+    async def close(self) -> None:
+        self.file.unwatch()
+
 
 def allowed(record: UserRecord, field: str) -> bool:
     """A per-user yes/no extra field (``allow_apop``, ``allow_plaintext``); yes when absent."""

@@ -57,6 +57,7 @@ from fastpop.delivery.local import (
     EX_USAGE,
     DeliveryError,
 )
+from fastpop.store import safefs
 
 PROG = "fastpop deliver"
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM, signal.SIGXCPU)
@@ -250,6 +251,7 @@ def _switch(uid: int, gid: int) -> None:
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
+    safefs.forget_euid()
 
 
 def _read_stdin(limit: int | None) -> bytes:

@@ -32,7 +32,7 @@ from fastpop.limits import (
 from fastpop.net import parse_address
 from fastpop.serve.preload import preload
 from fastpop.session.protocol import POP3Protocol
-from fastpop.store import index
+from fastpop.store import index, maildir, safefs
 from fastpop.store.locking import default_table_path, mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
@@ -219,6 +219,7 @@ RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user"
                 # the user database: LMTP and open pools hold the one built at start
                 "passwd_file", "auth_master_passwd_file", "mail_location", "mail_lock", "mail_lock_table",
                 "mail_index",  # checked and opened once, as the serving uid
+                "mail_uidl", "deleted_flag",  # set once per process (fastpop.store.maildir.configure_*)
                 *(f.name for f in fields(Config)
                                                  if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
 
@@ -379,6 +380,7 @@ def drop_privileges(user: str | None, group: str | None) -> None:
     os.setgid(gid)
     if entry is not None:
         os.setuid(entry.pw_uid)
+        safefs.forget_euid()
         # as su(1) does: files a library looks for in $HOME (asyncpg's ~/.postgresql/
         # and ~/.pgpass) are the user's, not root's, which it could not read
         os.environ.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name)
@@ -461,8 +463,11 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
         lmtp_service = await lmtp_server.start(config, ctx.auth, ctx.connections,
                                                lambda: ctx.config)  # counted in max_connections
     preload(config)  # whatever a login, a reload or a delivery may need: the files may be unreadable in a moment
+    ctx.auth.watch(loop)  # the passwd-file, by inotify: no stat per login (before the uid changes)
     drop_privileges(config.user, config.group)
     index.configure(config.mail_index)  # as the serving uid: the directory must be its own
+    maildir.configure_uidl(config.mail_uidl)
+    maildir.configure_deleted_flag(config.deleted_flag)
     stop: asyncio.Queue[str] = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.put_nowait, signal.Signals(sig).name)

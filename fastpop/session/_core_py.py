@@ -660,6 +660,7 @@ class SessionCore:
         self._deleted = bytearray(len(mailbox))
         self._deleted_count = self._deleted_size = 0
         self._last_retr = 0  # RFC 1460
+        mailbox.forget_seen()
         self._out.append(b"+OK %d messages (%d octets)\r\n" % (len(mailbox), mailbox.total_size))
 
     def cmd_quit_transaction(self, args: tuple[str, ...]) -> None:
@@ -668,6 +669,7 @@ class SessionCore:
         self._state = UPDATE
         deleted = marked(self._deleted, self._deleted_count)
         failed = mailbox.delete(deleted) if deleted else 0
+        mailbox.apply_seen(self._deleted)  # [pop3] seen_on_retr: renames in cur/, never a deletion
         if faults.ACTIVE and deleted:
             faults.hit("update.before_reply")
         self._release_mailbox()
@@ -675,9 +677,14 @@ class SessionCore:
         self._close("quit")
 
     def _release_mailbox(self) -> None:
+        """At the session's end (QUIT, or the connection lost): the lock
+        released and the index unmapped now, not when the session is collected.
+        The lock and the mailbox are set together, so this runs once."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+            if self._mailbox is not None:
+                self._mailbox.close()  # (its total_size stays readable for the log line)
 
     def _log_end(self) -> None:
         user = self._user

@@ -162,6 +162,8 @@ class Login(SessionParts):
     def _mailbox_opened(self, user, lock: MailboxLock | TableLock, path: str, fut: asyncio.Future) -> None:
         if self.transport is None or self._busy & BUSY_CLOSING:
             lock.release()  # the client left meanwhile
+            if not fut.cancelled() and fut.exception() is None:
+                fut.result().close()  # its index unmapped now
             return
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
         if exc is not None:

@@ -39,6 +39,9 @@ class Retrieval(SessionParts):
         if i >= 0:
             if i >= self._last_retr:
                 self._last_retr = i + 1  # (LAST)
+            if self._ctx.config.seen_on_retr:  # flagged at QUIT (fastpop.store.maildir.Mailbox.apply_seen)
+                assert self._mailbox is not None
+                self._mailbox.mark_seen(i)
             self._send_message(i, None)
 
     def cmd_last(self, args: tuple[str, ...]) -> None:

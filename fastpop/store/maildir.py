@@ -33,8 +33,8 @@ import stat
 import time
 
 from fastpop import faults
+from fastpop.store import dovecot_keywords, dovecot_uidlist, maildirsize, safefs
 from fastpop.store import index as mindex
-from fastpop.store import safefs
 from fastpop.store.index import FLAG_NO_DOT_LINES, FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.store.safefs import O_MESSAGE, open_nofollow
 from fastpop.wire.stuffing import scan_file
@@ -56,6 +56,8 @@ _PERMANENT = {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ELOO
 
 def is_permanent(exc: BaseException) -> bool:
     """Whether a storage error calls for [SYS/PERM] rather than [SYS/TEMP]."""
+    if isinstance(exc, dovecot_uidlist.UidlistCorrupt):
+        return True  # [mail] uidl = "dovecot" cannot give a UIDL that is sure to last
     return isinstance(exc, OSError) and exc.errno in _PERMANENT
 
 
@@ -119,6 +121,21 @@ def uidl_of(name: str) -> str:
     return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def with_flag(name: str, flag: str) -> str | None:
+    """The Maildir name of this message with ``flag`` added to its ``:2,``
+    info (flags kept in ASCII order, as the specification asks), or None if
+    it has it already or its info is not of the ``:2,`` kind."""
+    base, sep, info = name.partition(":")
+    if not sep:
+        return f"{base}:2,{flag}"
+    if not info.startswith("2,"):
+        return None  # experimental ":1," info: left alone
+    flags = info[2:]
+    if flag in flags:
+        return None
+    return f"{base}:2,{''.join(sorted(flags + flag))}"
+
+
 def _base(name: str) -> str:
     return name.split(":", 1)[0]
 
@@ -173,31 +190,51 @@ def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int
     return size, file_size, flags if dots else flags | FLAG_NO_DOT_LINES
 
 
-def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, int]]:
-    """(UIDVALIDITY, {base name: UID}) from Dovecot's dovecot-uidlist in the
-    Maildir open as ``dir_fd`` (a regular file, not through a link), or (0, {})."""
+def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, str]]:
+    """(UIDVALIDITY, {base name: UIDL}) from Dovecot's dovecot-uidlist in the
+    Maildir open as ``dir_fd`` (a regular file, not through a link): the
+    UIDLs Dovecot's POP3 serves (fastpop.store.dovecot_uidlist), or (0, {})
+    if there is none or it cannot be parsed."""
     try:
-        fd, _ = safefs.open_regular(dir_fd, "dovecot-uidlist")
-        with open(fd, encoding="utf-8", errors="surrogateescape") as f:
-            header = f.readline().split()
-            if not header:
-                return 0, {}
-            if header[0] == "3":  # "3 V<uidvalidity> N<next uid> G<guid>"
-                validity = next((int(h[1:]) for h in header[1:] if h.startswith("V") and h[1:].isdigit()), 0)
-            elif header[0] == "1" and len(header) > 1 and header[1].isdigit():  # "1 <uidvalidity> <next uid>"
-                validity = int(header[1])
-            else:
-                return 0, {}
-            uids: dict[str, int] = {}
-            for line in f:
-                line = line.rstrip("\n")
-                head, sep, name = line.partition(":") if header[0] == "3" else line.partition(" ")
-                uid = head.split(" ", 1)[0]
-                if sep and uid.isdigit():
-                    uids[_base(name)] = int(uid)
-            return validity, uids
-    except (OSError, ValueError):
+        uidlist = dovecot_uidlist.read(dir_fd)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring dovecot-uidlist of the Maildir: %s", exc)
         return 0, {}
+    if uidlist is None:
+        return 0, {}
+    return uidlist.validity, {base: uidlist.uidl(base) or "" for base in uidlist.records}
+
+
+# [mail] uidl: "maildir" (fastpop never writes dovecot-uidlist) or "dovecot"
+_uidl_mode = "maildir"
+
+
+def configure_uidl(mode: str) -> None:
+    """``[mail] uidl``: "dovecot" gives every message a UID in dovecot-uidlist
+    before it is served (fastpop.store.dovecot_uidlist); "maildir" only reads it."""
+    global _uidl_mode
+    if mode not in ("maildir", "dovecot"):
+        raise ValueError(f"mail uidl must be 'maildir' or 'dovecot', not {mode!r}")
+    _uidl_mode = mode
+
+
+# [pop3] deleted_flag: an IMAP keyword that hides a message from POP3 instead of deleting it
+_deleted_flag = ""
+
+
+def configure_deleted_flag(keyword: str) -> None:
+    """``[pop3] deleted_flag``: POP3 deletion adds this keyword (Dovecot's
+    ``pop3_deleted_flag``) and messages with it are not shown; "" deletes."""
+    global _deleted_flag
+    if keyword and not dovecot_keywords.VALID_KEYWORD.fullmatch(keyword):
+        raise ValueError(f"not an IMAP keyword: {keyword!r}")
+    _deleted_flag = keyword
+
+
+def has_flag(name: str, flag: str) -> bool:
+    """Whether the ``:2,`` info of this Maildir name holds ``flag``."""
+    _, sep, info = name.partition(":")
+    return bool(sep) and info.startswith("2,") and flag in info[2:]
 
 
 def _listing(dir_fd: int, where: str) -> list[str]:
@@ -226,27 +263,61 @@ def _listing(dir_fd: int, where: str) -> list[str]:
     return names
 
 
-def current_index(path: str, owner: int) -> MailboxIndex | None:
-    """The index if it is up to date and nothing waits in new/, else None.
+# new/ of a Maildir last seen empty, by canonical path: its (device, inode,
+# mtime, ctime) then and the uid it was served as.  Kept only when that mtime
+# was settled (older than MTIME_SETTLE_NS) when the listing began: any entry
+# added to or removed from new/ since gives it a later mtime and ctime, so the
+# same stamp means it is still empty, and a login checks it with one lstat
+# instead of an open, a listing and a close (Dovecot's maildir-sync trusts
+# new/'s mtime the same way, outside its "dirty" window).  Per process, bounded.
+_empty_new: dict[str, tuple[int, int, int, int, int]] = {}
+EMPTY_NEW_MAX = 4096
 
-    This is the whole cost of a login to an unchanged mailbox: an open of
-    new/ (no link followed: neither the Maildir nor new/ may be one), its
-    listing, a stat of cur/ and of the index file, whatever their size.
-    Raises OSError for a new/ or cur/ that must be refused; the Maildir
-    itself was checked when the index was built (sync_index), and only root
-    can give it to another owner since.
-    """
-    canonical = safefs.canonical_maildir(path)
+
+def _new_is_empty(canonical: str, path: str, owner: int) -> bool | None:
+    """Whether new/ holds no message; None if it is missing.  Raises OSError
+    for a new/ that must be refused (a link, not a directory, another owner's)."""
+    known = _empty_new.get(canonical)
+    if known is not None:
+        try:  # (a Maildir swapped for a link makes this another inode: then listed below, refused)
+            st = os.stat(canonical + "/new", follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, owner) == known:
+            return True
+        del _empty_new[canonical]
     try:
         new = safefs.open_nofollow(canonical + "/new", os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return None
     try:
-        safefs.check_directory(os.fstat(new), owner, path + "/new")
+        st = os.fstat(new)  # before the listing: a change during it gives a later stamp
+        safefs.check_directory(st, owner, path + "/new")
         if safefs.has_entries(new):
-            return None
+            return False
     finally:
         os.close(new)
+    if time.time_ns() - st.st_mtime_ns > MTIME_SETTLE_NS:
+        if len(_empty_new) >= EMPTY_NEW_MAX:
+            del _empty_new[next(iter(_empty_new))]  # the oldest entry
+        _empty_new[canonical] = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, owner)
+    return True
+
+
+def current_index(path: str, owner: int) -> MailboxIndex | None:
+    """The index if it is up to date and nothing waits in new/, else None.
+
+    This is the whole cost of a login to an unchanged mailbox: a stat of
+    new/ (when it was seen empty before with the same stamp, see _empty_new;
+    else an open of it, no link followed, and its listing), a stat of cur/
+    and of the index file, whatever their size.
+    Raises OSError for a new/ or cur/ that must be refused; the Maildir
+    itself was checked when the index was built (sync_index), and only root
+    can give it to another owner since.
+    """
+    canonical = safefs.canonical_maildir(path)
+    if not _new_is_empty(canonical, path, owner):
+        return None
     try:
         # (a Maildir swapped for a link since the open above only makes this mtime
         # differ, or the index unreadable: the full open then refuses it)
@@ -341,6 +412,11 @@ def _unlink_leftover(dir_fd: int, name: str, where: str) -> None:
 def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex | None, owner: int) -> MailboxIndex:
     """List cur/ and write a new index, reusing what the old one knew."""
     names = _listing(cur, path + "/cur")
+    if _deleted_flag:  # messages POP3 deleted with [pop3] deleted_flag: kept for IMAP, not shown
+        letter = dovecot_keywords.read(fd).get(_deleted_flag)
+        if letter is not None:
+            flag = dovecot_keywords.letter(letter)
+            names = [n for n in names if not has_flag(n, flag)]
     # by base name, in the old index's order (dicts keep insertion order)
     known = {_base(e.name): e for e in old.entries()} if old is not None else {}
     added: list[str] = []
@@ -352,16 +428,24 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
             entry.name = name  # flags may have changed the info suffix
     present = {_base(n) for n in names}
     kept = [e for base, e in known.items() if base in present]
-    uidvalidity, dovecot_uids = read_dovecot_uidlist(fd) if added or old is None else (0, {})
+    added.sort(key=_delivery_order)
+    if _uidl_mode == "dovecot":
+        # every message gets its UID in dovecot-uidlist before it is served, and one
+        # already served keeps its UIDL there too: the UIDL never depends on this index
+        kept_uidls = {_base(e.name): e.uidl for e in kept}
+        uidlist = dovecot_uidlist.assign(fd, [*kept_uidls, *(_base(n) for n in added)], kept_uidls, owner)
+        uidvalidity = uidlist.validity
+        dovecot_uidls = {_base(n): uidlist.uidl(_base(n)) or "" for n in added}
+    else:
+        uidvalidity, dovecot_uidls = read_dovecot_uidlist(fd) if added or old is None else (0, {})
     if old is not None and not uidvalidity:
         uidvalidity = old.uidvalidity
-    for name in sorted(added, key=_delivery_order):
+    for name in added:
         measured = measure(cur, name, owner, path + "/cur")
         if measured is None:
             continue
         size, file_size, flags = measured
-        uid = dovecot_uids.get(_base(name))
-        uidl = f"{uid:08x}{uidvalidity:08x}" if uid is not None else uidl_of(name)
+        uidl = dovecot_uidls.get(_base(name)) or uidl_of(name)
         kept.append(Entry(name, size, file_size, flags, uidl))
     trusted = cur_mtime_ns if time.time_ns() - cur_mtime_ns > MTIME_SETTLE_NS else 0
     try:
@@ -380,17 +464,18 @@ class Mailbox:
     It holds no descriptor: message files are opened by their canonical path
     (fastpop.store.safefs: no link in any component), names checked by the index."""
 
-    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root")
+    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root", "_seen")
 
     def __init__(self, path: str, index: MailboxIndex, owner: int) -> None:
         self.path = path
         self._cur = safefs.canonical_maildir(path) + "/cur/"
         self.index = index
         self._renamed: dict[int, str] | None = None
+        self._seen: set[int] | None = None  # RETR'd messages to mark \Seen at QUIT ([pop3] seen_on_retr)
         if owner == safefs.ANY_OWNER:  # (as root, for a user without a uid: see safefs.served_uid)
             owner = os.lstat(self._cur[:-5]).st_uid
         self.owner = owner
-        self._as_root = os.geteuid() == 0  # (root reads anything: the owner decides)
+        self._as_root = safefs.euid() == 0  # (root reads anything: the owner decides)
 
     @classmethod
     def open(cls, path: str, owner: int) -> Mailbox:
@@ -480,6 +565,95 @@ class Mailbox:
                 return self._cur + name
         return None
 
+    def mark_seen(self, index: int) -> None:
+        """Remember that message ``index`` was retrieved (RETR, not TOP), to be
+        flagged \\Seen by apply_seen() at QUIT, as Dovecot's POP3 does."""
+        if self._seen is None:
+            self._seen = set()
+        self._seen.add(index)
+
+    def forget_seen(self) -> None:
+        """RSET: nothing retrieved so far is flagged (as Dovecot)."""
+        self._seen = None
+
+    def apply_seen(self, deleted: bytearray) -> None:
+        """Add the S flag to the retrieved messages that are not deleted: a
+        rename within cur/ (by its descriptor) to ``:2,`` plus the flags in
+        ASCII order, merged with those the file has (another program, an IMAP
+        server, may have set some since login: then the file is found by its
+        unique name).  The unique name, so the UIDL, never changes.  Failures
+        are logged: a flag is not worth failing a QUIT for."""
+        if not self._seen:
+            return
+        try:
+            cur = self._open_cur()
+        except OSError as exc:
+            log.warning("cannot flag messages seen in %s: %s", self._cur, exc.strerror)
+            return
+        try:
+            for i in sorted(self._seen):
+                if i < len(deleted) and deleted[i]:
+                    continue  # as Dovecot: a deleted message is not flagged
+                for attempt in (0, 1):
+                    name = self.name(i)
+                    target = with_flag(name, "S")
+                    if target is None:
+                        break
+                    try:
+                        os.rename(name, target, src_dir_fd=cur, dst_dir_fd=cur)
+                        if self._renamed is None:
+                            self._renamed = {}
+                        self._renamed[i] = target
+                        break
+                    except FileNotFoundError:
+                        if attempt or self.find_renamed(i) is None:
+                            break  # expunged by another program meanwhile
+                    except OSError as exc:
+                        log.warning("cannot flag message %s%s seen: %s", self._cur, name, exc.strerror)
+                        break
+        finally:
+            os.close(cur)
+        self._seen = None
+
+    def _flag_deleted(self, cur: int, indices: list[int]) -> int:
+        """[pop3] deleted_flag: add the keyword's letter (dovecot-keywords)
+        to each message's info by a rename within cur/; returns how many
+        could not be flagged (they stay visible to POP3)."""
+        try:
+            top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                letter = dovecot_keywords.letter_for(top, _deleted_flag, self.owner)
+            finally:
+                os.close(top)
+        except OSError as exc:
+            log.error("cannot flag messages deleted in %s: %s", self._cur, exc.strerror)
+            return len(indices)
+        if letter is None:
+            log.error("cannot flag messages deleted in %s: all 26 Maildir keywords are taken", self._cur)
+            return len(indices)
+        failed = 0
+        for i in indices:
+            for attempt in (0, 1):
+                name = self.name(i)
+                target = with_flag(name, letter)
+                if target is None:
+                    break  # flagged already
+                try:
+                    os.rename(name, target, src_dir_fd=cur, dst_dir_fd=cur)
+                    break
+                except FileNotFoundError:
+                    if attempt or self.find_renamed(i) is None:
+                        break  # expunged by another program meanwhile
+                except OSError as exc:
+                    failed += 1
+                    log.error("cannot flag message %s%s deleted: %s", self._cur, name, exc.strerror)
+                    break
+        try:
+            os.fsync(cur)
+        except OSError as exc:
+            log.warning("cannot fsync %s after flagging: %s", self._cur, exc)
+        return failed
+
     def delete(self, indices: list[int]) -> int:
         """Unlink these messages; returns how many could not be removed.
         unlinkat in cur/'s descriptor: a name never reaches outside cur/."""
@@ -496,18 +670,25 @@ class Mailbox:
             os.close(cur)
 
     def _delete(self, cur: int, indices: list[int]) -> int:
+        if _deleted_flag:
+            return self._flag_deleted(cur, indices)
         failed = 0
+        removed = removed_size = 0  # for maildirsize: what this unlinked, not what others removed
         for i in indices:
             if faults.ACTIVE:
                 faults.hit("update.before_unlink")
             name = self.name(i)
             try:
                 os.unlink(name, dir_fd=cur)
+                removed += 1
+                removed_size += maildirsize.quota_size(name, self.index.message(i)[2])
             except FileNotFoundError:
                 renamed = self.find_renamed(i)
                 if renamed is not None:
                     try:
                         os.unlink(self.name(i), dir_fd=cur)
+                        removed += 1
+                        removed_size += maildirsize.quota_size(self.name(i), self.index.message(i)[2])
                     except FileNotFoundError:
                         pass
                     except OSError as exc:
@@ -523,4 +704,14 @@ class Mailbox:
             os.fsync(cur)
         except OSError as exc:  # the unlinks happened; only their durability is in doubt
             log.warning("cannot fsync %s after deletions: %s", self._cur, exc)
+        if removed:
+            try:
+                top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                log.warning("cannot update the quota of %s: %s", self._cur[:-5], exc.strerror)
+            else:
+                try:
+                    maildirsize.record_removed(top, removed_size, removed, self.owner, self._cur[:-5])
+                finally:
+                    os.close(top)
         return failed

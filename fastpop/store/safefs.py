@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 else:
     has_entries, open_nofollow = _impl.has_entries, _impl.open_nofollow
 
-__all__ = ["ANY_OWNER", "O_MESSAGE", "SAFEFS_IMPL", "canonical_maildir", "check_directory", "has_entries",
+__all__ = ["ANY_OWNER", "O_MESSAGE", "SAFEFS_IMPL", "canonical_maildir", "check_directory", "euid", "forget_euid",
+           "has_entries",
            "open_maildir", "open_nofollow", "open_regular", "open_subdir", "served_uid", "valid_name"]
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -73,15 +74,31 @@ def forget_canonical(path: str) -> None:
 
 
 ANY_OWNER = -1  # served as root for a user without a uid: as whoever owns the Maildir
+_euid: int | None = None
+
+
+def euid() -> int:
+    """This process's effective uid, asked of the kernel once (every login
+    needs it): whoever changes it (setuid) calls forget_euid()."""
+    global _euid
+    if _euid is None:
+        _euid = os.geteuid()
+    return _euid
+
+
+def forget_euid() -> None:
+    """After a change of the effective uid (privileges dropped)."""
+    global _euid
+    _euid = None
 
 
 def served_uid(user_uid: int | None) -> int:
     """The uid whose mail this process may touch for a user: its own; when it
     runs as root (allow_mail_as_root), the user's uid, or for a user without
     one ANY_OWNER: the Maildir's owner, whose files alone are then served."""
-    euid = os.geteuid()
-    if euid != 0:
-        return euid
+    uid = euid()
+    if uid != 0:
+        return uid
     return ANY_OWNER if user_uid is None else user_uid
 
 
