@@ -124,6 +124,9 @@ def test_plain_authzid_is_the_user_authcid_the_master():
     on, off = FakeServices(USERS, {"admin": MASTER_PW}), FakeServices(USERS, None)
     out, _ = drive(sasl.plain(on, b"alice\0admin\0" + MASTER_PW.encode()))
     assert out.record is not None and out.record.name == "alice" and out.master == "admin"
+    # the credentials as USER alice*admin gives them: a relay logs in to a backend the same way
+    assert out.credentials == drive(sasl.password_login(on, "alice*admin", MASTER_PW))[0].credentials
+    assert out.credentials == b"alice*admin\0" + MASTER_PW.encode()
     out, _ = drive(sasl.plain(off, b"alice\0admin\0" + MASTER_PW.encode()))
     assert out.record is None and out.reason == "authorization identity differs (not supported)"
     # a normal user's credentials acting as another user

@@ -254,8 +254,10 @@ def plain(svc: Services, initial: bytes | None) -> Step:
         # logging in as a user (never an authcid that is itself user*master)
         if sep in authzid or sep in authcid:
             return _malformed("PLAIN master login with a separator in its names", authcid)
-        credentials = authcid.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
-        return (yield from master_login(svc, f"{authzid}{sep}{authcid}", authzid, authcid, password, credentials))
+        # credentials as USER would give them (user*master), so what relays them (fastpop proxy) logs in the same way
+        shown = f"{authzid}{sep}{authcid}"
+        credentials = shown.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
+        return (yield from master_login(svc, shown, authzid, authcid, password, credentials))
     return (yield from password_login(svc, authcid, password))
 
 
