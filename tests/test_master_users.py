@@ -364,3 +364,17 @@ def test_login_delay_paces_the_user_not_the_master(server):
     assert login(server, user.name, "pw").startswith(b"+OK"), "the master's login made the user wait"
     assert login(server, f"{user.name}*admin", MASTER_PW).startswith(b"+OK"), "the master waited for LOGIN-DELAY"
     assert login(server, user.name, "pw").startswith(b"-ERR [LOGIN-DELAY]")  # the user's own pace holds
+
+
+def test_masters_file_is_reread_when_it_changes(server):
+    """A master added (or removed) takes effect at once, as a user in the passwd-file does."""
+    alice = server.add_user(password="alice pw")
+    masters = server.root / "masters"
+    before = masters.read_text()
+    assert login(server, f"{alice.name}*helpdesk", "helpdesk pw") == AUTH_FAILED
+    masters.write_text(before + "helpdesk:{PLAIN}helpdesk pw\n")
+    try:
+        assert login(server, f"{alice.name}*helpdesk", "helpdesk pw").startswith(b"+OK")
+    finally:
+        masters.write_text(before)
+    assert login(server, f"{alice.name}*helpdesk", "helpdesk pw") == AUTH_FAILED
