@@ -106,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-key", metavar="PEM", help="private key (default: in the certificate file)")
     tls.add_argument("--tls-min-version", choices=["TLSv1.2", "TLSv1.3"])
     tls.add_argument("--tls-handshake-timeout", type=float, metavar="SECONDS")
+    tls.add_argument("--tls-sni", action="append", metavar="NAME=PEM[,KEY]",
+                     help="a certificate for clients asking for NAME (or *.DOMAIN) by SNI (repeatable)")
+    tls.add_argument("--tls-cert-dir", metavar="DIR",
+                     help="certificates chosen by SNI: DIR/NAME/fullchain.pem+privkey.pem (certbot's live/) or"
+                          " DIR/NAME.pem, served for the names they hold")
+    tls.add_argument("--tls-reload-interval", type=float, metavar="SECONDS",
+                     help="check the certificate files for changes this often (default 5; 0: SIGHUP only)")
     tls.add_argument("--listen-tls", action="append", metavar="HOST:PORT",
                      help="implicit-TLS listener, e.g. :995 (repeatable)")
     tls.add_argument("--trusted-networks", metavar="CIDR,...",
@@ -209,6 +216,8 @@ _FLAG_FIELDS = (
     "tls_key",
     "tls_min_version",
     "tls_handshake_timeout",
+    "tls_cert_dir",
+    "tls_reload_interval",
     "listen_tls",
     "auth_penalty_initial",
     "auth_penalty_max",
@@ -254,6 +263,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                                 if n.strip()]
     if args.proxy_trusted_networks is not None:
         config.proxy_trusted_networks = [n.strip() for n in args.proxy_trusted_networks.split(",") if n.strip()]
+    for given in args.tls_sni or ():
+        name, eq, files = given.partition("=")
+        if not eq or not name or not files:
+            raise ValueError(f"--tls-sni {given!r}: expected NAME=CHAIN.pem or NAME=CHAIN.pem,KEY.pem")
+        config.tls_sni[name] = files.split(",")
     if args.auth_mechanisms is not None:
         config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
     if args.client_workarounds is not None:

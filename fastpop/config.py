@@ -69,6 +69,9 @@ class Config:
     tls_key: str | None = None  # private key (PEM); None: in the cert file
     tls_min_version: str = "TLSv1.2"
     tls_handshake_timeout: float = 30.0
+    tls_sni: dict[str, list[str]] = field(default_factory=dict)  # host name (or *.domain) -> [chain, key?]
+    tls_cert_dir: str | None = None  # certificates chosen by SNI, named by their own subjectAltNames
+    tls_reload_interval: float = 5.0  # seconds between checks of the certificate files; 0: SIGHUP only
     listen_tls: list[str] = field(default_factory=list)  # implicit-TLS listeners
     trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     auth_mechanisms: list[str] | None = None  # None: PLAIN LOGIN SCRAM-SHA-256 (+ OAuth with a validator)
@@ -179,6 +182,13 @@ class Config:
             raise ValueError("tls key given without a certificate")
         if self.listen_tls and self.tls_cert is None:
             raise ValueError("implicit-TLS listeners need a certificate (--tls-cert, [tls] cert)")
+        if (self.tls_sni or self.tls_cert_dir) and self.tls_cert is None:
+            raise ValueError("certificates chosen by SNI need a default one too (--tls-cert, [tls] cert)")
+        for name, files in self.tls_sni.items():
+            if not 1 <= len(files) <= 2 or not all(files):
+                raise ValueError(f"tls sni {name!r}: give the certificate chain, and the key unless it is in that file")
+        if not 0 <= self.tls_reload_interval <= 86400:
+            raise ValueError("tls reload_interval must be between 0 (SIGHUP only) and 86400 seconds")
         for addr in self.listen_tls:
             parse_address(addr)
         try:
@@ -283,6 +293,9 @@ _TOML_KEYS = {
     ("tls", "min_version"): "tls_min_version",
     ("tls", "handshake_timeout"): "tls_handshake_timeout",
     ("tls", "listen"): "listen_tls",
+    ("tls", "sni"): "tls_sni",
+    ("tls", "cert_dir"): "tls_cert_dir",
+    ("tls", "reload_interval"): "tls_reload_interval",
     ("auth", "trusted_networks"): "trusted_networks",
     ("auth", "mechanisms"): "auth_mechanisms",
     ("auth", "penalty_initial"): "auth_penalty_initial",
@@ -339,6 +352,16 @@ def _typed(value: object, type_name: str, where: str) -> object:
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false")
         return value
+    if type_name.startswith("dict"):  # [tls] sni: a table of name = "chain" or ["chain", "key"]
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a table")
+        table = {}
+        for key, item in value.items():
+            if isinstance(item, dict):  # mail.example.com = ... is a table of tables in TOML
+                raise ValueError(f"{where}: quote each host name (\"mail.example.com\" = ...), else TOML"
+                                 f" reads its dots as tables ({key!r})")
+            table[key] = _typed(item, "list[str]", f"{where}.{key}")
+        return table
     if type_name.startswith("list"):
         if isinstance(value, str):
             value = [value]

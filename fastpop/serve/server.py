@@ -38,6 +38,7 @@ from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
     from fastpop.session.metered import Counters
+    from fastpop.session.tls import TLSManager
 
 log = logging.getLogger("fastpop")
 
@@ -82,14 +83,18 @@ class ServerContext:
         self.secret = server_secret(config)
         self._init_security(config, shared.last_logins if shared is not None else None)
 
-    def _init_security(self, config: Config, last_logins: LastLogins | None = None) -> None:
+    def _init_security(self, config: Config, last_logins: LastLogins | None = None,
+                       tls: TLSManager | None = None) -> None:
         """TLS, SASL, penalties and limits (fastpop.session.tls, .sasl, .penalty, .oauth)."""
         from fastpop.auth import sasl
         from fastpop.auth.penalty import PenaltyBox
         from fastpop.net import Networks
 
         self.tls = None
-        if config.tls_cert is not None:
+        if config.tls_cert is not None and tls is not None:
+            tls.configure(config)  # the manager the listeners' SNI callback asks; reload() reads the files
+            self.tls = tls
+        elif config.tls_cert is not None:
             from fastpop.session.tls import TLSManager
 
             self.tls = TLSManager(config)
@@ -140,14 +145,9 @@ class ServerContext:
                 for name in fixed:
                     setattr(config, name, getattr(old, name))
             self.config = config
-            tls, penalty = self.tls, self.penalty
-            self._init_security(config, self.last_logins)  # the logins so far, and the workers' shared rows
-            if tls is not None and self.tls is not None:
-                assert config.tls_cert is not None, "a TLS manager is made only with a certificate"
-                # Keep the manager the implicit-TLS listeners' SNI callback asks.
-                tls.cert, tls.key, tls.min_version = config.tls_cert, config.tls_key, config.tls_min_version
-                tls.handshake_timeout = config.tls_handshake_timeout
-                self.tls = tls
+            penalty = self.penalty
+            # the logins so far, the workers' shared rows, the TLS manager the listeners ask
+            self._init_security(config, self.last_logins, self.tls)
             penalty.configure(config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
                               config.auth_penalty_per_user)
             self.penalty = penalty  # failure counts survive a reload
@@ -162,6 +162,7 @@ class ServerContext:
             log.error("SIGHUP: user database not re-read: %s", exc)
         if self.tls is not None:
             self.tls.reload()
+            self.tls.watch(self.loop)  # (a new reload_interval)
         log.info("SIGHUP: configuration, passwd-file%s reloaded", " and certificate" if self.tls else "")
 
     def log_full(self, reason: str) -> None:
@@ -468,6 +469,9 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
     index.configure(config.mail_index)  # as the serving uid: the directory must be its own
     maildir.configure_uidl(config.mail_uidl)
     maildir.configure_deleted_flag(config.deleted_flag)
+    if ctx.tls is not None:
+        ctx.tls.warn_unreadable()  # renewals are read as the serving uid from here on
+        ctx.tls.watch(loop)
     stop: asyncio.Queue[str] = asyncio.Queue()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.put_nowait, signal.Signals(sig).name)
@@ -505,6 +509,8 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
     else:
         await drain(ctx, deadline, stop, _event(why))
     watchdog.close()
+    if ctx.tls is not None:
+        ctx.tls.close()
     if process_metrics is not None:
         process_metrics.close()  # the last counts, then the endpoint
     await ctx.auth.close()  # the user database's connections
