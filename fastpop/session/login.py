@@ -118,8 +118,9 @@ class Login(SessionParts):
         self._auth_failures += 1
         valid = name is not None and valid_username(name)
         if penalize and not self._trusted:  # per-user accounting only for names that can exist
-            self._ctx.penalty.failed(self._addr_key, sasl.penalty_name(name, master_separator(self._ctx))  # type: ignore[arg-type]
-                                     if valid else None, credentials)
+            # (a master login's failure counts against the master: sasl.penalty_name)
+            counted = sasl.penalty_name(name, master_separator(self._ctx)) if valid and name is not None else None
+            self._ctx.penalty.failed(self._addr_key, counted, credentials)
         # a name from SASL can be anything (16 KiB, newlines): logged as it is only if valid
         shown = name if valid else ("-" if name is None else repr(name[:64]))
         # the address first, before what the client chose (contrib/fail2ban reads it there);
