@@ -202,6 +202,11 @@ def test_master_logs_in_with_plain_authzid(server):
     c.cmd("QUIT")
     c.close()
     assert f"login user={alice.name} master=admin" in server.log()
+    c = Conn(server.port)  # LOGIN (draft-murchison-sasl-login) takes the user*master form, as USER does
+    assert c.cmd("AUTH LOGIN " + b64(f"{alice.name}*admin")).startswith(b"+ ")
+    assert c.cmd(b64(MASTER_PW)).startswith(b"+OK")
+    c.cmd("QUIT")
+    c.close()
 
 
 def test_wrong_master_password_fails_and_names_the_attempt(server):
