@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time for a failure count to halve")
     tls.add_argument("--max-connections-per-ip", type=int, metavar="N",
                      help="open connections per address (0: no limit)")
+    tls.add_argument("--max-connections-per-ip-exempt", metavar="CIDR,...",
+                     help="networks without the per-address cap, still penalised (carrier-grade NAT, webmail)")
+    tls.add_argument("--auth-master-passwd-file", metavar="FILE",
+                     help="master users' passwd-file: USER alice*admin logs admin in as alice (default: off)")
     tls.add_argument("--oauth-validator", metavar="NAME",
                      help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
     tls.add_argument("--oauth-secret-file", metavar="FILE", help="shared secret of the hmac validator")
@@ -225,6 +229,7 @@ _FLAG_FIELDS = (
     "auth_penalty_max",
     "auth_penalty_half_life",
     "max_connections_per_ip",
+    "auth_master_passwd_file",
     "oauth_validator",
     "oauth_secret_file",
     "oauth_command",
@@ -262,6 +267,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.trusted_networks is not None:
         nets = [n.strip() for n in args.trusted_networks.split(",") if n.strip()]
         config.trusted_networks = [] if nets == ["none"] else nets
+    if args.max_connections_per_ip_exempt is not None:
+        config.max_connections_per_ip_exempt = [n.strip() for n in args.max_connections_per_ip_exempt.split(",")
+                                                if n.strip()]
     if args.proxy_trusted_networks is not None:
         config.proxy_trusted_networks = [n.strip() for n in args.proxy_trusted_networks.split(",") if n.strip()]
     for given in args.tls_sni or ():

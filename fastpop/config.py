@@ -23,6 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+MASTER_SEPARATORS = "*!#$%&^|~+="
+
 # Dovecot's pop3_client_workarounds (fastpop.session.retrieval applies them).
 CLIENT_WORKAROUNDS = ("outlook-no-nuls", "oe-ns-eoh")
 
@@ -78,6 +80,9 @@ class Config:
     auth_penalty_half_life: float = 300.0
     auth_penalty_per_user: bool = True
     max_connections_per_ip: int = 50
+    max_connections_per_ip_exempt: list[str] = field(default_factory=list)  # CIDRs without the per-address cap
+    auth_master_passwd_file: str | None = None  # master users (fastpop.auth.sasl): off unless set
+    auth_master_separator: str = "*"  # USER alice*admin: admin logs in as alice
     oauth_validator: str | None = None  # "hmac", "command" or "module:function"
     oauth_secret: str | None = None
     oauth_secret_file: str | None = None
@@ -199,6 +204,14 @@ class Config:
                 raise ValueError(f"{name} must not be negative")
         if self.max_connections_per_ip < 0:
             raise ValueError("max_connections_per_ip must not be negative")
+        try:
+            Networks(self.max_connections_per_ip_exempt)
+        except ValueError as exc:
+            raise ValueError(f"auth max_connections_per_ip_exempt: {exc}") from None
+        sep = self.auth_master_separator
+        # one character a user name may hold (USER takes it), but not one of a domain's or "@"
+        if len(sep) != 1 or sep not in MASTER_SEPARATORS:
+            raise ValueError(f"auth master_separator must be one of {MASTER_SEPARATORS}, not {sep!r}")
         if self.max_connections < 0:
             raise ValueError("max_connections must not be negative")
         if self.shutdown_timeout < 0:
@@ -307,6 +320,9 @@ _TOML_KEYS = {
     ("auth", "penalty_half_life"): "auth_penalty_half_life",
     ("auth", "penalty_per_user"): "auth_penalty_per_user",
     ("auth", "max_connections_per_ip"): "max_connections_per_ip",
+    ("auth", "max_connections_per_ip_exempt"): "max_connections_per_ip_exempt",
+    ("auth", "master_passwd_file"): "auth_master_passwd_file",
+    ("auth", "master_separator"): "auth_master_separator",
     ("oauth", "validator"): "oauth_validator",
     ("oauth", "secret"): "oauth_secret",
     ("oauth", "secret_file"): "oauth_secret_file",

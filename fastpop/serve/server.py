@@ -64,6 +64,9 @@ class ServerContext:
         self.config = config
         self.loop = loop
         self.auth = Authenticator.from_config(config)
+        # master users (fastpop.auth.sasl.master_login): their own passwd-file, read before privileges drop
+        self.masters = (Authenticator(config.auth_master_passwd_file, config.mail_location)
+                        if config.auth_master_passwd_file else None)
         self.sessions: set[POP3Protocol] = set()
         self.connections = shared.connections if shared is not None else connection_table(config)
         # opened here, before privileges are dropped, once per process (fastpop.store.locking)
@@ -100,6 +103,7 @@ class ServerContext:
 
             self.tls = TLSManager(config)
         self.trusted = Networks(config.trusted_networks)
+        self.cap_exempt = Networks(config.max_connections_per_ip_exempt)
         self.penalty = PenaltyBox(
             config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
             per_user=config.auth_penalty_per_user, shared=self._shared_failures,
@@ -156,6 +160,8 @@ class ServerContext:
             self.connections.total = config.max_connections
         try:
             self.auth.reload()  # the passwd-file re-read now; SQL/LDAP: the auth cache emptied
+            if self.masters is not None:
+                self.masters.reload()
         except (OSError, ValueError) as exc:
             log.error("SIGHUP: user database not re-read: %s", exc)
         if self.tls is not None:
@@ -216,7 +222,7 @@ RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user"
                 "proxy_listen", "proxy_listen_tls",
                 "auth_secret_file",  # read once, before privileges are dropped and workers forked
                 # the user database: LMTP and open pools hold the one built at start
-                "passwd_file", "mail_location", "mail_lock", "mail_lock_table",
+                "passwd_file", "auth_master_passwd_file", "mail_location", "mail_lock", "mail_lock_table",
                 "mail_index",  # checked and opened once, as the serving uid
                 "mail_uidl", "deleted_flag",  # set once per process (fastpop.store.maildir.configure_*)
                 "control_socket", "control_group", "control_deny_file",  # made and read before privileges drop
