@@ -18,7 +18,7 @@ from fastpop import __version__
 from fastpop.config import Config, load_toml
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery.legacy_import", "fastpop.bench",
-                                       "fastpop.auth.oauth")
+                                       "fastpop.auth.oauth", "fastpop.serve.control_cli")
 
 
 def _version() -> str:
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log lines as text (default), key=value pairs (logfmt) or JSON objects")
     serve.add_argument("--metrics-listen", metavar="HOST:PORT",
                        help="serve Prometheus metrics over HTTP here (default: metrics off)")
+    serve.add_argument("--control-socket", metavar="PATH",
+                       help="the control socket of fastpop who/kick/deny/maintenance ('none': off; default "
+                            "control.sock in the lock table's runtime directory)")
+    serve.add_argument("--control-group", metavar="GROUP", help="this group may use the control socket too (0660)")
+    serve.add_argument("--control-deny-file", metavar="PATH",
+                       help="where fastpop deny keeps its list (default: denied-users beside the auth secret)")
     serve.add_argument("--timeout-authorization", type=float, metavar="SECONDS", help="idle time allowed before login")
     serve.add_argument("--timeout-transaction", type=float, metavar="SECONDS", help="idle time allowed after login")
     serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS",
@@ -132,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time for a failure count to halve")
     tls.add_argument("--max-connections-per-ip", type=int, metavar="N",
                      help="open connections per address (0: no limit)")
+    tls.add_argument("--max-connections-per-ip-exempt", metavar="CIDR,...",
+                     help="networks without the per-address cap, still penalised (carrier-grade NAT, webmail)")
+    tls.add_argument("--auth-master-passwd-file", metavar="FILE",
+                     help="master users' passwd-file: USER alice*admin logs admin in as alice (default: off)")
     tls.add_argument("--oauth-validator", metavar="NAME",
                      help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
     tls.add_argument("--oauth-secret-file", metavar="FILE", help="shared secret of the hmac validator")
@@ -226,6 +236,7 @@ _FLAG_FIELDS = (
     "auth_penalty_max",
     "auth_penalty_half_life",
     "max_connections_per_ip",
+    "auth_master_passwd_file",
     "oauth_validator",
     "oauth_secret_file",
     "oauth_command",
@@ -234,6 +245,9 @@ _FLAG_FIELDS = (
     "proxy_timeout",
     "log_format",
     "metrics_listen",
+    "control_socket",
+    "control_group",
+    "control_deny_file",
 )
 
 
@@ -260,6 +274,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.trusted_networks is not None:
         nets = [n.strip() for n in args.trusted_networks.split(",") if n.strip()]
         config.trusted_networks = [] if nets == ["none"] else nets
+    if args.max_connections_per_ip_exempt is not None:
+        config.max_connections_per_ip_exempt = [n.strip() for n in args.max_connections_per_ip_exempt.split(",")
+                                                if n.strip()]
     if args.proxy_trusted_networks is not None:
         config.proxy_trusted_networks = [n.strip() for n in args.proxy_trusted_networks.split(",") if n.strip()]
     for given in args.tls_sni or ():

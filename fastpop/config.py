@@ -23,6 +23,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+MASTER_SEPARATORS = "*!#$%&^|~+="
+
 # Dovecot's pop3_client_workarounds (fastpop.session.retrieval applies them).
 CLIENT_WORKAROUNDS = ("outlook-no-nuls", "oe-ns-eoh")
 
@@ -78,6 +80,9 @@ class Config:
     auth_penalty_half_life: float = 300.0
     auth_penalty_per_user: bool = True
     max_connections_per_ip: int = 50
+    max_connections_per_ip_exempt: list[str] = field(default_factory=list)  # CIDRs without the per-address cap
+    auth_master_passwd_file: str | None = None  # master users (fastpop.auth.sasl): off unless set
+    auth_master_separator: str = "*"  # USER alice*admin: admin logs in as alice
     oauth_validator: str | None = None  # "hmac", "command" or "module:function"
     oauth_secret: str | None = None
     oauth_secret_file: str | None = None
@@ -124,6 +129,10 @@ class Config:
     backend_connect_timeout: float = 5.0  # connect, greeting and login at a backend
     backend_health_interval: float = 5.0  # seconds between health checks; 0: none
     backend_rehash: bool = False  # a down backend's users to the next one (shared store only)
+    # the control socket (fastpop.serve.control): fastpop who, kick, deny, allow, maintenance
+    control_socket: str | None = None  # None: control.sock in the lock table's runtime directory; "none": off
+    control_group: str | None = None  # this group may use it too (mode 0660)
+    control_deny_file: str | None = None  # None: denied-users beside the auth secret
 
     def validate(self) -> None:
         """This file's own checks (raises ValueError); the subsystems check
@@ -205,6 +214,14 @@ class Config:
                 raise ValueError(f"{name} must not be negative")
         if self.max_connections_per_ip < 0:
             raise ValueError("max_connections_per_ip must not be negative")
+        try:
+            Networks(self.max_connections_per_ip_exempt)
+        except ValueError as exc:
+            raise ValueError(f"auth max_connections_per_ip_exempt: {exc}") from None
+        sep = self.auth_master_separator
+        # one character a user name may hold (USER takes it), but not one of a domain's or "@"
+        if len(sep) != 1 or sep not in MASTER_SEPARATORS:
+            raise ValueError(f"auth master_separator must be one of {MASTER_SEPARATORS}, not {sep!r}")
         if self.max_connections < 0:
             raise ValueError("max_connections must not be negative")
         if self.shutdown_timeout < 0:
@@ -238,6 +255,19 @@ class Config:
                 raise ValueError("metrics need prometheus-client: pip install 'fastpop[metrics]'")
         if not 0.05 <= self.metrics_flush_interval <= 3600:
             raise ValueError("metrics flush_interval must be between 0.05 and 3600 seconds")
+        if self.control_socket not in (None, "none") and not os.path.isabs(self.control_socket):
+            raise ValueError(f"control socket must be an absolute path or 'none', not {self.control_socket!r}")
+        if self.control_socket is not None and len(os.fsencode(self.control_socket)) > 107:
+            raise ValueError("control socket path longer than a Unix socket's 107 bytes")
+        if self.control_deny_file is not None and not os.path.isabs(self.control_deny_file):
+            raise ValueError(f"control deny_file must be an absolute path, not {self.control_deny_file!r}")
+        if self.control_group is not None:
+            import grp
+
+            try:
+                grp.getgrnam(self.control_group)
+            except KeyError:
+                raise ValueError(f"no such system group {self.control_group!r} (control group)") from None
 
     def _validate_backends(self) -> None:
         for addr in self.backend_servers:
@@ -321,6 +351,9 @@ _TOML_KEYS = {
     ("auth", "penalty_half_life"): "auth_penalty_half_life",
     ("auth", "penalty_per_user"): "auth_penalty_per_user",
     ("auth", "max_connections_per_ip"): "max_connections_per_ip",
+    ("auth", "max_connections_per_ip_exempt"): "max_connections_per_ip_exempt",
+    ("auth", "master_passwd_file"): "auth_master_passwd_file",
+    ("auth", "master_separator"): "auth_master_separator",
     ("oauth", "validator"): "oauth_validator",
     ("oauth", "secret"): "oauth_secret",
     ("oauth", "secret_file"): "oauth_secret_file",
@@ -343,6 +376,9 @@ _TOML_KEYS = {
     ("metrics", "flush_interval"): "metrics_flush_interval",
     **{("backends", k): f"backend_{k}" for k in (
         "route", "servers", "port", "login", "proxy_header", "connect_timeout", "health_interval", "rehash")},
+    ("control", "socket"): "control_socket",
+    ("control", "group"): "control_group",
+    ("control", "deny_file"): "control_deny_file",
 }
 
 

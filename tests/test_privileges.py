@@ -90,7 +90,7 @@ def test_no_listener_accepts_before_privileges_are_dropped(tmp_path):
         ["strace", "-f", "-qq", "-e", "trace=listen,setuid", "-o", str(trace),
          sys.executable, "-m", "fastpop", "serve", "--listen", "127.0.0.1:0", "--lmtp-listen", "127.0.0.1:0",
          "--passwd-file", str(tmp_path / "passwd"), "--mail-location", str(tmp_path / "%u"),
-         "--user", "nobody", "--workers", "1"],
+         "--user", "nobody", "--workers", "1", "--control-socket", str(tmp_path / "run" / "control.sock")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -104,7 +104,7 @@ def test_no_listener_accepts_before_privileges_are_dropped(tmp_path):
             proc.kill()
             proc.wait()
     calls = [m.group(1) for line in trace.read_text().splitlines() if (m := re.search(r"\b(listen|setuid)\(", line))]
-    assert calls.count("listen") == 2, calls  # POP3 and LMTP
+    assert calls.count("listen") == 3, calls  # POP3, LMTP and the control socket
     assert "setuid" in calls and calls.index("setuid") < calls.index("listen"), calls
 
 

@@ -191,6 +191,7 @@ def routed(base: Any) -> Any:
             _timer: asyncio.TimerHandle | None
             _reading_paused: bool
             _user: UserRecord | None
+            _master: str | None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -216,21 +217,28 @@ def routed(base: Any) -> Any:
 
         def _auth_finished(self, outcome: sasl.Outcome) -> None:
             record = outcome.record
-            if record is None:
+            ctx = self._ctx
+            if record is None or (ctx.denied and record.name in ctx.denied):
                 base._auth_finished(self, outcome)  # the server's failure path: delay, penalty, log line
+                return
+            if self._restricted(outcome):  # allow_nets, nopop3, nologin: refused as the server refuses
                 return
             if outcome.credentials is None:  # SCRAM, APOP, OAuth: no password to log in with
                 log.warning("login not relayable user=%s rip=%s", outcome.user, self._peer)
                 self._answer(ERR_NOT_RELAYABLE, "unavailable")
                 return
+            master = self._master  # (set by _restricted) a master's success clears the master's count
             if not self._trusted:
-                self._ctx.penalty.succeeded(self._addr_key, record.name)
+                ctx.penalty.succeeded(self._addr_key, record.name if master is None
+                                      else ctx.config.auth_master_separator + master)
+            # the name as given (a master login's user*master) and its password go to the backend;
+            # the route is the user's own
             name, _, password = outcome.credentials.decode("utf-8", "surrogatepass").partition("\0")
-            router: Router = self._ctx.router
+            router: Router = ctx.router
             try:
-                backend = router.pick(name, record)
+                backend = router.pick(record.name, record)
             except NoBackend as exc:
-                log.warning("backend unavailable user=%s rip=%s: %s", name, self._peer, exc)
+                log.warning("backend unavailable user=%s rip=%s: %s", record.name, self._peer, exc)
                 self._answer(ERR_BACKEND, "unavailable")
                 return
             self._connecting = self.loop.create_task(self._connect(router, backend, name, password, record))
@@ -303,7 +311,8 @@ def routed(base: Any) -> Any:
                 self._timer.cancel()
                 self._timer = None
             self._state = TRANSACTION  # a draining server lets it finish, as a logged-in session
-            self._route = f"user={name} rip={self._peer} backend={backend}"
+            master = f" master={self._master}" if self._master is not None else ""  # always on the record
+            self._route = f"user={record.name}{master} rip={self._peer} backend={backend}"
             self._link = link
             link.relaying = True
             client.write(reply)
@@ -340,11 +349,11 @@ def routed(base: Any) -> Any:
                 self._end_reason = "backend closed"
                 self.transport.close()  # after what is buffered for the client
 
-        def shutdown(self) -> None:
+        def shutdown(self, reason: str = "shutdown") -> None:  # (or fastpop kick: "kicked")
             link = self._link
             if link is None:
-                return base.shutdown(self)
-            self._end_reason = "shutdown"
+                return base.shutdown(self, reason)
+            self._end_reason = reason
             if link.transport is not None:
                 link.transport.abort()
             if self.transport is not None:

@@ -38,6 +38,7 @@ from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
     from fastpop.proxy.routing import Router
+    from fastpop.serve.control import WorkerControl
     from fastpop.session.metered import Counters
     from fastpop.session.tls import TLSManager
 
@@ -64,6 +65,9 @@ class ServerContext:
         self.config = config
         self.loop = loop
         self.auth = Authenticator.from_config(config)
+        # master users (fastpop.auth.sasl.master_login): their own passwd-file, read before privileges drop
+        self.masters = (Authenticator(config.auth_master_passwd_file, config.mail_location)
+                        if config.auth_master_passwd_file else None)
         self.sessions: set[POP3Protocol] = set()
         self.connections = shared.connections if shared is not None else connection_table(config)
         # opened here, before privileges are dropped, once per process (fastpop.store.locking)
@@ -82,6 +86,9 @@ class ServerContext:
 
             self.router = Router(config)
             self.router.start(loop)
+        # fastpop.serve.control: set by the control socket (or inherited from the supervisor)
+        self.maintenance = False
+        self.denied: frozenset[str] = frozenset()
         self._shared_failures = shared.failures if shared is not None else None  # the penalty counts of all workers
         # made-up SCRAM salts: read before privileges are dropped, kept across SIGHUP
         self.secret = server_secret(config)
@@ -103,6 +110,7 @@ class ServerContext:
 
             self.tls = TLSManager(config)
         self.trusted = Networks(config.trusted_networks)
+        self.cap_exempt = Networks(config.max_connections_per_ip_exempt)
         self.penalty = PenaltyBox(
             config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
             per_user=config.auth_penalty_per_user, shared=self._shared_failures,
@@ -165,6 +173,8 @@ class ServerContext:
                 self.router.start(self.loop)
         try:
             self.auth.reload()  # the passwd-file re-read now; SQL/LDAP: the auth cache emptied
+            if self.masters is not None:
+                self.masters.reload()
         except (OSError, ValueError) as exc:
             log.error("SIGHUP: user database not re-read: %s", exc)
         if self.tls is not None:
@@ -230,9 +240,10 @@ RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user"
                 "backend_route",  # the listeners' session class (fastpop proxy)
                 "auth_secret_file",  # read once, before privileges are dropped and workers forked
                 # the user database: LMTP and open pools hold the one built at start
-                "passwd_file", "mail_location", "mail_lock", "mail_lock_table",
+                "passwd_file", "auth_master_passwd_file", "mail_location", "mail_lock", "mail_lock_table",
                 "mail_index",  # checked and opened once, as the serving uid
                 "mail_uidl", "deleted_flag",  # set once per process (fastpop.store.maildir.configure_*)
+                "control_socket", "control_group", "control_deny_file",  # made and read before privileges drop
                 *(f.name for f in fields(Config)
                                                  if f.name.startswith(("userdb_", "ldap_", "auth_cache_"))))
 
@@ -408,6 +419,7 @@ async def serve(
     shared: WorkerTables | None = None,
     alive_fd: int | None = None,
     ready_fd: int | None = None,
+    control: WorkerControl | None = None,
 ) -> None:
     """Run until SIGTERM or SIGINT, then drain (see ``drain``).  SIGHUP applies
     ``reload()``'s configuration (the config file read again).
@@ -443,7 +455,7 @@ async def serve(
                 if given is None:
                     locks.claim_addresses(addresses)  # a fixed port: before it is bound
         await _serve(config, sockets, tls_sockets, lmtp, reload, shared, notifier, locks, inherited,
-                     alive_fd, ready_fd)
+                     alive_fd, ready_fd, control)
     finally:
         if locks is not None:
             locks.release()
@@ -452,8 +464,8 @@ async def serve(
 async def _serve(config: Config, sockets: list[socket.socket] | None, tls_sockets: list[socket.socket] | None,
                  lmtp: bool, reload: Callable[[], Config] | None, shared: WorkerTables | None, notifier: Any,
                  locks: ListenerLocks | None, inherited: list[socket.socket], alive_fd: int | None,
-                 ready_fd: int | None) -> None:
-    from fastpop.serve import systemd
+                 ready_fd: int | None, control: WorkerControl | None) -> None:
+    from fastpop.serve import control as control_mod
 
     loop = asyncio.get_running_loop()
     single = locks is not None
@@ -475,9 +487,33 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
 
         lmtp_service = await lmtp_server.start(config, ctx.auth, ctx.connections,
                                                lambda: ctx.config)  # counted in max_connections
+    control_socket = None
+    if control is not None:  # a worker: the supervisor's state, and its channel
+        ctx.maintenance, ctx.denied = control.state.maintenance, control.state.denied
+    elif single:  # made and read before privileges drop
+        ctx.denied = control_mod.load_denied(control_mod.deny_path(config))
+        control_socket = control_mod.open_socket(config)
     preload(config)  # whatever a login, a reload or a delivery may need: the files may be unreadable in a moment
     ctx.auth.watch(loop)  # the passwd-file, by inotify: no stat per login (before the uid changes)
-    drop_privileges(config.user, config.group)
+    try:
+        drop_privileges(config.user, config.group)
+        await _serve_as_user(ctx, servers, lmtp_service, reload, alive_fd, ready_fd, single, notifier,
+                             process_metrics, control, control_socket)
+    finally:
+        if control_socket is not None:
+            control_socket.close()
+
+
+async def _serve_as_user(ctx: ServerContext, servers: list[asyncio.Server], lmtp_service: Any,
+                         reload: Callable[[], Config] | None, alive_fd: int | None, ready_fd: int | None,
+                         single: bool, notifier: Any, process_metrics: Any, control: WorkerControl | None,
+                         control_socket: Any) -> None:
+    """_serve once privileges are dropped: serve until told to stop, then drain."""
+    from fastpop.serve import control as control_mod
+    from fastpop.serve import systemd
+
+    loop = asyncio.get_running_loop()
+    config = ctx.config
     index.configure(config.mail_index)  # as the serving uid: the directory must be its own
     maildir.configure_uidl(config.mail_uidl)
     maildir.configure_deleted_flag(config.deleted_flag)
@@ -500,6 +536,12 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
         for server in servers + ctx.tls_servers + ctx.proxy_servers:
             await server.start_serving()  # (an event loop's server listens now)
         _log_listening(ctx, servers, lmtp_service, single)
+    control_server = channel_task = None
+    if control_socket is not None:
+        control_server = await control_mod.serve_socket(ctx, control_socket, control_mod.deny_path(config))
+        log.info("control socket %s", control_socket.path)
+    elif control is not None:
+        channel_task = loop.create_task(control_mod.serve_channel(ctx, control.channel, control.index))
     if ready_fd is not None:
         try:
             os.write(ready_fd, b"1")
@@ -523,6 +565,10 @@ async def _serve(config: Config, sockets: list[socket.socket] | None, tls_socket
     watchdog.close()
     if ctx.tls is not None:
         ctx.tls.close()
+    if control_server is not None:
+        control_server.close()
+    if channel_task is not None:
+        channel_task.cancel()
     if process_metrics is not None:
         process_metrics.close()  # the last counts, then the endpoint
     await ctx.auth.close()  # the user database's connections
@@ -625,10 +671,12 @@ def run_worker(
     shared: WorkerTables | None = None,
     alive_fd: int | None = None,
     ready_fd: int | None = None,
+    control: WorkerControl | None = None,
 ) -> None:
     loop = new_event_loop(config.loop)
     try:
-        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, shared, alive_fd, ready_fd))
+        loop.run_until_complete(serve(config, sockets, tls_sockets, lmtp, reload, shared, alive_fd, ready_fd,
+                                      control))
     finally:
         loop.close()
 

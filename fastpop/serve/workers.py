@@ -30,6 +30,7 @@ no new connections, logged-in sessions get ``shutdown_timeout`` to finish.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -51,6 +52,7 @@ from fastpop.serve.validation import validate_all
 from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
+    from fastpop.serve.control import SupervisorControl
     from fastpop.serve.metrics import HTTPEndpoint
 
 log = logging.getLogger("fastpop.workers")
@@ -94,6 +96,7 @@ class Supervisor:
             raise OSError("socket activation: a socket named pop3s serves implicit TLS and needs a certificate")
         self.metrics_dir: str | None = None
         self.metrics_endpoint: HTTPEndpoint | None = None
+        self.control: SupervisorControl | None = None  # the control socket (fastpop.serve.control)
 
     def _sockets(self) -> tuple[list[socket.socket], list[socket.socket]]:
         """One worker's listening sockets: POP3 (then the PROXY listeners') and
@@ -133,7 +136,15 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _fork(self, index: int, wait_ready: bool) -> None:
+        # The control thread's state and channels change under its lock: held
+        # across the fork, a new worker has both the state and its channel.
+        control = self.control
+        with control.lock if control is not None else contextlib.nullcontext():
+            self._fork_locked(index, wait_ready)
+
+    def _fork_locked(self, index: int, wait_ready: bool) -> None:
         pop3, tls = self._sockets()
+        worker_control = self.control.channel_for(index) if self.control is not None else None
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC) if wait_ready else (-1, -1)
         try:
             pid = os.fork()
@@ -141,6 +152,8 @@ class Supervisor:
             for fd in (ready_r, ready_w):
                 if fd >= 0:
                     os.close(fd)
+            if worker_control is not None:
+                worker_control.channel.close()
             raise
         if pid == 0:  # the worker
             code = 1
@@ -154,9 +167,12 @@ class Supervisor:
                         os.close(fd)
                 if self.metrics_endpoint is not None:
                     self.metrics_endpoint.server.socket.close()  # the supervisor's, not the worker's
+                if self.control is not None:
+                    self.control.in_worker()  # the supervisor's socket and ends of the channels
                 self.shared.use_row(index)
                 server.run_worker(self.config, pop3, tls, lmtp=index == 0, reload=self.reload, shared=self.shared,
-                                  alive_fd=self.alive_r, ready_fd=ready_w if ready_w >= 0 else None)
+                                  alive_fd=self.alive_r, ready_fd=ready_w if ready_w >= 0 else None,
+                                  control=worker_control)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)
@@ -166,6 +182,8 @@ class Supervisor:
         for sock in pop3 + tls:
             if not self._inherited(sock):
                 sock.close()  # the worker has them now
+        if worker_control is not None:
+            worker_control.channel.close()  # the worker's end
         if ready_w >= 0:
             os.close(ready_w)
             self.starting[pid] = ready_r
@@ -200,6 +218,7 @@ class Supervisor:
         try:
             self._claim()
             self._start_metrics()
+            self._open_control()
             preload(self.config)  # once, before the forks (each worker checks again before its drop)
             self._spawn(0, wait_ready=True)  # LMTP's: it serves before any POP3 listener accepts
             self._wait_ready()
@@ -208,6 +227,9 @@ class Supervisor:
             self._wait_ready()
             if not self.stopping:
                 self._listening()
+                if self.control is not None:
+                    self.control.start()
+                    log.info("control socket %s", self.control.control.path)
                 self._ready()
             return self._wait()
         except BaseException:
@@ -218,6 +240,8 @@ class Supervisor:
                 os.close(fd)
             self.starting.clear()
             self._stop_ops()
+            if self.control is not None:
+                self.control.close()
             self.locks.release()  # (every worker is gone by now)
             os.close(self.alive_r)
             os.close(self.alive_w)
@@ -300,6 +324,17 @@ class Supervisor:
             out += ["{}:{}".format(*s.getsockname()[:2]) for s in (activated.pop3 if kind == "pop3" else activated.tls)
                     if s.family != socket.AF_UNIX]
         return out
+
+    def _open_control(self) -> None:
+        """The control socket and the saved deny list, before any worker (as
+        the user the supervisor runs as: it keeps its privileges)."""
+        from fastpop.serve import control
+
+        denied = control.load_denied(control.deny_path(self.config))
+        sock = control.open_socket(self.config)
+        if sock is not None:
+            self.control = control.SupervisorControl(sock, control.deny_path(self.config),
+                                                     control.ControlState(denied=denied))
 
     def _start_metrics(self) -> None:
         """fastpop.serve.metrics: the workers write their counts into a private

@@ -33,6 +33,8 @@ class SessionContext(Protocol):
     mailbox_locks: LockTable | SymlinkLocks
     tls: TLSManager | None
     trusted: Networks  # plaintext logins without TLS, no penalties
+    cap_exempt: Networks  # no per-address connection cap (penalties still)
+    masters: Authenticator | None  # the master users' passwd-file, None when off
     penalty: PenaltyBox
     last_logins: LastLogins  # LOGIN-DELAY
     apop: bool  # greetings carry an APOP timestamp
@@ -42,6 +44,8 @@ class SessionContext(Protocol):
     capa_transaction: bytes  # the CAPA reply after login
     metrics: Any  # a fastpop.session.metered.Counters when metrics are on, else None
     proxy_servers: list[Any]  # the PROXY listeners (fastpop.session.proxied)
+    maintenance: bool  # fastpop maintenance on: logins refused with [SYS/TEMP]
+    denied: frozenset[str]  # fastpop deny: these users' logins fail
 
     def capa_for(self, stls: bool, plaintext_ok: bool) -> bytes: ...
     def auth_list(self, plaintext_ok: bool) -> bytes: ...

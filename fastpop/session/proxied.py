@@ -130,13 +130,13 @@ class ProxiedPOP3Protocol(POP3Protocol):
                      self._peer, len(self._header))
         super().connection_lost(exc)
 
-    def shutdown(self) -> None:
+    def shutdown(self, reason: str = "shutdown") -> None:
         if self._header is not None:
             self._busy |= BUSY_CLOSING
             if self.transport is not None:
                 self.transport.close()
             return
-        super().shutdown()
+        super().shutdown(reason)
 
     def _header_timeout(self) -> None:
         self._timer = None

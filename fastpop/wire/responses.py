@@ -28,6 +28,8 @@ ERR_NO_USER = b"-ERR No username given.\r\n"
 ERR_TOO_MANY_BAD = b"-ERR Too many bad commands.\r\n"
 ERR_TIMEOUT = b"-ERR Disconnected for inactivity.\r\n"
 ERR_SHUTDOWN = b"-ERR [SYS/TEMP] Server shutting down.\r\n"
+ERR_KICKED = b"-ERR [SYS/TEMP] Session ended by the administrator.\r\n"
+ERR_MAINTENANCE = b"-ERR [SYS/TEMP] Server in maintenance, try again later.\r\n"
 
 ERR_AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
 ERR_AUTH_INVALID_USER = b"-ERR [AUTH] Invalid user name.\r\n"
