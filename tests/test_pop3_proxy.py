@@ -551,3 +551,45 @@ def test_a_stopped_backend_affects_only_its_users(farm):
     wait_for(rf"backend {re.escape(farm.servers[down])} up", farm.proxy)
     for name in mine:
         assert farm.users[name][1].encode() in read_mail(POP3From("127.0.0.13", farm.proxy.port), name)
+
+
+def test_master_logins_and_per_user_restrictions_at_the_proxy(tmp_path):
+    """A master login (USER alice*admin) is checked at the proxy, routed by the
+    user's own name and relayed as given, so the backend logs the master; a user
+    whose allow_nets excludes the client fails at the proxy like a wrong password,
+    without a word to the backend."""
+    certs = Certs(tmp_path / "certs")
+    masters = tmp_path / "masters"
+    masters.write_text("admin:{PLAIN}masterpw\n")
+    masters.chmod(0o600)
+    addr = f"{BACKEND_ADDRESSES[0]}:{free_port(BACKEND_ADDRESSES[0])}"
+    backend = ServerProcess(tmp_path / "backend", "cython", extra_args=[
+        "--proxy-listen", addr, "--proxy-trusted-networks", "127.0.0.1/32",
+        "--auth-master-passwd-file", str(masters)])
+    backend.add_user(name="alice", password="secret").deliver(message("alice's mail"))
+    backend.add_user(name="carol", password="secret").deliver(message("carol's mail"))
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[backends]\nservers = ["{addr}"]\n')
+    proxy = ProxyServer(tmp_path / "proxy", "cython", certs, extra_args=[
+        "--config", str(config), "--auth-master-passwd-file", str(masters)])
+    with open(proxy.passwd, "w") as f:
+        f.write("alice:{PLAIN}secret\ncarol:{PLAIN}secret::::::allow_nets=192.0.2.0/24\n")
+    backend.start()
+    proxy.start()
+    try:
+        assert b"alice's mail" in read_mail(POP3From("127.0.0.24", proxy.port), "alice*admin", "masterpw")
+        wait_for(r"proxy login user=alice master=admin rip=127\.0\.0\.24 ", proxy)
+        wait_for(r"session user=alice master=admin rip=127\.0\.0\.24 ", backend)
+        before = len(backend.log())
+        p = POP3From("127.0.0.25", proxy.port)
+        p.user("carol")
+        with pytest.raises(poplib.error_proto) as failed:
+            p.pass_("secret")
+        assert failed.value.args[0] == b"-ERR [AUTH] Authentication failed."
+        p.close()
+        wait_for(r"auth failed rip=127\.0\.0\.25 user=carol .*allow_nets", proxy)
+        time.sleep(0.2)
+        assert "127.0.0.25" not in backend.log()[before:]
+    finally:
+        stop_clean(proxy)
+        stop_clean(backend)
