@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time for a failure count to halve")
     tls.add_argument("--max-connections-per-ip", type=int, metavar="N",
                      help="open connections per address (0: no limit)")
+    tls.add_argument("--max-connections-per-ip-exempt", metavar="CIDR,...",
+                     help="networks without the per-address cap, still penalised (carrier-grade NAT, webmail)")
+    tls.add_argument("--auth-master-passwd-file", metavar="FILE",
+                     help="master users' passwd-file: USER alice*admin logs admin in as alice (default: off)")
     tls.add_argument("--oauth-validator", metavar="NAME",
                      help="hmac, command or module:function (enables OAUTHBEARER, XOAUTH2)")
     tls.add_argument("--oauth-secret-file", metavar="FILE", help="shared secret of the hmac validator")
@@ -182,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     target = flush.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid", type=int, help="the server's (or supervisor's) process id")
     target.add_argument("--pid-file", help="a file holding that process id")
+    # fastpop proxy (fastpop.proxy): serve's flags; the sessions are relayed to [backends]
+    proxy_cmd = sub.add_parser(
+        "proxy", parents=[serve], add_help=False, conflict_handler="resolve",
+        help="run a POP3 proxy that routes each user to their backend",
+        description="A fastpop server whose logins are relayed to the users' backends ([backends] in the "
+                    "configuration file: docs/configuration.md, docs/deploy.md); it takes serve's flags.")
+    proxy_cmd.set_defaults(func=cmd_proxy)
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).add_subcommand(sub)
     return parser
@@ -225,6 +236,7 @@ _FLAG_FIELDS = (
     "auth_penalty_max",
     "auth_penalty_half_life",
     "max_connections_per_ip",
+    "auth_master_passwd_file",
     "oauth_validator",
     "oauth_secret_file",
     "oauth_command",
@@ -262,6 +274,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.trusted_networks is not None:
         nets = [n.strip() for n in args.trusted_networks.split(",") if n.strip()]
         config.trusted_networks = [] if nets == ["none"] else nets
+    if args.max_connections_per_ip_exempt is not None:
+        config.max_connections_per_ip_exempt = [n.strip() for n in args.max_connections_per_ip_exempt.split(",")
+                                                if n.strip()]
     if args.proxy_trusted_networks is not None:
         config.proxy_trusted_networks = [n.strip() for n in args.proxy_trusted_networks.split(",") if n.strip()]
     for given in args.tls_sni or ():
@@ -273,6 +288,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
     if args.client_workarounds is not None:
         config.client_workarounds = [w.strip().lower() for w in args.client_workarounds.split(",") if w.strip()]
+    if getattr(args, "route", False):  # fastpop proxy: only mechanisms that give it the password
+        config.backend_route = True
+        if config.auth_mechanisms is None:
+            config.auth_mechanisms = ["PLAIN", "LOGIN"]
     return config
 
 
@@ -303,6 +322,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    args.route = True  # (config_from_args: on SIGHUP too)
+    return cmd_serve(args)
 
 
 def _reloaded_config(args: argparse.Namespace) -> Config:

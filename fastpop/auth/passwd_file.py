@@ -30,6 +30,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import struct
 import tempfile
 import time
@@ -359,6 +360,27 @@ class PasswdFile:
 
     def __len__(self) -> int:
         return len(self._users)
+
+
+def check_master_file(path: str) -> None:
+    """The master users' passwd-file ([auth] master_passwd_file): whoever can
+    write it can make a master, who can read every mailbox.  ValueError unless
+    it is a regular file of root or this uid that nobody else may write; a
+    warning when others may read it (its hashes are worth guessing offline)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ValueError(f"[auth] master_passwd_file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"[auth] master_passwd_file {path} is not a regular file")
+    if st.st_uid not in (0, os.geteuid()):
+        raise ValueError(f"[auth] master_passwd_file {path} belongs to uid {st.st_uid}: it must be root's "
+                         f"or uid {os.geteuid()}'s")
+    if st.st_mode & 0o022:
+        raise ValueError(f"[auth] master_passwd_file {path} is mode {stat.S_IMODE(st.st_mode):04o}: others may "
+                         f"write it, and so make a master user (chmod go-w {path})")
+    if st.st_mode & 0o004:
+        log.warning("master passwd-file %s is readable by every local user (chmod o-r)", path)
 
 
 def read_records(path: str, problems: list[Problem] | None = None) -> list[UserRecord]:

@@ -91,6 +91,8 @@ class Outcome:
     credentials: bytes | None = None  # a fingerprint source: same wrong credentials, no higher penalty
     malformed: bool = False
     reason: str = ""
+    master: str | None = None  # a master user's login (set on success): who logged in as ``record``
+    master_record: UserRecord | None = None  # the master's own line (its allow_nets, nologin apply too)
 
 
 Step = Generator["Challenge | Gate | Hold | Pending", Any, Outcome]
@@ -107,8 +109,12 @@ class Services(Protocol):
     def verify_apop(self, name: str, digest: str) -> UserRecord | None | Pending: ...
     def scram_keys(self, record: UserRecord) -> tuple[bytes, bytes, bytes, int] | Pending | None: ...
     def validate_token(self, token: str, user: str | None, mechanism: str) -> Pending: ...
+    def verify_master(self, name: str, password: str) -> UserRecord | None | Pending: ...
     @property
     def secret(self) -> bytes: ...
+    @property
+    def master_separator(self) -> str | None:
+        """The master users' separator (``*``), or None: no master users."""
 
 
 def _malformed(reason: str, user: str | None = None) -> Outcome:
@@ -142,9 +148,29 @@ def encode_challenge(data: bytes) -> bytes:
 # ----------------------------------------------------------------- plain logins
 
 
+def split_master(name: str, separator: str | None) -> tuple[str, str] | None:
+    """``alice*admin`` -> ("alice", "admin") when master users are on: the
+    last separator splits (a master's name cannot hold one); a name without
+    it, or master users off, is an ordinary name (None)."""
+    if not separator or separator not in name:
+        return None
+    user, _, master = name.rpartition(separator)
+    return user, master
+
+
+def penalty_name(name: str, separator: str | None) -> str:
+    """The name a failed login counts against: a master login's master
+    (``*admin``, whatever user it named), else the name itself."""
+    parts = split_master(name, separator)
+    return name if parts is None else separator + parts[1]  # type: ignore[operator]  # (a separator split it)
+
+
 def password_login(svc: Services, name: str, password: str) -> Step:
     """USER/PASS, and the end of PLAIN and LOGIN."""
     credentials = name.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
+    parts = split_master(name, svc.master_separator)
+    if parts is not None:
+        return (yield from master_login(svc, name, parts[0], parts[1], password, credentials))
     if not svc.valid_username(name):
         yield Gate(None)
         return Outcome(name, credentials=credentials, reason="invalid user name")
@@ -159,6 +185,31 @@ def password_login(svc: Services, name: str, password: str) -> Step:
     if record is not None and not allowed(record, "allow_plaintext"):
         return Outcome(name, credentials=credentials, reason="plaintext logins disabled for this user")
     return Outcome(name, record, credentials=credentials, reason="" if record else "wrong password or unknown user")
+
+
+def master_login(svc: Services, shown: str, user: str, master: str, password: str, credentials: bytes) -> Step:
+    """A master user (from its own passwd-file, never the user database) logs
+    in as ``user`` with the master's password.  ``shown``, the name as the
+    client gave it (``alice*admin``), is what failures log; the penalty
+    counts against the master (whatever user it names), so spreading guesses
+    of a master's password over many users gains nothing."""
+    sep = svc.master_separator
+    assert sep is not None, "master logins only when master users are on"
+    if not user or not master or not svc.valid_username(user) or not svc.valid_username(master):
+        yield Gate(None)
+        return Outcome(shown, credentials=credentials, reason="master login with an invalid user or master name")
+    yield Gate(penalty_name(shown, sep))  # (a name no ordinary login can use while master users are on)
+    if not password or "\0" in password:
+        return Outcome(shown, credentials=credentials, reason="empty password or NUL in it")
+    found = svc.verify_master(master, password)
+    master_record: UserRecord | None = (yield found) if type(found) is Pending else found
+    if master_record is None:
+        return Outcome(shown, credentials=credentials, reason="master: wrong password or unknown master user")
+    found = svc.lookup(user)
+    record: UserRecord | None = (yield found) if type(found) is Pending else found
+    if record is None:
+        return Outcome(shown, credentials=credentials, reason="master: no such user to log in as")
+    return Outcome(user, record, credentials=credentials, master=master_record.name, master_record=master_record)
 
 
 def _apop_digest_ok(digest: str) -> bool:
@@ -196,7 +247,17 @@ def plain(svc: Services, initial: bytes | None) -> Step:
     if not authcid or not password:
         return _malformed("PLAIN message with an empty name or password")
     if authzid and authzid != authcid:
-        return Outcome(authcid, reason="authorization identity differs (not supported)")
+        sep = svc.master_separator
+        if sep is None:
+            return Outcome(authcid, reason="authorization identity differs (not supported)")
+        # RFC 4616: authcid's credentials, acting as authzid: a master user
+        # logging in as a user (never an authcid that is itself user*master)
+        if sep in authzid or sep in authcid:
+            return _malformed("PLAIN master login with a separator in its names", authcid)
+        # credentials as USER would give them (user*master), so what relays them (fastpop proxy) logs in the same way
+        shown = f"{authzid}{sep}{authcid}"
+        credentials = shown.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
+        return (yield from master_login(svc, shown, authzid, authcid, password, credentials))
     return (yield from password_login(svc, authcid, password))
 
 
@@ -489,3 +550,7 @@ def validate(config: Config) -> None:
             raise ValueError(f"unknown SASL mechanism {mech!r} (known: {', '.join(MECHANISMS)})")
         if mech in OAUTH_MECHANISMS and not config.oauth_validator:
             raise ValueError(f"SASL mechanism {mech} needs an oauth validator ([oauth] validator)")
+    if config.auth_master_passwd_file:
+        from fastpop.auth.passwd_file import check_master_file
+
+        check_master_file(config.auth_master_passwd_file)

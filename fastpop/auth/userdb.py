@@ -22,9 +22,11 @@ them.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from fastpop.auth.passwd_file import PasswdFile, UserRecord
+from fastpop.net import Networks
 
 log = logging.getLogger("fastpop.auth")
 
@@ -79,7 +81,46 @@ class PasswdFileDB(UserDB):
 def allowed(record: UserRecord, field: str) -> bool:
     """A per-user yes/no extra field (``allow_apop``, ``allow_plaintext``); yes when absent."""
     value = record.extra.get(field) if record.extra else None
-    return value is None or value.lower() not in ("no", "n", "false", "0", "off")
+    return value is None or value.lower() not in _NO
+
+
+_NO = ("no", "n", "false", "0", "off")
+
+
+def flag(record: UserRecord, field: str) -> bool:
+    """A per-user flag (``nologin``, ``nopop3``): set when present with no value
+    or any value but a "no" (an SQL column ``nologin`` = 'Y', or 0 for unset)."""
+    value = record.extra.get(field) if record.extra else None
+    return value is not None and value.lower() not in _NO
+
+
+@functools.lru_cache(maxsize=1024)
+def _networks(spec: str) -> Networks | None:
+    """Dovecot's allow_nets value (CIDRs or addresses, comma- or space-separated); None if unusable."""
+    try:
+        return Networks(spec.replace(",", " ").split())
+    except ValueError:
+        return None
+
+
+def login_refusal(record: UserRecord, peer: str) -> str | None:
+    """Why the user's own fields forbid this login (a reason for the log), or
+    None: Dovecot's ``nologin`` and ``allow_nets``, and POP3 turned off for the
+    user (``allow_pop3=no``, ``pop3=no`` or ``nopop3``).  ``peer`` is the
+    client's address (a PROXY header's, behind a proxy)."""
+    if flag(record, "nologin"):
+        return "login disabled for the user (nologin)"
+    if not allowed(record, "allow_pop3") or not allowed(record, "pop3") or flag(record, "nopop3"):
+        return "pop3 disabled for the user"
+    spec = record.extra.get("allow_nets") if record.extra else None
+    if spec is not None:
+        nets = _networks(spec)
+        if nets is None:  # a typo must not open the account to every network
+            log.warning("unusable allow_nets for user=%s: refusing its logins", record.name)
+            return "allow_nets unusable"
+        if peer not in nets:
+            return "network not allowed for the user (allow_nets)"
+    return None
 
 
 def expand_vars(template: str, name: str, remote_ip: str | None, escape=None) -> tuple[str, list[str]]:

@@ -37,6 +37,7 @@ from fastpop.store.locking import default_table_path, mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
+    from fastpop.proxy.routing import Router
     from fastpop.serve.control import WorkerControl
     from fastpop.session.metered import Counters
     from fastpop.session.tls import TLSManager
@@ -64,6 +65,9 @@ class ServerContext:
         self.config = config
         self.loop = loop
         self.auth = Authenticator.from_config(config)
+        # master users (fastpop.auth.sasl.master_login): their own passwd-file, read before privileges drop
+        self.masters = (Authenticator(config.auth_master_passwd_file, config.mail_location)
+                        if config.auth_master_passwd_file else None)
         self.sessions: set[POP3Protocol] = set()
         self.connections = shared.connections if shared is not None else connection_table(config)
         # opened here, before privileges are dropped, once per process (fastpop.store.locking)
@@ -76,6 +80,12 @@ class ServerContext:
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
         self.metrics: Counters | None = None  # when metrics are on
+        self.router: Router | None = None  # fastpop proxy (fastpop.proxy.routing)
+        if config.backend_route:
+            from fastpop.proxy.routing import Router
+
+            self.router = Router(config)
+            self.router.start(loop)
         # fastpop.serve.control: set by the control socket (or inherited from the supervisor)
         self.maintenance = False
         self.denied: frozenset[str] = frozenset()
@@ -100,6 +110,7 @@ class ServerContext:
 
             self.tls = TLSManager(config)
         self.trusted = Networks(config.trusted_networks)
+        self.cap_exempt = Networks(config.max_connections_per_ip_exempt)
         self.penalty = PenaltyBox(
             config.auth_penalty_initial, config.auth_penalty_max, config.auth_penalty_half_life,
             per_user=config.auth_penalty_per_user, shared=self._shared_failures,
@@ -154,8 +165,16 @@ class ServerContext:
             self.capa_transaction = self._capa(authorized=True)
             self.connections.per_address = config.max_connections_per_ip
             self.connections.total = config.max_connections
+            if self.router is not None:  # fastpop proxy: the backends as now configured, all thought up
+                from fastpop.proxy.routing import Router
+
+                self.router.close()
+                self.router = Router(config)
+                self.router.start(self.loop)
         try:
             self.auth.reload()  # the passwd-file re-read now; SQL/LDAP: the auth cache emptied
+            if self.masters is not None:
+                self.masters.reload()
         except (OSError, ValueError) as exc:
             log.error("SIGHUP: user database not re-read: %s", exc)
         if self.tls is not None:
@@ -174,6 +193,10 @@ class ServerContext:
     def session_class(self, base: type) -> type:
         """The class of the sessions a listener makes: ``base`` itself, or with
         metrics on its counting subclass (fastpop.serve.metrics)."""
+        if self.router is not None:  # fastpop proxy: logins relayed to backends
+            from fastpop.proxy.relay import routed
+
+            base = routed(base)
         if self.metrics is None:
             return base
         from fastpop.session.metered import metered
@@ -214,9 +237,10 @@ class ServerContext:
 # Settings a running server cannot change (SIGHUP keeps the old value and says so).
 RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group",
                 "proxy_listen", "proxy_listen_tls",
+                "backend_route",  # the listeners' session class (fastpop proxy)
                 "auth_secret_file",  # read once, before privileges are dropped and workers forked
                 # the user database: LMTP and open pools hold the one built at start
-                "passwd_file", "mail_location", "mail_lock", "mail_lock_table",
+                "passwd_file", "auth_master_passwd_file", "mail_location", "mail_lock", "mail_lock_table",
                 "mail_index",  # checked and opened once, as the serving uid
                 "mail_uidl", "deleted_flag",  # set once per process (fastpop.store.maildir.configure_*)
                 "control_socket", "control_group", "control_deny_file",  # made and read before privileges drop
@@ -548,6 +572,8 @@ async def _serve_as_user(ctx: ServerContext, servers: list[asyncio.Server], lmtp
     if process_metrics is not None:
         process_metrics.close()  # the last counts, then the endpoint
     await ctx.auth.close()  # the user database's connections
+    if ctx.router is not None:
+        ctx.router.close()  # its health checks
     log.info("stopped")
 
 

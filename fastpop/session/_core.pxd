@@ -58,6 +58,8 @@ cdef class SessionCore:
     cdef public object _auth_mech
     cdef public Py_ssize_t _last_retr
     cdef public double _since
+    cdef public bint _cap_exempt
+    cdef public object _master
 
     @cython.locals(out=list, cmd=tuple)
     cdef _process(self)

@@ -119,6 +119,9 @@ class SessionCore:
         "_last_retr",
         # fastpop who (fastpop.serve.control): loop time of the connection, then of the login
         "_since",
+        # ISP limits and master users
+        "_cap_exempt",
+        "_master",
     )
 
     # What the paths below use of POP3Protocol (its dispatch tables, Login's
@@ -167,6 +170,8 @@ class SessionCore:
         self._auth_failure: sasl.Outcome | None = None  # an error challenge is out: the attempt already failed
         self._auth_mech = "-"  # the running or last login's mechanism, for the auth failure log line
         self._last_retr = 0  # the highest message number RETR sent since login or RSET (LAST)
+        self._cap_exempt = False  # counted without the per-address cap (max_connections_per_ip_exempt)
+        self._master: str | None = None  # the master user who logged in as the user
 
     # ----------------------------------------------------------- asyncio callbacks
 
@@ -194,7 +199,9 @@ class SessionCore:
             bound_tls_buffers(transport)
         if not self._trusted:  # trusted networks: no per-address limit, no penalties
             self._addr_key = address_key(self._peer)
-        refused = ctx.connections.acquire(self._addr_key or None)
+            # exempt networks (carrier-grade NAT, webmail): no cap, still penalties
+            self._cap_exempt = self._peer in ctx.cap_exempt
+        refused = ctx.connections.acquire(None if self._cap_exempt else self._addr_key or None)
         if refused is not None:
             if refused == "address":
                 log.info("refused rip=%s: %d connections open from it", self._peer,
@@ -250,7 +257,7 @@ class SessionCore:
             self._auth = None
         if self._counted:
             self._counted = False
-            self._ctx.connections.release(self._addr_key or None)
+            self._ctx.connections.release(None if self._cap_exempt else self._addr_key or None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -528,14 +535,19 @@ class SessionCore:
                 R.ERR_AUTH_FAILED, outcome.user, outcome.credentials, not outcome.malformed, outcome.reason
             )
             return
+        if self._restricted(outcome):  # type: ignore[attr-defined]  # (POP3Protocol's): allow_nets, nopop3...
+            return
         self._login_succeeded(record)
 
     def _login_succeeded(self, user: UserRecord) -> None:
         ctx = self._ctx
-        if not self._trusted:
-            ctx.penalty.succeeded(self._addr_key, user.name)
+        master = self._master
+        if not self._trusted:  # (a master's success clears the master's count, not the user's)
+            ctx.penalty.succeeded(self._addr_key, user.name if master is None
+                                  else ctx.config.auth_master_separator + master)
         delay = login_delay(user, ctx.config.login_delay)
-        if ctx.last_logins.too_soon(user.name, delay):
+        # LOGIN-DELAY paces the user's own client: a master's login neither waits for it nor counts
+        if master is None and ctx.last_logins.too_soon(user.name, delay):
             log.info("login refused user=%s rip=%s: LOGIN-DELAY %d", user.name, self._peer, delay)
             self._on_login_refused("login_delay")
             self._out.append(R.ERR_LOGIN_DELAY)
@@ -586,7 +598,10 @@ class SessionCore:
         config = self._ctx.config
         if config.timeout_transaction < config.timeout_authorization:
             self._rearm_timer()  # else the running timer, firing early, re-arms itself (_on_timer)
-        log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox))
+        if self._master is not None:  # an administrator in a user's mailbox: always on the record
+            log.info("login user=%s master=%s rip=%s messages=%d", user.name, self._master, self._peer, len(mailbox))
+        else:
+            log.debug("login user=%s rip=%s messages=%d", user.name, self._peer, len(mailbox))
         self._finish_login(R.OK_LOGGED_IN)
 
     def _finish_login(self, reply: bytes, refused: str = "") -> None:
@@ -596,7 +611,8 @@ class SessionCore:
         else:  # LOGIN-DELAY counts from here
             user = self._user
             assert user is not None, "a login succeeds in _enter_transaction, which sets it"
-            self._ctx.last_logins.record(user.name, login_delay(user, self._ctx.config.login_delay))
+            if self._master is None:
+                self._ctx.last_logins.record(user.name, login_delay(user, self._ctx.config.login_delay))
             self._on_logged_in()
         self._out.append(reply)
         self._flush()
@@ -698,10 +714,7 @@ class SessionCore:
         if not log.isEnabledFor(logging.INFO):
             return
         applied = self._state == UPDATE
-        log.info(
-            "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
-            user.name,
-            self._peer,
+        counts = (
             self._top_count,
             self._top_bytes,
             self._retr_count,
@@ -711,6 +724,11 @@ class SessionCore:
             self._mailbox.total_size if self._mailbox is not None else 0,
             self._end_reason,
         )
+        if self._master is not None:  # (its own format: the structured logs read pairs from it)
+            log.info("session user=%s master=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
+                     user.name, self._master, self._peer, *counts)
+            return
+        log.info("session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s", user.name, self._peer, *counts)
 
 
 def bound_tls_buffers(transport) -> None:

@@ -33,6 +33,8 @@ class SessionContext(Protocol):
     mailbox_locks: LockTable | SymlinkLocks
     tls: TLSManager | None
     trusted: Networks  # plaintext logins without TLS, no penalties
+    cap_exempt: Networks  # no per-address connection cap (penalties still)
+    masters: Authenticator | None  # the master users' passwd-file, None when off
     penalty: PenaltyBox
     last_logins: LastLogins  # LOGIN-DELAY
     apop: bool  # greetings carry an APOP timestamp

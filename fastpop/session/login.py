@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastpop.auth import sasl
 from fastpop.auth.authenticator import valid_username
+from fastpop.auth.userdb import login_refusal
 from fastpop.session.state import BUSY_AUTH, BUSY_CLOSING, SessionParts
 from fastpop.store.maildir import is_permanent
 from fastpop.wire import responses as R
@@ -117,7 +118,9 @@ class Login(SessionParts):
         self._auth_failures += 1
         valid = name is not None and valid_username(name)
         if penalize and not self._trusted:  # per-user accounting only for names that can exist
-            self._ctx.penalty.failed(self._addr_key, name if valid else None, credentials)
+            # (a master login's failure counts against the master: sasl.penalty_name)
+            counted = sasl.penalty_name(name, master_separator(self._ctx)) if valid and name is not None else None
+            self._ctx.penalty.failed(self._addr_key, counted, credentials)
         # a name from SASL can be anything (16 KiB, newlines): logged as it is only if valid
         shown = name if valid else ("-" if name is None else repr(name[:64]))
         # the address first, before what the client chose (contrib/fail2ban reads it there);
@@ -128,6 +131,24 @@ class Login(SessionParts):
         self._busy |= BUSY_AUTH
         delay = self._auth_started + self._ctx.config.auth_failure_delay - self.loop.time()
         self.loop.call_later(max(0.0, delay), self._login_failed, reply)
+
+    def _restricted(self, outcome: sasl.Outcome) -> bool:
+        """The user's own fields (and a master's) forbid this login: it fails
+        as a wrong password does (RFC 3206's [AUTH] covers "an attempt to
+        authenticate in violation of policy"), and only the log says why."""
+        record = outcome.record
+        assert record is not None
+        reason = login_refusal(record, self._peer)
+        if reason is None and outcome.master_record is not None:
+            reason = login_refusal(outcome.master_record, self._peer)
+            reason = reason and f"master: {reason}"
+        if reason is None:
+            self._master = outcome.master
+            return False
+        sep = master_separator(self._ctx)
+        name = record.name if outcome.master is None or sep is None else f"{record.name}{sep}{outcome.master}"
+        self._auth_failed(R.ERR_AUTH_FAILED, name, outcome.credentials, True, reason)
+        return True
 
     def _login_failed(self, reply: bytes = R.ERR_AUTH_FAILED) -> None:
         if self.transport is None or self._busy & BUSY_CLOSING:
@@ -153,6 +174,11 @@ class Login(SessionParts):
         self._enter_transaction(user, lock, fut.result())
 
 
+def master_separator(ctx: Any) -> str | None:
+    """The master users' separator, or None when there are none."""
+    return ctx.config.auth_master_separator if ctx.masters is not None else None
+
+
 class Services:
     """What fastpop.auth.sasl's exchanges may ask of the server, for one session."""
 
@@ -175,6 +201,10 @@ class Services:
     def valid_username(self, name: str) -> bool:
         return valid_username(name)
 
+    @property
+    def master_separator(self) -> str | None:
+        return master_separator(self._session._ctx)
+
     def verify_password(self, name: str, password: str):
         """The user record (None: wrong), or a Pending when the check runs
         elsewhere (a slow hash in a thread, a user database on a task)."""
@@ -182,6 +212,18 @@ class Services:
         auth = session._ctx.auth
         if auth.is_async:  # SQL, LDAP: through the auth cache, on a task
             return sasl.Pending(session.loop.create_task(auth.verify_password_async(name, password, session._peer)))
+        return self._verify(auth, name, password)
+
+    def verify_master(self, name: str, password: str):
+        """A master user's record from the masters' passwd-file (None: wrong), or a Pending."""
+        masters = self._session._ctx.masters
+        if masters is None:  # pragma: no cover - sasl asks only when master users are on
+            return None
+        return self._verify(masters, name, password)
+
+    def _verify(self, auth, name: str, password: str):
+        """A synchronous database's check: at once, or a Pending on a thread's hash."""
+        session = self._session
         answered: list = []
         future = None
 

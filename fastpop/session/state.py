@@ -103,6 +103,8 @@ class SessionParts:
         _auth_mech: str
         _last_retr: int
         _since: float
+        _cap_exempt: bool
+        _master: str | None
 
         @property
         def writing_paused(self) -> bool: ...
