@@ -76,7 +76,7 @@ def _sharded(directory: str, held: int, pairs: int, rng: random.Random) -> tuple
         for off in _offsets(pairs, rng):
             t0 = time.perf_counter()
             lock(off, fcntl.F_WRLCK)
-            table._held_in(table._legacy, off)  # each login also asks the old single file
+            table._held_by_older(off)  # each login also asks the old single file
             lock(off, fcntl.F_UNLCK)
             times.append(time.perf_counter() - t0)
         return times, setup
