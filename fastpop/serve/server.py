@@ -29,7 +29,7 @@ from fastpop.limits import (
     ConnectionTable,
     connections_per_worker,
 )
-from fastpop.net import parse_address
+from fastpop.net import listening_socket, parse_address, resolve_listener
 from fastpop.serve.preload import preload
 from fastpop.session.protocol import POP3Protocol
 from fastpop.store import index, maildir, safefs
@@ -681,43 +681,12 @@ def run_worker(
         loop.close()
 
 
-def _resolve(addr: str, port: int | None = None) -> tuple[int, int, int, Any]:
-    """(family, type, proto, sockaddr) that ``listening_socket`` binds for ``addr``."""
-    host, addr_port = parse_address(addr)
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return family, kind, proto, sockaddr
-
-
-def listening_socket(addr: str, port: int | None = None, reuse_port: bool = True, listen: bool = True) -> socket.socket:
-    """A listening TCP socket for ``addr`` (``port`` overrides its port 0), with
-    SO_REUSEPORT for the workers' sockets (without it a port in use is an error);
-    ``listen=False``: bound only, listening once its server starts serving."""
-    family, kind, proto, sockaddr = _resolve(addr, port)
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        if listen:
-            sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def bind_listener(locks: ListenerLocks, addr: str, port: int | None = None) -> socket.socket:
     """A socket for ``addr`` as ``listening_socket`` makes one, bound but not
     listening: it accepts once the process that serves it starts serving
     (after its switch of user), not in the kernel's queue before.  Its address
     is claimed in ``locks`` first (port 0: the port the kernel chose, once bound)."""
-    family, _, _, sockaddr = _resolve(addr, port)
+    family, _, _, sockaddr = resolve_listener(addr, port)
     if sockaddr[1]:
         locks.claim(family, sockaddr, addr)
     sock = listening_socket(addr, port, listen=False)
