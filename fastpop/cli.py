@@ -18,7 +18,8 @@ from fastpop import __version__
 from fastpop.config import Config, load_toml
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery.legacy_import", "fastpop.bench",
-                                       "fastpop.auth.oauth", "fastpop.serve.control_cli")
+                                       "fastpop.auth.oauth", "fastpop.serve.control_cli",
+                                       "fastpop.serve.expire_cli")
 
 
 def _version() -> str:

@@ -1,0 +1,216 @@
+"""EXPIRE that happens (RFC 2449 section 6.7, issue 20 item 3): a message
+retrieved in a session that ended with QUIT is deleted ``expire`` days
+later, at the user's next login (before STAT) or by the ``fastpop expire``
+sweep; EXPIRE 0 deletes at QUIT; per-user values from the user database,
+shown in CAPA after login.  Time is simulated by dating the on-disk record
+(fastpop.retrieved) in the past: nothing sleeps for days."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from support.server import PARSERS, ServerProcess, message, serving
+
+DAY = 86400
+
+
+@pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
+def srv(request, tmp_path_factory):
+    yield from serving(ServerProcess(tmp_path_factory.mktemp("expire"), PARSERS[request.param],
+                                     extra_args=["--expire", "3"]))
+
+
+def record(user) -> dict[str, int]:
+    path = user.maildir / "fastpop.retrieved"
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        stamp, uidl = line.split(" ", 1)
+        out[uidl] = int(stamp)
+    return out
+
+
+def age(user, days: float) -> None:
+    """Date every retrieval of the record ``days`` earlier (the simulated clock)."""
+    rec = record(user)
+    assert rec, "nothing recorded"
+    text = "".join(f"{int(t - days * DAY)} {u}\n" for u, t in rec.items())
+    (user.maildir / "fastpop.retrieved").write_text(text)
+
+
+def uidls(p) -> list[bytes]:
+    return [line.split()[1] for line in p.uidl()[1]]
+
+
+def capa(p) -> list[str]:
+    return [line.decode() for line in p._longcmd("CAPA")[1]]
+
+
+def test_retrieved_message_expires_at_a_later_login_before_stat(srv):
+    user = srv.add_user([message("one"), message("two"), message("three")])
+    p = user.login()
+    all_uidls = uidls(p)
+    p.retr(1)
+    p.top(2, 0)  # TOP is not a retrieval
+    p.quit()
+    rec = record(user)
+    assert list(rec) == [all_uidls[0].decode()]
+    assert abs(rec[all_uidls[0].decode()] - time.time()) < 60
+
+    # two days later: not yet
+    age(user, 2)
+    p = user.login_when_free()
+    assert p.stat()[0] == 3
+    p.quit()
+    # three days after the retrieval: gone before the client sees anything
+    age(user, 1.01)
+    p = user.login_when_free()
+    assert p.stat()[0] == 2
+    assert uidls(p) == all_uidls[1:]
+    assert b"Subject: two" in b"\r\n".join(p.retr(1)[1])
+    p.rset()
+    p.quit()
+    assert sorted(c.split(b"Subject: ")[1][:5] for c in user.contents()) == [b"three", b"two\r\n"]
+    assert all_uidls[0].decode() not in record(user)
+
+
+def test_a_message_never_retrieved_is_never_expired(srv):
+    user = srv.add_user([message("kept"), message("read")])
+    old = time.time() - 400 * DAY
+    for f in user.files():  # old files and old deliveries: age alone never expires
+        os.utime(f, (old, old))
+    p = user.login()
+    p.top(1, 0)
+    p.retr(2)
+    p.quit()
+    age(user, 30)
+    p = user.login_when_free()
+    assert p.stat()[0] == 1
+    assert b"Subject: kept" in b"\r\n".join(p.retr(1)[1])
+    # a RETR in a session that does not end with QUIT records nothing
+    p.close()
+    time.sleep(0.2)
+    assert record(user) == {}
+    p = user.login_when_free()
+    assert p.stat()[0] == 1
+    p.quit()
+
+
+def test_dele_and_rset(srv):
+    """A message retrieved then deleted is not recorded; RSET does not undo a download."""
+    user = srv.add_user([message("a"), message("b")])
+    p = user.login()
+    ids = uidls(p)
+    p.retr(1)
+    p.retr(2)
+    p.rset()
+    p.dele(2)
+    p.quit()
+    assert list(record(user)) == [ids[0].decode()]
+
+
+def test_expire_zero_per_user_deletes_retrieved_messages_at_quit(srv):
+    user = srv.add_user([message("x"), message("y")], password="pw", stored="{PLAIN}pw::::::pop3_expire=0")
+    p = srv.connect()
+    assert "EXPIRE 3" in capa(p)  # AUTHORIZATION: the server's default
+    p.user(user.name)
+    p.pass_("pw")
+    assert "EXPIRE 0" in capa(p)  # RFC 2449: this user's own value, 0 shown as 0
+    p.retr(2)
+    p.quit()
+    assert [c.split(b"Subject: ")[1][:1] for c in user.contents()] == [b"x"]
+    assert record(user) == {}
+
+
+def test_per_user_never_records_nothing(srv):
+    user = srv.add_user([message("n")], password="pw", stored="{PLAIN}pw::::::pop3_expire=NEVER")
+    p = srv.connect()
+    p.user(user.name)
+    p.pass_("pw")
+    assert "EXPIRE NEVER" in capa(p)
+    p.retr(1)
+    p.quit()
+    assert not (user.maildir / "fastpop.retrieved").exists()
+    assert len(user.files()) == 1
+
+
+def test_a_bad_per_user_value_deletes_nothing(srv):
+    user = srv.add_user([message("n")], password="pw", stored="{PLAIN}pw::::::pop3_expire=soon")
+    p = user.login()
+    assert "EXPIRE NEVER" in capa(p)
+    p.retr(1)
+    p.quit()
+    assert len(user.files()) == 1
+
+
+def test_a_record_is_never_followed_through_a_link(srv, tmp_path):
+    """The record is the user's file: a link planted as it is not read nor written through."""
+    user = srv.add_user([message("l")])
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    (user.maildir / "fastpop.retrieved").symlink_to(target)
+    p = user.login()
+    p.retr(1)
+    p.quit()
+    assert target.read_text() == ""
+    assert len(user.files()) == 1
+
+
+def run_expire(srv, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "fastpop", "expire", "--passwd-file", str(srv.passwd),
+         "--mail-location", str(srv.mail) + "/%u", *args],
+        capture_output=True, text=True, timeout=60, env=env, cwd=srv.root)
+
+
+def test_sweep_expires_and_skips_a_mailbox_in_use(srv):
+    busy = srv.add_user([message("b1"), message("b2")])
+    idle = srv.add_user([message("i1"), message("i2")])
+    for user in (busy, idle):
+        p = user.login()
+        p.retr(1)
+        p.quit()
+        age(user, 2)  # not yet due for the server's EXPIRE 3: the login below keeps it
+    session = busy.login_when_free()  # a live session holds busy's mailbox
+    try:
+        out = run_expire(srv, "--days", "1", busy.name, idle.name)
+        assert out.returncode == 0, out.stderr
+        assert f"{busy.name}: in use, skipped" in out.stdout
+        assert f"{idle.name}: expired 1" in out.stdout
+        assert len(busy.files()) == 2
+        assert len(idle.files()) == 1
+        assert session.stat()[0] == 2  # the session's view is untouched
+    finally:
+        session.quit()
+    # the next run, with the mailbox free, does it
+    out = run_expire(srv, "--days", "1", busy.name)
+    assert f"{busy.name}: expired 1" in out.stdout, out.stdout + out.stderr
+    p = busy.login_when_free()
+    assert p.stat()[0] == 1
+    p.quit()
+
+
+def test_sweep_over_the_whole_user_database_uses_each_users_value(srv):
+    user = srv.add_user([message("s")], password="pw", stored="{PLAIN}pw::::::pop3_expire=1")
+    never = srv.add_user([message("t")], password="pw", stored="{PLAIN}pw::::::pop3_expire=NEVER")
+    p = user.login()
+    p.retr(1)
+    p.quit()
+    age(user, 1.5)
+    # never's record planted by hand: its NEVER means the sweep leaves it alone
+    p = never.login()
+    uid = uidls(p)[0].decode()
+    p.quit()
+    (never.maildir / "fastpop.retrieved").write_text(f"{int(time.time() - 99 * DAY)} {uid}\n")
+    out = run_expire(srv, "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert f"{user.name}: expired 1" in out.stdout
+    assert never.name not in out.stdout
+    assert user.files() == []
+    assert len(never.files()) == 1
