@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS",
                        help="delay before answering a failed login")
     serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
-    serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
+    serve.add_argument("--expire", help="EXPIRE: days after which retrieved mail is deleted (NEVER, or 0: at QUIT)")
+    serve.add_argument("--expire-per-user", action=argparse.BooleanOptionalAction, default=None,
+                       help="say EXPIRE ... USER before login: the user database sets per-user values")
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
     serve.add_argument("--client-workarounds", metavar="NAME,...",
                        help="Dovecot's POP3 client workarounds: outlook-no-nuls, oe-ns-eoh (comma-separated)")
@@ -215,6 +217,7 @@ _FLAG_FIELDS = (
     "auth_apop",
     "auth_secret_file",
     "expire",
+    "expire_per_user",
     "seen_on_retr",
     "deleted_flag",
     "login_delay",

@@ -21,7 +21,7 @@ DAY = 86400
 @pytest.fixture(scope="module", params=list(PARSERS), ids=list(PARSERS))
 def srv(request, tmp_path_factory):
     yield from serving(ServerProcess(tmp_path_factory.mktemp("expire"), PARSERS[request.param],
-                                     extra_args=["--expire", "3"]))
+                                     extra_args=["--expire", "3", "--expire-per-user"]))
 
 
 def record(user) -> dict[str, int]:
@@ -54,6 +54,7 @@ def capa(p) -> list[str]:
 def test_retrieved_message_expires_at_a_later_login_before_stat(srv):
     user = srv.add_user([message("one"), message("two"), message("three")])
     p = user.login()
+    assert "EXPIRE 3" in capa(p)  # after login: no USER, this user's value is the default
     all_uidls = uidls(p)
     p.retr(1)
     p.top(2, 0)  # TOP is not a retrieval
@@ -117,7 +118,7 @@ def test_dele_and_rset(srv):
 def test_expire_zero_per_user_deletes_retrieved_messages_at_quit(srv):
     user = srv.add_user([message("x"), message("y")], password="pw", stored="{PLAIN}pw::::::pop3_expire=0")
     p = srv.connect()
-    assert "EXPIRE 3" in capa(p)  # AUTHORIZATION: the server's default
+    assert "EXPIRE 3 USER" in capa(p)  # AUTHORIZATION: the server's default, varying per user
     p.user(user.name)
     p.pass_("pw")
     assert "EXPIRE 0" in capa(p)  # RFC 2449: this user's own value, 0 shown as 0
