@@ -215,3 +215,33 @@ def test_sweep_over_the_whole_user_database_uses_each_users_value(srv):
     assert never.name not in out.stdout
     assert user.files() == []
     assert len(never.files()) == 1
+
+
+def test_with_an_index_directory_the_record_is_out_of_the_users_reach(tmp_path):
+    """[mail] index set: the record lives there (<hash>.retrieved), not in the Maildir, and
+    both the login and the sweep (given the same --config) use it."""
+    index_dir = tmp_path / "index"
+    conf = tmp_path / "fastpop.toml"
+    conf.write_text(f'[mail]\nindex = "{index_dir}"\n[pop3]\nexpire = "2"\n')
+    srv = ServerProcess(tmp_path / "srv", "cython", extra_args=["--config", str(conf)])
+    for _ in serving(srv):
+        user = srv.add_user([message("a"), message("b")])
+        other = srv.add_user([message("c")])
+        for u in (user, other):
+            p = u.login()
+            p.retr(1)
+            p.quit()
+        assert not (user.maildir / "fastpop.retrieved").exists()
+        records = sorted(index_dir.glob("*.retrieved"))
+        assert len(records) == 2
+        # age both records by 3 days
+        for path in records:
+            stamp, uidl = path.read_text().split()
+            path.write_text(f"{int(stamp) - 3 * DAY} {uidl}\n")
+        p = user.login_when_free()
+        assert p.stat()[0] == 1
+        p.quit()
+        out = run_expire(srv, "--config", str(conf), other.name)
+        assert out.returncode == 0 and f"{other.name}: expired 1" in out.stdout, out.stdout + out.stderr
+        assert other.files() == []
+        assert sorted(index_dir.glob("*.retrieved")) == []
