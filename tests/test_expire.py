@@ -245,3 +245,26 @@ def test_with_an_index_directory_the_record_is_out_of_the_users_reach(tmp_path):
         assert out.returncode == 0 and f"{other.name}: expired 1" in out.stdout, out.stdout + out.stderr
         assert other.files() == []
         assert sorted(index_dir.glob("*.retrieved")) == []
+
+
+def test_a_master_users_retrievals_are_not_the_users(tmp_path):
+    """An administrator reading a mailbox as user*admin deletes nothing with EXPIRE 0 and
+    records nothing: only the user's own downloads count."""
+    (tmp_path / "masters").write_text("admin:{PLAIN}master pw\n")
+    srv = ServerProcess(tmp_path / "srv", "cython",
+                        extra_args=["--auth-master-passwd-file", str(tmp_path / "masters")])
+    for _ in serving(srv):
+        zero = srv.add_user([message("z")], password="pw", stored="{PLAIN}pw::::::pop3_expire=0")
+        later = srv.add_user([message("l")], password="pw", stored="{PLAIN}pw::::::pop3_expire=3")
+        for u in (zero, later):
+            p = srv.connect()
+            p.user(f"{u.name}*admin")
+            p.pass_("master pw")
+            p.retr(1)
+            p.quit()
+        assert len(zero.files()) == 1
+        assert not (later.maildir / "fastpop.retrieved").exists()
+        p = zero.login_when_free()  # the user's own RETR does it
+        p.retr(1)
+        p.quit()
+        assert zero.files() == []

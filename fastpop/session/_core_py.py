@@ -603,7 +603,8 @@ class SessionCore:
         self._user = user
         self._lock = lock
         self._mailbox = mailbox
-        mailbox.expire_days = expire.days_for(user.extra, self._ctx.config.expire)
+        # EXPIRE counts the user's own downloads: a master user's RETR is neither recorded nor deleted at QUIT
+        mailbox.expire_days = None if self._master is not None else expire.days_for(user.extra, self._ctx.config.expire)
         self._deleted = bytearray(len(mailbox))
         self._state = TRANSACTION
         self._table = self._transaction_table  # type: ignore[attr-defined]  # (POP3Protocol's)
