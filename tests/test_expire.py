@@ -268,3 +268,18 @@ def test_a_master_users_retrievals_are_not_the_users(tmp_path):
         p.retr(1)
         p.quit()
         assert zero.files() == []
+
+
+def test_sweep_of_given_maildirs_and_bad_arguments(srv):
+    user = srv.add_user([message("m1"), message("m2")])
+    p = user.login()
+    p.retr(2)
+    p.quit()
+    age(user, 1)
+    out = run_expire(srv, "--maildir", str(user.maildir), "--days", "1")
+    assert out.returncode == 0 and f"{user.maildir}: expired 1" in out.stdout, out.stdout + out.stderr
+    assert [c.split(b"Subject: ")[1][:2] for c in user.contents()] == [b"m1"]
+    assert run_expire(srv, "nobody-here").returncode == 64
+    bad = run_expire(srv, "--days", "soon")
+    assert bad.returncode == 64 and "NEVER or a number of days" in bad.stderr
+    assert "Traceback" not in bad.stderr
