@@ -18,7 +18,8 @@ from fastpop import __version__
 from fastpop.config import Config, load_toml
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("fastpop.delivery.cli", "fastpop.delivery.legacy_import", "fastpop.bench",
-                                       "fastpop.auth.oauth", "fastpop.serve.control_cli")
+                                       "fastpop.auth.oauth", "fastpop.serve.control_cli",
+                                       "fastpop.serve.expire_cli")
 
 
 def _version() -> str:
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--auth-failure-delay", type=float, metavar="SECONDS",
                        help="delay before answering a failed login")
     serve.add_argument("--auth-max-attempts", type=int, metavar="N", help="failed logins before disconnecting")
-    serve.add_argument("--expire", help="EXPIRE capability value (NEVER or days)")
+    serve.add_argument("--expire", help="EXPIRE: days after which retrieved mail is deleted (NEVER, or 0: at QUIT)")
+    serve.add_argument("--expire-per-user", action=argparse.BooleanOptionalAction, default=None,
+                       help="say EXPIRE ... USER before login: the user database sets per-user values")
     serve.add_argument("--login-delay", type=int, metavar="SECONDS", help="LOGIN-DELAY capability value")
     serve.add_argument("--client-workarounds", metavar="NAME,...",
                        help="Dovecot's POP3 client workarounds: outlook-no-nuls, oe-ns-eoh (comma-separated)")
@@ -221,6 +224,7 @@ _FLAG_FIELDS = (
     "auth_apop",
     "auth_secret_file",
     "expire",
+    "expire_per_user",
     "seen_on_retr",
     "deleted_flag",
     "login_delay",

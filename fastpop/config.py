@@ -50,7 +50,8 @@ class Config:
     mail_index: str | None = None  # a directory of fastpop's own for the indexes (fastpop.store.index); None: Maildirs
     timeout_authorization: float = 60.0
     timeout_transaction: float = 600.0
-    expire: str = "NEVER"
+    expire: str = "NEVER"  # days after which retrieved mail is deleted (fastpop.store.expire)
+    expire_per_user: bool = False  # CAPA before login says "EXPIRE n USER": the user database may set others
     deleted_flag: str = ""  # an IMAP keyword POP3 deletion adds instead of deleting (fastpop.store.dovecot_keywords)
     seen_on_retr: bool = False  # RETR'd messages get the Maildir S flag at QUIT (Dovecot POP3's default)
     login_delay: int = 0
@@ -153,7 +154,7 @@ class Config:
         if self.auth_max_attempts < 1:
             raise ValueError("auth max_attempts must be at least 1")
         expire = self.expire.upper()
-        if expire != "NEVER" and not expire.isdigit():
+        if expire != "NEVER" and not (expire.isascii() and expire.isdigit() and len(expire) <= 6):
             raise ValueError("pop3 expire must be NEVER or a number of days")
         for name in self.client_workarounds:
             if name not in CLIENT_WORKAROUNDS:
@@ -327,6 +328,7 @@ _TOML_KEYS = {
     ("timeouts", "authorization"): "timeout_authorization",
     ("timeouts", "transaction"): "timeout_transaction",
     ("pop3", "expire"): "expire",
+    ("pop3", "expire_per_user"): "expire_per_user",
     ("pop3", "login_delay"): "login_delay",
     ("pop3", "client_workarounds"): "client_workarounds",
     ("pop3", "last"): "pop3_last",

@@ -319,7 +319,7 @@ def test_disk_full_is_452_for_that_recipient_only(lmtp_server):
             assert c.rcpt(full.name)[0] == 250
             assert c.rcpt(fine.name)[0] == 250
             code, text = c.data(body)
-            assert (code, text[:6]) == (452, b"4.2.2 "), text
+            assert (code, text[:6]) == (452, b"4.3.1 "), text  # RFC 3463: the disk, not the mailbox
             code, text = c.getreply()
             assert code == 250, text
         for sub in ("new", "tmp"):

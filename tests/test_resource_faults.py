@@ -143,7 +143,7 @@ def test_disk_full(srv, tmpfs):
         c.mail("a@example.com")
         assert c.rcpt(user.name)[0] == 250
         code, text = c.data(sized("refused too", 30_000))
-        assert (code, text[:6]) == (452, b"4.2.2 "), text
+        assert (code, text[:6]) == (452, b"4.3.1 "), text  # RFC 3463: a full disk is 4.3.1
     assert list((user.maildir / "new").iterdir()) == [] and list((user.maildir / "tmp").iterdir()) == []
 
     p = user.login()

@@ -488,7 +488,8 @@ def _store(user: LegacyUser, m: Message, folder_fd: int, when_us: int, manifest:
     data = _read_fd(fd)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        stored = store_message(user.maildir, data, when=when_us / 1_000_000)
+        # moving existing mail: the quota is the old server's business, not a reason to lose some
+        stored = store_message(user.maildir, data, when=when_us / 1_000_000, quota=False)
     except DeliveryError as exc:
         raise OSError(f"{m.path}: {exc}") from None
     with open(_open_manifest(user.maildir, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK), "a",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import socket
@@ -580,8 +581,10 @@ def _store(recipient: Recipient, content: bytes) -> tuple[str, str]:
         stored = store_normalized(recipient.maildir, content, owner=served_uid(recipient.user.uid))
     except DeliveryError as exc:
         log.warning("lmtp to=<%s> user=%s failed: %s", address, recipient.user.name, exc)
-        if exc.errno in FULL:
-            return "452 4.2.2", "Mailbox full or disk full, try again later"
+        if exc.errno == errno.EDQUOT:  # the user's quota (maildirsize, or the file system's): RFC 3463 4.2.2
+            return "452 4.2.2", "Mailbox full"
+        if exc.errno in FULL:  # the disk: RFC 3463 4.3.1, the mail system is full
+            return "452 4.3.1", "Insufficient system storage, try again later"
         return "451 4.3.0", "Temporary failure storing the message"
     except Exception as exc:  # a bug: the message must still be answered for
         log.error("lmtp to=<%s> user=%s failed: %s: %s", address, recipient.user.name, type(exc).__name__, exc)

@@ -34,7 +34,7 @@ from fastpop import faults
 from fastpop.auth.authenticator import Authenticator, valid_username
 from fastpop.auth.passwd_file import UserRecord
 from fastpop.errors import AuthUnavailable
-from fastpop.store import safefs
+from fastpop.store import maildirsize, safefs
 from fastpop.store.durable import fsync_dir, write_and_sync
 from fastpop.store.maildir import ensure_maildir
 
@@ -154,14 +154,18 @@ class Stored:
     size: int
 
 
-def store_message(maildir: str, data: bytes, *, when: float | None = None, owner: int | None = None) -> Stored:
+def store_message(maildir: str, data: bytes, *, when: float | None = None, owner: int | None = None,
+                  quota: bool = True) -> Stored:
     """normalize() then store_normalized()."""
-    return store_normalized(maildir, normalize(data), when=when, owner=owner)
+    return store_normalized(maildir, normalize(data), when=when, owner=owner, quota=quota)
 
 
-def store_normalized(maildir: str, data: bytes, *, when: float | None = None, owner: int | None = None) -> Stored:
+def store_normalized(maildir: str, data: bytes, *, when: float | None = None, owner: int | None = None,
+                     quota: bool = True) -> Stored:
     """Write already-normalised content into ``maildir``/new; raises DeliveryError.
-    ``owner``: the uid the Maildir must belong to (default: safefs.served_uid(None))."""
+    ``owner``: the uid the Maildir must belong to (default: safefs.served_uid(None)).
+    ``quota``: refuse it (EX_TEMPFAIL, errno EDQUOT) if it would put the Maildir
+    over its Maildir++ quota (``maildirsize``); an import of existing mail passes False."""
     if owner is None:
         owner = safefs.served_uid(None)
     try:
@@ -169,6 +173,10 @@ def store_normalized(maildir: str, data: bytes, *, when: float | None = None, ow
     except OSError as exc:
         raise storage_error(exc, maildir) from None
     try:
+        if quota:
+            over = maildirsize.over_quota(dirs[0], len(data), owner, maildir)
+            if over is not None:
+                raise DeliveryError(EX_TEMPFAIL, f"mailbox full: {maildir}: {over}", errno.EDQUOT)
         return _store(maildir, dirs, data, when, owner)
     finally:
         for fd in dirs:

@@ -222,7 +222,8 @@ class ServerContext:
             "RESP-CODES",
             "AUTH-RESP-CODE",
             "PIPELINING",
-            f"EXPIRE {config.expire.upper()}",
+            # RFC 2449: USER before login when users' values may differ (after it, the user's own)
+            f"EXPIRE {config.expire.upper()}{' USER' if config.expire_per_user and not authorized else ''}",
             f"LOGIN-DELAY {config.login_delay}",
         ]
         if not authorized:

@@ -51,6 +51,7 @@ from fastpop.session.state import (
     TRANSACTION,
     UPDATE,
 )
+from fastpop.store import expire
 from fastpop.store.locking import MailboxLocked
 from fastpop.store.maildir import Mailbox, ensure_maildir, is_permanent
 from fastpop.store.safefs import served_uid
@@ -417,6 +418,12 @@ class SessionCore:
         delay = login_delay(self._user, default)
         if delay != default:  # RFC 2449: after login, the value that applies to this user
             capa = capa.replace(b"\r\nLOGIN-DELAY %d\r\n" % default, b"\r\nLOGIN-DELAY %d\r\n" % delay)
+        mailbox = self._mailbox
+        if mailbox is not None:  # the same for EXPIRE (0 is shown as 0: deleted at QUIT)
+            shown = ctx.config.expire.upper()
+            own = expire.capa_value(mailbox.expire_days)
+            if own != shown:
+                capa = capa.replace(b"\r\nEXPIRE %s\r\n" % shown.encode(), b"\r\nEXPIRE %s\r\n" % own.encode())
         self._out.append(capa)
 
     def cmd_noop(self, args: tuple[str, ...]) -> None:
@@ -577,13 +584,18 @@ class SessionCore:
         except OSError as exc:
             log.error("cannot lock mailbox user=%s path=%s: %s", user.name, path, exc)
             return self._finish_login(R.ERR_MAILBOX_PERM if is_permanent(exc) else R.ERR_MAILBOX_TEMP, "mailbox")
-        try:
-            mailbox = Mailbox.open_current(path, owner)
-        except OSError:
-            mailbox = None  # let the full open report it
-        if mailbox is not None:
-            return self._enter_transaction(user, lock, mailbox)
-        fut = self.loop.run_in_executor(None, Mailbox.open, path, owner)
+        days = expire.days_for(user.extra, self._ctx.config.expire)
+        if days is not None and expire.has_record(path):
+            # EXPIRE: messages retrieved long enough ago go before the client sees the mailbox
+            fut = self.loop.run_in_executor(None, expire.open_expired, path, owner, days)
+        else:
+            try:
+                mailbox = Mailbox.open_current(path, owner)
+            except OSError:
+                mailbox = None  # let the full open report it
+            if mailbox is not None:
+                return self._enter_transaction(user, lock, mailbox)
+            fut = self.loop.run_in_executor(None, Mailbox.open, path, owner)
         opened = self._mailbox_opened  # type: ignore[attr-defined]  # (POP3Protocol's)
         fut.add_done_callback(functools.partial(opened, user, lock, path))
 
@@ -591,6 +603,8 @@ class SessionCore:
         self._user = user
         self._lock = lock
         self._mailbox = mailbox
+        # EXPIRE counts the user's own downloads: a master user's RETR is neither recorded nor deleted at QUIT
+        mailbox.expire_days = None if self._master is not None else expire.days_for(user.extra, self._ctx.config.expire)
         self._deleted = bytearray(len(mailbox))
         self._state = TRANSACTION
         self._table = self._transaction_table  # type: ignore[attr-defined]  # (POP3Protocol's)
@@ -686,6 +700,8 @@ class SessionCore:
         assert mailbox is not None and self._deleted is not None
         self._state = UPDATE
         deleted = marked(self._deleted, self._deleted_count)
+        if mailbox.expire_days is not None:  # EXPIRE 0 deletes what was retrieved; else it is recorded
+            deleted = expire.at_quit(mailbox, self._deleted, deleted)
         failed = mailbox.delete(deleted) if deleted else 0
         mailbox.apply_seen(self._deleted)  # [pop3] seen_on_retr: renames in cur/, never a deletion
         if faults.ACTIVE and deleted:

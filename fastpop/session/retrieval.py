@@ -39,9 +39,12 @@ class Retrieval(SessionParts):
         if i >= 0:
             if i >= self._last_retr:
                 self._last_retr = i + 1  # (LAST)
+            mailbox = self._mailbox
+            assert mailbox is not None
             if self._ctx.config.seen_on_retr:  # flagged at QUIT (fastpop.store.maildir.Mailbox.apply_seen)
-                assert self._mailbox is not None
-                self._mailbox.mark_seen(i)
+                mailbox.mark_seen(i)
+            if mailbox.expire_days is not None:  # EXPIRE: its retrieval is recorded at QUIT
+                mailbox.mark_retrieved(i)
             self._send_message(i, None)
 
     def cmd_last(self, args: tuple[str, ...]) -> None:

@@ -464,7 +464,7 @@ class Mailbox:
     It holds no descriptor: message files are opened by their canonical path
     (fastpop.store.safefs: no link in any component), names checked by the index."""
 
-    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root", "_seen")
+    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root", "_seen", "expire_days", "_retrieved")
 
     def __init__(self, path: str, index: MailboxIndex, owner: int) -> None:
         self.path = path
@@ -472,6 +472,9 @@ class Mailbox:
         self.index = index
         self._renamed: dict[int, str] | None = None
         self._seen: set[int] | None = None  # RETR'd messages to mark \Seen at QUIT ([pop3] seen_on_retr)
+        # EXPIRE days of the session's user (None: NEVER) and what it RETR'd (fastpop.store.expire)
+        self.expire_days: int | None = None
+        self._retrieved: set[int] | None = None
         if owner == safefs.ANY_OWNER:  # (as root, for a user without a uid: see safefs.served_uid)
             owner = os.lstat(self._cur[:-5]).st_uid
         self.owner = owner
@@ -571,6 +574,16 @@ class Mailbox:
         if self._seen is None:
             self._seen = set()
         self._seen.add(index)
+
+    def mark_retrieved(self, index: int) -> None:
+        """Remember that message ``index`` was RETR'd (EXPIRE: recorded at QUIT)."""
+        if self._retrieved is None:
+            self._retrieved = set()
+        self._retrieved.add(index)
+
+    def retrieved(self) -> list[int]:
+        """The messages RETR'd in this session (RSET does not undo a download)."""
+        return sorted(self._retrieved) if self._retrieved else []
 
     def forget_seen(self) -> None:
         """RSET: nothing retrieved so far is flagged (as Dovecot)."""

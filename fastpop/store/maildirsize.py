@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import time
 
 from fastpop.store import safefs
 
@@ -56,3 +58,169 @@ def record_removed(maildir_fd: int, size: int, count: int, owner: int, where: st
         log.warning("cannot update %s/%s: %s", where, MAILDIRSIZE, exc.strerror)
     finally:
         os.close(fd)
+
+
+# -- enforcing the quota at delivery (fastpop.delivery.local)
+
+# Maildir++: a maildirsize larger than this is recalculated (its lines only grow) ...
+RECALC_BYTES = 5120
+# ... and so is one that says "over quota" when it is older than this (it may count mail since removed).
+RECALC_AGE = 15 * 60
+# A larger file is not read: a user who can write it must not make delivery read gigabytes.
+MAX_MAILDIRSIZE_BYTES = 1024 * 1024
+
+
+def parse_limits(header: str) -> tuple[int, int]:
+    """(bytes, messages) of a maildirsize first line such as ``1000000S,1000C``;
+    0 means no limit of that kind.  ValueError if it is not one."""
+    size = count = 0
+    for part in header.strip().split(","):
+        if not part:
+            continue
+        number, kind = part[:-1], part[-1:]
+        if not (number.isascii() and number.isdigit()) or kind not in ("S", "C"):
+            raise ValueError(f"not a Maildir++ quota definition: {header!r}")
+        if kind == "S":
+            size = int(number)
+        else:
+            count = int(number)
+    return size, count
+
+
+def _usage(lines: list[bytes]) -> tuple[int, int]:
+    size = count = 0
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2:
+            try:
+                size += int(fields[0])
+                count += int(fields[1])
+            except ValueError:
+                continue
+    return size, count
+
+
+def _open_dir(dir_fd: int, name: str) -> int:
+    """A subdirectory (one name) of an open directory, never through a link."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def _count_folder(dir_fd: int, size: int, count: int) -> tuple[int, int]:
+    for sub in ("cur", "new"):
+        try:
+            sub_fd = _open_dir(dir_fd, sub)
+        except OSError:
+            continue
+        try:
+            with os.scandir(sub_fd) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        if not entry.is_file(follow_symlinks=False):
+                            continue
+                        file_size = entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue
+                    size += quota_size(entry.name, file_size)
+                    count += 1
+        finally:
+            os.close(sub_fd)
+    return size, count
+
+
+def recalculate(maildir_fd: int) -> tuple[int, int]:
+    """(bytes, messages) of the Maildir and its Maildir++ folders (``.Name/``),
+    counted from the files, never through a link: what Dovecot and Courier count."""
+    size, count = _count_folder(maildir_fd, 0, 0)
+    with os.scandir(maildir_fd) as it:
+        folders = [e.name for e in it if e.name.startswith(".") and e.name not in (".", "..")
+                   and e.is_dir(follow_symlinks=False)]
+    for name in folders:
+        try:
+            fd = _open_dir(maildir_fd, name)
+        except OSError:
+            continue
+        try:
+            size, count = _count_folder(fd, size, count)
+        finally:
+            os.close(fd)
+    return size, count
+
+
+def _rewrite(maildir_fd: int, header: str, size: int, count: int, owner: int) -> None:
+    """Replace maildirsize with its header and one line (Maildir++: written in
+    tmp/ and renamed over it)."""
+    tmp_fd = _open_dir(maildir_fd, "tmp")
+    try:
+        name = f"maildirsize.{secrets.token_hex(8)}"
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=tmp_fd)
+        try:
+            try:
+                if os.geteuid() == 0 and owner > 0:
+                    os.fchown(fd, owner, -1)
+                os.write(fd, f"{header}\n{size} {count}\n".encode("ascii"))
+            finally:
+                os.close(fd)
+            os.rename(name, MAILDIRSIZE, src_dir_fd=tmp_fd, dst_dir_fd=maildir_fd)
+        except BaseException:
+            try:
+                os.unlink(name, dir_fd=tmp_fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(tmp_fd)
+
+
+def over_quota(maildir_fd: int, size: int, owner: int, where: str = "") -> str | None:
+    """Why a new message of ``size`` bytes would put the Maildir over its
+    Maildir++ quota, or None if it fits (or there is no ``maildirsize``:
+    no quota is enforced without one).  A file that is large, or that says
+    "over" and is older than 15 minutes, is recalculated first, as the
+    Maildir++ specification asks.  A file that cannot be read or parsed
+    enforces nothing (logged): a broken quota file must not bounce mail."""
+    try:
+        fd, st = safefs.open_regular(maildir_fd, MAILDIRSIZE)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("not checking the quota of %s: %s", where, exc.strerror)
+        return None
+    try:
+        if os.geteuid() == 0 and st.st_uid != owner:
+            log.warning("not checking the quota of %s: maildirsize owned by uid %d", where, st.st_uid)
+            return None
+        data = os.read(fd, MAX_MAILDIRSIZE_BYTES + 1)
+    except OSError as exc:
+        log.warning("not checking the quota of %s: %s", where, exc.strerror)
+        return None
+    finally:
+        os.close(fd)
+    lines = data.split(b"\n")
+    header = lines[0].decode("ascii", "replace").strip()
+    try:
+        limit_size, limit_count = parse_limits(header)
+    except ValueError as exc:
+        log.warning("not checking the quota of %s: %s", where, exc)
+        return None
+    if not limit_size and not limit_count:
+        return None
+    used_size, used_count = _usage(lines[1:])
+
+    def over(used_size: int, used_count: int) -> str | None:
+        if limit_size and used_size + size > limit_size:
+            return f"{used_size} + {size} bytes over the quota of {limit_size}"
+        if limit_count and used_count + 1 > limit_count:
+            return f"{used_count} messages, the quota is {limit_count}"
+        return None
+
+    reason = over(used_size, used_count)
+    if len(data) > RECALC_BYTES or (reason is not None and time.time() - st.st_mtime > RECALC_AGE):
+        try:
+            used_size, used_count = recalculate(maildir_fd)
+            _rewrite(maildir_fd, header, used_size, used_count, owner)
+        except OSError as exc:
+            log.warning("cannot recalculate the quota of %s: %s", where, exc.strerror)
+        reason = over(used_size, used_count)
+    return reason

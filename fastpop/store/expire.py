@@ -1,0 +1,237 @@
+"""EXPIRE (RFC 2449 section 6.7): retrieved messages deleted after N days.
+
+With ``[pop3] expire = N`` (or a user's own ``pop3_expire``/``expire``
+field), a message RETR'd in a session that ended with QUIT is deleted N or
+more days later: at the user's next login, before the mailbox is shown (so
+the client never sees it), or by ``fastpop expire`` (a sweep run by cron or
+a systemd timer, fastpop.serve.expire_cli).  ``EXPIRE 0`` deletes retrieved
+messages at the QUIT itself.
+
+When a message was retrieved is kept in a small per-mailbox record, beside
+the index: ``fastpop.retrieved`` in the Maildir, or ``<hash>.retrieved`` in
+the ``[mail] index`` directory when one is set (then out of the user's
+reach).  One line per message, ``<unix seconds> <UIDL>``: the UIDL is what
+survives renames by IMAP flag changes and index rebuilds.  Only a message
+whose UIDL is in the record can ever be expired, so a message never retrieved
+is never deleted; a user who edits a record in their own Maildir can only
+delete their own mail.  The record is written only at a QUIT after a RETR by
+a user with EXPIRE on, and read only at such a user's login when it exists:
+a session without EXPIRE never touches it.  It is opened relative to the
+Maildir's descriptor, never through a link, without blocking on a FIFO, and
+must be a regular file (served as root, the owner's or root's); it is
+replaced by a rename, and the caller holds the mailbox lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+
+from fastpop.store import index as mindex
+from fastpop.store import safefs
+from fastpop.store.durable import write_and_sync
+from fastpop.store.maildir import Mailbox
+
+log = logging.getLogger("fastpop.expire")
+
+RECORD_FILE = "fastpop.retrieved"
+EXTERNAL_SUFFIX = ".retrieved"
+DAY = 86400
+# The user may write it: a larger one is not read (about 200,000 messages fit).
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+
+def now() -> int:
+    """The time retrievals are stamped with and compared to."""
+    return int(time.time())
+
+
+def parse_days(value: str) -> int | None:
+    """'NEVER' -> None, '30' -> 30; ValueError otherwise."""
+    text = value.strip().upper()
+    if text == "NEVER":
+        return None
+    if text.isascii() and text.isdigit() and len(text) <= 6:
+        return int(text)
+    raise ValueError(f"EXPIRE must be NEVER or a number of days, not {value!r}")
+
+
+def days_for(extra: Mapping[str, str] | None, default: str) -> int | None:
+    """A user's EXPIRE days: the ``pop3_expire`` (or ``expire``) field of their
+    user database record, else ``default`` (``[pop3] expire``).  A field that
+    is not NEVER or a number counts as NEVER: a typo must not delete mail."""
+    value = None
+    if extra:
+        value = extra.get("pop3_expire") or extra.get("expire")
+    if value is None:
+        return parse_days(default)
+    try:
+        return parse_days(value)
+    except ValueError:
+        log.warning("ignoring EXPIRE %r of a user database record: not NEVER or a number of days", value)
+        return None
+
+
+def capa_value(days: int | None) -> str:
+    return "NEVER" if days is None else str(days)
+
+
+def _where(maildir: str) -> tuple[int, str, bool]:
+    """(directory fd, file name, whether to close the fd) of the record."""
+    external = mindex._directory
+    if external is not None:
+        return external[1], mindex.external_name(maildir) + EXTERNAL_SUFFIX, False
+    fd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
+    return fd, RECORD_FILE, True
+
+
+def has_record(maildir: str) -> bool:
+    """Whether the mailbox has a retrieval record (one lstat)."""
+    external = mindex.directory()
+    path = (external + "/" + mindex.external_name(maildir) + EXTERNAL_SUFFIX if external is not None
+            else safefs.canonical_maildir(maildir) + "/" + RECORD_FILE)
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
+def read(maildir: str, owner: int) -> dict[str, int]:
+    """{UIDL: retrieval time} of the mailbox; {} when there is no record.
+    Lines that do not parse are skipped."""
+    dir_fd, name, close = _where(maildir)
+    try:
+        try:
+            fd, st = safefs.open_regular(dir_fd, name)
+        except FileNotFoundError:
+            return {}
+        try:
+            if safefs.euid() == 0 and st.st_uid not in (0, owner):
+                log.warning("ignoring %s of %s: owned by uid %d", name, maildir, st.st_uid)
+                return {}
+            if st.st_size > MAX_RECORD_BYTES:
+                log.warning("ignoring %s of %s: larger than %d bytes", name, maildir, MAX_RECORD_BYTES)
+                return {}
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > MAX_RECORD_BYTES:
+                    return {}
+        finally:
+            os.close(fd)
+    finally:
+        if close:
+            os.close(dir_fd)
+    records: dict[str, int] = {}
+    for line in b"".join(chunks).split(b"\n"):
+        stamp, _, uidl = line.partition(b" ")
+        if stamp.isdigit() and uidl and len(stamp) <= 12:
+            text = uidl.decode("ascii", "replace")
+            records.setdefault(text, int(stamp))
+    return records
+
+
+def write(maildir: str, records: Mapping[str, int]) -> None:
+    """Replace the record (a temporary file, fsync, rename); none if empty."""
+    dir_fd, name, close = _where(maildir)
+    try:
+        if not records:
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            return
+        data = "".join(f"{stamp} {uidl}\n" for uidl, stamp in records.items()).encode("ascii", "replace")
+        tmp = f"{name}.tmp.{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            try:
+                write_and_sync(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+    finally:
+        if close:
+            os.close(dir_fd)
+
+
+def at_quit(mailbox: Mailbox, deleted_flags: bytearray, deleted: list[int]) -> list[int]:
+    """At QUIT (UPDATE state) of a session with EXPIRE on: the messages to
+    delete.  EXPIRE 0 adds those retrieved in this session; otherwise their
+    retrieval time goes into the record (an earlier one is kept) and the
+    deletions are those the client asked for.  A record that cannot be
+    written is logged: those messages are then simply not expired."""
+    days = mailbox.expire_days
+    retrieved = [i for i in mailbox.retrieved() if not deleted_flags[i]]
+    if not retrieved:
+        return deleted
+    if days == 0:
+        return sorted(deleted + retrieved)
+    try:
+        records = read(mailbox.path, mailbox.owner)
+        stamp = now()
+        for i in retrieved:
+            records.setdefault(mailbox.uidl(i), stamp)
+        gone = {mailbox.uidl(i) for i in deleted}
+        write(mailbox.path, {u: t for u, t in records.items() if u not in gone})
+    except (OSError, ValueError) as exc:
+        log.error("cannot record retrieved messages of %s: %s", mailbox.path, exc)
+    return deleted
+
+
+def expire(mailbox: Mailbox, days: int, when: int | None = None) -> int:
+    """Delete the messages of ``mailbox`` retrieved ``days`` or more days ago
+    (the caller holds the lock; the same path as DELE and QUIT) and prune
+    the record to the messages still there.  Returns how many were deleted."""
+    records = read(mailbox.path, mailbox.owner)
+    if not records:
+        return 0
+    limit = (now() if when is None else when) - days * DAY
+    expired: list[int] = []
+    kept: dict[str, int] = {}
+    for i in range(len(mailbox)):
+        uidl = mailbox.uidl(i)
+        stamp = records.get(uidl)
+        if stamp is None:
+            continue
+        if stamp <= limit:
+            expired.append(i)
+        else:
+            kept[uidl] = stamp
+    failed = mailbox.delete(expired) if expired else 0
+    if failed:  # keep them in the record: the next login or sweep tries again
+        kept = {**{mailbox.uidl(i): records[mailbox.uidl(i)] for i in expired}, **kept}
+    if kept != records:
+        write(mailbox.path, kept)
+    if expired:
+        log.info("expired path=%s messages=%d failed=%d days=%d", mailbox.path, len(expired), failed, days)
+    return len(expired) - failed
+
+
+def open_expired(path: str, owner: int, days: int) -> Mailbox:
+    """Open the mailbox at login after expiring what is due (in a thread:
+    the caller holds the lock).  The index is brought up to date again after
+    deletions, so the client is shown the mailbox without them."""
+    mailbox = Mailbox.open(path, owner)
+    try:
+        removed = expire(mailbox, days)
+    except OSError as exc:  # expiring is not worth refusing the login: it is tried again next time
+        log.warning("cannot expire messages of %s: %s", path, exc.strerror or exc)
+        removed = 1  # something may have been removed: list the mailbox again
+    if not removed:
+        return mailbox
+    mailbox.close()
+    return Mailbox.open(path, owner)
