@@ -71,7 +71,8 @@ def test_courier_maildir_keeps_courier_uidls(srv):
         + "".join(f"{bases[i]}:2,S 100 {i + 1}:{COURIER_UIDV}:0\n" for i in range(3))
         + f"{bases[3]} 100 0:{COURIER_UIDV}:0\n"  # UID 0: Courier served its file name
     )
-    expected = [f"UID1-{COURIER_UIDV}", f"UID2-{COURIER_UIDV}", f"UID3-{COURIER_UIDV}", bases[3], bases[4].split(",")[0]]
+    expected = [f"UID1-{COURIER_UIDV}", f"UID2-{COURIER_UIDV}", f"UID3-{COURIER_UIDV}", bases[3],
+                bases[4].split(",")[0]]
     assert sorted(uidls(user).items(), key=lambda kv: kv[1]) == [(u, i) for i, u in enumerate(expected, 1)]
     lose_index(user)
     assert list(uidls(user)) == expected  # the same after the index is lost

@@ -136,7 +136,8 @@ def test_mbox_split_quoting_and_x_uidl(tmp_path):
                       b"Subject: one\n\nbody\nFrom here on, an unquoted From_ line that is no separator\n\n"
                       b"From the blank line above either: it has no time\n>From quoted once\n>>From quoted twice\n")
     assert rd[0].endswith(b"\nFrom quoted once\n>From quoted twice\n")  # mboxrd: one '>' less
-    assert got[1] == b"Subject: two\nx-uidl:   spaced-uidl  \nX-UIDL: second-one-ignored\n\nX-UIDL: in the body, ignored\n"
+    assert got[1] == (b"Subject: two\nx-uidl:   spaced-uidl  \nX-UIDL: second-one-ignored\n\n"
+                      b"X-UIDL: in the body, ignored\n")
     assert got[2] == b"Subject: three\n\nno newline at the end"  # kept as it was
     assert [s.x_uidl for s in spans] == ["5d41402abc4b2a76b9719d911017c592", "spaced-uidl", None]
     assert mb.from_time(spans[0].from_line) == 1796292000.0
