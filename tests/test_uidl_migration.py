@@ -250,3 +250,45 @@ def test_import_mbox_help():
     r = subprocess.run([sys.executable, "-m", "fastpop", "import", "mbox", "--help"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 0 and "--remove-mbox" in r.stdout and Path(__file__).exists()
+
+
+def test_courier_uidls_are_pinned_in_dovecot_uidlist(tmp_path):
+    """[mail] uidl = "dovecot": Courier's UIDLs become P fields of dovecot-uidlist, so Dovecot's POP3
+    serves them too and they no longer depend on courierpop3dsizelist or fastpop's index."""
+    gen = serving(ServerProcess(tmp_path, "cython", extra_args=["--mail-uidl", "dovecot"]))
+    srv = next(gen)
+    try:
+        user = srv.add_user()
+        put_cur(user, "1700000001.M1.c:2,S", message("one"))
+        put_cur(user, "1700000002.M2.c:2,", message("two"))
+        (user.maildir / "courierpop3dsizelist").write_text(
+            f"/3 2 {COURIER_UIDV}\n1700000001.M1.c 10 1:{COURIER_UIDV}:0\n")
+        first = list(uidls(user))
+        assert first[0] == f"UID1-{COURIER_UIDV}" and len(first) == 2
+        uidlist = (user.maildir / "dovecot-uidlist").read_text()
+        assert f"P{first[0]} :1700000001.M1.c\n" in uidlist
+        (user.maildir / "courierpop3dsizelist").unlink()
+        lose_index(user)
+        assert list(uidls(user)) == first
+    finally:
+        next(gen, None)
+
+
+def test_x_uidl_headers_of_a_converted_maildir(srv):
+    """A Maildir made from an mbox by another tool (mb2md keeps the headers): ``fastpop import
+    x-uidl`` makes each X-UIDL the message's UIDL before fastpop serves it; mail that arrives
+    later is never read for one, so a sender cannot forge a UIDL to hide a message."""
+    user = srv.add_user()
+    put_cur(user, "1700000001.M1.mb2md:2,S", b"X-UIDL: 0123456789abcdef\nSubject: a\n\nbody\n")
+    put_cur(user, "1700000002.M2.mb2md:2,", b"Subject: b\nX-Uidl:  tab\tand space \n\nbody\n")
+    put_cur(user, "1700000003.M3.mb2md:2,", b"Subject: c\n\nX-UIDL: only in the body\n")
+    put_cur(user, "1700000004.M4.mb2md:2,", b"X-UIDL: 0123456789abcdef\nSubject: a duplicate\n\n")
+    r = subprocess.run([sys.executable, "-m", "fastpop", "import", "x-uidl", str(user.maildir)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "2 X-UIDLs pinned" in r.stdout, r
+    expected = ["0123456789abcdef", hashlib.md5(b"tab\tand space").hexdigest(), "1700000003.M3.mb2md",
+                "1700000004.M4.mb2md"]
+    assert list(uidls(user)) == expected
+    forged = user.deliver(b"X-UIDL: 0123456789abcdef\nSubject: forged\n\n")  # after the move
+    lose_index(user)
+    assert sorted(uidls(user)) == sorted([*expected, forged.name])  # the forged one: its own UIDL

@@ -183,3 +183,10 @@ def test_mbox_message_over_the_limit_is_refused(tmp_path):
         assert mb.scan(fd) == []  # an empty spool: nothing to import
     finally:
         os.close(fd)
+
+
+def test_header_x_uidl():
+    assert mb.header_x_uidl(b"Subject: a\r\nx-uidl:  abc \r\nX-UIDL: second\r\n\r\n") == "abc"
+    assert mb.header_x_uidl(b"Subject: a\n\nX-UIDL: in the body\n") is None
+    assert mb.header_x_uidl(b"X-UIDL:\nSubject: empty value\n\n") is None
+    assert mb.header_x_uidl(b"\x00\xff" * 5000) is None  # garbage: no header, no error

@@ -155,6 +155,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     from fastpop.delivery import mbox_import
 
     mbox_import.add_kind(kinds)
+    mbox_import.add_x_uidl_kind(kinds)
 
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:

@@ -421,3 +421,101 @@ def _append_manifest(dir_fd: int, owner: int, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- X-UIDL headers of messages already in a Maildir
+
+HEADER_LIMIT = 256 * 1024  # an X-UIDL further into a message than this is not looked for
+
+
+def header_x_uidl(head: bytes) -> str | None:
+    """The first X-UIDL: header's value in the header section of ``head``
+    (the start of a message), or None."""
+    for line in head.split(b"\n"):
+        if line in (b"", b"\r"):
+            break
+        if line[:7].lower() == b"x-uidl:":
+            value = line[7:1000].strip()
+            return value.decode("utf-8", "surrogateescape") if value else None
+    return None
+
+
+def add_x_uidl_kind(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "x-uidl",
+        help="keep the X-UIDL headers of Maildirs converted from mbox as their UIDLs",
+        description="For each message of each MAILDIR that fastpop has not served yet, make the value of its "
+        "X-UIDL header its UIDL, pinned in dovecot-uidlist (docs/migration.md). Run it before fastpop serves "
+        "these Maildirs: mail that arrives later is never read for X-UIDL headers.",
+    )
+    p.add_argument("maildirs", nargs="+", metavar="MAILDIR")
+    p.add_argument("--dry-run", action="store_true", help="read and report, write nothing")
+    p.set_defaults(func=cmd_import_x_uidl)
+
+
+def cmd_import_x_uidl(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.maildirs:
+        try:
+            print(pin_x_uidls(path, dry_run=args.dry_run))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            print(f"fastpop import x-uidl: {path}: {reason}; nothing pinned", file=sys.stderr)
+            status = 1
+    return status
+
+
+def pin_x_uidls(maildir: str, dry_run: bool = False) -> str:
+    """Pin the X-UIDL of each message of the Maildir that fastpop's index
+    does not list (none served yet) into dovecot-uidlist; a line of what was done."""
+    from fastpop.store import dovecot_uidlist, safefs
+    from fastpop.store import index as mindex
+    from fastpop.store.courier import safe_uidl
+    from fastpop.store.maildir import uidl_of
+
+    fd, owner = safefs.open_maildir(maildir, safefs.ANY_OWNER if os.geteuid() == 0 else os.geteuid())
+    try:
+        current = mindex.load(maildir, fd, owner)
+        served = {e.name.split(":", 1)[0]: e.uidl for e in current.entries()} if current is not None else {}
+        taken = set(served.values()) | _existing_uidls(maildir, fd, owner)
+        pins: dict[str, str] = {}
+        names: list[str] = []
+        for sub_name in ("cur", "new"):
+            sub = safefs.open_subdir(fd, sub_name, owner, maildir)
+            try:
+                for name in os.listdir(sub):
+                    if name[0] == "." or name.split(":", 1)[0] in served:
+                        continue
+                    try:
+                        mfd, _ = safefs.open_regular(sub, name)
+                    except OSError:
+                        continue  # a link, a FIFO, gone: never read (the server skips it too)
+                    try:
+                        head = os.pread(mfd, HEADER_LIMIT, 0)
+                    finally:
+                        os.close(mfd)
+                    names.append(name)
+                    value = header_x_uidl(head)
+                    if value is not None:
+                        pins[name.split(":", 1)[0]] = value
+            finally:
+                os.close(sub)
+        kept: dict[str, str] = {}
+        # in delivery order, so the first of two equal X-UIDLs keeps it, whenever this runs
+        for base in sorted(pins, key=lambda b: (int(b.split(".", 1)[0]) if b.split(".", 1)[0].isdigit() else 0, b)):
+            uidl = safe_uidl(pins[base])
+            if uidl in taken or uidl == uidl_of(base):
+                continue
+            taken.add(uidl)
+            kept[base] = uidl
+        if current is not None and kept:
+            line_end = f" ({len(served)} already served by fastpop keep theirs)"
+        else:
+            line_end = ""
+        if dry_run:
+            return f"{maildir}: {len(names)} messages, {len(kept)} X-UIDLs to pin (dry run){line_end}"
+        if kept:
+            dovecot_uidlist.assign(fd, list(kept), kept, owner)
+        return f"{maildir}: {len(names)} messages, {len(kept)} X-UIDLs pinned{line_end}"
+    finally:
+        os.close(fd)
