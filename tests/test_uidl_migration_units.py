@@ -56,7 +56,7 @@ def test_courier_bad_lines_are_skipped_alone():
         b"bad.size x 2:42:0\n"
         b"bad.uid 10 x:42:0\n"
         b"too.many 10 3:42:0:1\n"
-        b"../../etc/passwd 10 4:42:0\n"  # never a name outside cur/
+        b"../../etc/passwd.x 10 4:42:0\n"  # a key only: what follows the last "/", as Courier compares
         b".hidden 10 5:42:0\n"
         b"huge " + b"9" * 50 + b" 6:42:0\n"
         b"\xff\xfe\x00 10 7:42:0\n"
@@ -64,7 +64,7 @@ def test_courier_bad_lines_are_skipped_alone():
         b"last.one 10 9:42:0\n"
         b"unfinished 10 10:42:0"
     )
-    assert listed == {"good.one": "UID1-42", "last.one": "UID9-42"}
+    assert listed == {"good.one": "UID1-42", "passwd.x": "UID4-42", "last.one": "UID9-42"}
 
 
 def test_safe_uidl_keeps_valid_ones_and_replaces_others_deterministically():

@@ -95,8 +95,9 @@ def parse(data: bytes) -> dict[str, str]:
         uid, uidv = _number(fields[0]), _number(fields[1])
         if uid is None or uidv is None:
             continue
-        base = name.split(b":", 1)[0]
-        if b"/" in base or b"\0" in base or base.startswith(b"."):
+        # only a key to match cur/'s names against: after the last "/", as Courier compares them
+        base = name.rsplit(b"/", 1)[-1].split(b":", 1)[0]
+        if not base or b"\0" in base or base.startswith(b"."):
             continue
         key = base.decode("utf-8", "surrogateescape")
         if uid == 0:
