@@ -149,6 +149,9 @@ def run_import(*args) -> subprocess.CompletedProcess:
 
 
 SPOOL = (
+    b"From MAILER-DAEMON Thu Dec  3 09:00:00 2026\n"  # c-client's folder data: not mail, not imported
+    b"Subject: DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA\nX-IMAP: 1700000000 0000000004\n\n"
+    b"This text is part of the internal format of your mail folder.\n\n"
     b"From alice@example.com Thu Dec  3 10:00:00 2026\n"
     b"From: alice@example.com\nSubject: one\nX-UIDL: 5d41402abc4b2a76b9719d911017c592\nStatus: RO\n\n"
     b"body one\nFrom here, an unquoted From_ line inside the body\n>From quoted by the MDA\n\n"

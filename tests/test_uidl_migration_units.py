@@ -190,3 +190,16 @@ def test_header_x_uidl():
     assert mb.header_x_uidl(b"Subject: a\n\nX-UIDL: in the body\n") is None
     assert mb.header_x_uidl(b"X-UIDL:\nSubject: empty value\n\n") is None
     assert mb.header_x_uidl(b"\x00\xff" * 5000) is None  # garbage: no header, no error
+
+
+def test_c_client_folder_internal_data_is_not_mail(tmp_path):
+    data = (b"From MAILER-DAEMON Thu Dec  3 09:00:00 2026\n"
+            b"Date: Thu, 3 Dec 2026 09:00:00 +0000\nSubject: DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA\n"
+            b"X-IMAP: 1700000000 0000000002\n\nThis text is part of the internal format of your mail folder.\n\n"
+            b"From a@b Thu Dec  3 10:00:00 2026\nSubject: DON'T DELETE THIS MESSAGE -- a user's own\n\nx\n")
+    fd = _spool(tmp_path, data)
+    try:
+        spans = mb.scan(fd)
+    finally:
+        os.close(fd)
+    assert [s.internal for s in spans] == [True, False]  # X-IMAP and that subject: the first only

@@ -7,7 +7,10 @@ start of the file, or after an empty line and carrying a time (``hh:mm``),
 as mutt, Dovecot and c-client read it; an unquoted ``From `` line
 elsewhere stays in the body.  Each message loses its From_ line and the
 empty line that separates it from the next (the mbox's, not the message's);
-one without a final newline is kept as it is (RETR adds the CRLF).  With
+one without a final newline is kept as it is (RETR adds the CRLF).  The
+first message c-client (UW imapd, ipop3d, pine) keeps its folder state in
+(``X-IMAP:``, "DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA") is not
+mail and is left out, as ipop3d hides it.  With
 ``--quoting mboxrd`` a body line ``>From ``, ``>>From ``... loses one ``>``;
 with ``mboxo`` (the default) nothing is changed, since mboxo cannot tell a
 quoted line from one that had the ``>`` already.
@@ -77,6 +80,11 @@ class Span:
     end: int
     from_line: bytes
     x_uidl: str | None = None
+    # c-client's (UW imapd, ipop3d, pine) first message, which holds the folder's
+    # state ("DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"): not mail, never served
+    internal: bool = False
+    _x_imap: bool = False
+    _subject: bytes = b""
 
 
 def _lines(fd: int):
@@ -143,12 +151,19 @@ def scan(fd: int, max_message: int = MAX_MESSAGE) -> list[Span]:
                 in_header = False
             elif current.x_uidl is None and piece[:7].lower() == b"x-uidl:":
                 current.x_uidl = piece[7:1000].strip().decode("utf-8", "surrogateescape")
+            elif not spans and piece[:7].lower() == b"x-imap:":
+                current._x_imap = True
+            elif not spans and piece[:8].lower() == b"subject:":
+                current._subject = piece[8:200].strip()
         prev_start = offset if at_start else prev_start
         prev_blank = at_start and _is_blank(piece)
     if current is not None:
         # the last message: an empty last line is the mbox's separator, not the message's
         current.end = prev_start if prev_blank and end > current.start else end
         spans.append(current)
+    first = spans[0] if spans else None
+    if first is not None and first._x_imap and first._subject.startswith(b"DON'T DELETE THIS MESSAGE"):
+        first.internal = True
     return spans
 
 
@@ -315,7 +330,8 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
         spans = scan(fd, max_message)
         if dry_run:
             with_uidl = sum(1 for s in spans if s.x_uidl)
-            return f"{spool}: {len(spans)} messages, {with_uidl} with X-UIDL (dry run: nothing written)"
+            mail = sum(1 for s in spans if not s.internal)
+            return f"{spool}: {mail} messages, {with_uidl} with X-UIDL (dry run: nothing written)"
         ensure_maildir(maildir, owner)
         dir_fd, owner = safefs.open_maildir(maildir, owner)
         try:
@@ -329,6 +345,8 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
             imported = skipped = 0
             last = 0.0
             for span in spans:
+                if span.internal:
+                    continue
                 data = normalize(read_message(fd, span, quoting))
                 digest = hashlib.sha256(data).hexdigest()
                 seen[digest] = occurrence = seen.get(digest, 0) + 1
