@@ -477,7 +477,7 @@ def _migrated_uidls(fd: int, added: list[str], kept: list[Entry], path: str) -> 
             continue
         uidl = courier.safe_uidl(uidl)
         if uidl in taken:
-            log.warning("%s: Courier UIDL %s of %s is another message's; not used", path, uidl, base)
+            log.warning("%s: Courier UIDL %s of %r is another message's; not used", path, uidl, base)
             continue
         taken.add(uidl)
         out[base] = uidl
