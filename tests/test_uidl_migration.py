@@ -295,3 +295,14 @@ def test_x_uidl_headers_of_a_converted_maildir(srv):
     forged = user.deliver(b"X-UIDL: 0123456789abcdef\nSubject: forged\n\n")  # after the move
     lose_index(user)
     assert sorted(uidls(user)) == sorted([*expected, forged.name])  # the forged one: its own UIDL
+
+
+def test_courier_uidl_wins_over_dovecot_imap_uids(srv):
+    """Courier POP3 beside Dovecot IMAP: the POP3 clients have Courier's UIDLs, not Dovecot's."""
+    user = srv.add_user()
+    put_cur(user, "1700000001.M1.both:2,S", message("one"))
+    put_cur(user, "1700000002.M2.both:2,", message("two"))
+    (user.maildir / "dovecot-uidlist").write_text("3 V1234 N3 Gabc\n1 :1700000001.M1.both\n2 :1700000002.M2.both\n")
+    (user.maildir / "courierpop3dsizelist").write_text(
+        f"/3 2 {COURIER_UIDV}\n1700000001.M1.both 10 1:{COURIER_UIDV}:0\n")
+    assert list(uidls(user)) == [f"UID1-{COURIER_UIDV}", f"{2:08x}{1234:08x}"]
