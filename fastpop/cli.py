@@ -186,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     target = flush.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid", type=int, help="the server's (or supervisor's) process id")
     target.add_argument("--pid-file", help="a file holding that process id")
+    # fastpop proxy (fastpop.proxy): serve's flags; the sessions are relayed to [backends]
+    proxy_cmd = sub.add_parser(
+        "proxy", parents=[serve], add_help=False, conflict_handler="resolve",
+        help="run a POP3 proxy that routes each user to their backend",
+        description="A fastpop server whose logins are relayed to the users' backends ([backends] in the "
+                    "configuration file: docs/configuration.md, docs/deploy.md); it takes serve's flags.")
+    proxy_cmd.set_defaults(func=cmd_proxy)
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).add_subcommand(sub)
     return parser
@@ -281,6 +288,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
     if args.client_workarounds is not None:
         config.client_workarounds = [w.strip().lower() for w in args.client_workarounds.split(",") if w.strip()]
+    if getattr(args, "route", False):  # fastpop proxy: only mechanisms that give it the password
+        config.backend_route = True
+        if config.auth_mechanisms is None:
+            config.auth_mechanisms = ["PLAIN", "LOGIN"]
     return config
 
 
@@ -311,6 +322,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    args.route = True  # (config_from_args: on SIGHUP too)
+    return cmd_serve(args)
 
 
 def _reloaded_config(args: argparse.Namespace) -> Config:

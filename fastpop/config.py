@@ -120,6 +120,15 @@ class Config:
     log_format: str = "text"  # "text", "keyvalue" or "json"
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None: metrics off
     metrics_flush_interval: float = 1.0  # seconds between moves of the counts into the metrics
+    # fastpop proxy (fastpop.proxy): each user's session relayed to their backend
+    backend_route: bool = False  # set by ``fastpop proxy``: logins go to backends, no Maildir here
+    backend_servers: list[str] = field(default_factory=list)  # HOST:PORT, for users without a host field
+    backend_port: int = 110  # the port of a host field without a port field
+    backend_login: str = "plain"  # "plain" (AUTH PLAIN) or "user" (USER/PASS) at the backend
+    backend_proxy_header: bool = True  # a PROXY v2 header naming the client first
+    backend_connect_timeout: float = 5.0  # connect, greeting and login at a backend
+    backend_health_interval: float = 5.0  # seconds between health checks; 0: none
+    backend_rehash: bool = False  # a down backend's users to the next one (shared store only)
     # the control socket (fastpop.serve.control): fastpop who, kick, deny, allow, maintenance
     control_socket: str | None = None  # None: control.sock in the lock table's runtime directory; "none": off
     control_group: str | None = None  # this group may use it too (mode 0660)
@@ -173,6 +182,7 @@ class Config:
         self._validate_security()
         self._validate_proxy()
         self._validate_operations()
+        self._validate_backends()
         if self.group is not None:
             import grp
 
@@ -259,6 +269,27 @@ class Config:
             except KeyError:
                 raise ValueError(f"no such system group {self.control_group!r} (control group)") from None
 
+    def _validate_backends(self) -> None:
+        for addr in self.backend_servers:
+            parse_address(addr)
+        if len(set(self.backend_servers)) != len(self.backend_servers):
+            raise ValueError("backends servers: an address is given twice")
+        if not 1 <= self.backend_port <= 65535:
+            raise ValueError("backends port must be between 1 and 65535")
+        if self.backend_login not in ("plain", "user"):
+            raise ValueError(f"backends login must be 'plain' or 'user', not {self.backend_login!r}")
+        if not self.backend_connect_timeout > 0:
+            raise ValueError("backends connect_timeout must be positive")
+        if self.backend_health_interval < 0:
+            raise ValueError("backends health_interval must not be negative")
+        if self.backend_route and self.lmtp_listen:
+            raise ValueError("fastpop proxy stores no mail: [lmtp] listen belongs on the backends")
+        if self.backend_route:
+            relayable = {"PLAIN", "LOGIN"}  # the mechanisms that give the proxy the password
+            if self.auth_apop or not set(self.mechanisms()) <= relayable:
+                raise ValueError("fastpop proxy logs in to the backends with the user's password: "
+                                 "[auth] mechanisms may only hold PLAIN and LOGIN, and apop must be off")
+
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms offered, in CAPA order."""
         if self.auth_mechanisms is not None:
@@ -343,6 +374,8 @@ _TOML_KEYS = {
     ("server", "log_format"): "log_format",
     ("metrics", "listen"): "metrics_listen",
     ("metrics", "flush_interval"): "metrics_flush_interval",
+    **{("backends", k): f"backend_{k}" for k in (
+        "route", "servers", "port", "login", "proxy_header", "connect_timeout", "health_interval", "rehash")},
     ("control", "socket"): "control_socket",
     ("control", "group"): "control_group",
     ("control", "deny_file"): "control_deny_file",

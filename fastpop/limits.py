@@ -22,6 +22,10 @@ log = logging.getLogger("fastpop.limits")
 SLOTS = 1 << 16  # address slots per row (256 KiB per worker)
 _TOTAL = SLOTS  # the last counter of a row: the worker's connections in total
 DESCRIPTOR_RESERVE = 64  # for listeners, logs, index and message files, sendfile dups
+# The mailbox lock table's shard files (fastpop.store.locking), kept open by each
+# process: all from its start, or under a small descriptor limit each when a
+# session first needs it (at most one more descriptor per session then).
+MAILBOX_LOCK_SHARDS = 256
 
 
 class ConnectionTable:
@@ -104,5 +108,18 @@ def raise_descriptor_limit() -> int:
 
 def connections_per_worker(descriptor_limit: int) -> int:
     """Connections one worker can take without running out of descriptors:
-    one each (an idle session holds nothing else), less a reserve."""
-    return max(16, descriptor_limit - max(DESCRIPTOR_RESERVE, descriptor_limit // 50))
+    one each (an idle session holds nothing else), less a reserve, less the
+    lock table's shards (up to one per session, at most 256 and the older
+    single file)."""
+    left = descriptor_limit - max(DESCRIPTOR_RESERVE, descriptor_limit // 50)
+    if lock_shards_up_front(descriptor_limit):
+        return max(16, left - (MAILBOX_LOCK_SHARDS + 1))
+    return max(16, left // 2)
+
+
+def lock_shards_up_front(descriptor_limit: int) -> bool:
+    """Whether a process opens all the lock table's shards when it starts
+    (before it drops privileges) rather than each when first needed: when its
+    descriptor limit leaves room for them and as many sessions (from 578)."""
+    left = descriptor_limit - max(DESCRIPTOR_RESERVE, descriptor_limit // 50)
+    return left >= 2 * (MAILBOX_LOCK_SHARDS + 1)

@@ -4,7 +4,9 @@ and the unit of per-client accounting.  Imports nothing from fastpop."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
+from typing import Any
 
 IPV6_PREFIX = 64
 
@@ -62,3 +64,37 @@ def parse_address(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host or "0.0.0.0", int(port)
+
+
+def resolve_listener(addr: str, port: int | None = None) -> tuple[int, int, int, Any]:
+    """(family, type, proto, sockaddr) that ``listening_socket`` binds for ``addr``."""
+    host, addr_port = parse_address(addr)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return family, kind, proto, sockaddr
+
+
+def listening_socket(addr: str, port: int | None = None, reuse_port: bool = True, listen: bool = True,
+                     backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket for ``addr`` (``port`` overrides its port 0), with
+    SO_REUSEPORT for the workers' sockets (without it a port in use is an error);
+    ``listen=False``: bound only, listening once its server starts serving.
+    The POP3 and LMTP listeners (fastpop.serve.server) and the metrics
+    endpoint (fastpop.serve.metrics) all come from here."""
+    family, kind, proto, sockaddr = resolve_listener(addr, port)
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        if listen:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -359,7 +359,7 @@ def test_figures_come_from_the_benchmarks(where):
 
 def test_architecture_names_every_module():
     package = REPO / "fastpop"
-    layers = ("wire", "store", "auth", "session", "delivery", "serve")
+    layers = ("wire", "store", "auth", "session", "proxy", "delivery", "serve")
     modules = [p for p in package.glob("*.py") if p.name != "__init__.py"]
     for layer in layers:
         modules += [p for p in (package / layer).iterdir() if p.suffix in (".py", ".pyx") and p.name != "__init__.py"]

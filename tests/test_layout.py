@@ -109,7 +109,7 @@ def test_no_import_cycle():
 LEAVES = {"fastpop", "fastpop._version", "fastpop._compiled", "fastpop.config", "fastpop.net", "fastpop.errors",
           "fastpop.limits",
           "fastpop.faults"}
-LAYERS = ["leaves", "wire", "store", "auth", "session", "delivery", "serve", "entry points"]
+LAYERS = ["leaves", "wire", "store", "auth", "session", "proxy", "delivery", "serve", "entry points"]
 ENTRY_POINTS = {"fastpop.cli", "fastpop.demo", "fastpop.__main__"}
 
 

@@ -250,6 +250,175 @@ def test_table_lock_of_another_process_is_refused_until_it_dies(table, maildir):
     table.acquire(str(maildir)).release()  # the kernel dropped the dead process's lock
 
 
+def _locked_in(path, offset: int) -> bool:
+    """Whether some process holds byte ``offset`` of the file at ``path`` (asked
+    through a descriptor of our own, as another process would)."""
+    import fcntl
+    import struct
+
+    flock = struct.Struct("hhqqi4x")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+    finally:
+        os.close(fd)
+    return flock.unpack(got)[0] != fcntl.F_UNLCK
+
+
+def _offset(maildir) -> int:
+    st = os.stat(maildir)
+    return locking.slot(st.st_dev, st.st_ino)
+
+
+def test_table_locks_live_in_shard_files_not_one_file(table, maildir):
+    """The kernel walks a file's whole lock list on every lock and unlock; the
+    locks are spread over 256 files, so no list holds every session's lock."""
+    lock = table.acquire(str(maildir))
+    offset = _offset(maildir)
+    shard = os.path.join(table.path + ".shards", f"{locking.shard_of(offset):02x}")
+    assert _locked_in(shard, offset)
+    assert not _locked_in(table.path, offset)  # the old single file is only asked
+    lock.release()
+    assert not _locked_in(shard, offset)
+    assert sorted(os.listdir(table.path + ".shards")) == [f"{i:02x}" for i in range(256)]
+
+
+def _two_in_one_shard(tmp_path) -> tuple[str, str]:
+    """Two Maildirs whose locks fall in the same shard file (by pigeonhole,
+    within 257 directories)."""
+    seen: dict[int, str] = {}
+    for i in range(257):
+        d = tmp_path / f"pair{i}"
+        d.mkdir()
+        shard = locking.shard_of(_offset(d))
+        if shard in seen:
+            return seen[shard], str(d)
+        seen[shard] = str(d)
+    raise AssertionError("unreachable: 257 directories in 256 shards")
+
+
+def test_mailboxes_sharing_a_shard_do_not_block_each_other(table, tmp_path):
+    first, second = _two_in_one_shard(tmp_path)
+    proc = _hold_in_child(table.path, first)  # another process, as another worker
+    try:
+        with pytest.raises(MailboxLocked):
+            table.acquire(first)
+        lock = table.acquire(second)  # the same file, another byte: free
+        assert table.holder(second) and table.holder(first)
+        lock.release()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    table.acquire(first).release()
+
+
+def _hold_many_in_child(table_path: str, maildirs: list[str]) -> subprocess.Popen:
+    code = (
+        "import sys, time; from fastpop.store.locking import LockTable; t = LockTable(sys.argv[1]); "
+        "[t.acquire(d) for d in sys.argv[2:]]; print('locked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, table_path, *maildirs], stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"locked\n"
+    return proc
+
+
+def test_sigkilled_process_releases_its_locks_in_every_shard(table, tmp_path):
+    maildirs = []
+    for i in range(600):  # over most of the 256 shards
+        (tmp_path / f"k{i}").mkdir()
+        maildirs.append(str(tmp_path / f"k{i}"))
+    assert len({locking.shard_of(_offset(d)) for d in maildirs}) > 200
+    proc = _hold_many_in_child(table.path, maildirs)
+    assert all(table.holder(d) for d in maildirs)
+    for d in maildirs[:50]:
+        with pytest.raises(MailboxLocked):
+            table.acquire(d)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    locks = [table.acquire(d) for d in maildirs]  # the kernel dropped all of the dead process's locks
+    for lock in locks:
+        lock.release()
+
+
+def test_a_mailbox_an_older_fastpop_holds_in_the_single_file_is_refused(table, maildir):
+    """During an upgrade an older fastpop of the host may still hold sessions in
+    the single-file table: its locks are seen, and refuse the mailbox."""
+    code = (
+        "import fcntl, os, struct, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, int(sys.argv[2]), 1, 0))\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    old = subprocess.Popen([sys.executable, "-c", code, table.path, str(_offset(maildir))], stdout=subprocess.PIPE)
+    try:
+        assert old.stdout.readline() == b"locked\n"
+        assert table.holder(str(maildir))
+        with pytest.raises(MailboxLocked):
+            table.acquire(str(maildir))
+        shard = os.path.join(table.path + ".shards", f"{locking.shard_of(_offset(maildir)):02x}")
+        assert not _locked_in(shard, _offset(maildir))  # the refused attempt left nothing behind
+    finally:
+        old.send_signal(signal.SIGKILL)
+        old.wait()
+    table.acquire(str(maildir)).release()
+
+
+def test_a_frugal_process_and_an_up_front_one_exclude_each_other(table, tmp_path):
+    """A process under a small limit (shards opened as needed) and one with every
+    shard open meet in the same files."""
+    held, other = tmp_path / "held", tmp_path / "other"
+    held.mkdir()
+    other.mkdir()
+    lock = table.acquire(str(held))
+    code = (
+        "import resource, sys, time\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "from fastpop.store.locking import LockTable, MailboxLocked\n"
+        "t = LockTable(sys.argv[1])\n"
+        "try:\n    t.acquire(sys.argv[2]); print('won', flush=True)\n"
+        "except MailboxLocked:\n    print('lost', flush=True)\n"
+        "t.acquire(sys.argv[3]); print('locked', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, table.path, str(held), str(other)], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"lost\n"
+        assert proc.stdout.readline() == b"locked\n"
+        with pytest.raises(MailboxLocked):
+            table.acquire(str(other))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        lock.release()
+    table.acquire(str(other)).release()
+
+
+def test_under_a_small_descriptor_limit_shards_open_as_needed(tmp_path, maildir):
+    """A server under a tiny descriptor limit (24 in tests/test_limits.py) cannot
+    keep 256 shard files open: it keeps one open only while it holds a lock there,
+    and opens the old single file only to ask it."""
+    code = (
+        "import os, resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "from fastpop.store.locking import LockTable\n"
+        "before = len(os.listdir('/proc/self/fd'))\n"
+        "t = LockTable(sys.argv[1]); lock = t.acquire(sys.argv[2])\n"
+        "print(len(os.listdir('/proc/self/fd')) - before, t.holder(sys.argv[2]))\n"
+        "lock.release(); print(len(os.listdir('/proc/self/fd')) - before, t.holder(sys.argv[2]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run" / "mailbox.locks"), str(maildir)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "True", "0", "False"]  # one shard while it holds a lock there
+
+
+def test_connections_per_worker_leaves_room_for_the_shards():
+    from fastpop.limits import connections_per_worker
+
+    assert connections_per_worker(20000) == 20000 - 400 - 257
+    assert connections_per_worker(128) == 32  # shards opened as needed: one per session at most
+    assert connections_per_worker(24) == 16
+
+
 def test_table_reopens_after_fork(table, maildir):
     """A forked child must not share its parent's open file description (its
     locks would not conflict with the parent's): acquire reopens the table."""

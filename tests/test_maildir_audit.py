@@ -24,7 +24,7 @@ resolved as the kernel would.  Allowed:
 * anything below the attacked user's Maildir (and the Maildirs of earlier
   examples, whose sessions may still finish in this window: none of the
   generated attacks point there), read or write;
-* the host's lock table (fastpop.store.locking.default_table_path()), read or write;
+* the host's lock table (fastpop.store.locking.default_table_path()) and its shards, read or write;
 * read-only: the passwd file, the server log, /etc, /usr, /lib*, /proc, /sys,
   /dev/null, /dev/urandom, Python's prefixes and site-packages and the fastpop
   package itself (a session touched only the passwd file and
@@ -491,6 +491,8 @@ class Audit:
                 return True
         if path == self.lock_table or path == os.path.dirname(self.lock_table):
             return True
+        if path == self.lock_table + ".shards" or path.startswith(self.lock_table + ".shards/"):
+            return True  # the lock table's shard files (fastpop.store.locking)
         if a.write:
             return False
         if path in self.read_files or path == "/dev/null":

@@ -121,3 +121,39 @@ def test_sigterm_stops_every_worker_without_applying_deletions(workers):
     assert rc == 0
     assert user.contents() == [message("keep me")]
     assert "all workers stopped" in workers.log()
+
+
+def test_a_mailbox_held_in_one_worker_is_refused_by_the_other(workers):
+    """Two sessions of one mailbox in different workers exclude each other
+    through the sharded lock table (and a logout frees it for the other)."""
+    from support.server import mailbox_held
+
+    from fastpop.store import locking
+
+    user = workers.add_user([message("a")])
+    holder = user.login()
+    first = _worker_pid(holder)
+    assert mailbox_held(user.maildir)
+    st = os.stat(user.maildir)
+    offset = locking.slot(st.st_dev, st.st_ino)
+    table = locking.LockTable()
+    try:
+        assert table._held_in(table._shard(locking.shard_of(offset)), offset)  # in its shard file
+    finally:
+        table.close()
+    for _ in range(60):
+        p = poplib.POP3("127.0.0.1", workers.port, timeout=10)
+        if _worker_pid(p) != first:
+            break
+        p.quit()
+    else:
+        pytest.fail("no connection reached the other worker")
+    p.user(user.name)
+    with pytest.raises(poplib.error_proto) as e:
+        p.pass_(user.password)
+    assert e.value.args[0].startswith(b"-ERR [IN-USE]"), e.value.args[0]
+    p.quit()
+    holder.quit()
+    p = user.login_when_free(timeout=10)
+    assert p.stat()[0] == 1
+    p.quit()

@@ -63,10 +63,26 @@ def ensure_mail_user() -> tuple[int, int]:
 
 
 def chown_tree(path: Path, uid: int, gid: int) -> None:
+    """Give ``path`` and everything below to Dovecot's mail user."""
     os.chown(path, uid, gid)
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
-            os.chown(os.path.join(root, name), uid, gid)
+            try:
+                os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+            except FileNotFoundError:
+                pass  # renamed meanwhile (new/ to cur/, flags) by a server: it keeps its owner
+
+
+def stop_dovecot(proc: subprocess.Popen) -> int:
+    """SIGTERM to a foreground Dovecot, SIGKILL to its process group after 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -181,14 +197,7 @@ class DovecotServer:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        rc = self.proc.returncode
+        rc = stop_dovecot(self.proc)
         self.proc = None
         return rc
 

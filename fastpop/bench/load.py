@@ -22,6 +22,7 @@ import asyncio
 import gc
 import os
 import random
+import socket
 import ssl
 import time
 import traceback
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, cast
 
+from fastpop.bench import capacity
 from fastpop.bench import client as C
 from fastpop.bench import scenarios as S
 
@@ -139,6 +141,7 @@ class LoadSpec:
     seed: int = 1
     idle_noop: float = 0.0
     idle_ramp: int = 64  # logins in flight at once while opening idle sessions
+    sources: list[str] = field(default_factory=list)  # source addresses, one per connection in turn (capacity)
     # per process (set by split)
     index: int = 0
     phase: float = 0.0
@@ -157,11 +160,17 @@ class LoadSpec:
             if self.sessions is not None:
                 sessions = self.sessions // procs + (1 if i < self.sessions % procs else 0)
             large = self.large_users[i::procs] if len(self.large_users) >= procs else list(self.large_users)
+            sources = self.sources
+            if len(sources) >= procs:
+                sources = sources[i::procs]
+            elif sources:  # all of them, each process starting at another
+                sources = sources[i % len(sources):] + sources[:i % len(sources)]
             out.append(replace(
                 self,
                 index=i,
                 users=self.users[i::procs],
                 large_users=large,
+                sources=sources,
                 connections=share_conn,
                 sessions=sessions,
                 rate=None if self.rate is None else self.rate / procs,
@@ -251,6 +260,8 @@ class Worker:
         self._reseed_factory: MessageFactory | None = None
         self._reseed_cache: list[bytes] = []
         self._owners: dict[str, tuple[int, int] | None] = {}
+        self._next_source = 0
+        self._target: tuple[int, tuple] | None = None  # (family, sockaddr), resolved once for --source
 
     # ------------------------------------------------------------ recording (hot)
 
@@ -304,7 +315,9 @@ class Worker:
             self.ramping.discard(s)
             assert self._ramp_sem is not None
             self._ramp_sem.release()
-        if self.spec.idle_noop > 0 and not self.opts.releasing:
+        if self.opts.releasing:  # its NOOP was in flight when the hold ended: it ends now too
+            self.loop.call_soon(s.resume)
+        elif self.spec.idle_noop > 0:
             self.loop.call_later(self.spec.idle_noop, s.resume)
 
     # ------------------------------------------------------------ sessions
@@ -332,7 +345,9 @@ class Worker:
         # (with implicit TLS: connect and handshake) that takes longer than the timeout instead
         s.task = task = asyncio.current_task(self.loop)
         try:
-            if spec.tls == "implicit":
+            if spec.sources:
+                await self._connect_from_source(s)
+            elif spec.tls == "implicit":
                 await self.loop.create_connection(lambda: s, spec.host, spec.port, ssl=self.ssl_context,
                                                   server_hostname=self.server_hostname)
             else:
@@ -347,10 +362,33 @@ class Worker:
         except ssl.SSLError as exc:
             s._fail("tls", f"TLS handshake: {exc}")
         except OSError as exc:
-            s._fail("connect", f"connect to {spec.host}:{spec.port}: {exc.strerror or exc}")
+            why = capacity.explain(exc.errno) if exc.errno else ""
+            s._fail("connect", f"connect to {spec.host}:{spec.port}: {exc.strerror or exc}"
+                    + (f" ({why})" if why else ""))
         await s.done
         if s.result and spec.reseed:
             self.reseed(user, s.result)
+
+    async def _connect_from_source(self, s: C.Session) -> None:
+        """Connect from the next of ``sources`` (its port chosen per destination)."""
+        spec = self.spec
+        if self._target is None:
+            info = (await self.loop.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM))[0]
+            self._target = (int(info[0]), info[4])
+        family, addr = self._target
+        source = spec.sources[self._next_source % len(spec.sources)]
+        self._next_source += 1
+        sock = capacity.bound_socket(family, source)
+        try:
+            await self.loop.sock_connect(sock, addr)
+            if spec.tls == "implicit":
+                await self.loop.create_connection(lambda: s, sock=sock, ssl=self.ssl_context,
+                                                  server_hostname=self.server_hostname)
+            else:
+                await self.loop.create_connection(lambda: s, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def _closed(self) -> None:
         while not self.stopping:

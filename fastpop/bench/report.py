@@ -1,5 +1,5 @@
 """Turning a run into numbers people read: the result document, the
-terminal summary (rich), ``--json``, ``--plot`` and ``compare``.
+terminal summary (rich, or plain text: fastpop.bench.text), ``--json``, ``--plot`` and ``compare``.
 
 Latencies are HdrHistograms in microseconds (1 us to 1 h, 3 significant
 digits), merged over the client processes; each is kept in the JSON in
@@ -335,9 +335,9 @@ def progress_text(tick: dict, total_seconds: float | None) -> str:
 
 
 def summary_renderables(result: dict) -> list:
-    """rich renderables: throughput, latency table, server/client, errors."""
-    from rich.table import Table
-    from rich.text import Text
+    """Renderables (fastpop.bench.text): throughput, latency table, server/client, errors."""
+    from fastpop.bench.text import table as Table
+    from fastpop.bench.text import text
 
     out: list = []
     r, t = result["rates"], result["totals"]
@@ -390,7 +390,7 @@ def summary_renderables(result: dict) -> list:
         notes.append(f"[yellow]{t['unverified']:,} messages had no X-Fastpop-Bench-Sha256 header: size checked, "
                      f"content not verified[/yellow]")
     for n in notes:
-        out.append(Text.from_markup(n))
+        out.append(text(n))
     e = result["errors"]
     if e["total"]:
         table = Table(title=f"[bold red]ERRORS: {e['total']:,}[/bold red]", header_style="bold red")
@@ -400,10 +400,10 @@ def summary_renderables(result: dict) -> list:
         for kind, count in sorted(e["by_kind"].items(), key=lambda kv: -kv[1]):
             table.add_row(kind, num(count), "\n".join(e["samples"].get(kind, [])[:3]))
         out.append(table)
-        out.append(Text.from_markup(
+        out.append(text(
             "[bold red]THE RUN HAD ERRORS: its numbers do not describe a healthy server.[/bold red]"))
     else:
-        out.append(Text.from_markup("[green]no errors[/green]"))
+        out.append(text("[green]no errors[/green]"))
     return out
 
 
@@ -441,7 +441,7 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 def compare_table(results: list[dict], names: list[str]):
-    from rich.table import Table
+    from fastpop.bench.text import table as Table
 
     table = Table(title="fastpop bench compare", header_style="bold")
     table.add_column("")

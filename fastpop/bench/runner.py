@@ -130,11 +130,10 @@ def describe_load(spec: LoadSpec) -> str:
 def execute(spec: LoadSpec, target: Target, mailboxes: dict | None = None, quiet: bool = False,
             console=None, header: bool = True) -> dict:
     """Run the load and return the result document (report.RESULT_SCHEMA)."""
-    from rich.console import Console
-
+    from fastpop.bench import text
     from fastpop.bench.procstat import ServerMonitor
 
-    console = console or Console(stderr=False, highlight=False)
+    console = console or text.console(stderr=False, highlight=False)
     monitor = None
     if target.pid is not None:
         try:
@@ -175,9 +174,9 @@ def execute(spec: LoadSpec, target: Target, mailboxes: dict | None = None, quiet
 
 
 def _print_header(console, spec: LoadSpec, target: Target, mailboxes: dict | None) -> None:
-    from rich.table import Table
+    from fastpop.bench.text import grid
 
-    table = Table.grid(padding=(0, 2))
+    table = grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
     table.add_row("target", target.address + ("  (spawned)" if target.spawned else ""))
@@ -207,13 +206,11 @@ def print_summary(console, result: dict) -> None:
 
 
 def run_cli(args) -> int:
-    from rich.console import Console
-
-    from fastpop.bench import scenarios, spawn
+    from fastpop.bench import scenarios, spawn, text
     from fastpop.net import parse_address
 
     # wide enough for the notes and tables when the output goes to a file or a CI log
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    console = text.console(highlight=False, width=None if sys.stdout.isatty() else 120)
     spawn_mode = args.spawn or args.target is None
     if args.spawn and args.target:
         raise BenchError("give a target or --spawn, not both")
@@ -242,6 +239,22 @@ def run_cli(args) -> int:
     procs = args.procs
     if args.rate is None and procs > connections:
         procs = connections  # a process with no connection would only idle
+    from fastpop.bench import capacity
+
+    try:
+        sources = capacity.parse_sources(args.source) if args.source else []
+        limit = capacity.raise_descriptor_limit()  # the client processes inherit it
+        if args.rate is None:  # closed loop and idle: this many open at once
+            wanted = procs
+            procs = capacity.procs_for(connections, procs, limit)
+            if procs > wanted:
+                console.print(f"[yellow]{connections:,} connections at {limit:,} descriptors per process "
+                              f"(RLIMIT_NOFILE): {procs} client processes instead of {wanted}[/yellow]")
+            capacity.check(connections, sources, spawn_mode)
+            if spawn_mode:
+                capacity.check_spawned(connections, list(getattr(args, "server_arg", None) or []), limit)
+    except capacity.CapacityError as exc:
+        raise BenchError(str(exc)) from None
     try:
         size = spawn.SizeDistribution.parse(args.message_size)
         large_size = spawn.parse_size(args.large_size)
@@ -299,7 +312,7 @@ def run_cli(args) -> int:
             tls=args.tls, cafile=args.cafile, server_hostname=args.server_name, auth=args.auth,
             connections=connections, rate=args.rate, duration=duration, sessions=args.sessions,
             warmup=args.warmup, procs=procs, timeout=args.timeout, loop=args.loop, reseed=reseed,
-            reseed_size=size, seed=args.seed, idle_noop=args.idle_noop,
+            reseed_size=size, seed=args.seed, idle_noop=args.idle_noop, sources=sources,
         )
         if args.scenario == "idle" and len(users) < connections:
             raise BenchError(f"idle needs a mailbox per held session: {len(users)} users for {connections} connections")

@@ -258,21 +258,6 @@ def _response(kind: str, body: bytes = b"") -> bytes:
     return head if kind == "HEAD" else head + body
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(64)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class _Connection:
     __slots__ = ("buf", "deadline", "out", "sock")
 
@@ -453,10 +438,11 @@ class HTTPEndpoint:
     def __init__(self, address: str, registry) -> None:
         from prometheus_client import generate_latest
 
-        from fastpop.net import parse_address
+        from fastpop.net import listening_socket, parse_address
 
-        host, port = parse_address(address)
-        self.server = _ScrapeServer(_listening_socket(host, port), lambda: generate_latest(registry))
+        host, _ = parse_address(address)
+        sock = listening_socket(address, reuse_port=False, backlog=64)  # one supervisor, a few scrapers
+        self.server = _ScrapeServer(sock, lambda: generate_latest(registry))
         self.thread = self.server.thread
         self.port = self.server.socket.getsockname()[1]
         self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"

@@ -29,7 +29,7 @@ from fastpop.limits import (
     ConnectionTable,
     connections_per_worker,
 )
-from fastpop.net import parse_address
+from fastpop.net import listening_socket, parse_address, resolve_listener
 from fastpop.serve.preload import preload
 from fastpop.session.protocol import POP3Protocol
 from fastpop.store import index, maildir, safefs
@@ -37,6 +37,7 @@ from fastpop.store.locking import default_table_path, mailbox_locks
 from fastpop.wire.parser import PARSER_IMPL
 
 if TYPE_CHECKING:
+    from fastpop.proxy.routing import Router
     from fastpop.serve.control import WorkerControl
     from fastpop.session.metered import Counters
     from fastpop.session.tls import TLSManager
@@ -79,6 +80,12 @@ class ServerContext:
         self._stamp_suffix = f"@{config.hostname}>"
         self.capa_transaction = self._capa(authorized=True)
         self.metrics: Counters | None = None  # when metrics are on
+        self.router: Router | None = None  # fastpop proxy (fastpop.proxy.routing)
+        if config.backend_route:
+            from fastpop.proxy.routing import Router
+
+            self.router = Router(config)
+            self.router.start(loop)
         # fastpop.serve.control: set by the control socket (or inherited from the supervisor)
         self.maintenance = False
         self.denied: frozenset[str] = frozenset()
@@ -158,6 +165,12 @@ class ServerContext:
             self.capa_transaction = self._capa(authorized=True)
             self.connections.per_address = config.max_connections_per_ip
             self.connections.total = config.max_connections
+            if self.router is not None:  # fastpop proxy: the backends as now configured, all thought up
+                from fastpop.proxy.routing import Router
+
+                self.router.close()
+                self.router = Router(config)
+                self.router.start(self.loop)
         try:
             self.auth.reload()  # the passwd-file re-read now; SQL/LDAP: the auth cache emptied
             if self.masters is not None:
@@ -180,6 +193,10 @@ class ServerContext:
     def session_class(self, base: type) -> type:
         """The class of the sessions a listener makes: ``base`` itself, or with
         metrics on its counting subclass (fastpop.serve.metrics)."""
+        if self.router is not None:  # fastpop proxy: logins relayed to backends
+            from fastpop.proxy.relay import routed
+
+            base = routed(base)
         if self.metrics is None:
             return base
         from fastpop.session.metered import metered
@@ -220,6 +237,7 @@ class ServerContext:
 # Settings a running server cannot change (SIGHUP keeps the old value and says so).
 RESTART_ONLY = ("listen", "listen_tls", "lmtp_listen", "loop", "workers", "user", "group",
                 "proxy_listen", "proxy_listen_tls",
+                "backend_route",  # the listeners' session class (fastpop proxy)
                 "auth_secret_file",  # read once, before privileges are dropped and workers forked
                 # the user database: LMTP and open pools hold the one built at start
                 "passwd_file", "auth_master_passwd_file", "mail_location", "mail_lock", "mail_lock_table",
@@ -554,6 +572,8 @@ async def _serve_as_user(ctx: ServerContext, servers: list[asyncio.Server], lmtp
     if process_metrics is not None:
         process_metrics.close()  # the last counts, then the endpoint
     await ctx.auth.close()  # the user database's connections
+    if ctx.router is not None:
+        ctx.router.close()  # its health checks
     log.info("stopped")
 
 
@@ -661,43 +681,12 @@ def run_worker(
         loop.close()
 
 
-def _resolve(addr: str, port: int | None = None) -> tuple[int, int, int, Any]:
-    """(family, type, proto, sockaddr) that ``listening_socket`` binds for ``addr``."""
-    host, addr_port = parse_address(addr)
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(
-        host, addr_port if port is None else port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return family, kind, proto, sockaddr
-
-
-def listening_socket(addr: str, port: int | None = None, reuse_port: bool = True, listen: bool = True) -> socket.socket:
-    """A listening TCP socket for ``addr`` (``port`` overrides its port 0), with
-    SO_REUSEPORT for the workers' sockets (without it a port in use is an error);
-    ``listen=False``: bound only, listening once its server starts serving."""
-    family, kind, proto, sockaddr = _resolve(addr, port)
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        if listen:
-            sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def bind_listener(locks: ListenerLocks, addr: str, port: int | None = None) -> socket.socket:
     """A socket for ``addr`` as ``listening_socket`` makes one, bound but not
     listening: it accepts once the process that serves it starts serving
     (after its switch of user), not in the kernel's queue before.  Its address
     is claimed in ``locks`` first (port 0: the port the kernel chose, once bound)."""
-    family, _, _, sockaddr = _resolve(addr, port)
+    family, _, _, sockaddr = resolve_listener(addr, port)
     if sockaddr[1]:
         locks.claim(family, sockaddr, addr)
     sock = listening_socket(addr, port, listen=False)

@@ -45,7 +45,8 @@ class POP3Protocol(SessionCore, Login, Retrieval, asyncio.Protocol):
     (fastpop.session.retrieval) and STLS are parts of it in Python.
 
     Extension points, for subclasses (fastpop.session.metered counts with
-    them; fastpop.session.proxied starts the session after a PROXY header);
+    them; fastpop.session.proxied starts the session after a PROXY header;
+    fastpop.proxy.relay relays it to a backend after the login);
     tests/test_protocol_hooks.py checks every override matches the base:
 
     - ``_authorization_table``, ``_transaction_table``: the dispatch tables
@@ -57,6 +58,9 @@ class POP3Protocol(SessionCore, Login, Retrieval, asyncio.Protocol):
     - ``_count_sent(is_top, size)``: a RETR or TOP body was queued;
     - ``_unbusy(flag)``: a reason to suspend the command pull ended (the
       reply of the command that set it is complete);
+    - ``_auth_finished(outcome)``: a login exchange ended with its
+      ``fastpop.auth.sasl.Outcome`` (fastpop.proxy.relay relays a successful
+      one to a backend instead of opening a Maildir);
     - ``start_session()``: greet the client once its address is known;
     - asyncio's ``connection_made`` and ``connection_lost``.
 

@@ -2,16 +2,18 @@
 
 Two kinds, chosen by ``[mail] lock``:
 
-``table`` (the default): one lock table file per host, opened once per
-process, and an OFD byte-range lock (fcntl F_OFD_SETLK) per mailbox at an
-offset hashed from the Maildir's device and inode.  A login costs one stat
-and one fcntl, writes nothing to the Maildir (it works on a full disk or
-quota, when POP3 is how a user makes room), and the kernel drops a dead
+``table`` (the default): one lock table per host, 256 shard files opened
+once per process, and an OFD byte-range lock (fcntl F_OFD_SETLK) per mailbox
+at an offset hashed from the Maildir's device and inode, in the shard that
+offset picks (so no file's lock list grows past ~1/256 of the sessions held:
+the kernel walks that list on every lock and unlock).  A login costs one
+stat and two fcntl, writes nothing to the Maildir (it works on a full disk
+or quota, when POP3 is how a user makes room), and the kernel drops a dead
 process's locks with its descriptors, so nothing is ever stale.  Every fastpop
 process of the host (workers, and an old server draining beside a new one)
-uses the same table file, so they see each other's locks; an in-process
-table covers the sessions of one process, whose locks share one open file
-description and so never conflict with each other in the kernel.
+uses the same table, so they see each other's locks; an in-process set
+covers the sessions of one process, whose locks share one open file
+description per shard and so never conflict with each other in the kernel.
 
 ``symlink``: ``fastpop.lock`` in the Maildir, a symbolic link whose target
 names its owner (process id, start time, boot and host).  For several hosts
@@ -37,6 +39,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 import socket
 import stat
 import struct
@@ -46,6 +49,7 @@ import weakref
 import zlib
 
 from fastpop import faults
+from fastpop.limits import MAILBOX_LOCK_SHARDS, lock_shards_up_front
 
 LOCK_FILE = "fastpop.lock"
 DEFAULT_STALE_AFTER = 3600.0  # seconds after which another host's lock is presumed dead
@@ -233,8 +237,20 @@ def default_table_path() -> str:
     return os.path.join(tempfile.gettempdir(), f"fastpop-{os.geteuid()}", "mailbox.locks")
 
 
-def _open_table(path: str) -> int:
-    directory = os.path.dirname(path) or "."
+SHARDS = MAILBOX_LOCK_SHARDS  # the table's files: part of its layout on disk (every fastpop of the host agrees)
+SHARD_DIR_SUFFIX = ".shards"  # the shards live in "<lock_table>.shards/00" .. "ff"
+
+
+def shard_of(offset: int) -> int:
+    """The shard file a mailbox's lock lives in (``offset`` is its ``slot``)."""
+    return offset % SHARDS
+
+
+def shard_directory(path: str) -> str:
+    return path + SHARD_DIR_SUFFIX
+
+
+def _check_directory(directory: str) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
@@ -244,11 +260,27 @@ def _open_table(path: str) -> int:
             f"lock table directory {directory} must be a directory of uid {os.geteuid()} (or root) "
             "that nobody else may write"
         )
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+
+def _open_file(path: str, dir_fd: int | None = None) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)  # someone else's file could let them hold every mailbox
         raise PermissionError(f"lock table {path} must be a regular file owned by uid {os.geteuid()}")
+    return fd
+
+
+def _open_table(path: str) -> int:
+    """The single file of the unsharded table (asked, never locked), and the
+    shards' directory made ready."""
+    _check_directory(os.path.dirname(path) or ".")
+    fd = _open_file(path)
+    try:
+        _check_directory(shard_directory(path))
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -269,11 +301,30 @@ class TableLock:
 
 
 class LockTable:
-    """``[mail] lock = "table"``: a per-host file of OFD byte-range locks.
+    """``[mail] lock = "table"``: per-host files of OFD byte-range locks.
+
+    The kernel keeps the byte-range locks of a file in one list and walks it
+    on every lock and unlock: with every session's lock in one file a
+    lock+unlock cost 0.016 ms with 1,000 sessions held and 14 ms with
+    100,000.  So the table is ``SHARDS`` files, a mailbox's lock living in
+    the one its slot picks (``shard_of``), and each list holds ~1/256 of
+    the sessions (benchmarks/lock_table.py).  Each process keeps the shards
+    open: all 256 from the start (before a server drops privileges) when its
+    descriptor limit is 578 or more, with the old file below 257 descriptors
+    whatever the sessions.  Under a smaller limit it is frugal: a shard is
+    open only while one of its sessions holds a lock there, and the old file
+    only while it is asked, so it never needs more descriptors than it has
+    sessions.
+
+    The single file of older versions (``path`` itself) is still opened and
+    asked (F_OFD_GETLK, never locked) at each login, so a mailbox that an
+    older fastpop of the host holds is refused here too (docs/operations.md,
+    upgrading); once no older version runs its list is empty and the
+    question costs one system call.
 
     Opened per process (after a fork: a forked child sharing its parent's
-    open file description would share its locks too, so the child's first
-    ``acquire`` reopens it)."""
+    open file descriptions would share its locks too, so the child's first
+    ``acquire`` reopens them)."""
 
     method = "table"
 
@@ -283,9 +334,13 @@ class LockTable:
         self._setlk: int = _OFD_SETLK
         self._getlk: int = _OFD_GETLK
         self.path = path or default_table_path()
-        self._fd = _open_table(self.path)
+        self._legacy = -1
+        self._shards: list[int] = [-1] * SHARDS  # -1: not open
+        self._counts: list[int] = [0] * SHARDS  # this process's locks per shard (frugal: to close idle ones)
+        self._open_files()
         self._forked = False  # set in a forked child (not asked per login: getpid is a system call)
         self._held: set[int] = set()  # this process's slots
+        self._closed = False
         _tables.add(self)
 
     def acquire(self, maildir: str) -> TableLock:
@@ -296,11 +351,26 @@ class LockTable:
         offset = slot(st.st_dev, st.st_ino)
         if offset in self._held:
             raise MailboxLocked(maildir)
+        index = shard_of(offset)
+        shard = self._shard(index)
         try:
-            fcntl.fcntl(self._fd, self._setlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-        except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
-            raise MailboxLocked(maildir) from None
+            try:
+                fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+            except (BlockingIOError, PermissionError):  # EAGAIN / EACCES: another process holds it
+                raise MailboxLocked(maildir) from None
+            try:
+                older = self._held_by_older(offset)
+            except BaseException:
+                fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+                raise
+            if older:  # by a fastpop of an older version
+                fcntl.fcntl(shard, self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+                raise MailboxLocked(maildir)
+        except BaseException:
+            self._maybe_close(index)
+            raise
         self._held.add(offset)
+        self._counts[index] += 1
         if faults.ACTIVE:
             faults.hit("lock.after_create")
         return TableLock(self, offset)
@@ -308,11 +378,62 @@ class LockTable:
     def _release(self, offset: int) -> None:
         if offset in self._held and not self._forked:
             self._held.discard(offset)
-            fcntl.fcntl(self._fd, self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+            index = shard_of(offset)
+            self._counts[index] -= 1
+            fcntl.fcntl(self._shards[index], self._setlk, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+            self._maybe_close(index)
+
+    def _open_files(self) -> None:
+        """Up front: the old single file and every shard.  Frugal (a descriptor
+        limit under 578): only the checks, then each file when needed."""
+        self._frugal = not lock_shards_up_front(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self._legacy = _open_table(self.path)
+        if self._frugal:
+            os.close(self._legacy)  # opened for each question instead
+            self._legacy = -1
+            return
+        try:
+            for i in range(SHARDS):
+                self._shard(i)
+        except BaseException:
+            self._close_files()
+            raise
+
+    def _shard(self, index: int) -> int:
+        fd = self._shards[index]
+        if fd < 0:  # OSError (EMFILE): the login fails with [SYS/TEMP]
+            fd = self._shards[index] = _open_file(os.path.join(shard_directory(self.path), f"{index:02x}"))
+        return fd
+
+    def _maybe_close(self, index: int) -> None:
+        """Frugal: a shard in which this process holds no lock is closed (closing
+        it drops nothing), so its descriptors never outnumber its sessions."""
+        if self._frugal and not self._counts[index] and self._shards[index] >= 0:
+            os.close(self._shards[index])
+            self._shards[index] = -1
+
+    def _held_in(self, fd: int, offset: int) -> bool:
+        got = fcntl.fcntl(fd, self._getlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+
+    def _held_by_older(self, offset: int) -> bool:
+        if self._legacy >= 0:
+            return self._held_in(self._legacy, offset)
+        fd = _open_file(self.path)
+        try:
+            return self._held_in(fd, offset)
+        finally:
+            os.close(fd)
+
+    def _close_files(self) -> None:
+        for fd in (self._legacy, *self._shards):
+            if fd >= 0:
+                os.close(fd)  # only this process's reference: a parent's locks stay
+        self._legacy, self._shards, self._counts = -1, [-1] * SHARDS, [0] * SHARDS
 
     def _reopen(self) -> None:
-        os.close(self._fd)  # only this process's reference: the parent's locks stay
-        self._fd = _open_table(self.path)
+        self._close_files()
+        self._open_files()
         self._forked = False
         self._held = set()
 
@@ -322,13 +443,16 @@ class LockTable:
         offset = slot(st.st_dev, st.st_ino)
         if offset in self._held and not self._forked:
             return True
-        got = fcntl.fcntl(self._fd, self._getlk, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
-        return _FLOCK.unpack(got)[0] != fcntl.F_UNLCK
+        index = shard_of(offset)
+        try:
+            return self._held_in(self._shard(index), offset) or self._held_by_older(offset)
+        finally:
+            self._maybe_close(index)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)  # drops every lock this process holds
-            self._fd = -1
+        if not self._closed:
+            self._closed = True
+            self._close_files()  # drops every lock this process holds
             self._held.clear()
 
 

@@ -21,13 +21,14 @@ import os
 import poplib
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-MAIL_USER = "vmail"
+from fastpop.bench import dovecot as bench_dovecot
+from fastpop.bench.dovecot import MAIL_USER, stop_dovecot
+from fastpop.bench.dovecot import ensure_mail_user as mail_user
 
 CONF = """\
 base_dir = {dir}/run
@@ -99,26 +100,9 @@ def unavailable() -> str | None:
     return None
 
 
-def mail_user() -> tuple[int, int]:
-    """(uid, gid) of the mail user, created if missing."""
-    try:
-        entry = pwd.getpwnam(MAIL_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-r", "-M", "-s", "/usr/sbin/nologin", MAIL_USER], check=True)
-        entry = pwd.getpwnam(MAIL_USER)
-    return entry.pw_uid, entry.pw_gid
-
-
 def chown_tree(path: Path) -> None:
     """Give ``path`` and everything below to the mail user (Dovecot's mail processes)."""
-    uid, gid = mail_user()
-    os.chown(path, uid, gid)
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames + filenames:
-            try:
-                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
-            except FileNotFoundError:
-                pass  # renamed meanwhile (new/ to cur/, flags) by a server: it keeps its owner
+    bench_dovecot.chown_tree(path, *mail_user())
 
 
 def _free_port() -> int:
@@ -184,14 +168,7 @@ class DovecotServer:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        rc = self.proc.returncode
+        rc = stop_dovecot(self.proc)
         self.proc = None
         return rc
 

@@ -66,6 +66,8 @@ def message(subject: str = "test", body: str = "Hello.\r\n", size: int | None = 
 
 
 class ServerProcess:
+    command = "serve"  # (a subclass may run another subcommand taking serve's flags: proxy)
+
     def __init__(self, root: Path, parser: str, loop: str = "uvloop", extra_args: list[str] | None = None):
         self.root = root
         self.parser = "python" if NO_EXTENSIONS else parser
@@ -88,7 +90,7 @@ class ServerProcess:
         if self.parser == "python":
             env["FASTPOP_NO_EXTENSIONS"] = "1"
         args = [
-            sys.executable, "-m", "fastpop", "serve",
+            sys.executable, "-m", "fastpop", self.command,
             "--listen", f"127.0.0.1:{port}",
             "--passwd-file", str(self.passwd),
             "--mail-location", str(self.mail) + "/%u",
