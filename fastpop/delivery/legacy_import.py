@@ -152,6 +152,10 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mail-root", required=True, metavar="DIR", help="where the Maildirs go: DIR/<domain>/<user>")
     p.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
     p.set_defaults(func=cmd_import_legacy)
+    from fastpop.delivery import mbox_import
+
+    mbox_import.add_kind(kinds)
+    mbox_import.add_x_uidl_kind(kinds)
 
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:

@@ -25,7 +25,6 @@ one it is served as is refused (PermissionError/ELOOP: [SYS/PERM]).
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ import stat
 import time
 
 from fastpop import faults
-from fastpop.store import dovecot_keywords, dovecot_uidlist, maildirsize, safefs
+from fastpop.store import courier, dovecot_keywords, dovecot_uidlist, maildirsize, safefs
 from fastpop.store import index as mindex
 from fastpop.store.index import FLAG_NO_DOT_LINES, FLAG_STORED_AS_SENT, Entry, MailboxIndex
 from fastpop.store.safefs import O_MESSAGE, open_nofollow
@@ -114,11 +113,7 @@ def _int_or(text: str, default: int) -> int:
 
 def uidl_of(name: str) -> str:
     """A stable UIDL from the Maildir unique name (RFC 1939: 1-70 chars, 0x21-0x7E)."""
-    unique = name.split(":", 1)[0].split(",", 1)[0]
-    # isprintable() on ASCII is 0x20-0x7E; the space is excluded separately
-    if 0 < len(unique) <= 70 and unique.isascii() and unique.isprintable() and " " not in unique:
-        return unique
-    return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
+    return courier.safe_uidl(name.split(":", 1)[0].split(",", 1)[0])
 
 
 def with_flag(name: str, flag: str) -> str | None:
@@ -429,11 +424,14 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
     present = {_base(n) for n in names}
     kept = [e for base, e in known.items() if base in present]
     added.sort(key=_delivery_order)
+    # the UIDLs Courier's POP3 served (docs/migration.md): for messages not served here yet
+    migrated = _migrated_uidls(fd, added, kept, path)
     if _uidl_mode == "dovecot":
         # every message gets its UID in dovecot-uidlist before it is served, and one
         # already served keeps its UIDL there too: the UIDL never depends on this index
         kept_uidls = {_base(e.name): e.uidl for e in kept}
-        uidlist = dovecot_uidlist.assign(fd, [*kept_uidls, *(_base(n) for n in added)], kept_uidls, owner)
+        uidlist = dovecot_uidlist.assign(fd, [*kept_uidls, *(_base(n) for n in added)],
+                                         {**migrated, **kept_uidls}, owner)
         uidvalidity = uidlist.validity
         dovecot_uidls = {_base(n): uidlist.uidl(_base(n)) or "" for n in added}
     else:
@@ -445,8 +443,9 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
         if measured is None:
             continue
         size, file_size, flags = measured
-        uidl = dovecot_uidls.get(_base(name)) or uidl_of(name)
-        kept.append(Entry(name, size, file_size, flags, uidl))
+        base = _base(name)
+        uidl = migrated.get(base) or dovecot_uidls.get(base) or uidl_of(name)
+        kept.append(Entry(name, size, file_size, flags, courier.safe_uidl(uidl)))
     trusted = cur_mtime_ns if time.time_ns() - cur_mtime_ns > MTIME_SETTLE_NS else 0
     try:
         mindex.write(path, kept, trusted, uidvalidity, fd)
@@ -455,6 +454,34 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
         return MailboxIndex(mindex.encode(kept, 0, uidvalidity))
     loaded = mindex.load(path, fd, owner)
     return loaded if loaded is not None else MailboxIndex(mindex.encode(kept, trusted, uidvalidity))
+
+
+def _migrated_uidls(fd: int, added: list[str], kept: list[Entry], path: str) -> dict[str, str]:
+    """{base name: UIDL} that Courier's POP3 served (courierpop3dsizelist) for
+    the messages in ``added``, made RFC 1939-valid (courier.safe_uidl).  One
+    that another message of the mailbox has already (served, or an earlier
+    one of ``added``) is left out: that message then gets its own UIDL, as
+    RFC 1939 requires them unique, and the same one after an index loss (the
+    order of ``added`` is the delivery order)."""
+    if not added:
+        return {}
+    listed = courier.read(fd, path)
+    if not listed:
+        return {}
+    taken = {e.uidl for e in kept}
+    out: dict[str, str] = {}
+    for name in added:
+        base = _base(name)
+        uidl = listed.get(base)
+        if uidl is None:
+            continue
+        uidl = courier.safe_uidl(uidl)
+        if uidl in taken:
+            log.warning("%s: Courier UIDL %s of %r is another message's; not used", path, uidl, base)
+            continue
+        taken.add(uidl)
+        out[base] = uidl
+    return out
 
 
 class Mailbox:
