@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lmtp-listen", f"127.0.0.1:{lmtp_port}", "--passwd-file", str(seeded.passwd),
         "--mail-location", seeded.mail_location, "--log-level", "info",
         "--workers", "1",  # one process: its RSS is the server's
+        "--control-socket", str(work / "control.sock"),  # its own, not the host's default
         *(["--allow-mail-as-root"] if os.geteuid() == 0 else []),  # its own seeded Maildirs
     ], stdout=log_file, stderr=subprocess.STDOUT, env=env)
     summary: dict = {"seconds": args.seconds, "parser": args.parser, "mailboxes": args.mailboxes}

@@ -527,6 +527,13 @@ async def _serve_as_user(ctx: ServerContext, servers: list[asyncio.Server], lmtp
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(ctx, reload))
     if alive_fd is not None:
         watch_supervisor(loop, alive_fd, stop)
+    # the control socket before the "listening" line: whoever waits for it may use it
+    control_server = channel_task = None
+    if control_socket is not None:
+        control_server = await control_mod.serve_socket(ctx, control_socket, control_mod.deny_path(config))
+        log.info("control socket %s", control_socket.path)
+    elif control is not None:
+        channel_task = loop.create_task(control_mod.serve_channel(ctx, control.channel, control.index))
     if stop.empty():  # (a worker whose supervisor died while it started never serves)
         # LMTP first: a client that reached POP3 finds LMTP open too
         if lmtp_service is not None:
@@ -537,12 +544,6 @@ async def _serve_as_user(ctx: ServerContext, servers: list[asyncio.Server], lmtp
         for server in servers + ctx.tls_servers + ctx.proxy_servers:
             await server.start_serving()  # (an event loop's server listens now)
         _log_listening(ctx, servers, lmtp_service, single)
-    control_server = channel_task = None
-    if control_socket is not None:
-        control_server = await control_mod.serve_socket(ctx, control_socket, control_mod.deny_path(config))
-        log.info("control socket %s", control_socket.path)
-    elif control is not None:
-        channel_task = loop.create_task(control_mod.serve_channel(ctx, control.channel, control.index))
     if ready_fd is not None:
         try:
             os.write(ready_fd, b"1")

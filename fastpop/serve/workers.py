@@ -226,10 +226,10 @@ class Supervisor:
                 self._spawn(index, wait_ready=True)
             self._wait_ready()
             if not self.stopping:
-                self._listening()
-                if self.control is not None:
+                if self.control is not None:  # before "listening": whoever waits for that line may use it
                     self.control.start()
                     log.info("control socket %s", self.control.control.path)
+                self._listening()
                 self._ready()
             return self._wait()
         except BaseException:

@@ -101,6 +101,9 @@ class ServerProcess:
             "--shutdown-timeout", "2",  # SIGTERM waits this long for logged-in sessions (default 30)
             *self.extra_args,
         ]
+        if not any(a.startswith("--control-socket") for a in self.extra_args):
+            # its own: the default (/run/fastpop/control.sock as root) is one per host
+            args += ["--control-socket", str(self.root / "control.sock")]
         if "--user" not in self.extra_args:
             args += AS_ROOT
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
