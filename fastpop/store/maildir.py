@@ -88,8 +88,12 @@ def ensure_maildir(path: str, owner: int | None = None) -> None:
                 os.mkdir(sub, 0o700, dir_fd=fd)
             except FileExistsError:
                 continue
-            if give is not None:
-                os.chown(sub, give, -1, dir_fd=fd, follow_symlinks=False)
+            if give is not None:  # by a descriptor: the name may be a hard link to a file by now
+                sub_fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    os.fchown(sub_fd, give, -1)
+                finally:
+                    os.close(sub_fd)
     finally:
         os.close(fd)
 
