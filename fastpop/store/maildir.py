@@ -576,7 +576,18 @@ class Mailbox:
         return fd
 
     def _open_cur(self) -> int:
-        return safefs.open_nofollow(self._cur, os.O_RDONLY | os.O_DIRECTORY)
+        return self._open_own(self._cur)
+
+    def _open_own(self, path: str) -> int:
+        """cur/ or the Maildir, opened anew after login: the user may have put
+        another's directory in its place since, which must not be written."""
+        fd = safefs.open_nofollow(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            safefs.check_directory(os.fstat(fd), self.owner, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def find_renamed(self, index: int) -> str | None:
         """Path of message ``index`` if another program (an IMAP server setting
@@ -664,7 +675,7 @@ class Mailbox:
         to each message's info by a rename within cur/; returns how many
         could not be flagged (they stay visible to POP3)."""
         try:
-            top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+            top = self._open_own(self._cur[:-5])
             try:
                 letter = dovecot_keywords.letter_for(top, _deleted_flag, self.owner)
             finally:
@@ -750,7 +761,7 @@ class Mailbox:
             log.warning("cannot fsync %s after deletions: %s", self._cur, exc)
         if removed:
             try:
-                top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+                top = self._open_own(self._cur[:-5])
             except OSError as exc:
                 log.warning("cannot update the quota of %s: %s", self._cur[:-5], exc.strerror)
             else:
