@@ -670,14 +670,14 @@ class Mailbox:
             os.close(cur)
         self._seen = None
 
-    def _flag_deleted(self, cur: int, indices: list[int]) -> int:
+    def _flag_deleted(self, cur: int, indices: list[int], lock_wait: float) -> int:
         """[pop3] deleted_flag: add the keyword's letter (dovecot-keywords)
         to each message's info by a rename within cur/; returns how many
         could not be flagged (they stay visible to POP3)."""
         try:
             top = self._open_own(self._cur[:-5])
             try:
-                letter = dovecot_keywords.letter_for(top, _deleted_flag, self.owner)
+                letter = dovecot_keywords.letter_for(top, _deleted_flag, self.owner, lock_wait)
             finally:
                 os.close(top)
         except OSError as exc:
@@ -709,9 +709,12 @@ class Mailbox:
             log.warning("cannot fsync %s after flagging: %s", self._cur, exc)
         return failed
 
-    def delete(self, indices: list[int]) -> int:
+    def delete(self, indices: list[int], lock_wait: float = dovecot_keywords.LOCK_WAIT) -> int:
         """Unlink these messages; returns how many could not be removed.
-        unlinkat in cur/'s descriptor: a name never reaches outside cur/."""
+        unlinkat in cur/'s descriptor: a name never reaches outside cur/.
+        ``lock_wait``: seconds to wait for dovecot-keywords.lock ([pop3]
+        deleted_flag); 0 in the event loop, where a lock the user planted
+        would otherwise stall every session."""
         try:
             cur = self._open_cur()
         except FileNotFoundError:
@@ -720,13 +723,13 @@ class Mailbox:
             log.error("cannot delete messages in %s: %s", self._cur, exc.strerror)
             return len(indices)
         try:
-            return self._delete(cur, indices)
+            return self._delete(cur, indices, lock_wait)
         finally:
             os.close(cur)
 
-    def _delete(self, cur: int, indices: list[int]) -> int:
+    def _delete(self, cur: int, indices: list[int], lock_wait: float) -> int:
         if _deleted_flag:
-            return self._flag_deleted(cur, indices)
+            return self._flag_deleted(cur, indices, lock_wait)
         failed = 0
         removed = removed_size = 0  # for maildirsize: what this unlinked, not what others removed
         for i in indices:
