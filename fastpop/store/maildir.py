@@ -589,26 +589,40 @@ class Mailbox:
             raise
         return fd
 
-    def find_renamed(self, index: int) -> str | None:
+    def find_renamed(self, index: int, listing: dict[str, str] | None = None) -> str | None:
         """Path of message ``index`` if another program (an IMAP server setting
-        flags) renamed it since login: same unique name, other info suffix."""
+        flags) renamed it since login: same unique name, other info suffix.
+        ``listing``: cur/'s names by base name, listed once for a whole QUIT
+        (the user may fill cur/: a listing per message held the event loop)."""
         base = _base(self.name(index))
-        prefix = base + ":"
-        try:
-            cur = self._open_cur()
+        if listing is None:
             try:
-                names = _listing(cur, self._cur)
-            finally:
-                os.close(cur)
-        except OSError:
+                listing = self._list_cur()
+            except OSError:
+                return None
+        name = listing.get(base)
+        if name is None:
             return None
-        for name in names:
-            if name == base or name.startswith(prefix):
-                if self._renamed is None:
-                    self._renamed = {}
-                self._renamed[index] = name
-                return self._cur + name
-        return None
+        if self._renamed is None:
+            self._renamed = {}
+        self._renamed[index] = name
+        return self._cur + name
+
+    def _list_cur(self) -> dict[str, str]:
+        cur = self._open_cur()
+        try:
+            return {_base(name): name for name in _listing(cur, self._cur)}
+        finally:
+            os.close(cur)
+
+    def _renamed_in(self, index: int, listing: list[dict[str, str]]) -> str | None:
+        """find_renamed() with cur/ listed at most once per QUIT (``listing``: [] until then)."""
+        if not listing:
+            try:
+                listing.append(self._list_cur())
+            except OSError:
+                return None
+        return self.find_renamed(index, listing[0])
 
     def mark_seen(self, index: int) -> None:
         """Remember that message ``index`` was retrieved (RETR, not TOP), to be
@@ -645,6 +659,7 @@ class Mailbox:
         except OSError as exc:
             log.warning("cannot flag messages seen in %s: %s", self._cur, exc.strerror)
             return
+        listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
         try:
             for i in sorted(self._seen):
                 if i < len(deleted) and deleted[i]:
@@ -661,7 +676,7 @@ class Mailbox:
                         self._renamed[i] = target
                         break
                     except FileNotFoundError:
-                        if attempt or self.find_renamed(i) is None:
+                        if attempt or self._renamed_in(i, listing) is None:
                             break  # expunged by another program meanwhile
                     except OSError as exc:
                         log.warning("cannot flag message %s%s seen: %s", self._cur, name, exc.strerror)
@@ -687,6 +702,7 @@ class Mailbox:
             log.error("cannot flag messages deleted in %s: all 26 Maildir keywords are taken", self._cur)
             return len(indices)
         failed = 0
+        listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
         for i in indices:
             for attempt in (0, 1):
                 name = self.name(i)
@@ -697,7 +713,7 @@ class Mailbox:
                     os.rename(name, target, src_dir_fd=cur, dst_dir_fd=cur)
                     break
                 except FileNotFoundError:
-                    if attempt or self.find_renamed(i) is None:
+                    if attempt or self._renamed_in(i, listing) is None:
                         break  # expunged by another program meanwhile
                 except OSError as exc:
                     failed += 1
@@ -732,6 +748,7 @@ class Mailbox:
             return self._flag_deleted(cur, indices, lock_wait)
         failed = 0
         removed = removed_size = 0  # for maildirsize: what this unlinked, not what others removed
+        listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
         for i in indices:
             if faults.ACTIVE:
                 faults.hit("update.before_unlink")
@@ -741,7 +758,7 @@ class Mailbox:
                 removed += 1
                 removed_size += maildirsize.quota_size(name, self.index.message(i)[2])
             except FileNotFoundError:
-                renamed = self.find_renamed(i)
+                renamed = self._renamed_in(i, listing)
                 if renamed is not None:
                     try:
                         os.unlink(self.name(i), dir_fd=cur)
