@@ -73,3 +73,66 @@ def test_subdir_swapped_for_hard_link_is_not_chowned():
             attacker.kill()
             attacker.wait()
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_maildir_swapped_for_roots_directory_is_not_given_away():
+    """The Maildir itself: in a parent the user owns (their home), the user
+    removes the Maildir root has just made and renames a directory of root's
+    from that same parent into its place (no right on that directory needed);
+    root then chowned root's directory, files and all, to the user."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:  # pragma: no cover
+        pytest.skip("no user 'nobody'")
+    base = Path(tempfile.mkdtemp(prefix="fastpop-attack-mkdir-"))
+    attacker = None
+    try:
+        base.chmod(0o755)
+        home = base / "home"
+        home.mkdir(mode=0o755)
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        roots = home / "roots"  # root's, in the user's home (as sudo leaves ~/.cache)
+        roots.mkdir(mode=0o755)
+        (roots / "secret").write_bytes(b"root's\n")
+        (roots / "secret").chmod(0o600)
+        held = os.open(roots, os.O_RDONLY | os.O_DIRECTORY)  # root's directory, wherever it is moved
+        maildir = home / "Maildir"
+        code = (f"import os\nos.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
+                f"m, r = {str(maildir)!r}, {str(roots)!r}\nprint('ready', flush=True)\n"
+                "while True:\n"
+                "    try:\n"
+                "        os.rmdir(m)\n"
+                "        os.rename(r, m)\n"
+                "    except OSError:\n"
+                "        pass\n")
+        attacker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+        assert attacker.stdout is not None and attacker.stdout.readline() == b"ready\n"
+        deadline = time.monotonic() + RACE_SECONDS
+        rounds = 0
+        while time.monotonic() < deadline and os.fstat(held).st_uid == 0:
+            rounds += 1
+            try:
+                ensure_maildir(str(maildir), nobody.pw_uid)
+            except OSError:
+                pass  # refused: fine
+            try:
+                if os.lstat(maildir).st_ino == os.fstat(held).st_ino:
+                    for d in SUBDIRS:  # what the old code made in root's directory
+                        try:
+                            os.rmdir(maildir / d)
+                        except OSError:
+                            pass
+                    os.rename(maildir, roots)
+                else:
+                    subprocess.run(["rm", "-rf", str(maildir)], check=False)
+            except FileNotFoundError:
+                pass
+        assert rounds > 10
+        st = os.fstat(held)
+        os.close(held)
+        assert st.st_uid == 0, f"root gave the user root's directory (round {rounds})"
+    finally:
+        if attacker is not None:
+            attacker.kill()
+            attacker.wait()
+        subprocess.run(["rm", "-rf", str(base)], check=False)

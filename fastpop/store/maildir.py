@@ -81,8 +81,11 @@ def ensure_maildir(path: str, owner: int | None = None) -> None:
     try:
         # the uid to give what is created, or None to keep this process's
         give = owner if owner is not None and owner >= 0 and owner != os.geteuid() else None
-        if created and give is not None:
-            os.fchown(fd, give, -1)
+        if give is not None:
+            if created:
+                _give_new_directory(fd, give, path)
+            elif os.fstat(fd).st_uid != give:  # another's directory: nothing is created in it for this uid
+                raise PermissionError(errno.EPERM, f"not owned by uid {give}", path)
         for sub in SUBDIRS:
             try:
                 os.mkdir(sub, 0o700, dir_fd=fd)
@@ -91,11 +94,21 @@ def ensure_maildir(path: str, owner: int | None = None) -> None:
             if give is not None:  # by a descriptor: the name may be a hard link to a file by now
                 sub_fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
                 try:
-                    os.fchown(sub_fd, give, -1)
+                    _give_new_directory(sub_fd, give, f"{path}/{sub}")
                 finally:
                     os.close(sub_fd)
     finally:
         os.close(fd)
+
+
+def _give_new_directory(fd: int, uid: int, path: str) -> None:
+    """chown a directory this process just made to ``uid``: only if it still
+    is that one (ours and empty), not one of root's the user renamed into its
+    place meanwhile (a rename within one directory needs no right on it)."""
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or os.listdir(fd):
+        raise PermissionError(errno.EPERM, "replaced while it was created", path)
+    os.fchown(fd, uid, -1)
 
 
 def parse_name(name: str) -> tuple[str, int, int]:
