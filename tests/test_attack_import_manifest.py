@@ -81,3 +81,19 @@ def test_hard_linked_manifest_is_not_given_to_the_user(world):
         assert len(os.listdir(maildir / "new")) + len(os.listdir(maildir / "cur")) == 2
     else:
         assert b"fastpop-mbox-import" in result.stderr, result.stderr
+
+
+def test_import_is_not_stopped_by_the_maildir_quota(world):
+    """Moving existing mail is not a delivery: a ``maildirsize`` (the user's
+    file, or a real quota the old mail already exceeds) must not stop the
+    import halfway, as it does not stop ``fastpop import legacy``."""
+    nobody, base, home, spool, victim = world
+    maildir = home / "Maildir"
+    _as_user(nobody.pw_uid, nobody.pw_gid,
+             "m = sys.argv[1]\n"
+             "for d in ('', '/cur', '/new', '/tmp'): os.mkdir(m + d, 0o700)\n"
+             "open(m + '/maildirsize', 'w').write('100S\\n0 0\\n')\n",
+             str(maildir))
+    result = _import(spool, maildir)
+    assert result.returncode == 0, result.stderr
+    assert len(os.listdir(maildir / "new")) == 2

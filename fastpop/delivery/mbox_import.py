@@ -359,7 +359,8 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
                     skipped += 1
                     continue
                 try:
-                    stored = store_normalized(maildir, data, when=when, owner=owner)
+                    # moving existing mail: the quota must not stop it halfway (as import legacy)
+                    stored = store_normalized(maildir, data, when=when, owner=owner, quota=False)
                 except DeliveryError as exc:
                     raise OSError(errno.EIO, str(exc), maildir) from None
                 if _digest_of(dir_fd, stored.name) != digest:
