@@ -359,7 +359,8 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
                     skipped += 1
                     continue
                 try:
-                    stored = store_normalized(maildir, data, when=when, owner=owner)
+                    # moving existing mail: the quota must not stop it halfway (as import legacy)
+                    stored = store_normalized(maildir, data, when=when, owner=owner, quota=False)
                 except DeliveryError as exc:
                     raise OSError(errno.EIO, str(exc), maildir) from None
                 if _digest_of(dir_fd, stored.name) != digest:
@@ -427,13 +428,22 @@ def _present_bases(dir_fd: int) -> set[str]:
 
 
 def _append_manifest(dir_fd: int, owner: int, line: str) -> None:
-    fd = os.open(MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                 0o600, dir_fd=dir_fd)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    created = True
+    try:
+        fd = os.open(MANIFEST, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        created = False
+        fd = os.open(MANIFEST, flags, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", MANIFEST)
-        if os.geteuid() == 0 and owner != 0 and st.st_uid != owner:
+        # one the user planted (a hard link to a file they may write but do not own):
+        # never written, never given to them; only the file made just now is chowned
+        if not created and (st.st_nlink != 1 or (os.geteuid() == 0 and st.st_uid not in (0, owner))):
+            raise OSError(errno.EPERM, "a hard link or another user's file: not written", MANIFEST)
+        if created and os.geteuid() == 0 and owner != 0 and st.st_uid != owner:
             os.fchown(fd, owner, -1)
         os.write(fd, line.encode("utf-8", "surrogateescape"))
         os.fsync(fd)

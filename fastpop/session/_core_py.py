@@ -702,7 +702,8 @@ class SessionCore:
         deleted = marked(self._deleted, self._deleted_count)
         if mailbox.expire_days is not None:  # EXPIRE 0 deletes what was retrieved; else it is recorded
             deleted = expire.at_quit(mailbox, self._deleted, deleted)
-        failed = mailbox.delete(deleted) if deleted else 0
+        # in the event loop: never wait for a lock the user may have planted (deleted_flag)
+        failed = mailbox.delete(deleted, 0.0) if deleted else 0
         mailbox.apply_seen(self._deleted)  # [pop3] seen_on_retr: renames in cur/, never a deletion
         if faults.ACTIVE and deleted:
             faults.hit("update.before_reply")

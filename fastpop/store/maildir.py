@@ -81,17 +81,34 @@ def ensure_maildir(path: str, owner: int | None = None) -> None:
     try:
         # the uid to give what is created, or None to keep this process's
         give = owner if owner is not None and owner >= 0 and owner != os.geteuid() else None
-        if created and give is not None:
-            os.fchown(fd, give, -1)
+        if give is not None:
+            if created:
+                _give_new_directory(fd, give, path)
+            elif os.fstat(fd).st_uid != give:  # another's directory: nothing is created in it for this uid
+                raise PermissionError(errno.EPERM, f"not owned by uid {give}", path)
         for sub in SUBDIRS:
             try:
                 os.mkdir(sub, 0o700, dir_fd=fd)
             except FileExistsError:
                 continue
-            if give is not None:
-                os.chown(sub, give, -1, dir_fd=fd, follow_symlinks=False)
+            if give is not None:  # by a descriptor: the name may be a hard link to a file by now
+                sub_fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    _give_new_directory(sub_fd, give, f"{path}/{sub}")
+                finally:
+                    os.close(sub_fd)
     finally:
         os.close(fd)
+
+
+def _give_new_directory(fd: int, uid: int, path: str) -> None:
+    """chown a directory this process just made to ``uid``: only if it still
+    is that one (ours and empty), not one of root's the user renamed into its
+    place meanwhile (a rename within one directory needs no right on it)."""
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or os.listdir(fd):
+        raise PermissionError(errno.EPERM, "replaced while it was created", path)
+    os.fchown(fd, uid, -1)
 
 
 def parse_name(name: str) -> tuple[str, int, int]:
@@ -572,28 +589,53 @@ class Mailbox:
         return fd
 
     def _open_cur(self) -> int:
-        return safefs.open_nofollow(self._cur, os.O_RDONLY | os.O_DIRECTORY)
+        return self._open_own(self._cur)
 
-    def find_renamed(self, index: int) -> str | None:
-        """Path of message ``index`` if another program (an IMAP server setting
-        flags) renamed it since login: same unique name, other info suffix."""
-        base = _base(self.name(index))
-        prefix = base + ":"
+    def _open_own(self, path: str) -> int:
+        """cur/ or the Maildir, opened anew after login: the user may have put
+        another's directory in its place since, which must not be written."""
+        fd = safefs.open_nofollow(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            cur = self._open_cur()
+            safefs.check_directory(os.fstat(fd), self.owner, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def find_renamed(self, index: int, listing: dict[str, str] | None = None) -> str | None:
+        """Path of message ``index`` if another program (an IMAP server setting
+        flags) renamed it since login: same unique name, other info suffix.
+        ``listing``: cur/'s names by base name, listed once for a whole QUIT
+        (the user may fill cur/: a listing per message held the event loop)."""
+        base = _base(self.name(index))
+        if listing is None:
             try:
-                names = _listing(cur, self._cur)
-            finally:
-                os.close(cur)
-        except OSError:
+                listing = self._list_cur()
+            except OSError:
+                return None
+        name = listing.get(base)
+        if name is None:
             return None
-        for name in names:
-            if name == base or name.startswith(prefix):
-                if self._renamed is None:
-                    self._renamed = {}
-                self._renamed[index] = name
-                return self._cur + name
-        return None
+        if self._renamed is None:
+            self._renamed = {}
+        self._renamed[index] = name
+        return self._cur + name
+
+    def _list_cur(self) -> dict[str, str]:
+        cur = self._open_cur()
+        try:
+            return {_base(name): name for name in _listing(cur, self._cur)}
+        finally:
+            os.close(cur)
+
+    def _renamed_in(self, index: int, listing: list[dict[str, str]]) -> str | None:
+        """find_renamed() with cur/ listed at most once per QUIT (``listing``: [] until then)."""
+        if not listing:
+            try:
+                listing.append(self._list_cur())
+            except OSError:
+                return None
+        return self.find_renamed(index, listing[0])
 
     def mark_seen(self, index: int) -> None:
         """Remember that message ``index`` was retrieved (RETR, not TOP), to be
@@ -630,6 +672,7 @@ class Mailbox:
         except OSError as exc:
             log.warning("cannot flag messages seen in %s: %s", self._cur, exc.strerror)
             return
+        listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
         try:
             for i in sorted(self._seen):
                 if i < len(deleted) and deleted[i]:
@@ -646,7 +689,7 @@ class Mailbox:
                         self._renamed[i] = target
                         break
                     except FileNotFoundError:
-                        if attempt or self.find_renamed(i) is None:
+                        if attempt or self._renamed_in(i, listing) is None:
                             break  # expunged by another program meanwhile
                     except OSError as exc:
                         log.warning("cannot flag message %s%s seen: %s", self._cur, name, exc.strerror)
@@ -655,14 +698,14 @@ class Mailbox:
             os.close(cur)
         self._seen = None
 
-    def _flag_deleted(self, cur: int, indices: list[int]) -> int:
+    def _flag_deleted(self, cur: int, indices: list[int], lock_wait: float) -> int:
         """[pop3] deleted_flag: add the keyword's letter (dovecot-keywords)
         to each message's info by a rename within cur/; returns how many
         could not be flagged (they stay visible to POP3)."""
         try:
-            top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+            top = self._open_own(self._cur[:-5])
             try:
-                letter = dovecot_keywords.letter_for(top, _deleted_flag, self.owner)
+                letter = dovecot_keywords.letter_for(top, _deleted_flag, self.owner, lock_wait)
             finally:
                 os.close(top)
         except OSError as exc:
@@ -672,6 +715,7 @@ class Mailbox:
             log.error("cannot flag messages deleted in %s: all 26 Maildir keywords are taken", self._cur)
             return len(indices)
         failed = 0
+        listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
         for i in indices:
             for attempt in (0, 1):
                 name = self.name(i)
@@ -682,7 +726,7 @@ class Mailbox:
                     os.rename(name, target, src_dir_fd=cur, dst_dir_fd=cur)
                     break
                 except FileNotFoundError:
-                    if attempt or self.find_renamed(i) is None:
+                    if attempt or self._renamed_in(i, listing) is None:
                         break  # expunged by another program meanwhile
                 except OSError as exc:
                     failed += 1
@@ -694,9 +738,12 @@ class Mailbox:
             log.warning("cannot fsync %s after flagging: %s", self._cur, exc)
         return failed
 
-    def delete(self, indices: list[int]) -> int:
+    def delete(self, indices: list[int], lock_wait: float = dovecot_keywords.LOCK_WAIT) -> int:
         """Unlink these messages; returns how many could not be removed.
-        unlinkat in cur/'s descriptor: a name never reaches outside cur/."""
+        unlinkat in cur/'s descriptor: a name never reaches outside cur/.
+        ``lock_wait``: seconds to wait for dovecot-keywords.lock ([pop3]
+        deleted_flag); 0 in the event loop, where a lock the user planted
+        would otherwise stall every session."""
         try:
             cur = self._open_cur()
         except FileNotFoundError:
@@ -705,15 +752,16 @@ class Mailbox:
             log.error("cannot delete messages in %s: %s", self._cur, exc.strerror)
             return len(indices)
         try:
-            return self._delete(cur, indices)
+            return self._delete(cur, indices, lock_wait)
         finally:
             os.close(cur)
 
-    def _delete(self, cur: int, indices: list[int]) -> int:
+    def _delete(self, cur: int, indices: list[int], lock_wait: float) -> int:
         if _deleted_flag:
-            return self._flag_deleted(cur, indices)
+            return self._flag_deleted(cur, indices, lock_wait)
         failed = 0
         removed = removed_size = 0  # for maildirsize: what this unlinked, not what others removed
+        listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
         for i in indices:
             if faults.ACTIVE:
                 faults.hit("update.before_unlink")
@@ -723,7 +771,7 @@ class Mailbox:
                 removed += 1
                 removed_size += maildirsize.quota_size(name, self.index.message(i)[2])
             except FileNotFoundError:
-                renamed = self.find_renamed(i)
+                renamed = self._renamed_in(i, listing)
                 if renamed is not None:
                     try:
                         os.unlink(self.name(i), dir_fd=cur)
@@ -746,7 +794,7 @@ class Mailbox:
             log.warning("cannot fsync %s after deletions: %s", self._cur, exc)
         if removed:
             try:
-                top = safefs.open_nofollow(self._cur[:-5], os.O_RDONLY | os.O_DIRECTORY)
+                top = self._open_own(self._cur[:-5])
             except OSError as exc:
                 log.warning("cannot update the quota of %s: %s", self._cur[:-5], exc.strerror)
             else:
