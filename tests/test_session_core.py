@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import base64
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -27,7 +28,8 @@ import pytest
 pytestmark = pytest.mark.timeout(30)
 
 CORE = "fastpop.session._core"
-PXD = Path(__file__).resolve().parent.parent / "fastpop" / "session" / "_core.pxd"
+# beside the module that is imported: the source tree, or the installed wheel (which ships it)
+PXD = Path(importlib.util.find_spec("fastpop.session").origin).parent / "_core.pxd"  # type: ignore[arg-type]
 TIMESTAMP = "<1.2@fastpop.test>"  # the APOP greeting's, fixed so both runs send the same digest
 
 
