@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import socket
 import time
 import uuid
 
 from fastpop.store import safefs
-from fastpop.store.durable import write_and_sync
+from fastpop.store.durable import replace_file
 
 UIDLIST = "dovecot-uidlist"
 LOCK = UIDLIST + ".lock"
@@ -284,22 +283,7 @@ def unlock(dir_fd: int, held: tuple[int, int]) -> None:
 def write(dir_fd: int, uidlist: Uidlist, owner: int | None = None) -> None:
     """Replace dovecot-uidlist (the caller holds the lock): a new file of an
     unpredictable name, fsync'ed, renamed over it."""
-    tmp = f"{UIDLIST}.tmp.{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        try:
-            if owner is not None and owner >= 0 and owner != os.geteuid():
-                os.fchown(fd, owner, -1)  # Dovecot runs as the mail user and appends to it
-            write_and_sync(fd, uidlist.encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, UIDLIST, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
-        raise
+    replace_file(dir_fd, UIDLIST, uidlist.encode(), owner)  # (Dovecot runs as the mail user and appends to it)
 
 
 def new_validity() -> int:

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 from collections.abc import Mapping
 
 from fastpop.store import index as mindex
 from fastpop.store import safefs
-from fastpop.store.durable import write_and_sync
+from fastpop.store.durable import replace_file
 from fastpop.store.maildir import Mailbox
 
 log = logging.getLogger("fastpop.expire")
@@ -149,20 +148,7 @@ def write(maildir: str, records: Mapping[str, int]) -> None:
                 pass
             return
         data = "".join(f"{stamp} {uidl}\n" for uidl, stamp in records.items()).encode("ascii", "replace")
-        tmp = f"{name}.tmp.{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        try:
-            try:
-                write_and_sync(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            try:
-                os.unlink(tmp, dir_fd=dir_fd)
-            except OSError:
-                pass
-            raise
+        replace_file(dir_fd, name, data)
     finally:
         if close:
             os.close(dir_fd)
