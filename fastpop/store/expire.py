@@ -41,6 +41,15 @@ EXTERNAL_SUFFIX = ".retrieved"
 DAY = 86400
 # The user may write it: a larger one is not read (about 200,000 messages fit).
 MAX_RECORD_BYTES = 16 * 1024 * 1024
+# What one message's line can take: a time of up to 12 digits, a space, a UIDL
+# of up to 70 octets (RFC 1939), a newline, and room to spare.
+RECORD_LINE_BYTES = 96
+
+
+def record_limit(messages: int) -> int:
+    """The largest record a mailbox of ``messages`` can need: read at QUIT, in
+    the event loop, so a user cannot make it cost more than their own mail."""
+    return min(MAX_RECORD_BYTES, 4096 + messages * RECORD_LINE_BYTES)
 
 
 def now() -> int:
@@ -99,9 +108,9 @@ def has_record(maildir: str) -> bool:
     return True
 
 
-def read(maildir: str, owner: int) -> dict[str, int]:
-    """{UIDL: retrieval time} of the mailbox; {} when there is no record.
-    Lines that do not parse are skipped."""
+def read(maildir: str, owner: int, limit: int = MAX_RECORD_BYTES) -> dict[str, int]:
+    """{UIDL: retrieval time} of the mailbox; {} when there is no record or it
+    is larger than ``limit`` octets.  Lines that do not parse are skipped."""
     dir_fd, name, close = _where(maildir)
     try:
         try:
@@ -112,8 +121,8 @@ def read(maildir: str, owner: int) -> dict[str, int]:
             if safefs.euid() == 0 and st.st_uid not in (0, owner):
                 log.warning("ignoring %s of %s: owned by uid %d", name, maildir, st.st_uid)
                 return {}
-            if st.st_size > MAX_RECORD_BYTES:
-                log.warning("ignoring %s of %s: larger than %d bytes", name, maildir, MAX_RECORD_BYTES)
+            if st.st_size > limit:
+                log.warning("ignoring %s of %s: larger than %d bytes", name, maildir, limit)
                 return {}
             chunks = []
             while True:
@@ -121,7 +130,7 @@ def read(maildir: str, owner: int) -> dict[str, int]:
                 if not chunk:
                     break
                 chunks.append(chunk)
-                if sum(map(len, chunks)) > MAX_RECORD_BYTES:
+                if sum(map(len, chunks)) > limit:
                     return {}
         finally:
             os.close(fd)
@@ -167,7 +176,8 @@ def at_quit(mailbox: Mailbox, deleted_flags: bytearray, deleted: list[int]) -> l
     if days == 0:
         return sorted(deleted + retrieved)
     try:
-        records = read(mailbox.path, mailbox.owner)
+        # (in the event loop: a record larger than the mailbox can need is not read)
+        records = read(mailbox.path, mailbox.owner, record_limit(len(mailbox)))
         stamp = now()
         for i in retrieved:
             records.setdefault(mailbox.uidl(i), stamp)
