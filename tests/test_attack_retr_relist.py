@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.server import Raw, ServerProcess, message
+from support.server import ServerProcess, message, pad_dir, raw_login
 
 HIDDEN = 40_000
 MESSAGES = 150
@@ -35,19 +35,10 @@ def test_pipelined_top_of_renamed_messages_does_not_stall_other_sessions():
         attacker = srv.add_user([message(f"m{i}") for i in range(MESSAGES)])
         victim = srv.add_user([message("theirs")])
         cur = attacker.maildir / "cur"
-        fd = os.open(cur, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for i in range(HIDDEN):
-                os.close(os.open(f".pad{i}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
-        finally:
-            os.close(fd)
+        pad_dir(cur, HIDDEN)
         srv.start()
-        v = Raw(srv.port)
-        assert v.cmd(f"USER {victim.name}").startswith(b"+OK")
-        assert v.cmd(f"PASS {victim.password}").startswith(b"+OK")
-        a = Raw(srv.port, timeout=120)
-        assert a.cmd(f"USER {attacker.name}").startswith(b"+OK")
-        assert a.cmd(f"PASS {attacker.password}").startswith(b"+OK")
+        v = raw_login(srv.port, victim)
+        a = raw_login(srv.port, attacker, timeout=120)
         for name in os.listdir(cur):
             if not name.startswith("."):
                 os.rename(cur / name, cur / (name.split(":", 1)[0] + ":2,F"))

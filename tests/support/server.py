@@ -290,3 +290,22 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def pad_dir(path: Path, count: int) -> None:
+    """Fill ``path`` with ``count`` empty hidden files (``.padN``): what a user
+    can put in their own ``cur/`` to make every listing of it slow."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(count):
+            os.close(os.open(f".pad{i}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def raw_login(port: int, user: User, timeout: float = 10) -> Raw:
+    """A Raw session logged in with USER/PASS (asserted)."""
+    r = Raw(port, timeout=timeout)
+    assert r.cmd(f"USER {user.name}").startswith(b"+OK")
+    assert r.cmd(f"PASS {user.password}").startswith(b"+OK")
+    return r
