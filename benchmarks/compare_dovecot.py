@@ -11,7 +11,10 @@ default) and starts, all on 127.0.0.1:
   passwd-file, Maildir, its high-performance process settings,
 - the trivial canned responder (``fastpop bench trivial-server``, its
   compiled engine), which shows what the load generator itself can do on
-  this machine.
+  this machine, and the floor of what a POP3 session costs the kernel;
+- with ``--uvloop-floor``, the same responder as a Python protocol on uvloop
+  (``--engine asyncio --loop uvloop``): what any uvloop server pays before it
+  does any work of its own, fastpop's floor.
 Every server gets a warm-up pass over all mailboxes, then each scenario
 runs against each server back to back with the same client settings, and
 the table gives both with the ratios.  Server CPU is summed over each
@@ -38,10 +41,10 @@ SCENARIO_NAMES = {"login": "login + QUIT", "stat": "login + STAT", "download": "
                   "download-delete": "download + DELE (re-seeded)", "mixed": "mixed"}
 
 
-def start_trivial(messages: int, size: str) -> tuple[subprocess.Popen, int]:
+def start_trivial(messages: int, size: str, engine: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastpop", "bench", "trivial-server", "--messages", str(messages), "--message-size",
-         size],
+         size, *(engine or [])],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )
     line = proc.stderr.readline()
@@ -67,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-w", "--warmup", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times; medians are shown")
     p.add_argument("--no-trivial", action="store_true", help="skip the generator-ceiling runs")
+    p.add_argument("--uvloop-floor", action="store_true",
+                   help="also run the trivial responder as a Python protocol on uvloop (fastpop's floor)")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--json-dir", metavar="DIR", help="write every run's full result here")
     p.add_argument("--keep", action="store_true", help="keep the generated directory")
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": str(size), "large_users": 0,
                  "large_size": 0}
     servers: dict[str, Target] = {}
-    fast = dove = trivial = base = None
+    fast = dove = trivial = floor = base = None
     results: dict[tuple[str, str], list[dict]] = {}
     try:
         dove = dovecot.DovecotServer(seeded)
@@ -119,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_trivial:
             trivial, tport = start_trivial(args.messages, args.message_size)
             servers["trivial"] = Target("127.0.0.1", tport, "trivial canned responder", pid=trivial.pid)
+        if args.uvloop_floor:
+            floor, fport = start_trivial(args.messages, args.message_size, ["--engine", "asyncio", "--loop", "uvloop"])
+            servers["uvloop"] = Target("127.0.0.1", fport, "trivial responder on uvloop", pid=floor.pid)
 
         def spec(target: Target, scenario: str, **kw) -> LoadSpec:
             base = dict(host=target.host, port=target.port, scenario=scenario, users=seeded.users,
@@ -154,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         for server in (fast, dove, base):
             if server is not None:
                 server.stop()
-        if trivial is not None:
-            trivial.send_signal(signal.SIGTERM)
-            try:
-                trivial.wait(10)
-            except subprocess.TimeoutExpired:
-                trivial.kill()
+        for proc in (trivial, floor):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
         if args.keep:
             console.print(f"[dim]kept {workdir}[/dim]")
         else:
@@ -185,7 +194,7 @@ def render_saved(args) -> int:
     scenarios: list[str] = []
     version = "?"
     for path in sorted(Path(args.from_json_dir).glob("*.json")):
-        m = re.fullmatch(r"(.+)-(Dovecot|fastpop|trivial|baseline)-(\d+)\.json", path.name)
+        m = re.fullmatch(r"(.+)-(Dovecot|fastpop|trivial|uvloop|baseline)-(\d+)\.json", path.name)
         if not m:
             continue
         r = load_json(str(path))
@@ -262,6 +271,15 @@ def markdown_table(results, scenarios, args, dovecot_version: str) -> str:
             lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(rate(s, 'trivial'))} | {f(rate(s, 'fastpop'))} | "
                          f"**{ratio(rate(s, 'fastpop'), rate(s, 'trivial'))}** | {f(client_cpu(s, 'trivial'), 3)} | "
                          f"{f(cpu(s, 'fastpop'), 3)} |")
+    if any(n in ("trivial", "uvloop") for _, n in results):
+        lines.append("")
+        lines.append("| scenario | server CPU ms per session: trivial (compiled) | trivial on uvloop | fastpop | "
+                     "fastpop / compiled | fastpop / uvloop |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for s in scenarios:
+            t, u, fp = cpu(s, "trivial"), cpu(s, "uvloop"), cpu(s, "fastpop")
+            lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(t, 3)} | {f(u, 3)} | {f(fp, 3)} | "
+                         f"**{ratio(t, fp)}** | **{ratio(u, fp)}** |")
     if any(n == "baseline" for _, n in results):
         lines.append("")
         lines.append("| scenario | measure | baseline fastpop | this fastpop | this / baseline |")

@@ -158,3 +158,123 @@ def test_config(tmp_path):
     config.log_format = "xml"
     with pytest.raises(ValueError, match="log_format"):
         validate_all(config)
+
+
+class _Recorder:
+    """The stream under the handler: what reached it, write by write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _handler():
+    from fastpop.serve.logformat import SessionBatchingHandler, formatter
+
+    out = _Recorder()
+    handler = SessionBatchingHandler(out)
+    handler.setFormatter(formatter("text"))
+    logger = logging.getLogger("fastpop.test-batching")
+    logger.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    return out, handler
+
+
+def _record(name: str, level: int, msg: str) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+
+def test_session_lines_of_one_loop_turn_go_out_in_one_write():
+    import asyncio
+
+    out, handler = _handler()
+
+    async def turn() -> int:
+        for n in range(5):
+            handler.handle(_record("fastpop.session", logging.INFO, f"session user=u{n} end=quit"))
+        pending = len(out.writes)
+        await asyncio.sleep(0)  # the loop's next turn
+        await asyncio.sleep(0)
+        return pending
+
+    assert asyncio.run(turn()) == 0  # nothing written during the turn...
+    assert len(out.writes) == 1  # ...then all five in one write, in order
+    assert [line.split(": ", 1)[1] for line in out.writes[0].splitlines()] == [
+        f"session user=u{n} end=quit" for n in range(5)]
+
+
+def test_other_lines_go_out_at_once_after_what_is_pending():
+    import asyncio
+
+    out, handler = _handler()
+
+    async def turn() -> list[str]:
+        handler.handle(_record("fastpop.session", logging.INFO, "session user=a end=quit"))
+        handler.handle(_record("fastpop.session", logging.WARNING, "cannot open mailbox user=a"))
+        handler.handle(_record("fastpop", logging.INFO, "listening on 127.0.0.1:110"))
+        return list(out.writes)
+
+    written = "".join(asyncio.run(turn()))  # all of it before the turn ends: none was held back
+    assert [line.split(": ", 1)[1] for line in written.splitlines()] == [
+        "session user=a end=quit", "cannot open mailbox user=a", "listening on 127.0.0.1:110"]
+    # outside a running loop (an executor thread, before or after the loop) a session line goes at once too
+    handler.handle(_record("fastpop.session", logging.INFO, "session user=b end=quit"))
+    assert out.writes[-1].rstrip().endswith("session user=b end=quit")
+
+
+def test_a_fork_writes_the_pending_lines_once(tmp_path):
+    import asyncio
+    import os
+
+    from fastpop.serve.logformat import SessionBatchingHandler, formatter
+
+    path = tmp_path / "log"
+    with open(path, "w") as stream:
+        handler = SessionBatchingHandler(stream)
+        handler.setFormatter(formatter("text"))
+
+        async def turn() -> None:
+            handler.handle(_record("fastpop.session", logging.INFO, "session user=parent end=quit"))
+            pid = os.fork()  # (as the supervisor forks its workers, from its loop)
+            if pid == 0:
+                handler.handle(_record("fastpop", logging.INFO, "child"))
+                os._exit(0)
+            os.waitpid(pid, 0)
+
+        asyncio.run(turn())
+        handler.flush()
+    lines = path.read_text().splitlines()
+    assert sum("session user=parent" in line for line in lines) == 1, lines
+    assert sum(line.endswith(": child") for line in lines) == 1, lines
+
+
+def test_a_server_logs_every_session_once_under_concurrent_load(tmp_path):
+    import concurrent.futures
+
+    srv = ServerProcess(tmp_path, "cython")
+    srv.start()
+    try:
+        users = [srv.add_user([message("m")], name=f"batch{n}") for n in range(40)]
+
+        def session(user) -> None:
+            box = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+            box.user(user.name)
+            box.pass_(user.password)
+            box.stat()
+            box.quit()
+
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            for _ in range(3):
+                list(pool.map(session, users))
+    finally:
+        srv.stop()
+    lines = [line for line in srv.log().splitlines() if " session user=" in line]
+    assert sorted(line.split("session user=")[1].split()[0] for line in lines) == sorted(
+        u.name for u in users for _ in range(3))
