@@ -344,3 +344,18 @@ def test_size_distributions():
         spawn.SizeDistribution.parse("big")
     msg = spawn.MessageFactory(1).message("u", 1, 3700)
     assert abs(len(msg) - 3700) < 80 and msg.endswith(b"\r\n") and b"\n" not in msg.replace(b"\r\n", b"")
+
+
+def test_two_spawned_servers_each_have_their_own_control_socket(tmp_path):
+    """compare_dovecot --baseline runs two servers at once: as root both took the
+    host's default control socket (/run/fastpop/control.sock), so `fastpop who`
+    reached whichever bound it last."""
+    seeded = spawn.seed(tmp_path, spawn.SeedSpec(mailboxes=2, messages=1))
+    with spawn.SpawnedServer(seeded, name="a") as a, spawn.SpawnedServer(seeded, name="b") as b:
+        for server in (a, b):
+            socket_path = seeded.root / f"{server.name}.control.sock"
+            who = subprocess.run([sys.executable, "-m", "fastpop", "who", "--socket", str(socket_path), "--json"],
+                                 capture_output=True, text=True, timeout=30)
+            assert who.returncode == 0, who.stderr
+            assert json.loads(who.stdout)["ok"] is True
+            assert f"control socket {socket_path}" in server.log()

@@ -258,6 +258,7 @@ class SpawnedServer:
         self.log_level = log_level
         self.extra_args = list(extra_args or [])
         self.package_root = package_root or str(Path(__file__).resolve().parents[2])
+        self.name = name
         self.log_path = seeded.root / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -284,6 +285,7 @@ class SpawnedServer:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [self.package_root, env.get("PYTHONPATH")]))
         if self.parser == "python":
             env["FASTPOP_NO_EXTENSIONS"] = "1"
+        cli_text = Path(self.package_root, "fastpop", "cli.py").read_text()  # (an older checkout's flags)
         args = [
             sys.executable, "-m", "fastpop", "serve",
             "--listen", "127.0.0.1:0",
@@ -300,7 +302,11 @@ class SpawnedServer:
             # its own seeded mailboxes, which only this user writes (a checkout older
             # than the flag served mail as root without being told)
             *(["--allow-mail-as-root"] if os.geteuid() == 0 and "--user" not in self.extra_args
-              and "allow-mail-as-root" in Path(self.package_root, "fastpop", "cli.py").read_text() else []),
+              and "allow-mail-as-root" in cli_text else []),
+            # its own control socket: as root the default (/run/fastpop/control.sock) is one per host,
+            # and a bench may run two servers at once (compare_dovecot --baseline)
+            *(["--control-socket", str(self.seeded.root / f"{self.name}.control.sock")]
+              if "--control-socket" not in self.extra_args and "control-socket" in cli_text else []),
         ]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env,
