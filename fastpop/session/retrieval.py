@@ -245,7 +245,7 @@ class Retrieval(SessionParts):
         assert user is not None, "a mailbox is open only once a user logged in"
         return user.name
 
-    def _unreadable(self, what: str, path: str, exc: Exception) -> None:
+    def _unreadable(self, what: str, path: str, exc: BaseException) -> None:
         """A message that cannot be opened or read: logged, and [SYS/PERM] when only an
         administrator can mend it (permissions), as at login; else [SYS/TEMP]."""
         log.error("cannot %s message user=%s file=%s: %s", what, self._user_of_mailbox(), path, exc)
