@@ -9,14 +9,16 @@ hook (the counting session adds the bytes to its metrics).
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import logging
 import os
 from stat import S_ISREG
 from typing import TYPE_CHECKING
 
 from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small, workaround_flags
-from fastpop.session.state import BUSY_SENDING, SessionParts
+from fastpop.session.state import BUSY_CLOSING, BUSY_LISTING, BUSY_SENDING, SessionParts
 from fastpop.store.maildir import is_permanent
 from fastpop.wire import responses as R
 from fastpop.wire.stuffing import pop3_size, pop3_size_of
@@ -24,6 +26,10 @@ from fastpop.wire.stuffing import pop3_size, pop3_size_of
 log = logging.getLogger("fastpop.session")
 
 MAX_TOP_LINES = 2**31 - 1
+# A session lists cur/ for renamed messages at most once per this many seconds
+RELIST_INTERVAL = 1.0
+# _open()'s answers other than a descriptor
+ANSWERED, LISTING = -1, -2
 
 
 class Retrieval(SessionParts):
@@ -72,22 +78,29 @@ class Retrieval(SessionParts):
         self._send_message(i, min(int(lines), MAX_TOP_LINES))
 
     def _send_message(self, index: int, top_lines: int | None) -> None:
+        fd = self._open(index, top_lines)
+        if fd >= 0:
+            self._send_file(index, top_lines, fd)
+
+    def _open(self, index: int, top_lines: int | None) -> int:
+        """A descriptor of message ``index``'s file; ANSWERED (-ERR queued), or
+        LISTING (cur/ is being listed: the command goes on in _relisted)."""
+        mailbox = self._mailbox
+        assert mailbox is not None
+        path = mailbox.file_path(index)
+        try:
+            return mailbox.open_message(path)
+        except FileNotFoundError:
+            return self._open_renamed(index, top_lines)
+        except OSError as exc:
+            self._unreadable("open", path, exc)
+            return ANSWERED
+
+    def _send_file(self, index: int, top_lines: int | None, fd: int) -> None:
+        """Send message ``index`` (RETR; TOP with ``top_lines``) from its open file ``fd``."""
         mailbox = self._mailbox
         assert mailbox is not None
         path, pop3_size, size = mailbox.message_file(index)
-        try:
-            try:
-                fd = mailbox.open_message(path)
-            except FileNotFoundError:
-                renamed = mailbox.find_renamed(index)
-                if renamed is None:
-                    log.warning("message vanished user=%s file=%s", self._user_of_mailbox(), path)
-                    self._out.append(R.ERR_MESSAGE_GONE)
-                    return
-                fd = mailbox.open_message(renamed)
-                path = renamed
-        except OSError as exc:
-            return self._unreadable("open", path, exc)
         indexed_size = size
         try:
             # The index knows the file's size: a small message is one read,
@@ -140,6 +153,79 @@ class Retrieval(SessionParts):
         self._busy |= BUSY_SENDING
         stream.pump()
 
+    # A message renamed since the session knew its name (an IMAP client's flag,
+    # or the user) is found by listing cur/, which the user can fill (tens of
+    # thousands of hidden entries: tens of milliseconds each time).  So the
+    # listing runs in a thread while the command pull waits (BUSY_LISTING:
+    # pipelined commands stay in order), one listing serves every renamed
+    # message of the session, and a session lists cur/ at most once per
+    # RELIST_INTERVAL (a message renamed again since waits for the next one).
+
+    def _open_renamed(self, index: int, top_lines: int | None) -> int:
+        """_open() of a message not found under its known name."""
+        mailbox = self._mailbox
+        assert mailbox is not None
+        while True:
+            path = mailbox.listed_path(index)
+            if path is None:  # no listing yet, or one from before this rename
+                self._relist(index, top_lines)
+                return LISTING
+            if not path:
+                log.warning("message vanished user=%s file=%s", self._user_of_mailbox(), mailbox.file_path(index))
+                self._out.append(R.ERR_MESSAGE_GONE)
+                return ANSWERED
+            try:
+                return mailbox.open_message(path)
+            except FileNotFoundError:
+                continue  # renamed again since the listing: listed_path asks for a new one
+            except OSError as exc:
+                self._unreadable("open", path, exc)
+                return ANSWERED
+
+    def _relist(self, index: int, top_lines: int | None) -> None:
+        """Stop the command pull and list cur/ in a thread, no sooner than
+        RELIST_INTERVAL after the session's last listing began."""
+        mailbox = self._mailbox
+        assert mailbox is not None
+        self._busy |= BUSY_LISTING  # (set already when a listing showed the message's old name)
+        wait = RELIST_INTERVAL - mailbox.listing_age()
+        if wait > 0:
+            self.loop.call_later(wait, self._start_listing, index, top_lines)
+        else:
+            self._start_listing(index, top_lines)
+
+    def _start_listing(self, index: int, top_lines: int | None) -> None:
+        mailbox = self._mailbox
+        if self.transport is None or self._busy & BUSY_CLOSING or mailbox is None:
+            return  # the client left (or the session timed out) meanwhile
+        future = self.loop.run_in_executor(None, mailbox.list_cur)
+        future.add_done_callback(functools.partial(self._relisted, index, top_lines))
+
+    def _relisted(self, index: int, top_lines: int | None, future: asyncio.Future) -> None:
+        """The listing is in: the command goes on, with the known name first
+        (a file renamed back is there again), then the listing's."""
+        if self.transport is None or self._busy & BUSY_CLOSING:
+            return
+        mailbox = self._mailbox
+        assert mailbox is not None
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is None:
+            listed = future.result()
+            mailbox.use_listing(listed)
+            log.debug("listed cur/ for renamed messages user=%s names=%d", self._user_of_mailbox(), len(listed[1]))
+            fd = self._open(index, top_lines)
+            if fd == LISTING:
+                return  # renamed again since this listing began: the next one answers
+            if fd >= 0:
+                self._send_file(index, top_lines, fd)  # (a stream keeps the pull stopped: BUSY_SENDING)
+        elif isinstance(exc, FileNotFoundError):  # the whole Maildir removed by another program
+            log.warning("message vanished user=%s file=%s", self._user_of_mailbox(), mailbox.file_path(index))
+            self._out.append(R.ERR_MESSAGE_GONE)
+        else:
+            self._unreadable("find", mailbox.file_path(index), exc)
+        self._flush()
+        self._unbusy(BUSY_LISTING)
+
     def _changed_size(self, fd: int, path: str, data: bytes | None, indexed_size: int, size: int) -> int:
         """The RETR size of a message file whose size is no longer the indexed one; -1 (fd
         closed, -ERR queued) if it cannot be read."""
@@ -159,7 +245,7 @@ class Retrieval(SessionParts):
         assert user is not None, "a mailbox is open only once a user logged in"
         return user.name
 
-    def _unreadable(self, what: str, path: str, exc: Exception) -> None:
+    def _unreadable(self, what: str, path: str, exc: BaseException) -> None:
         """A message that cannot be opened or read: logged, and [SYS/PERM] when only an
         administrator can mend it (permissions), as at login; else [SYS/TEMP]."""
         log.error("cannot %s message user=%s file=%s: %s", what, self._user_of_mailbox(), path, exc)

@@ -27,6 +27,7 @@ BUSY_WRITE_PAUSED = 4  # the transport's write buffer is full
 BUSY_CLOSING = 8  # the connection is ending
 BUSY_TLS = 16  # the STLS handshake is running
 BUSY_YIELD = 32  # a burst of pipelined commands gives other sessions a turn
+BUSY_LISTING = 64  # cur/ is listed in a thread for a message renamed under RETR/TOP
 
 # Replies of pipelined commands are gathered and written together, but every
 # reply counts: once FLUSH_BYTES octets of messages and listings, or

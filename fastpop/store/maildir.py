@@ -508,13 +508,18 @@ class Mailbox:
     It holds no descriptor: message files are opened by their canonical path
     (fastpop.store.safefs: no link in any component), names checked by the index."""
 
-    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root", "_seen", "expire_days", "_retrieved")
+    __slots__ = ("path", "_cur", "index", "_renamed", "owner", "_as_root", "_seen", "expire_days", "_retrieved",
+                 "_listing", "_listed_at")
 
     def __init__(self, path: str, index: MailboxIndex, owner: int) -> None:
         self.path = path
         self._cur = safefs.canonical_maildir(path) + "/cur/"
         self.index = index
         self._renamed: dict[int, str] | None = None
+        # The session's last listing of cur/ for renamed messages (list_cur, in a
+        # thread: RETR/TOP), by base name, and the time.monotonic() it began
+        self._listing: dict[str, str] | None = None
+        self._listed_at = 0.0
         self._seen: set[int] | None = None  # RETR'd messages to mark \Seen at QUIT ([pop3] seen_on_retr)
         # EXPIRE days of the session's user (None: NEVER) and what it RETR'd (fastpop.store.expire)
         self.expire_days: int | None = None
@@ -574,7 +579,7 @@ class Mailbox:
         return self._cur + name, size, file_size
 
     def open_message(self, path: str) -> int:
-        """A descriptor of a message file from message_file()/find_renamed(),
+        """A descriptor of a message file from message_file()/listed_path(),
         opened without following any link and without blocking on a FIFO.
         Served as root, a file that is not the owner's is refused (EACCES)."""
         fd = open_nofollow(path, O_MESSAGE)
@@ -602,18 +607,12 @@ class Mailbox:
             raise
         return fd
 
-    def find_renamed(self, index: int, listing: dict[str, str] | None = None) -> str | None:
+    def find_renamed(self, index: int, listing: dict[str, str]) -> str | None:
         """Path of message ``index`` if another program (an IMAP server setting
         flags) renamed it since login: same unique name, other info suffix.
         ``listing``: cur/'s names by base name, listed once for a whole QUIT
         (the user may fill cur/: a listing per message held the event loop)."""
-        base = _base(self.name(index))
-        if listing is None:
-            try:
-                listing = self._list_cur()
-            except OSError:
-                return None
-        name = listing.get(base)
+        name = listing.get(_base(self.name(index)))
         if name is None:
             return None
         if self._renamed is None:
@@ -627,6 +626,43 @@ class Mailbox:
             return {_base(name): name for name in _listing(cur, self._cur)}
         finally:
             os.close(cur)
+
+    def list_cur(self) -> tuple[float, dict[str, str]]:
+        """cur/'s message names by base name (the unique part, before ":"), and
+        the time.monotonic() the listing began, for use_listing().  Blocking,
+        and as slow as the user makes cur/: a session runs it in a thread.  It
+        reads no index, so it may outlive the session's close()."""
+        started = time.monotonic()
+        return started, self._list_cur()
+
+    def use_listing(self, listed: tuple[float, dict[str, str]]) -> None:
+        """Keep a list_cur() result: listed_path() looks every renamed message up in it."""
+        self._listed_at, self._listing = listed
+
+    def listing_age(self) -> float:
+        """Seconds since the kept listing of cur/ began (infinite: none yet)."""
+        return float("inf") if self._listing is None else time.monotonic() - self._listed_at
+
+    def listed_path(self, index: int) -> str | None:
+        """Message ``index``'s file was not found under its known name: its
+        path in the kept listing of cur/, which becomes its known name; ""
+        if the listing does not hold it (deleted before the listing: the
+        index holds only messages that were in cur/ at login, and a unique
+        name never comes back); None if there is no listing or it shows the
+        known name (renamed since the listing: only a new one can tell)."""
+        listing = self._listing
+        if listing is None:
+            return None
+        known = self.name(index)
+        name = listing.get(_base(known))
+        if name is None:
+            return ""
+        if name == known:
+            return None
+        if self._renamed is None:
+            self._renamed = {}
+        self._renamed[index] = name
+        return self._cur + name
 
     def _renamed_in(self, index: int, listing: list[dict[str, str]]) -> str | None:
         """find_renamed() with cur/ listed at most once per QUIT (``listing``: [] until then)."""
