@@ -291,6 +291,33 @@ def test_dovecot_wrong_password_leaves_no_penalty(tmp_path, dovecot_server):
     assert r["latency_us"]["PASS"]["max"] < 1_000_000, r["latency_us"]["PASS"]
 
 
+def test_dovecot_proxy_in_front_of_fastpop(tmp_path):
+    """benchmarks/proxy_relay.py --dovecot-proxy: Dovecot as a proxy only checks the
+    password itself and relays every session to the fastpop backend behind it."""
+    if _NO_DOVECOT:
+        pytest.skip(_NO_DOVECOT)
+    root = spawn.make_workdir()
+    try:
+        seeded = spawn.seed(root, spawn.SeedSpec(mailboxes=6, messages=3))
+        with spawn.SpawnedServer(seeded) as backend, dovecot.DovecotProxy(seeded, backend.port) as proxy:
+            r = run_json(tmp_path, proxy.address, "--users", str(seeded.users_file), "-s", "download", "-n", "12",
+                         "-c", "2", "-p", "1", "-w", "0", "-q", "--server-pid", str(proxy.pid))
+            assert r["ok"], r["errors"]
+            assert r["totals"]["messages"] == 12 * 3 and r["totals"]["unverified"] == 0
+            assert r["server"]["processes"] > 2  # master, pop3-login, auth...: the whole tree is counted
+            assert "process_min_avail" in proxy.login_settings()
+            assert proxy.log().count("Started proxying to <127.0.0.1>") >= 12
+            assert backend.log().count("session user=") >= 12  # the sessions really ran on the backend
+            name = seeded.users[0][0]
+            wrong = tmp_path / "wrong"
+            wrong.write_text(f"{name} nope\n")
+            assert bench(proxy.address, "--users", str(wrong), "-n", "1", "-q", timeout=30).returncode == 2
+            assert "auth failed" in proxy.log()
+            assert "auth failed" not in backend.log()  # refused at the proxy, never forwarded
+    finally:
+        spawn.remove_workdir(root)
+
+
 # ------------------------------------------------------------------ the client's framing
 
 

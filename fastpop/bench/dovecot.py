@@ -8,12 +8,18 @@ ports, in its own base_dir, with mail processes as ``vmail`` (created if
 missing; the mailboxes are chowned to it).  ``tls=True`` adds ``ssl = yes``
 with a self-signed certificate made by openssl and an implicit-TLS
 listener; STLS is then offered on the plain port.
+
+``DovecotProxy`` is the same Dovecot configured from ``dovecot-proxy.conf.in``
+as a POP3 proxy only: its passdb checks each password and answers
+``proxy=y host=... port=...``, so the login process forwards the session to
+another POP3 server (benchmarks/proxy_relay.py --dovecot-proxy).
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +30,7 @@ from pathlib import Path
 from fastpop.bench.spawn import Seeded, free_port
 
 TEMPLATE = Path(__file__).with_name("dovecot.conf.in")
+PROXY_TEMPLATE = Path(__file__).with_name("dovecot-proxy.conf.in")
 MAIL_USER = "vmail"
 
 
@@ -98,6 +105,8 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 class DovecotServer:
+    template = TEMPLATE
+
     def __init__(self, seeded: Seeded, directory: Path | None = None, tls: bool = False) -> None:
         self.seeded = seeded
         self.dir = Path(directory or seeded.root / "dovecot")
@@ -127,7 +136,7 @@ class DovecotServer:
         except FileNotFoundError:
             return ""
 
-    def _write_config(self) -> None:
+    def _substitutions(self) -> dict[str, str]:
         ssl = "ssl = no"
         listener = ""
         if self.tls:
@@ -137,8 +146,7 @@ class DovecotServer:
             if os.path.exists("/usr/share/dovecot/dh.pem"):
                 ssl += "\nssl_dh = </usr/share/dovecot/dh.pem"
             listener = f"  inet_listener pop3s {{\n    port = {self.tls_port}\n    ssl = yes\n  }}\n"
-        text = TEMPLATE.read_text()
-        for key, value in {
+        return {
             "@DIR@": str(self.dir),
             "@MAILROOT@": str(self.seeded.mailroot),
             "@PASSWD@": str(self.seeded.passwd),
@@ -147,23 +155,31 @@ class DovecotServer:
             "@CPUS@": str(max(1, len(os.sched_getaffinity(0)))),
             "@TLS_LISTENER@": listener,
             "@SSL@": ssl,
-        }.items():
+        }
+
+    def _write_config(self) -> None:
+        text = self.template.read_text()
+        for key, value in self._substitutions().items():
             text = text.replace(key, value)
         self.conf.write_text(text)
+
+    def _prepare(self) -> None:
+        """Let the mail processes (as the mail user) reach and write the Maildirs."""
+        for parent in [self.seeded.mailroot, *self.seeded.mailroot.parents]:
+            if not os.stat(parent).st_mode & 0o001:
+                raise RuntimeError(f"Dovecot's users cannot reach {self.seeded.mailroot}: {parent} is not "
+                                   f"traversable by others (chmod o+x, or generate under /tmp)")
+        uid, gid = ensure_mail_user()
+        chown_tree(self.seeded.mailroot, uid, gid)
+        self.seeded.passwd.chmod(0o644)
 
     def start(self, timeout: float = 30.0) -> None:
         reason = unavailable()
         if reason:
             raise RuntimeError(reason)
-        for parent in [self.seeded.mailroot, *self.seeded.mailroot.parents]:
-            if not os.stat(parent).st_mode & 0o001:
-                raise RuntimeError(f"Dovecot's users cannot reach {self.seeded.mailroot}: {parent} is not "
-                                   f"traversable by others (chmod o+x, or generate under /tmp)")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
-        uid, gid = ensure_mail_user()
-        chown_tree(self.seeded.mailroot, uid, gid)
-        self.seeded.passwd.chmod(0o644)
+        self._prepare()
         for attempt in range(3):
             self.port = free_port()
             self.tls_port = free_port() if self.tls else 0
@@ -207,3 +223,46 @@ class DovecotServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class DovecotProxy(DovecotServer):
+    """Dovecot as a POP3 proxy only, in front of another POP3 server.
+
+    Its passwd-file carries the seeded users' {PLAIN} passwords with the extra
+    fields ``proxy=y host=HOST port=PORT``: the proxy checks the password
+    itself, then its login process connects to HOST:PORT, logs in there with
+    the same USER/PASS and relays.  No mail process ever runs, so nothing is
+    chowned; the backend must know the same passwords (``seeded.passwd``).
+    """
+
+    template = PROXY_TEMPLATE
+
+    def __init__(self, seeded: Seeded, backend_port: int, backend_host: str = "127.0.0.1",
+                 directory: Path | None = None) -> None:
+        super().__init__(seeded, directory or seeded.root / "dovecot-proxy")
+        self.backend_host = backend_host
+        self.backend_port = backend_port
+        self.passwd = self.dir / "proxy.passwd"
+
+    def describe(self) -> str:
+        return f"Dovecot {self.version} proxy (pid {self.pid})"
+
+    def _substitutions(self) -> dict[str, str]:
+        return {**super()._substitutions(), "@PASSWD@": str(self.passwd)}
+
+    def login_settings(self) -> str:
+        """The pop3-login service's settings as written (for a benchmark's output), e.g.
+        ``service_count = 0, process_min_avail = 2, client_limit = 10000``."""
+        block = re.search(r"^service pop3-login \{\n(.*?)^\}", self.conf.read_text(), re.M | re.S)
+        if block is None:
+            return "?"
+        body = re.sub(r"^\s*inet_listener.*?^\s*\}\n", "", block.group(1), flags=re.M | re.S)
+        return ", ".join(line.strip() for line in body.splitlines() if line.strip())
+
+    def _prepare(self) -> None:
+        ensure_mail_user()  # the userdb's uid, which Dovecot's config check wants to exist
+        extra = f"proxy=y host={self.backend_host} port={self.backend_port}"
+        # user:password:uid:gid:gecos:home:shell:extra_fields, the passwords seeded.passwd gives the backend
+        self.passwd.write_text("".join(f"{name}:{{PLAIN}}{password}::::::{extra}\n"
+                                       for name, password in [*self.seeded.users, *self.seeded.large_users]))
+        self.passwd.chmod(0o644)  # read by the auth process, as Dovecot's internal user
