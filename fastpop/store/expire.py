@@ -18,7 +18,9 @@ delete their own mail.  The record is written only at a QUIT after a RETR by
 a user with EXPIRE on, and read only at such a user's login when it exists:
 a session without EXPIRE never touches it.  It is opened relative to the
 Maildir's descriptor, never through a link, without blocking on a FIFO, and
-must be a regular file (served as root, the owner's or root's); it is
+must be a regular file (served as root, the owner's or root's); the Maildir
+is opened anew for it and must still be the served uid's (at QUIT the user
+may have swapped it for a link or a directory of root's since login); it is
 replaced by a rename, and the caller holds the mailbox lock.
 """
 
@@ -87,12 +89,15 @@ def capa_value(days: int | None) -> str:
     return "NEVER" if days is None else str(days)
 
 
-def _where(maildir: str) -> tuple[int, str, bool]:
-    """(directory fd, file name, whether to close the fd) of the record."""
+def _where(maildir: str, owner: int) -> tuple[int, str, bool]:
+    """(directory fd, file name, whether to close the fd) of the record.  The
+    Maildir is opened anew, so it must still be a directory of ``owner``: the
+    user may have put a link or another's directory in its place since login
+    (PermissionError, ELOOP), and root must not write the record there."""
     external = mindex._directory
     if external is not None:
         return external[1], mindex.external_name(maildir) + EXTERNAL_SUFFIX, False
-    fd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
+    fd, _ = safefs.open_maildir(maildir, owner)
     return fd, RECORD_FILE, True
 
 
@@ -110,8 +115,9 @@ def has_record(maildir: str) -> bool:
 
 def read(maildir: str, owner: int, limit: int = MAX_RECORD_BYTES) -> dict[str, int]:
     """{UIDL: retrieval time} of the mailbox; {} when there is no record or it
-    is larger than ``limit`` octets.  Lines that do not parse are skipped."""
-    dir_fd, name, close = _where(maildir)
+    is larger than ``limit`` octets.  Lines that do not parse are skipped.
+    ``owner``: the uid the mailbox is served as (Mailbox.owner)."""
+    dir_fd, name, close = _where(maildir, owner)
     try:
         try:
             fd, st = safefs.open_regular(dir_fd, name)
@@ -146,9 +152,10 @@ def read(maildir: str, owner: int, limit: int = MAX_RECORD_BYTES) -> dict[str, i
     return records
 
 
-def write(maildir: str, records: Mapping[str, int]) -> None:
-    """Replace the record (a temporary file, fsync, rename); none if empty."""
-    dir_fd, name, close = _where(maildir)
+def write(maildir: str, owner: int, records: Mapping[str, int]) -> None:
+    """Replace the record (a temporary file, fsync, rename); none if empty.
+    ``owner``: the uid the mailbox is served as, whose Maildir it must still be."""
+    dir_fd, name, close = _where(maildir, owner)
     try:
         if not records:
             try:
@@ -182,7 +189,7 @@ def at_quit(mailbox: Mailbox, deleted_flags: bytearray, deleted: list[int]) -> l
         for i in retrieved:
             records.setdefault(mailbox.uidl(i), stamp)
         gone = {mailbox.uidl(i) for i in deleted}
-        write(mailbox.path, {u: t for u, t in records.items() if u not in gone})
+        write(mailbox.path, mailbox.owner, {u: t for u, t in records.items() if u not in gone})
     except (OSError, ValueError) as exc:
         log.error("cannot record retrieved messages of %s: %s", mailbox.path, exc)
     return deleted
@@ -211,7 +218,7 @@ def expire(mailbox: Mailbox, days: int, when: int | None = None) -> int:
     if failed:  # keep them in the record: the next login or sweep tries again
         kept = {**{mailbox.uidl(i): records[mailbox.uidl(i)] for i in expired}, **kept}
     if kept != records:
-        write(mailbox.path, kept)
+        write(mailbox.path, mailbox.owner, kept)
     if expired:
         log.info("expired path=%s messages=%d failed=%d days=%d", mailbox.path, len(expired), failed, days)
     return len(expired) - failed
