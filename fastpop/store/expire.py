@@ -33,6 +33,7 @@ from collections.abc import Mapping
 
 from fastpop.store import index as mindex
 from fastpop.store import safefs
+from fastpop.store.dovecot_uidlist import LOCK_WAIT
 from fastpop.store.durable import replace_file
 from fastpop.store.maildir import Mailbox
 
@@ -195,10 +196,11 @@ def at_quit(mailbox: Mailbox, deleted_flags: bytearray, deleted: list[int]) -> l
     return deleted
 
 
-def expire(mailbox: Mailbox, days: int, when: int | None = None) -> int:
+def expire(mailbox: Mailbox, days: int, when: int | None = None, lock_wait: float = LOCK_WAIT) -> int:
     """Delete the messages of ``mailbox`` retrieved ``days`` or more days ago
     (the caller holds the lock; the same path as DELE and QUIT) and prune
-    the record to the messages still there.  Returns how many were deleted."""
+    the record to the messages still there.  Returns how many were deleted.
+    ``lock_wait``: for dovecot-keywords.lock ([pop3] deleted_flag)."""
     records = read(mailbox.path, mailbox.owner)
     if not records:
         return 0
@@ -214,7 +216,7 @@ def expire(mailbox: Mailbox, days: int, when: int | None = None) -> int:
             expired.append(i)
         else:
             kept[uidl] = stamp
-    failed = mailbox.delete(expired) if expired else 0
+    failed = mailbox.delete(expired, lock_wait) if expired else 0
     if failed:  # keep them in the record: the next login or sweep tries again
         kept = {**{mailbox.uidl(i): records[mailbox.uidl(i)] for i in expired}, **kept}
     if kept != records:
@@ -224,17 +226,18 @@ def expire(mailbox: Mailbox, days: int, when: int | None = None) -> int:
     return len(expired) - failed
 
 
-def open_expired(path: str, owner: int, days: int) -> Mailbox:
+def open_expired(path: str, owner: int, days: int, lock_wait: float = LOCK_WAIT) -> Mailbox:
     """Open the mailbox at login after expiring what is due (in a thread:
     the caller holds the lock).  The index is brought up to date again after
-    deletions, so the client is shown the mailbox without them."""
-    mailbox = Mailbox.open(path, owner)
+    deletions, so the client is shown the mailbox without them.
+    ``lock_wait``: for Dovecot's locks (Mailbox.open); a login passes 0."""
+    mailbox = Mailbox.open(path, owner, lock_wait)
     try:
-        removed = expire(mailbox, days)
+        removed = expire(mailbox, days, lock_wait=lock_wait)
     except OSError as exc:  # expiring is not worth refusing the login: it is tried again next time
         log.warning("cannot expire messages of %s: %s", path, exc.strerror or exc)
         removed = 1  # something may have been removed: list the mailbox again
     if not removed:
         return mailbox
     mailbox.close()
-    return Mailbox.open(path, owner)
+    return Mailbox.open(path, owner, lock_wait)
