@@ -230,3 +230,140 @@ def test_single_process_renders_off_the_event_loop(tmp_path):
             sock.close()
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie nobody reaped (its descriptors are closed)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except FileNotFoundError:
+        return True
+
+
+def test_directory_left_by_a_killed_supervisor_is_removed_at_the_next_start(tmp_path):
+    """SIGKILL leaves the multiprocess directory behind (no cleanup runs); the
+    next start removes it, once its maker and workers are gone, and nothing
+    else: not another user's directory, a link, nor one whose workers live."""
+    import fcntl
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    tmp = Path(tempfile.gettempdir())
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    planted = {
+        "theirs": tmp / f"fastpop-metrics-{dead.pid}-1-theirs",  # another user's, named as if dead
+        "link": tmp / f"fastpop-metrics-{dead.pid}-2-link",  # a link to root's directory
+        "held": tmp / f"fastpop-metrics-{dead.pid}-3-held",  # ours, but a worker still holds it
+    }
+    target = tmp_path / "roots"
+    target.mkdir()
+    (target / "counter_1.db").write_bytes(EMPTY_DB)
+    held_fd = -1
+    srv = None
+    try:
+        planted["theirs"].mkdir()
+        (planted["theirs"] / "counter_1.db").write_bytes(EMPTY_DB)
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            for p in (planted["theirs"], planted["theirs"] / "counter_1.db"):
+                os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        else:
+            del planted["theirs"]  # (no other user to plant as)
+            shutil.rmtree(tmp / f"fastpop-metrics-{dead.pid}-1-theirs")
+        planted["link"].symlink_to(target)
+        planted["held"].mkdir()
+        held_fd = os.open(planted["held"], os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(held_fd, fcntl.LOCK_SH)
+
+        srv, port = metered_server(tmp_path, "--workers", "2")
+        supervisor = srv.proc.pid
+        workers = _children(supervisor)
+        assert len(workers) == 2
+        stale = metrics_dir(workers[0])
+        assert stale.is_dir()
+        srv.kill()  # SIGKILL: no cleanup; the workers see the supervisor's pipe close and drain
+        deadline = time.monotonic() + 15
+        while not all(_gone(w) for w in workers):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.05)
+        assert stale.is_dir()  # left behind
+
+        srv.start()
+        workers = _children(srv.proc.pid)
+        fresh = metrics_dir(workers[0])
+        assert fresh != stale
+        assert not stale.exists(), f"{stale} left by the killed supervisor was not removed"
+        for what, path in planted.items():
+            assert os.path.lexists(path), f"the planted {what} directory was removed"
+        if "theirs" in planted:
+            assert (planted["theirs"] / "counter_1.db").read_bytes() == EMPTY_DB
+        assert planted["link"].is_symlink() and (target / "counter_1.db").read_bytes() == EMPTY_DB
+        assert f"removed {stale}" in srv.log()
+        assert srv.stop() == 0
+        assert "Traceback" not in srv.log()
+        srv = None
+        assert not fresh.exists()
+    finally:
+        if srv is not None and srv.proc is not None:
+            srv.stop()
+        if held_fd >= 0:
+            os.close(held_fd)
+        for path in planted.values():
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.unit
+def test_remove_stale_proves_death_and_touches_nothing_else(tmp_path):
+    """fastpop.serve.metrics.remove_stale in a directory of the test's: it
+    removes only a real directory of the given owner, named by a process
+    that is gone (here: this pid with another start time, as after a reuse),
+    whose lock nobody holds, and only its files."""
+    import fcntl
+
+    from fastpop.serve.metrics import remove_stale, start_time
+
+    me = os.getpid()
+    started = start_time(me)
+    assert started is not None
+    owner = os.geteuid()
+    dead = f"fastpop-metrics-{me}-{started + 1}-"
+    (tmp_path / f"{dead}stale").mkdir()
+    (tmp_path / f"{dead}stale" / "counter_1.db").write_bytes(EMPTY_DB)
+    (tmp_path / f"{dead}stale" / "link.db").symlink_to(tmp_path / "outside")
+    (tmp_path / "outside").write_bytes(b"kept")
+    (tmp_path / f"fastpop-metrics-{me}-{started}-alive").mkdir()  # its maker runs
+    (tmp_path / f"{dead}held").mkdir()
+    (tmp_path / f"{dead}link").symlink_to(tmp_path / "target")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "counter_1.db").write_bytes(EMPTY_DB)
+    (tmp_path / f"{dead}file").write_bytes(b"not a directory")
+    (tmp_path / f"{dead}nested").mkdir()
+    (tmp_path / f"{dead}nested" / "sub").mkdir()  # not what fastpop makes: left
+    (tmp_path / "fastpop-metrics-abcdefgh").mkdir()  # an older fastpop's name: not provable
+    fd = os.open(tmp_path / f"{dead}held", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a worker of it still runs
+        assert remove_stale(str(tmp_path), owner + 1) == []  # another owner's: nothing
+        assert sorted(remove_stale(str(tmp_path), owner)) == [f"{dead}stale"]
+    finally:
+        os.close(fd)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f"fastpop-metrics-{me}-{started}-alive", f"{dead}held", f"{dead}link", "target",
+                           f"{dead}file", f"{dead}nested", "fastpop-metrics-abcdefgh", "outside"])
+    assert (tmp_path / "outside").read_bytes() == b"kept"
+    assert (tmp_path / "target" / "counter_1.db").read_bytes() == EMPTY_DB
+    assert (tmp_path / f"{dead}nested" / "sub").is_dir()
+    # the lock released (the worker gone): now it goes too
+    assert remove_stale(str(tmp_path), owner) == [f"{dead}held"]

@@ -17,7 +17,9 @@ makes a private directory for its mmap files and sets
 supervisor of ``--workers N`` (or the single process) serves the sum of every
 worker over HTTP.  When a worker dies the supervisor marks it dead
 (``multiprocess.mark_process_dead``), which drops its live gauges; its
-counters stay in the totals.  The directory is removed at stop.
+counters stay in the totals.  The directory is removed at stop, and one that a
+server killed before its cleanup (SIGKILL) left is removed by a later start once
+it is proved dead (``remove_stale``).
 
 The endpoint (``HTTPEndpoint`` in the supervisor, ``LoopEndpoint`` in a single
 process) answers GET and HEAD of any path, one request per connection.  It
@@ -42,12 +44,15 @@ Metrics (all prefixed ``fastpop_``):
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import os
+import re
 import selectors
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -67,11 +72,36 @@ log = logging.getLogger("fastpop.metrics")
 # ------------------------------------------------------------------ export
 
 
-def prepare_environment(config) -> str:
-    """Make the private directory of the multiprocess files (owned by the
-    user the server will run as) and point prometheus-client at it; call
-    before anything imports prometheus_client."""
-    path = tempfile.mkdtemp(prefix="fastpop-metrics-")
+# The multiprocess directory: <tmp>/fastpop-metrics-<pid>-<start time>-<random>,
+# the pid and start time (/proc/PID/stat, clock ticks after boot) of the process
+# that made it (the supervisor, or the single process).  It holds a shared flock on
+# the directory for its life, inherited by its workers, so a later start can prove
+# a directory left by a SIGKILL dead: its process gone (or the pid reused) and
+# nobody holding the lock (no worker still draining).
+DIR_PREFIX = "fastpop-metrics-"
+_DIR_NAME = re.compile(r"fastpop-metrics-([0-9]{1,10})-([0-9]{1,20})-[A-Za-z0-9_]{1,32}")
+_held: dict[str, int] = {}  # our directory -> its descriptor, holding the flock
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot), None if there is
+    none, or only its zombie (which holds no descriptor, so no lock)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data.rpartition(b")")[2].split()  # (the command name may hold spaces and parentheses)
+    try:
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])  # field 22 of proc(5), counted after the name
+    except (IndexError, ValueError):
+        return None
+
+
+def _dir_owner(config) -> tuple[int, int]:
+    """(uid, gid) to give the directory: the user the server will run as; -1 keeps ours."""
     if os.getuid() == 0 and (config.user is not None or config.group is not None):
         import grp
         import pwd
@@ -79,6 +109,82 @@ def prepare_environment(config) -> str:
         entry = pwd.getpwnam(config.user) if config.user is not None else None
         uid = entry.pw_uid if entry is not None else -1
         gid = grp.getgrnam(config.group).gr_gid if config.group is not None else (entry.pw_gid if entry else -1)
+        return uid, gid
+    return -1, -1
+
+
+def remove_stale(tmp: str, owner: int) -> list[str]:
+    """Remove the multiprocess directories in ``tmp`` that a fastpop killed
+    without its cleanup (SIGKILL, a crash) left: only directories (never a
+    link) owned by ``owner``, named by a process that is gone, that no
+    process holds the lock of.  Anything else, another user's above all, is
+    left alone.  Returns the names removed."""
+    if start_time(os.getpid()) is None:
+        return []  # no /proc: nothing can be proved dead
+    removed: list[str] = []
+    try:
+        tmp_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return removed
+    try:
+        for name in os.listdir(tmp_fd):
+            m = _DIR_NAME.fullmatch(name)
+            if m is None or name in _held:
+                continue
+            pid, started = int(m.group(1)), int(m.group(2))
+            if start_time(pid) == started:
+                continue  # its maker runs (a server starting or serving); another start time: the pid reused
+            try:
+                if _remove_dead(tmp_fd, name, owner):
+                    removed.append(name)
+            except OSError as exc:
+                log.warning("metrics: cannot remove stale directory %s/%s: %s", tmp, name, exc.strerror or exc)
+    finally:
+        os.close(tmp_fd)
+    for name in removed:
+        log.info("metrics: removed %s/%s, left by a fastpop that is gone", tmp, name)
+    return removed
+
+
+def _remove_dead(tmp_fd: int, name: str, owner: int) -> bool:
+    try:  # never through a link; O_DIRECTORY: a FIFO or a file is refused, not opened
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != owner:
+            return False  # not ours to judge: another user's (or planted to look like ours)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a worker of that server still runs (draining its sessions)
+        for entry in os.listdir(fd):  # flat: prometheus-client's files; a subdirectory stays
+            if not stat.S_ISDIR(os.stat(entry, dir_fd=fd, follow_symlinks=False).st_mode):
+                os.unlink(entry, dir_fd=fd)
+        here = os.stat(name, dir_fd=tmp_fd, follow_symlinks=False)
+        if (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+            return False  # renamed meanwhile: whatever is there now is not what was judged
+        os.rmdir(name, dir_fd=tmp_fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def prepare_environment(config) -> str:
+    """Make the private directory of the multiprocess files (owned by the
+    user the server will run as) and point prometheus-client at it; call
+    before anything imports prometheus_client.  Directories that servers
+    killed before their cleanup left behind are removed first."""
+    uid, gid = _dir_owner(config)
+    tmp = tempfile.gettempdir()
+    remove_stale(tmp, uid if uid >= 0 else os.geteuid())
+    path = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-{start_time(os.getpid()) or 0}-", dir=tmp)
+    # held by this process and, inherited over fork, by its workers; CLOEXEC: by nothing exec'd
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _held[os.path.basename(path)] = fd
+    if uid >= 0 or gid >= 0:
         os.chown(path, uid, gid)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
@@ -86,6 +192,9 @@ def prepare_environment(config) -> str:
 
 def cleanup_environment(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+    fd = _held.pop(os.path.basename(path), None)
+    if fd is not None:
+        os.close(fd)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == path:
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 

@@ -585,9 +585,10 @@ class SessionCore:
             log.error("cannot lock mailbox user=%s path=%s: %s", user.name, path, exc)
             return self._finish_login(R.ERR_MAILBOX_PERM if is_permanent(exc) else R.ERR_MAILBOX_TEMP, "mailbox")
         days = expire.days_for(user.extra, self._ctx.config.expire)
+        # (in a thread: 0 s for Dovecot's locks, which are waited for in the event loop instead)
         if days is not None and expire.has_record(path):
             # EXPIRE: messages retrieved long enough ago go before the client sees the mailbox
-            fut = self.loop.run_in_executor(None, expire.open_expired, path, owner, days)
+            job = functools.partial(expire.open_expired, path, owner, days, 0.0)
         else:
             try:
                 mailbox = Mailbox.open_current(path, owner)
@@ -595,9 +596,8 @@ class SessionCore:
                 mailbox = None  # let the full open report it
             if mailbox is not None:
                 return self._enter_transaction(user, lock, mailbox)
-            fut = self.loop.run_in_executor(None, Mailbox.open, path, owner)
-        opened = self._mailbox_opened  # type: ignore[attr-defined]  # (POP3Protocol's)
-        fut.add_done_callback(functools.partial(opened, user, lock, path))
+            job = functools.partial(Mailbox.open, path, owner, 0.0)
+        self._open_in_thread(user, lock, path, job, None)  # type: ignore[attr-defined]  # (POP3Protocol's)
 
     def _enter_transaction(self, user: UserRecord, lock: MailboxLock | TableLock, mailbox: Mailbox) -> None:
         self._user = user

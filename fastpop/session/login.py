@@ -14,20 +14,30 @@ session's hooks ``_on_logged_in`` and ``_on_login_refused``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastpop.auth import sasl
 from fastpop.auth.authenticator import valid_username
 from fastpop.auth.userdb import login_refusal
 from fastpop.session.state import BUSY_AUTH, BUSY_CLOSING, SessionParts
+from fastpop.store import dovecot_uidlist
 from fastpop.store.maildir import is_permanent
 from fastpop.wire import responses as R
 
 if TYPE_CHECKING:
     from fastpop.store.locking import MailboxLock, TableLock
+    from fastpop.store.maildir import Mailbox
 
 log = logging.getLogger("fastpop.session")
+
+# A login finding dovecot-uidlist.lock held tries again after this many seconds,
+# doubled each time up to LOCK_RETRY_MAX (a Dovecot sync takes milliseconds; a
+# retry costs a listing of the user's cur/).
+LOCK_RETRY_FIRST = 0.05
+LOCK_RETRY_MAX = 1.0
 
 
 class Login(SessionParts):
@@ -160,13 +170,39 @@ class Login(SessionParts):
         self._flush()
         self._unbusy(BUSY_AUTH)
 
-    def _mailbox_opened(self, user, lock: MailboxLock | TableLock, path: str, fut: asyncio.Future) -> None:
+    def _open_in_thread(self, user, lock: MailboxLock | TableLock, path: str, job: Callable[[], Mailbox],
+                        deadline: float | None, delay: float = LOCK_RETRY_FIRST) -> None:
+        """Open the mailbox with ``job`` in a thread of the login pool (the
+        loop's default executor: a few threads every login shares).  ``job``
+        never waits there for Dovecot's locks: a live dovecot-uidlist.lock
+        (Dovecot numbering messages, or one the user planted) makes it fail at
+        once with UidlistLocked, and it is tried again from the event loop,
+        holding no thread, until dovecot_uidlist.LOCK_WAIT has passed (then
+        that user gets -ERR [SYS/TEMP]), so no user can fill the pool."""
+        if deadline is None:
+            deadline = self.loop.time() + dovecot_uidlist.LOCK_WAIT
+        fut = self.loop.run_in_executor(None, job)
+        fut.add_done_callback(functools.partial(self._mailbox_opened, user, lock, path, job, deadline, delay))
+
+    def _retry_open(self, user, lock: MailboxLock | TableLock, path: str, job: Callable[[], Mailbox],
+                    deadline: float, delay: float) -> None:
+        if self.transport is None or self._busy & BUSY_CLOSING:
+            lock.release()  # the client left while Dovecot's lock was held
+            return
+        self._open_in_thread(user, lock, path, job, deadline, delay)
+
+    def _mailbox_opened(self, user, lock: MailboxLock | TableLock, path: str, job: Callable[[], Mailbox],
+                        deadline: float, delay: float, fut: asyncio.Future) -> None:
         if self.transport is None or self._busy & BUSY_CLOSING:
             lock.release()  # the client left meanwhile
             if not fut.cancelled() and fut.exception() is None:
                 fut.result().close()  # its index unmapped now
             return
         exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if isinstance(exc, dovecot_uidlist.UidlistLocked) and self.loop.time() + delay < deadline:
+            self.loop.call_later(delay, self._retry_open, user, lock, path, job, deadline,
+                                 min(delay * 2, LOCK_RETRY_MAX))
+            return
         if exc is not None:
             lock.release()
             log.error("cannot open mailbox user=%s path=%s: %s", user.name, path, exc)

@@ -44,7 +44,11 @@ MAX_BYTES = 64 * 1024 * 1024
 MAX_UID = 0xFFFFFFFE  # Dovecot: "UID too high" at (uint32_t)-1
 STALE_SECONDS = 120  # Dovecot's MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT
 PID_CHECK_AFTER = 2  # Dovecot's STALE_PID_CHECK_SECS: a fresh lock's pid is not read yet
-LOCK_WAIT = 10.0  # seconds a login waits for Dovecot to finish a sync
+# Seconds a writer waits for Dovecot to finish a sync (Dovecot itself waits up to
+# 122 s, MAILDIR_UIDLIST_LOCK_STALE_TIMEOUT + 2, in a process of the user's own).
+# A login waits this long too, but in the event loop, holding no thread: a lock
+# the user planted must not fill the login threads (fastpop.session.login).
+LOCK_WAIT = 10.0
 
 
 class UidlistCorrupt(ValueError):
@@ -309,20 +313,22 @@ def _with_pop3_uidl(ext: str, uidl: str) -> str:
     return " ".join(fields)
 
 
-def assign(dir_fd: int, bases: list[str], keep: dict[str, str], owner: int | None = None) -> Uidlist:
+def assign(dir_fd: int, bases: list[str], keep: dict[str, str], owner: int | None = None,
+           wait: float = LOCK_WAIT) -> Uidlist:
     """Make sure every base name in ``bases`` (in delivery order) has a UID,
     under Dovecot's lock.  ``keep``: UIDLs already served for some of them
     (fastpop's index): a message whose UIDL in the list would differ gets
     ``P<uidl>`` in its record, so it never changes, in fastpop or in
     Dovecot's POP3.  Returns the list as written, or as read if it needed
-    nothing (then no lock is taken)."""
+    nothing (then no lock is taken).  ``wait``: seconds to wait for a live
+    lock, then UidlistLocked (a login passes 0: see fastpop.session.login)."""
     try:
         current = read(dir_fd)
     except UidlistCorrupt:
         current = None  # judged again under the lock, where no writer is midway
     if current is not None and not _needs_work(current, bases, keep):
         return current
-    held = lock(dir_fd, owner)
+    held = lock(dir_fd, owner, wait)
     try:
         current = read(dir_fd)  # again, under the lock: Dovecot may have numbered them meanwhile
         if current is None:

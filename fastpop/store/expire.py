@@ -18,7 +18,9 @@ delete their own mail.  The record is written only at a QUIT after a RETR by
 a user with EXPIRE on, and read only at such a user's login when it exists:
 a session without EXPIRE never touches it.  It is opened relative to the
 Maildir's descriptor, never through a link, without blocking on a FIFO, and
-must be a regular file (served as root, the owner's or root's); it is
+must be a regular file (served as root, the owner's or root's); the Maildir
+is opened anew for it and must still be the served uid's (at QUIT the user
+may have swapped it for a link or a directory of root's since login); it is
 replaced by a rename, and the caller holds the mailbox lock.
 """
 
@@ -31,6 +33,7 @@ from collections.abc import Mapping
 
 from fastpop.store import index as mindex
 from fastpop.store import safefs
+from fastpop.store.dovecot_uidlist import LOCK_WAIT
 from fastpop.store.durable import replace_file
 from fastpop.store.maildir import Mailbox
 
@@ -87,12 +90,15 @@ def capa_value(days: int | None) -> str:
     return "NEVER" if days is None else str(days)
 
 
-def _where(maildir: str) -> tuple[int, str, bool]:
-    """(directory fd, file name, whether to close the fd) of the record."""
+def _where(maildir: str, owner: int) -> tuple[int, str, bool]:
+    """(directory fd, file name, whether to close the fd) of the record.  The
+    Maildir is opened anew, so it must still be a directory of ``owner``: the
+    user may have put a link or another's directory in its place since login
+    (PermissionError, ELOOP), and root must not write the record there."""
     external = mindex._directory
     if external is not None:
         return external[1], mindex.external_name(maildir) + EXTERNAL_SUFFIX, False
-    fd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
+    fd, _ = safefs.open_maildir(maildir, owner)
     return fd, RECORD_FILE, True
 
 
@@ -110,8 +116,9 @@ def has_record(maildir: str) -> bool:
 
 def read(maildir: str, owner: int, limit: int = MAX_RECORD_BYTES) -> dict[str, int]:
     """{UIDL: retrieval time} of the mailbox; {} when there is no record or it
-    is larger than ``limit`` octets.  Lines that do not parse are skipped."""
-    dir_fd, name, close = _where(maildir)
+    is larger than ``limit`` octets.  Lines that do not parse are skipped.
+    ``owner``: the uid the mailbox is served as (Mailbox.owner)."""
+    dir_fd, name, close = _where(maildir, owner)
     try:
         try:
             fd, st = safefs.open_regular(dir_fd, name)
@@ -146,9 +153,10 @@ def read(maildir: str, owner: int, limit: int = MAX_RECORD_BYTES) -> dict[str, i
     return records
 
 
-def write(maildir: str, records: Mapping[str, int]) -> None:
-    """Replace the record (a temporary file, fsync, rename); none if empty."""
-    dir_fd, name, close = _where(maildir)
+def write(maildir: str, owner: int, records: Mapping[str, int]) -> None:
+    """Replace the record (a temporary file, fsync, rename); none if empty.
+    ``owner``: the uid the mailbox is served as, whose Maildir it must still be."""
+    dir_fd, name, close = _where(maildir, owner)
     try:
         if not records:
             try:
@@ -182,16 +190,17 @@ def at_quit(mailbox: Mailbox, deleted_flags: bytearray, deleted: list[int]) -> l
         for i in retrieved:
             records.setdefault(mailbox.uidl(i), stamp)
         gone = {mailbox.uidl(i) for i in deleted}
-        write(mailbox.path, {u: t for u, t in records.items() if u not in gone})
+        write(mailbox.path, mailbox.owner, {u: t for u, t in records.items() if u not in gone})
     except (OSError, ValueError) as exc:
         log.error("cannot record retrieved messages of %s: %s", mailbox.path, exc)
     return deleted
 
 
-def expire(mailbox: Mailbox, days: int, when: int | None = None) -> int:
+def expire(mailbox: Mailbox, days: int, when: int | None = None, lock_wait: float = LOCK_WAIT) -> int:
     """Delete the messages of ``mailbox`` retrieved ``days`` or more days ago
     (the caller holds the lock; the same path as DELE and QUIT) and prune
-    the record to the messages still there.  Returns how many were deleted."""
+    the record to the messages still there.  Returns how many were deleted.
+    ``lock_wait``: for dovecot-keywords.lock ([pop3] deleted_flag)."""
     records = read(mailbox.path, mailbox.owner)
     if not records:
         return 0
@@ -207,27 +216,28 @@ def expire(mailbox: Mailbox, days: int, when: int | None = None) -> int:
             expired.append(i)
         else:
             kept[uidl] = stamp
-    failed = mailbox.delete(expired) if expired else 0
+    failed = mailbox.delete(expired, lock_wait) if expired else 0
     if failed:  # keep them in the record: the next login or sweep tries again
         kept = {**{mailbox.uidl(i): records[mailbox.uidl(i)] for i in expired}, **kept}
     if kept != records:
-        write(mailbox.path, kept)
+        write(mailbox.path, mailbox.owner, kept)
     if expired:
         log.info("expired path=%s messages=%d failed=%d days=%d", mailbox.path, len(expired), failed, days)
     return len(expired) - failed
 
 
-def open_expired(path: str, owner: int, days: int) -> Mailbox:
+def open_expired(path: str, owner: int, days: int, lock_wait: float = LOCK_WAIT) -> Mailbox:
     """Open the mailbox at login after expiring what is due (in a thread:
     the caller holds the lock).  The index is brought up to date again after
-    deletions, so the client is shown the mailbox without them."""
-    mailbox = Mailbox.open(path, owner)
+    deletions, so the client is shown the mailbox without them.
+    ``lock_wait``: for Dovecot's locks (Mailbox.open); a login passes 0."""
+    mailbox = Mailbox.open(path, owner, lock_wait)
     try:
-        removed = expire(mailbox, days)
+        removed = expire(mailbox, days, lock_wait=lock_wait)
     except OSError as exc:  # expiring is not worth refusing the login: it is tried again next time
         log.warning("cannot expire messages of %s: %s", path, exc.strerror or exc)
         removed = 1  # something may have been removed: list the mailbox again
     if not removed:
         return mailbox
     mailbox.close()
-    return Mailbox.open(path, owner)
+    return Mailbox.open(path, owner, lock_wait)

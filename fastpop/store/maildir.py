@@ -345,11 +345,13 @@ def current_index(path: str, owner: int) -> MailboxIndex | None:
     return None
 
 
-def sync_index(path: str, owner: int) -> MailboxIndex:
+def sync_index(path: str, owner: int, lock_wait: float = dovecot_uidlist.LOCK_WAIT) -> MailboxIndex:
     """Move new/ to cur/ and return an index that matches cur/ (see module doc).
 
     May read many files: the protocol runs it in a thread unless
-    current_index() already answered."""
+    current_index() already answered.  ``lock_wait``: seconds to wait for a
+    live dovecot-uidlist.lock ([mail] uidl = "dovecot"), then UidlistLocked;
+    a session passes 0 and tries again later, holding no thread meanwhile."""
     try:
         fd, owner = safefs.open_maildir(path, owner)
     except FileNotFoundError:
@@ -363,14 +365,14 @@ def sync_index(path: str, owner: int) -> MailboxIndex:
             except FileNotFoundError:
                 os.mkdir(sub, 0o700, dir_fd=fd)
                 subs[sub] = safefs.open_subdir(fd, sub, owner, path)
-        return _sync(path, fd, subs["cur"], subs["new"], subs["tmp"], owner)
+        return _sync(path, fd, subs["cur"], subs["new"], subs["tmp"], owner, lock_wait)
     finally:
         for sub_fd in subs.values():
             os.close(sub_fd)
         os.close(fd)
 
 
-def _sync(path: str, fd: int, cur: int, new: int, tmp: int, owner: int) -> MailboxIndex:
+def _sync(path: str, fd: int, cur: int, new: int, tmp: int, owner: int, lock_wait: float) -> MailboxIndex:
     arrived = _listing(new, path + "/new")
     for name in arrived:
         target = name if ":" in name else name + ":2,"
@@ -385,7 +387,7 @@ def _sync(path: str, fd: int, cur: int, new: int, tmp: int, owner: int) -> Mailb
     if current is not None and not arrived and current.cur_mtime_ns == st.st_mtime_ns != 0:
         return current
     _remove_leftovers(path, fd, tmp)
-    return _rebuild(path, fd, cur, st.st_mtime_ns, current, owner)
+    return _rebuild(path, fd, cur, st.st_mtime_ns, current, owner, lock_wait)
 
 
 def _remove_leftovers(path: str, fd: int, tmp: int) -> None:
@@ -421,7 +423,8 @@ def _unlink_leftover(dir_fd: int, name: str, where: str) -> None:
         pass
 
 
-def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex | None, owner: int) -> MailboxIndex:
+def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex | None, owner: int,
+             lock_wait: float = dovecot_uidlist.LOCK_WAIT) -> MailboxIndex:
     """List cur/ and write a new index, reusing what the old one knew."""
     names = _listing(cur, path + "/cur")
     if _deleted_flag:  # messages POP3 deleted with [pop3] deleted_flag: kept for IMAP, not shown
@@ -448,7 +451,7 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
         # already served keeps its UIDL there too: the UIDL never depends on this index
         kept_uidls = {_base(e.name): e.uidl for e in kept}
         uidlist = dovecot_uidlist.assign(fd, [*kept_uidls, *(_base(n) for n in added)],
-                                         {**migrated, **kept_uidls}, owner)
+                                         {**migrated, **kept_uidls}, owner, lock_wait)
         uidvalidity = uidlist.validity
         dovecot_uidls = {_base(n): uidlist.uidl(_base(n)) or "" for n in added}
     else:
@@ -530,9 +533,10 @@ class Mailbox:
         self._as_root = safefs.euid() == 0  # (root reads anything: the owner decides)
 
     @classmethod
-    def open(cls, path: str, owner: int) -> Mailbox:
-        """Bring the index up to date (may be slow) and open the mailbox."""
-        return cls(path, sync_index(path, owner), owner)
+    def open(cls, path: str, owner: int, lock_wait: float = dovecot_uidlist.LOCK_WAIT) -> Mailbox:
+        """Bring the index up to date (may be slow) and open the mailbox
+        (``lock_wait``: see sync_index)."""
+        return cls(path, sync_index(path, owner, lock_wait), owner)
 
     @classmethod
     def open_current(cls, path: str, owner: int) -> Mailbox | None:
