@@ -217,13 +217,14 @@ def test_other_lines_go_out_at_once_after_what_is_pending():
 
     async def turn() -> list[str]:
         handler.handle(_record("fastpop.session", logging.INFO, "session user=a end=quit"))
+        handler.handle(_record("fastpop.session", logging.DEBUG, "listed cur/ user=a"))  # diagnosing: at once
         handler.handle(_record("fastpop.session", logging.WARNING, "cannot open mailbox user=a"))
         handler.handle(_record("fastpop", logging.INFO, "listening on 127.0.0.1:110"))
         return list(out.writes)
 
     written = "".join(asyncio.run(turn()))  # all of it before the turn ends: none was held back
     assert [line.split(": ", 1)[1] for line in written.splitlines()] == [
-        "session user=a end=quit", "cannot open mailbox user=a", "listening on 127.0.0.1:110"]
+        "session user=a end=quit", "listed cur/ user=a", "cannot open mailbox user=a", "listening on 127.0.0.1:110"]
     # outside a running loop (an executor thread, before or after the loop) a session line goes at once too
     handler.handle(_record("fastpop.session", logging.INFO, "session user=b end=quit"))
     assert out.writes[-1].rstrip().endswith("session user=b end=quit")

@@ -265,11 +265,13 @@ class SessionBatchingHandler(logging.StreamHandler):
 
     A server logs a line per session (``session user=...``, ``auth
     failed ...``); written one by one that is a system call per session,
-    most of what logging it costs.  Those lines (logger ``fastpop.session``,
-    INFO and below) are flushed at the end of the loop's turn, so under load
-    a batch goes out in one write and when idle each line is out before the
-    loop waits again; every other line (startup, warnings, errors) is
-    written at once, after whatever is pending, so lines keep their order.
+    most of what logging it costs.  Those lines (logger ``fastpop.session``
+    at INFO) are flushed at the end of the loop's turn, so under load a
+    batch goes out in one write and when idle each line is out before the
+    loop waits again (a reply may reach its client a moment before the
+    line that logs it); every other line (startup, warnings, errors, debug
+    lines when diagnosing) is written at once, after whatever is pending,
+    so lines keep their order.
     A process killed outright loses at most one turn's session lines; every
     exit path of fastpop runs logging.shutdown(), and a fork writes what is
     pending first."""
@@ -279,7 +281,7 @@ class SessionBatchingHandler(logging.StreamHandler):
         self._defer = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._defer = record.levelno <= logging.INFO and record.name == SESSION_LOGGER
+        self._defer = record.levelno == logging.INFO and record.name == SESSION_LOGGER
         try:
             super().emit(record)  # (which calls flush)
         finally:
