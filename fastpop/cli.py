@@ -292,10 +292,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.auth_mechanisms = [m.strip().upper() for m in args.auth_mechanisms.split(",") if m.strip()]
     if args.client_workarounds is not None:
         config.client_workarounds = [w.strip().lower() for w in args.client_workarounds.split(",") if w.strip()]
-    if getattr(args, "route", False):  # fastpop proxy: only mechanisms that give it the password
+    if getattr(args, "route", False):
         config.backend_route = True
-        if config.auth_mechanisms is None:
-            config.auth_mechanisms = ["PLAIN", "LOGIN"]
+    if config.backend_route and config.auth_mechanisms is None and config.backend_master_user is None:
+        # fastpop proxy without a master login: only the mechanisms that give it the password
+        config.auth_mechanisms = ["PLAIN", "LOGIN"]
     return config
 
 

@@ -130,6 +130,9 @@ class Config:
     backend_connect_timeout: float = 5.0  # connect, greeting and login at a backend
     backend_health_interval: float = 5.0  # seconds between health checks; 0: none
     backend_rehash: bool = False  # a down backend's users to the next one (shared store only)
+    # the proxy's master login at the backends (fastpop.proxy.relay): any mechanism relays with it
+    backend_master_user: str | None = None
+    backend_master_password_file: str | None = None  # its password, read as the proxy starts (0600)
     # the control socket (fastpop.serve.control): fastpop who, kick, deny, allow, maintenance
     control_socket: str | None = None  # None: control.sock in the lock table's runtime directory; "none": off
     control_group: str | None = None  # this group may use it too (mode 0660)
@@ -285,11 +288,14 @@ class Config:
             raise ValueError("backends health_interval must not be negative")
         if self.backend_route and self.lmtp_listen:
             raise ValueError("fastpop proxy stores no mail: [lmtp] listen belongs on the backends")
-        if self.backend_route:
+        if (self.backend_master_user is None) != (self.backend_master_password_file is None):
+            raise ValueError("backends master_user and master_password_file go together: give both or neither")
+        if self.backend_route and self.backend_master_user is None:
             relayable = {"PLAIN", "LOGIN"}  # the mechanisms that give the proxy the password
             if self.auth_apop or not set(self.mechanisms()) <= relayable:
-                raise ValueError("fastpop proxy logs in to the backends with the user's password: "
-                                 "[auth] mechanisms may only hold PLAIN and LOGIN, and apop must be off")
+                raise ValueError("fastpop proxy without [backends] master_user logs in to the backends with the "
+                                 "user's password: [auth] mechanisms may only hold PLAIN and LOGIN, and apop "
+                                 "must be off")
 
     def mechanisms(self) -> list[str]:
         """The SASL mechanisms offered, in CAPA order."""
@@ -377,7 +383,8 @@ _TOML_KEYS = {
     ("metrics", "listen"): "metrics_listen",
     ("metrics", "flush_interval"): "metrics_flush_interval",
     **{("backends", k): f"backend_{k}" for k in (
-        "route", "servers", "port", "login", "proxy_header", "connect_timeout", "health_interval", "rehash")},
+        "route", "servers", "port", "login", "proxy_header", "connect_timeout", "health_interval", "rehash",
+        "master_user", "master_password_file")},
     ("control", "socket"): "control_socket",
     ("control", "group"): "control_group",
     ("control", "deny_file"): "control_deny_file",

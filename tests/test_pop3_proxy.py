@@ -7,8 +7,13 @@ and implicit TLS).  Users are pinned by a ``host``/``port`` field or placed by
 the rendezvous hash over ``[backends] servers``; each has mail only on its
 own backend, so reading the right mail proves the route.  Clients connect
 from addresses of their own (127.0.0.9, ...), which the backends must log.
-The last test stops a backend: only its users get ``-ERR [SYS/TEMP]``, and
-the health check brings it back.
+The backends also trust two masters: ``proxy`` (``proxy_master``, from the
+proxies' address only), the master login of a second proxy (``master_proxy``)
+that relays every mechanism it offers, SCRAM, APOP and OAuth included; and
+``admin``, an administrator's.  Later tests reload a proxy's backends with
+SIGHUP and watch the health checks of a proxy's two workers; the last one
+stops a backend: only its users get ``-ERR [SYS/TEMP]``, and the health check
+brings it back.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from support.server import PARSERS, Raw, ServerProcess, message
+from support.server import AS_ROOT, PARSERS, Raw, ServerProcess, message
 from support.tls import Certs, Conn, TLSServer, b64, stop_clean
+from test_sasl import auth, oauthbearer, plain, scram_login, xoauth2
 
+from fastpop.auth.oauth import make_token
 from fastpop.auth.passwd_file import UserRecord
 from fastpop.config import Config
 from fastpop.proxy.routing import Router
@@ -36,6 +44,9 @@ BACKEND_ADDRESSES = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 PROXY_ADDRESSES = ("127.0.0.6", "127.0.0.7")  # the proxies' PROXY listeners, for HAProxy
 SYS_TEMP = b"-ERR [SYS/TEMP]"
 HEALTH_INTERVAL = 0.3
+MASTER_PW = "the proxies' master password"
+ADMIN_PW = "adminpw"
+OAUTH_SECRET = b"the proxies' oauth secret, 32+ bytes"
 
 
 class ProxyServer(TLSServer):
@@ -75,9 +86,16 @@ class Farm:
         self.root = root
         self.certs = Certs(root / "certs")
         self.ports = [free_port(a) for a in BACKEND_ADDRESSES]  # fixed: a backend restarts on its own port
+        # the backends' masters: the proxies' own (their logins are the users', and only from the proxies'
+        # address: the connections', not the clients' of the PROXY headers), and an administrator
+        self.masters = root / "masters"
+        self.masters.write_text(f"proxy:{{PLAIN}}{MASTER_PW}::::::proxy_master allow_nets=127.0.0.1/32\n"
+                                f"admin:{{PLAIN}}{ADMIN_PW}\n")
+        self.masters.chmod(0o600)
         self.backends = [
             ServerProcess(root / f"backend{i}", "cython", extra_args=[
-                "--proxy-listen", f"{addr}:{port}", "--proxy-trusted-networks", "127.0.0.1/32"])
+                "--proxy-listen", f"{addr}:{port}", "--proxy-trusted-networks", "127.0.0.1/32",
+                "--auth-master-passwd-file", str(self.masters)])
             for i, (addr, port) in enumerate(zip(BACKEND_ADDRESSES, self.ports, strict=True))]
         self.servers = [f"{a}:{p}" for a, p in zip(BACKEND_ADDRESSES, self.ports, strict=True)]
         config = root / "proxy.toml"
@@ -423,6 +441,253 @@ password_query = "SELECT password, host, port FROM users WHERE userid = %u"
         stop_clean(proxy)
 
 
+# ---------------------------------------------------------------- the proxy's master login at the backends
+
+
+@pytest.fixture(scope="module")
+def master_proxy(farm):
+    """A proxy that logs in at the backends as their master ``proxy``
+    ([backends] master_user): it offers every mechanism, APOP and OAuth too.
+    Its own masters' file has ``admin``, as the backends' has."""
+    root = farm.root / "master-proxy"
+    root.mkdir()
+    password = root / "master.pw"
+    password.write_text(MASTER_PW + "\n")
+    password.chmod(0o600)
+    (root / "oauth.key").write_bytes(OAUTH_SECRET + b"\n")
+    masters = root / "masters"
+    masters.write_text(f"admin:{{PLAIN}}{ADMIN_PW}\n")
+    masters.chmod(0o600)
+    config = root / "proxy.toml"  # farm's, which ends in [backends]
+    config.write_text((farm.root / "proxy.toml").read_text()
+                      + f'master_user = "proxy"\nmaster_password_file = "{password}"\n')
+    proxy = ProxyServer(root, farm.proxy.parser, farm.certs, extra_args=[
+        "--config", str(config), "--apop", "--oauth-validator", "hmac", "--oauth-secret-file",
+        str(root / "oauth.key"), "--auth-master-passwd-file", str(masters)])
+    proxy.loop = farm.proxy.loop
+    proxy.passwd = farm.proxy.passwd
+    proxy.start()
+    yield proxy
+    stop_clean(proxy)
+
+
+def _user_pass(c: Conn, name: str) -> bytes:
+    assert c.cmd(f"USER {name}").startswith(b"+OK")
+    return c.cmd("PASS secret")
+
+
+def _login(c: Conn, name: str) -> bytes:
+    assert c.cmd("AUTH LOGIN") == b"+ " + b64("Username:").encode() + b"\r\n"
+    assert c.cmd(b64(name)) == b"+ " + b64("Password:").encode() + b"\r\n"
+    return c.cmd(b64("secret"))
+
+
+LOGINS = {
+    "USER": _user_pass,
+    "PLAIN": lambda c, name: plain(c, name, "secret"),
+    "LOGIN": _login,
+    "SCRAM-SHA-256": lambda c, name: scram_login(c, name, "secret"),
+    "OAUTHBEARER": lambda c, name: auth(c, "OAUTHBEARER", oauthbearer(name, make_token(OAUTH_SECRET, name))),
+    "XOAUTH2": lambda c, name: auth(c, "XOAUTH2", xoauth2(name, make_token(OAUTH_SECRET, name))),
+}
+
+
+def test_a_proxy_offers_only_what_it_can_relay(farm, master_proxy):
+    """Without a master login, PLAIN and LOGIN and no APOP timestamp; with one,
+    every mechanism and APOP (fastpop.config refuses anything else)."""
+    c = Conn(farm.proxy.port)
+    assert b"<" not in c.greeting
+    assert b"SASL PLAIN LOGIN\r\n" in b"\r\n".join(c.multi("CAPA")) + b"\r\n"
+    assert c.cmd("AUTH SCRAM-SHA-256").startswith(b"-ERR")
+    assert c.cmd("APOP pinned0 " + "0" * 32).startswith(b"-ERR")
+    c.close()
+    c = Conn(master_proxy.port)
+    assert re.search(rb"<[^<>@]+@[^<>]+>\r\n$", c.greeting), c.greeting
+    assert b"SASL PLAIN LOGIN SCRAM-SHA-256 OAUTHBEARER XOAUTH2" in c.multi("CAPA")
+    c.close()
+
+
+def test_every_mechanism_relays_with_the_proxys_master_login(farm, master_proxy):
+    """SCRAM-SHA-256, APOP, OAUTHBEARER, XOAUTH2, USER/PASS, PLAIN and LOGIN at
+    the proxy, each relayed by the proxy's master login to the user's own mail
+    (pinned and hashed users); the backend logs the user, the master and the
+    client's address, and the proxy's own password never went there."""
+    sources = (f"127.0.0.{i}" for i in range(50, 80))
+    for name in (PINNED[0], HASHED[2]):
+        backend, subject = farm.users[name]
+        for mechanism, login in LOGINS.items():
+            source = next(sources)
+            c = Conn(master_proxy.port, source=source)
+            assert login(c, name) == b"+OK Logged in.\r\n", mechanism
+            assert c.cmd("STAT").startswith(b"+OK 1 ")
+            assert f"Subject: {subject}".encode() in b"\r\n".join(c.multi("RETR 1"))
+            assert c.cmd("QUIT").startswith(b"+OK")
+            c.close()
+            wait_for(rf"session user={name} master=proxy rip={re.escape(source)} .* end=quit", farm.backends[backend])
+        source = next(sources)
+        p = POP3From(source, master_proxy.port)
+        assert p.apop(name, "secret").startswith(b"+OK")
+        assert f"Subject: {subject}".encode() in b"\r\n".join(p.retr(1)[1])
+        p.quit()
+        wait_for(rf"login user={name} master=proxy rip={re.escape(source)} ", farm.backends[backend])
+        wait_for(rf"proxy login user={name} rip={re.escape(source)} backend=", master_proxy)
+    assert "login not relayable" not in master_proxy.log()
+
+
+def test_a_users_own_master_login_is_relayed_as_given(farm, master_proxy):
+    """alice*admin at a proxy with a master login of its own: relayed as given
+    (USER and AUTH PLAIN's authzid), so the backend applies and logs admin,
+    not the proxy's master."""
+    name = PINNED[1]
+    subject = farm.users[name][1]
+    assert subject.encode() in read_mail(POP3From("127.0.0.81", master_proxy.port), f"{name}*admin", ADMIN_PW)
+    wait_for(rf"proxy login user={name} master=admin rip=127\.0\.0\.81 ", master_proxy)
+    wait_for(rf"login user={name} master=admin rip=127\.0\.0\.81 ", farm.backends[1])
+    c = Conn(master_proxy.port, source="127.0.0.82")
+    assert plain(c, "admin", ADMIN_PW, authzid=name) == b"+OK Logged in.\r\n"
+    assert c.cmd("QUIT").startswith(b"+OK")
+    wait_for(rf"session user={name} master=admin rip=127\.0\.0\.82 .* end=quit", farm.backends[1])
+
+
+def test_the_proxys_master_logs_in_as_the_user_would(farm, master_proxy):
+    """At the backend, the proxy's master (``proxy_master`` on its line) logs in
+    for the user: the user's LOGIN-DELAY applies and counts, and EXPIRE deletes
+    what they retrieved; an administrator's master login does neither."""
+    backend = farm.backends[0]
+    name = "paced"
+    user = backend.add_user(name=name, stored="{PLAIN}secret::::::login_delay=3600 pop3_expire=0")
+    user.deliver(message("first"))
+    user.deliver(message("second"))
+    with open(farm.proxy.passwd, "a") as f:
+        f.write(f"{name}:{{PLAIN}}secret::::::host={BACKEND_ADDRESSES[0]} port={farm.ports[0]}\n")
+    admin = POP3From("127.0.0.83", backend.port)  # straight to the backend
+    admin.user(f"{name}*admin")
+    admin.pass_(ADMIN_PW)
+    admin.retr(1)
+    admin.quit()
+    assert len(user.files()) == 2  # an administrator's RETR expires nothing
+    c = Conn(master_proxy.port, source="127.0.0.84")
+    assert scram_login(c, name, "secret") == b"+OK Logged in.\r\n"
+    c.multi("RETR 1")
+    assert c.cmd("QUIT").startswith(b"+OK")
+    wait_for(rf"session user={name} master=proxy rip=127\.0\.0\.84 .* end=quit", backend)
+    assert len(user.files()) == 1  # EXPIRE 0: what the user retrieved is gone at QUIT
+    c = Conn(master_proxy.port, source="127.0.0.84")
+    assert scram_login(c, name, "secret").startswith(b"-ERR [LOGIN-DELAY]")  # the backend's, passed on
+    c.close()
+    admin = POP3From("127.0.0.83", backend.port)  # not an administrator's
+    admin.user(f"{name}*admin")
+    assert admin.pass_(ADMIN_PW).startswith(b"+OK")
+    admin.quit()
+
+
+def test_the_master_login_as_user_and_pass(farm, tmp_path):
+    """[backends] login = "user": the proxy's master logs in with USER alice*proxy
+    (the separator of [auth] master_separator) and PASS, after UTF8 when the
+    client said it; the backend logs the same as for AUTH PLAIN."""
+    secret = tmp_path / "master.pw"
+    secret.write_text(MASTER_PW + "\n")
+    secret.chmod(0o600)
+    config = tmp_path / "proxy.toml"
+    config.write_text((farm.root / "proxy.toml").read_text()
+                      + f'login = "user"\nmaster_user = "proxy"\nmaster_password_file = "{secret}"\n')
+    proxy = ProxyServer(tmp_path, "cython", farm.certs, extra_args=["--config", str(config)])
+    proxy.passwd = farm.proxy.passwd
+    proxy.start()
+    try:
+        name = HASHED[3]
+        backend, subject = farm.users[name]
+        c = Conn(proxy.port, source="127.0.0.91")
+        assert c.cmd("UTF8").startswith(b"+OK")
+        assert scram_login(c, name, "secret") == b"+OK Logged in.\r\n"
+        assert f"Subject: {subject}".encode() in b"\r\n".join(c.multi("RETR 1"))
+        assert c.cmd("QUIT").startswith(b"+OK")
+        wait_for(rf"session user={name} master=proxy rip=127\.0\.0\.91 .* end=quit", farm.backends[backend])
+    finally:
+        stop_clean(proxy)
+
+
+def test_the_proxies_master_password_is_no_good_elsewhere(farm):
+    """The proxies' master is allowed from their address only, and that is the
+    connection's: from a client's own address, straight to a backend, its
+    password logs nobody in."""
+    backend = farm.backends[0]
+    p = POP3From("127.0.0.85", backend.port)
+    p.user(f"{PINNED[0]}*proxy")
+    with pytest.raises(poplib.error_proto) as failed:
+        p.pass_(MASTER_PW)
+    assert failed.value.args[0] == b"-ERR [AUTH] Authentication failed."
+    p.close()
+    wait_for(rf"auth failed rip=127\.0\.0\.85 user={PINNED[0]}\*proxy .*reason=master: network not allowed", backend)
+
+
+@pytest.mark.parametrize("master,password", [("stranger", MASTER_PW), ("proxy", "not the password")],
+                         ids=["unknown-master", "wrong-password"])
+def test_a_master_login_the_backend_refuses(farm, tmp_path, master, password):
+    """A master the backend does not have, or its password wrong there: the
+    client gets [SYS/TEMP] (its own login was right), the proxy logs the
+    refusal as an error, the backend its failed master login; the backend
+    stays up."""
+    secret = tmp_path / "master.pw"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    config = tmp_path / "proxy.toml"
+    config.write_text((farm.root / "proxy.toml").read_text()
+                      + f'master_user = "{master}"\nmaster_password_file = "{secret}"\n')
+    proxy = ProxyServer(tmp_path, "cython", farm.certs, extra_args=["--config", str(config)])
+    proxy.passwd = farm.proxy.passwd
+    proxy.start()
+    try:
+        name = PINNED[2]
+        c = Conn(proxy.port, source="127.0.0.86")
+        assert scram_login(c, name, "secret") == b"-ERR [SYS/TEMP] Mail server temporarily unavailable, " \
+                                                  b"try again later.\r\n"
+        assert c.cmd("QUIT").startswith(b"+OK")
+        wait_for(rf"ERROR fastpop\.proxy: backend {re.escape(farm.servers[2])} refused the proxy's master login "
+                 rf"user={name} master={master} rip=127\.0\.0\.86: refused: .*AUTH", proxy)
+        wait_for(rf"auth failed rip=127\.0\.0\.86 user={name}\*{master} .*reason=master: wrong password",
+                 farm.backends[2])
+        assert f"backend {farm.servers[2]} down" not in proxy.log()
+    finally:
+        stop_clean(proxy)
+
+
+MASTER_FILE_PROBLEMS = {
+    "group-readable": (lambda f: (f.write_text("pw\n"), f.chmod(0o640)), "is mode 0640: others may read it"),
+    "world-readable": (lambda f: (f.write_text("pw\n"), f.chmod(0o604)), "is mode 0604: others may read it"),
+    "missing": (lambda f: None, "No such file or directory"),
+    "empty": (lambda f: (f.write_text("\n"), f.chmod(0o600)), "is empty"),
+    "two-lines": (lambda f: (f.write_text("pw\nmore\n"), f.chmod(0o600)), "holds a control character"),
+    "symlink": (lambda f: (f.with_name("real").write_text("pw"), f.with_name("real").chmod(0o600),
+                           f.symlink_to(f.with_name("real"))), "is a symbolic link"),
+    "directory": (lambda f: f.mkdir(mode=0o700), "is not a regular file"),
+    "someone-elses": (lambda f: (f.write_text("pw"), f.chmod(0o600), os.chown(f, 65534, 65534)),
+                      "not uid 65534"),
+}
+
+
+@pytest.mark.parametrize("problem", list(MASTER_FILE_PROBLEMS))
+def test_a_bad_master_password_file_stops_the_proxy(tmp_path, problem):
+    """[backends] master_password_file is checked as the server secret is: the
+    proxy does not start, and says why in one line."""
+    make, expected = MASTER_FILE_PROBLEMS[problem]
+    if problem == "someone-elses" and os.geteuid() != 0:
+        pytest.skip("giving a file away takes root")
+    secret = tmp_path / "master.pw"
+    make(secret)
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[backends]\nservers = ["127.0.0.2:1110"]\nmaster_user = "proxy"\n'
+                      f'master_password_file = "{secret}"\n')
+    (tmp_path / "passwd").touch()
+    proc = subprocess.run([sys.executable, "-m", "fastpop", "proxy", "--config", str(config), "--listen",
+                           "127.0.0.1:0", "--passwd-file", str(tmp_path / "passwd"), "--workers", "1", *AS_ROOT],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"fastpop: [backends] master_password_file {secret}"), proc.stderr
+    assert expected in proc.stderr, proc.stderr
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -528,6 +793,120 @@ def test_haproxy_in_front_of_two_proxies(farm, haproxy):
     name = PINNED[1]
     s = poplib.POP3_SSL("127.0.0.1", haproxy["POP3S"], context=context, timeout=10)
     assert farm.users[name][1].encode() in read_mail(s, name)
+
+
+def test_sighup_adds_a_backend_and_the_master_login(farm, tmp_path):
+    """A fourth backend in [backends] servers and a master login, then SIGHUP:
+    the users the hash now gives the new backend go there, every other user
+    keeps theirs (rendezvous hashing moves about a quarter), the logins are
+    the master's and SCRAM is offered; a session relayed before the reload
+    goes on to its QUIT."""
+    addr = "127.0.0.8"
+    port = free_port(addr)
+    new = ServerProcess(tmp_path / "backend3", "cython", extra_args=[
+        "--proxy-listen", f"{addr}:{port}", "--proxy-trusted-networks", "127.0.0.1/32",
+        "--auth-master-passwd-file", str(farm.masters)])
+    secret = tmp_path / "master.pw"
+    secret.write_text(MASTER_PW + "\n")
+    secret.chmod(0o600)
+    servers = [*farm.servers, f"{addr}:{port}"]
+    before, after = Router(Config(backend_servers=farm.servers)), Router(Config(backend_servers=servers))
+    proxy = ProxyServer(tmp_path / "proxy", "cython", farm.certs, extra_args=[
+        "--config", str(tmp_path / "proxy.toml")])
+    names = [f"moving{i}" for i in range(60)]
+    home, moved = {}, []
+    with open(proxy.passwd, "a") as f:
+        for name in names:
+            home[name] = farm.servers.index(str(before.pick(name, UserRecord(name, ""))))
+            farm.backends[home[name]].add_user(name=name).deliver(message(f"{name} before"))
+            if str(after.pick(name, UserRecord(name, ""))) == servers[3]:
+                moved.append(name)
+                new.add_user(name=name).deliver(message(f"{name} after"))  # (its mail moved there)
+            f.write(f"{name}:{{PLAIN}}secret\n")
+    assert 1 < len(moved) < len(names) / 2, len(moved)  # about 15
+    toml = f"[backends]\nhealth_interval = {HEALTH_INTERVAL}\nconnect_timeout = 2.0\nservers = "
+    (tmp_path / "proxy.toml").write_text(toml + repr(farm.servers).replace("'", '"') + "\n")
+    new.start()
+    proxy.start()
+    try:
+        for name in moved:
+            assert f"{name} before".encode() in read_mail(POP3From("127.0.0.87", proxy.port), name)
+        relayed = POP3From("127.0.0.88", proxy.port)  # a moving user's session on their old backend
+        relayed.user(moved[0])
+        relayed.pass_("secret")
+        c = Conn(proxy.port)
+        assert b"SASL PLAIN LOGIN\r\n" in b"\r\n".join(c.multi("CAPA")) + b"\r\n"
+        c.close()
+        (tmp_path / "proxy.toml").write_text(toml + repr(servers).replace("'", '"')
+                                             + f'\nmaster_user = "proxy"\nmaster_password_file = "{secret}"\n')
+        assert proxy.proc is not None
+        proxy.proc.send_signal(signal.SIGHUP)
+        wait_for(r"SIGHUP: configuration, passwd-file.* reloaded", proxy)
+        c = Conn(proxy.port)
+        assert b"SASL PLAIN LOGIN SCRAM-SHA-256\r\n" in b"\r\n".join(c.multi("CAPA")) + b"\r\n"
+        assert scram_login(c, moved[1], "secret") == b"+OK Logged in.\r\n"
+        assert c.cmd("QUIT").startswith(b"+OK")
+        for name in names:
+            expected = f"{name} after" if name in moved else f"{name} before"
+            assert expected.encode() in read_mail(POP3From("127.0.0.89", proxy.port), name), name
+            backend = new if name in moved else farm.backends[home[name]]
+            wait_for(rf"session user={name} master=proxy rip=127\.0\.0\.89 .* end=quit", backend)
+        assert relayed.stat()[0] == 1  # the session relayed before the reload, still there
+        assert f"{moved[0]} before".encode() in b"\r\n".join(relayed.retr(1)[1])
+        assert relayed.quit().startswith(b"+OK")
+        wait_for(rf"proxy session user={moved[0]} rip=127\.0\.0\.88 backend={re.escape(farm.servers[home[moved[0]]])} "
+                 r"end=(backend closed|disconnected)", proxy)  # (whichever side closed first)
+    finally:
+        stop_clean(proxy)
+        stop_clean(new)
+
+
+def test_each_worker_checks_the_backends_health(farm, tmp_path):
+    """A proxy with two workers: a stopped backend is marked down by the health
+    check of each (a line each) before any login tries it; its users then get
+    [SYS/TEMP] at once, and when it is back each worker marks it up again."""
+    down = 0
+    target = re.escape(farm.servers[down])
+    proxy = ProxyServer(tmp_path, "cython", farm.certs, extra_args=[
+        "--config", str(farm.root / "proxy.toml"), "--workers", "2"])
+    proxy.passwd = farm.proxy.passwd
+    proxy.start()
+    srv = farm.backends[down]
+    try:
+        wait_for(r"worker 1 started", proxy)
+        time.sleep(3 * HEALTH_INTERVAL)  # (checks of the backend while up log nothing)
+        assert not re.search(rf"backend {target} (down|up)", proxy.log())
+        stop_clean(srv)
+        deadline = time.monotonic() + 10
+        while len(re.findall(rf"backend {target} down: ", proxy.log())) < 2:
+            assert time.monotonic() < deadline, proxy.log()[-3000:]
+            time.sleep(0.05)
+        assert "unavailable user=" not in proxy.log()  # the health checks found it, no login
+        name = PINNED[down]
+        p = POP3From("127.0.0.90", proxy.port)
+        p.user(name)
+        started = time.monotonic()
+        with pytest.raises(poplib.error_proto) as failed:
+            p.pass_("secret")
+        assert failed.value.args[0].startswith(SYS_TEMP), failed.value.args[0]
+        assert time.monotonic() - started < 1  # no connect tried
+        p.close()
+        wait_for(rf"backend unavailable user={name} rip=127\.0\.0\.90: backend {target} is down", proxy)
+        offsets = [len(other.log()) for other in farm.proxies]
+        srv.start()
+        while len(re.findall(rf"backend {target} up", proxy.log())) < 2:
+            assert time.monotonic() < deadline + 10, proxy.log()[-3000:]
+            time.sleep(0.05)
+        assert len(re.findall(rf"backend {target} down", proxy.log())) == 2  # once each, however many checks
+        assert farm.users[name][1].encode() in read_mail(POP3From("127.0.0.90", proxy.port), name)
+        for other, offset in zip(farm.proxies, offsets, strict=True):  # the farm's proxies too, for the next tests
+            while not re.search(rf"backend {target} up", other.log()[offset:]):
+                assert time.monotonic() < deadline + 20
+                time.sleep(0.05)
+    finally:
+        if srv.proc is None:
+            srv.start()
+        stop_clean(proxy)
 
 
 def test_a_stopped_backend_affects_only_its_users(farm):

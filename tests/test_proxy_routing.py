@@ -3,10 +3,14 @@ rendezvous hash's stability, and what a down backend does to its users."""
 
 from __future__ import annotations
 
+import base64
+import re
+
 import pytest
 
 from fastpop.auth.passwd_file import UserRecord
 from fastpop.config import Config
+from fastpop.proxy import routing
 from fastpop.proxy.routing import NoBackend, Router
 
 pytestmark = pytest.mark.unit
@@ -76,6 +80,81 @@ def test_settings_are_checked():
         with pytest.raises(ValueError):
             Config(**bad).validate()  # type: ignore[arg-type]
     Config(backend_route=True, auth_mechanisms=["PLAIN", "LOGIN"], backend_servers=SERVERS).validate()
+
+
+def master_file(tmp_path, text: str = "the master's password\n", mode: int = 0o600) -> str:
+    path = tmp_path / "master.pw"
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+def test_a_master_login_lets_a_proxy_offer_every_mechanism(tmp_path):
+    """With [backends] master_user every mechanism relays: the default list and APOP are allowed;
+    the name and the file go together, and the name cannot hold the master separator."""
+    pw = master_file(tmp_path)
+    config = Config(backend_route=True, auth_apop=True, backend_servers=SERVERS, backend_master_user="proxy",
+                    backend_master_password_file=pw)
+    config.validate()
+    routing.validate(config)
+    assert "SCRAM-SHA-256" in config.mechanisms()
+    assert Router(config).master == ("proxy", "the master's password")
+    assert Router(Config(backend_servers=SERVERS)).master is None
+    for bad in ({"backend_master_user": "proxy"}, {"backend_master_password_file": pw}):
+        with pytest.raises(ValueError, match="go together"):
+            Config(**bad).validate()  # type: ignore[arg-type]
+    for name in ("a*b", "", "x y", "../x"):
+        with pytest.raises(ValueError, match="master_user"):
+            routing.validate(Config(backend_master_user=name, backend_master_password_file=pw))
+    with pytest.raises(ValueError, match="master_user"):  # another separator, another forbidden character
+        routing.validate(Config(backend_master_user="a!b", backend_master_password_file=pw,
+                                auth_master_separator="!"))
+
+
+@pytest.mark.parametrize("text,mode,error", [
+    ("pw\n", 0o640, "is mode 0640: others may read it"),
+    ("pw\n", 0o606, "is mode 0606: others may read it"),
+    ("  \n", 0o600, "is empty"),
+    ("pw\rmore\n", 0o600, "holds a control character"),
+    ("pw\0\n", 0o600, "holds a control character"),
+    ("x" * 513, 0o600, "more than 512 bytes"),
+    ("\udcff", 0o600, "not UTF-8"),
+], ids=["group-readable", "world-readable", "blank", "two-lines", "nul", "too-long", "not-utf8"])
+def test_the_master_password_file_is_checked(tmp_path, text, mode, error):
+    path = tmp_path / "master.pw"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    path.chmod(mode)
+    with pytest.raises(ValueError, match=re.escape(f"[backends] master_password_file {path}")) as refused:
+        routing.read_master_password(str(path))
+    assert error in str(refused.value)
+    assert routing.read_master_password(master_file(tmp_path, " the password \n")) == "the password"
+    assert routing.read_master_password(master_file(tmp_path, "x" * 512)) == "x" * 512
+
+
+def test_the_master_password_file_may_be_the_serving_users(tmp_path):
+    """Root's, the starting user's or [server] user's: a file of another uid is refused."""
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a file away takes root")
+    path = master_file(tmp_path, "pw\n")
+    nobody = pwd.getpwuid(65534).pw_name
+    os.chown(path, 65534, 65534)
+    assert routing.read_master_password(path, nobody) == "pw"
+    with pytest.raises(ValueError, match="must belong to uid 0 or root, not uid 65534"):
+        routing.read_master_password(path)
+
+
+def test_the_login_lines_at_the_backend():
+    """The user's own login; the master's for a user: AUTH PLAIN's authzid, or USER user*master."""
+    from fastpop.proxy.relay import _login_lines
+
+    assert _login_lines("plain", "alice", "pw") == (b"AUTH PLAIN " + base64.b64encode(b"\0alice\0pw") + b"\r\n", 1)
+    assert _login_lines("user", "alice", "pw") == (b"USER alice\r\nPASS pw\r\n", 2)
+    master = _login_lines("plain", "proxy", "master pw", "alice")
+    assert master == (b"AUTH PLAIN " + base64.b64encode(b"alice\0proxy\0master pw") + b"\r\n", 1)
+    assert _login_lines("user", "proxy", "master pw", "alice", "!") == (b"USER alice!proxy\r\nPASS master pw\r\n", 2)
 
 
 class _Transport:

@@ -167,11 +167,9 @@ def default_secret_path() -> str:
 def read_secret_file(path: str, create: bool = True, make_dirs: bool = False) -> bytes:
     """The secret in ``path`` (surrounding whitespace removed), made first if
     missing and ``create``: 32 random bytes, in hex.  Refused (SecretRefused)
-    unless a regular file, not a symbolic link, of this user or root, that
-    nobody else may read or write, holding at least 32 bytes."""
+    as ``read_private_file`` refuses, or when it holds fewer than 32 bytes."""
     try:
-        # O_NONBLOCK: a FIFO put there must not hang the start
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_private_file(path, "secret file")
     except FileNotFoundError:
         if not create:
             raise
@@ -179,25 +177,38 @@ def read_secret_file(path: str, create: bool = True, make_dirs: bool = False) ->
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         _create_secret_file(path)
         return read_secret_file(path, create=False)
+    if len(data) < SECRET_MIN_BYTES:
+        raise SecretRefused(f"secret file {path} holds {len(data)} bytes, fewer than {SECRET_MIN_BYTES}")
+    return data
+
+
+def read_private_file(path: str, what: str, owners: tuple[int, ...] = (), limit: int = 4096) -> bytes:
+    """At most ``limit`` bytes of a secret file, surrounding whitespace
+    removed: the server secret, the proxy's master password
+    ([backends] master_password_file).  Refused (SecretRefused, its message
+    naming the file as ``what``) unless a regular file, not a symbolic link,
+    of root, this uid or one of ``owners`` (the uid the server will serve
+    as), that nobody else may read or write."""
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the start
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise SecretRefused(f"secret file {path} is a symbolic link; give the file itself") from None
+            raise SecretRefused(f"{what} {path} is a symbolic link; give the file itself") from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise SecretRefused(f"secret file {path} is not a regular file")
-        if st.st_uid not in (0, os.geteuid()):
-            raise SecretRefused(f"secret file {path} must belong to uid {os.geteuid()} or root, not uid {st.st_uid}")
+            raise SecretRefused(f"{what} {path} is not a regular file")
+        if st.st_uid not in (0, os.geteuid(), *owners):
+            uids = " or ".join(f"uid {uid}" for uid in dict.fromkeys((os.geteuid(), *owners)))
+            raise SecretRefused(f"{what} {path} must belong to {uids} or root, not uid {st.st_uid}")
         if st.st_mode & 0o077:
-            raise SecretRefused(f"secret file {path} is mode {stat.S_IMODE(st.st_mode):04o}: "
+            raise SecretRefused(f"{what} {path} is mode {stat.S_IMODE(st.st_mode):04o}: "
                                 f"others may read it (chmod 600 {path})")
-        data = os.read(fd, 4096).strip()
+        return os.read(fd, limit).strip()
     finally:
         os.close(fd)
-    if len(data) < SECRET_MIN_BYTES:
-        raise SecretRefused(f"secret file {path} holds {len(data)} bytes, fewer than {SECRET_MIN_BYTES}")
-    return data
 
 
 def _create_secret_file(path: str) -> None:

@@ -4,8 +4,8 @@
 PROXY-listener ones of fastpop.session.proxied) whose successful login does
 not open a Maildir: it connects to the user's backend
 (fastpop.proxy.routing), sends a PROXY v2 header naming the client, logs in
-there with the same credentials (``AUTH PLAIN`` or ``USER``/``PASS``), sends
-the backend's ``+OK`` to the client and from then on relays bytes both ways.
+there (``AUTH PLAIN`` or ``USER``/``PASS``), sends the backend's ``+OK`` to the
+client and from then on relays bytes both ways.
 Every failure before that (wrong password, penalties, the failure delay, the
 ``auth failed rip=... user=...`` log line) is the server's own path, so a
 wrong password never reaches a backend and fail2ban reads the proxy's log
@@ -18,9 +18,14 @@ high-water mark (64 KiB), reading the other side stops until it drains
 so a client that reads slowly holds at most a transport buffer per
 direction in the proxy, however large the message.
 
-Only mechanisms that give the proxy the password can be relayed: USER/PASS,
-PLAIN and LOGIN (``fastpop proxy`` offers PLAIN and LOGIN; a master login
-the backends trust, which would allow SCRAM and OAuth, is not done yet).
+The login at the backend: with ``[backends] master_user``, the proxy's own
+master login for the user (AUTH PLAIN with the user as authzid, or
+``USER alice*proxy``), whatever the client logged in with, so SCRAM,
+APOP and OAuth relay too; a client's own master login (``alice*admin``) is
+relayed as given, so the backend applies and logs that master.  Without a
+master_user, the user's own name and password, so only the mechanisms that
+give the proxy the password can be relayed (fastpop.config refuses the
+others): USER/PASS, PLAIN and LOGIN.
 """
 
 from __future__ import annotations
@@ -51,6 +56,9 @@ log = logging.getLogger("fastpop.proxy")
 
 ERR_BACKEND = b"-ERR [SYS/TEMP] Mail server temporarily unavailable, try again later.\r\n"
 ERR_NOT_RELAYABLE = b"-ERR [SYS/PERM] This login method cannot be used here; use USER/PASS or AUTH PLAIN.\r\n"
+# a backend's refusals of the proxy's master login that are the user's to see; any other (its [AUTH]:
+# the master unknown there, or its password wrong) is the operator's, and the client gets [SYS/TEMP]
+USER_REFUSALS = (b"-ERR [IN-USE]", b"-ERR [LOGIN-DELAY]", b"-ERR [SYS/")
 MAX_BACKEND_LINE = 1024  # a greeting or a login reply longer than this is no POP3 server's
 
 
@@ -167,11 +175,17 @@ def _header(session: Any) -> bytes:
     return V2_SIGNATURE + bytes((0x20 | PROXY, family)) + len(body).to_bytes(2, "big") + body
 
 
-def _login_lines(how: str, name: str, password: str) -> tuple[bytes, int]:
+def _login_lines(how: str, name: str, password: str, user: str = "", separator: str = "*") -> tuple[bytes, int]:
+    """The login at the backend, and the +OK lines it takes.  With ``user``,
+    ``name`` is a master logging in as that user: AUTH PLAIN's authzid
+    (RFC 4616), or ``USER user*name``."""
     if how == "user":
+        if user:
+            name = user + separator + name
         return (b"USER " + name.encode("utf-8", "surrogatepass") + b"\r\nPASS "
                 + password.encode("utf-8", "surrogatepass") + b"\r\n"), 2
-    plain = b"\0" + name.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
+    plain = (user.encode("utf-8", "surrogatepass") + b"\0" + name.encode("utf-8", "surrogatepass") + b"\0"
+             + password.encode("utf-8", "surrogatepass"))
     return b"AUTH PLAIN " + base64.b64encode(plain) + b"\r\n", 1
 
 
@@ -223,29 +237,39 @@ def routed(base: Any) -> Any:
                 return
             if self._restricted(outcome):  # allow_nets, nopop3, nologin: refused as the server refuses
                 return
-            if outcome.credentials is None:  # SCRAM, APOP, OAuth: no password to log in with
+            router: Router = ctx.router
+            master = self._master  # (set by _restricted) the client's own master login: relayed as given
+            relay_master = router.master if master is None else None
+            if relay_master is None and outcome.credentials is None:
+                # SCRAM, APOP, OAuth: no password to log in with (fastpop.config offers them only with a
+                # master_user; a session greeted before a SIGHUP took it away may still try APOP)
                 log.warning("login not relayable user=%s rip=%s", outcome.user, self._peer)
                 self._answer(ERR_NOT_RELAYABLE, "unavailable")
                 return
-            master = self._master  # (set by _restricted) a master's success clears the master's count
-            if not self._trusted:
+            if not self._trusted:  # a master's success clears the master's count
                 ctx.penalty.succeeded(self._addr_key, record.name if master is None
                                       else ctx.config.auth_master_separator + master)
-            # the name as given (a master login's user*master) and its password go to the backend;
-            # the route is the user's own
-            name, _, password = outcome.credentials.decode("utf-8", "surrogatepass").partition("\0")
-            router: Router = ctx.router
+            if relay_master is not None:  # the proxy's master, for the user
+                login = _login_lines(router.login, relay_master[0], relay_master[1], record.name, router.separator)
+                shown = f"{record.name} master={relay_master[0]}"
+            else:  # the name as given (a master login's user*master) and its password
+                assert outcome.credentials is not None
+                name, _, password = outcome.credentials.decode("utf-8", "surrogatepass").partition("\0")
+                login = _login_lines(router.login, name, password)
+                shown = name
             try:
                 backend = router.pick(record.name, record)
             except NoBackend as exc:
                 log.warning("backend unavailable user=%s rip=%s: %s", record.name, self._peer, exc)
                 self._answer(ERR_BACKEND, "unavailable")
                 return
-            self._connecting = self.loop.create_task(self._connect(router, backend, name, password, record))
+            self._connecting = self.loop.create_task(
+                self._connect(router, backend, login, shown, record, relay_master is not None))
 
-        async def _connect(self, router: Router, backend: Backend, name: str, password: str,
-                           record: UserRecord) -> None:
-            login, replies = _login_lines(self._ctx.config.backend_login, name, password)
+        async def _connect(self, router: Router, backend: Backend, lines: tuple[bytes, int], name: str,
+                           record: UserRecord, as_master: bool) -> None:
+            """Connect, log in as ``lines`` say, relay; ``name`` is who logs in, for the log lines."""
+            login, replies = lines
             if self._parser.utf8:  # the client said UTF8 (RFC 6856): the backend's session must too
                 login, replies = b"UTF8\r\n" + login, replies + 1
             header = _header(self) if router.proxy_header else b""
@@ -258,6 +282,13 @@ def routed(base: Any) -> Any:
             except (OSError, asyncio.TimeoutError, BackendRefused) as exc:
                 if link.transport is not None:
                     link.transport.abort()
+                if isinstance(exc, BackendRefused) and exc.reply is not None and as_master \
+                        and not exc.reply.startswith(USER_REFUSALS):
+                    # (its log says why: most often a master it does not have, or another password)
+                    log.error("backend %s refused the proxy's master login user=%s rip=%s: %s", backend, name,
+                              self._peer, exc)
+                    self._answer(ERR_BACKEND, "backend")
+                    return
                 if isinstance(exc, BackendRefused) and exc.reply is not None:
                     # the backend answered the login (IN-USE, LOGIN-DELAY, a password it does not share)
                     log.warning("backend %s refused login user=%s rip=%s: %s", backend, name, self._peer, exc)

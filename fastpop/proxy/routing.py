@@ -16,6 +16,11 @@ again at its next good check.  A user whose backend is down gets
 sharing one store, e.g. NFS) the user goes to the best-scoring backend that
 is up instead.  Backends with their own storage must keep the default
 (``false``): a user sent elsewhere would find an empty mailbox.
+
+The master login (``[backends] master_user`` and ``master_password_file``)
+is the Router's too: the password is read as the proxy starts, before it
+drops privileges (``validate``), and again at each SIGHUP, which keeps the
+one read before when the serving user may not read the file.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING
 
+from fastpop.auth.authenticator import SecretRefused, read_private_file, valid_username
 from fastpop.net import parse_address
 from fastpop.wire.proxy_protocol import build_v2
 
@@ -33,6 +39,68 @@ if TYPE_CHECKING:
     from fastpop.config import Config
 
 log = logging.getLogger("fastpop.proxy")
+
+
+MASTER_PASSWORD_MAX = 512  # bytes: it goes into one command line at the backend
+MASTER_PASSWORD_FILE = "[backends] master_password_file"
+
+_master_passwords: dict[str, str] = {}  # path -> the password last read there (in this process and its forks)
+
+
+def validate(config: Config) -> None:
+    """The [backends] checks beyond fastpop.config's, for fastpop.serve.validation
+    (ValueError): the master's name and, for a proxy, its password file, read now."""
+    name, path = config.backend_master_user, config.backend_master_password_file
+    if name is None or path is None:
+        return  # (fastpop.config: both or neither)
+    # the backends split user*master at their separator: the master's name cannot hold it
+    if not valid_username(name) or config.auth_master_separator in name:
+        raise ValueError(f"backends master_user {name!r} is not a user name without the master separator "
+                         f"{config.auth_master_separator!r}")
+    if config.backend_route:
+        read_master_password(path, config.user)
+
+
+def read_master_password(path: str, serving_user: str | None = None) -> str:
+    """The password in ``path``, checked as the server secret is (a regular
+    file of root, of this uid or of ``serving_user``, that nobody else may
+    read or write) and held to one line; ValueError saying what is wrong.
+    A file that was read before and that this process may no longer read
+    (a SIGHUP after privileges dropped, the file root's) keeps that password."""
+    owners: tuple[int, ...] = ()
+    if serving_user is not None:
+        import pwd
+
+        try:
+            owners = (pwd.getpwnam(serving_user).pw_uid,)
+        except KeyError:
+            pass  # (fastpop.config refuses an unknown [server] user)
+    try:
+        data = read_private_file(path, MASTER_PASSWORD_FILE, owners, MASTER_PASSWORD_MAX + 1)
+    except SecretRefused as exc:
+        raise ValueError(str(exc)) from None
+    except PermissionError as exc:
+        known = _master_passwords.get(path)
+        if known is None:
+            raise ValueError(f"{MASTER_PASSWORD_FILE} {path}: {exc.strerror or exc}") from None
+        log.warning("%s %s not re-read (%s): keeping the password read at start", MASTER_PASSWORD_FILE, path,
+                    exc.strerror or exc)
+        return known
+    except OSError as exc:
+        raise ValueError(f"{MASTER_PASSWORD_FILE} {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise ValueError(f"{MASTER_PASSWORD_FILE} {path} is empty")
+    if len(data) > MASTER_PASSWORD_MAX:
+        raise ValueError(f"{MASTER_PASSWORD_FILE} {path} holds more than {MASTER_PASSWORD_MAX} bytes")
+    try:
+        password = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{MASTER_PASSWORD_FILE} {path} is not UTF-8") from None
+    # a line break or NUL would end the PASS line or the PLAIN message early
+    if any(c < " " or c == "\x7f" for c in password):
+        raise ValueError(f"{MASTER_PASSWORD_FILE} {path} holds a control character: the password is one line")
+    _master_passwords[path] = password
+    return password
 
 
 class Backend:
@@ -70,6 +138,14 @@ class Router:
         self.timeout = config.backend_connect_timeout
         self.interval = config.backend_health_interval
         self.proxy_header = config.backend_proxy_header
+        self.login = config.backend_login
+        self.separator = config.auth_master_separator
+        # (name, password) of the proxy's master login at the backends, or None: the user's own credentials
+        self.master: tuple[str, str] | None = None
+        path = config.backend_master_password_file
+        if config.backend_master_user is not None and path is not None:
+            password = _master_passwords.get(path)
+            self.master = (config.backend_master_user, password if password is not None else read_master_password(path))
         self.backends: list[Backend] = []
         for addr in config.backend_servers:
             host, port = parse_address(addr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from fastpop.auth import oauth, sasl, userdb_drivers
 from fastpop.config import Config
+from fastpop.proxy import routing
 from fastpop.serve import logformat
 from fastpop.session import tls
 
@@ -18,3 +19,4 @@ def validate_all(config: Config) -> None:
     sasl.validate(config)
     oauth.validate(config)
     logformat.validate(config)
+    routing.validate(config)

@@ -60,6 +60,7 @@ cdef class SessionCore:
     cdef public double _since
     cdef public bint _cap_exempt
     cdef public object _master
+    cdef public bint _proxy_master
 
     @cython.locals(out=list, cmd=tuple)
     cdef _process(self)

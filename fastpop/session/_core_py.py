@@ -123,6 +123,7 @@ class SessionCore:
         # ISP limits and master users
         "_cap_exempt",
         "_master",
+        "_proxy_master",
     )
 
     # What the paths below use of POP3Protocol (its dispatch tables, Login's
@@ -173,6 +174,7 @@ class SessionCore:
         self._last_retr = 0  # the highest message number RETR sent since login or RSET (LAST)
         self._cap_exempt = False  # counted without the per-address cap (max_connections_per_ip_exempt)
         self._master: str | None = None  # the master user who logged in as the user
+        self._proxy_master = False  # that master is a proxy's, for the user: the user's own login (proxy_master)
 
     # ----------------------------------------------------------- asyncio callbacks
 
@@ -554,7 +556,8 @@ class SessionCore:
                                   else ctx.config.auth_master_separator + master)
         delay = login_delay(user, ctx.config.login_delay)
         # LOGIN-DELAY paces the user's own client: a master's login neither waits for it nor counts
-        if master is None and ctx.last_logins.too_soon(user.name, delay):
+        # (but a proxy's master logs in for the user's own client)
+        if (master is None or self._proxy_master) and ctx.last_logins.too_soon(user.name, delay):
             log.info("login refused user=%s rip=%s: LOGIN-DELAY %d", user.name, self._peer, delay)
             self._on_login_refused("login_delay")
             self._out.append(R.ERR_LOGIN_DELAY)
@@ -604,7 +607,8 @@ class SessionCore:
         self._lock = lock
         self._mailbox = mailbox
         # EXPIRE counts the user's own downloads: a master user's RETR is neither recorded nor deleted at QUIT
-        mailbox.expire_days = None if self._master is not None else expire.days_for(user.extra, self._ctx.config.expire)
+        mailbox.expire_days = (None if self._master is not None and not self._proxy_master
+                               else expire.days_for(user.extra, self._ctx.config.expire))
         self._deleted = bytearray(len(mailbox))
         self._state = TRANSACTION
         self._table = self._transaction_table  # type: ignore[attr-defined]  # (POP3Protocol's)
@@ -625,7 +629,7 @@ class SessionCore:
         else:  # LOGIN-DELAY counts from here
             user = self._user
             assert user is not None, "a login succeeds in _enter_transaction, which sets it"
-            if self._master is None:
+            if self._master is None or self._proxy_master:
                 self._ctx.last_logins.record(user.name, login_delay(user, self._ctx.config.login_delay))
             self._on_logged_in()
         self._out.append(reply)

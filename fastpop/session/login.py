@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastpop.auth import sasl
 from fastpop.auth.authenticator import valid_username
-from fastpop.auth.userdb import login_refusal
+from fastpop.auth.userdb import flag, login_refusal
 from fastpop.session.state import BUSY_AUTH, BUSY_CLOSING, SessionParts
 from fastpop.store import dovecot_uidlist
 from fastpop.store.maildir import is_permanent
@@ -145,15 +145,28 @@ class Login(SessionParts):
     def _restricted(self, outcome: sasl.Outcome) -> bool:
         """The user's own fields (and a master's) forbid this login: it fails
         as a wrong password does (RFC 3206's [AUTH] covers "an attempt to
-        authenticate in violation of policy"), and only the log says why."""
+        authenticate in violation of policy"), and only the log says why.
+
+        A master whose line has ``proxy_master`` is a proxy's (fastpop proxy's
+        [backends] master_user), logging in for a user who logged in at the
+        proxy: the login is the user's own (LOGIN-DELAY, EXPIRE), and the
+        master's allow_nets name the proxies, so they are matched against the
+        address the connection comes from, not the client's of its PROXY header."""
         record = outcome.record
         assert record is not None
         reason = login_refusal(record, self._peer)
-        if reason is None and outcome.master_record is not None:
-            reason = login_refusal(outcome.master_record, self._peer)
+        master_record = outcome.master_record
+        proxy_master = master_record is not None and flag(master_record, "proxy_master")
+        if reason is None and master_record is not None:
+            peer = self._peer
+            if proxy_master:
+                peername = self.transport.get_extra_info("peername") if self.transport is not None else None
+                peer = peername[0] if peername else "-"
+            reason = login_refusal(master_record, peer)
             reason = reason and f"master: {reason}"
         if reason is None:
             self._master = outcome.master
+            self._proxy_master = proxy_master
             return False
         sep = master_separator(self._ctx)
         name = record.name if outcome.master is None or sep is None else f"{record.name}{sep}{outcome.master}"

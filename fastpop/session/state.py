@@ -106,6 +106,7 @@ class SessionParts:
         _since: float
         _cap_exempt: bool
         _master: str | None
+        _proxy_master: bool
 
         @property
         def writing_paused(self) -> bool: ...
