@@ -10,7 +10,8 @@ cimport cython
 
 cdef int AUTHORIZATION, TRANSACTION, UPDATE, CLOSED
 cdef int BUSY_AUTH, BUSY_CLOSING, BUSY_SENDING, BUSY_TLS, BUSY_WRITE_PAUSED, BUSY_YIELD
-cdef Py_ssize_t FLUSH_BYTES, FLUSH_REPLIES
+cdef Py_ssize_t FLUSH_BYTES, FLUSH_REPLIES, SMALL_MESSAGE
+cdef long long MAX_TOP_LINES
 
 
 cdef class SessionCore:
@@ -78,6 +79,8 @@ cdef class SessionCore:
     cpdef _auth_finished(self, outcome)
     cdef _login_succeeded(self, user)
     cdef _open_mailbox(self, user)
+    @cython.locals(index=Py_ssize_t, top=Py_ssize_t, size=Py_ssize_t, fd=int)
+    cdef _send(self, index, top)
     cpdef _enter_transaction(self, user, lock, mailbox)
     cpdef _finish_login(self, bytes reply, refused=*)
     cdef _release_mailbox(self)

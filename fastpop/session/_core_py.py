@@ -16,9 +16,10 @@ command pull and the dispatch through the state's table, the reply buffer
 and its bounds, the busy flags, the idle timer, USER and PASS (driving the
 fastpop.auth.sasl exchange, then LOGIN-DELAY and the mailbox opened and
 locked), and the common commands: CAPA, NOOP, QUIT, STAT, LIST, UIDL, DELE,
-RSET.  ``POP3Protocol`` (fastpop.session.protocol) derives from it with the
-parts in Python: Login's rarer paths (APOP, AUTH, SASL lines, failures),
-Retrieval (RETR, TOP), STLS.  Hooks (``_unbusy``, ``_on_logged_in``,
+RSET, and RETR and TOP of a small message as indexed.  ``POP3Protocol``
+(fastpop.session.protocol) derives from it with the parts in Python:
+Login's rarer paths (APOP, AUTH, SASL lines, failures), Retrieval (large,
+renamed, changed or unreadable messages, client workarounds), STLS.  Hooks (``_unbusy``, ``_on_logged_in``,
 ``_on_login_refused``, ``start_session``...) are reached through the
 instance, so a subclass's override in Python takes effect in both builds.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from fastpop import faults
@@ -36,6 +38,7 @@ from fastpop.auth.sasl import Challenge, Gate, Hold, encode_challenge, password_
 from fastpop.errors import AuthUnavailable
 from fastpop.net import address_key
 from fastpop.session.login import Services, login_delay
+from fastpop.session.sending import SMALL_MESSAGE, render_small
 from fastpop.session.state import (
     AUTHORIZATION,
     BUSY_AUTH,
@@ -47,6 +50,7 @@ from fastpop.session.state import (
     CLOSED,
     FLUSH_BYTES,
     FLUSH_REPLIES,
+    MAX_TOP_LINES,
     TLS_HIGH_WATER,
     TRANSACTION,
     UPDATE,
@@ -675,6 +679,64 @@ class SessionCore:
         lines = mailbox.index.uidl_lines(self._deleted)
         self._out += (R.OK, lines, R.END)
         self._out_size += len(lines)
+
+    def cmd_retr(self, args: tuple[str, ...]) -> None:
+        if len(args) != 1:
+            return self._bad(R.ERR_ARGS)
+        i = self._message_index(args[0])
+        if i < 0:
+            return
+        if i >= self._last_retr:
+            self._last_retr = i + 1  # (LAST)
+        mailbox = self._mailbox
+        assert mailbox is not None
+        if self._ctx.config.seen_on_retr:  # flagged at QUIT (fastpop.store.maildir.Mailbox.apply_seen)
+            mailbox.mark_seen(i)
+        if mailbox.expire_days is not None:  # EXPIRE: its retrieval is recorded at QUIT
+            mailbox.mark_retrieved(i)
+        self._send(i, -1)
+
+    def cmd_top(self, args: tuple[str, ...]) -> None:
+        if len(args) != 2:
+            return self._bad(R.ERR_ARGS)
+        i = self._message_index(args[0])
+        if i < 0:
+            return
+        lines = args[1]
+        if not (lines.isascii() and lines.isdigit()):
+            self._out.append(R.ERR_BAD_LINES)
+            return
+        self._send(i, min(int(lines), MAX_TOP_LINES))
+
+    def _send(self, index: int, top: int) -> None:
+        """RETR (``top`` < 0) or TOP of message ``index``.  The common case, a
+        small message whose file has the indexed size and no client
+        workaround, is done here: an open, one read, a close, the stuffed
+        copy queued.  Anything else (a large message, a renamed or unreadable
+        file, a changed size) goes to Retrieval._send_message, which opens
+        the file again and deals with it."""
+        top_lines = None if top < 0 else top
+        mailbox = self._mailbox
+        assert mailbox is not None
+        path, pop3_size, size = mailbox.message_file(index)
+        if size > SMALL_MESSAGE or self._ctx.config.client_workarounds:
+            return self._send_message(index, top_lines)  # type: ignore[attr-defined]  # (Retrieval's)
+        try:
+            fd = mailbox.open_message(path)
+        except OSError:
+            return self._send_message(index, top_lines)  # type: ignore[attr-defined]
+        try:
+            data = os.read(fd, size + 1)  # +1: see a file that grew
+        except OSError:
+            data = None
+        finally:
+            os.close(fd)
+        if data is None or len(data) != size:
+            return self._send_message(index, top_lines)  # type: ignore[attr-defined]
+        body = render_small(data, top_lines, 0)
+        self._out += (R.OK_TOP if top >= 0 else b"+OK %d octets\r\n" % pop3_size, body, R.END)
+        self._out_size += len(body)
+        self._count_sent(top >= 0, len(body))  # type: ignore[attr-defined]  # (Retrieval's; metrics override it)
 
     def cmd_dele(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:

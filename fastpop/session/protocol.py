@@ -41,8 +41,9 @@ log = logging.getLogger("fastpop.session")
 
 class POP3Protocol(SessionCore, Login, Retrieval, asyncio.Protocol):
     """One POP3 connection.  ``SessionCore`` holds its state and common
-    paths; login's rarer paths (fastpop.session.login), RETR/TOP
-    (fastpop.session.retrieval) and STLS are parts of it in Python.
+    paths (small RETR/TOP too); login's rarer paths (fastpop.session.login),
+    the rest of RETR/TOP (fastpop.session.retrieval) and STLS are parts of
+    it in Python.
 
     Extension points, for subclasses (fastpop.session.metered counts with
     them; fastpop.session.proxied starts the session after a PROXY header;

@@ -1,6 +1,9 @@
-"""RETR and TOP: finding the message file, checking it is what was indexed,
-and choosing how it goes out (one write for a small message, sendfile(2),
-or a streamed transform: fastpop.session.sending).
+"""RETR and TOP beyond the common case: finding a renamed message file,
+checking one is what was indexed, and choosing how it goes out (one write
+for a small message, sendfile(2), or a streamed transform:
+fastpop.session.sending).  The commands themselves, and a small message of
+the indexed size, are the compiled core's (SessionCore.cmd_retr, _send);
+it hands everything else to ``_send_message`` here.
 
 ``Retrieval`` is a part of ``POP3Protocol`` (fastpop.session.protocol): it
 holds no state of its own; the session's slots do.  ``_count_sent`` is a
@@ -25,7 +28,6 @@ from fastpop.wire.stuffing import pop3_size, pop3_size_of
 
 log = logging.getLogger("fastpop.session")
 
-MAX_TOP_LINES = 2**31 - 1
 # A session lists cur/ for renamed messages at most once per this many seconds
 RELIST_INTERVAL = 1.0
 # _open()'s answers other than a descriptor
@@ -38,21 +40,6 @@ class Retrieval(SessionParts):
     if not TYPE_CHECKING:  # slots at run time (no __dict__ per session); the checker reads the declarations
         __slots__ = ()
 
-    def cmd_retr(self, args: tuple[str, ...]) -> None:
-        if len(args) != 1:
-            return self._bad(R.ERR_ARGS)
-        i = self._message_index(args[0])
-        if i >= 0:
-            if i >= self._last_retr:
-                self._last_retr = i + 1  # (LAST)
-            mailbox = self._mailbox
-            assert mailbox is not None
-            if self._ctx.config.seen_on_retr:  # flagged at QUIT (fastpop.store.maildir.Mailbox.apply_seen)
-                mailbox.mark_seen(i)
-            if mailbox.expire_days is not None:  # EXPIRE: its retrieval is recorded at QUIT
-                mailbox.mark_retrieved(i)
-            self._send_message(i, None)
-
     def cmd_last(self, args: tuple[str, ...]) -> None:
         """RFC 1460's LAST, for old clients ([pop3] last): the highest message
         number RETR sent in this session since login or RSET (TOP does not
@@ -64,18 +51,6 @@ class Retrieval(SessionParts):
         if args:
             return self._bad(R.ERR_ARGS)
         self._out.append(b"+OK %d\r\n" % self._last_retr)
-
-    def cmd_top(self, args: tuple[str, ...]) -> None:
-        if len(args) != 2:
-            return self._bad(R.ERR_ARGS)
-        i = self._message_index(args[0])
-        if i < 0:
-            return
-        lines = args[1]
-        if not (lines.isascii() and lines.isdigit()):
-            self._out.append(R.ERR_BAD_LINES)
-            return
-        self._send_message(i, min(int(lines), MAX_TOP_LINES))
 
     def _send_message(self, index: int, top_lines: int | None) -> None:
         fd = self._open(index, top_lines)
