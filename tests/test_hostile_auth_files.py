@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ def srv(tmp_path):
     """A fastpop of the test's own (the tests change or break its passwd-file),
     with the hmac OAuth validator and a failure delay long enough to measure."""
     (tmp_path / "oauth.key").write_bytes(SECRET + b"\n")
+    os.chmod(tmp_path / "oauth.key", 0o600)
     s = ServerProcess(tmp_path, "cython", extra_args=[
         "--oauth-validator", "hmac", "--oauth-secret-file", str(tmp_path / "oauth.key"),
         "--auth-failure-delay", str(FAILURE_DELAY)])
@@ -426,3 +428,87 @@ def test_malformed_tokens_are_ordinary_failed_logins(srv, mechanism):
     c = Raw(srv.port)
     assert oauth_attempt(c, mechanism, user.name, make_token(SECRET, user.name)) == LOGGED_IN
     c.cmd("QUIT")
+
+
+# ================================================================= the OAuth secret file
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_an_oauth_secret_others_may_read_is_refused_at_start(tmp_path, mode):
+    """The hmac validator's secret signs every token: whoever reads it logs in
+    as anyone.  A secret file others may read was used as it was, so a local
+    user who read it minted a token for another user and read their mail;
+    now the start is refused, naming the file and the chmod that mends it."""
+    key = tmp_path / "oauth.key"
+    key.write_bytes(SECRET + b"\n")
+    os.chmod(key, mode)
+    s = ServerProcess(tmp_path, "cython", extra_args=[
+        "--oauth-validator", "hmac", "--oauth-secret-file", str(key)])
+    victim = s.add_user([message("private")])
+    try:
+        s.start()
+    except (RuntimeError, AssertionError, TimeoutError):
+        pass  # refused at start: what must happen
+    else:
+        try:  # the attack: a token minted with the secret anyone could read
+            c = Raw(s.port)
+            reply = oauth_attempt(c, "OAUTHBEARER", victim.name, make_token(SECRET, victim.name))
+            c.close()
+        finally:
+            s.stop()
+        pytest.fail(f"a server with a world- or group-readable OAuth secret started; the forged login got {reply!r}")
+    assert s.proc is not None and s.proc.wait(10) != 0
+    assert f"{key} is mode {mode:04o}: others may read it (chmod 600 {key})" in s.log()
+
+
+def test_a_root_only_oauth_secret_survives_sighup():
+    """Started as root with --user nobody: the secret is read before the switch.
+    A reload (SIGHUP) runs as nobody, who cannot read it: every reload failed
+    ("oauth secret_file: Permission denied"), so no passwd-file or
+    certificate change could be applied without a restart.  Now the secret
+    read at start is kept (a warning says so) and the reload goes on."""
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    nobody = pwd.getpwnam("nobody")
+    tmp_path = Path(tempfile.mkdtemp(prefix="fastpop-oauth-sighup-"))  # (pytest's is below a 0700 directory)
+    tmp_path.chmod(0o755)
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    key = keys / "oauth.key"
+    key.write_bytes(SECRET + b"\n")
+    os.chmod(key, 0o600)
+    s = ServerProcess(tmp_path, "cython", extra_args=[
+        "--user", "nobody", "--oauth-validator", "hmac", "--oauth-secret-file", str(key)])
+    alice = s.add_user([message("for alice")])
+    for path in (s.mail, *s.mail.rglob("*"), s.passwd):
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    s.start()
+    try:
+        s.add_user([message("for bob")], name="bob-after-reload")
+        os.chown(s.mail / "bob-after-reload", nobody.pw_uid, nobody.pw_gid)
+        for path in (s.mail / "bob-after-reload").rglob("*"):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        os.kill(s.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "SIGHUP: configuration" not in s.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "SIGHUP: configuration, passwd-file reloaded" in s.log(), s.log()
+        assert "not re-read" in s.log()  # and says it kept the secret read at start
+        c = Raw(s.port)
+        assert oauth_attempt(c, "OAUTHBEARER", alice.name, make_token(SECRET, alice.name)) == LOGGED_IN, s.log()
+        c.close()
+        import poplib
+
+        box = poplib.POP3("127.0.0.1", s.port, timeout=10)
+        box.user("bob-after-reload")
+        box.pass_("secret")  # a user added before the SIGHUP: the reload was applied
+        assert box.stat()[0] == 1
+        box.quit()
+    finally:
+        s.stop()
+        log = s.log()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+    assert "not reloaded" not in log and "not re-read:" not in log, log

@@ -455,6 +455,7 @@ def master_proxy(farm):
     password.write_text(MASTER_PW + "\n")
     password.chmod(0o600)
     (root / "oauth.key").write_bytes(OAUTH_SECRET + b"\n")
+    (root / "oauth.key").chmod(0o600)  # (a secret others may read is refused)
     masters = root / "masters"
     masters.write_text(f"admin:{{PLAIN}}{ADMIN_PW}\n")
     masters.chmod(0o600)

@@ -212,6 +212,7 @@ def test_every_mechanism_works_from_an_installation_the_user_cannot_read(world_r
     keys = root / "keys"  # root's only: the hmac validator's secret is read before the switch
     keys.mkdir(mode=0o700)
     (keys / "oauth.key").write_bytes(secret)
+    (keys / "oauth.key").chmod(0o600)
     stored = {
         "plain": "{PLAIN}pw-plain",
         "ssha": hash_password("pw-ssha", "SSHA256"),

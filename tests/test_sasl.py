@@ -41,6 +41,7 @@ def ssha256(password: str) -> str:
 def server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("fastpop-sasl")
     (root / "oauth.key").write_bytes(SECRET + b"\n")
+    (root / "oauth.key").chmod(0o600)  # (a secret others may read is refused)
     srv = ServerProcess(root, PARSERS[request.param],
                         extra_args=["--oauth-validator", "hmac", "--oauth-secret-file", str(root / "oauth.key")])
     srv.start()

@@ -40,6 +40,7 @@ import hmac
 import importlib
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -52,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastpop.config import Config
+
+log = logging.getLogger("fastpop.auth")
 
 COMMAND_TIMEOUT = 10.0
 ALIASES = {
@@ -144,15 +147,53 @@ def _numeric_date(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+SECRET_FILE = "[oauth] secret_file"
+_SECRETS: dict[tuple[str | None, str | None], bytes] = {}  # what was read, by where it was read from
+
+
 def read_secret(config: Config) -> bytes:
-    if config.oauth_secret_file:
-        with open(config.oauth_secret_file, "rb") as f:
-            secret = f.read().strip()
+    """The hmac validator's secret, from ``[oauth] secret_file`` or ``secret``;
+    ValueError saying what is wrong.  The file is checked as the server
+    secret is (a regular file of root, of this uid or of the serving user,
+    that nobody else may read or write): whoever can read it can sign a
+    token for any user.  A file read before that this process may no
+    longer read (a SIGHUP after privileges dropped, the file root's) keeps
+    the secret read then."""
+    key = (config.oauth_secret, config.oauth_secret_file)
+    path = config.oauth_secret_file
+    if path:
+        from fastpop.auth.authenticator import SecretRefused, read_private_file
+
+        try:
+            secret = read_private_file(path, SECRET_FILE, _serving_uids(config))
+        except SecretRefused as exc:
+            raise ValueError(str(exc)) from None
+        except PermissionError as exc:
+            known = _SECRETS.get(key)
+            if known is None:
+                raise ValueError(f"{SECRET_FILE} {path}: {exc.strerror or exc}") from None
+            log.warning("%s %s not re-read (%s): keeping the secret read at start", SECRET_FILE, path,
+                        exc.strerror or exc)
+            return known
+        except OSError as exc:
+            raise ValueError(f"{SECRET_FILE} {path}: {exc.strerror or exc}") from None
     else:
         secret = (config.oauth_secret or "").encode("utf-8")
     if len(secret) < 16:
         raise ValueError("the oauth secret must be at least 16 bytes ([oauth] secret or secret_file)")
+    _SECRETS[key] = secret  # (a reload that reads a changed file is what the validator uses next)
     return secret
+
+
+def _serving_uids(config: Config) -> tuple[int, ...]:
+    if not config.user:
+        return ()
+    import pwd
+
+    try:
+        return (pwd.getpwnam(config.user).pw_uid,)
+    except KeyError:
+        return ()  # (fastpop.config refuses an unknown [server] user)
 
 
 def validate(config: Config) -> None:
@@ -162,10 +203,7 @@ def validate(config: Config) -> None:
     load_validator(config.oauth_validator)  # raises ValueError with the reason
     spec = ALIASES.get(config.oauth_validator, config.oauth_validator)
     if spec == ALIASES["hmac"]:
-        try:
-            read_secret(config)
-        except OSError as exc:
-            raise ValueError(f"oauth secret_file: {exc}") from None
+        read_secret(config)  # (ValueError saying what is wrong)
     if spec == ALIASES["command"] and not config.oauth_command:
         raise ValueError("oauth validator 'command' needs [oauth] command (--oauth-command)")
 
@@ -212,9 +250,6 @@ def check_token(secret: bytes, token: str, now: float | None = None, leeway: flo
                 return None
     sub = payload.get("sub")
     return sub if isinstance(sub, str) and sub else None
-
-
-_SECRETS: dict[tuple[str | None, str | None], bytes] = {}
 
 
 def hmac_validator(request: TokenRequest) -> str | None:
@@ -272,7 +307,7 @@ def _cmd_oauth(args: argparse.Namespace) -> int:
         config.oauth_secret_file = args.secret_file
     try:
         secret = read_secret(config)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         print(f"fastpop: {exc}", file=sys.stderr)
         return 2
     print(make_token(secret, args.user, args.ttl))
