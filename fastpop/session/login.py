@@ -129,7 +129,11 @@ class Login(SessionParts):
         valid = name is not None and valid_username(name)
         if penalize and not self._trusted:  # per-user accounting only for names that can exist
             # (a master login's failure counts against the master: sasl.penalty_name)
-            counted = sasl.penalty_name(name, master_separator(self._ctx)) if valid and name is not None else None
+            sep = master_separator(self._ctx)
+            counted = sasl.penalty_name(name, sep) if valid and name is not None else None
+            if counted is not None and sep is not None and counted.startswith(sep) \
+                    and not self._master_counted(counted[len(sep):]):
+                counted = None
             self._ctx.penalty.failed(self._addr_key, counted, credentials)
         # a name from SASL can be anything (16 KiB, newlines): logged as it is only if valid
         shown = name if valid else ("-" if name is None else repr(name[:64]))
@@ -160,8 +164,7 @@ class Login(SessionParts):
         if reason is None and master_record is not None:
             peer = self._peer
             if proxy_master:
-                peername = self.transport.get_extra_info("peername") if self.transport is not None else None
-                peer = peername[0] if peername else "-"
+                peer = self._connection_address()
             reason = login_refusal(master_record, peer)
             reason = reason and f"master: {reason}"
         if reason is None:
@@ -172,6 +175,24 @@ class Login(SessionParts):
         name = record.name if outcome.master is None or sep is None else f"{record.name}{sep}{outcome.master}"
         self._auth_failed(R.ERR_AUTH_FAILED, name, outcome.credentials, True, reason)
         return True
+
+    def _connection_address(self) -> str:
+        """The address the connection comes from (a proxy's, behind a PROXY header)."""
+        peername = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return peername[0] if peername else "-"
+
+    def _master_counted(self, master: str) -> bool:
+        """Whether a failed login naming ``master`` counts against the master's
+        name too.  Not for a proxies' master (``proxy_master``) tried from
+        outside its allow_nets: from there even its password fails, so the
+        count guards nothing, and since every user's login through the proxies
+        waits for it, a stranger's guesses would hold them all up (past the
+        proxy's connect_timeout: the backend taken for down)."""
+        masters = self._ctx.masters
+        record = masters.lookup(master) if masters is not None else None
+        if record is None or not flag(record, "proxy_master"):
+            return True
+        return login_refusal(record, self._connection_address()) is None
 
     def _login_failed(self, reply: bytes = R.ERR_AUTH_FAILED) -> None:
         if self.transport is None or self._busy & BUSY_CLOSING:
