@@ -17,6 +17,7 @@ still answered "removed by another program", with or without a listing.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -188,3 +189,25 @@ def test_message_renamed_again_after_the_listing(server):
     assert c.cmd("QUIT") == R.OK_LOGOUT
     c.close()
     assert listings(server, user) == 3
+
+
+def test_the_kept_listing_holds_only_the_sessions_messages(server):
+    """The session keeps its listing of cur/ until it ends.  It kept every
+    name in cur/: a user who put 20,000 files there after logging in (a
+    million would be 255 MB) made each of their sessions hold them all.  Now
+    only the names of the session's own messages are kept."""
+    mails = [message(f"m{i}") for i in range(5)]
+    user = server.add_user(mails)
+    c = raw_login(server.port, user)
+    cur = user.maildir / "cur"
+    for n in range(20_000):  # visible Maildir names, none of them the session's
+        (cur / f"1700000000.M{n}P1.junk:2,").touch()
+    names = bases(user)
+    flag(user, [b for b in names if "junk" not in b][0])
+    c.send(b"TOP 1 0\r\nNOOP\r\n")
+    assert c.line() == R.OK_TOP
+    assert c.body() == headers(mails[0])
+    assert c.line() == R.OK_NOOP
+    assert listings(server, user) == 1
+    kept = re.search(re.escape(LISTED % user.name) + r"names=(\d+)", server.log())
+    assert kept is not None and int(kept.group(1)) == len(mails), kept

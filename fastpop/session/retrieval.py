@@ -13,6 +13,7 @@ hook (the counting session adds the bytes to its metrics).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import functools
 import logging
@@ -30,6 +31,27 @@ log = logging.getLogger("fastpop.session")
 
 # A session lists cur/ for renamed messages at most once per this many seconds
 RELIST_INTERVAL = 1.0
+# cur/ listings for renamed messages run in a pool of their own: a user may
+# make cur/ huge, and the default pool is the one logins open mailboxes in
+LISTING_THREADS = 2
+_listing_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def listing_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's pool for cur/ listings (made at first use, so after a worker's fork)."""
+    global _listing_pool
+    if _listing_pool is None:
+        _listing_pool = concurrent.futures.ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="fastpop-cur-listing")
+    return _listing_pool
+
+
+def _forget_pool() -> None:
+    global _listing_pool
+    _listing_pool = None  # a forked child has none of its parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 # _open()'s answers other than a descriptor
 ANSWERED, LISTING = -1, -2
 
@@ -173,7 +195,7 @@ class Retrieval(SessionParts):
         mailbox = self._mailbox
         if self.transport is None or self._busy & BUSY_CLOSING or mailbox is None:
             return  # the client left (or the session timed out) meanwhile
-        future = self.loop.run_in_executor(None, mailbox.list_cur)
+        future = self.loop.run_in_executor(listing_pool(), mailbox.list_cur)
         future.add_done_callback(functools.partial(self._relisted, index, top_lines))
 
     def _relisted(self, index: int, top_lines: int | None, future: asyncio.Future) -> None:

@@ -624,20 +624,33 @@ class Mailbox:
         self._renamed[index] = name
         return self._cur + name
 
-    def _list_cur(self) -> dict[str, str]:
+    def _list_cur(self, wanted: set[str] | None = None) -> dict[str, str]:
+        """cur/'s names by base name; only the bases in ``wanted`` if given."""
         cur = self._open_cur()
         try:
-            return {_base(name): name for name in _listing(cur, self._cur)}
+            if wanted is None:
+                return {_base(name): name for name in _listing(cur, self._cur)}
+            out: dict[str, str] = {}
+            for name in _listing(cur, self._cur):
+                base = _base(name)
+                if base in wanted:
+                    out[base] = name
+            return out
         finally:
             os.close(cur)
 
     def list_cur(self) -> tuple[float, dict[str, str]]:
         """cur/'s message names by base name (the unique part, before ":"), and
         the time.monotonic() the listing began, for use_listing().  Blocking,
-        and as slow as the user makes cur/: a session runs it in a thread.  It
-        reads no index, so it may outlive the session's close()."""
+        and as slow as the user makes cur/: a session runs it in a thread.
+        Only this session's messages are kept (the user may put a million
+        other entries in cur/, and the session keeps the listing), so what
+        it holds is bounded by the index; an index closed meanwhile (the
+        session ended) makes it raise ValueError, which nobody waits for."""
         started = time.monotonic()
-        return started, self._list_cur()
+        index = self.index
+        wanted = {_base(index.name(i)) for i in range(index.count)}
+        return started, self._list_cur(wanted)
 
     def use_listing(self, listed: tuple[float, dict[str, str]]) -> None:
         """Keep a list_cur() result: listed_path() looks every renamed message up in it."""
