@@ -210,6 +210,8 @@ class TurnBufferedStream:
         self._pending: list[str] = []
         self._lock = threading.Lock()  # executor threads log too
         self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, and its thread, last seen
+        self._loop_thread = 0
         _buffered_streams.add(self)
 
     def write(self, text: str) -> int:
@@ -220,14 +222,21 @@ class TurnBufferedStream:
     def flush(self) -> None:
         """At the end of this turn of the running loop; at once without one
         (another thread, or before or after the loop)."""
-        if not self._scheduled:
-            try:
+        if self._scheduled:
+            return
+        loop = self._loop
+        if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():
+            try:  # (asked only when the thread or the loop changed: on Python 3.11 it costs a getpid(2))
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 self.flush_now()
                 return
-            self._scheduled = True
-            loop.call_soon(self.flush_now)
+            self._loop, self._loop_thread = loop, threading.get_ident()
+        self._scheduled = True
+        loop.call_soon(self.flush_now)
+
+    def forget_loop(self) -> None:
+        self._loop, self._scheduled = None, False
 
     def flush_now(self) -> None:
         with self._lock:
@@ -254,8 +263,13 @@ def _flush_before_fork() -> None:
         stream.flush_now()  # else the child would write the parent's pending lines again
 
 
+def _forget_loops_in_child() -> None:
+    for stream in list(_buffered_streams):
+        stream.forget_loop()  # the parent's loop does not run in the child
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_flush_before_fork)
+    os.register_at_fork(before=_flush_before_fork, after_in_child=_forget_loops_in_child)
 
 SESSION_LOGGER = "fastpop.session"
 
