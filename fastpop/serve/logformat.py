@@ -20,15 +20,12 @@ that contain spaces, quotes, ``=`` or nothing.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import re
 import sys
-import threading
 import time
-import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -201,122 +198,9 @@ def formatter(kind: str) -> logging.Formatter:
     raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {kind!r}")
 
 
-class TurnBufferedStream:
-    """A log stream that can put off writing to the end of an event-loop turn
-    (``flush``) or write at once (``flush_now``); see SessionBatchingHandler."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._pending: list[str] = []
-        self._lock = threading.Lock()  # executor threads log too
-        self._scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None  # the running loop, and its thread, last seen
-        self._loop_thread = 0
-        _buffered_streams.add(self)
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            self._pending.append(text)
-        return len(text)
-
-    def flush(self) -> None:
-        """At the end of this turn of the running loop; at once without one
-        (another thread, or before or after the loop)."""
-        if self._scheduled:
-            return
-        loop = self._loop
-        if loop is None or threading.get_ident() != self._loop_thread or not loop.is_running():
-            try:  # (asked only when the thread or the loop changed: on Python 3.11 it costs a getpid(2))
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self.flush_now()
-                return
-            self._loop, self._loop_thread = loop, threading.get_ident()
-        self._scheduled = True
-        loop.call_soon(self.flush_now)
-
-    def forget_loop(self) -> None:
-        self._loop, self._scheduled = None, False
-
-    def flush_now(self) -> None:
-        with self._lock:
-            self._scheduled = False
-            if not self._pending:
-                return
-            text = "".join(self._pending)
-            self._pending.clear()
-            try:
-                self._stream.write(text)
-                self._stream.flush()
-            except (OSError, ValueError):  # a closed or broken standard error: dropped, as logging would
-                pass
-
-    def fileno(self) -> int:
-        return int(self._stream.fileno())
-
-
-_buffered_streams: weakref.WeakSet[TurnBufferedStream] = weakref.WeakSet()
-
-
-def _flush_before_fork() -> None:
-    for stream in list(_buffered_streams):
-        stream.flush_now()  # else the child would write the parent's pending lines again
-
-
-def _forget_loops_in_child() -> None:
-    for stream in list(_buffered_streams):
-        stream.forget_loop()  # the parent's loop does not run in the child
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_flush_before_fork, after_in_child=_forget_loops_in_child)
-
-SESSION_LOGGER = "fastpop.session"
-
-
-class SessionBatchingHandler(logging.StreamHandler):
-    """Writes the per-session lines of one event-loop turn in one write(2).
-
-    A server logs a line per session (``session user=...``, ``auth
-    failed ...``); written one by one that is a system call per session,
-    most of what logging it costs.  Those lines (logger ``fastpop.session``
-    at INFO) are flushed at the end of the loop's turn, so under load a
-    batch goes out in one write and when idle each line is out before the
-    loop waits again (a reply may reach its client a moment before the
-    line that logs it); every other line (startup, warnings, errors, debug
-    lines when diagnosing) is written at once, after whatever is pending,
-    so lines keep their order.
-    A process killed outright loses at most one turn's session lines; every
-    exit path of fastpop runs logging.shutdown(), and a fork writes what is
-    pending first."""
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(TurnBufferedStream(stream))
-        self._defer = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._defer = record.levelno == logging.INFO and record.name == SESSION_LOGGER
-        try:
-            super().emit(record)  # (which calls flush)
-        finally:
-            self._defer = False
-
-    def flush(self) -> None:
-        self.acquire()
-        try:
-            stream = self.stream
-            if self._defer:
-                stream.flush()
-            else:
-                stream.flush_now()
-        finally:
-            self.release()
-
-
 def configure_logging(kind: str, level: str, stream=None) -> None:
-    """The root logger writes ``kind`` lines to ``stream`` (standard error);
-    the per-session ones batched per event-loop turn (SessionBatchingHandler)."""
-    handler = SessionBatchingHandler(stream or sys.stderr)
+    """The root logger writes ``kind`` lines to ``stream`` (standard error)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(formatter(kind))
     root = logging.getLogger()
     for old in list(root.handlers):
