@@ -211,6 +211,38 @@ def read_private_file(path: str, what: str, owners: tuple[int, ...] = (), limit:
         os.close(fd)
 
 
+def read_checked_secret(path: str, what: str, owners: tuple[int, ...] = (), limit: int = 4096,
+                        known: bytes | None = None) -> bytes:
+    """read_private_file() with each refusal a ValueError naming the file.
+    ``known``: what was read from it before; a file this process may no
+    longer read (a SIGHUP after privileges dropped, the file root's) gives
+    that back, with a warning, rather than failing the reload."""
+    try:
+        return read_private_file(path, what, owners, limit)
+    except SecretRefused as exc:
+        raise ValueError(str(exc)) from None
+    except PermissionError as exc:
+        if known is None:
+            raise ValueError(f"{what} {path}: {exc.strerror or exc}") from None
+        log.warning("%s %s not re-read (%s): keeping what was read at start", what, path, exc.strerror or exc)
+        return known
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
+def serving_uids(user: str | None) -> tuple[int, ...]:
+    """The uid of ``[server] user`` (the owner a secret file may have besides
+    root and this uid), or none."""
+    if not user:
+        return ()
+    import pwd
+
+    try:
+        return (pwd.getpwnam(user).pw_uid,)
+    except KeyError:
+        return ()  # (fastpop.config refuses an unknown [server] user)
+
+
 def _create_secret_file(path: str) -> None:
     """Write a new secret beside ``path`` (O_EXCL, O_NOFOLLOW, 0600), then link it
     into place: never replaces a file, and nobody ever reads a half-written

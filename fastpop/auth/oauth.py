@@ -40,7 +40,6 @@ import hmac
 import importlib
 import inspect
 import json
-import logging
 import math
 import os
 import re
@@ -53,8 +52,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fastpop.config import Config
-
-log = logging.getLogger("fastpop.auth")
 
 COMMAND_TIMEOUT = 10.0
 ALIASES = {
@@ -162,38 +159,15 @@ def read_secret(config: Config) -> bytes:
     key = (config.oauth_secret, config.oauth_secret_file)
     path = config.oauth_secret_file
     if path:
-        from fastpop.auth.authenticator import SecretRefused, read_private_file
+        from fastpop.auth.authenticator import read_checked_secret, serving_uids
 
-        try:
-            secret = read_private_file(path, SECRET_FILE, _serving_uids(config))
-        except SecretRefused as exc:
-            raise ValueError(str(exc)) from None
-        except PermissionError as exc:
-            known = _SECRETS.get(key)
-            if known is None:
-                raise ValueError(f"{SECRET_FILE} {path}: {exc.strerror or exc}") from None
-            log.warning("%s %s not re-read (%s): keeping the secret read at start", SECRET_FILE, path,
-                        exc.strerror or exc)
-            return known
-        except OSError as exc:
-            raise ValueError(f"{SECRET_FILE} {path}: {exc.strerror or exc}") from None
+        secret = read_checked_secret(path, SECRET_FILE, serving_uids(config.user), known=_SECRETS.get(key))
     else:
         secret = (config.oauth_secret or "").encode("utf-8")
     if len(secret) < 16:
         raise ValueError("the oauth secret must be at least 16 bytes ([oauth] secret or secret_file)")
     _SECRETS[key] = secret  # (a reload that reads a changed file is what the validator uses next)
     return secret
-
-
-def _serving_uids(config: Config) -> tuple[int, ...]:
-    if not config.user:
-        return ()
-    import pwd
-
-    try:
-        return (pwd.getpwnam(config.user).pw_uid,)
-    except KeyError:
-        return ()  # (fastpop.config refuses an unknown [server] user)
 
 
 def validate(config: Config) -> None:

@@ -30,7 +30,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING
 
-from fastpop.auth.authenticator import SecretRefused, read_private_file, valid_username
+from fastpop.auth.authenticator import read_checked_secret, serving_uids, valid_username
 from fastpop.net import parse_address
 from fastpop.wire.proxy_protocol import build_v2
 
@@ -67,27 +67,9 @@ def read_master_password(path: str, serving_user: str | None = None) -> str:
     read or write) and held to one line; ValueError saying what is wrong.
     A file that was read before and that this process may no longer read
     (a SIGHUP after privileges dropped, the file root's) keeps that password."""
-    owners: tuple[int, ...] = ()
-    if serving_user is not None:
-        import pwd
-
-        try:
-            owners = (pwd.getpwnam(serving_user).pw_uid,)
-        except KeyError:
-            pass  # (fastpop.config refuses an unknown [server] user)
-    try:
-        data = read_private_file(path, MASTER_PASSWORD_FILE, owners, MASTER_PASSWORD_MAX + 1)
-    except SecretRefused as exc:
-        raise ValueError(str(exc)) from None
-    except PermissionError as exc:
-        known = _master_passwords.get(path)
-        if known is None:
-            raise ValueError(f"{MASTER_PASSWORD_FILE} {path}: {exc.strerror or exc}") from None
-        log.warning("%s %s not re-read (%s): keeping the password read at start", MASTER_PASSWORD_FILE, path,
-                    exc.strerror or exc)
-        return known
-    except OSError as exc:
-        raise ValueError(f"{MASTER_PASSWORD_FILE} {path}: {exc.strerror or exc}") from None
+    known = _master_passwords.get(path)
+    data = read_checked_secret(path, MASTER_PASSWORD_FILE, serving_uids(serving_user), MASTER_PASSWORD_MAX + 1,
+                               known=None if known is None else known.encode("utf-8"))
     if not data:
         raise ValueError(f"{MASTER_PASSWORD_FILE} {path} is empty")
     if len(data) > MASTER_PASSWORD_MAX:
