@@ -108,7 +108,7 @@ def test_no_import_cycle():
 # top-level modules every layer may use.
 LEAVES = {"fastpop", "fastpop._version", "fastpop._compiled", "fastpop.config", "fastpop.net", "fastpop.errors",
           "fastpop.limits",
-          "fastpop.faults"}
+          "fastpop.faults", "fastpop.logline"}
 LAYERS = ["leaves", "wire", "store", "auth", "session", "proxy", "delivery", "serve", "entry points"]
 ENTRY_POINTS = {"fastpop.cli", "fastpop.demo", "fastpop.__main__"}
 

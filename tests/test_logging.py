@@ -183,3 +183,80 @@ def test_a_server_logs_every_session_once_under_concurrent_load(tmp_path):
     lines = [line for line in srv.log().splitlines() if " session user=" in line]
     assert sorted(line.split("session user=")[1].split()[0] for line in lines) == sorted(
         u.name for u in users for _ in range(3))
+
+
+@pytest.fixture
+def root_logging():
+    """configure_logging changes the root logger: put it back afterwards."""
+    from fastpop import logline
+
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    logline.use(None)
+
+
+def test_the_direct_session_line_is_the_logging_modules_line(root_logging):
+    """fastpop.logline.info writes the text format's line itself (no
+    LogRecord, no Formatter): it must be the very line Logger.info writes."""
+    import io
+
+    from fastpop import logline
+    from fastpop.serve.logformat import configure_logging
+
+    out = io.StringIO()
+    configure_logging("text", "info", out)
+    log = logging.getLogger("fastpop.session")
+    args = ("alice@example.org", "192.0.2.1", 1, 2, 3, 4, 5, 6, 7, "quit")
+    fmt = "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s"
+    logline.info(log, fmt, args)
+    log.info(fmt, *args)
+    direct, logged = out.getvalue().splitlines()
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+    assert stamp.match(direct) and stamp.match(logged), (direct, logged)
+    assert direct[24:] == logged[24:] == "INFO fastpop.session: " + fmt % args
+    # the time stamp is logging's own asctime, to the millisecond, whatever the fraction
+    formatter = logging.Formatter()
+    for created in (1700000000.0, 1700000000.0005, 1700000000.999, 1700000001.5):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert logline.stamp(created) == formatter.formatTime(record)
+
+
+def test_the_direct_path_steps_aside_for_other_handlers_formats_and_levels(root_logging):
+    """A capturing handler, a filter, the structured formats or a level above
+    INFO: the line goes through Logger.info, as every other line does."""
+    import io
+
+    from fastpop import logline
+    from fastpop.serve.logformat import configure_logging
+
+    log = logging.getLogger("fastpop.session")
+    out = io.StringIO()
+    configure_logging("text", "info", out)
+    captured: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(record)
+
+    extra = Capture()
+    logging.getLogger().addHandler(extra)
+    logline.info(log, "session user=%s end=%s", ("a", "quit"))
+    assert [r.getMessage() for r in captured] == ["session user=a end=quit"]  # both handlers had it
+    assert out.getvalue().endswith("INFO fastpop.session: session user=a end=quit\n")
+    logging.getLogger().removeHandler(extra)
+    log.addFilter(lambda record: False)
+    try:
+        logline.info(log, "session user=%s end=%s", ("b", "quit"))
+    finally:
+        log.filters.clear()
+    assert "user=b" not in out.getvalue()  # the filter was obeyed
+    configure_logging("json", "info", out)
+    logline.info(log, "session user=%s end=%s", ("c", "quit"))
+    assert json.loads(out.getvalue().splitlines()[-1])["user"] == "c"
+    configure_logging("text", "warning", out)
+    logline.info(log, "session user=%s end=%s", ("d", "quit"))
+    assert "user=d" not in out.getvalue()

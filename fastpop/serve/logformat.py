@@ -28,6 +28,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from fastpop import logline
+
 if TYPE_CHECKING:
     from fastpop.config import Config
 
@@ -171,21 +173,13 @@ class KeyValueFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """logging's text format, with the local time formatted once per second."""
-
-    _second = -1
-    _stamp = ""
+    """logging's text format, with the local time formatted once per second
+    (fastpop.logline.stamp, which the session line's direct path uses too)."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:
-            self._stamp = time.strftime(self.default_time_format, self.converter(second))
-            self._second = second
-        msec_format = self.default_msec_format
-        assert msec_format is not None, "logging's own, which this formatter keeps"
-        return msec_format % (self._stamp, record.msecs)
+        return logline.stamp(record.created)
 
 
 def formatter(kind: str) -> logging.Formatter:
@@ -207,6 +201,8 @@ def configure_logging(kind: str, level: str, stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # the session line may skip the logging machinery only in the text format
+    logline.use(handler if kind == "text" else None)
     # Every record would otherwise look up its thread, process name and pid
     # (a system call): a session's log line is on the hot path.
     logging.logThreads = False

@@ -32,7 +32,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from fastpop import faults
+from fastpop import faults, logline
 from fastpop.auth.authenticator import valid_username
 from fastpop.auth.sasl import Challenge, Gate, Hold, encode_challenge, password_login
 from fastpop.errors import AuthUnavailable
@@ -808,10 +808,11 @@ class SessionCore:
             self._end_reason,
         )
         if self._master is not None:  # (its own format: the structured logs read pairs from it)
-            log.info("session user=%s master=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
-                     user.name, self._master, self._peer, *counts)
+            logline.info(log, "session user=%s master=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
+                         (user.name, self._master, self._peer, *counts))
             return
-        log.info("session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s", user.name, self._peer, *counts)
+        logline.info(log, "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
+                     (user.name, self._peer, *counts))
 
 
 def bound_tls_buffers(transport) -> None:
