@@ -52,6 +52,7 @@ def _forget_pool() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
+
 # _open()'s answers other than a descriptor
 ANSWERED, LISTING = -1, -2
 
