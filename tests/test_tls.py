@@ -453,6 +453,7 @@ def test_security_settings_from_toml_and_their_errors(tmp_path):
 
     certs = Certs(tmp_path / "certs")
     (tmp_path / "key").write_text("x" * 32 + "\n")
+    (tmp_path / "key").chmod(0o600)  # (an OAuth secret others may read is refused)
     (tmp_path / "passwd").touch()
     toml = tmp_path / "fastpop.toml"
     toml.write_text(f"""

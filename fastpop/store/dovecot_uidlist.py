@@ -240,13 +240,22 @@ def _lock_owner_gone(dir_fd: int) -> bool:
 def lock(dir_fd: int, owner: int | None = None, wait: float = LOCK_WAIT) -> tuple[int, int]:
     """Take dovecot-uidlist.lock; returns (descriptor, inode) for unlock().
     Waits up to ``wait`` seconds for a live holder, takes over a stale one,
-    raises UidlistLocked after that."""
+    raises UidlistLocked after that.
+
+    As Dovecot's own dotlocks, the lock is written under a temporary name
+    and then linked into place, so it appears whole and already the mail
+    user's: Dovecot's processes (the mail user) read and watch a lock they
+    find (inotify needs read permission), and one created in place by root
+    was root's until the fchown that followed (Dovecot logged "inotify_add_watch
+    ... Permission denied" when it looked in between)."""
     deadline = time.monotonic() + wait
     while True:
+        fd, tmp = _lock_file(dir_fd, owner)
         try:
-            fd = os.open(LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=dir_fd)
+            os.link(tmp, LOCK, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
+            os.close(fd)
+            os.unlink(tmp, dir_fd=dir_fd)
             try:
                 st = os.stat(LOCK, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -262,15 +271,29 @@ def lock(dir_fd: int, owner: int | None = None, wait: float = LOCK_WAIT) -> tupl
                 raise UidlistLocked(LOCK) from None
             time.sleep(0.05)
             continue
-        try:
-            os.write(fd, f"{os.getpid()}:{socket.gethostname()}".encode())
-            if owner is not None and owner >= 0 and owner != os.geteuid():
-                os.fchown(fd, owner, -1)  # Dovecot, as the mail user, must be able to judge and remove it
-            return fd, os.fstat(fd).st_ino
         except BaseException:
             os.close(fd)
-            os.unlink(LOCK, dir_fd=dir_fd)
+            os.unlink(tmp, dir_fd=dir_fd)
             raise
+        os.unlink(tmp, dir_fd=dir_fd)
+        return fd, os.fstat(fd).st_ino
+
+
+def _lock_file(dir_fd: int, owner: int | None) -> tuple[int, str]:
+    """A new file holding ``pid:host`` under a name of its own (Dovecot's
+    dotlock temporaries' form: hidden, so no listing takes it for a message
+    or a folder), the owner's."""
+    tmp = f".temp.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:16]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        os.write(fd, f"{os.getpid()}:{socket.gethostname()}".encode())
+        if owner is not None and owner >= 0 and owner != os.geteuid():
+            os.fchown(fd, owner, -1)  # Dovecot, as the mail user, must be able to judge and remove it
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    return fd, tmp
 
 
 def unlock(dir_fd: int, held: tuple[int, int]) -> None:
