@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.server import PARSERS, ServerProcess, message
+from support.server import PARSERS, POP3From, ServerProcess, message
 from support.tls import Certs, TLSServer
 
 BACKEND = "127.0.0.2"
@@ -29,16 +29,6 @@ MASTER_PW = "the proxies' master password"
 class Proxy(ServerProcess):
     command = "proxy"
 
-
-class POP3From(poplib.POP3):
-    """poplib from a source address of our choosing."""
-
-    def __init__(self, source: str, port: int, timeout: float = 10):
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=timeout)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 def stranger(backend: TLSServer, source: str, name: str, password: str) -> bytes:

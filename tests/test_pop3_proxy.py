@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.server import AS_ROOT, PARSERS, Raw, ServerProcess, message
+from support.server import AS_ROOT, PARSERS, POP3From, Raw, ServerProcess, message
 from support.tls import Certs, Conn, TLSServer, b64, stop_clean
 from test_sasl import auth, oauthbearer, plain, scram_login, xoauth2
 
@@ -58,16 +58,6 @@ def free_port(host: str) -> int:
         s.bind((host, 0))
         return s.getsockname()[1]
 
-
-class POP3From(poplib.POP3):
-    """poplib from a source address of our choosing."""
-
-    def __init__(self, source: str, port: int, timeout: float = 10):
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=timeout)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 def wait_for(pattern: str, srv: ServerProcess, timeout: float = 10.0) -> re.Match:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.server import PARSERS, Raw, ServerProcess, message
+from support.server import PARSERS, POP3From, Raw, ServerProcess, message
 from support.tls import Certs, stop_clean
 
 from fastpop.wire.proxy_protocol import build_v1, build_v2
@@ -174,16 +174,6 @@ def haproxy(hosts, tmp_path_factory):
     yield proxy
     proxy.stop()
 
-
-class POP3From(poplib.POP3):
-    """poplib from a source address of our choosing (bound before connecting)."""
-
-    def __init__(self, source: str, port: int, timeout: float = 10):
-        self.source = source
-        super().__init__("127.0.0.1", port, timeout=timeout)
-
-    def _create_socket(self, timeout):
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
 
 
 class POP3SFrom(poplib.POP3_SSL):

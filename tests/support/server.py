@@ -309,3 +309,14 @@ def raw_login(port: int, user: User, timeout: float = 10) -> Raw:
     assert r.cmd(f"USER {user.name}").startswith(b"+OK")
     assert r.cmd(f"PASS {user.password}").startswith(b"+OK")
     return r
+
+
+class POP3From(poplib.POP3):
+    """poplib from a source address of our choosing (127.0.0.0/8 holds many), bound before connecting."""
+
+    def __init__(self, source: str, port: int, timeout: float = 10):
+        self.source = source
+        super().__init__("127.0.0.1", port, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
