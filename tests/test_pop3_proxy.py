@@ -434,6 +434,21 @@ password_query = "SELECT password, host, port FROM users WHERE userid = %u"
 # ---------------------------------------------------------------- the proxy's master login at the backends
 
 
+def start_master_proxy(farm, root: Path, settings: str, password: str = MASTER_PW, parser: str = "cython",
+                       extra_args: list[str] | None = None) -> ProxyServer:
+    """A proxy of its own in ``root`` with farm's configuration, ``settings``
+    added to its [backends], and ``master_password_file`` holding ``password``."""
+    secret = root / "master.pw"
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    config = root / "proxy.toml"  # farm's, which ends in [backends]
+    config.write_text((farm.root / "proxy.toml").read_text() + settings
+                      + f'master_password_file = "{secret}"\n')
+    proxy = ProxyServer(root, parser, farm.certs, extra_args=["--config", str(config), *(extra_args or [])])
+    proxy.passwd = farm.proxy.passwd
+    return proxy
+
+
 @pytest.fixture(scope="module")
 def master_proxy(farm):
     """A proxy that logs in at the backends as their master ``proxy``
@@ -441,22 +456,15 @@ def master_proxy(farm):
     Its own masters' file has ``admin``, as the backends' has."""
     root = farm.root / "master-proxy"
     root.mkdir()
-    password = root / "master.pw"
-    password.write_text(MASTER_PW + "\n")
-    password.chmod(0o600)
     (root / "oauth.key").write_bytes(OAUTH_SECRET + b"\n")
     (root / "oauth.key").chmod(0o600)  # (a secret others may read is refused)
     masters = root / "masters"
     masters.write_text(f"admin:{{PLAIN}}{ADMIN_PW}\n")
     masters.chmod(0o600)
-    config = root / "proxy.toml"  # farm's, which ends in [backends]
-    config.write_text((farm.root / "proxy.toml").read_text()
-                      + f'master_user = "proxy"\nmaster_password_file = "{password}"\n')
-    proxy = ProxyServer(root, farm.proxy.parser, farm.certs, extra_args=[
-        "--config", str(config), "--apop", "--oauth-validator", "hmac", "--oauth-secret-file",
-        str(root / "oauth.key"), "--auth-master-passwd-file", str(masters)])
+    proxy = start_master_proxy(farm, root, 'master_user = "proxy"\n', parser=farm.proxy.parser, extra_args=[
+        "--apop", "--oauth-validator", "hmac", "--oauth-secret-file", str(root / "oauth.key"),
+        "--auth-master-passwd-file", str(masters)])
     proxy.loop = farm.proxy.loop
-    proxy.passwd = farm.proxy.passwd
     proxy.start()
     yield proxy
     stop_clean(proxy)
@@ -576,14 +584,7 @@ def test_the_master_login_as_user_and_pass(farm, tmp_path):
     """[backends] login = "user": the proxy's master logs in with USER alice*proxy
     (the separator of [auth] master_separator) and PASS, after UTF8 when the
     client said it; the backend logs the same as for AUTH PLAIN."""
-    secret = tmp_path / "master.pw"
-    secret.write_text(MASTER_PW + "\n")
-    secret.chmod(0o600)
-    config = tmp_path / "proxy.toml"
-    config.write_text((farm.root / "proxy.toml").read_text()
-                      + f'login = "user"\nmaster_user = "proxy"\nmaster_password_file = "{secret}"\n')
-    proxy = ProxyServer(tmp_path, "cython", farm.certs, extra_args=["--config", str(config)])
-    proxy.passwd = farm.proxy.passwd
+    proxy = start_master_proxy(farm, tmp_path, 'login = "user"\nmaster_user = "proxy"\n')
     proxy.start()
     try:
         name = HASHED[3]
@@ -619,14 +620,7 @@ def test_a_master_login_the_backend_refuses(farm, tmp_path, master, password):
     client gets [SYS/TEMP] (its own login was right), the proxy logs the
     refusal as an error, the backend its failed master login; the backend
     stays up."""
-    secret = tmp_path / "master.pw"
-    secret.write_text(password + "\n")
-    secret.chmod(0o600)
-    config = tmp_path / "proxy.toml"
-    config.write_text((farm.root / "proxy.toml").read_text()
-                      + f'master_user = "{master}"\nmaster_password_file = "{secret}"\n')
-    proxy = ProxyServer(tmp_path, "cython", farm.certs, extra_args=["--config", str(config)])
-    proxy.passwd = farm.proxy.passwd
+    proxy = start_master_proxy(farm, tmp_path, f'master_user = "{master}"\n', password)
     proxy.start()
     try:
         name = PINNED[2]
