@@ -3,12 +3,27 @@ and the unit of per-client accounting.  Imports nothing from fastpop."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
 from typing import Any
 
 IPV6_PREFIX = 64
+STREAM_CLOSE_WAIT = 1.0  # seconds: a closed stream's transport is gone within a loop turn or two
+
+
+async def close_stream(writer: asyncio.StreamWriter) -> None:
+    """Close an asyncio stream and wait until it is closed.  Waiting retrieves
+    the error that ended the connection (a peer that left makes the last write
+    fail with EPIPE), which otherwise stays in a future that, collected before
+    its protocol, is logged as "Future exception was never retrieved" with a
+    traceback."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), STREAM_CLOSE_WAIT)
+    except (OSError, asyncio.TimeoutError):
+        pass  # what ended the connection was the caller's to handle
 
 
 def address_key(ip: str) -> str:

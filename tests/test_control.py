@@ -385,3 +385,47 @@ def test_made_as_root_before_the_switch_of_user(workers):
             assert srv.ctl_json("who")["ok"] is True
     finally:
         shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_that_leaves_logs_no_traceback(loop, tmp_path, monkeypatch):
+    """A client that connects and leaves makes the reply's write fail (EPIPE),
+    and the error also sits in the stream's close future.  Unless the server
+    waits for the close, that future, when the garbage collector happens to
+    finalize it before its protocol (CI saw it once, at shutdown), is logged as
+    "Future exception was never retrieved" with a traceback.  Taking away the
+    protocol's own cleanup makes that unlucky order happen every time."""
+    import asyncio
+    import gc
+    import types
+
+    import uvloop
+
+    from fastpop.serve import control
+
+    monkeypatch.delattr(asyncio.StreamReaderProtocol, "__del__")
+    path = str(tmp_path / "control.sock")
+    reported: list[str] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context["message"]))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(64)
+        listener.setblocking(False)
+        server = await control.serve_socket(None, types.SimpleNamespace(sock=listener), path)
+        for _ in range(20):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.connect(path)
+        reader, writer = await asyncio.open_unix_connection(path)  # answered after those (one loop, in order)
+        writer.write(b"not json\n")
+        assert b"error" in await asyncio.wait_for(reader.readline(), 10)
+        writer.close()
+        await asyncio.sleep(0.1)
+        gc.collect()
+        await asyncio.sleep(0.05)
+        server.close()
+
+    runner = asyncio.run if loop == "asyncio" else uvloop.run
+    runner(main())
+    assert reported == [], reported

@@ -31,7 +31,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from fastpop.auth.authenticator import read_checked_secret, serving_uids, valid_username
-from fastpop.net import parse_address
+from fastpop.net import close_stream, parse_address
 from fastpop.wire.proxy_protocol import build_v2
 
 if TYPE_CHECKING:
@@ -209,4 +209,4 @@ class Router:
             return exc.strerror or str(exc) or type(exc).__name__
         finally:
             if writer is not None:
-                writer.close()
+                await close_stream(writer)

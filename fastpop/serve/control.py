@@ -50,6 +50,7 @@ from typing import Any
 
 from fastpop.auth.authenticator import default_secret_path, valid_username
 from fastpop.config import Config
+from fastpop.net import close_stream
 from fastpop.store.locking import default_table_path
 
 log = logging.getLogger("fastpop.control")
@@ -396,7 +397,7 @@ async def serve_socket(ctx: Any, control: ControlSocket, path: str) -> asyncio.A
             log.exception("control request failed")
         finally:
             clients -= 1
-            writer.close()
+            await close_stream(writer)
 
     return await asyncio.start_unix_server(handle, sock=control.sock, limit=MAX_REQUEST + 2)  # (it listens)
 
@@ -449,7 +450,7 @@ async def serve_channel(ctx: Any, channel: socket.socket, worker: int) -> None:
     except (OSError, ValueError):
         pass  # the supervisor is gone (the alive pipe stops the worker)
     finally:
-        writer.close()
+        await close_stream(writer)
 
 
 # ------------------------------------------------------------------ the supervisor: a thread
