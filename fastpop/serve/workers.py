@@ -16,7 +16,7 @@ passwd-file and certificates).  LMTP listeners run in worker 0 only: a Unix
 socket cannot be bound twice.
 
 Lifecycle.  Each address is claimed before it is bound
-(fastpop.serve.server.ListenerLocks), and the claim is inherited by every
+(fastpop.serve.listeners.ListenerLocks), and the claim is inherited by every
 worker: a second fastpop on a port this generation (or what is left of it)
 serves refuses to start.  Worker 0 (LMTP's) starts first, the others once
 it serves; each writes a byte to its readiness pipe once all its listeners
@@ -46,8 +46,9 @@ from fastpop.auth.authenticator import server_secret
 from fastpop.config import Config
 from fastpop.limits import connections_per_worker, raise_descriptor_limit
 from fastpop.serve import server
+from fastpop.serve.listeners import ListenerLocks, bind_listener
 from fastpop.serve.preload import preload
-from fastpop.serve.server import ListenerLocks, WorkerTables, bind_listener, refuse_mail_as_root
+from fastpop.serve.server import WorkerTables, refuse_mail_as_root
 from fastpop.serve.validation import validate_all
 from fastpop.wire.parser import PARSER_IMPL
 
@@ -79,7 +80,7 @@ class Supervisor:
         self.tls_addresses = list(config.listen_tls)
         self.ports: dict[tuple[str, int], int] = {}  # (kind, index) -> port actually bound (for port 0)
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (worker index, start time)
-        self.locks = ListenerLocks(config)  # inherited by every worker: see fastpop.serve.server
+        self.locks = ListenerLocks(config)  # inherited by every worker: see fastpop.serve.listeners
         # Only the supervisor holds the write end: its end of file tells the workers it is gone.
         self.alive_r, self.alive_w = -1, -1
         self.starting: dict[int, int] = {}  # pid -> read end of its readiness pipe, until it is ready
