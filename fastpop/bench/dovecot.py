@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastpop.bench.spawn import Seeded, free_port
@@ -90,6 +91,40 @@ def stop_dovecot(proc: subprocess.Popen) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode
+
+
+def start_dovecot(conf: Path, configure: Callable[[], None], ready: Callable[[], bool], log: Callable[[], str],
+                  timeout: float = 30.0) -> subprocess.Popen:
+    """``dovecot -F -c conf`` in its own session, once ``ready()``.  Before
+    each try ``configure()`` picks free ports and writes ``conf``: a port
+    taken between its choice and Dovecot's bind makes another try (3 at most).
+    ``log()`` is Dovecot's log so far; its stderr goes to stderr.log beside ``conf``."""
+    stderr = conf.parent / "stderr.log"
+    for attempt in range(3):
+        configure()
+        offset = len(log())
+        with open(stderr, "ab") as err:  # (the child has its own copy)
+            proc = subprocess.Popen([dovecot_binary(), "-F", "-c", str(conf)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ready():
+                return proc
+            time.sleep(0.05)
+        said = log()[offset:] + stderr.read_text(errors="replace")
+        stop_dovecot(proc)
+        if "in use" not in said or attempt == 2:
+            raise RuntimeError(f"Dovecot did not start:\n{said[-3000:]}")
+    raise AssertionError("not reached")
+
+
+def greets(port: int, greeting: bytes) -> bool:
+    """Whether a server on 127.0.0.1:``port`` sends a line starting with ``greeting``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            return s.recv(64).startswith(greeting)
+    except OSError:
+        return False
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -180,35 +215,12 @@ class DovecotServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o755)
         self._prepare()
-        for attempt in range(3):
+        def configure() -> None:
             self.port = free_port()
             self.tls_port = free_port() if self.tls else 0
             self._write_config()
-            log_offset = len(self.log())
-            self.proc = subprocess.Popen(
-                [dovecot_binary(), "-F", "-c", str(self.conf)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr.log", "ab"),
-                start_new_session=True,
-            )
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    break
-                if self._greets():
-                    return
-                time.sleep(0.05)
-            log = self.log()[log_offset:] + (self.dir / "stderr.log").read_text(errors="replace")
-            self.stop()
-            if "in use" in log and attempt < 2:
-                continue  # the free port was taken in the meantime: try others
-            raise RuntimeError(f"Dovecot did not start:\n{log[-3000:]}")
 
-    def _greets(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                return s.recv(64).startswith(b"+OK")
-        except OSError:
-            return False
+        self.proc = start_dovecot(self.conf, configure, lambda: greets(self.port, b"+OK"), self.log, timeout)
 
     def stop(self) -> int | None:
         if self.proc is None:

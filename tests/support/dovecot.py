@@ -23,11 +23,10 @@ import pwd
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from fastpop.bench import dovecot as bench_dovecot
-from fastpop.bench.dovecot import MAIL_USER, stop_dovecot
+from fastpop.bench.dovecot import MAIL_USER, greets, stop_dovecot
 from fastpop.bench.dovecot import ensure_mail_user as mail_user
 
 CONF = """\
@@ -137,33 +136,15 @@ class DovecotServer:
                 os.chmod(parent, os.stat(parent).st_mode | 0o011)  # the mail user must reach the Maildirs
         self.passwd.chmod(0o644)
         mail_user()
-        for attempt in range(3):
+        def configure() -> None:
             self.imap_port, self.pop3_port = _free_port(), _free_port()
             (self.dir / "dovecot.conf").write_text(CONF.format(
                 dir=self.dir, mail=self.mail, passwd=self.passwd, mail_user=MAIL_USER,
                 imap_port=self.imap_port, pop3_port=self.pop3_port, extra=self.extra))
-            offset = len(self.log())
-            self.proc = subprocess.Popen([binary(), "-F", "-c", str(self.dir / "dovecot.conf")],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=open(self.dir / "stderr.log", "ab"), start_new_session=True)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if self._greets(self.imap_port, b"* OK") and self._greets(self.pop3_port, b"+OK"):
-                    return
-                time.sleep(0.05)
-            log = self.log()[offset:] + (self.dir / "stderr.log").read_text(errors="replace")
-            self.stop()
-            if "in use" in log and attempt < 2:
-                continue  # a free port was taken meanwhile
-            raise RuntimeError(f"Dovecot did not start:\n{log[-3000:]}")
 
-    @staticmethod
-    def _greets(port: int, greeting: bytes) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                return s.recv(64).startswith(greeting)
-        except OSError:
-            return False
+        self.proc = bench_dovecot.start_dovecot(
+            self.dir / "dovecot.conf", configure,
+            lambda: greets(self.imap_port, b"* OK") and greets(self.pop3_port, b"+OK"), self.log, timeout)
 
     def stop(self) -> int | None:
         if self.proc is None:
