@@ -43,6 +43,7 @@ from fastpop.session.state import (
     AUTHORIZATION,
     BUSY_AUTH,
     BUSY_CLOSING,
+    BUSY_LISTING,
     BUSY_SENDING,
     BUSY_TLS,
     BUSY_WRITE_PAUSED,
@@ -271,7 +272,8 @@ class SessionCore:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        self._release_mailbox()
+        if not (self._state == UPDATE and self._busy & BUSY_LISTING):  # (else the update's thread releases it)
+            self._release_mailbox()
         self._ctx.sessions.discard(self)
         self._log_end()
         self._state = CLOSED
@@ -768,12 +770,24 @@ class SessionCore:
         deleted = marked(self._deleted, self._deleted_count)
         if mailbox.expire_days is not None:  # EXPIRE 0 deletes what was retrieved; else it is recorded
             deleted = expire.at_quit(mailbox, self._deleted, deleted)
-        # in the event loop: never wait for a lock the user may have planted (deleted_flag)
-        failed = mailbox.delete(deleted, 0.0) if deleted else 0
-        mailbox.apply_seen(self._deleted)  # [pop3] seen_on_retr: renames in cur/, never a deletion
+        # in the event loop: never wait for a lock the user may have planted (deleted_flag),
+        # nor list cur/ (the user may fill it): messages renamed under the session are unresolved
+        unresolved_deletes: list[int] = []
+        unresolved_seen: list[int] = []
+        failed = mailbox.delete(deleted, 0.0, unresolved_deletes) if deleted else 0
+        mailbox.apply_seen(self._deleted, unresolved_seen)  # [pop3] seen_on_retr: renames in cur/, never a deletion
+        if unresolved_deletes or unresolved_seen:  # found by a listing in a thread (Retrieval's)
+            return self._finish_update(failed, bool(deleted), unresolved_deletes,  # type: ignore[attr-defined]
+                                       unresolved_seen)
+        self._end_update(failed, bool(deleted))
+
+    def _end_update(self, failed: int, deleted: bool) -> None:
+        """The UPDATE state's end: the lock released, the reply, the close."""
         if faults.ACTIVE and deleted:
             faults.hit("update.before_reply")
         self._release_mailbox()
+        if self._state == CLOSED:
+            return  # the client left while a thread finished the update
         self._out.append(R.ERR_NOT_ALL_DELETED if failed else (R.OK_LOGOUT_DELETED if deleted else R.OK_LOGOUT))
         self._close("quit")
 
