@@ -43,9 +43,9 @@ from fastpop.session.state import (
     AUTHORIZATION,
     BUSY_AUTH,
     BUSY_CLOSING,
-    BUSY_LISTING,
     BUSY_SENDING,
     BUSY_TLS,
+    BUSY_UPDATING,
     BUSY_WRITE_PAUSED,
     BUSY_YIELD,
     CLOSED,
@@ -56,6 +56,7 @@ from fastpop.session.state import (
     TRANSACTION,
     UPDATE,
 )
+from fastpop.session.update import apply_update, update_pool
 from fastpop.store import expire
 from fastpop.store.locking import MailboxLocked
 from fastpop.store.maildir import Mailbox, ensure_maildir, is_permanent
@@ -272,7 +273,7 @@ class SessionCore:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
-        if not (self._state == UPDATE and self._busy & BUSY_LISTING):  # (else the update's thread releases it)
+        if not (self._state == UPDATE and self._busy & BUSY_UPDATING):  # (else the update's thread releases it)
             self._release_mailbox()
         self._ctx.sessions.discard(self)
         self._log_end()
@@ -768,18 +769,23 @@ class SessionCore:
         assert mailbox is not None and self._deleted is not None
         self._state = UPDATE
         deleted = marked(self._deleted, self._deleted_count)
-        if mailbox.expire_days is not None:  # EXPIRE 0 deletes what was retrieved; else it is recorded
-            deleted = expire.at_quit(mailbox, self._deleted, deleted)
-        # in the event loop: never wait for a lock the user may have planted (deleted_flag),
-        # nor list cur/ (the user may fill it): messages renamed under the session are unresolved
-        unresolved_deletes: list[int] = []
-        unresolved_seen: list[int] = []
-        failed = mailbox.delete(deleted, 0.0, unresolved_deletes) if deleted else 0
-        mailbox.apply_seen(self._deleted, unresolved_seen)  # [pop3] seen_on_retr: renames in cur/, never a deletion
-        if unresolved_deletes or unresolved_seen:  # found by a listing in a thread (Retrieval's)
-            return self._finish_update(failed, bool(deleted), unresolved_deletes,  # type: ignore[attr-defined]
-                                       unresolved_seen)
-        self._end_update(failed, bool(deleted))
+        if not deleted and not mailbox.has_changes():
+            return self._end_update(0, False)  # nothing to write
+        # unlinks, an fsync, maybe a listing of cur/: in a thread (fastpop.session.update)
+        self._busy |= BUSY_UPDATING
+        future = self.loop.run_in_executor(update_pool(), apply_update, mailbox, self._deleted, deleted)
+        future.add_done_callback(functools.partial(self._updated, len(deleted)))
+
+    def _updated(self, requested: int, future: asyncio.Future) -> None:
+        """The update's thread is done: the reply (if the client is still there)."""
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is None:
+            failed, deleted = future.result()
+        else:  # (what the update could not do is logged by it; this it did not expect)
+            log.error("cannot apply the update user=%s: %r", self._user.name if self._user else "?", exc)
+            failed, deleted = max(requested, 1), True
+        self._busy &= ~BUSY_UPDATING
+        self._end_update(failed, deleted)
 
     def _end_update(self, failed: int, deleted: bool) -> None:
         """The UPDATE state's end: the lock released, the reply, the close."""
@@ -787,7 +793,7 @@ class SessionCore:
             faults.hit("update.before_reply")
         self._release_mailbox()
         if self._state == CLOSED:
-            return  # the client left while a thread finished the update
+            return  # the client left while the update's thread worked: it is done all the same
         self._out.append(R.ERR_NOT_ALL_DELETED if failed else (R.OK_LOGOUT_DELETED if deleted else R.OK_LOGOUT))
         self._close("quit")
 

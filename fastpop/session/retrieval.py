@@ -224,27 +224,6 @@ class Retrieval(SessionParts):
         self._flush()
         self._unbusy(BUSY_LISTING)
 
-    def _finish_update(self, failed: int, deleted: bool, deletes: list[int], seen: list[int]) -> None:
-        """QUIT found messages renamed under the session (by an IMAP client, or
-        the user): the rest of the update lists cur/, which the user can fill,
-        so it runs in the listing pool while the session waits.  The mailbox
-        stays locked until it is done, even if the client leaves meanwhile."""
-        mailbox = self._mailbox
-        assert mailbox is not None and self._deleted is not None
-        self._busy |= BUSY_LISTING
-        future = self.loop.run_in_executor(listing_pool(), mailbox.finish_update, deletes, seen, self._deleted)
-        future.add_done_callback(functools.partial(self._update_finished, failed, deleted, len(deletes)))
-
-    def _update_finished(self, failed: int, deleted: bool, deletes: int, future: asyncio.Future) -> None:
-        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        if exc is None:
-            failed += future.result()
-        else:  # (finish_update logs what it could not do; this is what it did not expect)
-            log.error("cannot finish the update of %s: %r", self._mailbox.path if self._mailbox else "?", exc)
-            failed += deletes
-        self._busy &= ~BUSY_LISTING
-        self._end_update(failed, deleted)  # type: ignore[attr-defined]  # (the core's)
-
     def _changed_size(self, fd: int, path: str, data: bytes | None, indexed_size: int, size: int) -> int:
         """The RETR size of a message file whose size is no longer the indexed one; -1 (fd
         closed, -ERR queued) if it cannot be read."""

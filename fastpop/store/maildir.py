@@ -624,12 +624,10 @@ class Mailbox:
         self._renamed[index] = name
         return self._cur + name
 
-    def _list_cur(self, wanted: set[str] | None = None) -> dict[str, str]:
-        """cur/'s names by base name; only the bases in ``wanted`` if given."""
+    def _list_cur(self, wanted: set[str]) -> dict[str, str]:
+        """cur/'s names by base name, only the bases in ``wanted``."""
         cur = self._open_cur()
         try:
-            if wanted is None:
-                return {_base(name): name for name in _listing(cur, self._cur)}
             out: dict[str, str] = {}
             for name in _listing(cur, self._cur):
                 base = _base(name)
@@ -681,30 +679,20 @@ class Mailbox:
         self._renamed[index] = name
         return self._cur + name
 
-    def _renamed_in(self, index: int, listing: list[dict[str, str]], unresolved: list[int] | None) -> str | None:
-        """find_renamed() with cur/ listed at most once per QUIT (``listing``: [] until then).
-        ``unresolved`` (in the event loop, where a listing as slow as the user makes
-        cur/ would stall every session): not listed, ``index`` is added to it and
-        None returned; finish_update() deals with it later, in a thread."""
+    def _renamed_in(self, index: int, listing: list[dict[str, str]]) -> str | None:
+        """find_renamed() with cur/ listed at most once per QUIT (``listing``: [] until then;
+        only this session's names are kept: bounded by the index, however full cur/ is)."""
         if not listing:
-            if unresolved is not None:
-                unresolved.append(index)
-                return None
             try:
-                listing.append(self.list_cur()[1])  # (only this session's names: bounded by the index)
+                listing.append(self.list_cur()[1])
             except OSError:
                 return None
         return self.find_renamed(index, listing[0])
 
-    def finish_update(self, deletes: list[int], seen: list[int], deleted: bytearray) -> int:
-        """The rest of a QUIT's update: the messages delete() and apply_seen()
-        could not find under their known names in the event loop (renamed under
-        the session), found by one listing of cur/ each.  Blocking: a thread.
-        Returns how many messages could not be removed."""
-        failed = self.delete(deletes, 0.0) if deletes else 0
-        if seen:
-            self.apply_seen(deleted, only=seen)
-        return failed
+    def has_changes(self) -> bool:
+        """Whether QUIT has files to change besides deletions: \\Seen flags
+        (seen_on_retr), the EXPIRE record of what was retrieved."""
+        return bool(self._seen) or (self.expire_days is not None and bool(self._retrieved))
 
     def mark_seen(self, index: int) -> None:
         """Remember that message ``index`` was retrieved (RETR, not TOP), to be
@@ -727,16 +715,14 @@ class Mailbox:
         """RSET: nothing retrieved so far is flagged (as Dovecot)."""
         self._seen = None
 
-    def apply_seen(self, deleted: bytearray, unresolved: list[int] | None = None,
-                   only: list[int] | None = None) -> None:
+    def apply_seen(self, deleted: bytearray) -> None:
         """Add the S flag to the retrieved messages that are not deleted: a
         rename within cur/ (by its descriptor) to ``:2,`` plus the flags in
         ASCII order, merged with those the file has (another program, an IMAP
         server, may have set some since login: then the file is found by its
         unique name).  The unique name, so the UIDL, never changes.  Failures
-        are logged: a flag is not worth failing a QUIT for.  ``unresolved``:
-        see _renamed_in; ``only``: these messages (finish_update) instead."""
-        seen = sorted(self._seen) if only is None and self._seen else only
+        are logged: a flag is not worth failing a QUIT for."""
+        seen = self._seen
         self._seen = None
         if not seen:
             return
@@ -747,7 +733,7 @@ class Mailbox:
             return
         listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
         try:
-            for i in seen:
+            for i in sorted(seen):
                 if i < len(deleted) and deleted[i]:
                     continue  # as Dovecot: a deleted message is not flagged
                 for attempt in (0, 1):
@@ -762,15 +748,15 @@ class Mailbox:
                         self._renamed[i] = target
                         break
                     except FileNotFoundError:
-                        if attempt or self._renamed_in(i, listing, unresolved) is None:
-                            break  # expunged by another program meanwhile (or unresolved)
+                        if attempt or self._renamed_in(i, listing) is None:
+                            break  # expunged by another program meanwhile
                     except OSError as exc:
                         log.warning("cannot flag message %s%s seen: %s", self._cur, name, exc.strerror)
                         break
         finally:
             os.close(cur)
 
-    def _flag_deleted(self, cur: int, indices: list[int], lock_wait: float, unresolved: list[int] | None) -> int:
+    def _flag_deleted(self, cur: int, indices: list[int], lock_wait: float) -> int:
         """[pop3] deleted_flag: add the keyword's letter (dovecot-keywords)
         to each message's info by a rename within cur/; returns how many
         could not be flagged (they stay visible to POP3)."""
@@ -798,8 +784,8 @@ class Mailbox:
                     os.rename(name, target, src_dir_fd=cur, dst_dir_fd=cur)
                     break
                 except FileNotFoundError:
-                    if attempt or self._renamed_in(i, listing, unresolved) is None:
-                        break  # expunged by another program meanwhile (or unresolved)
+                    if attempt or self._renamed_in(i, listing) is None:
+                        break  # expunged by another program meanwhile
                 except OSError as exc:
                     failed += 1
                     log.error("cannot flag message %s%s deleted: %s", self._cur, name, exc.strerror)
@@ -810,15 +796,12 @@ class Mailbox:
             log.warning("cannot fsync %s after flagging: %s", self._cur, exc)
         return failed
 
-    def delete(self, indices: list[int], lock_wait: float = dovecot_keywords.LOCK_WAIT,
-               unresolved: list[int] | None = None) -> int:
+    def delete(self, indices: list[int], lock_wait: float = dovecot_keywords.LOCK_WAIT) -> int:
         """Unlink these messages; returns how many could not be removed.
         unlinkat in cur/'s descriptor: a name never reaches outside cur/.
         ``lock_wait``: seconds to wait for dovecot-keywords.lock ([pop3]
-        deleted_flag); 0 in the event loop, where a lock the user planted
-        would otherwise stall every session.  ``unresolved``: in the event
-        loop, the messages renamed under the session are added to it rather
-        than looked for (see _renamed_in)."""
+        deleted_flag); 0 for a session, whose update thread a lock the user
+        planted would otherwise hold."""
         try:
             cur = self._open_cur()
         except FileNotFoundError:
@@ -827,13 +810,13 @@ class Mailbox:
             log.error("cannot delete messages in %s: %s", self._cur, exc.strerror)
             return len(indices)
         try:
-            return self._delete(cur, indices, lock_wait, unresolved)
+            return self._delete(cur, indices, lock_wait)
         finally:
             os.close(cur)
 
-    def _delete(self, cur: int, indices: list[int], lock_wait: float, unresolved: list[int] | None) -> int:
+    def _delete(self, cur: int, indices: list[int], lock_wait: float) -> int:
         if _deleted_flag:
-            return self._flag_deleted(cur, indices, lock_wait, unresolved)
+            return self._flag_deleted(cur, indices, lock_wait)
         failed = 0
         removed = removed_size = 0  # for maildirsize: what this unlinked, not what others removed
         listing: list[dict[str, str]] = []  # cur/'s names, listed once if a message was renamed
@@ -846,7 +829,7 @@ class Mailbox:
                 removed += 1
                 removed_size += maildirsize.quota_size(name, self.index.message(i)[2])
             except FileNotFoundError:
-                renamed = self._renamed_in(i, listing, unresolved)
+                renamed = self._renamed_in(i, listing)
                 if renamed is not None:
                     try:
                         os.unlink(self.name(i), dir_fd=cur)
