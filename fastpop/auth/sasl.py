@@ -108,6 +108,7 @@ class Services(Protocol):
     def verify_password(self, name: str, password: str) -> UserRecord | None | Pending: ...
     def verify_apop(self, name: str, digest: str) -> UserRecord | None | Pending: ...
     def scram_keys(self, record: UserRecord) -> tuple[bytes, bytes, bytes, int] | Pending | None: ...
+    def fake_scram_keys(self, name: str) -> tuple[bytes, bytes, bytes, int] | Pending: ...
     def validate_token(self, token: str, user: str | None, mechanism: str) -> Pending: ...
     def verify_master(self, name: str, password: str) -> UserRecord | None | Pending: ...
     @property
@@ -330,7 +331,7 @@ def _scram_unescape(name: str) -> str | None:
     return "".join(out)
 
 
-def _fake_scram_keys(secret: bytes, name: str) -> tuple[bytes, bytes, bytes, int]:
+def fake_scram_keys(secret: bytes, name: str) -> tuple[bytes, bytes, bytes, int]:
     """For unknown users: a salt as long and as stable as a real one (the
     secret persists across restarts and is the same in every worker), the
     iterations ``fastpop user add`` stores, keys nobody can match."""
@@ -400,8 +401,9 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
             log.info("no SCRAM-SHA-256 keys for user=%s (hash-only password: set it again with fastpop user passwd)",
                      name)
             record = None
-    if keys is None:
-        keys = _fake_scram_keys(svc.secret, name)
+    if keys is None:  # made up, at the cost most users' keys have (a derivation in the login threads, or none)
+        found_keys = svc.fake_scram_keys(name)
+        keys = (yield found_keys) if isinstance(found_keys, Pending) else found_keys
     server = ScramMechanism("SCRAM-SHA-256").make_server(lambda _user: keys)
     try:
         server.set_client_first(text)

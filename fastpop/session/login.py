@@ -324,6 +324,13 @@ class Services:
             return sasl.Pending(session.loop.run_in_executor(None, keys))
         return keys
 
+    def fake_scram_keys(self, name: str):
+        session = self._session
+        keys = session._ctx.auth.fake_scram_keys(name, session._ctx.secret)
+        if callable(keys):  # a derivation's cost, in the thread a real one would take
+            return sasl.Pending(session.loop.run_in_executor(None, keys))
+        return keys
+
     def validate_token(self, token: str, user: str | None, mechanism: str) -> sasl.Pending:
         from fastpop.auth.oauth import TokenRequest, run_validator
 

@@ -1,0 +1,150 @@
+"""Attacks on the uniformity of failed logins: an unknown user must fail as
+an existing one with a wrong password does, in reply and in time.
+
+The failure delay (``[auth] failure_delay``) hides how long a password check
+takes only while the check is shorter than the delay.  A slow hash (argon2id,
+what ``fastpop user add`` writes; bcrypt; the crypt family) is checked in the
+threads every login shares, an unknown user's name in none: an attacker who
+keeps those threads busy (its own account's logins, right or wrong) makes
+every existing user's check wait in the queue past the delay, while an
+unknown user's failure still comes at the delay.  The reply's moment then
+tells who exists.  Against a real fastpop over TCP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import statistics
+import time
+
+import pytest
+from support.server import PARSERS, ServerProcess
+
+from fastpop.auth.passwords import hash_password
+
+AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
+DELAY = 0.4  # --auth-failure-delay: long enough for one argon2id check, not for a queue of them
+BURST = 14  # the attacker's own logins that fill the login threads before each probe
+ROUNDS = 4
+
+
+async def _open(port: int, user: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readline()).startswith(b"+OK")
+    writer.write(f"USER {user}\r\n".encode())
+    assert (await reader.readline()).startswith(b"+OK")
+    return reader, writer
+
+
+async def _timed_pass(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, password: str) -> tuple[float, bytes]:
+    start = time.monotonic()
+    writer.write(f"PASS {password}\r\n".encode())
+    line = await reader.readline()
+    return time.monotonic() - start, line
+
+
+async def _round(port: int, attacker: str, probes: list[str]) -> dict[str, tuple[float, bytes]]:
+    """Fill the login threads with the attacker's own failing logins, then
+    probe each name in ``probes`` (in that order) with a wrong password."""
+    burst = [await _open(port, attacker) for _ in range(BURST)]
+    probed = [await _open(port, name) for name in probes]
+    try:
+        for _, writer in burst:
+            writer.write(b"PASS not-the-password\r\n")
+        await asyncio.sleep(0.02)  # (they reach the server first)
+        results = await asyncio.gather(*(_timed_pass(r, w, "wrong-guess") for r, w in probed))
+        await asyncio.gather(*(r.readline() for r, _ in burst))
+        return dict(zip(probes, results, strict=True))
+    finally:
+        for _, writer in burst + probed:
+            writer.close()
+
+
+@pytest.mark.parametrize("parser", list(PARSERS.values()), ids=list(PARSERS))
+def test_unknown_user_fails_when_a_slow_hash_would(tmp_path, parser):
+    """The attack: the attacker's own argon2id account keeps the login
+    threads busy while the victim's name and an unknown one are tried with a
+    wrong password.  Before the fix the unknown user's failure came at the
+    delay while the victim's waited for the queue (a second and more apart,
+    every round); now an unknown user's password is checked against a slow
+    hash too, in the same queue, so both come at the same moment."""
+    srv = ServerProcess(tmp_path, parser, extra_args=["--auth-failure-delay", str(DELAY)])
+    srv.add_user(name="mallory", stored=hash_password("mallorys-own", "ARGON2ID"))
+    srv.add_user(name="victim", stored=hash_password("victims-secret", "ARGON2ID"))
+    srv.start()
+    try:
+        times: dict[str, list[float]] = {"victim": [], "nobody-here": []}
+
+        async def attack() -> None:
+            for i in range(ROUNDS):
+                order = ["victim", "nobody-here"] if i % 2 == 0 else ["nobody-here", "victim"]
+                for name, (took, line) in (await _round(srv.port, "mallory", order)).items():
+                    assert line == AUTH_FAILED, (name, line)  # the reply itself is the same
+                    times[name].append(took)
+
+        asyncio.run(asyncio.wait_for(attack(), 120))
+        victim, unknown = statistics.median(times["victim"]), statistics.median(times["nobody-here"])
+        # every failure waits the delay at least
+        assert min(times["victim"] + times["nobody-here"]) >= DELAY - 0.05, times
+        # and the unknown user's is not told apart: before the fix it came at the
+        # delay (~0.4 s) while the victim's waited behind the burst (~1.5 s and more)
+        assert unknown >= victim - 0.5, times
+    finally:
+        srv.stop()
+
+
+async def _open_bare(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readline()).startswith(b"+OK")
+    return reader, writer
+
+
+async def _timed_scram_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             name: str) -> tuple[float, bytes]:
+    first = base64.b64encode(f"n,,n={name},r=abcdefghijklmnop".encode()).decode()
+    start = time.monotonic()
+    writer.write(f"AUTH SCRAM-SHA-256 {first}\r\n".encode())
+    line = await reader.readline()
+    return time.monotonic() - start, line
+
+
+@pytest.mark.parametrize("parser", list(PARSERS.values()), ids=list(PARSERS))
+def test_scram_server_first_of_an_unknown_user_waits_as_a_derivation_would(tmp_path, parser):
+    """SCRAM-SHA-256 keys of a {PLAIN} user are derived (PBKDF2) in the login
+    threads at the user's first exchange; an unknown user's made-up keys in
+    none.  The server-first floor (50 ms) hides a derivation, not a queue:
+    with the threads kept busy by the attacker's own logins, a first probe of
+    each existing name came a second and more after an unknown name's."""
+    srv = ServerProcess(tmp_path, parser, extra_args=["--auth-failure-delay", str(DELAY),
+                                                      "--auth-mechanisms", "PLAIN,SCRAM-SHA-256"])
+    srv.add_user(name="mallory", stored=hash_password("mallorys-own", "ARGON2ID"))
+    for i in range(ROUNDS):
+        srv.add_user(name=f"victim{i}", password=f"clear-{i}")  # {PLAIN}: keys derived at the first probe
+    srv.start()
+    try:
+        times: dict[str, list[float]] = {"victim": [], "unknown": []}
+
+        async def attack() -> None:
+            for i in range(ROUNDS):
+                burst = [await _open(srv.port, "mallory") for _ in range(BURST)]
+                probes = {"victim": await _open_bare(srv.port), "unknown": await _open_bare(srv.port)}
+                names = {"victim": f"victim{i}", "unknown": f"nobody{i}"}
+                order = list(probes) if i % 2 == 0 else list(reversed(probes))
+                try:
+                    for _, writer in burst:
+                        writer.write(b"PASS not-the-password\r\n")
+                    await asyncio.sleep(0.02)
+                    results = await asyncio.gather(*(_timed_scram_first(*probes[k], names[k]) for k in order))
+                    for kind, (took, line) in zip(order, results, strict=True):
+                        assert line.startswith(b"+ "), (kind, line)
+                        times[kind].append(took)
+                    await asyncio.gather(*(r.readline() for r, _ in burst))
+                finally:
+                    for _, writer in burst + list(probes.values()):
+                        writer.close()
+
+        asyncio.run(asyncio.wait_for(attack(), 120))
+        victim, unknown = statistics.median(times["victim"]), statistics.median(times["unknown"])
+        assert unknown >= victim - 0.5, times
+    finally:
+        srv.stop()
