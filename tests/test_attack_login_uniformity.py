@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import statistics
 import time
 
@@ -23,6 +24,7 @@ from support.server import PARSERS, ServerProcess
 from fastpop.auth.passwords import hash_password
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
+R_TIMEOUT = b"-ERR Disconnected for inactivity.\r\n"
 DELAY = 0.4  # --auth-failure-delay: long enough for one argon2id check, not for a queue of them
 BURST = 14  # the attacker's own logins that fill the login threads before each probe
 ROUNDS = 4
@@ -146,5 +148,53 @@ def test_scram_server_first_of_an_unknown_user_waits_as_a_derivation_would(tmp_p
         asyncio.run(asyncio.wait_for(attack(), 120))
         victim, unknown = statistics.median(times["victim"]), statistics.median(times["unknown"])
         assert unknown >= victim - 0.5, times
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("parser", list(PARSERS.values()), ids=list(PARSERS))
+def test_a_client_that_never_logs_in_cannot_stay_forever(tmp_path, parser):
+    """docs/security.md: a network attacker before login cannot "hold
+    connections until they time out" for ever.  The idle timeout before login
+    counts complete lines, so a CAPA just before each timeout kept a
+    connection that never tried a login open without end (each address 50 of
+    them, every address as many as it liked).  Now the AUTHORIZATION state has
+    a total deadline too: three idle timeouts (180 s by default, Dovecot's)."""
+    timeout = 1.0
+    srv = ServerProcess(tmp_path, parser, extra_args=["--timeout-authorization", str(timeout)])
+    srv.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"+OK")
+        start = time.monotonic()
+        closed_at = None
+        while time.monotonic() - start < 8 * timeout:
+            try:
+                sock.sendall(b"CAPA\r\n")
+                line = reader.readline()
+                while line.startswith(b"+OK") or (line and line[:1] != b"." and line[:1] != b"-"):
+                    line = reader.readline()  # the capability list, up to its "."
+            except OSError:
+                line = b""
+            if line != b".\r\n":
+                assert line in (R_TIMEOUT, b""), line
+                closed_at = time.monotonic() - start
+                break
+            time.sleep(timeout / 3)  # well inside the idle timeout, every time
+        sock.close()
+        assert closed_at is not None, "still open after 8 idle timeouts of CAPAs and no login"
+        assert 3 * timeout - 0.5 <= closed_at <= 3 * timeout + 1.5, closed_at
+        # a client that logs in in time is not cut short by it
+        user = srv.add_user()
+        c = srv.connect()
+        for _ in range(3):  # 2.4 idle timeouts in, never idle for one
+            time.sleep(timeout * 0.8)
+            c.capa()
+        c.user(user.name)
+        c.pass_(user.password)
+        time.sleep(timeout * 1.5)  # past the AUTHORIZATION deadline, inside the TRANSACTION timeout
+        assert c.stat() == (0, 0)
+        c.quit()
     finally:
         srv.stop()

@@ -51,6 +51,7 @@ from fastpop.session.state import (
     FLUSH_BYTES,
     FLUSH_REPLIES,
     MAX_TOP_LINES,
+    PRELOGIN_TIMEOUTS,
     TLS_HIGH_WATER,
     TRANSACTION,
     UPDATE,
@@ -341,6 +342,8 @@ class SessionCore:
         if self.transport is None:
             return
         deadline = self._last_activity + self._timeout()
+        if self._state == AUTHORIZATION:  # and a total one: activity cannot keep a session unlogged for ever
+            deadline = min(deadline, self._since + PRELOGIN_TIMEOUTS * self._ctx.config.timeout_authorization)
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
             return
