@@ -198,3 +198,82 @@ def test_a_client_that_never_logs_in_cannot_stay_forever(tmp_path, parser):
         c.quit()
     finally:
         srv.stop()
+
+
+UNAVAILABLE = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"
+TOO_MANY_BAD = b"-ERR Too many bad commands.\r\n"
+
+
+def _oauth_attempts(port: int, count: int, user: bytes) -> list[bytes]:
+    """``count`` OAuth logins (OAUTHBEARER and XOAUTH2 in turn) claiming ``user``:
+    each reply, after the error challenge if there is one; b"" once closed."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"+OK")
+    answers = []
+    for i in range(count):
+        if i % 2:
+            command, message = b"AUTH XOAUTH2 ", b"user=" + user + b"\x01auth=Bearer token\x01\x01"
+        else:
+            command, message = b"AUTH OAUTHBEARER ", b"n,a=" + user + b",\x01auth=Bearer token\x01\x01"
+        try:
+            sock.sendall(command + base64.b64encode(message) + b"\r\n")
+            line = reader.readline()
+            if line.startswith(b"+ "):  # the error challenge: answered with ^A, or an empty line
+                sock.sendall(b"AQ==\r\n" if i % 2 == 0 else b"\r\n")
+                line = reader.readline()
+        except OSError:
+            line = b""
+        answers.append(line)
+        if not line:
+            break
+    sock.close()
+    return answers
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_command_validator_that_rejects_at_once_fails_as_a_wrong_token(tmp_path, loop):
+    """The command validator (``[oauth] command``) wrote the token to the
+    command's standard input after starting it: a command that rejects
+    without reading it (``/bin/false``, a script that checks the claimed user
+    first) has often exited by then, and the broken pipe raised, which
+    answers [SYS/TEMP] at once, neither delayed, counted nor penalised, with
+    an ERROR line: a client could try as fast and as long as it liked.  And a
+    claimed user with a NUL (XOAUTH2's user=, OAUTHBEARER's authzid) went into
+    the command's environment, where the asyncio loop refuses it (ValueError):
+    [SYS/TEMP] every time.  Now both are the wrong token they are: delayed,
+    counted (3, then the connection closes) and logged as "auth failed"."""
+    srv = ServerProcess(tmp_path, "python", loop=loop, extra_args=[
+        "--auth-mechanisms", "PLAIN,XOAUTH2,OAUTHBEARER", "--oauth-validator", "command",
+        "--oauth-command", "/bin/false"])
+    srv.start()
+    try:
+        for user in (b"alice", b"a\0b", b"alice", b"a\0b"):
+            answers = _oauth_attempts(srv.port, 10, user)
+            assert answers == [AUTH_FAILED] * 3 + [b""], (user, answers)
+        log = srv.log()
+        assert "authentication failed with an error" not in log, log
+        assert log.count("auth failed rip=127.0.0.1 user=") == 12, log
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("parser", list(PARSERS.values()), ids=list(PARSERS))
+def test_an_erring_validator_cannot_be_retried_for_ever(tmp_path, parser):
+    """A validator that raises (an introspection endpoint down, or one of the
+    operator's that chokes on a malformed token) is answered [SYS/TEMP], as
+    docs/authentication.md says, but nothing counted those answers: one
+    connection could send AUTH after AUTH for ever, each costing a validator
+    call and an ERROR line.  Now each counts as a bad command: after
+    ``max_bad_commands`` (20) the connection is closed."""
+    (tmp_path / "erring_validator.py").write_text(
+        "def validate(request):\n    raise ValueError('token not parsable')\n")
+    srv = ServerProcess(tmp_path, parser, extra_args=[
+        "--auth-mechanisms", "PLAIN,XOAUTH2,OAUTHBEARER", "--oauth-validator", "erring_validator:validate"])
+    srv.start()
+    try:
+        answers = _oauth_attempts(srv.port, 30, b"alice")
+        assert answers[:19] == [UNAVAILABLE] * 19, answers
+        assert answers[19] == UNAVAILABLE and answers[-1] == b"" and len(answers) <= 22, answers
+    finally:
+        srv.stop()

@@ -459,6 +459,11 @@ def _bearer(value: str | None) -> str | None:
 
 def _validated(svc: Services, token: str, user: str | None, mechanism: str) -> Step:
     """Shared end of both OAuth mechanisms: the hook names the token's user."""
+    if user is not None and not svc.valid_username(user):
+        # no token makes this name log in: a wrong token's failure, and the
+        # validator never sees it (the command validator's environment refuses a NUL)
+        yield Gate(None)
+        return Outcome(user, reason="invalid user name")
     yield Gate(user)
     owner = yield svc.validate_token(token, user, mechanism)
     if owner is not None and not isinstance(owner, str):

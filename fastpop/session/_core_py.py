@@ -497,8 +497,9 @@ class SessionCore:
                 self._auth = None
                 if not isinstance(error, AuthUnavailable):
                     log.error("authentication failed with an error rip=%s: %r", self._peer, error)
-                self._out.append(R.ERR_AUTH_UNAVAILABLE)
                 self._on_login_refused("unavailable")
+                # counted: neither delayed nor a failure, it must not be retried for ever on one connection
+                self._bad(R.ERR_AUTH_UNAVAILABLE)
                 self._auth_resume()
                 return
             value = exc = None
