@@ -19,8 +19,10 @@ import statistics
 import time
 
 import pytest
+from scramp import ScramClient
 from support.server import PARSERS, ServerProcess
 
+from fastpop.auth.oauth import make_token
 from fastpop.auth.passwords import hash_password
 
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
@@ -277,3 +279,95 @@ def test_an_erring_validator_cannot_be_retried_for_ever(tmp_path, parser):
         assert answers[19] == UNAVAILABLE and answers[-1] == b"" and len(answers) <= 22, answers
     finally:
         srv.stop()
+
+
+RESTRICTED = {  # a user the login must refuse even with the right credentials, and why
+    "nolog": "nologin",
+    "nopop": "nopop3",
+    "elsewhere": "allow_nets=10.0.0.0/8",  # the clients here come from 127.0.0.1
+}
+
+
+@pytest.mark.parametrize("parser", list(PARSERS.values()), ids=list(PARSERS))
+def test_restricted_users_right_password_is_not_confirmed_by_scram_or_oauth(tmp_path, parser):
+    """docs/security.md: a stolen password used from outside the user's
+    allow_nets, or for a user with POP3 off (nopop3, nologin), fails as a
+    wrong password does, "so the attacker does not even learn that the
+    password is right".  SCRAM-SHA-256 told it all the same: the
+    restrictions were checked only after the exchange, and the exchange's
+    last challenge, the server-final (v=, the server's proof that it knows
+    the keys), is sent only when the client's proof was right; a wrong
+    password got -ERR at that step.  OAUTHBEARER and XOAUTH2 likewise: a
+    rejected token gets the error challenge first, a valid token of a
+    restricted user went straight to -ERR.  Now the restrictions are checked
+    before those replies: the right password or token of a restricted user
+    gets exactly what a wrong one gets."""
+    secret = tmp_path / "oauth.key"
+    secret.write_bytes(b"k" * 32)
+    secret.chmod(0o600)
+    srv = ServerProcess(tmp_path, parser, extra_args=[
+        "--auth-mechanisms", "PLAIN,SCRAM-SHA-256,XOAUTH2,OAUTHBEARER",
+        "--oauth-validator", "hmac", "--oauth-secret-file", str(secret)])
+    for name, field in RESTRICTED.items():
+        srv.add_user(name=name, stored=f"{{PLAIN}}right-{name}::::::{field}")
+    srv.start()
+    try:
+        for name in RESTRICTED:
+            right = _scram_to_the_end(srv.port, name, f"right-{name}")
+            wrong = _scram_to_the_end(srv.port, name, "wrong")
+            assert wrong == [AUTH_FAILED], (name, wrong)
+            assert right == wrong, (name, right)
+            token = make_token(b"k" * 32, name)
+            for mechanism in ("OAUTHBEARER", "XOAUTH2"):
+                valid = _oauth_to_the_end(srv.port, mechanism, name, token)
+                forged = _oauth_to_the_end(srv.port, mechanism, name, token[:-2] + "xx")
+                assert forged[0].startswith(b"+ ") and forged[1:] == [AUTH_FAILED], (name, mechanism, forged)
+                assert valid == forged, (name, mechanism, valid)
+        log = srv.log()
+        for reason in ("(nologin)", "pop3 disabled", "(allow_nets)"):
+            assert log.count(reason) == 3, (reason, log)  # each refusal logged with its reason
+    finally:
+        srv.stop()
+
+
+def _scram_to_the_end(port: int, name: str, password: str) -> list[bytes]:
+    """A SCRAM-SHA-256 login: the replies after the client-final (and after an
+    empty answer to a server-final, if one comes)."""
+    client = ScramClient(["SCRAM-SHA-256"], name, password)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    try:
+        assert reader.readline().startswith(b"+OK")
+        sock.sendall(b"AUTH SCRAM-SHA-256 " + base64.b64encode(client.get_client_first().encode()) + b"\r\n")
+        line = reader.readline()
+        assert line.startswith(b"+ "), line
+        client.set_server_first(base64.b64decode(line[2:]).decode())
+        sock.sendall(base64.b64encode(client.get_client_final().encode()) + b"\r\n")
+        replies = [reader.readline()]
+        if replies[-1].startswith(b"+ "):
+            sock.sendall(b"\r\n")
+            replies.append(reader.readline())
+        return replies
+    finally:
+        sock.close()
+
+
+def _oauth_to_the_end(port: int, mechanism: str, name: str, token: str) -> list[bytes]:
+    if mechanism == "XOAUTH2":
+        message, answer = f"user={name}\x01auth=Bearer {token}\x01\x01", b"\r\n"
+    else:
+        message, answer = f"n,a={name},\x01auth=Bearer {token}\x01\x01", b"AQ==\r\n"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    try:
+        assert reader.readline().startswith(b"+OK")
+        sock.sendall(f"AUTH {mechanism}\r\n".encode())  # (a token is longer than a command line may be)
+        assert reader.readline() == b"+ \r\n"
+        sock.sendall(base64.b64encode(message.encode()) + b"\r\n")
+        replies = [reader.readline()]
+        if replies[-1].startswith(b"+ "):
+            sock.sendall(answer)
+            replies.append(reader.readline())
+        return replies
+    finally:
+        sock.close()

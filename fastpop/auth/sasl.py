@@ -109,6 +109,9 @@ class Services(Protocol):
     def verify_apop(self, name: str, digest: str) -> UserRecord | None | Pending: ...
     def scram_keys(self, record: UserRecord) -> tuple[bytes, bytes, bytes, int] | Pending | None: ...
     def fake_scram_keys(self, name: str) -> tuple[bytes, bytes, bytes, int] | Pending: ...
+    def refusal(self, record: UserRecord) -> str | None:
+        """Why ``record`` may not log in here even with the right credentials
+        (nologin, nopop3, allow_nets, fastpop deny), or None."""
     def validate_token(self, token: str, user: str | None, mechanism: str) -> Pending: ...
     def verify_master(self, name: str, password: str) -> UserRecord | None | Pending: ...
     @property
@@ -436,6 +439,12 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         _EMPTY_KEYS[checked] = empty
     if empty:
         return Outcome(name, reason="empty password")
+    # A user the login refuses anyway gets no server-final: it is the server's
+    # proof, sent only to a client whose own proof was right, so it would tell
+    # a stolen password is right (docs/security.md: it must not).
+    refused = svc.refusal(record)
+    if refused is not None:
+        return Outcome(name, reason=refused)
     # RFC 5034 has no success data: the server-final goes out as a last
     # challenge, and the client's (empty) answer completes the exchange.
     answer = yield Challenge(server_final.encode("utf-8"))
@@ -478,6 +487,9 @@ def _validated(svc: Services, token: str, user: str | None, mechanism: str) -> S
     record: UserRecord | None = (yield found) if type(found) is Pending else found
     if record is None:
         return Outcome(owner, reason="token valid but no such user in the user database")
+    refused = svc.refusal(record)
+    if refused is not None:  # the error challenge, as for a rejected token: a valid one is not confirmed
+        return Outcome(owner, reason=refused)
     return Outcome(owner, record)
 
 
