@@ -427,6 +427,14 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         return Outcome(name, reason=f"SCRAM: {exc}")
     if record is None:
         return Outcome(name, reason="SCRAM: unknown user")  # pragma: no cover - random keys never verify
+    # A user the login refuses anyway gets no server-final: it is the server's
+    # proof, sent only to a client whose own proof was right, so it would tell
+    # a stolen password is right (docs/security.md: it must not).  Before the
+    # empty-password check, whose first time waits in the login threads: a wrong
+    # password's failure waits for nothing.
+    refused = svc.refusal(record)
+    if refused is not None:
+        return Outcome(name, reason=refused)
     # Keys of the empty password never log in.  Only a client that proved it
     # knows the password gets here; one key derivation per set of keys (in a
     # thread), remembered.
@@ -439,12 +447,6 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         _EMPTY_KEYS[checked] = empty
     if empty:
         return Outcome(name, reason="empty password")
-    # A user the login refuses anyway gets no server-final: it is the server's
-    # proof, sent only to a client whose own proof was right, so it would tell
-    # a stolen password is right (docs/security.md: it must not).
-    refused = svc.refusal(record)
-    if refused is not None:
-        return Outcome(name, reason=refused)
     # RFC 5034 has no success data: the server-final goes out as a last
     # challenge, and the client's (empty) answer completes the exchange.
     answer = yield Challenge(server_final.encode("utf-8"))
