@@ -268,8 +268,11 @@ async def _answer(proc: asyncio.subprocess.Process, token: bytes) -> bytes:
     try:
         proc.stdin.write(token)  # (at most a SASL line: it fits in the pipe, the drain does not wait on the command)
         await proc.stdin.drain()
-        proc.stdin.close()
     except (BrokenPipeError, ConnectionResetError, RuntimeError):
+        pass
+    try:
+        proc.stdin.close()
+    except (BrokenPipeError, ConnectionResetError, RuntimeError):  # (uvloop: a pipe already closed)
         pass
     out = await proc.stdout.read()
     await proc.wait()
