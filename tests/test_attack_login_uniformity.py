@@ -32,6 +32,11 @@ BURST = 14  # the attacker's own logins that fill the login threads before each 
 ROUNDS = 4
 
 
+def _stop(srv: ServerProcess) -> None:
+    srv.stop()
+    assert "Traceback" not in srv.log(), srv.log()
+
+
 async def _open(port: int, user: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     assert (await reader.readline()).startswith(b"+OK")
@@ -94,7 +99,7 @@ def test_unknown_user_fails_when_a_slow_hash_would(tmp_path, parser):
         # delay (~0.4 s) while the victim's waited behind the burst (~1.5 s and more)
         assert unknown >= victim - 0.5, times
     finally:
-        srv.stop()
+        _stop(srv)
 
 
 async def _open_bare(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -151,7 +156,7 @@ def test_scram_server_first_of_an_unknown_user_waits_as_a_derivation_would(tmp_p
         victim, unknown = statistics.median(times["victim"]), statistics.median(times["unknown"])
         assert unknown >= victim - 0.5, times
     finally:
-        srv.stop()
+        _stop(srv)
 
 
 @pytest.mark.parametrize("parser", list(PARSERS.values()), ids=list(PARSERS))
@@ -199,7 +204,7 @@ def test_a_client_that_never_logs_in_cannot_stay_forever(tmp_path, parser):
         assert c.stat() == (0, 0)
         c.quit()
     finally:
-        srv.stop()
+        _stop(srv)
 
 
 UNAVAILABLE = b"-ERR [SYS/TEMP] Authentication service is temporarily unavailable.\r\n"
@@ -257,7 +262,7 @@ def test_a_command_validator_that_rejects_at_once_fails_as_a_wrong_token(tmp_pat
         assert "authentication failed with an error" not in log, log
         assert log.count("auth failed rip=127.0.0.1 user=") == 12, log
     finally:
-        srv.stop()
+        _stop(srv)
 
 
 @pytest.mark.parametrize("parser", list(PARSERS.values()), ids=list(PARSERS))
@@ -278,7 +283,7 @@ def test_an_erring_validator_cannot_be_retried_for_ever(tmp_path, parser):
         assert answers[:19] == [UNAVAILABLE] * 19, answers
         assert answers[19] == UNAVAILABLE and answers[-1] == b"" and len(answers) <= 22, answers
     finally:
-        srv.stop()
+        _stop(srv)
 
 
 RESTRICTED = {  # a user the login must refuse even with the right credentials, and why
@@ -327,7 +332,7 @@ def test_restricted_users_right_password_is_not_confirmed_by_scram_or_oauth(tmp_
         for reason in ("(nologin)", "pop3 disabled", "(allow_nets)"):
             assert log.count(reason) == 3, (reason, log)  # each refusal logged with its reason
     finally:
-        srv.stop()
+        _stop(srv)
 
 
 def _scram_to_the_end(port: int, name: str, password: str) -> list[bytes]:
@@ -371,3 +376,27 @@ def _oauth_to_the_end(port: int, mechanism: str, name: str, token: str) -> list[
         return replies
     finally:
         sock.close()
+
+
+@pytest.mark.unit
+def test_an_unknown_user_costs_what_most_users_cost(tmp_path):
+    """The decoy an unknown user's password is checked against: a slow hash
+    only where most users have one (where most hashes are quick, a slow
+    check would tell unknown users apart the other way), and the SCRAM
+    derivation only where most users' keys are derived."""
+    from fastpop.auth.authenticator import Authenticator
+    from fastpop.auth.sasl import make_scram_keys
+
+    slow = hash_password("x", "SHA512-CRYPT")
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"a:{slow}\nb:{{SSHA256}}" + "A" * 44 + f"\nc:{slow}\n")
+    auth = Authenticator(str(passwd), str(tmp_path / "%u"))
+    assert auth._decoy() == slow and not auth._most_derive()  # 2 of 3 slow, none derived
+    passwd.write_text(f"a:{slow}\nb:{{SSHA256}}" + "A" * 44 + "\nc:{PLAIN}p\n")
+    auth.reload()
+    assert auth._decoy() is None  # 1 of 3 slow
+    assert auth._most_derive() is False  # 1 of 3 derived
+    passwd.write_text(f"a:{{PLAIN}}p\nb:{{PLAIN}}q::::::scram_sha256={make_scram_keys('q')}\nc:{{PLAIN}}r\n")
+    auth.reload()
+    assert auth._decoy() is None and auth._most_derive()  # 2 of 3 derived (b has stored keys)
+    assert callable(auth.fake_scram_keys("nobody", b"s" * 32))
