@@ -350,6 +350,14 @@ class Authenticator:
         self.mail_location = mail_location
         self.cache = cache if cache is not None else AuthCache(0, 0, 0)
         self.derived_keys = _DerivedKeys()
+        # A network database's last slow hash: what an unknown user's password is checked against there
+        self._seen_decoy: str | None = None
+        # Whether an unknown user's SCRAM keys are made up at a derivation's cost (fake_scram_keys):
+        # for the passwd-file, whether most of its users' keys are derived (computed once per read
+        # of the file); for a network database, whether the last user's were.
+        self._derives: tuple[object, bool] = (None, False)
+        self._decoys: tuple[object, str | None] = (None, None)  # (the passwd-file's records, _decoy())
+        self._seen_derives = False
 
     @classmethod
     def from_config(cls, config: Config) -> Authenticator:
@@ -410,7 +418,10 @@ class Authenticator:
             return await self._verify_bind(name, password, candidates, remote_ip)
         record, cached = await self._cached(name, remote_ip)
         if record is None:
+            if self._seen_decoy is not None:  # as long as a wrong password (see verify_password)
+                await _check(self._seen_decoy, candidates)
             return None
+        self._seen_decoy = record.password if record.password and passwords.is_expensive(record.password) else None
         if await _check(record.password, candidates):
             return record
         if cached:
@@ -486,6 +497,7 @@ class Authenticator:
         )
 
         extra = record.extra.get(SCRAM_EXTRA)
+        self._seen_derives = False
         if extra:
             keys = parse_scram_keys(extra)
             if keys is not None:
@@ -497,6 +509,7 @@ class Authenticator:
         secret_pw = passwords.plaintext(record.password)
         if secret_pw is None:
             return None
+        self._seen_derives = True
         name = record.name.encode("utf-8", "surrogatepass")
         remembered = hmac.new(secret, b"derived-keys\0" + name + b"\0" + secret_pw.encode("utf-8", "surrogatepass"),
                               hashlib.sha256).digest()
@@ -515,6 +528,56 @@ class Authenticator:
 
         return derive
 
+    def fake_scram_keys(self, name: str, secret: bytes):
+        """Made-up SCRAM-SHA-256 keys for an unknown user (or one with only a
+        one-way hash).  Where most users' keys are derived from a {PLAIN}
+        password, a name's first exchange also costs a derivation in the
+        login threads, as a real user's does (remembered like one): the
+        server-first's floor (50 ms) hides a derivation, not a queue of
+        other logins' checks in front of it."""
+        from fastpop.auth.sasl import SCRAM_ITERATIONS, fake_scram_keys
+
+        keys = fake_scram_keys(secret, name)
+        if not self._most_derive():
+            return keys
+        remembered = hmac.new(secret, b"made-up-keys\0" + name.encode("utf-8", "surrogatepass"),
+                              hashlib.sha256).digest()
+        if self.derived_keys.get(remembered) is not None:
+            return keys
+
+        def derive():
+            hashlib.pbkdf2_hmac("sha256", os.urandom(16), keys[0], SCRAM_ITERATIONS)  # (its cost only)
+            self.derived_keys.put(remembered, keys)
+            return keys
+
+        return derive
+
+    def _decoy(self) -> str | None:
+        """The stored password an unknown user's is checked against, so that its
+        failure costs, in the login threads, what most users' wrong passwords
+        cost: the passwd-file's first slow hash when most of its passwords are
+        slow hashes, else None (no check: most checks are as quick as none)."""
+        if not isinstance(self.db, PasswdFileDB):
+            return None
+        users = self.db.file.users
+        if self._decoys[0] is not users:
+            slow = [rec.password for rec in users.values() if rec.password and passwords.is_expensive(rec.password)]
+            self._decoys = (users, slow[0] if slow and len(slow) * 2 >= len(users) else None)
+        return self._decoys[1]
+
+    def _most_derive(self) -> bool:
+        """Whether most users' SCRAM keys are derived (see fake_scram_keys)."""
+        if not isinstance(self.db, PasswdFileDB):
+            return self._seen_derives
+        users = self.db.file.users
+        if self._derives[0] is not users:
+            from fastpop.auth.sasl import SCRAM_EXTRA
+
+            derived = sum(1 for rec in users.values() if not rec.extra.get(SCRAM_EXTRA)
+                          and passwords.plaintext(rec.password))
+            self._derives = (users, derived > 0 and derived * 2 >= len(users))
+        return self._derives[1]
+
     def maildir_for(self, user: UserRecord) -> str:
         location = user.extra.get("userdb_mail") or user.extra.get("mail") or self.mail_location
         return expand_location(location, user)
@@ -525,19 +588,29 @@ class Authenticator:
         Raises AuthUnavailable synchronously if the database cannot be read.
         """
         record = self.lookup(name)
-        if record is None:
-            callback(None)
-            return
         candidates = password_candidates(password)
-        if not passwords.is_expensive(record.password):
-            callback(record if _verify_any(record.password, candidates) else None)
+        if record is None:
+            # An unknown user's password is checked against a slow hash too, in
+            # the same threads: a wrong password of an existing user waits there
+            # behind every other login's check, and past the failure delay when
+            # they are many (an attacker's own logins); an unknown user that
+            # waited for nothing would be told apart by the reply's moment.
+            decoy = self._decoy()
+            if decoy is None:
+                callback(None)
+                return
+            password_hash = decoy
+        else:
+            password_hash = record.password
+        if not passwords.is_expensive(password_hash):
+            callback(record if _verify_any(password_hash, candidates) else None)
             return
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, _verify_any, record.password, candidates)
+        fut = loop.run_in_executor(None, _verify_any, password_hash, candidates)
 
         def done(f: asyncio.Future) -> None:
             ok = not f.cancelled() and f.exception() is None and f.result()
-            callback(record if ok else None)
+            callback(record if ok else None)  # (the decoy's answer, whatever it is, fails: no record)
 
         fut.add_done_callback(done)
 

@@ -248,7 +248,7 @@ async def command_validator(request: TokenRequest) -> str | None:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env,
     )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(request.token.encode("utf-8") + b"\n"), COMMAND_TIMEOUT)
+        out = await asyncio.wait_for(_answer(proc, request.token.encode("utf-8") + b"\n"), COMMAND_TIMEOUT)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
@@ -257,6 +257,26 @@ async def command_validator(request: TokenRequest) -> str | None:
         return None
     lines = out.decode("utf-8", "replace").splitlines()
     return (lines[0].strip() or None) if lines else None
+
+
+async def _answer(proc: asyncio.subprocess.Process, token: bytes) -> bytes:
+    """Give the command the token, then its standard output once it exits.  A
+    command that exits without reading the token (it rejects at once) is
+    answered by its exit status: the broken pipe is no error of the validator
+    (asyncio's communicate() ignores it; uvloop's raised, answering [SYS/TEMP])."""
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(token)  # (at most a SASL line: it fits in the pipe, the drain does not wait on the command)
+        await proc.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError, RuntimeError):
+        pass
+    try:
+        proc.stdin.close()
+    except (BrokenPipeError, ConnectionResetError, RuntimeError):  # (uvloop: a pipe already closed)
+        pass
+    out = await proc.stdout.read()
+    await proc.wait()
+    return out
 
 
 # ----------------------------------------------------------------- fastpop oauth token

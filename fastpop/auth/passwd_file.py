@@ -361,6 +361,11 @@ class PasswdFile:
     def __len__(self) -> int:
         return len(self._users)
 
+    @property
+    def users(self) -> dict[str, UserRecord]:
+        """Every record, by name (a new dict after each read of the file: not to be changed)."""
+        return self._users
+
 
 def check_master_file(path: str) -> None:
     """The master users' passwd-file ([auth] master_passwd_file): whoever can

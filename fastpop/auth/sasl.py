@@ -108,6 +108,10 @@ class Services(Protocol):
     def verify_password(self, name: str, password: str) -> UserRecord | None | Pending: ...
     def verify_apop(self, name: str, digest: str) -> UserRecord | None | Pending: ...
     def scram_keys(self, record: UserRecord) -> tuple[bytes, bytes, bytes, int] | Pending | None: ...
+    def fake_scram_keys(self, name: str) -> tuple[bytes, bytes, bytes, int] | Pending: ...
+    def refusal(self, record: UserRecord) -> str | None:
+        """Why ``record`` may not log in here even with the right credentials
+        (nologin, nopop3, allow_nets, fastpop deny), or None."""
     def validate_token(self, token: str, user: str | None, mechanism: str) -> Pending: ...
     def verify_master(self, name: str, password: str) -> UserRecord | None | Pending: ...
     @property
@@ -330,7 +334,7 @@ def _scram_unescape(name: str) -> str | None:
     return "".join(out)
 
 
-def _fake_scram_keys(secret: bytes, name: str) -> tuple[bytes, bytes, bytes, int]:
+def fake_scram_keys(secret: bytes, name: str) -> tuple[bytes, bytes, bytes, int]:
     """For unknown users: a salt as long and as stable as a real one (the
     secret persists across restarts and is the same in every worker), the
     iterations ``fastpop user add`` stores, keys nobody can match."""
@@ -400,8 +404,9 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
             log.info("no SCRAM-SHA-256 keys for user=%s (hash-only password: set it again with fastpop user passwd)",
                      name)
             record = None
-    if keys is None:
-        keys = _fake_scram_keys(svc.secret, name)
+    if keys is None:  # made up, at the cost most users' keys have (a derivation in the login threads, or none)
+        found_keys = svc.fake_scram_keys(name)
+        keys = (yield found_keys) if isinstance(found_keys, Pending) else found_keys
     server = ScramMechanism("SCRAM-SHA-256").make_server(lambda _user: keys)
     try:
         server.set_client_first(text)
@@ -422,6 +427,14 @@ def scram_sha256(svc: Services, initial: bytes | None) -> Step:
         return Outcome(name, reason=f"SCRAM: {exc}")
     if record is None:
         return Outcome(name, reason="SCRAM: unknown user")  # pragma: no cover - random keys never verify
+    # A user the login refuses anyway gets no server-final: it is the server's
+    # proof, sent only to a client whose own proof was right, so it would tell
+    # a stolen password is right (docs/security.md: it must not).  Before the
+    # empty-password check, whose first time waits in the login threads: a wrong
+    # password's failure waits for nothing.
+    refused = svc.refusal(record)
+    if refused is not None:
+        return Outcome(name, reason=refused)
     # Keys of the empty password never log in.  Only a client that proved it
     # knows the password gets here; one key derivation per set of keys (in a
     # thread), remembered.
@@ -457,6 +470,11 @@ def _bearer(value: str | None) -> str | None:
 
 def _validated(svc: Services, token: str, user: str | None, mechanism: str) -> Step:
     """Shared end of both OAuth mechanisms: the hook names the token's user."""
+    if user is not None and not svc.valid_username(user):
+        # no token makes this name log in: a wrong token's failure, and the
+        # validator never sees it (the command validator's environment refuses a NUL)
+        yield Gate(None)
+        return Outcome(user, reason="invalid user name")
     yield Gate(user)
     owner = yield svc.validate_token(token, user, mechanism)
     if owner is not None and not isinstance(owner, str):
@@ -471,6 +489,9 @@ def _validated(svc: Services, token: str, user: str | None, mechanism: str) -> S
     record: UserRecord | None = (yield found) if type(found) is Pending else found
     if record is None:
         return Outcome(owner, reason="token valid but no such user in the user database")
+    refused = svc.refusal(record)
+    if refused is not None:  # the error challenge, as for a rejected token: a valid one is not confirmed
+        return Outcome(owner, reason=refused)
     return Outcome(owner, record)
 
 

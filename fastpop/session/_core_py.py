@@ -52,6 +52,7 @@ from fastpop.session.state import (
     FLUSH_BYTES,
     FLUSH_REPLIES,
     MAX_TOP_LINES,
+    PRELOGIN_TIMEOUTS,
     TLS_HIGH_WATER,
     TRANSACTION,
     UPDATE,
@@ -344,6 +345,8 @@ class SessionCore:
         if self.transport is None:
             return
         deadline = self._last_activity + self._timeout()
+        if self._state == AUTHORIZATION:  # and a total one: activity cannot keep a session unlogged for ever
+            deadline = min(deadline, self._since + PRELOGIN_TIMEOUTS * self._ctx.config.timeout_authorization)
         if self.loop.time() < deadline:
             self._timer = self.loop.call_at(deadline, self._on_timer)
             return
@@ -497,8 +500,9 @@ class SessionCore:
                 self._auth = None
                 if not isinstance(error, AuthUnavailable):
                     log.error("authentication failed with an error rip=%s: %r", self._peer, error)
-                self._out.append(R.ERR_AUTH_UNAVAILABLE)
                 self._on_login_refused("unavailable")
+                # counted: neither delayed nor a failure, it must not be retried for ever on one connection
+                self._bad(R.ERR_AUTH_UNAVAILABLE)
                 self._auth_resume()
                 return
             value = exc = None

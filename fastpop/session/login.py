@@ -324,6 +324,24 @@ class Services:
             return sasl.Pending(session.loop.run_in_executor(None, keys))
         return keys
 
+    def refusal(self, record) -> str | None:
+        """What _restricted and _auth_finished refuse after a login (fastpop deny,
+        the user's own fields), for the exchanges that would otherwise tell
+        the client its credentials were right first (SCRAM's server-final,
+        OAuth's missing error challenge)."""
+        session = self._session
+        denied = session._ctx.denied
+        if denied and record.name in denied:
+            return "denied"
+        return login_refusal(record, session._peer)
+
+    def fake_scram_keys(self, name: str):
+        session = self._session
+        keys = session._ctx.auth.fake_scram_keys(name, session._ctx.secret)
+        if callable(keys):  # a derivation's cost, in the thread a real one would take
+            return sasl.Pending(session.loop.run_in_executor(None, keys))
+        return keys
+
     def validate_token(self, token: str, user: str | None, mechanism: str) -> sasl.Pending:
         from fastpop.auth.oauth import TokenRequest, run_validator
 

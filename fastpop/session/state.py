@@ -44,6 +44,10 @@ BUSY_UPDATING = 128  # QUIT's deletions (and flags) are applied in a thread
 # pipelined commands still gets its replies in one write.)
 FLUSH_BYTES = 256 * 1024
 FLUSH_REPLIES = 512
+# Before login a session may last this many idle timeouts in all (180 s by
+# default, Dovecot's pre-login limit), however often it sends a line: the idle
+# timeout alone let a CAPA every 59 s keep a connection that never logs in.
+PRELOGIN_TIMEOUTS = 3
 MAX_TOP_LINES = 2**31 - 1  # TOP's line count, clamped (a C int in the compiled transform)
 # A TLS transport's high-water marks, for what it has to send and what it
 # has read (the low ones are a quarter): those of a plain transport.
