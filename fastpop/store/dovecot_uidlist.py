@@ -130,9 +130,9 @@ def parse(data: bytes) -> Uidlist:
     others: list[str] = []
     if version == 1:
         parts = header[2:].split()
-        if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        if len(parts) < 2:
             raise UidlistCorrupt("bad version 1 header")
-        validity, next_uid = int(parts[0]), int(parts[1])
+        validity, next_uid = _number(parts[0], "UIDVALIDITY"), _number(parts[1], "next UID")
     else:
         for field in header[2:].split(" "):
             if not field:
@@ -226,7 +226,7 @@ def _lock_owner_gone(dir_fd: int) -> bool:
     finally:
         os.close(fd)
     pid, _, host = text.partition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+    if host != socket.gethostname() or not (pid.isascii() and pid.isdigit()) or int(pid) <= 0:
         return False
     try:
         os.kill(int(pid), 0)
