@@ -222,3 +222,55 @@ def test_x_uidl_pin_with_a_non_ascii_number_leading_a_name(base):
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert b"kept-uidl" in (maildir / "dovecot-uidlist").read_bytes()
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("kind", ["dovecot", "courier"])
+def test_bloated_uidl_list_does_not_blow_up_the_worker(base, kind):
+    """A user fills dovecot-uidlist (64 MiB allowed) or courierpop3dsizelist
+    (32 MiB) with millions of made-up records, then drops a message in new/:
+    the login that indexes it parsed the whole list into a dict of every
+    record, over 15 times the file in RSS (1.2 GiB for 60 MiB of
+    dovecot-uidlist, and 20 s of CPU), at every such login.  Only the records
+    of the messages being indexed are kept now."""
+    srv = _server(base)
+    try:
+        user = srv.add_user()
+        path = user.deliver(message("real"))
+        real = path.name.split(":", 1)[0].encode()
+        if kind == "dovecot":
+            name, lines, limit = "dovecot-uidlist", [b"3 V1 N1"], 60 * 1024 * 1024
+            record, last, expected = b"%d :%x", b"%d Pkept-uidl :%s", b"kept-uidl"
+        else:
+            name, lines, limit = "courierpop3dsizelist", [b"/2 1 42"], 30 * 1024 * 1024
+            record, last, expected = b"%x 1 %d:42", b"%s 10 %d:42", None
+        size = uid = 0
+        while size < limit:
+            uid += 1
+            line = record % (uid, uid)
+            lines.append(line)
+            size += len(line) + 1
+        uid += 1
+        lines.append(last % (uid, real) if kind == "dovecot" else last % (real, uid))
+        expected = expected or b"UID%d-42" % uid
+        (user.maildir / name).write_bytes(b"\n".join(lines) + b"\n")
+        del lines
+        srv.start()
+        pid = srv.proc.pid
+        before = _peak_rss(pid)
+        r = raw_login(srv.port, user, timeout=120)
+        assert r.cmd("UIDL 1") == b"+OK 1 %s\r\n" % expected  # what the list says for the real message
+        assert r.cmd("QUIT").startswith(b"+OK")
+        growth = _peak_rss(pid) - before
+        # the file itself is read whole (and joined from its chunks: twice), split a block at a time
+        assert growth < 4 * size, f"worker grew {growth >> 20} MiB for a {size >> 20} MiB {name}"
+        _no_traceback(srv)
+    finally:
+        srv.stop()

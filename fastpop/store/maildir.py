@@ -207,13 +207,15 @@ def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int
     return size, file_size, flags if dots else flags | FLAG_NO_DOT_LINES
 
 
-def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, str]]:
+def read_dovecot_uidlist(dir_fd: int, wanted: set[str] | None = None) -> tuple[int, dict[str, str]]:
     """(UIDVALIDITY, {base name: UIDL}) from Dovecot's dovecot-uidlist in the
     Maildir open as ``dir_fd`` (a regular file, not through a link): the
     UIDLs Dovecot's POP3 serves (fastpop.store.dovecot_uidlist), or (0, {})
-    if there is none or it cannot be parsed."""
+    if there is none or it cannot be parsed.  ``wanted``: only these base
+    names (the user may fill the file with made-up records: only those of
+    messages being indexed are kept)."""
     try:
-        uidlist = dovecot_uidlist.read(dir_fd)
+        uidlist = dovecot_uidlist.read(dir_fd, wanted)
     except (OSError, ValueError) as exc:
         log.warning("ignoring dovecot-uidlist of the Maildir: %s", exc)
         return 0, {}
@@ -460,7 +462,8 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
         uidvalidity = uidlist.validity
         dovecot_uidls = {_base(n): uidlist.uidl(_base(n)) or "" for n in added}
     else:
-        uidvalidity, dovecot_uidls = read_dovecot_uidlist(fd) if added or old is None else (0, {})
+        uidvalidity, dovecot_uidls = (read_dovecot_uidlist(fd, {_base(n) for n in added})
+                                      if added or old is None else (0, {}))
     if old is not None and not uidvalidity:
         uidvalidity = old.uidvalidity
     for name in added:
@@ -490,7 +493,7 @@ def _migrated_uidls(fd: int, added: list[str], kept: list[Entry], path: str) -> 
     order of ``added`` is the delivery order)."""
     if not added:
         return {}
-    listed = courier.read(fd, path)
+    listed = courier.read(fd, path, {_base(n) for n in added})
     if not listed:
         return {}
     taken = {e.uidl for e in kept}
