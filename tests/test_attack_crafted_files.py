@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -272,5 +273,40 @@ def test_bloated_uidl_list_does_not_blow_up_the_worker(base, kind):
         # the file itself is read whole (and joined from its chunks: twice), split a block at a time
         assert growth < 4 * size, f"worker grew {growth >> 20} MiB for a {size >> 20} MiB {name}"
         _no_traceback(srv)
+    finally:
+        srv.stop()
+
+
+def test_message_grown_in_place_does_not_stall_other_sessions(base):
+    """The user extends one of their messages in place after it was indexed
+    (truncate(2) up: a sparse file, no disk used; cur/'s mtime does not
+    change, so the index is still taken as current).  RETR found the size
+    changed and counted the octets it would send, reading the whole file in
+    the event loop: every other session of the worker waited (about 3 s per
+    256 MiB here), at each RETR.  The count now runs in a thread."""
+    srv = _server(base)
+    try:
+        attacker = srv.add_user([message("mine", size=200_000)])
+        victim = srv.add_user([message("theirs")])
+        srv.start()
+        a = raw_login(srv.port, attacker, timeout=120)
+        assert a.cmd("QUIT").startswith(b"+OK")  # indexed
+        [path] = (attacker.maildir / "cur").iterdir()
+        os.truncate(path, 256 * 1024 * 1024)
+        v = raw_login(srv.port, victim, timeout=REPLY_TIMEOUT)
+        a = raw_login(srv.port, attacker, timeout=120)
+        a.send(b"RETR 1\r\n")
+        time.sleep(0.05)  # the RETR is being handled
+        worst = 0.0
+        for _ in range(10):
+            t0 = time.monotonic()
+            assert v.cmd("NOOP").startswith(b"+OK")
+            worst = max(worst, time.monotonic() - t0)
+            time.sleep(0.05)
+        status = a.line()
+        assert status == b"+OK %d octets\r\n" % (256 * 1024 * 1024 + 2), status  # (no final newline: +2)
+        a.close()
+        assert v.cmd("QUIT").startswith(b"+OK")
+        assert worst < 0.3, f"another user's NOOP waited {worst:.2f} s for the attacker's RETR"
     finally:
         srv.stop()
