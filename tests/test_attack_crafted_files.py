@@ -310,3 +310,29 @@ def test_message_grown_in_place_does_not_stall_other_sessions(base):
         assert worst < 0.3, f"another user's NOOP waited {worst:.2f} s for the attacker's RETR"
     finally:
         srv.stop()
+
+
+def test_sparse_message_is_measured_by_what_it_stores(base):
+    """A message file of a terabyte of holes (truncate(2): no disk used) in
+    cur/: the login that indexes it read every octet of it in a thread of
+    the login pool (hours), and the few threads every login of the worker
+    shares are taken by as many such users.  Holes are zeros the file system
+    does not store: they are counted, not read."""
+    srv = _server(base)
+    try:
+        user = srv.add_user([message("normal")])
+        sparse = _plant(user, "1600000000.M1P1.host:2,", b"")
+        os.truncate(sparse, 1 << 40)
+        with open(sparse, "r+b") as f:  # a little data amid the holes: what is stored is still read
+            f.seek(1 << 30)
+            f.write(b"\r\n.dot line\r\n")
+        srv.start()
+        started = time.monotonic()
+        r = raw_login(srv.port, user, timeout=30)
+        assert time.monotonic() - started < 20
+        listed = r.multi("LIST")[1]
+        assert b"1 %d\r\n" % ((1 << 40) + 2) in listed, listed  # no final newline: +2
+        assert r.cmd("QUIT").startswith(b"+OK")
+        _no_traceback(srv)
+    finally:
+        srv.stop()
