@@ -122,8 +122,9 @@ def scan_file(fd: int, size: int, count_size: bool = True) -> tuple[int, bool, i
     after_lf = True  # the start of the file is the start of a line
     dots = False
     last = -1
+    sparse_aware = size > CHUNK  # (a smaller file is read in one pread whatever it holds)
     while offset < size:
-        data = _next_data(fd, offset, size)
+        data = _next_data(fd, offset, size) if sparse_aware else offset
         if data > offset:  # a hole: zeros the file system does not store, so not read
             prev_cr = after_lf = False
             last = 0
