@@ -616,11 +616,12 @@ def test_w_sizes_are_trusted_and_final_newline_adds_two(server):
     ]
     for data in honest:
         box.put(data, sizes=True)
-    # a W= that is not the file's: trusted (proves sizes come from the name, not a read)
+    # a W= that is not the file's: trusted (proves sizes come from the name, not a read),
+    # if a file of its size could have it (else it is counted: test_attack_crafted_files)
     liar = message("lying W", "abc\r\n")
-    box.put(liar, w=999)
+    box.put(liar, w=len(liar) + 40)
     liar_short = b"short, no newline"
-    box.put(liar_short, w=500)
+    box.put(liar_short, w=len(liar_short) + 10)
     p = login(box.user)
     try:
         view = read_view(p)
@@ -629,8 +630,8 @@ def test_w_sizes_are_trusted_and_final_newline_adds_two(server):
             assert retr_octets(p, n) == view.sizes[n - 1][1], f"LIST != RETR for {honest[n - 1]!r}"
     finally:
         p.quit()
-    assert view.sizes[len(honest)][1] == 999
-    assert view.sizes[len(honest) + 1][1] == 502  # W= trusted, +2: no final newline in the file
+    assert view.sizes[len(honest)][1] == len(liar) + 40
+    assert view.sizes[len(honest) + 1][1] == len(liar_short) + 12  # W= trusted, +2: no final newline in the file
 
 
 def test_messages_without_sizes_are_measured_by_reading(server):

@@ -272,6 +272,17 @@ def open_spool(path: str, writable: bool) -> tuple[int, os.stat_result]:
         raise
 
 
+def _ascii_digits(text: str) -> bool:
+    """Whether ``text`` is a number int() takes: str.isdigit() alone also
+    passes digits such as "²" (Maildir names and the manifest are the user's)."""
+    return text.isascii() and text.isdigit()
+
+
+def _delivery_order(base: str) -> tuple[int, str]:
+    head = base.split(".", 1)[0]
+    return (int(head) if _ascii_digits(head) else 0, base)
+
+
 def _read_manifest(dir_fd: int) -> dict[tuple[str, int], tuple[str, str]]:
     """{(sha256, occurrence): (Maildir name, UIDL)} imported before."""
     from fastpop.store import safefs
@@ -287,7 +298,7 @@ def _read_manifest(dir_fd: int) -> dict[tuple[str, int], tuple[str, str]]:
     done = {}
     for line in data.decode("utf-8", "replace").splitlines():
         parts = line.split(" ")
-        if len(parts) == 4 and parts[1].isdigit():
+        if len(parts) == 4 and _ascii_digits(parts[1]) and len(parts[1]) <= 20:
             done[(parts[0], int(parts[1]))] = (parts[2], parts[3])
     return done
 
@@ -530,7 +541,7 @@ def pin_x_uidls(maildir: str, dry_run: bool = False) -> str:
                 os.close(sub)
         kept: dict[str, str] = {}
         # in delivery order, so the first of two equal X-UIDLs keeps it, whenever this runs
-        for base in sorted(pins, key=lambda b: (int(b.split(".", 1)[0]) if b.split(".", 1)[0].isdigit() else 0, b)):
+        for base in sorted(pins, key=_delivery_order):
             uidl = safe_uidl(pins[base])
             if uidl in taken or uidl == uidl_of(base):
                 continue

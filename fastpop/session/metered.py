@@ -19,7 +19,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fastpop.session.protocol import POP3Protocol
-from fastpop.session.state import BUSY_AUTH, BUSY_LISTING, BUSY_SENDING, BUSY_TLS, CLOSED
+from fastpop.session.state import (
+    BUSY_AUTH,
+    BUSY_COUNTING,
+    BUSY_LISTING,
+    BUSY_SENDING,
+    BUSY_TLS,
+    BUSY_UPDATING,
+    CLOSED,
+)
 from fastpop.wire.commands import NUM_CODES, Command
 
 # Upper bounds (seconds) of the latency buckets; a last bucket takes the rest.
@@ -31,7 +39,7 @@ FIRST_BUCKET = BUCKETS[0]  # most commands are answered within it: no bisect for
 COMMAND_NAMES = tuple(Command(code).name for code in range(NUM_CODES))
 
 # A command still "runs" while one of these is set: the reply is not complete.
-_WAITING = BUSY_AUTH | BUSY_LISTING | BUSY_SENDING | BUSY_TLS
+_WAITING = BUSY_AUTH | BUSY_COUNTING | BUSY_LISTING | BUSY_SENDING | BUSY_TLS | BUSY_UPDATING
 
 class Counters:
     """One process's counts since the last flush: plain ints, lists and dicts."""

@@ -22,7 +22,7 @@ from stat import S_ISREG
 from typing import TYPE_CHECKING
 
 from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small, workaround_flags
-from fastpop.session.state import BUSY_CLOSING, BUSY_LISTING, BUSY_SENDING, SessionParts
+from fastpop.session.state import BUSY_CLOSING, BUSY_COUNTING, BUSY_LISTING, BUSY_SENDING, SessionParts
 from fastpop.store.maildir import is_permanent
 from fastpop.wire import responses as R
 from fastpop.wire.stuffing import pop3_size, pop3_size_of
@@ -35,6 +35,11 @@ RELIST_INTERVAL = 1.0
 # make cur/ huge, and the default pool is the one logins open mailboxes in
 LISTING_THREADS = 2
 _listing_pool: concurrent.futures.ThreadPoolExecutor | None = None
+# Octet counts of large messages changed since they were indexed run in a pool
+# of their own too: a user may make one as large as the file system allows,
+# which must not hold up the listings (nor the logins of the default pool)
+COUNTING_THREADS = 2
+_counting_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def listing_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -45,9 +50,18 @@ def listing_pool() -> concurrent.futures.ThreadPoolExecutor:
     return _listing_pool
 
 
+def counting_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's pool for counting changed messages (made at first use, after a fork)."""
+    global _counting_pool
+    if _counting_pool is None:
+        _counting_pool = concurrent.futures.ThreadPoolExecutor(COUNTING_THREADS,
+                                                               thread_name_prefix="fastpop-retr-count")
+    return _counting_pool
+
+
 def _forget_pool() -> None:
-    global _listing_pool
-    _listing_pool = None  # a forked child has none of its parent's threads
+    global _listing_pool, _counting_pool
+    _listing_pool = _counting_pool = None  # a forked child has none of its parent's threads
 
 
 if hasattr(os, "register_at_fork"):
@@ -121,13 +135,25 @@ class Retrieval(SessionParts):
             return self._unreadable("read", path, exc)
         if top_lines is None and (small and len(data) != indexed_size or not small and size != indexed_size):
             # Sent as it is now, so the octet count must be of what is sent, not LIST's
-            pop3_size = self._changed_size(fd, path, data if small else None, indexed_size, size)
+            if not small:
+                # counted by reading the whole file, which its user can make as large as
+                # the file system allows (a sparse file costs no disk): not in the event loop
+                return self._count_changed(index, fd, path, indexed_size, size)
+            pop3_size = self._changed_size(fd, path, data, indexed_size, size)
             if pop3_size < 0:
                 return
+        self._send_opened(index, top_lines, fd, path, pop3_size, size, indexed_size, data if small else None)
+
+    def _send_opened(self, index: int, top_lines: int | None, fd: int, path: str, pop3_size: int, size: int,
+                     indexed_size: int, data: bytes | None) -> None:
+        """The rest of _send_file, once the octet count is known: ``data``, the
+        whole file of a small message (else None: it is streamed)."""
+        mailbox = self._mailbox
+        assert mailbox is not None
         status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % pop3_size
         names = self._ctx.config.client_workarounds
         workarounds = workaround_flags(names) if names else 0  # (none by default: nothing more to do)
-        if small:
+        if data is not None:
             os.close(fd)
             body = render_small(data, top_lines, workarounds)
             self._out += (status, body, R.END)
@@ -223,6 +249,30 @@ class Retrieval(SessionParts):
             self._unreadable("find", mailbox.file_path(index), exc)
         self._flush()
         self._unbusy(BUSY_LISTING)
+
+    def _count_changed(self, index: int, fd: int, path: str, indexed_size: int, size: int) -> None:
+        """RETR of a large message whose size is not the indexed one: its octet
+        count is read in a thread of the counting pool while the command pull
+        waits (BUSY_COUNTING: pipelined commands stay in order)."""
+        self._busy |= BUSY_COUNTING
+        future = self.loop.run_in_executor(counting_pool(), pop3_size, fd)
+        future.add_done_callback(functools.partial(self._changed_counted, index, fd, path, indexed_size, size))
+
+    def _changed_counted(self, index: int, fd: int, path: str, indexed_size: int, size: int,
+                         future: asyncio.Future) -> None:
+        if self.transport is None or self._busy & BUSY_CLOSING or self._mailbox is None:
+            os.close(fd)  # the client left (or the session timed out) meanwhile
+            return
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            os.close(fd)
+            self._unreadable("read", path, exc)
+        else:
+            log.warning("message changed since it was indexed user=%s file=%s indexed_size=%d size=%d",
+                        self._user_of_mailbox(), path, indexed_size, size)
+            self._send_opened(index, None, fd, path, future.result(), size, indexed_size, None)
+        self._flush()
+        self._unbusy(BUSY_COUNTING)  # (a stream keeps the pull stopped: BUSY_SENDING)
 
     def _changed_size(self, fd: int, path: str, data: bytes | None, indexed_size: int, size: int) -> int:
         """The RETR size of a message file whose size is no longer the indexed one; -1 (fd

@@ -27,6 +27,7 @@ import errno
 import hashlib
 import logging
 import os
+from collections.abc import Container, Iterator
 
 from fastpop.store import safefs
 
@@ -37,6 +38,7 @@ SIZELIST = "courierpop3dsizelist"
 MAX_BYTES = 32 * 1024 * 1024
 MAX_LINE = 2028  # Courier's linebuf (2048) less its 20 bytes of room: longer lines are cut, as Courier does
 _UIDL_EXTRA = frozenset(b"'\"+")
+_BLOCK = 1 << 20  # lines are split this many octets at a time (see _lines)
 
 
 def valid_uidl(text: str) -> bool:
@@ -70,20 +72,31 @@ def filename_uidl(base: bytes) -> str:
     return "".join(out)
 
 
-def parse(data: bytes) -> dict[str, str]:
+def _lines(data: bytes, start: int) -> Iterator[bytes]:
+    """The lines of ``data`` from ``start`` up to its last newline (after it:
+    nothing, or a line Courier never finished), split a block at a time: a
+    list of every line of a file of short lines held many times the file."""
+    end = data.rfind(b"\n")
+    while start <= end:
+        cut = data.find(b"\n", min(start + _BLOCK, end))  # (data[end] is one: never -1)
+        yield from data[start:cut].split(b"\n")
+        start = cut + 1
+
+
+def parse(data: bytes, wanted: Container[str] | None = None) -> dict[str, str]:
     """{base name (before ":"): the UIDL Courier served} from the file's
     bytes; {} for a file Courier would not read.  The UIDLs are as Courier
-    sent them, valid or not (safe_uidl makes them valid)."""
-    first, sep, rest = data.partition(b"\n")
+    sent them, valid or not (safe_uidl makes them valid).  ``wanted``: only
+    these base names (the user may fill the file with made-up lines: what is
+    kept grows with the messages asked about, not with the file)."""
+    first, sep, _ = data.partition(b"\n")
     if not sep or not first.startswith(b"/"):
         return {}
     head = first[1:].split()
     if len(head) < 2 or head[0] not in (b"2", b"3") or _number(head[1]) is None:
         return {}
     out: dict[str, str] = {}
-    lines = rest.split(b"\n")
-    lines.pop()  # after the last newline: nothing, or a line Courier never finished
-    for line in lines:
+    for line in _lines(data, len(first) + 1):
         line = line[:MAX_LINE]
         name_size, sp, ids = line.rpartition(b" ")
         name, sp2, size = name_size.rpartition(b" ")
@@ -100,6 +113,8 @@ def parse(data: bytes) -> dict[str, str]:
         if not base or b"\0" in base or base.startswith(b"."):
             continue
         key = base.decode("utf-8", "surrogateescape")
+        if wanted is not None and key not in wanted:
+            continue
         if uid == 0:
             out[key] = filename_uidl(base)
         else:
@@ -107,10 +122,10 @@ def parse(data: bytes) -> dict[str, str]:
     return out
 
 
-def read(dir_fd: int, where: str = "") -> dict[str, str]:
+def read(dir_fd: int, where: str = "", wanted: Container[str] | None = None) -> dict[str, str]:
     """The Courier UIDLs of the Maildir open as ``dir_fd``; {} if it has no
     courierpop3dsizelist, or one that is a link, not a regular file, too
-    large or unreadable (logged)."""
+    large or unreadable (logged).  ``wanted``: see parse."""
     try:
         fd, st = safefs.open_regular(dir_fd, SIZELIST)
     except FileNotFoundError:
@@ -134,4 +149,4 @@ def read(dir_fd: int, where: str = "") -> dict[str, str]:
         return {}
     finally:
         os.close(fd)
-    return parse(data)
+    return parse(data, wanted)

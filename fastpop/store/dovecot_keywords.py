@@ -55,7 +55,9 @@ def read(dir_fd: int) -> dict[str, int]:
     for line in data.decode("utf-8", "replace").split("\n"):
         index, sep, name = line.partition(" ")
         # as Dovecot: a bad, out-of-range or duplicate line is skipped
-        if not sep or not name or not index.isdigit() or len(index) > 2 or int(index) >= MAX_KEYWORDS:
+        # (ASCII digits: str.isdigit() also takes "²", which int() refuses)
+        if (not sep or not name or not (index.isascii() and index.isdigit()) or len(index) > 2
+                or int(index) >= MAX_KEYWORDS):
             continue
         if name in seen:
             continue

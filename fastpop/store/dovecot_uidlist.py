@@ -33,6 +33,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Container, Iterator
 
 from fastpop.store import safefs
 from fastpop.store.durable import replace_file
@@ -109,20 +110,35 @@ class Uidlist:
         return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
 
-def parse(data: bytes) -> Uidlist:
-    """A Uidlist from the file's bytes; UidlistCorrupt if it is not one."""
+# Lines are decoded and split this many octets at a time (see _lines).
+_BLOCK = 1 << 20
+
+
+def _lines(data: bytes) -> Iterator[str]:
+    """The lines of ``data`` up to its last newline (after it: nothing, or a
+    line Dovecot is still appending in place under its lock, not read yet, as
+    Dovecot), decoded a block at a time: the file is the user's, and a list
+    of every line of a 64 MiB file of short lines held several hundred MiB."""
+    end = data.rfind(b"\n")
+    start = 0
+    while start <= end:
+        cut = data.find(b"\n", min(start + _BLOCK, end))  # (data[end] is one: never -1)
+        yield from data[start:cut].decode("utf-8", "surrogateescape").split("\n")
+        start = cut + 1
+
+
+def parse(data: bytes, wanted: Container[str] | None = None) -> Uidlist:
+    """A Uidlist from the file's bytes; UidlistCorrupt if it is not one.
+    ``wanted``: keep only the records of these base names (the whole file is
+    still checked), so what is held grows with them, not with the file."""
     if len(data) > MAX_BYTES:
         raise UidlistCorrupt(f"over {MAX_BYTES} bytes")
     if b"\0" in data:
         raise UidlistCorrupt("NUL byte")
-    text = data.decode("utf-8", "surrogateescape")
-    lines = text.split("\n")
-    # the last element is "" after a final newline, else a line Dovecot is still
-    # appending (it appends records in place under its lock): not read yet, as Dovecot
-    lines.pop()
-    if not lines:
+    lines = _lines(data)
+    header = next(lines, None)
+    if header is None:
         raise UidlistCorrupt("empty")
-    header = lines[0]
     if len(header) < 2 or header[1] != " " or header[0] not in "13":
         raise UidlistCorrupt("unsupported version")
     version = int(header[0])
@@ -130,9 +146,9 @@ def parse(data: bytes) -> Uidlist:
     others: list[str] = []
     if version == 1:
         parts = header[2:].split()
-        if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        if len(parts) < 2:
             raise UidlistCorrupt("bad version 1 header")
-        validity, next_uid = int(parts[0]), int(parts[1])
+        validity, next_uid = _number(parts[0], "UIDVALIDITY"), _number(parts[1], "next UID")
     else:
         for field in header[2:].split(" "):
             if not field:
@@ -148,7 +164,7 @@ def parse(data: bytes) -> Uidlist:
         raise UidlistCorrupt("bad UIDVALIDITY or next UID")
     out = Uidlist(validity, next_uid, " ".join(others), version)
     previous = 0
-    for line in lines[1:]:
+    for line in lines:
         if version == 3:  # as maildir_uidlist_read_extended: fields up to one starting with ":"
             uid_text, _, rest = line.partition(" ")
             fields = []
@@ -173,6 +189,8 @@ def parse(data: bytes) -> Uidlist:
         previous = uid
         if not base or "/" in base or base[0] == "." or len(base.encode("utf-8", "surrogateescape")) > 255:
             raise UidlistCorrupt("bad file name")
+        if wanted is not None and base not in wanted:
+            continue
         out.records.pop(base, None)  # a duplicate: Dovecot keeps the later one (dicts keep order)
         out.records[base] = (uid, ext)
     if previous >= out.next_uid:
@@ -186,9 +204,11 @@ def _number(text: str, what: str) -> int:
     return int(text)
 
 
-def read(dir_fd: int) -> Uidlist | None:
+def read(dir_fd: int, wanted: Container[str] | None = None) -> Uidlist | None:
     """The Maildir's dovecot-uidlist (``dir_fd``: the Maildir), None if there
-    is none; UidlistCorrupt if it is not a regular file or cannot be parsed."""
+    is none; UidlistCorrupt if it is not a regular file or cannot be parsed.
+    ``wanted``: only these base names' records are kept (see parse); a list
+    read so is never written back."""
     try:
         fd, st = safefs.open_regular(dir_fd, UIDLIST)
     except FileNotFoundError:
@@ -212,7 +232,7 @@ def read(dir_fd: int) -> Uidlist | None:
             chunks.append(chunk)
     finally:
         os.close(fd)
-    return parse(b"".join(chunks))
+    return parse(b"".join(chunks), wanted)
 
 
 def _lock_owner_gone(dir_fd: int) -> bool:
@@ -226,7 +246,7 @@ def _lock_owner_gone(dir_fd: int) -> bool:
     finally:
         os.close(fd)
     pid, _, host = text.partition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) <= 0:
+    if host != socket.gethostname() or not (pid.isascii() and pid.isdigit()) or int(pid) <= 0:
         return False
     try:
         os.kill(int(pid), 0)

@@ -113,7 +113,11 @@ def is_stale(name: str | None, mtime: float, stale_after: float = DEFAULT_STALE_
     if len(parts) != 3 or parts[2] != _BOOT:
         return True  # another boot of this host (or nonsense)
     pid, start = parts[0], parts[1]
-    return not pid.isdigit() or _start_time(int(pid)) != start
+    # the user may write the link: ASCII digits of a pid's length only ("²" passes
+    # str.isdigit() but not int(), and int() refuses over 4300 digits)
+    if not (pid.isascii() and pid.isdigit()) or len(pid) > 10:
+        return True
+    return _start_time(int(pid)) != start
 
 
 def _read(path: str) -> tuple[str | None, float] | None:

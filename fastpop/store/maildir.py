@@ -43,7 +43,7 @@ SUBDIRS = ("cur", "new", "tmp")
 # A directory mtime this recent may still change within the same clock tick
 # unseen; the index does not trust such an mtime (it rescans next time).
 MTIME_SETTLE_NS = 2_000_000_000
-_VSIZE = re.compile(r",W=(\d+)")
+_VSIZE = re.compile(r",W=([0-9]+)")
 # tmp/ files older than this are a dead delivery's (Maildir specification).
 TMP_MAX_AGE = 36 * 3600
 
@@ -125,7 +125,7 @@ def parse_name(name: str) -> tuple[str, int, int]:
 
 
 def _int_or(text: str, default: int) -> int:
-    return int(text) if text.isdigit() else default
+    return int(text) if text.isascii() and text.isdigit() else default
 
 
 def uidl_of(name: str) -> str:
@@ -154,7 +154,8 @@ def _base(name: str) -> str:
 
 def _delivery_order(name: str) -> tuple[int, str]:
     head = name.split(".", 1)[0]
-    return (int(head) if head.isdigit() else 0, name)
+    # ASCII only: str.isdigit() also takes digits such as "²", which int() refuses
+    return (int(head) if head.isascii() and head.isdigit() else 0, name)
 
 
 def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int, int, int] | None:
@@ -181,8 +182,12 @@ def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int
         file_size = st.st_size
         m = _VSIZE.search(name)
         colon = name.find(":")
-        if m is not None and (colon < 0 or m.start() < colon):  # W= of the name, not of the flags
-            size = int(m.group(1))
+        virtual = int(m.group(1)) if m is not None and (colon < 0 or m.start() < colon) else -1  # not the flags'
+        # The name is the user's to choose: a W= no file of this size can have (each
+        # octet becomes at most two) would be announced by STAT and LIST, and one past
+        # 2^64 cannot even be indexed; such a file is counted instead.
+        if file_size <= virtual <= 2 * file_size:
+            size = virtual
             _, dots, last = scan_file(fd, file_size, count_size=False)
             if size > 0:
                 if last < 0:  # the scan stopped at a dot line: the last byte is read by itself
@@ -202,13 +207,15 @@ def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int
     return size, file_size, flags if dots else flags | FLAG_NO_DOT_LINES
 
 
-def read_dovecot_uidlist(dir_fd: int) -> tuple[int, dict[str, str]]:
+def read_dovecot_uidlist(dir_fd: int, wanted: set[str] | None = None) -> tuple[int, dict[str, str]]:
     """(UIDVALIDITY, {base name: UIDL}) from Dovecot's dovecot-uidlist in the
     Maildir open as ``dir_fd`` (a regular file, not through a link): the
     UIDLs Dovecot's POP3 serves (fastpop.store.dovecot_uidlist), or (0, {})
-    if there is none or it cannot be parsed."""
+    if there is none or it cannot be parsed.  ``wanted``: only these base
+    names (the user may fill the file with made-up records: only those of
+    messages being indexed are kept)."""
     try:
-        uidlist = dovecot_uidlist.read(dir_fd)
+        uidlist = dovecot_uidlist.read(dir_fd, wanted)
     except (OSError, ValueError) as exc:
         log.warning("ignoring dovecot-uidlist of the Maildir: %s", exc)
         return 0, {}
@@ -455,7 +462,8 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
         uidvalidity = uidlist.validity
         dovecot_uidls = {_base(n): uidlist.uidl(_base(n)) or "" for n in added}
     else:
-        uidvalidity, dovecot_uidls = read_dovecot_uidlist(fd) if added or old is None else (0, {})
+        uidvalidity, dovecot_uidls = (read_dovecot_uidlist(fd, {_base(n) for n in added})
+                                      if added or old is None else (0, {}))
     if old is not None and not uidvalidity:
         uidvalidity = old.uidvalidity
     for name in added:
@@ -485,7 +493,7 @@ def _migrated_uidls(fd: int, added: list[str], kept: list[Entry], path: str) -> 
     order of ``added`` is the delivery order)."""
     if not added:
         return {}
-    listed = courier.read(fd, path)
+    listed = courier.read(fd, path, {_base(n) for n in added})
     if not listed:
         return {}
     taken = {e.uidl for e in kept}

@@ -11,6 +11,7 @@ without such a line needs no scan).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -88,7 +89,10 @@ class TopLimiter:
 
 def pop3_size(file: str | int) -> int:
     """pop3_size_of() for a file, read in bounded chunks: a path, or an open
-    descriptor (read with pread: its offset is left where it was)."""
+    descriptor (read with pread: its offset is left where it was; up to its
+    size now, its holes not read: see scan_file)."""
+    if isinstance(file, int):
+        return scan_file(file, os.fstat(file).st_size)[0]
     total = bare_lf = 0
     prev_cr = False
     last = -1
@@ -118,7 +122,14 @@ def scan_file(fd: int, size: int, count_size: bool = True) -> tuple[int, bool, i
     after_lf = True  # the start of the file is the start of a line
     dots = False
     last = -1
+    sparse_aware = size > CHUNK  # (a smaller file is read in one pread whatever it holds)
     while offset < size:
+        data = _next_data(fd, offset, size) if sparse_aware else offset
+        if data > offset:  # a hole: zeros the file system does not store, so not read
+            prev_cr = after_lf = False
+            last = 0
+            offset = data
+            continue
         n = os.preadv(fd, [view[: min(len(buf), size - offset)]], offset)
         if n == 0:  # shorter than it was: measured as it is
             break
@@ -136,6 +147,30 @@ def scan_file(fd: int, size: int, count_size: bool = True) -> tuple[int, bool, i
         offset += n
     total = offset + bare_lf + (0 if last == 10 else 2) if count_size and offset else 0
     return total, dots, last if offset == size else -1
+
+
+def _next_data(fd: int, offset: int, size: int) -> int:
+    """Where the next stored data of the file starts, from ``offset`` (capped
+    at ``size``).  A file's user can make it sparse: terabytes of holes that
+    cost no disk, which reading would take hours to go through; what is
+    read stays what the file really holds.  ``offset`` itself where the file
+    system cannot tell (every octet is data then).  The offset of ``fd`` is
+    left where it was."""
+    if _SEEK_DATA is None:
+        return offset
+    here = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        return min(os.lseek(fd, offset, _SEEK_DATA), size)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            return offset  # (EINVAL: not supported here)
+        # no data from offset on: a hole up to the end, or the file is shorter now
+        return max(offset, min(size, os.fstat(fd).st_size))
+    finally:
+        os.lseek(fd, here, os.SEEK_SET)
+
+
+_SEEK_DATA = getattr(os, "SEEK_DATA", None)
 
 
 def _chunks(file: str | int) -> Iterator[bytes]:
