@@ -353,14 +353,28 @@ def _scan_user(
     return LegacyUser(name, upath, pwds[0][: -len(PWD_SUFFIX)], maildir, messages, done=done)
 
 
+# A manifest line is ~100 bytes: this is some 600,000 messages.  The user may
+# write the file, so a larger one is refused, never read into memory.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
 def _open_manifest(maildir: str, flags: int) -> int:
     """The manifest in the Maildir, which its user may write: never through a
-    link, a regular file only (fastpop.store.safefs)."""
+    link, a regular file only (fastpop.store.safefs).  One to be written must
+    be the Maildir's own (one link, owned by root or the Maildir's owner):
+    the user may have hard-linked a file they can write but do not own."""
     from fastpop.store import safefs
 
     dir_fd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return safefs.open_regular(dir_fd, MANIFEST, flags)[0]
+        fd, st = safefs.open_regular(dir_fd, MANIFEST, flags)
+        if flags & (os.O_WRONLY | os.O_RDWR) and (
+            st.st_nlink != 1 or (os.geteuid() == 0 and st.st_uid not in (0, os.fstat(dir_fd).st_uid))
+        ):
+            os.close(fd)
+            raise OSError(errno.EPERM, "a hard link or another user's file: not written",
+                          os.path.join(maildir, MANIFEST))
+        return fd
     finally:
         os.close(dir_fd)
 
@@ -368,12 +382,23 @@ def _open_manifest(maildir: str, flags: int) -> int:
 def _read_manifest(maildir: str) -> set[tuple[str, str]]:
     done: set[tuple[str, str]] = set()
     try:
-        with open(_open_manifest(maildir, os.O_RDONLY | os.O_NONBLOCK), encoding="utf-8") as f:
-            for line in f:
-                digest, _, rest = line.rstrip("\n").partition(" ")
-                done.add((digest, rest.rpartition(" ")[0]))
+        fd = _open_manifest(maildir, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        pass
+        return done
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= MAX_MANIFEST_BYTES and (chunk := os.read(fd, 1 << 20)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_MANIFEST_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_MANIFEST_BYTES} bytes, not read", os.path.join(maildir, MANIFEST))
+    text = b"".join(chunks).decode("utf-8")
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):  # as open() in text mode splits
+        digest, _, rest = line.partition(" ")
+        done.add((digest, rest.rpartition(" ")[0]))
     return done
 
 
