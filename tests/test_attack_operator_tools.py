@@ -101,3 +101,16 @@ def test_legacy_import_does_not_read_a_huge_manifest_into_memory(legacy_world):
     assert b"Traceback" not in result.stderr and b"MemoryError" not in result.stderr, result.stderr[-2000:]
     assert result.returncode == 1 and b"fastpop-legacy-import" in result.stderr, result.stderr
     assert not (base / "passwd").exists() or b"alice" not in (base / "passwd").read_bytes()
+
+
+def test_legacy_import_does_not_read_a_huge_message_file_into_memory(legacy_world):
+    """The legacy users write their folders in ROOT: a message file of 2 GiB
+    (sparse: it costs them nothing) was read whole, twice (scan, copy)."""
+    nobody, base, maildir, victim = legacy_world
+    folder = base / "legacy" / "example.com" / "alice"
+    with open(folder / "2.eml", "wb") as f:
+        f.truncate(2 << 30)
+    result = _import_legacy(base, limit_memory=1 << 30)
+    assert b"Traceback" not in result.stderr and b"MemoryError" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode == 1 and b"2.eml: larger than" in result.stderr, result.stderr
+    assert os.listdir(maildir) == [], "nothing is written when ROOT is refused"
