@@ -11,15 +11,18 @@ that is what a user can hard-link into their Maildir.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from support.server import Raw, ServerProcess, message
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the commands run as root on a user's files")
 
@@ -114,3 +117,147 @@ def test_legacy_import_does_not_read_a_huge_message_file_into_memory(legacy_worl
     assert b"Traceback" not in result.stderr and b"MemoryError" not in result.stderr, result.stderr[-2000:]
     assert result.returncode == 1 and b"2.eml: larger than" in result.stderr, result.stderr
     assert os.listdir(maildir) == [], "nothing is written when ROOT is refused"
+
+
+# -- fastpop expire, run as root by cron with [mail] lock = "symlink"
+
+# The user's side of the flock attack: hold an exclusive flock on their own
+# Maildir, say so, wait for the word, then (optionally) swap the Maildir for a
+# link to somewhere else before letting go.
+_HOLDER = """
+m, victim, swap = sys.argv[1], sys.argv[2], sys.argv[3] == "swap"
+fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.readline()
+if swap:
+    os.rename(m, m + ".real")
+    os.symlink(victim, m)
+os.close(fd)
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def expire_world():
+    """nobody's Maildir with a retrieval record (so the sweep locks it) and a
+    plain file where the lock link goes (stale at once: taken over under a
+    flock of the Maildir); a victim directory of root's holding a file named
+    like the lock."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:  # pragma: no cover
+        pytest.skip("no user 'nobody'")
+    base = Path(tempfile.mkdtemp(prefix="fastpop-attack-expire-"))
+    base.chmod(0o755)
+    home = base / "home"
+    home.mkdir(mode=0o755)
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    maildir = home / "Maildir"
+    _as_user(nobody.pw_uid, nobody.pw_gid,
+             "m = sys.argv[1]\n"
+             "for d in ('', '/cur', '/new', '/tmp'): os.mkdir(m + d, 0o700)\n"
+             "open(m + '/fastpop.retrieved', 'w').write('1 nothing\\n')\n"
+             "open(m + '/fastpop.lock', 'w').write('a plain file\\n')\n",
+             str(maildir))
+    victim = base / "victim"
+    victim.mkdir(mode=0o755)
+    (victim / "fastpop.lock").write_bytes(b"root's file\n")
+    config = base / "fastpop.toml"
+    config.write_text('[mail]\nlock = "symlink"\n')
+    yield nobody, base, maildir, victim, config
+    subprocess.run(["rm", "-rf", str(base)], check=False, timeout=60)
+
+
+def _blocked_flock_waiters() -> int:
+    """Lines of /proc/locks for a process waiting for a lock ("->")."""
+    with open("/proc/locks") as f:
+        return sum(1 for line in f if "->" in line and "FLOCK" in line)
+
+
+def _attack_expire(nobody, maildir: Path, victim: Path, config: Path, swap: bool) -> tuple[str, bool]:
+    """Hold the Maildir's flock while root's sweep runs; returns the sweep's
+    output and whether it finished within 15 s while the flock was held."""
+    # (fcntl before giving up root: the interpreter's own modules may be root's alone)
+    prelude = f"import fcntl, os, sys\nos.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
+    holder = subprocess.Popen([sys.executable, "-c", prelude + _HOLDER, str(maildir), str(victim),
+                               "swap" if swap else "hold"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sweep = None
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiting_before = _blocked_flock_waiters()
+        sweep = subprocess.Popen([sys.executable, "-m", "fastpop", "expire", "--config", str(config),
+                                  "--maildir", str(maildir), "--days", "0"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        finished = False
+        try:
+            sweep.wait(timeout=15)
+            finished = True
+        except subprocess.TimeoutExpired:
+            # it waits for the user's flock: let go (after the swap, if any)
+            assert _blocked_flock_waiters() > waiting_before, "the sweep is stuck, not waiting for the flock"
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "released"
+        out, _ = sweep.communicate(timeout=30)
+        return out, finished
+    finally:
+        for proc in (sweep, holder):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def test_expire_sweep_does_not_hang_on_a_users_flock_of_their_maildir(expire_world):
+    """Taking over a stale lock link waited, without bound, for a flock the
+    user can hold on their own Maildir: the root-run sweep, and every mailbox
+    after this one, stopped for as long as the user liked."""
+    nobody, base, maildir, victim, config = expire_world
+    out, finished = _attack_expire(nobody, maildir, victim, config, swap=False)
+    assert "Traceback" not in out, out
+    assert finished, f"the sweep waited for the user's flock: {out}"
+
+
+def test_expire_sweep_takes_no_lock_outside_the_maildir(expire_world):
+    """While the sweep waited for the flock the user swapped their Maildir for
+    a link to a directory of root's: the lock was then taken by path, through
+    that link, so root deleted the victim's file named fastpop.lock (taking a
+    plain file there as a stale lock), put its own link there, and removed it."""
+    nobody, base, maildir, victim, config = expire_world
+    out, _ = _attack_expire(nobody, maildir, victim, config, swap=True)
+    assert "Traceback" not in out, out
+    assert os.path.lexists(victim / "fastpop.lock"), f"root deleted a file outside the Maildir: {out}"
+    assert not os.path.islink(victim / "fastpop.lock")
+    assert (victim / "fastpop.lock").read_bytes() == b"root's file\n"
+
+
+def test_server_login_does_not_wait_for_a_users_flock_of_their_maildir():
+    """The same wait in the server: the lock is taken in the event loop, so a
+    user holding a flock on their own Maildir (with a plain file as the lock)
+    froze every session of the worker at their login."""
+    base = Path(tempfile.mkdtemp(prefix="fastpop-attack-flock-"))
+    srv = ServerProcess(base / "srv", "cython", extra_args=["--mail-lock", "symlink"])
+    held = None
+    try:
+        attacker = srv.add_user([message("one")], name="attacker")
+        other = srv.add_user([message("two")], name="other")
+        (attacker.maildir / "fastpop.lock").write_bytes(b"a plain file: stale at once\n")
+        srv.start()
+        held = os.open(attacker.maildir, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(held, fcntl.LOCK_EX)  # what the Maildir's owner may do at any time
+        r = Raw(srv.port, timeout=10)
+        assert r.cmd(f"USER {attacker.name}").startswith(b"+OK")
+        reply = r.cmd(f"PASS {attacker.password}")  # a timeout (the loop stuck in flock) raises
+        assert reply.startswith(b"-ERR [IN-USE]"), reply
+        r2 = Raw(srv.port, timeout=10)
+        assert r2.cmd(f"USER {other.name}").startswith(b"+OK")
+        assert r2.cmd(f"PASS {other.password}").startswith(b"+OK")
+        assert r2.cmd("QUIT").startswith(b"+OK")
+        assert "Traceback" not in srv.log()
+    finally:
+        if held is not None:
+            os.close(held)
+        srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
