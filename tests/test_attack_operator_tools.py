@@ -261,3 +261,30 @@ def test_server_login_does_not_wait_for_a_users_flock_of_their_maildir():
             os.close(held)
         srv.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_mbox_import_does_not_hold_every_message_of_a_huge_spool():
+    """The spool is its user's file: ~100 MB of empty messages (a From_ line
+    and an empty line each, 3 million) made the check before the import hold
+    a Span per message, ~850 MB; 10 GB of spool would take ~85 GB of root's
+    memory.  Checked under a 512 MiB limit, with --dry-run (the same check)."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:  # pragma: no cover
+        pytest.skip("no user 'nobody'")
+    base = Path(tempfile.mkdtemp(prefix="fastpop-attack-spool-"))
+    try:
+        spool = base / "spool"
+        spool.write_bytes(b"From a Mon Jan  1 10:00:00 2024\n\n" * 3_000_000)
+        os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
+
+        result = subprocess.run([sys.executable, "-m", "fastpop", "import", "mbox", str(spool),
+                                 "--maildir", str(base / "Maildir"), "--dry-run"],
+                                capture_output=True, timeout=120, preexec_fn=limit)
+        assert b"MemoryError" not in result.stderr and b"Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.returncode == 0 and b"3000000 messages" in result.stdout, (result.stdout, result.stderr)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
