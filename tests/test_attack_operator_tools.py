@@ -288,3 +288,73 @@ def test_mbox_import_does_not_hold_every_message_of_a_huge_spool():
         assert result.returncode == 0 and b"3000000 messages" in result.stdout, (result.stdout, result.stderr)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# The user's side of the read-back attack: as each message lands in new/
+# (inotify IN_MOVED_TO), put a sparse file of a terabyte in its place.
+_SWAPPER = """
+m = sys.argv[1]
+libc = ctypes.CDLL("libc.so.6", use_errno=True)
+ifd = libc.inotify_init()
+libc.inotify_add_watch(ifd, (m + "/new").encode(), 0x80)
+print("ready", flush=True)
+while True:
+    buf = os.read(ifd, 4096)
+    i = 0
+    while i < len(buf):
+        _wd, _mask, _cookie, ln = struct.unpack_from("iIII", buf, i)
+        name = buf[i + 16:i + 16 + ln].rstrip(b"\\0").decode()
+        i += 16 + ln
+        try:
+            os.rename(m + "/new/" + name, m + "/moved-" + name)
+            fd = os.open(m + "/new/" + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, 1 << 40)
+            os.close(fd)
+            print("swapped", flush=True)
+        except OSError:
+            pass
+"""
+
+
+def test_mbox_import_does_not_read_back_a_huge_file_swapped_in():
+    """Each stored message is read back and hashed: the user, watching new/
+    with inotify, replaced it at once (the import's fsync of new/ gives them
+    the time) by a sparse file of 1 TiB, which root then read to the end, for
+    hours.  The read-back now reads no more than what was stored."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:  # pragma: no cover
+        pytest.skip("no user 'nobody'")
+    base = Path(tempfile.mkdtemp(prefix="fastpop-attack-readback-"))
+    base.chmod(0o755)
+    swapper = None
+    try:
+        home = base / "home"
+        home.mkdir(mode=0o755)
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        maildir = home / "Maildir"
+        _as_user(nobody.pw_uid, nobody.pw_gid,
+                 "for d in ('', '/cur', '/new', '/tmp'): os.mkdir(sys.argv[1] + d, 0o700)\n", str(maildir))
+        spool = base / "spool"
+        spool.write_bytes(b"".join(b"From a Mon Jan  1 10:00:%02d 2024\nSubject: %d\n\nbody\n\n" % (i, i)
+                                   for i in range(10)))
+        os.chown(spool, nobody.pw_uid, nobody.pw_gid)
+        # (ctypes and struct before giving up root: the interpreter's modules may be root's alone)
+        prelude = ("import ctypes, os, struct, sys\nctypes.CDLL('libc.so.6')\n"
+                   f"os.setgroups([]); os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n")
+        swapper = subprocess.Popen([sys.executable, "-c", prelude + _SWAPPER, str(maildir)],
+                                   stdout=subprocess.PIPE, text=True)
+        assert swapper.stdout.readline().strip() == "ready"
+        try:
+            result = subprocess.run([sys.executable, "-m", "fastpop", "import", "mbox", str(spool),
+                                     "--maildir", str(maildir)], capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the import was still reading the file swapped in after 60 s")
+        assert b"Traceback" not in result.stderr, result.stderr
+        if result.returncode != 0:  # the swap was seen: refused, at once
+            assert b"reads back differently" in result.stderr, result.stderr
+    finally:
+        if swapper is not None:
+            swapper.kill()
+            swapper.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)

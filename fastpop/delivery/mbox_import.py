@@ -389,7 +389,7 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
                     stored = store_normalized(maildir, data, when=when, owner=owner, quota=False)
                 except DeliveryError as exc:
                     raise OSError(errno.EIO, str(exc), maildir) from None
-                if _digest_of(dir_fd, stored.name) != digest:
+                if _digest_of(dir_fd, stored.name, len(data)) != digest:
                     raise OSError(errno.EIO, f"message {stored.name} reads back differently", maildir)
                 uidl = uidl_of(stored.name)
                 if span.x_uidl:
@@ -429,23 +429,29 @@ def _read_again(fd: int, max_message: int, spool: str) -> Iterator[Span]:
         raise OSError(errno.EAGAIN, f"changed while it was imported ({exc})", spool) from None
 
 
-def _digest_of(dir_fd: int, name: str) -> str:
-    """SHA-256 of a message just stored (in new/, or in cur/ if a login moved it)."""
+def _digest_of(dir_fd: int, name: str, size: int) -> str:
+    """SHA-256 of a message just stored (in new/, or in cur/ if a login moved it),
+    of ``size`` bytes: "" for a file of another size, unread (its user may have
+    put a sparse file of a terabyte in its place, which root would read for hours)."""
     from fastpop.store import safefs
 
     for sub_name, file_name in (("new", name), ("cur", name + ":2,")):
         sub = os.open(sub_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             try:
-                fd, _ = safefs.open_regular(sub, file_name)
+                fd, st = safefs.open_regular(sub, file_name)
             except FileNotFoundError:
                 continue
         finally:
             os.close(sub)
         h = hashlib.sha256()
+        left = size + 1  # one more: a file that grew after the fstat reads back differently
         try:
-            while chunk := os.read(fd, 1 << 20):
+            if st.st_size != size:
+                return ""
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
                 h.update(chunk)
+                left -= len(chunk)
         finally:
             os.close(fd)
         return h.hexdigest()
