@@ -37,6 +37,9 @@ from dataclasses import dataclass, field
 
 MANIFEST = "fastpop-legacy-import"
 PWD_SUFFIX = ".pwd"
+# a message file is read whole (hashed, then stored): a larger one is refused,
+# never read, as its user may make it as large as the disk (import mbox's default)
+MAX_MESSAGE = 256 * 1024 * 1024
 
 # a message file: never through a symbolic link, never blocking on a FIFO or
 # device swapped in, never becoming a controlling terminal
@@ -115,10 +118,16 @@ def _open_checked(dir_fd: int, name: str, path: str, dev: int, ino: int, size: i
     raise Changed(f"{path}: not the file that was checked ({why}); refused, not read")
 
 
-def _read_fd(fd: int) -> bytes:
-    """All of ``fd`` (closed afterwards)."""
+def _read_fd(fd: int, size: int, path: str) -> bytes:
+    """The ``size`` bytes of ``fd`` (closed afterwards), the size it was checked
+    at: Changed if it grew or shrank meanwhile (its owner may still be writing
+    it), never read past that into memory."""
     with open(fd, "rb", closefd=True) as f:
-        return f.read()
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise Changed(f"{path}: not the file that was checked (its size changed while it was read); "
+                      "refused, not read")
+    return data
 
 
 def _open_folder(name: str, dir_fd: int, path: str) -> int:
@@ -150,6 +159,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("root", metavar="ROOT", help="the legacy server's mail root")
     p.add_argument("--passwd-file", required=True, help="passwd-file to add the users to (created if missing)")
     p.add_argument("--mail-root", required=True, metavar="DIR", help="where the Maildirs go: DIR/<domain>/<user>")
+    p.add_argument("--max-message-size", type=int, default=MAX_MESSAGE, metavar="BYTES",
+                   help=f"refuse ROOT if a message file is larger (default {MAX_MESSAGE})")
     p.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
     p.set_defaults(func=cmd_import_legacy)
     from fastpop.delivery import mbox_import
@@ -160,7 +171,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_import_legacy(args: argparse.Namespace) -> int:
     try:
-        users = scan(args.root, args.mail_root, args.passwd_file)
+        users = scan(args.root, args.mail_root, args.passwd_file, args.max_message_size)
     except Refused as exc:
         print(f"fastpop import: {exc}", file=sys.stderr)
         print("fastpop import: nothing imported", file=sys.stderr)
@@ -186,7 +197,7 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def scan(root: str, mail_root: str, passwd_file: str) -> list[LegacyUser]:
+def scan(root: str, mail_root: str, passwd_file: str, max_message: int = MAX_MESSAGE) -> list[LegacyUser]:
     """Every user of ROOT, checked; raises Refused listing every problem."""
     from fastpop.auth.authenticator import valid_username
 
@@ -229,7 +240,8 @@ def scan(root: str, mail_root: str, passwd_file: str) -> list[LegacyUser]:
                             problems.append(f"{upath}: same user as {seen[name.lower()]} (names differ only in case)")
                             continue
                         seen[name.lower()] = upath
-                        user = _scan_user(root, upath, user_fd, name, os.path.join(mail_root, domain, local), problems)
+                        user = _scan_user(root, upath, user_fd, name, os.path.join(mail_root, domain, local), problems,
+                                          max_message)
                         if user is not None:
                             user.source = (root, domain, local)
                             users.append(user)
@@ -295,7 +307,7 @@ def _real_dir(dir_fd: int, name: str, path: str, problems: list[str]) -> int | N
 
 
 def _scan_user(
-    root: str, upath: str, user_fd: int, name: str, maildir: str, problems: list[str]
+    root: str, upath: str, user_fd: int, name: str, maildir: str, problems: list[str], max_message: int = MAX_MESSAGE
 ) -> LegacyUser | None:
     from fastpop.delivery.local import normalize
 
@@ -323,8 +335,12 @@ def _scan_user(
         if entry.startswith("."):
             problems.append(f"{path}: a hidden file, not a message the server wrote")
             continue
+        if st.st_size > max_message:
+            problems.append(f"{path}: larger than {max_message} bytes (--max-message-size)")
+            continue
         try:
-            data = _read_fd(_open_checked(user_fd, entry, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+            fd = _open_checked(user_fd, entry, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            data = _read_fd(fd, st.st_size, path)
         except Changed as exc:
             problems.append(str(exc))
             continue
@@ -353,14 +369,28 @@ def _scan_user(
     return LegacyUser(name, upath, pwds[0][: -len(PWD_SUFFIX)], maildir, messages, done=done)
 
 
+# A manifest line is ~100 bytes: this is some 600,000 messages.  The user may
+# write the file, so a larger one is refused, never read into memory.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+
+
 def _open_manifest(maildir: str, flags: int) -> int:
     """The manifest in the Maildir, which its user may write: never through a
-    link, a regular file only (fastpop.store.safefs)."""
+    link, a regular file only (fastpop.store.safefs).  One to be written must
+    be the Maildir's own (one link, owned by root or the Maildir's owner):
+    the user may have hard-linked a file they can write but do not own."""
     from fastpop.store import safefs
 
     dir_fd = safefs.open_nofollow(safefs.canonical_maildir(maildir), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        return safefs.open_regular(dir_fd, MANIFEST, flags)[0]
+        fd, st = safefs.open_regular(dir_fd, MANIFEST, flags)
+        if flags & (os.O_WRONLY | os.O_RDWR) and (
+            st.st_nlink != 1 or (os.geteuid() == 0 and st.st_uid not in (0, os.fstat(dir_fd).st_uid))
+        ):
+            os.close(fd)
+            raise OSError(errno.EPERM, "a hard link or another user's file: not written",
+                          os.path.join(maildir, MANIFEST))
+        return fd
     finally:
         os.close(dir_fd)
 
@@ -368,12 +398,23 @@ def _open_manifest(maildir: str, flags: int) -> int:
 def _read_manifest(maildir: str) -> set[tuple[str, str]]:
     done: set[tuple[str, str]] = set()
     try:
-        with open(_open_manifest(maildir, os.O_RDONLY | os.O_NONBLOCK), encoding="utf-8") as f:
-            for line in f:
-                digest, _, rest = line.rstrip("\n").partition(" ")
-                done.add((digest, rest.rpartition(" ")[0]))
+        fd = _open_manifest(maildir, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        pass
+        return done
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= MAX_MANIFEST_BYTES and (chunk := os.read(fd, 1 << 20)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_MANIFEST_BYTES:
+        raise OSError(errno.EFBIG, f"larger than {MAX_MANIFEST_BYTES} bytes, not read", os.path.join(maildir, MANIFEST))
+    text = b"".join(chunks).decode("utf-8")
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):  # as open() in text mode splits
+        digest, _, rest = line.partition(" ")
+        done.add((digest, rest.rpartition(" ")[0]))
     return done
 
 
@@ -489,7 +530,7 @@ def _store(user: LegacyUser, m: Message, folder_fd: int, when_us: int, manifest:
         raise
     except OSError as exc:
         raise OSError(f"{m.path}: cannot read: {exc.strerror}") from None
-    data = _read_fd(fd)
+    data = _read_fd(fd, m.st_size, m.path)
     digest = hashlib.sha256(data).hexdigest()
     try:
         # moving existing mail: the quota is the old server's business, not a reason to lose some

@@ -55,6 +55,7 @@ import re
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 MANIFEST = "fastpop-mbox-import"
@@ -122,7 +123,14 @@ def scan(fd: int, max_message: int = MAX_MESSAGE) -> list[Span]:
     """The messages of the mbox open as ``fd`` (read from its current offset
     to its end).  ImportRefused if it is not an mbox or a message is larger
     than ``max_message``."""
-    spans: list[Span] = []
+    return list(iter_spans(fd, max_message))
+
+
+def iter_spans(fd: int, max_message: int = MAX_MESSAGE) -> Iterator[Span]:
+    """scan(), one message at a time: the spool is its user's, and a list of
+    its messages costs ~300 bytes of memory for each (a From_ line and an
+    empty line, ~33 bytes of spool), so the import never holds one."""
+    first = True  # the message being read is the spool's first
     current: Span | None = None
     prev_blank = False
     prev_start = 0  # where the previous line began: a separating empty line is not the message's
@@ -135,7 +143,8 @@ def scan(fd: int, max_message: int = MAX_MESSAGE) -> list[Span]:
         ):
             if current is not None:
                 current.end = prev_start
-                spans.append(current)
+                yield _marked(current, first)
+                first = False
             elif offset != 0:
                 raise ImportRefused("not an mbox: it does not start with a From_ line")
             current = Span(end, end, piece.rstrip(b"\r\n")[:1000])
@@ -151,20 +160,23 @@ def scan(fd: int, max_message: int = MAX_MESSAGE) -> list[Span]:
                 in_header = False
             elif current.x_uidl is None and piece[:7].lower() == b"x-uidl:":
                 current.x_uidl = piece[7:1000].strip().decode("utf-8", "surrogateescape")
-            elif not spans and piece[:7].lower() == b"x-imap:":
+            elif first and piece[:7].lower() == b"x-imap:":
                 current._x_imap = True
-            elif not spans and piece[:8].lower() == b"subject:":
+            elif first and piece[:8].lower() == b"subject:":
                 current._subject = piece[8:200].strip()
         prev_start = offset if at_start else prev_start
         prev_blank = at_start and _is_blank(piece)
     if current is not None:
         # the last message: an empty last line is the mbox's separator, not the message's
         current.end = prev_start if prev_blank and end > current.start else end
-        spans.append(current)
-    first = spans[0] if spans else None
-    if first is not None and first._x_imap and first._subject.startswith(b"DON'T DELETE THIS MESSAGE"):
-        first.internal = True
-    return spans
+        yield _marked(current, first)
+
+
+def _marked(span: Span, first: bool) -> Span:
+    """The span, marked internal if it is c-client's folder state (the first message only)."""
+    if first and span._x_imap and span._subject.startswith(b"DON'T DELETE THIS MESSAGE"):
+        span.internal = True
+    return span
 
 
 def read_message(fd: int, span: Span, quoting: str = "mboxo") -> bytes:
@@ -338,10 +350,12 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
             raise ImportRefused("belongs to root: give the mail's owner with --owner")
         if os.geteuid() == 0 and st.st_uid != owner:
             raise ImportRefused(f"belongs to uid {st.st_uid}, not to uid {owner} that the Maildir is for")
-        spans = scan(fd, max_message)
+        # the whole spool checked before anything is written, without holding its messages
+        mail = with_uidl = 0
+        for span in iter_spans(fd, max_message):
+            mail += not span.internal
+            with_uidl += bool(span.x_uidl)
         if dry_run:
-            with_uidl = sum(1 for s in spans if s.x_uidl)
-            mail = sum(1 for s in spans if not s.internal)
             return f"{spool}: {mail} messages, {with_uidl} with X-UIDL (dry run: nothing written)"
         ensure_maildir(maildir, owner)
         dir_fd, owner = safefs.open_maildir(maildir, owner)
@@ -355,7 +369,8 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
                 pins = {n.split(":", 1)[0]: u for n, u in done.values() if n.split(":", 1)[0] in present}
             imported = skipped = 0
             last = 0.0
-            for span in spans:
+            os.lseek(fd, 0, os.SEEK_SET)
+            for span in _read_again(fd, max_message, spool):
                 if span.internal:
                     continue
                 data = normalize(read_message(fd, span, quoting))
@@ -374,7 +389,7 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
                     stored = store_normalized(maildir, data, when=when, owner=owner, quota=False)
                 except DeliveryError as exc:
                     raise OSError(errno.EIO, str(exc), maildir) from None
-                if _digest_of(dir_fd, stored.name) != digest:
+                if _digest_of(dir_fd, stored.name, len(data)) != digest:
                     raise OSError(errno.EIO, f"message {stored.name} reads back differently", maildir)
                 uidl = uidl_of(stored.name)
                 if span.x_uidl:
@@ -404,23 +419,39 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
         os.close(fd)
 
 
-def _digest_of(dir_fd: int, name: str) -> str:
-    """SHA-256 of a message just stored (in new/, or in cur/ if a login moved it)."""
+def _read_again(fd: int, max_message: int, spool: str) -> Iterator[Span]:
+    """The spool's messages once more, for the import: one it refuses now
+    was changed (by its user, who need not lock it) since it was checked,
+    and some messages may be stored already (a second run goes on)."""
+    try:
+        yield from iter_spans(fd, max_message)
+    except ImportRefused as exc:
+        raise OSError(errno.EAGAIN, f"changed while it was imported ({exc})", spool) from None
+
+
+def _digest_of(dir_fd: int, name: str, size: int) -> str:
+    """SHA-256 of a message just stored (in new/, or in cur/ if a login moved it),
+    of ``size`` bytes: "" for a file of another size, unread (its user may have
+    put a sparse file of a terabyte in its place, which root would read for hours)."""
     from fastpop.store import safefs
 
     for sub_name, file_name in (("new", name), ("cur", name + ":2,")):
         sub = os.open(sub_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             try:
-                fd, _ = safefs.open_regular(sub, file_name)
+                fd, st = safefs.open_regular(sub, file_name)
             except FileNotFoundError:
                 continue
         finally:
             os.close(sub)
         h = hashlib.sha256()
+        left = size + 1  # one more: a file that grew after the fstat reads back differently
         try:
-            while chunk := os.read(fd, 1 << 20):
+            if st.st_size != size:
+                return ""
+            while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
                 h.update(chunk)
+                left -= len(chunk)
         finally:
             os.close(fd)
         return h.hexdigest()

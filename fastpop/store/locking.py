@@ -28,7 +28,10 @@ names nobody.  A lock whose owner is gone is stale and may be taken over:
   see that host's processes; see docs/deploy.md);
 - not a link (a file left by something else): at once.
 Taking over happens under a short flock(2) on the Maildir directory, so two
-sessions of this host that both find a lock stale cannot both win.
+sessions of this host that both find a lock stale cannot both win; it is never
+waited for (the Maildir's user may hold it): busy, the mailbox is in use.  The
+lock is made, read and removed relative to the Maildir opened without
+following a link, never by path (root's ``fastpop expire`` takes it too).
 
 Either way a session holds nothing open while it idles, so a worker can keep
 ~19,000 logged-in sessions within a 20,000-descriptor limit.
@@ -120,10 +123,11 @@ def is_stale(name: str | None, mtime: float, stale_after: float = DEFAULT_STALE_
     return _start_time(int(pid)) != start
 
 
-def _read(path: str) -> tuple[str | None, float] | None:
-    """(owner, or None if not a link; mtime), or None if there is no lock."""
+def _read(dir_fd: int) -> tuple[str | None, float] | None:
+    """(owner, or None if not a link; mtime) of the lock in the Maildir open
+    as ``dir_fd``, or None if there is no lock."""
     try:
-        name: str | None = os.readlink(path)
+        name: str | None = os.readlink(LOCK_FILE, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError:  # EINVAL: a plain file
@@ -131,7 +135,7 @@ def _read(path: str) -> tuple[str | None, float] | None:
     if name is not None and name.endswith("@" + _HOST):
         return name, 0.0  # this host's: decided by its process, not by age
     try:
-        return name, os.lstat(path).st_mtime
+        return name, os.stat(LOCK_FILE, dir_fd=dir_fd, follow_symlinks=False).st_mtime
     except FileNotFoundError:
         return None
 
@@ -145,42 +149,71 @@ def _check_maildir(st: os.stat_result, maildir: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", maildir)
 
 
-class MailboxLock:
-    """Held from login to logout; ``release`` removes the link if still ours."""
+def _open_locked_dir(maildir: str, st: os.stat_result | None) -> int:
+    """The Maildir, not through a link, and (``st``) still the directory that
+    was checked: its user may swap it for a link or another directory at any
+    moment, and the lock is then never made, read or removed there."""
+    try:
+        fd = os.open(maildir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            _check_maildir(os.lstat(maildir), maildir)  # says what is there instead
+        raise
+    if st is not None:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise OSError(errno.ESTALE, "replaced while it was locked", maildir)
+    return fd
 
-    __slots__ = ("_path",)
+
+class MailboxLock:
+    """Held from login to logout; ``release`` removes the link if still ours.
+    Every step is relative to the Maildir opened without following a link,
+    never by path: as root (fastpop expire) the user must not be able to make
+    the lock be taken, or a file be removed, in a directory they swapped in."""
+
+    __slots__ = ("_path", "_dev", "_ino")
 
     def __init__(self, maildir: str, stale_after: float = DEFAULT_STALE_AFTER) -> None:
-        _check_maildir(os.lstat(maildir), maildir)  # FileNotFoundError: the caller creates the Maildir
-        self._path = os.path.join(maildir, LOCK_FILE)
+        st = os.lstat(maildir)  # FileNotFoundError: the caller creates the Maildir
+        _check_maildir(st, maildir)
+        self._path = ""
+        dir_fd = _open_locked_dir(maildir, st)
         try:
-            self._create()
-        except FileExistsError:
-            self._take_over(maildir, stale_after)
+            try:
+                self._create(dir_fd)
+            except FileExistsError:
+                self._take_over(dir_fd, maildir, stale_after)
+        finally:
+            os.close(dir_fd)  # (drops the flock of a takeover)
+        self._path = maildir
+        self._dev, self._ino = st.st_dev, st.st_ino
 
-    def _create(self) -> None:
-        os.symlink(owner(), self._path)
+    def _create(self, dir_fd: int) -> None:
+        os.symlink(owner(), LOCK_FILE, dir_fd=dir_fd)
         if faults.ACTIVE:
             faults.hit("lock.after_create")
 
-    def _take_over(self, maildir: str, stale_after: float) -> None:
-        seen = _read(self._path)
+    def _take_over(self, dir_fd: int, maildir: str, stale_after: float) -> None:
+        seen = _read(dir_fd)
         if seen is not None and not is_stale(*seen, stale_after):
             raise MailboxLocked(maildir)
-        dir_fd = os.open(maildir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # held for a few system calls only
-            seen = _read(self._path)  # again: another session may have won
-            if seen is not None:
-                if not is_stale(*seen, stale_after):
-                    raise MailboxLocked(maildir)
-                os.unlink(self._path)
-            try:
-                self._create()
-            except FileExistsError:
-                raise MailboxLocked(maildir) from None
-        finally:
-            os.close(dir_fd)  # drops the flock
+            # held for a few system calls only, by whoever holds it: never waited
+            # for (the Maildir's user may hold it for ever); busy is in use
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MailboxLocked(maildir) from None
+        seen = _read(dir_fd)  # again: another session may have won
+        if seen is not None:
+            if not is_stale(*seen, stale_after):
+                raise MailboxLocked(maildir)
+            os.unlink(LOCK_FILE, dir_fd=dir_fd)
+        try:
+            self._create(dir_fd)
+        except FileExistsError:
+            raise MailboxLocked(maildir) from None
 
     def release(self) -> None:
         path = self._path
@@ -188,12 +221,19 @@ class MailboxLock:
             return
         self._path = ""
         try:
-            # Ours only if it still names us (after a takeover, because we were
-            # presumed dead, it names the new owner).
-            if os.readlink(path) == owner():
-                os.unlink(path)
-        except (FileNotFoundError, OSError):
+            dir_fd = _open_locked_dir(path, None)
+        except OSError:
+            return  # not a directory (of ours) there any more: nothing of ours to remove
+        try:
+            st = os.fstat(dir_fd)
+            # Ours only if it is the Maildir it was taken in and still names us
+            # (after a takeover, because we were presumed dead, it names the new owner).
+            if (st.st_dev, st.st_ino) == (self._dev, self._ino) and os.readlink(LOCK_FILE, dir_fd=dir_fd) == owner():
+                os.unlink(LOCK_FILE, dir_fd=dir_fd)
+        except OSError:
             pass  # removed by hand meanwhile, or replaced by a plain file
+        finally:
+            os.close(dir_fd)
 
 
 class SymlinkLocks:
