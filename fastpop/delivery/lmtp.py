@@ -456,7 +456,7 @@ class LMTPSession(asyncio.Protocol):
             key, eq, value = param.partition("=")
             key = key.upper()
             if key == "SIZE" and eq:
-                if not value.isdigit() or len(value) > 20:
+                if not (value.isascii() and value.isdigit()) or len(value) > 20:  # str.isdigit() takes "²"
                     self._error("501 5.5.4 Bad SIZE value")
                     return
                 if int(value) > MAX_MESSAGE_SIZE:

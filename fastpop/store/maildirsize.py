@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import time
 
@@ -69,6 +70,10 @@ RECALC_BYTES = 5120
 RECALC_AGE = 15 * 60
 # A larger file is not read: a user who can write it must not make delivery read gigabytes.
 MAX_MAILDIRSIZE_BYTES = 1024 * 1024
+# A number in the file: ASCII digits that fit in 64 bits, as Dovecot's and Courier's strtoll read
+# them.  Longer ones are the user's garbage: their sum could outgrow what int() will print.
+MAX_DIGITS = 18
+_NUMBER = re.compile(rb"-?[0-9]{1,%d}" % MAX_DIGITS)
 
 
 def parse_limits(header: str) -> tuple[int, int]:
@@ -79,7 +84,7 @@ def parse_limits(header: str) -> tuple[int, int]:
         if not part:
             continue
         number, kind = part[:-1], part[-1:]
-        if not (number.isascii() and number.isdigit()) or kind not in ("S", "C"):
+        if not (number.isascii() and number.isdigit()) or len(number) > MAX_DIGITS or kind not in ("S", "C"):
             raise ValueError(f"not a Maildir++ quota definition: {header!r}")
         if kind == "S":
             size = int(number)
@@ -92,12 +97,10 @@ def _usage(lines: list[bytes]) -> tuple[int, int]:
     size = count = 0
     for line in lines:
         fields = line.split()
-        if len(fields) >= 2:
-            try:
-                size += int(fields[0])
-                count += int(fields[1])
-            except ValueError:
-                continue
+        # a line that is not two such numbers is skipped, as a broken line is
+        if len(fields) >= 2 and _NUMBER.fullmatch(fields[0]) and _NUMBER.fullmatch(fields[1]):
+            size += int(fields[0])
+            count += int(fields[1])
     return size, count
 
 

@@ -1,0 +1,72 @@
+"""Delivery attacked (fastpop deliver, LMTP, maildirsize): a user's own
+Maildir files and an LMTP client's bytes are hostile input.  Each test runs
+the attack against a real fastpop (LMTP over TCP on 127.0.0.1, or ``fastpop
+deliver`` in a subprocess) and checks the documented outcome."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from support.server import message, serving
+from test_lmtp import RawLMTP
+from test_quota import LMTPServer, deliver, lmtp_send
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    yield from serving(LMTPServer(tmp_path_factory.mktemp("atkdeliv"), "cython",
+                                  extra_args=["--lmtp-listen", "127.0.0.1:0"]))
+
+
+def raw(srv) -> RawLMTP:
+    return RawLMTP(socket.create_connection(("127.0.0.1", srv.lmtp_port), timeout=10))
+
+
+# -- maildirsize with numbers too long to print
+
+
+def huge_quota(user) -> None:
+    """A valid quota definition and usage lines of 4299-digit numbers: their
+    sum has more digits than Python will turn into a string (4300)."""
+    line = "9" * 4299 + " 1\n"
+    (user.maildir / "maildirsize").write_text("1000S,10C\n" + line * 20)
+
+
+def test_huge_usage_numbers_in_maildirsize_do_not_bounce_lmtp_mail(srv):
+    """Old code: the 'over quota' reason formatted the sum, ValueError (int
+    to str past 4300 digits) escaped, LMTP answered 451 Internal error for
+    every delivery to the user, for ever.  A quota file whose numbers make
+    no sense enforces nothing (docs/delivery.md)."""
+    user = srv.add_user()
+    huge_quota(user)
+    code, text = lmtp_send(srv, user, message("hello"))
+    assert code == 250, text
+    assert len(list((user.maildir / "new").iterdir())) == 1
+
+
+def test_huge_usage_numbers_in_maildirsize_do_not_make_deliver_exit_70(srv):
+    """Old code: fastpop deliver exited 70 (EX_SOFTWARE), which Postfix's
+    pipe(8) treats as a permanent failure: the mail bounced."""
+    user = srv.add_user()
+    huge_quota(user)
+    r = deliver(srv, user, message("hello"))
+    assert r.returncode == 0, r.stderr
+    assert len(list((user.maildir / "new").iterdir())) == 1
+
+
+# -- LMTP command parameters
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662", "1\u00b3"])
+def test_non_ascii_digits_in_mail_size_are_501_not_a_dropped_connection(srv, value):
+    """Old code: str.isdigit() took "²", int() refused it, ValueError left
+    data_received and the transport was torn down without a reply."""
+    c = raw(srv)
+    try:
+        c.send(f"LHLO x\r\nMAIL FROM:<a@example.com> SIZE={value}\r\nNOOP\r\n".encode())
+        assert c.reply().startswith("250-")
+        assert c.reply().startswith("501 5.5.4"), "the MAIL with a bad SIZE"
+        assert c.reply().startswith("250 "), "the session goes on"
+    finally:
+        c.close()
