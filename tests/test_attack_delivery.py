@@ -5,10 +5,15 @@ deliver`` in a subprocess) and checks the documented outcome."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
-from support.server import message, serving
+from support.server import AS_ROOT, message, serving
 from test_lmtp import RawLMTP
 from test_quota import LMTPServer, deliver, lmtp_send
 
@@ -70,3 +75,40 @@ def test_non_ascii_digits_in_mail_size_are_501_not_a_dropped_connection(srv, val
         assert c.reply().startswith("250 "), "the session goes on"
     finally:
         c.close()
+
+
+# -- durability of the directories a first delivery creates
+
+
+def test_every_directory_a_first_delivery_creates_is_fsynced_in_its_parent(tmp_path):
+    """A first message for a new domain makes ``mail/<domain>/<user>/Maildir``:
+    old code fsync'ed the Maildir and its parent only, so ``<domain>``'s entry
+    in ``mail/`` (and ``mail``'s in the root) could vanish in a crash after
+    ``fastpop deliver`` had exited 0: a message reported stored, lost.  Checked
+    with strace(1): every mkdir's parent is fsync'ed after it, before the exit."""
+    if not shutil.which("strace"):
+        pytest.skip("no strace")
+    passwd = tmp_path / "passwd"
+    passwd.write_text("bob@dom.example:{PLAIN}x\n")
+    trace = tmp_path / "trace"
+    r = subprocess.run(
+        ["strace", "-f", "-y", "-qq", "-e", "trace=mkdir,mkdirat,fsync", "-o", str(trace),
+         sys.executable, "-m", "fastpop", "deliver", *AS_ROOT, "--user", "bob@dom.example",
+         "--passwd-file", str(passwd), "--mail-location", f"{tmp_path}/mail/%d/%n/Maildir"],
+        input=message("first"), capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    created: list[str] = []
+    synced: set[str] = set()
+    for line in trace.read_text().splitlines():
+        m = re.search(r'\bmkdir\("([^"]+)", \S+\) = 0', line)
+        if m:
+            created.append(m.group(1))
+        m = re.search(r'\bmkdirat\(\d+<([^>]+)>, "([^"]+)", \S+\) = 0', line)
+        if m:
+            created.append(f"{m.group(1)}/{m.group(2)}")
+        m = re.search(r"\bfsync\(\d+<([^>]+)>\) = 0", line)
+        if m:
+            synced.add(m.group(1))
+    assert f"{tmp_path}/mail" in created, created
+    unsynced = sorted(os.path.dirname(d) for d in created if os.path.dirname(d) not in synced)
+    assert not unsynced, f"created names whose directory was never fsync'ed: {unsynced}"
