@@ -11,6 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from support.server import AS_ROOT, message, serving
@@ -112,3 +114,78 @@ def test_every_directory_a_first_delivery_creates_is_fsynced_in_its_parent(tmp_p
     assert f"{tmp_path}/mail" in created, created
     unsynced = sorted(os.path.dirname(d) for d in created if os.path.dirname(d) not in synced)
     assert not unsynced, f"created names whose directory was never fsync'ed: {unsynced}"
+
+
+# -- a huge Maildir and a maildirsize kept large: recalculation in every store thread
+
+
+def lmtp_timed(srv, user, data: bytes) -> tuple[int, float]:
+    start = time.monotonic()
+    code, _text = lmtp_send(srv, user, data)
+    return code, time.monotonic() - start
+
+
+def test_a_user_cannot_hold_every_store_thread_with_quota_recalculations(srv):
+    """The attacker fills cur/ with 300,000 names (hard links: cheap) and keeps
+    maildirsize over 5120 bytes, so each delivery to them rescans the Maildir
+    (about a second), then sends itself mail over 8 connections at once.  Old
+    code: every store thread (4) scanned, and the victim's delivery, whose
+    content is prepared and stored in the same threads, waited seconds.  Now a
+    Maildir is recalculated by one delivery at a time; the others take the
+    file's figures."""
+    attacker, victim = srv.add_user(), srv.add_user()
+    cur = attacker.maildir / "cur"
+    for k in range(5):
+        source = attacker.maildir / f"source{k}"
+        source.write_bytes(b"x")
+        for i in range(60000):
+            os.link(source, cur / f"{k}.{i}.M1P1.h,S=1")
+        source.unlink()
+    quotafile = attacker.maildir / "maildirsize"
+    padding = "1 1\n" * 1600  # 6400 bytes: over RECALC_BYTES
+
+    def grow() -> None:
+        if quotafile.stat().st_size < 5200:
+            with open(quotafile, "a") as f:
+                f.write(padding)
+
+    quotafile.write_text("999999999999S\n" + padding)
+    assert lmtp_timed(srv, victim, message("warm"))[0] == 250
+    code, alone = lmtp_timed(srv, attacker, message("one"))
+    assert code == 250
+    assert alone > 0.3, f"a recalculation took only {alone:.2f} s: the attack has no teeth here"
+
+    stop = threading.Event()
+    failures: list[object] = []
+
+    def attack() -> None:
+        while not stop.is_set():
+            grow()
+            try:
+                lmtp_send(srv, attacker, message("flood"))
+            except Exception as exc:  # reported below
+                failures.append(exc)
+                return
+
+    def keep_large() -> None:
+        while not stop.is_set():
+            grow()
+            time.sleep(0.005)
+
+    threads = [threading.Thread(target=attack, daemon=True) for _ in range(8)]
+    threads.append(threading.Thread(target=keep_large, daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)  # every store thread busy, on the old code
+        waits = []
+        for i in range(3):
+            code, took = lmtp_timed(srv, victim, message(f"victim {i}"))
+            assert code == 250
+            waits.append(took)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not failures, failures
+    assert max(waits) < alone, f"the victim waited {waits} s; one recalculation takes {alone:.2f} s"

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 import time
 
 from fastpop.store import safefs
@@ -221,10 +222,28 @@ def over_quota(maildir_fd: int, size: int, owner: int, where: str = "") -> str |
 
     reason = over(used_size, used_count)
     if len(data) > RECALC_BYTES or (reason is not None and time.time() - st.st_mtime > RECALC_AGE):
+        # One recalculation per Maildir at a time: its user can keep the file
+        # large and the Maildir huge, and every delivery to it would otherwise
+        # scan it in a store thread of its own, until no thread is left for
+        # anyone else's mail.  Meanwhile the file's own figures stand.
+        folder = os.fstat(maildir_fd)
+        key = (folder.st_dev, folder.st_ino)
+        with _recalculating_lock:
+            busy = key in _recalculating
+            _recalculating.add(key)
+        if busy:
+            return reason
         try:
             used_size, used_count = recalculate(maildir_fd)
             _rewrite(maildir_fd, header, used_size, used_count, owner)
         except OSError as exc:
             log.warning("cannot recalculate the quota of %s: %s", where, exc.strerror)
+        finally:
+            with _recalculating_lock:
+                _recalculating.discard(key)
         reason = over(used_size, used_count)
     return reason
+
+
+_recalculating: set[tuple[int, int]] = set()  # (st_dev, st_ino) of Maildirs being recalculated
+_recalculating_lock = threading.Lock()
