@@ -189,3 +189,15 @@ def test_a_user_cannot_hold_every_store_thread_with_quota_recalculations(srv):
             t.join(60)
     assert not failures, failures
     assert max(waits) < alone, f"the victim waited {waits} s; one recalculation takes {alone:.2f} s"
+
+
+def test_a_recalculated_maildirsize_counts_a_name_with_an_absurd_size_by_its_file(srv):
+    """A name claiming S= of 200 digits: the recalculation counts the file's
+    size instead, so the line it writes is one the next delivery reads (a line
+    of more than 18 digits is skipped) and the quota still holds."""
+    user = srv.add_user()
+    (user.maildir / "cur" / ("1.M1P1.h,S=" + "9" * 200 + ":2,")).write_bytes(b"x" * 900)
+    (user.maildir / "maildirsize").write_text("1000S\n" + "0 0\n" * 1500)  # large: recalculated
+    code, text = lmtp_send(srv, user, message("over", size=500))
+    assert (code, text[:6]) == (452, b"4.2.2 "), text
+    assert (user.maildir / "maildirsize").read_text().splitlines()[1:] == ["900 1"]

@@ -32,8 +32,9 @@ MAILDIRSIZE = "maildirsize"
 def quota_size(name: str, file_size: int) -> int:
     """The size Maildir++ counts for a message: S= of its name, else the file's."""
     for field in name.split(":", 1)[0].split(",")[1:]:
-        # ASCII: str.isdigit() also takes digits such as "²", which int() refuses
-        if field.startswith("S=") and field[2:].isascii() and field[2:].isdigit():
+        # ASCII: str.isdigit() also takes digits such as "²", which int() refuses; at most
+        # MAX_DIGITS, or the line written for it would be one _usage skips
+        if field.startswith("S=") and field[2:].isascii() and field[2:].isdigit() and len(field) <= 2 + MAX_DIGITS:
             return int(field[2:])
     return file_size
 
