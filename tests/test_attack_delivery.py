@@ -201,3 +201,51 @@ def test_a_recalculated_maildirsize_counts_a_name_with_an_absurd_size_by_its_fil
     code, text = lmtp_send(srv, user, message("over", size=500))
     assert (code, text[:6]) == (452, b"4.2.2 "), text
     assert (user.maildir / "maildirsize").read_text().splitlines()[1:] == ["900 1"]
+
+
+# -- LMTP: DATA held by many connections at once
+
+
+def test_lmtp_data_held_by_all_connections_is_bounded(srv):
+    """Eight connections each send 63 MiB of DATA and keep the final "."
+    back.  Old code: the server held all of it, and any number more (up to
+    [lmtp] max_connections, 100: 6 GiB, and copies while storing): one local
+    user with a TCP connection to LMTP could take the host's memory.  Now the
+    connections of a process hold at most DATA_BUDGET (512 MiB): a message past
+    it is read, dropped and answered 452 4.3.1 (the MTA retries), and what a
+    connection held is given back when it goes."""
+    from fastpop.delivery import lmtp
+
+    user = srv.add_user()
+    chunk = (b"x" * 1022 + b"\r\n") * 1024  # 1 MiB
+    holders = []
+    try:
+        for _ in range(8):
+            c = raw(srv)
+            assert c.start(user.name)[-1].startswith("354")
+            for _ in range(63):
+                c.send(chunk)
+            holders.append(c)
+        time.sleep(2)  # let the server read what the sockets still buffer
+        probe = raw(srv)
+        try:
+            assert probe.start(user.name)[-1].startswith("354")
+            for _ in range(20):
+                probe.send(chunk)
+            probe.send(b".\r\n")
+            reply = probe.reply()
+            assert reply.startswith("452 4.3.1"), reply
+        finally:
+            probe.close()
+        assert not list((user.maildir / "new").iterdir())
+    finally:
+        for c in holders:
+            c.close()
+    assert lmtp.DATA_BUDGET < 8 * 63 * (1 << 20) + 20 * (1 << 20)
+    deadline = time.monotonic() + 10  # the holders' octets are given back when they go
+    while True:
+        code, text = lmtp_send(srv, user, message("after", size=10 << 20))
+        if code == 250 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert code == 250, text
