@@ -366,6 +366,8 @@ class LMTPSession(asyncio.Protocol):
         self._state = COMMAND
         self._buf += rest
         self._start(self._finish_data(reader))
+        # also when the task is cancelled before it ever ran (the connection went at once)
+        self._task.add_done_callback(lambda _task: reader.release())  # type: ignore[union-attr]
         self._flow()
 
     # ----------------------------------------------------------- output
