@@ -64,6 +64,10 @@ STORE_THREADS = 4
 TERMINATOR = b"\r\n.\r\n"
 FLUSH = 64 << 10  # DATA octets gathered before they are set aside as one piece
 SLICE = 1 << 20  # octets of a message unstuffed and normalised at once (_content)
+# DATA octets all LMTP connections of a process may hold at once, read or being stored: past
+# it a message is read and dropped and answered 452 4.3.1, else max_connections clients
+# sending 64 MiB each (and its copies while stored) would take gigabytes.
+DATA_BUDGET = 8 * MAX_MESSAGE_SIZE
 
 # session states
 COMMAND, DATA, CLOSED = 0, 1, 2
@@ -81,10 +85,13 @@ class DotReader:
     data.
     """
 
-    __slots__ = ("limit", "parts", "size", "_buf", "_scan")
+    __slots__ = ("budget", "held", "limit", "over_budget", "parts", "size", "_buf", "_scan")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, budget: Budget | None = None) -> None:
         self.limit = limit
+        self.budget = budget  # shared by the connections: octets kept are counted in it
+        self.held = 0  # octets counted in budget, given back by release()
+        self.over_budget = False  # dropped because the budget was spent, not for its own size
         self.parts: list[bytes] | None = []  # None: over the limit, the rest is dropped
         self.size = -2  # octets of the message so far (the CRLF put in front not counted)
         self._buf = bytearray(b"\r\n")
@@ -119,9 +126,20 @@ class DotReader:
         if self.parts is None:
             return
         if self.size > self.limit:
-            self.parts = None
+            self.release()
+        elif self.budget is not None and not self.budget.take(len(piece)):
+            self.over_budget = True
+            self.release()
         else:
+            self.held += len(piece)
             self.parts.append(piece)
+
+    def release(self) -> None:
+        """Drop what is kept and give its octets back to the budget."""
+        self.parts = None
+        if self.budget is not None and self.held:
+            self.budget.give(self.held)
+        self.held = 0
 
     @staticmethod
     def assemble(parts: list[bytes]) -> bytes:
@@ -130,6 +148,25 @@ class DotReader:
         if b"\r\n." in data:
             data = data.replace(b"\r\n.", b"\r\n")
         return data[2:]
+
+
+class Budget:
+    """Octets of DATA held by all the connections of a process (event loop only)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, octets: int) -> bool:
+        if self.used + octets > self.limit:
+            return False
+        self.used += octets
+        return True
+
+    def give(self, octets: int) -> None:
+        self.used = max(0, self.used - octets)
 
 
 def parse_path(text: str) -> tuple[str, str] | None:
@@ -234,6 +271,8 @@ class LMTPSession(asyncio.Protocol):
         (in the middle of a message: close now)."""
         self._eof = True
         if self._state == DATA:
+            if self._reader is not None:
+                self._reader.release()
             self._reader = None
             self._close()
             return None
@@ -253,6 +292,9 @@ class LMTPSession(asyncio.Protocol):
             self._counted = False
             self.service.release()
         self.service.sessions.discard(self)
+        if self._reader is not None:  # gone in the middle of a message
+            self._reader.release()
+            self._reader = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -324,6 +366,8 @@ class LMTPSession(asyncio.Protocol):
         self._state = COMMAND
         self._buf += rest
         self._start(self._finish_data(reader))
+        # also when the task is cancelled before it ever ran (the connection went at once)
+        self._task.add_done_callback(lambda _task: reader.release())  # type: ignore[union-attr]
         self._flow()
 
     # ----------------------------------------------------------- output
@@ -456,7 +500,7 @@ class LMTPSession(asyncio.Protocol):
             key, eq, value = param.partition("=")
             key = key.upper()
             if key == "SIZE" and eq:
-                if not value.isdigit() or len(value) > 20:
+                if not (value.isascii() and value.isdigit()) or len(value) > 20:  # str.isdigit() takes "²"
                     self._error("501 5.5.4 Bad SIZE value")
                     return
                 if int(value) > MAX_MESSAGE_SIZE:
@@ -530,7 +574,7 @@ class LMTPSession(asyncio.Protocol):
             return
         self._reply("354 End data with <CR><LF>.<CR><LF>")
         self._flush()
-        self._reader = DotReader(MAX_MESSAGE_SIZE)
+        self._reader = DotReader(MAX_MESSAGE_SIZE, self.service.budget)
         self._state = DATA
 
     async def _finish_data(self, reader: DotReader) -> None:
@@ -538,7 +582,11 @@ class LMTPSession(asyncio.Protocol):
         self._reset()
         self._delivering = True
         try:
-            if reader.parts is None:
+            if reader.over_budget:
+                log.warning("lmtp rip=%s: message refused: %d octets of DATA held by LMTP connections already",
+                            self.peer, self.service.budget.used)
+                replies = [f"452 4.3.1 <{t.address}> Insufficient system storage, try again later" for t in targets]
+            elif reader.parts is None:
                 log.info("lmtp rip=%s: message of %d octets refused (over %d)", self.peer, reader.size,
                          MAX_MESSAGE_SIZE)
                 replies = [f"552 5.3.4 <{t.address}> Message too big for system" for t in targets]
@@ -549,6 +597,7 @@ class LMTPSession(asyncio.Protocol):
                     log.error("lmtp: internal error: %s: %s", type(exc).__name__, exc)
                     replies = [f"451 4.3.0 <{t.address}> Internal error" for t in targets]
         finally:
+            reader.release()  # stored (or not): its octets and the copies made of them are gone
             self._delivering = False
         for reply in replies:
             self._reply(reply)
@@ -639,6 +688,7 @@ class LMTPService:
         self.loop = loop
         self.table = connections
         self.pool = StorePool(loop)
+        self.budget = Budget(DATA_BUDGET)
         self.servers: list[asyncio.AbstractServer] = []
         self.addresses: list[str] = []
         self.sessions: set[LMTPSession] = set()

@@ -260,15 +260,25 @@ def _open_dirs(maildir: str, owner: int) -> tuple[tuple[int, int, int], int]:
 
 
 def _create(maildir: str, owner: int) -> None:
-    parent = os.path.dirname(os.path.abspath(maildir))
+    path = os.path.abspath(maildir)
+    # The highest directory this may create (makedirs makes the operator's
+    # missing levels too, e.g. a new domain's): every created name must reach
+    # the disk in its parent's fsync, or a crash loses a message reported stored.
+    top = path
+    while top != "/" and not os.path.lexists(os.path.dirname(top)):
+        top = os.path.dirname(top)
     try:
         ensure_maildir(maildir, owner)
     except FileExistsError as exc:  # makedirs met a file where a directory should be
         raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", exc.filename) from None
     except NotADirectoryError as exc:
         raise NotADirectoryError(errno.ENOTDIR, "a file is where a directory should be", exc.filename) from None
-    fsync_dir(maildir)
-    fsync_dir(parent)
+    fsync_dir(path)
+    current = path
+    while current != top:
+        current = os.path.dirname(current)
+        fsync_dir(current)
+    fsync_dir(os.path.dirname(top))
 
 
 def _after_store(maildir: str, root: int, size: int, owner: int) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
+import threading
 import time
 
 from fastpop.store import safefs
@@ -30,8 +32,9 @@ MAILDIRSIZE = "maildirsize"
 def quota_size(name: str, file_size: int) -> int:
     """The size Maildir++ counts for a message: S= of its name, else the file's."""
     for field in name.split(":", 1)[0].split(",")[1:]:
-        # ASCII: str.isdigit() also takes digits such as "²", which int() refuses
-        if field.startswith("S=") and field[2:].isascii() and field[2:].isdigit():
+        # ASCII: str.isdigit() also takes digits such as "²", which int() refuses; at most
+        # MAX_DIGITS, or the line written for it would be one _usage skips
+        if field.startswith("S=") and field[2:].isascii() and field[2:].isdigit() and len(field) <= 2 + MAX_DIGITS:
             return int(field[2:])
     return file_size
 
@@ -69,6 +72,10 @@ RECALC_BYTES = 5120
 RECALC_AGE = 15 * 60
 # A larger file is not read: a user who can write it must not make delivery read gigabytes.
 MAX_MAILDIRSIZE_BYTES = 1024 * 1024
+# A number in the file: ASCII digits that fit in 64 bits, as Dovecot's and Courier's strtoll read
+# them.  Longer ones are the user's garbage: their sum could outgrow what int() will print.
+MAX_DIGITS = 18
+_NUMBER = re.compile(rb"-?[0-9]{1,%d}" % MAX_DIGITS)
 
 
 def parse_limits(header: str) -> tuple[int, int]:
@@ -79,7 +86,7 @@ def parse_limits(header: str) -> tuple[int, int]:
         if not part:
             continue
         number, kind = part[:-1], part[-1:]
-        if not (number.isascii() and number.isdigit()) or kind not in ("S", "C"):
+        if not (number.isascii() and number.isdigit()) or len(number) > MAX_DIGITS or kind not in ("S", "C"):
             raise ValueError(f"not a Maildir++ quota definition: {header!r}")
         if kind == "S":
             size = int(number)
@@ -92,12 +99,10 @@ def _usage(lines: list[bytes]) -> tuple[int, int]:
     size = count = 0
     for line in lines:
         fields = line.split()
-        if len(fields) >= 2:
-            try:
-                size += int(fields[0])
-                count += int(fields[1])
-            except ValueError:
-                continue
+        # a line that is not two such numbers is skipped, as a broken line is
+        if len(fields) >= 2 and _NUMBER.fullmatch(fields[0]) and _NUMBER.fullmatch(fields[1]):
+            size += int(fields[0])
+            count += int(fields[1])
     return size, count
 
 
@@ -218,10 +223,28 @@ def over_quota(maildir_fd: int, size: int, owner: int, where: str = "") -> str |
 
     reason = over(used_size, used_count)
     if len(data) > RECALC_BYTES or (reason is not None and time.time() - st.st_mtime > RECALC_AGE):
+        # One recalculation per Maildir at a time: its user can keep the file
+        # large and the Maildir huge, and every delivery to it would otherwise
+        # scan it in a store thread of its own, until no thread is left for
+        # anyone else's mail.  Meanwhile the file's own figures stand.
+        folder = os.fstat(maildir_fd)
+        key = (folder.st_dev, folder.st_ino)
+        with _recalculating_lock:
+            busy = key in _recalculating
+            _recalculating.add(key)
+        if busy:
+            return reason
         try:
             used_size, used_count = recalculate(maildir_fd)
             _rewrite(maildir_fd, header, used_size, used_count, owner)
         except OSError as exc:
             log.warning("cannot recalculate the quota of %s: %s", where, exc.strerror)
+        finally:
+            with _recalculating_lock:
+                _recalculating.discard(key)
         reason = over(used_size, used_count)
     return reason
+
+
+_recalculating: set[tuple[int, int]] = set()  # (st_dev, st_ino) of Maildirs being recalculated
+_recalculating_lock = threading.Lock()
