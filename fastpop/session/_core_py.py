@@ -38,6 +38,7 @@ from fastpop.auth.sasl import Challenge, Gate, Hold, encode_challenge, password_
 from fastpop.errors import AuthUnavailable
 from fastpop.net import address_key
 from fastpop.session.login import Services, login_delay
+from fastpop.session.pools import update_pool
 from fastpop.session.sending import SMALL_MESSAGE, render_small
 from fastpop.session.state import (
     AUTHORIZATION,
@@ -57,7 +58,7 @@ from fastpop.session.state import (
     TRANSACTION,
     UPDATE,
 )
-from fastpop.session.update import apply_update, update_pool
+from fastpop.session.update import apply_update
 from fastpop.store import expire
 from fastpop.store.locking import MailboxLocked
 from fastpop.store.maildir import Mailbox, ensure_maildir, is_permanent

@@ -13,7 +13,6 @@ hook (the counting session adds the bytes to its metrics).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import errno
 import functools
 import logging
@@ -21,6 +20,7 @@ import os
 from stat import S_ISREG
 from typing import TYPE_CHECKING
 
+from fastpop.session.pools import counting_pool, listing_pool
 from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small, workaround_flags
 from fastpop.session.state import BUSY_CLOSING, BUSY_COUNTING, BUSY_LISTING, BUSY_SENDING, SessionParts
 from fastpop.store.maildir import is_permanent
@@ -31,42 +31,6 @@ log = logging.getLogger("fastpop.session")
 
 # A session lists cur/ for renamed messages at most once per this many seconds
 RELIST_INTERVAL = 1.0
-# cur/ listings for renamed messages run in a pool of their own: a user may
-# make cur/ huge, and the default pool is the one logins open mailboxes in
-LISTING_THREADS = 2
-_listing_pool: concurrent.futures.ThreadPoolExecutor | None = None
-# Octet counts of large messages changed since they were indexed run in a pool
-# of their own too: a user may make one as large as the file system allows,
-# which must not hold up the listings (nor the logins of the default pool)
-COUNTING_THREADS = 2
-_counting_pool: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def listing_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's pool for cur/ listings (made at first use, so after a worker's fork)."""
-    global _listing_pool
-    if _listing_pool is None:
-        _listing_pool = concurrent.futures.ThreadPoolExecutor(LISTING_THREADS, thread_name_prefix="fastpop-cur-listing")
-    return _listing_pool
-
-
-def counting_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's pool for counting changed messages (made at first use, after a fork)."""
-    global _counting_pool
-    if _counting_pool is None:
-        _counting_pool = concurrent.futures.ThreadPoolExecutor(COUNTING_THREADS,
-                                                               thread_name_prefix="fastpop-retr-count")
-    return _counting_pool
-
-
-def _forget_pool() -> None:
-    global _listing_pool, _counting_pool
-    _listing_pool = _counting_pool = None  # a forked child has none of its parent's threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
 # _open()'s answers other than a descriptor
 ANSWERED, LISTING = -1, -2
 
