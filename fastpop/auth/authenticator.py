@@ -353,11 +353,11 @@ class Authenticator:
         # A network database's last slow hash: what an unknown user's password is checked against there
         self._seen_decoy: str | None = None
         # Whether an unknown user's SCRAM keys are made up at a derivation's cost (fake_scram_keys):
-        # for the passwd-file, whether most of its users' keys are derived (computed once per read
-        # of the file); for a network database, whether the last user's were.
-        self._derives: tuple[object, bool] = (None, False)
-        self._decoys: tuple[object, str | None] = (None, None)  # (the passwd-file's records, _decoy())
+        # for a network database, whether the last user's were (the passwd-file: _file_traits)
         self._seen_derives = False
+        # (the passwd-file's records, its decoy hash, whether most of its users' keys are derived),
+        # computed once per read of the file
+        self._traits: tuple[object, str | None, bool] = (None, None, False)
 
     @classmethod
     def from_config(cls, config: Config) -> Authenticator:
@@ -557,26 +557,25 @@ class Authenticator:
         failure costs, in the login threads, what most users' wrong passwords
         cost: the passwd-file's first slow hash when most of its passwords are
         slow hashes, else None (no check: most checks are as quick as none)."""
-        if not isinstance(self.db, PasswdFileDB):
-            return None
-        users = self.db.file.users
-        if self._decoys[0] is not users:
-            slow = [rec.password for rec in users.values() if rec.password and passwords.is_expensive(rec.password)]
-            self._decoys = (users, slow[0] if slow and len(slow) * 2 >= len(users) else None)
-        return self._decoys[1]
+        return self._file_traits()[1] if isinstance(self.db, PasswdFileDB) else None
 
     def _most_derive(self) -> bool:
         """Whether most users' SCRAM keys are derived (see fake_scram_keys)."""
-        if not isinstance(self.db, PasswdFileDB):
-            return self._seen_derives
+        return self._file_traits()[2] if isinstance(self.db, PasswdFileDB) else self._seen_derives
+
+    def _file_traits(self) -> tuple[object, str | None, bool]:
+        """What _decoy and _most_derive tell of the passwd-file, once per read of it."""
+        assert isinstance(self.db, PasswdFileDB)
         users = self.db.file.users
-        if self._derives[0] is not users:
+        if self._traits[0] is not users:
             from fastpop.auth.sasl import SCRAM_EXTRA
 
+            slow = [rec.password for rec in users.values() if rec.password and passwords.is_expensive(rec.password)]
             derived = sum(1 for rec in users.values() if not rec.extra.get(SCRAM_EXTRA)
                           and passwords.plaintext(rec.password))
-            self._derives = (users, derived > 0 and derived * 2 >= len(users))
-        return self._derives[1]
+            self._traits = (users, slow[0] if slow and len(slow) * 2 >= len(users) else None,
+                            derived > 0 and derived * 2 >= len(users))
+        return self._traits
 
     def maildir_for(self, user: UserRecord) -> str:
         location = user.extra.get("userdb_mail") or user.extra.get("mail") or self.mail_location

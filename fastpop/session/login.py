@@ -319,9 +319,12 @@ class Services:
 
     def scram_keys(self, record):
         session = self._session
-        keys = session._ctx.auth.scram_keys(record, session._ctx.secret)
-        if callable(keys):  # derived from a clear-text password: PBKDF2 in a thread
-            return sasl.Pending(session.loop.run_in_executor(None, keys))
+        return self._derived(session._ctx.auth.scram_keys(record, session._ctx.secret))
+
+    def _derived(self, keys):
+        """Keys, or a derivation (a callable: PBKDF2) run in the login threads."""
+        if callable(keys):
+            return sasl.Pending(self._session.loop.run_in_executor(None, keys))
         return keys
 
     def refusal(self, record) -> str | None:
@@ -336,11 +339,8 @@ class Services:
         return login_refusal(record, session._peer)
 
     def fake_scram_keys(self, name: str):
-        session = self._session
-        keys = session._ctx.auth.fake_scram_keys(name, session._ctx.secret)
-        if callable(keys):  # a derivation's cost, in the thread a real one would take
-            return sasl.Pending(session.loop.run_in_executor(None, keys))
-        return keys
+        session = self._session  # (a derivation's cost where most users' keys are derived)
+        return self._derived(session._ctx.auth.fake_scram_keys(name, session._ctx.secret))
 
     def validate_token(self, token: str, user: str | None, mechanism: str) -> sasl.Pending:
         from fastpop.auth.oauth import TokenRequest, run_validator
