@@ -290,11 +290,6 @@ def _ascii_digits(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
-def _delivery_order(base: str) -> tuple[int, str]:
-    head = base.split(".", 1)[0]
-    return (int(head) if _ascii_digits(head) else 0, base)
-
-
 def _read_manifest(dir_fd: int) -> dict[tuple[str, int], tuple[str, str]]:
     """{(sha256, occurrence): (Maildir name, UIDL)} imported before."""
     from fastpop.store import safefs
@@ -541,7 +536,7 @@ def pin_x_uidls(maildir: str, dry_run: bool = False) -> str:
     from fastpop.store import dovecot_uidlist, safefs
     from fastpop.store import index as mindex
     from fastpop.store.courier import safe_uidl
-    from fastpop.store.maildir import uidl_of
+    from fastpop.store.maildir import delivery_order, uidl_of
 
     fd, owner = safefs.open_maildir(maildir, safefs.ANY_OWNER if os.geteuid() == 0 else os.geteuid())
     try:
@@ -572,7 +567,7 @@ def pin_x_uidls(maildir: str, dry_run: bool = False) -> str:
                 os.close(sub)
         kept: dict[str, str] = {}
         # in delivery order, so the first of two equal X-UIDLs keeps it, whenever this runs
-        for base in sorted(pins, key=_delivery_order):
+        for base in sorted(pins, key=delivery_order):
             uidl = safe_uidl(pins[base])
             if uidl in taken or uidl == uidl_of(base):
                 continue

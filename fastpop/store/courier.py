@@ -38,7 +38,6 @@ SIZELIST = "courierpop3dsizelist"
 MAX_BYTES = 32 * 1024 * 1024
 MAX_LINE = 2028  # Courier's linebuf (2048) less its 20 bytes of room: longer lines are cut, as Courier does
 _UIDL_EXTRA = frozenset(b"'\"+")
-_BLOCK = 1 << 20  # lines are split this many octets at a time (see _lines)
 
 
 def valid_uidl(text: str) -> bool:
@@ -73,14 +72,10 @@ def filename_uidl(base: bytes) -> str:
 
 
 def _lines(data: bytes, start: int) -> Iterator[bytes]:
-    """The lines of ``data`` from ``start`` up to its last newline (after it:
-    nothing, or a line Courier never finished), split a block at a time: a
-    list of every line of a file of short lines held many times the file."""
-    end = data.rfind(b"\n")
-    while start <= end:
-        cut = data.find(b"\n", min(start + _BLOCK, end))  # (data[end] is one: never -1)
-        yield from data[start:cut].split(b"\n")
-        start = cut + 1
+    """The file's lines from ``start`` up to its last newline (after it: nothing,
+    or a line Courier never finished), a block at a time (safefs.line_blocks)."""
+    for block in safefs.line_blocks(data, start):
+        yield from block.split(b"\n")
 
 
 def parse(data: bytes, wanted: Container[str] | None = None) -> dict[str, str]:

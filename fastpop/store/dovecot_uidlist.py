@@ -110,21 +110,13 @@ class Uidlist:
         return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
 
-# Lines are decoded and split this many octets at a time (see _lines).
-_BLOCK = 1 << 20
-
-
 def _lines(data: bytes) -> Iterator[str]:
     """The lines of ``data`` up to its last newline (after it: nothing, or a
     line Dovecot is still appending in place under its lock, not read yet, as
-    Dovecot), decoded a block at a time: the file is the user's, and a list
-    of every line of a 64 MiB file of short lines held several hundred MiB."""
-    end = data.rfind(b"\n")
-    start = 0
-    while start <= end:
-        cut = data.find(b"\n", min(start + _BLOCK, end))  # (data[end] is one: never -1)
-        yield from data[start:cut].decode("utf-8", "surrogateescape").split("\n")
-        start = cut + 1
+    Dovecot), decoded a block at a time (safefs.line_blocks: the file is the
+    user's, and a list of every line of a 64 MiB file held several hundred MiB)."""
+    for block in safefs.line_blocks(data):
+        yield from block.decode("utf-8", "surrogateescape").split("\n")
 
 
 def parse(data: bytes, wanted: Container[str] | None = None) -> Uidlist:

@@ -152,7 +152,8 @@ def _base(name: str) -> str:
     return name.split(":", 1)[0]
 
 
-def _delivery_order(name: str) -> tuple[int, str]:
+def delivery_order(name: str) -> tuple[int, str]:
+    """A sort key putting Maildir names in delivery order (the leading time first)."""
     head = name.split(".", 1)[0]
     # ASCII only: str.isdigit() also takes digits such as "²", which int() refuses
     return (int(head) if head.isascii() and head.isdigit() else 0, name)
@@ -450,7 +451,7 @@ def _rebuild(path: str, fd: int, cur: int, cur_mtime_ns: int, old: MailboxIndex 
             entry.name = name  # flags may have changed the info suffix
     present = {_base(n) for n in names}
     kept = [e for base, e in known.items() if base in present]
-    added.sort(key=_delivery_order)
+    added.sort(key=delivery_order)
     # the UIDLs Courier's POP3 served (docs/migration.md): for messages not served here yet
     migrated = _migrated_uidls(fd, added, kept, path)
     if _uidl_mode == "dovecot":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from fastpop import _compiled
@@ -32,7 +33,7 @@ else:
 
 __all__ = ["ANY_OWNER", "O_MESSAGE", "SAFEFS_IMPL", "canonical_maildir", "check_directory", "euid", "forget_euid",
            "has_entries",
-           "open_maildir", "open_nofollow", "open_regular", "open_subdir", "served_uid", "valid_name"]
+           "line_blocks", "open_maildir", "open_nofollow", "open_regular", "open_subdir", "served_uid", "valid_name"]
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_MESSAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
@@ -192,3 +193,19 @@ def open_regular(dir_fd: int, name: str, flags: int = O_MESSAGE, mode: int = 0o6
         os.close(fd)
         raise
     return fd, st
+
+
+LINE_BLOCK = 1 << 20  # octets of lines handed out at once by line_blocks
+
+
+def line_blocks(data: bytes, start: int = 0) -> Iterator[bytes]:
+    """The lines of ``data`` from ``start`` up to its last newline (after it:
+    nothing, or a line its writer has not finished), as blocks of about
+    LINE_BLOCK octets of whole lines, without their last newline: split each
+    with ``split(b"\n")``.  A file its user writes may be made of millions of
+    short lines, and a list of them all holds many times the file."""
+    end = data.rfind(b"\n")
+    while start <= end:
+        cut = data.find(b"\n", min(start + LINE_BLOCK, end))  # (data[end] is one: never -1)
+        yield data[start:cut]
+        start = cut + 1

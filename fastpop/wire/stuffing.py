@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from fastpop import _compiled
@@ -93,19 +92,11 @@ def pop3_size(file: str | int) -> int:
     size now, its holes not read: see scan_file)."""
     if isinstance(file, int):
         return scan_file(file, os.fstat(file).st_size)[0]
-    total = bare_lf = 0
-    prev_cr = False
-    last = -1
-    for chunk in _chunks(file):
-        total += len(chunk)
-        bare_lf += chunk.count(b"\n") - chunk.count(b"\r\n")
-        if prev_cr and chunk[0] == 10:
-            bare_lf -= 1
-        prev_cr = chunk[-1] == 13
-        last = chunk[-1]
-    if total == 0:
-        return 0
-    return total + bare_lf + (0 if last == 10 else 2)
+    fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return scan_file(fd, os.fstat(fd).st_size)[0]
+    finally:
+        os.close(fd)
 
 
 def scan_file(fd: int, size: int, count_size: bool = True) -> tuple[int, bool, int]:
@@ -171,15 +162,3 @@ def _next_data(fd: int, offset: int, size: int) -> int:
 
 
 _SEEK_DATA = getattr(os, "SEEK_DATA", None)
-
-
-def _chunks(file: str | int) -> Iterator[bytes]:
-    if isinstance(file, int):
-        offset = 0
-        while chunk := os.pread(file, CHUNK, offset):
-            offset += len(chunk)
-            yield chunk
-        return
-    with open(file, "rb") as f:
-        while chunk := f.read(CHUNK):
-            yield chunk
