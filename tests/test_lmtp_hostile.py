@@ -396,7 +396,7 @@ def test_content_in_slices_is_normalize_of_the_whole(msg, slice_size, cuts):
 
 
 def test_dot_reader_big_pieces_and_the_limit():
-    from fastpop.delivery.lmtp import FLUSH, DotReader
+    from fastpop.delivery.lmtp_data import FLUSH, DotReader
 
     msg = (b"." * 1000 + b"\r\n") * (5 * FLUSH // 1000)
     wire = _wire(msg)
