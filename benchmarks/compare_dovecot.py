@@ -15,6 +15,12 @@ default) and starts, all on 127.0.0.1:
 - with ``--uvloop-floor``, the same responder as a Python protocol on uvloop
   (``--engine asyncio --loop uvloop``): what any uvloop server pays before it
   does any work of its own, fastpop's floor.
+With ``--rate``, every server is offered the same load (an open loop at so many
+sessions per second) instead of each being driven as fast as it answers: a
+server's CPU per session depends on how busy it is (a busy event loop answers
+several connections per wakeup, and a busy client is not woken by every reply),
+so a saturated fast responder and a half-loaded server are not at the same
+point.  Both views are worth reading; benchmarks/README.md shows both.
 Every server gets a warm-up pass over all mailboxes, then each scenario
 runs against each server back to back with the same client settings, and
 the table gives both with the ratios.  Server CPU is summed over each
@@ -69,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-d", "--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
     p.add_argument("-w", "--warmup", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=1, help="alternate the servers this many times; medians are shown")
+    p.add_argument("--rate", metavar="R|SCENARIO=R,...",
+                   help="matched load: an open loop at R sessions/s for every server (per scenario with "
+                        "stat=4000,download=1200) instead of each server's own saturation; a server that cannot "
+                        "keep up is marked in the table")
+    p.add_argument("--no-dovecot", action="store_true",
+                   help="leave Dovecot out (e.g. at a --rate above what it sustains on this machine)")
     p.add_argument("--no-trivial", action="store_true", help="skip the generator-ceiling runs")
     p.add_argument("--uvloop-floor", action="store_true",
                    help="also run the trivial responder as a Python protocol on uvloop (fastpop's floor)")
@@ -83,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
                         "`python3 setup.py build_ext --inplace` there), same settings, for before/after ratios")
     p.add_argument("--from-json-dir", metavar="DIR", help="print the table of runs saved with --json-dir, run nothing")
     args = p.parse_args(argv)
+    try:
+        args.rates = parse_rates(args.rate)
+    except ValueError as exc:
+        p.error(f"--rate: {exc}")
     if args.from_json_dir:
         return render_saved(args)
 
-    reason = dovecot.unavailable()
+    reason = None if args.no_dovecot else dovecot.unavailable()
     if reason:
         print(f"compare_dovecot: {reason}", file=sys.stderr)
         return 2
@@ -104,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     fast = dove = trivial = floor = base = None
     results: dict[tuple[str, str], list[dict]] = {}
     try:
-        dove = dovecot.DovecotServer(seeded)
-        dove.start()
-        servers["Dovecot"] = Target("127.0.0.1", dove.port, dove.describe(), pid=dove.pid)
+        if not args.no_dovecot:
+            dove = dovecot.DovecotServer(seeded)
+            dove.start()  # (chowns the Maildirs to its mail user)
+            servers["Dovecot"] = Target("127.0.0.1", dove.port, dove.describe(), pid=dove.pid)
+        elif os.geteuid() == 0:
+            dovecot.chown_tree(seeded.mailroot, *dovecot.ensure_mail_user())
         # as Dovecot's mail processes: the mail user (its start chowned the Maildirs to it),
         # the deployment docs/security.md recommends, rather than root
         fast_args = ["--workers", str(args.fastpop_workers)]
@@ -133,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                         connections=args.connections, procs=min(args.procs, args.connections),
                         duration=args.duration, warmup=args.warmup,
                         reseed=seeded.mail_location if scenario == "download-delete" else None, reseed_size=size)
+            rate = args.rates.get(scenario, args.rates.get(""))
+            if rate is not None:
+                base["rate"] = rate
             base.update(kw)
             return LoadSpec(**base)
 
@@ -212,6 +234,7 @@ def render_saved(args) -> int:
     args.duration = first["load"]["duration"]
     args.warmup = first["load"]["warmup"]
     args.rounds = max(len(v) for v in results.values())
+    args.rates = {s: runs[0]["load"]["rate"] for (s, _), runs in results.items() if runs[0]["load"].get("rate")}
     mb = first.get("mailboxes") or {}
     args.mailboxes, args.messages = mb.get("users", "?"), mb.get("messages", "?")
     args.message_size = mb.get("size", "?").replace(" B", "")
@@ -221,6 +244,20 @@ def render_saved(args) -> int:
     if args.markdown:
         Path(args.markdown).write_text(md + "\n")
     return 0
+
+
+def parse_rates(text: str | None) -> dict[str, float]:
+    """``--rate``: "4000" (every scenario, key "") or "stat=4000,download=1200"."""
+    rates: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in (text or "").split(","))):
+        scenario, _, value = part.rpartition("=")
+        try:
+            rates[scenario.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"not a rate: {part!r}") from None
+        if not rates[scenario.strip()] > 0:
+            raise ValueError(f"a rate must be above 0: {part!r}")
+    return rates
 
 
 def _median(runs: list[dict], get) -> float | None:
@@ -289,8 +326,21 @@ def markdown_table(results, scenarios, args, dovecot_version: str) -> str:
                 b, fp = get(s, "baseline"), get(s, "fastpop")
                 lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {measure} | {f(b, digits)} | {f(fp, digits)} | "
                              f"**{ratio(b, fp)}** |")
+    offered = getattr(args, "rates", {})
+    short = []
+    for s, n in sorted(results):
+        want = offered.get(s, offered.get(""))
+        got = rate(s, n)
+        if want and got is not None and got < 0.97 * want:
+            short.append(f"{n} {SCENARIO_NAMES.get(s, s)} ({got:,.0f} of {want:,.0f}/s)")
+    if short:
+        lines.append("")
+        lines.append("Did not keep up with the offered rate (its CPU per session is at saturation, not at the "
+                     "matched load): " + "; ".join(short) + ".")
+    load = ("open loop at " + ", ".join(f"{v:,.0f} sessions/s" + (f" ({k})" if k else "") for k, v in offered.items())
+            if offered else f"{args.connections} connections (closed loop)")
     lines.append("")
-    lines.append(f"Same client settings for every server: {args.connections} connections (closed loop) over "
+    lines.append(f"Same client settings for every server: {load} over "
                  f"{min(args.procs, args.connections)} uvloop processes, {args.duration:g} s measured after "
                  f"{args.warmup:g} s warm-up, {args.mailboxes} mailboxes x {args.messages} messages of "
                  f"{args.message_size} B; server CPU = utime+stime of the server's whole process tree over the "
