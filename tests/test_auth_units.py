@@ -23,7 +23,7 @@ from fastpop.auth.passwd_file import (
 from fastpop.config import Config, load_toml
 from fastpop.net import parse_address
 from fastpop.serve.validation import validate_all
-from fastpop.store.maildir import parse_name, uidl_of
+from fastpop.store.maildir_names import parse_name, uidl_of
 
 pytestmark = pytest.mark.unit
 

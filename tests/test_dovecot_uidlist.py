@@ -15,7 +15,7 @@ import pytest
 
 from fastpop.store import dovecot_keywords as dk
 from fastpop.store import dovecot_uidlist as du
-from fastpop.store import maildir
+from fastpop.store import maildir, maildir_names
 
 pytestmark = pytest.mark.unit
 
@@ -195,7 +195,7 @@ def test_unlock_leaves_a_lock_that_is_no_longer_ours(box):
     ("1.M1.host:1,experimental", None),
 ])
 def test_with_flag_merges_in_ascii_order(name, want):
-    assert maildir.with_flag(name, "S") == want
+    assert maildir_names.with_flag(name, "S") == want
 
 
 # ---------------------------------------------------------------- dovecot-keywords ([pop3] deleted_flag)
@@ -238,9 +238,9 @@ def test_keywords_lock_held_then_stale(box):
 
 
 def test_has_flag_reads_only_the_info():
-    assert maildir.has_flag("1.a,S=5:2,Sb", "b")
-    assert not maildir.has_flag("1.b:2,S", "b") and not maildir.has_flag("1.bcd", "b")
-    assert not maildir.has_flag("1.x:1,b", "b")
+    assert maildir_names.has_flag("1.a,S=5:2,Sb", "b")
+    assert not maildir_names.has_flag("1.b:2,S", "b") and not maildir_names.has_flag("1.bcd", "b")
+    assert not maildir_names.has_flag("1.x:1,b", "b")
 
 
 def test_a_record_being_appended_is_not_read_yet():

@@ -27,7 +27,7 @@ from fastpop.session.state import (
     CLOSED,
     TRANSACTION,
 )
-from fastpop.store.maildir import uidl_of
+from fastpop.store.maildir_names import uidl_of
 from fastpop.wire import responses as R
 from fastpop.wire.stuffing import CHUNK
 

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from fastpop.delivery import mbox_import as mb
-from fastpop.store import courier, maildir
+from fastpop.store import courier, maildir_names
 
 pytestmark = pytest.mark.unit
 
@@ -76,7 +76,7 @@ def test_safe_uidl_keeps_valid_ones_and_replaces_others_deterministically():
         assert courier.valid_uidl(replaced)
     # the rule Maildir names always had: their UIDLs do not change
     long_name = "1700000001.M1P1." + "h" * 80
-    assert maildir.uidl_of(long_name + ",S=1:2,S") == hashlib.md5(long_name.encode()).hexdigest()
+    assert maildir_names.uidl_of(long_name + ",S=1:2,S") == hashlib.md5(long_name.encode()).hexdigest()
 
 
 def test_courier_read_refuses_links_fifos_and_huge_files(tmp_path):

@@ -289,7 +289,7 @@ def _after_store(maildir: str, root: int, size: int, owner: int) -> None:
     session lock; a message waiting in new/ is what tells the next login to
     bring it up to date, which it does from the W= in the name and one read
     of the file (whether a line starts with ".", which RETR then need not
-    look for: fastpop.store.maildir.measure), so it is left alone here: a
+    look for: fastpop.store.measure.measure), so it is left alone here: a
     second writer would race with sessions, and what delivery knows could
     reach the index only through the file's name, which its user may change.  A Maildir++ quota file, as
     Dovecot and Courier keep it, gets the line for one more message."""

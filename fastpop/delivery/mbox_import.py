@@ -335,7 +335,8 @@ def import_spool(spool: str, maildir: str, *, owner: int | None = None, quoting:
     from fastpop.delivery.local import DeliveryError, normalize, store_normalized
     from fastpop.store import dovecot_uidlist, safefs
     from fastpop.store.courier import safe_uidl
-    from fastpop.store.maildir import ensure_maildir, uidl_of
+    from fastpop.store.maildir import ensure_maildir
+    from fastpop.store.maildir_names import uidl_of
 
     fd, st = open_spool(spool, remove and not dry_run)
     try:
@@ -536,7 +537,7 @@ def pin_x_uidls(maildir: str, dry_run: bool = False) -> str:
     from fastpop.store import dovecot_uidlist, safefs
     from fastpop.store import index as mindex
     from fastpop.store.courier import safe_uidl
-    from fastpop.store.maildir import delivery_order, uidl_of
+    from fastpop.store.maildir_names import delivery_order, uidl_of
 
     fd, owner = safefs.open_maildir(maildir, safefs.ANY_OWNER if os.geteuid() == 0 else os.geteuid())
     try:

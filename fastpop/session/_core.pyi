@@ -2,5 +2,3 @@
 from fastpop.session import _core_py
 
 SessionCore = _core_py.SessionCore
-bound_tls_buffers = _core_py.bound_tls_buffers
-marked = _core_py.marked

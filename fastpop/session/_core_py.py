@@ -54,11 +54,11 @@ from fastpop.session.state import (
     FLUSH_REPLIES,
     MAX_TOP_LINES,
     PRELOGIN_TIMEOUTS,
-    TLS_HIGH_WATER,
     TRANSACTION,
     UPDATE,
 )
-from fastpop.session.update import apply_update
+from fastpop.session.tls import bound_tls_buffers
+from fastpop.session.update import apply_update, marked
 from fastpop.store import expire
 from fastpop.store.locking import MailboxLocked
 from fastpop.store.maildir import Mailbox, ensure_maildir, is_permanent
@@ -81,57 +81,17 @@ class SessionCore:
 
     # Slots in the pure-Python build; compiled, the fields are the cdef class's (_core.pxd).
     __slots__ = (
-        "_ctx",
-        "loop",
-        "transport",
-        "_parser",
-        "_state",
-        "_table",
-        "_out",
-        "_out_size",
-        "_busy",
-        "_in_process",
-        "_reading_paused",
-        "_last_activity",
-        "_timer",
-        "_timestamp",
-        "_peer",
-        "_user_name",
-        "_user",
-        "_auth_failures",
-        "_bad_commands",
-        "_lock",
-        "_mailbox",
-        "_deleted",
-        "_deleted_count",
-        "_deleted_size",
-        "_stream",
-        "_stream_is_top",
-        "_top_count",
-        "_top_bytes",
-        "_retr_count",
-        "_retr_bytes",
-        "_end_reason",
+        "_ctx", "loop", "transport", "_parser", "_state", "_table", "_out", "_out_size", "_busy", "_in_process",
+        "_reading_paused", "_last_activity", "_timer", "_timestamp", "_peer", "_user_name", "_user",
+        "_auth_failures", "_bad_commands", "_lock", "_mailbox", "_deleted", "_deleted_count", "_deleted_size",
+        "_stream", "_stream_is_top", "_top_count", "_top_bytes", "_retr_count", "_retr_bytes", "_end_reason",
         # TLS, SASL and defences
-        "_implicit_tls",
-        "_secure",
-        "_trusted",
-        "_addr_key",
-        "_counted",
-        "_tls_task",
-        "_auth",
-        "_auth_wants_line",
-        "_auth_started",
-        "_auth_failure",
-        "_auth_mech",
-        # RFC 1460's LAST
-        "_last_retr",
-        # fastpop who (fastpop.serve.control): loop time of the connection, then of the login
-        "_since",
+        "_implicit_tls", "_secure", "_trusted", "_addr_key", "_counted", "_tls_task", "_auth", "_auth_wants_line",
+        "_auth_started", "_auth_failure", "_auth_mech",
+        "_last_retr",  # RFC 1460's LAST
+        "_since",  # fastpop who (fastpop.serve.control): loop time of the connection, then of the login
         # ISP limits and master users
-        "_cap_exempt",
-        "_master",
-        "_proxy_master",
+        "_cap_exempt", "_master", "_proxy_master"
     )
 
     # What the paths below use of POP3Protocol (its dispatch tables, Login's
@@ -838,27 +798,3 @@ class SessionCore:
             return
         logline.info(log, "session user=%s rip=%s top=%d/%d retr=%d/%d del=%d/%d size=%d end=%s",
                      (user.name, self._peer, *counts))
-
-
-def bound_tls_buffers(transport) -> None:
-    """A TLS transport pauses the session at the high-water mark of a plain
-    one (64 KiB), not at its own default (512 KiB of records, held for a
-    client that does not read, on top of the socket transport's buffer), and
-    stops reading the socket past 64 KiB of records the session has not
-    taken (not 256 KiB)."""
-    if transport.get_extra_info("sslcontext") is None:
-        return  # TLS ended at a proxy: a plain socket
-    transport.set_write_buffer_limits(high=TLS_HIGH_WATER)
-    set_read_limits = getattr(transport, "set_read_buffer_limits", None)  # (not Python 3.10's asyncio)
-    if set_read_limits is not None:
-        set_read_limits(high=TLS_HIGH_WATER)
-
-
-def marked(flags: bytearray, count: int) -> list[int]:
-    """Indexes of the set bytes, found at C speed (a mailbox may hold 100,000)."""
-    out: list[int] = []
-    i = flags.find(1)
-    while i >= 0 and len(out) < count:
-        out.append(i)
-        i = flags.find(1, i + 1)
-    return out

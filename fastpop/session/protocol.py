@@ -24,15 +24,15 @@ from fastpop import _compiled
 from fastpop.session.login import Login
 from fastpop.session.retrieval import Retrieval
 from fastpop.session.state import BUSY_CLOSING, BUSY_TLS, CLOSED, FLUSH_BYTES, FLUSH_REPLIES
+from fastpop.session.tls import bound_tls_buffers
 from fastpop.wire import responses as R
 from fastpop.wire.commands import NUM_CODES, Command
 
 if TYPE_CHECKING:
-    from fastpop.session._core_py import SessionCore, bound_tls_buffers
+    from fastpop.session._core_py import SessionCore
 else:
     _core = _compiled.load("fastpop.session._core")
     SessionCore = _core.SessionCore
-    bound_tls_buffers = _core.bound_tls_buffers
 
 __all__ = ["FLUSH_BYTES", "FLUSH_REPLIES", "POP3Protocol"]
 

@@ -50,9 +50,6 @@ FLUSH_REPLIES = 512
 # timeout alone let a CAPA every 59 s keep a connection that never logs in.
 PRELOGIN_TIMEOUTS = 3
 MAX_TOP_LINES = 2**31 - 1  # TOP's line count, clamped (a C int in the compiled transform)
-# A TLS transport's high-water marks, for what it has to send and what it
-# has read (the low ones are a quarter): those of a plain transport.
-TLS_HIGH_WATER = 64 * 1024
 
 Handler = Callable[[Any, tuple[str, ...]], None]  # a command's entry in a dispatch table
 

@@ -501,3 +501,22 @@ class TLSManager:
             session.tls_failed(reason)
             return
         session.tls_established(tls_transport)
+
+
+# A TLS transport's high-water marks, for what it has to send and what it
+# has read (the low ones are a quarter): those of a plain transport.
+TLS_HIGH_WATER = 64 * 1024
+
+
+def bound_tls_buffers(transport) -> None:
+    """A TLS transport pauses the session at the high-water mark of a plain
+    one (64 KiB), not at its own default (512 KiB of records, held for a
+    client that does not read, on top of the socket transport's buffer), and
+    stops reading the socket past 64 KiB of records the session has not
+    taken (not 256 KiB)."""
+    if transport.get_extra_info("sslcontext") is None:
+        return  # TLS ended at a proxy: a plain socket
+    transport.set_write_buffer_limits(high=TLS_HIGH_WATER)
+    set_read_limits = getattr(transport, "set_read_buffer_limits", None)  # (not Python 3.10's asyncio)
+    if set_read_limits is not None:
+        set_read_limits(high=TLS_HIGH_WATER)

@@ -30,3 +30,13 @@ def apply_update(mailbox: Mailbox, deleted_flags: bytearray, deleted: list[int])
     failed = mailbox.delete(deleted, 0.0) if deleted else 0
     mailbox.apply_seen(deleted_flags)  # [pop3] seen_on_retr: renames in cur/, never a deletion
     return failed, bool(deleted)
+
+
+def marked(flags: bytearray, count: int) -> list[int]:
+    """Indexes of the set bytes, found at C speed (a mailbox may hold 100,000)."""
+    out: list[int] = []
+    i = flags.find(1)
+    while i >= 0 and len(out) < count:
+        out.append(i)
+        i = flags.find(1, i + 1)
+    return out

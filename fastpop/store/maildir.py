@@ -27,23 +27,23 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import stat
 import time
 
 from fastpop import faults
 from fastpop.store import courier, dovecot_keywords, dovecot_uidlist, maildirsize, safefs
 from fastpop.store import index as mindex
-from fastpop.store.index import FLAG_NO_DOT_LINES, FLAG_STORED_AS_SENT, Entry, MailboxIndex
+from fastpop.store.index import FLAG_NO_DOT_LINES, Entry, MailboxIndex
+from fastpop.store.maildir_names import base_name as _base
+from fastpop.store.maildir_names import delivery_order, has_flag, uidl_of, with_flag
+from fastpop.store.measure import measure
 from fastpop.store.safefs import O_MESSAGE, open_nofollow
-from fastpop.wire.stuffing import scan_file
 
 log = logging.getLogger("fastpop.maildir")
 SUBDIRS = ("cur", "new", "tmp")
 # A directory mtime this recent may still change within the same clock tick
 # unseen; the index does not trust such an mtime (it rescans next time).
 MTIME_SETTLE_NS = 2_000_000_000
-_VSIZE = re.compile(r",W=([0-9]+)")
 # tmp/ files older than this are a dead delivery's (Maildir specification).
 TMP_MAX_AGE = 36 * 3600
 
@@ -111,103 +111,6 @@ def _give_new_directory(fd: int, uid: int, path: str) -> None:
     os.fchown(fd, uid, -1)
 
 
-def parse_name(name: str) -> tuple[str, int, int]:
-    """'123.M4P5.host,S=100,W=102:2,S' -> (base, S, W); sizes -1 when absent."""
-    base = name.split(":", 1)[0]
-    s = w = -1
-    fields = base.split(",")
-    for f in fields[1:]:
-        if f.startswith("S="):
-            s = _int_or(f[2:], -1)
-        elif f.startswith("W="):
-            w = _int_or(f[2:], -1)
-    return fields[0], s, w
-
-
-def _int_or(text: str, default: int) -> int:
-    return int(text) if text.isascii() and text.isdigit() else default
-
-
-def uidl_of(name: str) -> str:
-    """A stable UIDL from the Maildir unique name (RFC 1939: 1-70 chars, 0x21-0x7E)."""
-    return courier.safe_uidl(name.split(":", 1)[0].split(",", 1)[0])
-
-
-def with_flag(name: str, flag: str) -> str | None:
-    """The Maildir name of this message with ``flag`` added to its ``:2,``
-    info (flags kept in ASCII order, as the specification asks), or None if
-    it has it already or its info is not of the ``:2,`` kind."""
-    base, sep, info = name.partition(":")
-    if not sep:
-        return f"{base}:2,{flag}"
-    if not info.startswith("2,"):
-        return None  # experimental ":1," info: left alone
-    flags = info[2:]
-    if flag in flags:
-        return None
-    return f"{base}:2,{''.join(sorted(flags + flag))}"
-
-
-def _base(name: str) -> str:
-    return name.split(":", 1)[0]
-
-
-def delivery_order(name: str) -> tuple[int, str]:
-    """A sort key putting Maildir names in delivery order (the leading time first)."""
-    head = name.split(".", 1)[0]
-    # ASCII only: str.isdigit() also takes digits such as "²", which int() refuses
-    return (int(head) if head.isascii() and head.isdigit() else 0, name)
-
-
-def measure(cur_fd: int, name: str, owner: int, where: str = "cur") -> tuple[int, int, int] | None:
-    """(POP3 size, file size, flags) of cur/name; None if it vanished, is
-    unreadable, is not a regular file or (served as root) not the owner's.
-
-    W= in the name is the CRLF size, but writers (Dovecot among them) do not
-    count the CRLF that RETR adds to a message lacking a final newline, so
-    the last byte is checked; without W= the size is counted.  Either way the
-    file is read once, through one bounded buffer, up to its first line
-    starting with "." (to the end if it has none, or without W=): a message
-    without one goes out with no scan at RETR (index.FLAG_NO_DOT_LINES).
-    """
-    try:
-        fd, st = safefs.open_regular(cur_fd, name)
-    except OSError as exc:
-        if exc.errno != errno.ENOENT:
-            log.warning("skipping message %s/%s: %s", where, name, exc.strerror)
-        return None
-    try:
-        if os.geteuid() == 0 and st.st_uid != owner:  # (root reads anything: the owner decides)
-            log.warning("skipping message %s/%s: owned by uid %d, served as uid %d", where, name, st.st_uid, owner)
-            return None
-        file_size = st.st_size
-        m = _VSIZE.search(name)
-        colon = name.find(":")
-        virtual = int(m.group(1)) if m is not None and (colon < 0 or m.start() < colon) else -1  # not the flags'
-        # The name is the user's to choose: a W= no file of this size can have (each
-        # octet becomes at most two) would be announced by STAT and LIST, and one past
-        # 2^64 cannot even be indexed; such a file is counted instead.
-        if file_size <= virtual <= 2 * file_size:
-            size = virtual
-            _, dots, last = scan_file(fd, file_size, count_size=False)
-            if size > 0:
-                if last < 0:  # the scan stopped at a dot line: the last byte is read by itself
-                    tail = os.pread(fd, 1, file_size - 1)
-                    last = tail[0] if tail else -1
-                if last != 10:
-                    size += 2
-        else:
-            size, dots, _ = scan_file(fd, file_size)
-    except OSError as exc:
-        log.warning("skipping unreadable message %s/%s: %s", where, name, exc.strerror)
-        return None
-    finally:
-        os.close(fd)
-    # Equal sizes mean no bare LF and a final CRLF: the file is what RETR sends.
-    flags = FLAG_STORED_AS_SENT if size == file_size else 0
-    return size, file_size, flags if dots else flags | FLAG_NO_DOT_LINES
-
-
 def read_dovecot_uidlist(dir_fd: int, wanted: set[str] | None = None) -> tuple[int, dict[str, str]]:
     """(UIDVALIDITY, {base name: UIDL}) from Dovecot's dovecot-uidlist in the
     Maildir open as ``dir_fd`` (a regular file, not through a link): the
@@ -249,12 +152,6 @@ def configure_deleted_flag(keyword: str) -> None:
     if keyword and not dovecot_keywords.VALID_KEYWORD.fullmatch(keyword):
         raise ValueError(f"not an IMAP keyword: {keyword!r}")
     _deleted_flag = keyword
-
-
-def has_flag(name: str, flag: str) -> bool:
-    """Whether the ``:2,`` info of this Maildir name holds ``flag``."""
-    _, sep, info = name.partition(":")
-    return bool(sep) and info.startswith("2,") and flag in info[2:]
 
 
 def _listing(dir_fd: int, where: str) -> list[str]:
