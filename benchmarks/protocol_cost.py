@@ -4,6 +4,14 @@ kernel, no event loop I/O), for cProfile or callgrind.
 
     PYTHONPATH=. python3 benchmarks/protocol_cost.py --scenario download --sessions 2000
     PYTHONPATH=. python3 benchmarks/protocol_cost.py --scenario download --profile
+    PYTHONPATH=. python3 benchmarks/protocol_cost.py --scenario stat --instructions
+
+``--instructions`` counts CPU instructions per session with valgrind's callgrind
+(the count of two runs, 100 and 2,100 measured sessions, differenced, so start-up
+and warm-up cancel out; the cyclic garbage collector off meanwhile, as one of its
+full collections falling in one run and not the other would swamp the
+difference): the same for the same tree whatever else the machine is doing, so
+a change of a few percent shows where timing cannot.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +54,12 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=20)
     ap.add_argument("--size", type=int, default=3700)
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the measured sessions")
+    ap.add_argument("--instructions", action="store_true",
+                    help="instructions per session under valgrind --tool=callgrind (deterministic)")
+    ap.add_argument("--exactly", type=int, metavar="N", help=argparse.SUPPRESS)  # (one run of N, for --instructions)
     args = ap.parse_args()
+    if args.instructions:
+        return count_instructions(args)
 
     root = Path(tempfile.mkdtemp(prefix="fastpop-protocol-cost-"))
     (root / "passwd").write_text("bench:{PLAIN}secret\n")
@@ -70,7 +85,12 @@ def main() -> None:
     # settled (fastpop.store.maildir.MTIME_SETTLE_NS), so wait for that and warm again
     time.sleep(MTIME_SETTLE_NS / 1e9 + 0.2)
     run(ctx, loop, 200, lines)
-    if args.profile:
+    if args.exactly is not None:
+        import gc
+
+        gc.disable()  # (a full collection in one run and not the other would swamp the difference)
+        run(ctx, loop, args.exactly, lines)
+    elif args.profile:
         import cProfile
         import pstats
 
@@ -84,6 +104,18 @@ def main() -> None:
         print(f"{args.scenario}: {best / args.sessions * 1e6:.1f} us per session (best of 3, server code only)")
     loop.close()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def count_instructions(args) -> None:
+    def collected(sessions: int) -> int:
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+             "--scenario", args.scenario, "--messages", str(args.messages), "--size", str(args.size),
+             "--exactly", str(sessions)], capture_output=True, text=True, check=True).stderr
+        return int(re.search(r"Collected : (\d+)", out).group(1))
+
+    few, many = collected(100), collected(2100)
+    print(f"{args.scenario}: {(many - few) / 2000:,.0f} instructions per session (callgrind, server code only)")
 
 
 if __name__ == "__main__":

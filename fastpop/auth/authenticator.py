@@ -77,7 +77,10 @@ def password_candidates(password: str) -> list[str]:
 
 
 def _verify_any(stored: str, candidates: list[str]) -> bool:
-    return any(passwords.verify(stored, c) for c in candidates)
+    for candidate in candidates:  # (a loop, not any() over a generator: once per login)
+        if passwords.verify(stored, candidate):
+            return True
+    return False
 
 
 _VARIABLES = frozenset("undh%")
@@ -116,25 +119,30 @@ def _compile_location(template: str) -> tuple[tuple[bool, str], ...]:
 
 def expand_location(template: str, user: UserRecord) -> str:
     """Mail location from a template: %u user, %n local part, %d domain, %h home."""
-    local, _, domain = user.name.partition("@")
+    return _expand_location(template, user.name, user.home)
+
+
+@functools.lru_cache(maxsize=4096)  # every login expands the same few templates for the same users
+def _expand_location(template: str, name: str, home: str | None) -> str:
+    local, _, domain = name.partition("@")
     out: list[str] = []
     for variable, text in _compile_location(template):
         if not variable:
             out.append(text)
         elif text == "u":
-            out.append(user.name)
+            out.append(name)
         elif text == "n":
             out.append(local)
         elif text == "d":
             out.append(domain)
         elif text == "h":
-            if not user.home:
-                raise ValueError(f"user {user.name} has no home for %h")
-            out.append(user.home)
+            if not home:
+                raise ValueError(f"user {name} has no home for %h")
+            out.append(home)
         elif text == "%":
             out.append("%")
-        elif user.home:  # a leading "~"
-            out.append(user.home)
+        elif home:  # a leading "~"
+            out.append(home)
         else:
             out.append("~")
     return os.path.normpath("".join(out))

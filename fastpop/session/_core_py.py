@@ -733,7 +733,7 @@ class SessionCore:
         mailbox = self._mailbox
         assert mailbox is not None and self._deleted is not None
         self._state = UPDATE
-        deleted = marked(self._deleted, self._deleted_count)
+        deleted = marked(self._deleted, self._deleted_count) if self._deleted_count else []
         if not deleted and not mailbox.has_changes():
             return self._end_update(0, False)  # nothing to write
         # unlinks, an fsync, maybe a listing of cur/: in a thread (fastpop.session.update)

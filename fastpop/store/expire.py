@@ -26,6 +26,7 @@ replaced by a rename, and the caller holds the mailbox lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -60,6 +61,7 @@ def now() -> int:
     return int(time.time())
 
 
+@functools.lru_cache(maxsize=64)  # twice per login, nearly always ``[pop3] expire`` itself
 def parse_days(value: str) -> int | None:
     """'NEVER' -> None, '30' -> 30; ValueError otherwise."""
     text = value.strip().upper()
