@@ -326,7 +326,7 @@ def markdown_table(results, scenarios, args, dovecot_version: str) -> str:
                 b, fp = get(s, "baseline"), get(s, "fastpop")
                 lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {measure} | {f(b, digits)} | {f(fp, digits)} | "
                              f"**{ratio(b, fp)}** |")
-    offered = getattr(args, "rates", {})
+    offered = args.rates  # (main and render_saved both set it)
     short = []
     for s, n in sorted(results):
         want = offered.get(s, offered.get(""))

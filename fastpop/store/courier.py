@@ -48,7 +48,7 @@ def valid_uidl(text: str) -> bool:
 def safe_uidl(text: str) -> str:
     """``text`` if RFC 1939 allows it as a UIDL, else a replacement that is
     always the same for the same text: the MD5 of its bytes in hex (32
-    characters; what fastpop.store.maildir.uidl_of always gave a Maildir name
+    characters; what fastpop.store.maildir_names.uidl_of always gave a Maildir name
     that is no UIDL, so neither changes)."""
     if valid_uidl(text):
         return text
