@@ -47,12 +47,12 @@ def login_fails(srv: ServerProcess, name: str, password: str) -> None:
 class SyscallTrace:
     """strace -f of one process's file-system status calls, attached while in use."""
 
-    def __init__(self, pid: int, out: Path) -> None:
+    def __init__(self, pid: int, out: Path, calls: str = "newfstatat,statx,stat,lstat,openat,openat2") -> None:
         if shutil.which("strace") is None:
             pytest.skip("strace is not installed: cannot observe the server's system calls")
         self.pid, self.out = pid, out
         self.proc = subprocess.Popen(
-            ["strace", "-f", "-e", "trace=newfstatat,statx,stat,lstat,openat,openat2", "-o", str(out), "-p",
+            ["strace", "-f", "-e", f"trace={calls}", "-o", str(out), "-p",
              str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while True:
@@ -97,6 +97,31 @@ def test_logins_do_not_stat_the_watched_passwd_file(srv, tmp_path):
     assert len(stats) <= 1 + int(elapsed), (elapsed, stats)
 
 
+def test_writes_beside_the_passwd_file_do_not_wake_the_server(srv, tmp_path):
+    """A file written in the passwd-file's directory (a log file: the
+    benchmark's layout, or an operator's) raises no event the server reads:
+    the directory is watched for names only and the file itself for writes.
+    The old code watched the directory for writes and read an event per
+    write of any file in it."""
+    srv.start()
+    user = srv.add_user(messages=[message("x")])
+    assert stat_after_login(srv, user.name, "secret").startswith(b"+OK 1 ")
+    beside = srv.passwd.with_name("beside.log")
+    beside.write_bytes(b"")  # (made before the trace: a new name is an event the server reads)
+    trace = SyscallTrace(srv.proc.pid, tmp_path / "reads.trace", calls="read")
+    try:
+        with open(beside, "ab", buffering=0) as log_file:
+            for i in range(20):
+                log_file.write(b"line %d\n" % i)
+                time.sleep(0.005)
+        assert stat_after_login(srv, user.name, "secret").startswith(b"+OK 1 ")  # (the server's reads are traced)
+    finally:
+        lines = trace.stop()
+    assert any("STAT" in line for line in lines), "strace saw none of the session"
+    woken = [line for line in lines if "beside.log" in line]
+    assert not woken, woken
+
+
 def test_passwd_edits_are_seen_by_the_next_login(srv):
     """Each change, made right after a login that read the file (within its
     second), counts for the very next login: a line appended in place, the
@@ -128,6 +153,23 @@ def test_passwd_edits_are_seen_by_the_next_login(srv):
     os.replace(new, srv.passwd)
     login_fails(srv, alice.name, "thirdd")
     assert stat_after_login(srv, "bob", "bobpw") == b"+OK 0 0"
+
+    # removed, then made anew in place: the new file's edits in place are seen
+    # too (the watch of its inode is made when its name appears)
+    srv.passwd.unlink()
+    p = srv.connect()
+    try:
+        p.user("bob")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):  # no user database: not a wrong password
+            p.pass_("bobpw")
+    finally:
+        p.close()
+    srv.passwd.write_text("bob:{PLAIN}fourth\n")
+    assert stat_after_login(srv, "bob", "fourth") == b"+OK 0 0"
+    with open(srv.passwd, "r+") as f:
+        f.write("bob:{PLAIN}fifthh\n")
+    login_fails(srv, "bob", "fourth")
+    assert stat_after_login(srv, "bob", "fifthh") == b"+OK 0 0"
 
 
 def test_passwd_file_through_a_link_is_checked_at_every_login(tmp_path):

@@ -211,42 +211,63 @@ CHECK_INTERVAL = 1.0
 _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 _IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
 _IN_DELETE_SELF, _IN_MOVE_SELF, _IN_Q_OVERFLOW, _IN_IGNORED = 0x400, 0x800, 0x4000, 0x8000
-_IN_ONLYDIR = 0x01000000
-_WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE
-               | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
-_LOST = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED  # the directory itself is gone or moved
+_IN_ONLYDIR, _IN_DONT_FOLLOW = 0x01000000, 0x02000000
+# The directory is watched for names only: a watch of it for writes would
+# report every write to any file in it (a log file beside the passwd-file
+# woke every worker at every session's log line).  The file's own inode is
+# watched for writes, and watched anew whenever a name event shows it replaced.
+_DIRECTORY_MASK = (_IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF
+                   | _IN_ONLYDIR)
+_FILE_MASK = _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_DONT_FOLLOW
+_LOST = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED  # of the directory's watch: it is gone or moved
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
 
 class _Watch:
-    """inotify(7) on the directory of the file (a rename over it, an edit in
-    place, a chmod), read by an asyncio event loop.  ``changed()`` is called
-    when an event names the file, the queue overflowed or the directory
-    itself went (then the watch ends: ``alive`` is False)."""
+    """inotify(7) on the directory of the file (a rename over it, a removal)
+    and on the file itself (an edit in place, a chmod), read by an asyncio
+    event loop.  ``changed()`` is called when an event concerns the file,
+    the queue overflowed or the directory itself went (then the watch ends:
+    ``alive`` is False)."""
 
     def __init__(self, path: str, loop, changed) -> None:
-        self.name = os.fsencode(os.path.basename(path))
+        self.path = os.fsencode(path)
+        self.name = os.path.basename(self.path)
         self.loop = loop
         self.changed = changed
         self.alive = False
-        libc = ctypes.CDLL(None, use_errno=True)
+        self._libc = libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+        self.fd = fd
         try:
-            if libc.inotify_add_watch(fd, os.fsencode(os.path.dirname(path)), _WATCH_MASK) < 0:
+            self._directory_wd = libc.inotify_add_watch(fd, os.path.dirname(self.path), _DIRECTORY_MASK)
+            if self._directory_wd < 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), os.path.dirname(path))
+            self._file_wd = -1
+            self._watch_file()
             loop.add_reader(fd, self._read)
         except BaseException:
             os.close(fd)
             raise
-        self.fd = fd
         self.alive = True
 
+    def _watch_file(self) -> None:
+        """Watch the inode the name holds now (none if it is gone: its
+        creation is a name event, which calls this again)."""
+        wd = self._libc.inotify_add_watch(self.fd, self.path, _FILE_MASK)
+        if wd < 0 and ctypes.get_errno() not in (errno.ENOENT, errno.ENOTDIR):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fsdecode(self.path))
+        if self._file_wd >= 0 and wd != self._file_wd:
+            self._libc.inotify_rm_watch(self.fd, self._file_wd)  # the replaced inode's (EINVAL if gone: fine)
+        self._file_wd = wd
+
     def _read(self) -> None:
-        hit = lost = False
+        hit = lost = renamed = False
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -261,13 +282,24 @@ class _Watch:
                 break
             at = 0
             while at + _EVENT.size <= len(data):
-                _wd, mask, _cookie, length = _EVENT.unpack_from(data, at)
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, at)
                 name = data[at + _EVENT.size : at + _EVENT.size + length].rstrip(b"\0")
                 at += _EVENT.size + length
-                if mask & _LOST:
-                    lost = True
-                elif mask & _IN_Q_OVERFLOW or name == self.name:
+                if wd == self._directory_wd:
+                    if mask & _LOST:
+                        lost = True
+                    elif name == self.name:
+                        hit = renamed = True
+                elif mask & _IN_Q_OVERFLOW:
+                    hit = renamed = True  # events were dropped: a replacement among them, perhaps
+                elif wd == self._file_wd:
                     hit = True
+                # (else the watch of a file since replaced: its IN_IGNORED, or a late event)
+        if renamed and not lost:
+            try:
+                self._watch_file()  # before the next stat, so no later edit of the new file goes unseen
+            except OSError:
+                lost = True  # (the watch limit reached: a stat at every login from now on)
         if lost:
             self.close()
         if hit or lost:
