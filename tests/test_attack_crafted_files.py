@@ -25,6 +25,11 @@ And ``W=`` in a name, the size STAT and LIST announce, was believed
 whatever it said: ``W=5`` on a 100-octet file announced 5 and sent 100, and
 a W= past 2^64 made the index unwritable (struct.error: no login at all).
 A W= that no file of that size can have is now ignored and the file counted.
+
+Large files were read whole in the event loop, every other session of the
+worker waiting: a valid fastpop.index planted in the Maildir (up to 256 MiB,
+at each login after the user rewrote it), and, with outlook-no-nuls, a large
+message searched for a NUL before sendfile.  Both are read in threads now.
 """
 
 from __future__ import annotations
@@ -333,6 +338,85 @@ def test_sparse_message_is_measured_by_what_it_stores(base):
         listed = r.multi("LIST")[1]
         assert b"1 %d\r\n" % ((1 << 40) + 2) in listed, listed  # no final newline: +2
         assert r.cmd("QUIT").startswith(b"+OK")
+        _no_traceback(srv)
+    finally:
+        srv.stop()
+
+
+def _event_loop_reads(srv: ServerProcess) -> int:
+    """Octets the server's event-loop thread has read so far (read(2), pread(2),
+    sendfile(2)...: rchar of its main thread, whose thread id is the pid)."""
+    assert srv.proc is not None
+    pid = srv.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no rchar in /proc/{pid}/task/{pid}/io")
+
+
+def test_planted_large_index_is_read_outside_the_event_loop(base):
+    """The user writes a valid fastpop.index of 12 MiB into their Maildir (the
+    index lives there by default, the user's to write), its header naming
+    cur/'s mtime.  The login took it as current and read and checked it in
+    the event loop, every other session of the worker waiting meanwhile,
+    at each login after the user rewrote it (up to MAX_INDEX_BYTES, 256 MiB).
+    An index larger than IN_LOOP_MOST that the worker has not seen unchanged
+    is now read by the thread that opens the mailbox."""
+    from fastpop.store.index import IN_LOOP_MOST, Entry, encode
+
+    srv = _server(base)
+    try:
+        user = srv.add_user([message("mine")])
+        srv.start()
+        assert raw_login(srv.port, user).cmd("QUIT").startswith(b"+OK")  # indexed, and in the worker's cache
+        cur = user.maildir / "cur"
+        then = time.time_ns() - 3600 * 10**9  # settled: trusted as the index's cur/ stamp
+        os.utime(cur, ns=(then, then))
+        count = 200_000
+        entries = [Entry(f"{1600000000 + i}.M{i}P1.host:2,", 100, 100, 1, f"u{i}") for i in range(count)]
+        planted = encode(entries, cur.stat().st_mtime_ns, 0)
+        assert len(planted) > 8 * IN_LOOP_MOST
+        (user.maildir / "fastpop.index").write_bytes(planted)
+        before = _event_loop_reads(srv)
+        r = raw_login(srv.port, user, timeout=60)
+        reply = r.cmd("STAT")
+        assert r.cmd("QUIT").startswith(b"+OK")
+        read_in_loop = _event_loop_reads(srv) - before
+        # the user's own index, served to the user alone (a self-inflicted listing, as documented)
+        assert reply.startswith(b"+OK %d " % count), reply
+        assert read_in_loop < IN_LOOP_MOST, f"the event loop read {read_in_loop} octets at the login"
+        _no_traceback(srv)
+    finally:
+        srv.stop()
+
+
+def test_nul_search_of_a_large_message_is_outside_the_event_loop(base):
+    """With the outlook-no-nuls workaround, RETR of a large message that could
+    go by sendfile first looks for a NUL in it: that read the whole file,
+    as large as its user makes it, in the event loop before the first octet
+    went out.  It is now read in a thread: the event loop reads only what
+    sendfile pushes into the socket of a client that does not read."""
+    data = message("big", size=64 * 1024 * 1024)
+    data = data[: data.rindex(b"\r\n") + 2]  # CRLF to the end: stored as sent, so sendfile would do
+    size = len(data)
+    srv = _server(base, "--client-workarounds", "outlook-no-nuls")
+    try:
+        user = srv.add_user([data])
+        srv.start()
+        assert raw_login(srv.port, user, timeout=60).cmd("QUIT").startswith(b"+OK")  # measured
+        r = raw_login(srv.port, user, timeout=60)
+        before = _event_loop_reads(srv)
+        assert r.cmd("RETR 1") == b"+OK %d octets\r\n" % size
+        deadline = time.monotonic() + 10
+        read_in_loop = _event_loop_reads(srv) - before
+        while read_in_loop < 64 * 1024 and time.monotonic() < deadline:  # until sendfile has filled the socket
+            time.sleep(0.05)
+            read_in_loop = _event_loop_reads(srv) - before
+        time.sleep(0.5)  # and a moment more: the socket stays full (nothing is read here)
+        read_in_loop = _event_loop_reads(srv) - before
+        assert 0 < read_in_loop < size // 2, f"the event loop read {read_in_loop} octets of a {size}-octet message"
+        r.close()
         _no_traceback(srv)
     finally:
         srv.stop()

@@ -142,6 +142,32 @@ def test_only_a_message_with_a_nul_leaves_sendfile(tmp_path):
     assert after_nul == after_clean  # the one with a NUL: copied through the transform
 
 
+@pytest.mark.parametrize("grown", [b"grown in place\r\n", b"grown in place, a NUL: \x00\r\n"])
+def test_a_large_message_grown_since_indexed_is_counted_then_searched(tmp_path, grown):
+    """RETR of a large message grown in place since it was indexed: its octets
+    are counted in one thread, then, with outlook-no-nuls, a NUL is looked for
+    in another, the command pull waiting throughout: a NOOP pipelined behind
+    the RETR is answered after the whole message, and a NUL goes out as 0x80."""
+    srv = ServerProcess(tmp_path, PARSER, extra_args=WORKAROUNDS)
+    user = srv.add_user([BIG_CLEAN])
+    srv.start()
+    try:
+        c = login(srv, user)
+        assert c.cmd("QUIT").startswith(b"+OK")  # indexed at BIG_CLEAN's size
+        [path] = (user.maildir / "cur").iterdir()
+        with open(path, "ab") as f:  # (cur/'s mtime unchanged: the index still counts as current)
+            f.write(grown)
+        c = login(srv, user)
+        c.send(b"RETR 1\r\nNOOP\r\n")
+        assert c.line() == b"+OK %d octets\r\n" % (len(BIG_CLEAN) + len(grown))
+        assert c.body() == outlook(BIG_CLEAN + grown)
+        assert c.line() == b"+OK\r\n"
+        assert c.cmd("QUIT").startswith(b"+OK")
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log()
+
+
 # ----------------------------------------------------------------- oe-ns-eoh
 
 

@@ -21,8 +21,16 @@ from stat import S_ISREG
 from typing import TYPE_CHECKING
 
 from fastpop.session.pools import counting_pool, listing_pool
-from fastpop.session.sending import SMALL_MESSAGE, open_stream, render_small, workaround_flags
-from fastpop.session.state import BUSY_CLOSING, BUSY_COUNTING, BUSY_LISTING, BUSY_SENDING, SessionParts
+from fastpop.session.sending import (
+    NO_NULS,
+    SMALL_MESSAGE,
+    has_nul,
+    may_sendfile,
+    open_stream,
+    render_small,
+    workaround_flags,
+)
+from fastpop.session.state import BUSY_CLOSING, BUSY_COUNTING, BUSY_LISTING, BUSY_SCANNING, BUSY_SENDING, SessionParts
 from fastpop.store.maildir import is_permanent
 from fastpop.wire import responses as R
 from fastpop.wire.stuffing import pop3_size, pop3_size_of
@@ -109,9 +117,10 @@ class Retrieval(SessionParts):
         self._send_opened(index, top_lines, fd, path, pop3_size, size, indexed_size, data if small else None)
 
     def _send_opened(self, index: int, top_lines: int | None, fd: int, path: str, pop3_size: int, size: int,
-                     indexed_size: int, data: bytes | None) -> None:
+                     indexed_size: int, data: bytes | None, nul_free: bool | None = None) -> None:
         """The rest of _send_file, once the octet count is known: ``data``, the
-        whole file of a small message (else None: it is streamed)."""
+        whole file of a small message (else None: it is streamed).  ``nul_free``:
+        whether the file holds no NUL, once looked for (outlook-no-nuls)."""
         mailbox = self._mailbox
         assert mailbox is not None
         status = R.OK_TOP if top_lines is not None else b"+OK %d octets\r\n" % pop3_size
@@ -124,12 +133,15 @@ class Retrieval(SessionParts):
             self._out_size += len(body)
             self._count_sent(top_lines is not None, len(body))  # (metrics override it)
             return
+        stored_as_sent = size == pop3_size and self._can_sendfile()
+        if workarounds & NO_NULS and nul_free is None and may_sendfile(size, top_lines, stored_as_sent):
+            return self._scan_for_nuls(index, fd, path, pop3_size, size, indexed_size)
         try:
             stream = open_stream(
                 # POP3Protocol, whose transport is set for as long as a stream runs (the checker sees Optional)
-                self, fd, size, top_lines, size == pop3_size and self._can_sendfile(),  # type: ignore[arg-type]
+                self, fd, size, top_lines, stored_as_sent,  # type: ignore[arg-type]
                 # what the index knows of dot lines holds for the file it measured, not one changed since
-                size == indexed_size and mailbox.no_dot_lines(index), workarounds,
+                size == indexed_size and mailbox.no_dot_lines(index), workarounds, bool(nul_free),
             )
         except (OSError, ValueError) as exc:
             os.close(fd)
@@ -237,6 +249,31 @@ class Retrieval(SessionParts):
             self._send_opened(index, None, fd, path, future.result(), size, indexed_size, None)
         self._flush()
         self._unbusy(BUSY_COUNTING)  # (a stream keeps the pull stopped: BUSY_SENDING)
+
+    def _scan_for_nuls(self, index: int, fd: int, path: str, pop3_size: int, size: int, indexed_size: int) -> None:
+        """outlook-no-nuls: whether a large message holds a NUL decides between
+        sendfile and the transform.  Its user can make the file as large as the
+        file system allows, so it is read in a thread of the counting pool
+        while the command pull waits (BUSY_SCANNING: pipelined commands stay in
+        order; BUSY_COUNTING may be set too, cleared by _changed_counted)."""
+        self._busy |= BUSY_SCANNING
+        future = self.loop.run_in_executor(counting_pool(), has_nul, fd, size)
+        future.add_done_callback(
+            functools.partial(self._nuls_scanned, index, fd, path, pop3_size, size, indexed_size))
+
+    def _nuls_scanned(self, index: int, fd: int, path: str, pop3_size: int, size: int, indexed_size: int,
+                      future: asyncio.Future) -> None:
+        if self.transport is None or self._busy & BUSY_CLOSING or self._mailbox is None:
+            os.close(fd)  # the client left (or the session timed out) meanwhile
+            return
+        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
+        if exc is not None:
+            os.close(fd)
+            self._unreadable("read", path, exc)
+        else:
+            self._send_opened(index, None, fd, path, pop3_size, size, indexed_size, None, not future.result())
+        self._flush()
+        self._unbusy(BUSY_SCANNING)  # (a stream keeps the pull stopped: BUSY_SENDING)
 
     def _changed_size(self, fd: int, path: str, data: bytes | None, indexed_size: int, size: int) -> int:
         """The RETR size of a message file whose size is no longer the indexed one; -1 (fd

@@ -88,7 +88,8 @@ def render_small(data: bytes, top_lines: int | None, workarounds: int = 0) -> by
 
 def has_nul(fd: int, size: int) -> bool:
     """Whether the first ``size`` octets of an open file hold a NUL, read with
-    pread through one bounded buffer (the offset is left where it was)."""
+    pread through one bounded buffer (the offset is left where it was).  It
+    reads the whole file, which its user can make huge: never in the event loop."""
     buf = bytearray(min(SCAN_WINDOW, max(size, 1)))
     view = memoryview(buf)
     offset = 0
@@ -186,17 +187,22 @@ SCAN_AHEAD = 8 * SCAN_WINDOW
 SENDFILE_CHUNK = 1024 * 1024
 
 
+def may_sendfile(size: int, top_lines: int | None, stored_as_sent: bool) -> bool:
+    """Whether open_stream would consider sendfile(2) for this message."""
+    return top_lines is None and stored_as_sent and size >= SENDFILE_MIN
+
+
 def open_stream(proto: Session, fd: int, size: int, top_lines: int | None, stored_as_sent: bool,
-                no_dot_lines: bool = False, workarounds: int = 0):
+                no_dot_lines: bool = False, workarounds: int = 0, nul_free: bool = False):
     """The stream for a large message: sendfile(2) when the file is stored
     exactly as RETR sends it (CRLF line ends and a final CRLF) and the
     connection allows it; else the transform.  ``no_dot_lines``: the index
     says no line of the file starts with "." (then nothing is scanned).
-    ``workarounds``: NO_NULS and ADD_EOH; a file with a NUL to replace goes
-    through the transform (sendfile cannot change a byte), which costs
-    reading the file first when sendfile would do.  Takes ownership of ``fd``."""
-    if (top_lines is None and stored_as_sent and size >= SENDFILE_MIN and crlf_terminated(fd, size)
-            and not (workarounds & NO_NULS and has_nul(fd, size))):
+    ``workarounds``: NO_NULS and ADD_EOH; with NO_NULS only a file known to
+    hold no NUL (``nul_free``: has_nul, which the caller runs in a thread)
+    may go by sendfile, which cannot change a byte.  Takes ownership of ``fd``."""
+    if (may_sendfile(size, top_lines, stored_as_sent) and crlf_terminated(fd, size)
+            and not (workarounds & NO_NULS and not nul_free)):
         stream = SendfileStream(proto, fd, size, no_dot_lines)
         if no_dot_lines or stream.dots_are_sparse():
             return stream

@@ -15,7 +15,7 @@ cdef enum:
     RECORD_SIZE = 32
 
 
-cdef inline uint64_t le64(const unsigned char* p) noexcept:
+cdef inline uint64_t le64(const unsigned char* p) noexcept nogil:
     cdef uint64_t v = 0
     cdef int k
     for k in range(7, -1, -1):
@@ -23,7 +23,7 @@ cdef inline uint64_t le64(const unsigned char* p) noexcept:
     return v
 
 
-cdef inline Py_ssize_t le_n(const unsigned char* p, int n) noexcept:
+cdef inline Py_ssize_t le_n(const unsigned char* p, int n) noexcept nogil:
     cdef Py_ssize_t v = 0
     cdef int k
     for k in range(n - 1, -1, -1):
@@ -108,7 +108,7 @@ def format_uidl(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names
     return out[:o]
 
 
-cdef inline bint bad_name(const unsigned char* p, Py_ssize_t n) noexcept:
+cdef inline bint bad_name(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     """Not one Maildir entry: empty, over 255 bytes, hidden (also . and ..), a "/" or NUL."""
     cdef Py_ssize_t k
     if n == 0 or n > 255 or p[0] == 46:  # "."
@@ -119,7 +119,7 @@ cdef inline bint bad_name(const unsigned char* p, Py_ssize_t n) noexcept:
     return False
 
 
-cdef inline bint bad_uidl(const unsigned char* p, Py_ssize_t n) noexcept:
+cdef inline bint bad_uidl(const unsigned char* p, Py_ssize_t n) noexcept nogil:
     """Not an RFC 1939 unique-id: 1 to 70 octets in 0x21-0x7E."""
     cdef Py_ssize_t k
     if n == 0 or n > 70:
@@ -130,30 +130,62 @@ cdef inline bint bad_uidl(const unsigned char* p, Py_ssize_t n) noexcept:
     return False
 
 
+# A worker thread checks large indexes (an index of 2 million records, which
+# the Maildir's user can write, takes tens of milliseconds): the GIL is let go
+# meanwhile so the event loop runs on.  Not for small ones, which the event
+# loop checks itself and would then have to take the GIL back from a thread.
+cdef Py_ssize_t NOGIL_RECORDS = 4096
+
+
 def check_records(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names_off):
     """Sum of the records' sizes, after checking every record points inside
     the name table and holds a valid file name and UIDL; ValueError otherwise."""
     cdef const unsigned char* base
-    cdef const unsigned char* rec
-    cdef const unsigned char* name
-    cdef Py_ssize_t i, n = buf.shape[0], name_len, uidl_len
-    cdef uint64_t total = 0, size
+    cdef Py_ssize_t n = buf.shape[0]
+    cdef uint64_t total = 0
+    cdef int problem
     if count < 0 or n < HEADER_SIZE + count * RECORD_SIZE or names_off > n:
         raise ValueError("index buffer too short")
     base = &buf[0]
+    if count >= NOGIL_RECORDS:
+        with nogil:
+            problem = _check(base, n, count, names_off, &total)
+    else:
+        problem = _check(base, n, count, names_off, &total)
+    if problem:
+        raise ValueError(_PROBLEMS[problem - 1])
+    return total
+
+
+_PROBLEMS = (
+    "index record points outside the name table",
+    "index record size out of range",
+    "index record holds an invalid file name",
+    "index record holds an invalid UIDL",
+)
+
+
+cdef int _check(const unsigned char* base, Py_ssize_t n, Py_ssize_t count, Py_ssize_t names_off,
+                uint64_t* total_out) noexcept nogil:
+    """check_records' loop: 0, or 1 + the index of its problem in _PROBLEMS."""
+    cdef const unsigned char* rec
+    cdef const unsigned char* name
+    cdef Py_ssize_t i, name_len, uidl_len
+    cdef uint64_t total = 0, size
     for i in range(count):
         rec = base + HEADER_SIZE + i * RECORD_SIZE
         name_len = le_n(rec + 20, 2)
         uidl_len = le_n(rec + 22, 2)
         if names_off + le_n(rec + 16, 4) + name_len + uidl_len > n:
-            raise ValueError("index record points outside the name table")
+            return 1
         size = le64(rec)
         if size > (<uint64_t>1 << 62) or total + size < total:
-            raise ValueError("index record size out of range")
+            return 2
         name = base + names_off + le_n(rec + 16, 4)
         if bad_name(name, name_len):
-            raise ValueError("index record holds an invalid file name")
+            return 3
         if bad_uidl(name + name_len, uidl_len):
-            raise ValueError("index record holds an invalid UIDL")
+            return 4
         total += size
-    return total
+    total_out[0] = total
+    return 0

@@ -136,6 +136,13 @@ MAX_INDEX_BYTES = 256 * 1024 * 1024
 # microseconds), so the stamps kept are those of large mailboxes only.
 # Bounded in number, and the copies in bytes.
 VERIFY_ALWAYS_BELOW = 64 * 1024
+# A login's event loop reads (and checks) at most this much of an index file
+# it has not seen unchanged before: whoever can write their Maildir can make
+# the index as large as MAX_INDEX_BYTES, and reading and checking that took
+# the event loop, so every session of the worker, a second at each login.  A
+# larger index is loaded by the thread that opens the mailbox (about 9,000
+# messages fit, and once in memory or validated the next login's stat suffices).
+IN_LOOP_MOST = 1024 * 1024
 _CACHE_MAX = 4096
 _CACHE_MAX_BYTES = 256 * 1024 * 1024
 _cache: OrderedDict[str, tuple[tuple[int, ...], MailboxIndex | None]] = OrderedDict()
@@ -416,11 +423,15 @@ def mappable(st: os.stat_result, maildir_owner: int | None, external: bool) -> b
     return external or (maildir_owner is not None and maildir_owner >= 0 and st.st_uid != maildir_owner)
 
 
-def load(maildir: str, dir_fd: int | None = None, owner: int | None = None) -> MailboxIndex | None:
+def load(maildir: str, dir_fd: int | None = None, owner: int | None = None,
+         most: int | None = None) -> MailboxIndex | None:
     """The index of this Maildir if it is present and valid, else None.
     ``dir_fd``: the Maildir, open (else by its canonical path; never through a
     link).  ``owner``: the uid that owns the Maildir, if known (an index in
     the Maildir is mapped only if it is not that uid's: see the module doc).
+    ``most``: read or check at most this many bytes of the file (the event
+    loop's limit, IN_LOOP_MOST): a larger one not already in memory or
+    validated gives None, for the caller to load it in a thread instead.
 
     A warm login costs a stat of a file read into memory before (same
     inode, mtime and size: the copy is used), or an open, an fstat and an
@@ -469,15 +480,20 @@ def load(maildir: str, dir_fd: int | None = None, owner: int | None = None) -> M
         try:
             if mappable(st, owner, external is not None) and st.st_size >= HEADER.size:
                 stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                unchecked = cached is None or cached[1] is not None or cached[0] != stamp
+                if unchecked and most is not None and st.st_size > most:
+                    return None
                 index = _map(fd, st.st_size)
                 if index is not None:
-                    if cached is None or cached[1] is not None or cached[0] != stamp:
+                    if unchecked:
                         index.verify()
                         if st.st_size >= VERIFY_ALWAYS_BELOW:
                             _remember(maildir, stamp, None)
                         elif cached is not None:
                             _forget(maildir)
                     return index
+            if most is not None and st.st_size > most:
+                return None
             buf = _read_all(fd, st.st_size)
             index = MailboxIndex(buf)
             index.verify()

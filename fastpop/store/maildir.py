@@ -227,7 +227,9 @@ def current_index(path: str, owner: int) -> MailboxIndex | None:
     This is the whole cost of a login to an unchanged mailbox: a stat of
     new/ (when it was seen empty before with the same stamp, see _empty_new;
     else an open of it, no link followed, and its listing), a stat of cur/
-    and of the index file, whatever their size.
+    and of the index file, whatever their size.  An index file this process
+    has not read unchanged before and that is larger than index.IN_LOOP_MOST
+    gives None: the caller's thread reads it (Mailbox.open).
     Raises OSError for a new/ or cur/ that must be refused; the Maildir
     itself was checked when the index was built (sync_index), and only root
     can give it to another owner since.
@@ -244,7 +246,7 @@ def current_index(path: str, owner: int) -> MailboxIndex | None:
     if not stat.S_ISDIR(st.st_mode):
         return None  # the full open refuses it
     cur_owner = safefs.check_directory(st, owner, path + "/cur")
-    current = mindex.load(path, owner=cur_owner)
+    current = mindex.load(path, owner=cur_owner, most=mindex.IN_LOOP_MOST)  # (a larger one: opened in a thread)
     if current is not None and current.cur_mtime_ns == st.st_mtime_ns != 0:
         return current
     return None
