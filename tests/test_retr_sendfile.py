@@ -32,6 +32,7 @@ LINE = b"an ordinary line of a message body, stored with CRLF line ends.....\r\n
 BIG = 2 * 1024 * 1024  # well above sending.SENDFILE_MIN and two scan windows
 HOUR_NS = 3600 * 10**9
 NO_DOT_LINES = 2  # record flag bit 1 (the format in fastpop/store/index.py)
+SO_RCVBUFFORCE = 33  # Linux's socket option (Python does not name it): a receive buffer past rmem_max, as root
 
 
 def filler(size: int) -> bytes:
@@ -114,10 +115,20 @@ def rewrite_flags(user: User, change) -> None:
 
 
 class Raw:
-    def __init__(self, port: int):
+    def __init__(self, port: int, receive_buffer: int = 0):
         import socket
 
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if receive_buffer:  # set before connecting: the window scale is agreed in the handshake
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, receive_buffer)
+            except PermissionError:
+                self.sock.close()
+                pytest.skip("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
+            self.sock.settimeout(10)
+            self.sock.connect(("127.0.0.1", port))
+        else:
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.buf = b""
         self.line()
 
@@ -300,6 +311,49 @@ def test_retr_of_a_message_without_dot_lines_reads_nothing(traced, tmp_path):
     assert sum(reads_of(dot_t, u_dotted)) >= len(dotted) // 2, "the dotted message was not scanned"
     idx = index_file(user)
     assert [bool(flags(idx, i) & NO_DOT_LINES) for i in range(2)] == [True, False]
+
+
+def test_a_socket_that_takes_everything_does_not_hold_the_event_loop(traced, tmp_path):
+    """sendfile went on for as long as the socket took more: a reader that
+    keeps up (loopback, a fast LAN), or one with a large receive window, had
+    the whole message sent in one turn of the event loop, every other session
+    of the worker waiting (a 1 GiB RETR to a reader that kept up held another
+    user's NOOP 0.2 s).  Here the client's receive buffer holds the whole
+    message before it reads a byte.  The server's thread now polls between
+    turns of at most SENDFILE_TURN octets (a sendfile call may end a turn up
+    to a chunk past it)."""
+    from fastpop.session.sending import SENDFILE_CHUNK, SENDFILE_TURN
+
+    data = body(6 * SENDFILE_TURN)
+    user = traced.add_user()
+    unique = deliver(user, data, sizes=True)
+    traced.start()
+    user.login().quit()  # measured: no dot lines, so nothing is read
+    c = Raw(traced.port, receive_buffer=4 * len(data))
+    c.login(user)
+    with strace(traced.proc.pid, tmp_path / "turns.trace", "sendfile,epoll_wait,epoll_pwait") as lines:
+        c.sock.sendall(b"RETR 1\r\n")
+        time.sleep(2.0)  # (nothing read meanwhile: the server sends what the socket takes)
+        status = c.line()
+        got = c.multiline()
+    c.close()
+    assert status == b"+OK %d octets" % len(data)
+    assert got == reference(data)
+    main = str(traced.proc.pid)
+    turns, run = [], 0
+    for line in lines:
+        if not line.startswith(main + " "):
+            continue
+        if "epoll_" in line:
+            if run:
+                turns.append(run)
+            run = 0
+        elif (m := re.search(r"\bsendfile\(\d+<[^>]*>, \d+<([^>]*)>.*= (\d+)$", line)) and \
+                os.path.basename(m.group(1)).startswith(unique):
+            run += int(m.group(2))
+    turns.append(run)
+    assert sum(turns) == len(data), (sum(turns), len(data))
+    assert max(turns) <= SENDFILE_TURN + SENDFILE_CHUNK, f"one turn of the event loop sent {max(turns)} octets"
 
 
 # --------------------------------------------------------------------------- when the bit is not there, or not true
