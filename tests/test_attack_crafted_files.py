@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.server import Raw, ServerProcess, message, raw_login
+from support.server import Raw, ServerProcess, event_loop_reads, message, raw_login
 
 from fastpop.store import locking
 
@@ -343,18 +343,6 @@ def test_sparse_message_is_measured_by_what_it_stores(base):
         srv.stop()
 
 
-def _event_loop_reads(srv: ServerProcess) -> int:
-    """Octets the server's event-loop thread has read so far (read(2), pread(2),
-    sendfile(2)...: rchar of its main thread, whose thread id is the pid)."""
-    assert srv.proc is not None
-    pid = srv.proc.pid
-    with open(f"/proc/{pid}/task/{pid}/io") as f:
-        for line in f:
-            if line.startswith("rchar:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no rchar in /proc/{pid}/task/{pid}/io")
-
-
 def test_planted_large_index_is_read_outside_the_event_loop(base):
     """The user writes a valid fastpop.index of 12 MiB into their Maildir (the
     index lives there by default, the user's to write), its header naming
@@ -378,11 +366,11 @@ def test_planted_large_index_is_read_outside_the_event_loop(base):
         planted = encode(entries, cur.stat().st_mtime_ns, 0)
         assert len(planted) > 8 * IN_LOOP_MOST
         (user.maildir / "fastpop.index").write_bytes(planted)
-        before = _event_loop_reads(srv)
+        before = event_loop_reads(srv)
         r = raw_login(srv.port, user, timeout=60)
         reply = r.cmd("STAT")
         assert r.cmd("QUIT").startswith(b"+OK")
-        read_in_loop = _event_loop_reads(srv) - before
+        read_in_loop = event_loop_reads(srv) - before
         # the user's own index, served to the user alone (a self-inflicted listing, as documented)
         assert reply.startswith(b"+OK %d " % count), reply
         assert read_in_loop < IN_LOOP_MOST, f"the event loop read {read_in_loop} octets at the login"
@@ -406,15 +394,15 @@ def test_nul_search_of_a_large_message_is_outside_the_event_loop(base):
         srv.start()
         assert raw_login(srv.port, user, timeout=60).cmd("QUIT").startswith(b"+OK")  # measured
         r = raw_login(srv.port, user, timeout=60)
-        before = _event_loop_reads(srv)
+        before = event_loop_reads(srv)
         assert r.cmd("RETR 1") == b"+OK %d octets\r\n" % size
         deadline = time.monotonic() + 10
-        read_in_loop = _event_loop_reads(srv) - before
+        read_in_loop = event_loop_reads(srv) - before
         while read_in_loop < 64 * 1024 and time.monotonic() < deadline:  # until sendfile has filled the socket
             time.sleep(0.05)
-            read_in_loop = _event_loop_reads(srv) - before
+            read_in_loop = event_loop_reads(srv) - before
         time.sleep(0.5)  # and a moment more: the socket stays full (nothing is read here)
-        read_in_loop = _event_loop_reads(srv) - before
+        read_in_loop = event_loop_reads(srv) - before
         assert 0 < read_in_loop < size // 2, f"the event loop read {read_in_loop} octets of a {size}-octet message"
         r.close()
         _no_traceback(srv)

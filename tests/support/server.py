@@ -320,3 +320,16 @@ class POP3From(poplib.POP3):
 
     def _create_socket(self, timeout):
         return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
+def event_loop_reads(srv: ServerProcess) -> int:
+    """Octets a single-process server's event-loop thread has read so far
+    (read(2), pread(2), sendfile(2)...: the rchar of its main thread, whose
+    thread id is the pid; the threads' reads are counted apart)."""
+    assert srv.proc is not None
+    pid = srv.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/io") as f:
+        for line in f:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no rchar in /proc/{pid}/task/{pid}/io")
