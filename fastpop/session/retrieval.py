@@ -17,8 +17,9 @@ import errno
 import functools
 import logging
 import os
+from collections.abc import Callable
 from stat import S_ISREG
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastpop.session.pools import counting_pool, listing_pool
 from fastpop.session.sending import (
@@ -226,16 +227,19 @@ class Retrieval(SessionParts):
         self._flush()
         self._unbusy(BUSY_LISTING)
 
-    def _count_changed(self, index: int, fd: int, path: str, indexed_size: int, size: int) -> None:
-        """RETR of a large message whose size is not the indexed one: its octet
-        count is read in a thread of the counting pool while the command pull
-        waits (BUSY_COUNTING: pipelined commands stay in order)."""
-        self._busy |= BUSY_COUNTING
-        future = self.loop.run_in_executor(counting_pool(), pop3_size, fd)
-        future.add_done_callback(functools.partial(self._changed_counted, index, fd, path, indexed_size, size))
+    def _read_in_thread(self, busy: int, fd: int, path: str, job: Callable[[], object],
+                        then: Callable[[Any], None]) -> None:
+        """Run ``job``, which reads the open message file ``fd`` (as large as its
+        user made it), in a thread of the counting pool while the command pull
+        waits (``busy``: pipelined commands stay in order), then ``then`` with
+        its result in the event loop.  The file is closed if the session ended
+        meanwhile, or the read failed (-ERR)."""
+        self._busy |= busy
+        future = self.loop.run_in_executor(counting_pool(), job)
+        future.add_done_callback(functools.partial(self._read_done, busy, fd, path, then))
 
-    def _changed_counted(self, index: int, fd: int, path: str, indexed_size: int, size: int,
-                         future: asyncio.Future) -> None:
+    def _read_done(self, busy: int, fd: int, path: str, then: Callable[[Any], None],
+                   future: asyncio.Future) -> None:
         if self.transport is None or self._busy & BUSY_CLOSING or self._mailbox is None:
             os.close(fd)  # the client left (or the session timed out) meanwhile
             return
@@ -244,36 +248,31 @@ class Retrieval(SessionParts):
             os.close(fd)
             self._unreadable("read", path, exc)
         else:
-            log.warning("message changed since it was indexed user=%s file=%s indexed_size=%d size=%d",
-                        self._user_of_mailbox(), path, indexed_size, size)
-            self._send_opened(index, None, fd, path, future.result(), size, indexed_size, None)
+            then(future.result())
         self._flush()
-        self._unbusy(BUSY_COUNTING)  # (a stream keeps the pull stopped: BUSY_SENDING)
+        self._unbusy(busy)  # (a stream keeps the pull stopped: BUSY_SENDING; the other reason may still hold)
+
+    def _count_changed(self, index: int, fd: int, path: str, indexed_size: int, size: int) -> None:
+        """RETR of a large message whose size is not the indexed one: its octet
+        count is read in a thread (BUSY_COUNTING)."""
+        self._read_in_thread(BUSY_COUNTING, fd, path, functools.partial(pop3_size, fd),
+                             functools.partial(self._changed_counted, index, fd, path, indexed_size, size))
+
+    def _changed_counted(self, index: int, fd: int, path: str, indexed_size: int, size: int, counted: int) -> None:
+        log.warning("message changed since it was indexed user=%s file=%s indexed_size=%d size=%d",
+                    self._user_of_mailbox(), path, indexed_size, size)
+        self._send_opened(index, None, fd, path, counted, size, indexed_size, None)
 
     def _scan_for_nuls(self, index: int, fd: int, path: str, pop3_size: int, size: int, indexed_size: int) -> None:
         """outlook-no-nuls: whether a large message holds a NUL decides between
-        sendfile and the transform.  Its user can make the file as large as the
-        file system allows, so it is read in a thread of the counting pool
-        while the command pull waits (BUSY_SCANNING: pipelined commands stay in
-        order; BUSY_COUNTING may be set too, cleared by _changed_counted)."""
-        self._busy |= BUSY_SCANNING
-        future = self.loop.run_in_executor(counting_pool(), has_nul, fd, size)
-        future.add_done_callback(
-            functools.partial(self._nuls_scanned, index, fd, path, pop3_size, size, indexed_size))
+        sendfile and the transform, and is read in a thread (BUSY_SCANNING; after
+        _count_changed, whose BUSY_COUNTING is cleared while this one holds)."""
+        self._read_in_thread(BUSY_SCANNING, fd, path, functools.partial(has_nul, fd, size),
+                             functools.partial(self._nuls_scanned, index, fd, path, pop3_size, size, indexed_size))
 
     def _nuls_scanned(self, index: int, fd: int, path: str, pop3_size: int, size: int, indexed_size: int,
-                      future: asyncio.Future) -> None:
-        if self.transport is None or self._busy & BUSY_CLOSING or self._mailbox is None:
-            os.close(fd)  # the client left (or the session timed out) meanwhile
-            return
-        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        if exc is not None:
-            os.close(fd)
-            self._unreadable("read", path, exc)
-        else:
-            self._send_opened(index, None, fd, path, pop3_size, size, indexed_size, None, not future.result())
-        self._flush()
-        self._unbusy(BUSY_SCANNING)  # (a stream keeps the pull stopped: BUSY_SENDING)
+                      found: bool) -> None:
+        self._send_opened(index, None, fd, path, pop3_size, size, indexed_size, None, not found)
 
     def _changed_size(self, fd: int, path: str, data: bytes | None, indexed_size: int, size: int) -> int:
         """The RETR size of a message file whose size is no longer the indexed one; -1 (fd
