@@ -259,7 +259,10 @@ class SpawnedServer:
         self.extra_args = list(extra_args or [])
         self.package_root = package_root or str(Path(__file__).resolve().parents[2])
         self.name = name
-        self.log_path = seeded.root / f"{name}.log"
+        # not beside the passwd-file: a fastpop before e33eae9 watched that directory for writes and
+        # was woken by every log line written there, its own and those of the servers it is compared with
+        self.log_path = seeded.root / "logs" / f"{name}.log"
+        self.log_path.parent.mkdir(exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.parser_impl = "?"
