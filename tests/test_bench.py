@@ -409,3 +409,16 @@ def test_compare_dovecot_offers_every_server_the_same_rate(tmp_path):
     bad = subprocess.run([sys.executable, str(script), "--rate", "stat=fast"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "--rate: not a rate: 'stat=fast'" in bad.stderr
+
+
+@pytest.mark.parametrize("attack, size", [("index", ["--records", "20000"]), ("retr", ["--size-mb", "8"])])
+def test_loop_stall_runs_each_attack(attack, size):
+    """benchmarks/loop_stall.py, small: each round names what the attacker
+    made the worker handle and how long the other user's NOOP waited."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_stall.py"
+    run = subprocess.run([sys.executable, str(script), "--attack", attack, *size, "--rounds", "2"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rounds = re.findall(r"this tree  round (\d): (index of \d+ MiB|RETR of 8 MiB) in +\d+ ms; "
+                        r"the other user's slowest NOOP +[\d.]+ ms", run.stdout)
+    assert [r[0] for r in rounds] == ["1", "2"], run.stdout
