@@ -17,13 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastpop.bench import spawn
 from fastpop.store.index import Entry, encode
 
@@ -104,7 +102,8 @@ def plant_index(maildir: Path, records: int) -> int:
     return len(data)
 
 
-def run_tree(label: str, tree: str, seeded: spawn.Seeded, args: argparse.Namespace) -> None:
+def run_tree(label: str, tree: str | None, seeded: spawn.Seeded, args: argparse.Namespace) -> None:
+    """The rounds against the fastpop of ``tree`` (None: the one this script imports)."""
     server = spawn.SpawnedServer(seeded, package_root=tree, name=label.replace(" ", "-"))
     server.start()
     attacker = seeded.users[0]
@@ -167,7 +166,7 @@ def main() -> None:
                 f.write(b"Subject: large\r\n\r\n")
                 for _ in range(args.size_mb):
                     f.write(block)
-        run_tree("this tree", str(Path(__file__).resolve().parents[1]), seeded, args)
+        run_tree("this tree", None, seeded, args)
         if args.baseline:
             run_tree("baseline", os.path.abspath(args.baseline), seeded, args)
 
