@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import socket
 import statistics
 import threading
@@ -273,6 +274,43 @@ def test_idle_lmtp_connection_times_out(tmp_path):
         assert 0.5 < time.monotonic() - t0 < 5
         assert r.file.read() == b""  # closed
         r.close()
+    finally:
+        assert srv.stop() == 0
+    assert "Traceback" not in srv.log()
+
+
+def test_a_message_trickled_a_byte_at_a_time_times_out(tmp_path):
+    """In DATA every octet counted as activity: a client sending one every
+    few seconds held its connection, and with as many as [lmtp]
+    max_connections allows, every delivery, for ever.  Each octet now buys
+    1/MIN_DATA_RATE of a second: the trickle is closed with 421 4.4.2 after
+    [lmtp] timeout, as an idle client is, and nothing is delivered."""
+    conf = tmp_path / "fastpop.toml"
+    conf.write_text("[lmtp]\ntimeout = 1\n")
+    srv = ServerProcess(tmp_path, "cython", extra_args=["--config", str(conf), "--lmtp-listen", "127.0.0.1:0"])
+    user = srv.add_user()
+    srv.start()
+    try:
+        r = RawLMTP(socket.create_connection(("127.0.0.1", lmtp_port(srv)), timeout=10))
+        r.send(b"LHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<%s>\r\nDATA\r\n" % user.name.encode())
+        assert r.reply().startswith("250-")
+        assert r.reply() == "250 2.1.0 Ok"
+        assert r.reply().startswith("250 2.1.5")
+        assert r.reply().startswith("354 ")
+        t0 = time.monotonic()
+        closed = None
+        while time.monotonic() - t0 < 8:  # the old code: never closed
+            try:
+                r.sock.sendall(b"x")
+            except OSError:
+                break
+            if select.select([r.sock], [], [], 0.3)[0]:  # (nothing else is due: the file holds no reply)
+                closed = r.reply()
+                break
+        assert closed is not None and closed.startswith("421 4.4.2 "), closed
+        assert 0.5 < time.monotonic() - t0 < 5
+        r.close()
+        assert not list((user.maildir / "new").iterdir())
     finally:
         assert srv.stop() == 0
     assert "Traceback" not in srv.log()

@@ -23,7 +23,9 @@ that also serves POP3, so nothing it does may hold that loop for long:
   of what the server's connection budget allows (``[server]
   max_connections``, the descriptors), so idle LMTP clients cannot starve
   POP3; LMTP connections count in ``max_connections``.  One idle for
-  ``[lmtp] timeout`` seconds is closed with 421 4.4.2.
+  ``[lmtp] timeout`` seconds is closed with 421 4.4.2; in DATA each octet
+  counts for 1/MIN_DATA_RATE of a second (Postfix's smtpd_min_data_rate),
+  so one that trickles a message is closed the same way.
 
 Storing runs in a thread pool so file writes and fsync never stall the event
 loop (``fastpop.delivery.local`` does the work).
@@ -58,6 +60,7 @@ from fastpop.store.safefs import served_uid
 log = logging.getLogger("fastpop.lmtp")
 
 MAX_MESSAGE_SIZE = 64 << 20  # octets of DATA accepted (advertised as SIZE)
+MIN_DATA_RATE = 500  # octets per second DATA must keep up, on average (Postfix's smtpd_min_data_rate default)
 MAX_LINE = 2048  # a command line, CRLF included (RFC 5321 4.5.3.1.4: at least 512; Postfix's line_length_limit)
 READ_PAUSE = 256 << 10  # input held while a command is answered: past this, reading pauses
 STORE_THREADS = 4
@@ -161,7 +164,9 @@ class LMTPSession(asyncio.Protocol):
         if self._state == CLOSED:
             return
         if self._state == DATA:
-            self._last = self.loop.time()
+            # message octets buy time at MIN_DATA_RATE, never past now: a client trickling
+            # a byte now and then is closed after [lmtp] timeout, as an idle one is
+            self._last = min(self.loop.time(), self._last + len(data) / MIN_DATA_RATE)
             self._take_data(data)
             return
         if 10 in data:  # b"\n": a complete line is activity, a trickle of octets is not
