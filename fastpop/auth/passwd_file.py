@@ -259,9 +259,10 @@ class _Watch:
         """Watch the inode the name holds now (none if it is gone: its
         creation is a name event, which calls this again)."""
         wd = self._libc.inotify_add_watch(self.fd, self.path, _FILE_MASK)
-        if wd < 0 and ctypes.get_errno() not in (errno.ENOENT, errno.ENOTDIR):
+        if wd < 0:
             err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), os.fsdecode(self.path))
+            if err not in (errno.ENOENT, errno.ENOTDIR):
+                raise OSError(err, os.strerror(err), os.fsdecode(self.path))
         if self._file_wd >= 0 and wd != self._file_wd:
             self._libc.inotify_rm_watch(self.fd, self._file_wd)  # the replaced inode's (EINVAL if gone: fine)
         self._file_wd = wd
