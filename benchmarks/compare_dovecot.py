@@ -14,7 +14,11 @@ default) and starts, all on 127.0.0.1:
   this machine, and the floor of what a POP3 session costs the kernel;
 - with ``--uvloop-floor``, the same responder as a Python protocol on uvloop
   (``--engine asyncio --loop uvloop``): what any uvloop server pays before it
-  does any work of its own, fastpop's floor.
+  does any work of its own, fastpop's floor;
+- with ``--login-floor``, that responder also making the system calls a safe
+  Maildir login makes (``--maildirs``: lstat of the Maildir, lock, stats of
+  new/, cur/ and the index, unlock, a log line): the floor under fastpop's
+  login on uvloop, with no logic of its own.
 With ``--rate``, every server is offered the same load (an open loop at so many
 sessions per second) instead of each being driven as fast as it answers: a
 server's CPU per session depends on how busy it is (a busy event loop answers
@@ -84,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-trivial", action="store_true", help="skip the generator-ceiling runs")
     p.add_argument("--uvloop-floor", action="store_true",
                    help="also run the trivial responder as a Python protocol on uvloop (fastpop's floor)")
+    p.add_argument("--login-floor", action="store_true",
+                   help="also run that responder making a safe login's system calls on the same Maildirs "
+                        "(trivial-server --maildirs): the floor under fastpop's login on uvloop")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.add_argument("--json-dir", metavar="DIR", help="write every run's full result here")
     p.add_argument("--keep", action="store_true", help="keep the generated directory")
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     mailboxes = {"users": args.mailboxes, "messages": args.messages, "size": str(size), "large_users": 0,
                  "large_size": 0}
     servers: dict[str, Target] = {}
-    fast = dove = trivial = floor = base = None
+    fast = dove = trivial = floor = login_floor = base = None
     results: dict[tuple[str, str], list[dict]] = {}
     try:
         if not args.no_dovecot:
@@ -146,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.uvloop_floor:
             floor, fport = start_trivial(args.messages, args.message_size, ["--engine", "asyncio", "--loop", "uvloop"])
             servers["uvloop"] = Target("127.0.0.1", fport, "trivial responder on uvloop", pid=floor.pid)
+        if args.login_floor:
+            os.makedirs(os.path.join(workdir, "login-floor"))
+            login_floor, lport = start_trivial(
+                args.messages, args.message_size,
+                ["--engine", "asyncio", "--loop", "uvloop", "--maildirs", seeded.mailroot,
+                 "--state-dir", os.path.join(workdir, "login-floor")])
+            servers["login-floor"] = Target("127.0.0.1", lport, "trivial responder on uvloop with a login's "
+                                            "system calls", pid=login_floor.pid)
 
         def spec(target: Target, scenario: str, **kw) -> LoadSpec:
             base = dict(host=target.host, port=target.port, scenario=scenario, users=seeded.users,
@@ -184,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in (fast, dove, base):
             if server is not None:
                 server.stop()
-        for proc in (trivial, floor):
+        for proc in (trivial, floor, login_floor):
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -216,7 +231,7 @@ def render_saved(args) -> int:
     scenarios: list[str] = []
     version = "?"
     for path in sorted(Path(args.from_json_dir).glob("*.json")):
-        m = re.fullmatch(r"(.+)-(Dovecot|fastpop|trivial|uvloop|baseline)-(\d+)\.json", path.name)
+        m = re.fullmatch(r"(.+)-(Dovecot|fastpop|trivial|uvloop|login-floor|baseline)-(\d+)\.json", path.name)
         if not m:
             continue
         r = load_json(str(path))
@@ -308,15 +323,18 @@ def markdown_table(results, scenarios, args, dovecot_version: str) -> str:
             lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(rate(s, 'trivial'))} | {f(rate(s, 'fastpop'))} | "
                          f"**{ratio(rate(s, 'fastpop'), rate(s, 'trivial'))}** | {f(client_cpu(s, 'trivial'), 3)} | "
                          f"{f(cpu(s, 'fastpop'), 3)} |")
-    if any(n in ("trivial", "uvloop") for _, n in results):
+    if any(n in ("trivial", "uvloop", "login-floor") for _, n in results):
+        floors = any(n == "login-floor" for _, n in results)
         lines.append("")
-        lines.append("| scenario | server CPU ms per session: trivial (compiled) | trivial on uvloop | fastpop | "
-                     "fastpop / compiled | fastpop / uvloop |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append("| scenario | server CPU ms per session: trivial (compiled) | trivial on uvloop | "
+                     + ("uvloop + a login's system calls | " if floors else "") + "fastpop | "
+                     "fastpop / compiled | fastpop / uvloop |" + (" login floor / compiled |" if floors else ""))
+        lines.append("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if floors else ""))
         for s in scenarios:
-            t, u, fp = cpu(s, "trivial"), cpu(s, "uvloop"), cpu(s, "fastpop")
-            lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(t, 3)} | {f(u, 3)} | {f(fp, 3)} | "
-                         f"**{ratio(t, fp)}** | **{ratio(u, fp)}** |")
+            t, u, lf, fp = cpu(s, "trivial"), cpu(s, "uvloop"), cpu(s, "login-floor"), cpu(s, "fastpop")
+            lines.append(f"| {SCENARIO_NAMES.get(s, s)} | {f(t, 3)} | {f(u, 3)} | "
+                         + (f"{f(lf, 3)} | " if floors else "") + f"{f(fp, 3)} | "
+                         f"**{ratio(t, fp)}** | **{ratio(u, fp)}** |" + (f" **{ratio(t, lf)}** |" if floors else ""))
     if any(n == "baseline" for _, n in results):
         lines.append("")
         lines.append("| scenario | measure | baseline fastpop | this fastpop | this / baseline |")

@@ -393,16 +393,18 @@ def test_compare_dovecot_offers_every_server_the_same_rate(tmp_path):
     server's CPU per session depends on how busy it is, so servers driven each
     to its own saturation are not at the same point); the table says which load
     it was and marks a server that could not keep up.  (Dovecot left out:
-    ``--no-dovecot``; tests/test_dovecot_side_by_side.py starts it.)"""
+    ``--no-dovecot``; tests/test_dovecot_side_by_side.py starts it.)  ``--login-floor``
+    adds the uvloop responder making a login's system calls on the same Maildirs."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_dovecot.py"
     run = subprocess.run(
-        [sys.executable, str(script), "--no-dovecot", "--scenarios", "stat", "--rate", "stat=150",
+        [sys.executable, str(script), "--no-dovecot", "--login-floor", "--scenarios", "stat", "--rate", "stat=150",
          "--mailboxes", "6", "--messages", "2", "--duration", "1.5", "--warmup", "0.2", "--json-dir",
          str(tmp_path / "runs")], capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "open loop at 150 sessions/s (stat)" in run.stdout, run.stdout[-2000:]
     runs = {p.name: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")}
-    assert sorted(runs) == ["stat-fastpop-1.json", "stat-trivial-1.json"]
+    assert sorted(runs) == ["stat-fastpop-1.json", "stat-login-floor-1.json", "stat-trivial-1.json"]
+    assert "uvloop + a login's system calls" in run.stdout and "login floor / compiled" in run.stdout
     for result in runs.values():
         assert result["load"]["rate"] == 150 and result["errors"]["total"] == 0
         assert 120 <= result["rates"]["sessions_per_s"] <= 180, result["rates"]

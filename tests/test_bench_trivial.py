@@ -391,3 +391,63 @@ def cpu_seconds(proc_stat: str) -> float:
     with open(proc_stat) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_maildirs_makes_a_logins_system_calls(servers, tmp_path):
+    """``--maildirs``: the login floor of compare_dovecot.py --login-floor.  While a user
+    is logged in their Maildir's byte is locked in the state directory's lock file; a
+    RETR reads the message's file in cur/; the session's end unlocks it and logs one
+    line; a user without a Maildir is answered as without the option, with no lock and
+    no line."""
+    import fcntl
+    import poplib
+    import struct
+
+    from fastpop.store.locking import slot
+
+    root, state = tmp_path / "mail", tmp_path / "state"
+    for sub in ("cur", "new", "tmp"):
+        (root / "alice" / sub).mkdir(parents=True)
+    (root / "alice" / "cur" / "1.M1.host:2,").write_bytes(b"x" * 50_000)
+    state.mkdir()
+    port = servers("asyncio", "--maildirs", str(root), "--state-dir", str(state))
+    pid = servers.procs[-1].pid
+    st = os.lstat(root / "alice")
+    flock = struct.Struct("hhqqi4x")
+
+    def locked() -> bool:
+        fd = os.open(state / "mailbox.locks", os.O_RDWR)
+        try:
+            query = flock.pack(fcntl.F_WRLCK, os.SEEK_SET, slot(st.st_dev, st.st_ino), 1, 0)
+            return flock.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query))[0] != fcntl.F_UNLCK
+        finally:
+            os.close(fd)
+
+    for user in ("alice", "nobody", "alice"):
+        pop = poplib.POP3("127.0.0.1", port, timeout=10)
+        pop.user(user)
+        pop.pass_("anything")
+        assert locked() == (user == "alice")
+        assert pop.stat()[0] == 20
+        before = read_octets(pid)
+        pop.retr(1)
+        assert (read_octets(pid) - before >= 50_000) == (user == "alice")
+        pop.quit()
+        deadline = time.monotonic() + 5
+        while locked() and time.monotonic() < deadline:  # (released once the server sees the close)
+            time.sleep(0.01)
+        assert not locked()
+    time.sleep(0.2)
+    assert (state / "sessions.log").read_bytes().count(b"user=alice ") == 2
+    assert b"nobody" not in (state / "sessions.log").read_bytes()
+
+
+def read_octets(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_maildirs_needs_the_asyncio_engine(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastpop", "bench", "trivial-server", "--maildirs", str(tmp_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--engine asyncio" in proc.stderr

@@ -13,16 +13,31 @@ it shares with the generator.  Where it is not built, or
 runs instead (``fastpop._compiled`` chooses; the startup line says which:
 "compiled engine" or "python epoll engine").  ``--engine asyncio`` is
 ``TrivialProtocol`` on an asyncio loop.
+
+``--maildirs ROOT`` (asyncio engine) adds to each session the system calls a
+safe Maildir login cannot do without, and nothing else: at PASS, lstat of
+ROOT/<user> (the lock's key), an OFD lock taken in one file and looked up in
+another (as fastpop's lock table does for older versions), lstat of new/,
+cur/ and fastpop.index; at each RETR the open, read and close of the message's
+file in cur/ (the names listed once per user and kept, as an index would);
+at the session's end the unlock and one log line.
+What a POP3 server on uvloop's Python protocol pays before any logic of its
+own: the floor under fastpop's login (benchmarks/compare_dovecot.py
+``--login-floor``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import os
+import shutil
 import signal
 import socket
+import struct
 import sys
+import tempfile
 
 from fastpop import _compiled
 from fastpop.bench.spawn import MessageFactory, SizeDistribution
@@ -118,9 +133,104 @@ class TrivialProtocol(asyncio.Protocol):
         self.transport.close()
 
 
-async def serve(host: str, port: int, state: TrivialState, ready=None) -> None:
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock, as fastpop.store.locking packs it
+MESSAGE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class LoginCalls:
+    """The files a login's system calls go to (``--maildirs``): the Maildirs' root,
+    and in ``state_dir`` the lock file, the older lock file and the session log."""
+
+    def __init__(self, maildirs: str, state_dir: str) -> None:
+        self.maildirs = maildirs
+        self.names: dict[str, list[str]] = {}  # Maildir -> the files in its cur/, listed at its first login
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self.lock_fd = os.open(os.path.join(state_dir, "mailbox.locks"), flags, 0o600)
+        self.older_fd = os.open(os.path.join(state_dir, "mailbox.locks.older"), flags, 0o600)
+        self.log_fd = os.open(os.path.join(state_dir, "sessions.log"),
+                              os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def close(self) -> None:
+        for fd in (self.lock_fd, self.older_fd, self.log_fd):
+            os.close(fd)
+
+
+class LoginCallsProtocol(TrivialProtocol):
+    """TrivialProtocol making a login's system calls (see the module's docstring)."""
+
+    __slots__ = ("calls", "user", "offset", "cur")
+
+    def __init__(self, state: TrivialState, calls: LoginCalls) -> None:
+        super().__init__(state)
+        self.calls = calls
+        self.user = b""
+        self.offset = -1  # the locked byte while logged in
+        self.cur = ""  # the Maildir's cur/ while logged in
+
+    def data_received(self, data: bytes) -> None:
+        for line in (self.buf + data).split(b"\n")[:-1]:  # (the complete lines TrivialProtocol answers)
+            word = line[:5].upper()
+            if word == b"USER ":
+                self.user = line[5:].strip()
+            elif word == b"PASS " and self.offset < 0:
+                self._login()
+            elif word == b"RETR " and self.offset >= 0:
+                self._read_message(line[5:].strip())
+        super().data_received(data)
+
+    def _read_message(self, arg: bytes) -> None:
+        names = self.calls.names[self.cur]
+        i = int(arg) - 1 if arg.isdigit() else -1
+        if 0 <= i < len(names):
+            try:
+                fd = os.open(os.path.join(self.cur, names[i]), MESSAGE_FLAGS)
+            except OSError:
+                return
+            try:
+                os.read(fd, 1 << 16)
+            finally:
+                os.close(fd)
+
+    def _login(self) -> None:
+        from fastpop.store.locking import slot
+
+        calls = self.calls
+        maildir = os.path.join(calls.maildirs, os.fsdecode(self.user))
+        try:
+            st = os.lstat(maildir)
+        except (OSError, ValueError):  # no such user: the trivial answer stands
+            return
+        offset = slot(st.st_dev, st.st_ino)
+        try:
+            fcntl.fcntl(calls.lock_fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        except OSError:  # held by another session: as a refused login, no more calls
+            return
+        self.offset = offset
+        fcntl.fcntl(calls.older_fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+        for name in ("new", "cur", "fastpop.index"):
+            try:
+                os.lstat(os.path.join(maildir, name))
+            except OSError:
+                pass
+        self.cur = os.path.join(maildir, "cur")
+        if self.cur not in calls.names:
+            try:
+                calls.names[self.cur] = sorted(os.listdir(self.cur))
+            except OSError:
+                calls.names[self.cur] = []
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.offset >= 0:
+            calls = self.calls
+            fcntl.fcntl(calls.lock_fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, self.offset, 1, 0))
+            self.offset = -1
+            os.write(calls.log_fd, b"trivial: session user=%s ip=127.0.0.1 end=quit\n" % self.user)
+
+
+async def serve(host: str, port: int, state: TrivialState, ready=None, calls: LoginCalls | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: TrivialProtocol(state), host, port, backlog=4096, reuse_address=True)
+    factory = (lambda: TrivialProtocol(state)) if calls is None else (lambda: LoginCallsProtocol(state, calls))
+    server = await loop.create_server(factory, host, port, backlog=4096, reuse_address=True)
     addr = server.sockets[0].getsockname()
     print(f"trivial POP3 server listening on {addr[0]}:{addr[1]} (pid {os.getpid()}, asyncio engine)", file=sys.stderr,
           flush=True)
@@ -192,6 +302,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compiled (default): the compiled epoll engine, or its pure-Python twin where it is "
                         "not built or FASTPOP_NO_EXTENSIONS is set; asyncio: the asyncio engine")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="the asyncio engine's loop")
+    p.add_argument("--maildirs", metavar="ROOT",
+                   help="asyncio engine: also make the system calls a safe login makes against ROOT/<user> "
+                        "(lstat, lock, stats of new/ cur/ and the index, unlock, a log line): a login's floor")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="with --maildirs: where its lock files and session log go (default: a temporary "
+                        "directory, removed at exit)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -200,12 +316,23 @@ def main(args: argparse.Namespace) -> int:
 
     host, port = parse_address(args.listen)
     state = TrivialState(args.messages, SizeDistribution.parse(args.message_size), args.corrupt)
+    if args.maildirs and args.engine != "asyncio":
+        print("trivial-server: --maildirs needs --engine asyncio", file=sys.stderr)
+        return 2
     if args.engine == "compiled":
         serve_epoll(host, port, state)
         return 0
+    calls = None
+    if args.maildirs:
+        state_dir: str = args.state_dir or tempfile.mkdtemp(prefix="fastpop-trivial-")
+        calls = LoginCalls(args.maildirs, state_dir)
     loop = new_loop(args.loop)
     try:
-        loop.run_until_complete(serve(host, port, state))
+        loop.run_until_complete(serve(host, port, state, calls=calls))
     finally:
         loop.close()
+        if calls is not None:
+            calls.close()
+            if not args.state_dir:
+                shutil.rmtree(state_dir, ignore_errors=True)
     return 0
