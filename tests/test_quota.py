@@ -134,3 +134,32 @@ def test_a_maildirsize_link_is_not_followed(srv, tmp_path):
     (user.maildir / "maildirsize").symlink_to(target)
     assert lmtp_send(srv, user, message("through"))[0] == 250
     assert target.read_text() == "1S\n"
+
+
+@pytest.mark.unit
+def test_a_rewritten_maildirsize_is_on_disk_before_its_rename(tmp_path, monkeypatch):
+    """A recalculated maildirsize replaces the old one by rename; its data is
+    fsync'ed first, or a power cut could leave the new name on an empty file,
+    whose lost header would end the user's quota."""
+    from fastpop.store import maildirsize
+
+    maildir = tmp_path / "m"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "cur" / "1.M1.host:2,").write_bytes(b"x" * 700)
+    (maildir / "maildirsize").write_text("100000S\n" + "0 0\n" * 2000)  # large: recalculated
+    synced: list[int] = []
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    fd = os.open(maildir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert maildirsize.over_quota(fd, 10, os.geteuid()) is None
+    finally:
+        os.close(fd)
+    assert (maildir / "maildirsize").read_text() == "100000S\n700 1\n"
+    assert (maildir / "maildirsize").stat().st_ino in synced

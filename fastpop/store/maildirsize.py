@@ -23,6 +23,7 @@ import threading
 import time
 
 from fastpop.store import safefs
+from fastpop.store.durable import write_and_sync
 
 log = logging.getLogger("fastpop.maildir")
 
@@ -156,7 +157,7 @@ def recalculate(maildir_fd: int) -> tuple[int, int]:
 
 def _rewrite(maildir_fd: int, header: str, size: int, count: int, owner: int) -> None:
     """Replace maildirsize with its header and one line (Maildir++: written in
-    tmp/ and renamed over it)."""
+    tmp/, fsync'ed and renamed over it)."""
     tmp_fd = _open_dir(maildir_fd, "tmp")
     try:
         name = f"maildirsize.{secrets.token_hex(8)}"
@@ -165,7 +166,9 @@ def _rewrite(maildir_fd: int, header: str, size: int, count: int, owner: int) ->
             try:
                 if os.geteuid() == 0 and owner > 0:
                     os.fchown(fd, owner, -1)
-                os.write(fd, f"{header}\n{size} {count}\n".encode("ascii"))
+                # on disk before the rename: after a power cut the new name must not
+                # stand for an empty file, which would drop the header, the user's quota
+                write_and_sync(fd, f"{header}\n{size} {count}\n".encode("ascii"))
             finally:
                 os.close(fd)
             os.rename(name, MAILDIRSIZE, src_dir_fd=tmp_fd, dst_dir_fd=maildir_fd)
