@@ -70,12 +70,16 @@ cdef struct dirent64_head:  # struct linux_dirent64 up to the name
     unsigned char d_type
 
 
-def has_entries(int fd):
+def has_entries(int fd, long most=-1):
     """Whether the directory open as ``fd`` holds a name not starting with
     "." (a message waiting in new/), read with getdents64 from the
-    descriptor's current offset; the descriptor is left for the caller to close."""
+    descriptor's current offset; the descriptor is left for the caller to close.
+    ``most`` (if not negative): after that many entries without an answer, True
+    (may have one: its user can fill it with hidden names, and the caller, the
+    event loop, leaves a long listing to a thread)."""
     cdef char buf[4096]
     cdef long n, pos
+    cdef long seen = 0
     cdef dirent64_head* d
     cdef const char* name
     while True:
@@ -90,5 +94,8 @@ def has_entries(int fd):
             d = <dirent64_head*>(buf + pos)
             name = buf + pos + sizeof(uint64_t) + sizeof(int64_t) + sizeof(unsigned short) + sizeof(unsigned char)
             if name[0] != 46:  # "."
+                return True
+            seen += 1
+            if 0 <= most < seen:
                 return True
             pos += d.d_reclen

@@ -66,6 +66,11 @@ def walk(path: str, flags: int, mode: int = 0o600) -> int:
         os.close(fd)
 
 
-def has_entries(fd: int) -> bool:
-    """Whether the directory open as ``fd`` holds a name not starting with "."."""
-    return any(name[0] != "." for name in os.listdir(fd))
+def has_entries(fd: int, most: int = -1) -> bool:
+    """Whether the directory open as ``fd`` holds a name not starting with ".";
+    ``most`` (if not negative): after that many entries without an answer, True."""
+    with os.scandir(fd) as it:
+        for seen, entry in enumerate(it, 1):
+            if entry.name[0] != "." or 0 <= most < seen:
+                return True
+    return False
