@@ -31,6 +31,7 @@ BUSY_LISTING = 64  # cur/ is listed in a thread for a message renamed under RETR
 BUSY_UPDATING = 128  # QUIT's deletions (and flags) are applied in a thread
 BUSY_COUNTING = 256  # RETR counts, in a thread, the octets of a large message changed since indexed
 BUSY_SCANNING = 512  # RETR looks, in a thread, for a NUL in a large message (outlook-no-nuls)
+BUSY_FORMATTING = 1024  # LIST or UIDL of a large mailbox is formatted in a thread
 
 # Replies of pipelined commands are gathered and written together, but every
 # reply counts: once FLUSH_BYTES octets of messages and listings, or

@@ -31,7 +31,7 @@ cdef inline Py_ssize_t le_n(const unsigned char* p, int n) noexcept nogil:
     return v
 
 
-cdef inline Py_ssize_t put_uint(unsigned char* dst, uint64_t v) noexcept:
+cdef inline Py_ssize_t put_uint(unsigned char* dst, uint64_t v) noexcept nogil:
     cdef unsigned char tmp[20]
     cdef Py_ssize_t n = 0, i
     while True:
@@ -45,6 +45,17 @@ cdef inline Py_ssize_t put_uint(unsigned char* dst, uint64_t v) noexcept:
     return n
 
 
+cdef bytes _shrunk(bytes out, Py_ssize_t size):
+    """The first ``size`` octets of ``out``, copied without the GIL (a large
+    mailbox's listing is tens of MB: the event loop runs meanwhile)."""
+    cdef bytes res = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* dst = PyBytes_AS_STRING(res)
+    cdef const char* src = PyBytes_AS_STRING(out)
+    with nogil:
+        memcpy(dst, src, size)
+    return res
+
+
 def format_list(const unsigned char[::1] buf, Py_ssize_t count, const unsigned char[::1] deleted):
     """LIST lines ("n size\\r\\n") for every message not marked deleted."""
     cdef bytes out
@@ -56,17 +67,18 @@ def format_list(const unsigned char[::1] buf, Py_ssize_t count, const unsigned c
     out = PyBytes_FromStringAndSize(NULL, count * 34 + 1)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
     base = &buf[0]
-    for i in range(count):
-        if deleted[i]:
-            continue
-        o += put_uint(dst + o, i + 1)
-        dst[o] = 32
-        o += 1
-        o += put_uint(dst + o, le64(base + HEADER_SIZE + i * RECORD_SIZE))
-        dst[o] = 13
-        dst[o + 1] = 10
-        o += 2
-    return out[:o]
+    with nogil:  # (a large mailbox's is formatted in a thread: the event loop runs meanwhile)
+        for i in range(count):
+            if deleted[i]:
+                continue
+            o += put_uint(dst + o, i + 1)
+            dst[o] = 32
+            o += 1
+            o += put_uint(dst + o, le64(base + HEADER_SIZE + i * RECORD_SIZE))
+            dst[o] = 13
+            dst[o + 1] = 10
+            o += 2
+    return _shrunk(out, o)
 
 
 def format_uidl(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names_off,
@@ -75,37 +87,43 @@ def format_uidl(const unsigned char[::1] buf, Py_ssize_t count, Py_ssize_t names
     cdef const unsigned char* base
     cdef const unsigned char* rec
     cdef Py_ssize_t i, o = 0, total = 0, name_off, name_len, uidl_len, n = buf.shape[0]
+    cdef bint outside = False
     cdef bytes out
     cdef unsigned char* dst
     if count < 0 or n < HEADER_SIZE + count * RECORD_SIZE or deleted.shape[0] < count:
         raise ValueError("index buffer too short")
     base = &buf[0]
-    for i in range(count):
-        rec = base + HEADER_SIZE + i * RECORD_SIZE
-        name_off = le_n(rec + 16, 4)
-        name_len = le_n(rec + 20, 2)
-        uidl_len = le_n(rec + 22, 2)
-        if names_off + name_off + name_len + uidl_len > n:
-            raise ValueError("index record points outside the file")
-        total += uidl_len + 14
+    with nogil:  # (a large mailbox's is formatted in a thread: the event loop runs meanwhile)
+        for i in range(count):
+            rec = base + HEADER_SIZE + i * RECORD_SIZE
+            name_off = le_n(rec + 16, 4)
+            name_len = le_n(rec + 20, 2)
+            uidl_len = le_n(rec + 22, 2)
+            if names_off + name_off + name_len + uidl_len > n:
+                outside = True
+                break
+            total += uidl_len + 14
+    if outside:
+        raise ValueError("index record points outside the file")
     out = PyBytes_FromStringAndSize(NULL, total + 1)
     dst = <unsigned char*>PyBytes_AS_STRING(out)
-    for i in range(count):
-        if deleted[i]:
-            continue
-        rec = base + HEADER_SIZE + i * RECORD_SIZE
-        name_off = le_n(rec + 16, 4)
-        name_len = le_n(rec + 20, 2)
-        uidl_len = le_n(rec + 22, 2)
-        o += put_uint(dst + o, i + 1)
-        dst[o] = 32
-        o += 1
-        memcpy(dst + o, base + names_off + name_off + name_len, uidl_len)
-        o += uidl_len
-        dst[o] = 13
-        dst[o + 1] = 10
-        o += 2
-    return out[:o]
+    with nogil:
+        for i in range(count):
+            if deleted[i]:
+                continue
+            rec = base + HEADER_SIZE + i * RECORD_SIZE
+            name_off = le_n(rec + 16, 4)
+            name_len = le_n(rec + 20, 2)
+            uidl_len = le_n(rec + 22, 2)
+            o += put_uint(dst + o, i + 1)
+            dst[o] = 32
+            o += 1
+            memcpy(dst + o, base + names_off + name_off + name_len, uidl_len)
+            o += uidl_len
+            dst[o] = 13
+            dst[o + 1] = 10
+            o += 2
+    return _shrunk(out, o)
 
 
 cdef inline bint bad_name(const unsigned char* p, Py_ssize_t n) noexcept nogil:

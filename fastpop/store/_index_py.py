@@ -9,13 +9,23 @@ _HEADER_SIZE = 64
 _RECORD = struct.Struct("<QQIHHI4x")
 
 
+# Lines are joined this many records at a time: a large mailbox's listing is
+# formatted in a thread (fastpop.session._core_py), and one join or free of
+# millions of lines would hold the GIL, so the event loop, for as long.
+_BLOCK = 65536
+
+
 def format_list(buf, count: int, deleted) -> bytes:
     """LIST lines ("n size\\r\\n") for every message not marked deleted."""
     if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
         raise ValueError("index buffer too short")
-    view = memoryview(buf)[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size]
-    lines = [b"%d %d\r\n" % (i + 1, rec[0]) for i, rec in enumerate(_RECORD.iter_unpack(view)) if not deleted[i]]
-    return b"".join(lines)
+    whole = memoryview(buf)
+    blocks = []
+    for first in range(0, count, _BLOCK):
+        view = whole[_HEADER_SIZE + first * _RECORD.size : _HEADER_SIZE + min(count, first + _BLOCK) * _RECORD.size]
+        blocks.append(b"".join([b"%d %d\r\n" % (i + 1, rec[0])
+                                for i, rec in enumerate(_RECORD.iter_unpack(view), first) if not deleted[i]]))
+    return b"".join(blocks)
 
 
 def format_uidl(buf, count: int, names_off: int, deleted) -> bytes:
@@ -23,16 +33,20 @@ def format_uidl(buf, count: int, names_off: int, deleted) -> bytes:
     if count < 0 or len(buf) < _HEADER_SIZE + count * _RECORD.size or len(deleted) < count:
         raise ValueError("index buffer too short")
     view = memoryview(buf)
-    lines = []
-    for i, (_, _, name_off, name_len, uidl_len, _) in enumerate(
-        _RECORD.iter_unpack(view[_HEADER_SIZE : _HEADER_SIZE + count * _RECORD.size])
-    ):
-        start = names_off + name_off + name_len
-        if start + uidl_len > len(buf):
-            raise ValueError("index record points outside the file")
-        if not deleted[i]:
-            lines.append(b"%d %s\r\n" % (i + 1, bytes(view[start : start + uidl_len])))
-    return b"".join(lines)
+    blocks = []
+    for first in range(0, count, _BLOCK):
+        last = min(count, first + _BLOCK)
+        lines = []
+        for i, (_, _, name_off, name_len, uidl_len, _) in enumerate(
+            _RECORD.iter_unpack(view[_HEADER_SIZE + first * _RECORD.size : _HEADER_SIZE + last * _RECORD.size]), first
+        ):
+            start = names_off + name_off + name_len
+            if start + uidl_len > len(buf):
+                raise ValueError("index record points outside the file")
+            if not deleted[i]:
+                lines.append(b"%d %s\r\n" % (i + 1, bytes(view[start : start + uidl_len])))
+        blocks.append(b"".join(lines))
+    return b"".join(blocks)
 
 
 def check_records(buf, count: int, names_off: int) -> int:
