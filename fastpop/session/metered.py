@@ -22,6 +22,7 @@ from fastpop.session.protocol import POP3Protocol
 from fastpop.session.state import (
     BUSY_AUTH,
     BUSY_COUNTING,
+    BUSY_FORMATTING,
     BUSY_LISTING,
     BUSY_SCANNING,
     BUSY_SENDING,
@@ -40,7 +41,8 @@ FIRST_BUCKET = BUCKETS[0]  # most commands are answered within it: no bisect for
 COMMAND_NAMES = tuple(Command(code).name for code in range(NUM_CODES))
 
 # A command still "runs" while one of these is set: the reply is not complete.
-_WAITING = BUSY_AUTH | BUSY_COUNTING | BUSY_LISTING | BUSY_SCANNING | BUSY_SENDING | BUSY_TLS | BUSY_UPDATING
+_WAITING = (BUSY_AUTH | BUSY_COUNTING | BUSY_FORMATTING | BUSY_LISTING | BUSY_SCANNING | BUSY_SENDING | BUSY_TLS
+            | BUSY_UPDATING)
 
 class Counters:
     """One process's counts since the last flush: plain ints, lists and dicts."""
