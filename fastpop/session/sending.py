@@ -255,7 +255,8 @@ class SendfileStream:
     """
 
     __slots__ = ("_proto", "_loop", "_fd", "_size", "_dots", "_next_dot", "_need_dot", "_scanned",
-                 "_after_lf", "_offset", "_sock", "_limits", "_waiting", "_buf", "_copying", "_pending", "sent")
+                 "_after_lf", "_offset", "_sock", "_limits", "_waiting", "_buf", "_copying", "_pending",
+                 "_dot_sent_at", "sent")
 
     def __init__(self, proto: Session, fd: int, size: int, no_dot_lines: bool = False) -> None:
         self._proto = proto
@@ -268,6 +269,7 @@ class SendfileStream:
         self._scanned = size if no_dot_lines else 0  # (nothing to look for)
         self._copying = False  # a window had dense dot lines: the rest goes from copies (_copy_stuffed)
         self._pending: memoryview | None = None  # a stuffed copy not yet all sent
+        self._dot_sent_at = -1  # the offset whose stuffing "." went out last (its line's "." may not have)
         self._after_lf = True  # the start of the file is the start of a line
         self._offset = 0
         self._sock: socket.socket | None = None
@@ -357,6 +359,7 @@ class SendfileStream:
                     if sock.send(b".", socket.MSG_MORE) != 1:
                         raise BlockingIOError
                     self._need_dot = False
+                    self._dot_sent_at = self._offset
                     self.sent += 1
                 if self._next_dot < len(dots):
                     end = dots[self._next_dot]
@@ -410,12 +413,17 @@ class SendfileStream:
         as the pending output; returns how many octets of the file it took.
         The file is CRLF-clean, so stuffing is a "." before each "." that
         follows a LF: the octet before the copy is read with it, so one at its
-        start is found too (and a "." owed there, _need_dot, is that one)."""
+        start is found too (and a "." owed there, _need_dot, is that one; one
+        already sent there, _dot_sent_at, is not sent again)."""
         start = self._offset
         stop = min(self._size, start + COPY_CHUNK)
         data = os.pread(self._fd, stop - start + 1, start - 1) if start else b"\n" + os.pread(self._fd, stop, 0)
         if len(data) != stop - start + 1:
             raise OSError("message file shrank during RETR")
+        if start == self._dot_sent_at:
+            # The socket filled between the stuffing "." of the line starting here and
+            # the line itself, and the switch to copies came in that wait: stuffed once.
+            data = b"\0" + data[1:]
         self._pending = memoryview(data.replace(b"\n.", b"\n..")[1:])
         self._need_dot = False
         self._offset = stop

@@ -1,6 +1,6 @@
-"""Attacks found in the review of 2026-12-05, each against a real fastpop on
-127.0.0.1 with another user's session measuring what the worker's event loop
-does meanwhile.
+"""Attacks that held a worker's event loop (found in the review of
+2026-12-05), each against a real fastpop on 127.0.0.1 with another user's
+session measuring what the worker's event loop does meanwhile.
 
 1. A message whose first scan window (1 MiB) is plain and whose rest is lines
    starting with "." (".\\r\\n", three octets each).  Stored CRLF-clean (what
@@ -21,11 +21,12 @@ does meanwhile.
    reads at most NEW_IN_LOOP_MOST entries; more, and the login's thread lists
    new/.
 
-3. (not fixed yet) A valid fastpop.index planted in the Maildir (the user's to
-   write) naming millions of made-up messages and cur/'s mtime: it is read in
-   the login's thread, but LIST and UIDL format all of it in the event loop,
+3. A valid fastpop.index planted in the Maildir (the user's to write)
+   naming millions of made-up messages and cur/'s mtime: it is read in the
+   login's thread, but LIST and UIDL formatted all of it in the event loop,
    at each command: 4,000,000 records (181 MiB) held another user's NOOP
-   140-160 ms per LIST or UIDL, as often as the user asks.
+   140-160 ms per LIST or UIDL, as often as the user asked.  Now a mailbox
+   of more than LISTING_IN_LOOP_MOST messages is listed in a thread.
 """
 
 from __future__ import annotations
@@ -292,3 +293,31 @@ def test_list_and_uidl_of_a_planted_index_do_not_hold_the_event_loop(parser):
     finally:
         srv.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dot_sent", [False, True])
+def test_a_line_stuffed_before_the_switch_to_copies_is_not_stuffed_again(tmp_path, dot_sent):
+    """The switch to stuffed copies can come while the socket is full right after
+    the stuffing "." of a dot line went out and before the line did (the wait
+    scans ahead and finds the dense window): the copy starting at that line must
+    not stuff it a second time, or the client reads ".." where the message has "."."""
+    from types import SimpleNamespace
+
+    from fastpop.session.sending import SendfileStream
+
+    data = b"x\r\n" + b".\r\n" * 10
+    path = tmp_path / "message"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stream = SendfileStream(SimpleNamespace(loop=None), fd, len(data))
+        stream._offset = 3  # the first "." line
+        if dot_sent:
+            stream._dot_sent_at = 3  # as _send leaves it when the socket filled after that line's "."
+        stream._copying = True
+        assert stream._copy_stuffed() == len(data) - 3
+        first = b".\r\n" if dot_sent else b"..\r\n"
+        assert bytes(stream._pending) == first + b"..\r\n" * 9
+    finally:
+        os.close(fd)
