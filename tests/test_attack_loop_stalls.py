@@ -31,20 +31,18 @@ session measuring what the worker's event loop does meanwhile.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
 import struct
 import tempfile
-import threading
 import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.server import PARSERS, Raw, ServerProcess, message, pad_dir, raw_login
+from support.server import PARSERS, Raw, ServerProcess, message, pad_dir, pinging, raw_login
 
 STALL_LIMIT = 0.5  # seconds another user's NOOP may wait (it was several)
 PLAIN_LINE = b"x" * 70 + b"\r\n"
@@ -69,29 +67,6 @@ def exactly(prefix: bytes, total: int) -> bytes:
 def dense_after_plain(dense_octets: int) -> bytes:
     """Headers and a plain first window (over 1 MiB), then ".\\r\\n" lines."""
     return b"From: a@example.com\r\nSubject: dots\r\n\r\n" + plain(1_100_000) + b".\r\n" * (dense_octets // 3)
-
-
-@contextlib.contextmanager
-def pinging(victim: Raw) -> Iterator[list[float]]:
-    """Another user's NOOPs, one after the other, while the block runs: their waits."""
-    stop = threading.Event()
-    waits: list[float] = []
-
-    def ping() -> None:
-        while not stop.is_set():
-            t0 = time.monotonic()
-            assert victim.cmd("NOOP").startswith(b"+OK")
-            waits.append(time.monotonic() - t0)
-            time.sleep(0.001)
-
-    pinger = threading.Thread(target=ping)
-    pinger.start()
-    time.sleep(0.05)
-    try:
-        yield waits
-    finally:
-        stop.set()
-        pinger.join(60)
 
 
 # --------------------------------------------------------------------------- 1. dense dot lines behind a plain window

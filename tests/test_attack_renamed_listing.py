@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.server import PARSERS, ServerProcess, message, pad_dir, raw_login
+from support.server import PARSERS, ServerProcess, message, pad_dir, pinging, raw_login
 
 HIDDEN = 40_000  # entries the user puts in cur/
 MESSAGES = 150
@@ -127,25 +127,11 @@ def test_quit_lists_cur_outside_the_event_loop(option, parser, padded):
         [first] = [n for n in sorted(os.listdir(cur)) if not n.startswith(".")][:1]
         unique = first.split(":", 1)[0]
         os.rename(cur / first, cur / f"{unique}:2,F")  # as an IMAP client flagging it
-        stop = threading.Event()
-        waits: list[float] = []
-
-        def ping() -> None:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                assert v.cmd("NOOP").startswith(b"+OK")
-                waits.append(time.monotonic() - t0)
-                time.sleep(0.001)
-
-        pinger = threading.Thread(target=ping)
-        pinger.start()
-        time.sleep(0.05)
-        t0 = time.monotonic()
-        reply = a.cmd("QUIT")
-        took = time.monotonic() - t0
-        time.sleep(0.02)
-        stop.set()
-        pinger.join(30)
+        with pinging(v) as waits:
+            t0 = time.monotonic()
+            reply = a.cmd("QUIT")
+            took = time.monotonic() - t0
+            time.sleep(0.02)
         assert reply.startswith(b"+OK"), reply
         names = [n for n in os.listdir(cur) if not n.startswith(".") and n.startswith(unique)]
         if option == []:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import poplib
@@ -14,7 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastpop import _compiled
@@ -333,3 +336,26 @@ def event_loop_reads(srv: ServerProcess) -> int:
             if line.startswith("rchar:"):
                 return int(line.split()[1])
     raise AssertionError(f"no rchar in /proc/{pid}/task/{pid}/io")
+
+
+@contextlib.contextmanager
+def pinging(victim: Raw) -> Iterator[list[float]]:
+    """Another user's NOOPs, one after the other, while the block runs: their waits."""
+    stop = threading.Event()
+    waits: list[float] = []
+
+    def ping() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            assert victim.cmd("NOOP").startswith(b"+OK")
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.001)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    time.sleep(0.05)
+    try:
+        yield waits
+    finally:
+        stop.set()
+        pinger.join(60)
