@@ -456,6 +456,17 @@ def test_prop_dot_line_search(S, data, after_lf, base):
         assert S.first_dot_line(buf, after_lf) == (want[0] if want else -1)
 
 
+@settings(TWIN_SETTINGS, max_examples=300)
+@given(dotted, st.booleans(), st.integers(0, 6))
+def test_prop_dot_line_search_stops_at_most(S, data, after_lf, most):
+    """``most``: the first that many, no more (a dense window is judged by a few,
+    not listed whole in the event loop); whether it ends with LF all the same."""
+    found: list[int] = []
+    ends_lf = S.line_dots(data, 7, after_lf, found, most)
+    assert found == [7 + i for i in ref_dot_lines(data, after_lf)][:most]
+    assert ends_lf == (data.endswith(b"\n") if data else after_lf)
+
+
 @pytest.mark.parametrize("at", [0, 1, 2, 15, 16, 17, 63, 64, 65, 127, 128, 129, 4095, 4096])
 def test_dot_line_at_every_vector_edge(S, at):
     data = bytearray(b"z" * (at + 200))

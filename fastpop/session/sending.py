@@ -322,7 +322,8 @@ class SendfileStream:
         if os.preadv(self._fd, [buf], pos) != length:
             raise OSError("message file shrank during RETR")
         found = len(self._dots)
-        self._after_lf = line_dots(buf, pos, self._after_lf, self._dots)
+        # (no more than make the window dense: a dense window's positions are not used)
+        self._after_lf = line_dots(buf, pos, self._after_lf, self._dots, length // MIN_BYTES_PER_DOT + 1)
         self._scanned = pos + length
         if (len(self._dots) - found) * MIN_BYTES_PER_DOT > length:
             self._copying = True  # dense: no more sendfile per dot line, nor their positions kept

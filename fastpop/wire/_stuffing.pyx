@@ -206,21 +206,27 @@ def pop3_size_of(data):
     return n + bare_lf + (0 if p[n - 1] == 10 else 2)
 
 
-def line_dots(const unsigned char[::1] buf, Py_ssize_t base, bint after_lf, list out):
+def line_dots(const unsigned char[::1] buf, Py_ssize_t base, bint after_lf, list out, Py_ssize_t most=-1):
     """Appends base + i for every buf[i] == "." that starts a line; a line
-    starts at buf[0] if after_lf.  Returns whether buf ends with LF."""
-    cdef Py_ssize_t n = buf.shape[0], i = 1
+    starts at buf[0] if after_lf.  Returns whether buf ends with LF.
+    ``most`` (if not negative): stops once it has appended that many (a
+    window dense with dot lines is judged by the first few, not listed whole)."""
+    cdef Py_ssize_t n = buf.shape[0], i = 1, added = 0
     cdef const unsigned char* p
     if n == 0:
         return after_lf
     p = &buf[0]
+    if most == 0:
+        return p[n - 1] == 10
     if after_lf and p[0] == 46:
         out.append(base)
-    while True:
+        added = 1
+    while added != most:
         i = fastpop_dot_line(p, n, i)
         if i < 0:
             break
         out.append(base + i)
+        added += 1
         i += 1
     return p[n - 1] == 10
 

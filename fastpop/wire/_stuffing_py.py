@@ -65,18 +65,22 @@ def pop3_size_of(data: bytes) -> int:
     return len(data) + bare_lf + (0 if data[-1] == 10 else 2)
 
 
-def line_dots(buf, base: int, after_lf: bool, out: list) -> bool:
+def line_dots(buf, base: int, after_lf: bool, out: list, most: int = -1) -> bool:
     """Appends base + i for every buf[i] == "." that starts a line; a line
-    starts at buf[0] if after_lf.  Returns whether buf ends with LF."""
+    starts at buf[0] if after_lf.  Returns whether buf ends with LF.
+    ``most`` (if not negative): stops once it has appended that many."""
     if len(buf) == 0:
         return after_lf
     if not isinstance(buf, (bytes, bytearray)):
         buf = bytes(buf)  # (a memoryview has no find)
-    if after_lf and buf[0] == 46:
+    added = 0
+    if after_lf and buf[0] == 46 and most != 0:
         out.append(base)
+        added = 1
     i = buf.find(b"\n.")
-    while i >= 0:
+    while i >= 0 and added != most:
         out.append(base + i + 1)
+        added += 1
         i = buf.find(b"\n.", i + 2)
     return buf[len(buf) - 1] == 10
 
