@@ -38,13 +38,12 @@ from fastpop.auth.sasl import Challenge, Gate, Hold, encode_challenge, password_
 from fastpop.errors import AuthUnavailable
 from fastpop.net import address_key
 from fastpop.session.login import Services, login_delay
-from fastpop.session.pools import counting_pool, update_pool
+from fastpop.session.pools import update_pool
 from fastpop.session.sending import SMALL_MESSAGE, render_small
 from fastpop.session.state import (
     AUTHORIZATION,
     BUSY_AUTH,
     BUSY_CLOSING,
-    BUSY_FORMATTING,
     BUSY_SENDING,
     BUSY_TLS,
     BUSY_UPDATING,
@@ -68,8 +67,6 @@ from fastpop.wire import responses as R
 from fastpop.wire.parser import CommandParser
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from fastpop.auth import sasl
     from fastpop.auth.passwd_file import UserRecord
     from fastpop.session.context import SessionContext
@@ -77,7 +74,7 @@ if TYPE_CHECKING:
     from fastpop.store.locking import MailboxLock, TableLock
 
 log = logging.getLogger("fastpop.session")
-# LIST and UIDL of a mailbox of more messages are formatted in a thread (_format_in_thread)
+# LIST and UIDL of a mailbox of more messages are formatted in a thread (Retrieval._list_in_thread)
 LISTING_IN_LOOP_MOST = 16384
 
 
@@ -637,7 +634,7 @@ class SessionCore:
         size = mailbox.total_size - self._deleted_size
         status = b"+OK %d messages (%d octets)\r\n" % (count, size)
         if len(mailbox) > LISTING_IN_LOOP_MOST:
-            return self._format_in_thread(mailbox.index.list_lines, status)
+            return self._list_in_thread(mailbox.index.list_lines, status)  # type: ignore[attr-defined]
         lines = mailbox.index.list_lines(self._deleted)
         self._out += (status, lines, R.END)
         self._out_size += len(lines)
@@ -653,39 +650,10 @@ class SessionCore:
                 self._out.append(b"+OK %d %s\r\n" % (i + 1, mailbox.uidl(i).encode("ascii")))
             return
         if len(mailbox) > LISTING_IN_LOOP_MOST:
-            return self._format_in_thread(mailbox.index.uidl_lines, R.OK)
+            return self._list_in_thread(mailbox.index.uidl_lines, R.OK)  # type: ignore[attr-defined]
         lines = mailbox.index.uidl_lines(self._deleted)
         self._out += (R.OK, lines, R.END)
         self._out_size += len(lines)
-
-    def _format_in_thread(self, job: Callable[[bytearray], bytes], status: bytes) -> None:
-        """LIST or UIDL of a mailbox of more than LISTING_IN_LOOP_MOST messages:
-        formatted (``job``) in a thread while the command pull waits, so pipelined
-        commands stay in order.  Its user can plant an index naming millions of
-        made-up messages (a valid one, naming cur/'s mtime, is served as it is):
-        formatted in the event loop, 4,000,000 of them held every other session of
-        the worker 150 ms at each LIST or UIDL."""
-        deleted = self._deleted
-        assert deleted is not None
-        self._busy |= BUSY_FORMATTING
-        future = self.loop.run_in_executor(counting_pool(), job, deleted)
-        future.add_done_callback(functools.partial(self._formatted, status))
-
-    def _formatted(self, status: bytes, future: asyncio.Future) -> None:
-        if self.transport is None or self._busy & BUSY_CLOSING:
-            return  # the client left (or the session timed out) meanwhile
-        exc = future.exception() if not future.cancelled() else asyncio.CancelledError()
-        self._flush()
-        if exc is None:
-            lines = future.result()
-            # (written apart: joined with the status line, tens of MB were copied in the event loop)
-            self.transport.write(status)
-            self.transport.write(lines)
-            self.transport.write(R.END)
-        else:
-            log.error("cannot list the mailbox user=%s: %r", self._user.name if self._user else "?", exc)
-            self.transport.write(R.ERR_MAILBOX_TEMP)
-        self._unbusy(BUSY_FORMATTING)
 
     def cmd_retr(self, args: tuple[str, ...]) -> None:
         if len(args) != 1:
