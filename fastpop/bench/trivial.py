@@ -41,6 +41,7 @@ import tempfile
 
 from fastpop import _compiled
 from fastpop.bench.spawn import MessageFactory, SizeDistribution
+from fastpop.store.locking import slot
 
 
 def _stuff(data: bytes) -> bytes:
@@ -192,8 +193,6 @@ class LoginCallsProtocol(TrivialProtocol):
                 os.close(fd)
 
     def _login(self) -> None:
-        from fastpop.store.locking import slot
-
         calls = self.calls
         maildir = os.path.join(calls.maildirs, os.fsdecode(self.user))
         try:
